@@ -1,0 +1,41 @@
+# expertlib — one-command set-up, tests, lint and benchmarks.
+#   make install           virtual environment in .venv with the CPU vLLM engine
+#   make install ENGINE=gpu  the same with the CUDA vLLM build
+#   make test              install (if needed) and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+ENGINE ?= cpu
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.expertlib-installed-$(ENGINE)
+
+.PHONY: install test test-fast lint format bench demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install.sh
+	ENGINE=$(ENGINE) PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install.sh
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not vllm and not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python bench/train_cost.py
+	$(BIN)/python bench/mixed_batch.py
+
+demo: install
+	$(BIN)/expertlib demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,33 @@
+"""On-disk names and format constants, in one place."""
+
+from __future__ import annotations
+
+#: Version of the expert-set patch format this code writes. Readers refuse newer majors.
+PATCH_FORMAT_VERSION = 1
+
+#: File suffix of an expert-set patch (a safetensors file).
+PATCH_SUFFIX = ".safetensors"
+
+#: safetensors metadata key holding the JSON manifest.
+MANIFEST_METADATA_KEY = "expertlib.manifest"
+
+#: Tensor name scheme inside a patch (canonical form, independent of the architecture).
+#:   layers.{l}.experts.{e}.gate   (I, H)
+#:   layers.{l}.experts.{e}.up     (I, H)
+#:   layers.{l}.experts.{e}.down   (H, I)
+#:   layers.{l}.experts.{e}.{gate,up,down}_bias   optional, (I,) (I,) (H,)
+#:   params.{full parameter name}  extra full tensors (shared experts, non-expert modules)
+EXPERT_KEY = "layers.{layer}.experts.{expert}.{part}"
+EXTRA_PARAM_PREFIX = "params."
+
+#: ESFT reference adapter layout (deepseek-ai/ESFT).
+ESFT_EXPERT_CFG = "expert_cfg.json"
+ESFT_WEIGHTS = "model.safetensors"
+
+#: Environment variable naming the local registry root.
+REGISTRY_ENV = "EXPERTLIB_REGISTRY"
+#: Default registry root, under the user's home.
+DEFAULT_REGISTRY_DIR = "~/.cache/expertlib/registry"
+#: Environment variable for the demo artefacts cache.
+CACHE_ENV = "EXPERTLIB_CACHE"
+DEFAULT_CACHE_DIR = "~/.cache/expertlib"

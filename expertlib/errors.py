@@ -1,0 +1,157 @@
+"""Every error expertlib raises on purpose.
+
+One base class, subclasses that also inherit the matching builtin, each carrying the
+fields a boundary needs. The CLI (`expertlib.cli.main`) and the HTTP server
+(`expertlib.server.errors`) translate them in exactly one place each.
+
+Each message says what went wrong *and what to do about it*.
+"""
+
+from __future__ import annotations
+
+
+class ExpertlibError(Exception):
+    """Base class. `hint` is the 'what to do' part, shown on its own line by the CLI."""
+
+    http_status: int = 400
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+class UnsupportedArchitectureError(ExpertlibError, ValueError):
+    def __init__(self, model_type: str, supported: list[str]):
+        self.model_type = model_type
+        self.supported = supported
+        super().__init__(
+            f"model type {model_type!r} is not a supported Mixture-of-Experts architecture",
+            hint="supported: " + ", ".join(sorted(supported)),
+        )
+
+
+class ModelLoadError(ExpertlibError, OSError):
+    """A base model folder or hub id could not be loaded."""
+
+
+# --- patches -------------------------------------------------------------------------------------
+
+
+class PatchError(ExpertlibError, ValueError):
+    """Something is wrong with an expert-set patch file. `path` names it when known."""
+
+    def __init__(self, message: str, *, path: str | None = None, hint: str | None = None):
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message, hint=hint)
+
+
+class PatchFormatError(PatchError):
+    """Not a safetensors expert-set patch at all (pickle, zip, text, ...)."""
+
+
+class PatchCorruptError(PatchError):
+    """Truncated or unreadable file, or a manifest that does not parse."""
+
+
+class DigestMismatchError(PatchError):
+    """Bytes changed after the patch was written."""
+
+
+class PatchVersionError(PatchError):
+    """Manifest written by a newer expertlib."""
+
+
+class PatchShapeError(PatchError):
+    """Tensor shapes, dtypes, keys or ids disagree with the manifest or the model."""
+
+
+class BaseMismatchError(PatchError):
+    """The patch was made for another base model."""
+
+    http_status = 409
+
+
+# --- selection, data, training -------------------------------------------------------------------
+
+
+class DataError(ExpertlibError, ValueError):
+    """Malformed training or scoring data. `path` and `line` point at it."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None, hint: str | None = None):
+        self.path = path
+        self.line = line
+        where = f"{path}:{line}: " if path and line else (f"{path}: " if path else "")
+        super().__init__(where + message, hint=hint)
+
+
+class SelectionError(ExpertlibError, ValueError):
+    """Scores or expert selections that cannot be used."""
+
+
+# --- registry ------------------------------------------------------------------------------------
+
+
+class RegistryError(ExpertlibError):
+    """Base for registry problems."""
+
+
+class InvalidNameError(RegistryError, ValueError):
+    """A task name, tag or reference that may not be used (path separators, '..', ...)."""
+
+
+class NotFoundError(RegistryError, KeyError):
+    """Unknown expert set, version, tag or digest."""
+
+    http_status = 404
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return ExpertlibError.__str__(self)
+
+
+class AlreadyExistsError(RegistryError, FileExistsError):
+    http_status = 409
+
+
+class IntegrityError(RegistryError):
+    """A stored blob no longer matches its digest."""
+
+    http_status = 500
+
+
+class RemoteError(RegistryError, OSError):
+    """A remote registry or the Hugging Face Hub could not be reached or refused."""
+
+    http_status = 502
+
+
+# --- composer and serving ------------------------------------------------------------------------
+
+
+class SlotError(ExpertlibError, RuntimeError):
+    """An expert set cannot be placed in the slot pool."""
+
+    http_status = 409
+
+
+class NotLoadedError(ExpertlibError, KeyError):
+    """An expert set is registered but not resident."""
+
+    http_status = 404
+
+    def __str__(self) -> str:
+        return ExpertlibError.__str__(self)
+
+
+class EngineError(ExpertlibError, RuntimeError):
+    """The serving engine failed or is not ready."""
+
+    http_status = 503

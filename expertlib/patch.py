@@ -1,0 +1,361 @@
+"""The expert-set patch: one task's retrained experts in one safetensors file.
+
+A patch holds only the replaced experts' canonical tensors (`layers.{l}.experts.{e}.{part}`)
+and, for the paper's ablations, extra full parameters (`params.{name}`). Its manifest (pydantic)
+lives in the safetensors metadata, so listing and validating a patch never loads tensors.
+
+    es = ExpertSet.open("math.safetensors")      # header + manifest only, validated
+    es.manifest.experts                           # {layer: [expert ids]}
+    es.verify()                                   # recompute the content digest
+    es.expert(3, 17)                              # ExpertWeights, loaded lazily
+
+Files are never unpickled: anything that is not a safetensors file is refused up front.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from expertlib.constants import EXPERT_KEY, EXTRA_PARAM_PREFIX, MANIFEST_METADATA_KEY, PATCH_FORMAT_VERSION
+from expertlib.errors import (
+    DigestMismatchError,
+    PatchCorruptError,
+    PatchFormatError,
+    PatchShapeError,
+    PatchVersionError,
+)
+from expertlib.identity import BaseIdentity
+from expertlib.moe import BIAS_PARTS, EXPERT_PARTS, ExpertWeights
+
+ExpertMap = dict[int, list[int]]
+
+
+class Provenance(BaseModel):
+    """How an expert set was made. Training fills what it knows; everything is optional."""
+
+    method: str = Field(default="manual", description="esft-token, esft-gate, esft-reference, extracted, manual, ...")
+    score_function: Literal["token", "gate"] | None = Field(default=None, description="ESFT relevance score used")
+    top_p: float | None = Field(default=None, description="cumulative score threshold p of the selection rule")
+    max_experts_per_layer: int | None = None
+    token_budget: int | None = Field(default=None, description="token budget of the scoring sample")
+    tokens_scored: int | None = None
+    count_prompt_tokens: bool | None = Field(default=None, description="whether prompt tokens counted in scoring")
+    data_digest: str | None = Field(default=None, description="sha256 of the training data file")
+    train_shared_experts: bool = False
+    train_non_expert_modules: bool = False
+    training: dict[str, Any] = Field(default_factory=dict, description="training settings (lr, steps, batch, ...)")
+    steps: int | None = None
+    final_train_loss: float | None = None
+    final_eval_loss: float | None = None
+    wall_time_s: float | None = None
+    trainable_params: int | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExpertSetManifest(BaseModel):
+    """Everything about an expert set except its tensors; stored in the safetensors metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = Field(default=PATCH_FORMAT_VERSION, description="patch format version")
+    task: str = Field(description="task name the experts were trained for")
+    description: str = ""
+    base: BaseIdentity
+    experts: ExpertMap = Field(description="MoE layer -> sorted routed expert ids this set replaces")
+    dtype: str = Field(description="torch dtype of the stored tensors, e.g. float32")
+    expert_shapes: dict[str, list[int]] = Field(description="canonical part -> shape, same for every expert")
+    extra_params: dict[str, list[int]] = Field(
+        default_factory=dict, description="full parameters carried besides routed experts: name -> shape"
+    )
+    expert_digests: dict[str, str] = Field(description="'l.e' -> digest of this set's expert (dedup, diff)")
+    base_expert_digests: dict[str, str] = Field(description="'l.e' -> digest of the base expert it replaces")
+    base_param_digests: dict[str, str] = Field(default_factory=dict, description="name -> digest of replaced params")
+    content_digest: str = Field(description="sha256 over every tensor's name, dtype, shape and bytes")
+    provenance: Provenance = Field(default_factory=Provenance)
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @field_validator("experts")
+    @classmethod
+    def _sorted_unique(cls, v: ExpertMap) -> ExpertMap:
+        out = {}
+        for layer, ids in sorted(v.items()):
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"layer {layer}: duplicate expert ids {ids}")
+            if any(i < 0 for i in ids) or layer < 0:
+                raise ValueError(f"layer {layer}: negative ids {ids}")
+            out[int(layer)] = sorted(int(i) for i in ids)
+        return out
+
+    @property
+    def num_experts(self) -> int:
+        return sum(len(v) for v in self.experts.values())
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(layer, e) for layer, ids in sorted(self.experts.items()) for e in ids]
+
+
+def expert_key(layer: int, expert: int, part: str) -> str:
+    return EXPERT_KEY.format(layer=layer, expert=expert, part=part)
+
+
+def pair_key(layer: int, expert: int) -> str:
+    return f"{layer}.{expert}"
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Content digest: sha256 over (name, dtype, shape, raw bytes) in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+class ExpertSet:
+    """An expert set: manifest plus tensors, held in memory or opened lazily from a file."""
+
+    def __init__(self, manifest: ExpertSetManifest, tensors: dict[str, torch.Tensor] | None = None, path=None):
+        self.manifest = manifest
+        self._tensors = tensors
+        self.path = Path(path) if path is not None else None
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"ExpertSet(task={m.task!r}, base={m.base.name!r}, experts={m.num_experts}, layers={len(m.experts)})"
+
+    # --- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        task: str,
+        base: BaseIdentity,
+        experts: Mapping[tuple[int, int], ExpertWeights],
+        base_digests: Mapping[tuple[int, int], str],
+        extra_params: Mapping[str, torch.Tensor] | None = None,
+        base_param_digests: Mapping[str, str] | None = None,
+        provenance: Provenance | None = None,
+        description: str = "",
+        dtype: torch.dtype | None = None,
+    ) -> ExpertSet:
+        """Assemble an in-memory expert set from canonical expert weights (see `expertlib.moe`)."""
+        if not experts and not extra_params:
+            raise PatchShapeError("an expert set needs at least one expert", hint="check the expert selection")
+        missing = [k for k in experts if k not in base_digests]
+        if missing:
+            raise PatchShapeError(f"no base digest for experts {missing}", hint="pass the base expert digests")
+        first = next(iter(experts.values())) if experts else None
+        dtype = dtype or (first.gate.dtype if first is not None else next(iter(extra_params.values())).dtype)
+        tensors: dict[str, torch.Tensor] = {}
+        expert_map: dict[int, list[int]] = {}
+        shapes: dict[str, list[int]] = {}
+        for (layer, e), w in sorted(experts.items()):
+            expert_map.setdefault(layer, []).append(e)
+            for part, t in w.items():
+                shape = list(t.shape)
+                if shapes.setdefault(part, shape) != shape:
+                    raise PatchShapeError(f"layer {layer} expert {e} {part}: shape {shape} differs from {shapes[part]}")
+                tensors[expert_key(layer, e, part)] = t.detach().to("cpu", dtype).contiguous()
+        for name, t in (extra_params or {}).items():
+            tensors[EXTRA_PARAM_PREFIX + name] = t.detach().to("cpu", dtype).contiguous()
+        manifest = ExpertSetManifest(
+            task=task,
+            description=description,
+            base=base,
+            experts=expert_map,
+            dtype=_dtype_name(dtype),
+            expert_shapes=shapes,
+            extra_params={n: list(t.shape) for n, t in (extra_params or {}).items()},
+            expert_digests={pair_key(*k): w.digest() for k, w in experts.items()},
+            base_expert_digests={pair_key(*k): base_digests[k] for k in experts},
+            base_param_digests=dict(base_param_digests or {}),
+            content_digest=tensors_digest(tensors),
+            provenance=provenance or Provenance(),
+        )
+        return cls(manifest, tensors)
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically: a temporary file in the same folder, fsync, rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            metadata = {MANIFEST_METADATA_KEY: self.manifest.model_dump_json()}
+            save_file(self.tensors, str(tmp), metadata=metadata)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.path = path
+        return path
+
+    @classmethod
+    def open(cls, path: str | Path) -> ExpertSet:
+        """Open lazily: read and validate the header and manifest, load no tensor data."""
+        path = Path(path)
+        manifest, header = read_header(path)
+        _validate_header(manifest, header, str(path))
+        return cls(manifest, None, path)
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            assert self.path is not None
+            try:
+                with safe_open(str(self.path), framework="pt") as f:
+                    self._tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            except Exception as exc:  # safetensors raises its own error types
+                raise PatchCorruptError(f"cannot read tensors: {exc}", path=str(self.path), hint=_REPUBLISH) from exc
+        return self._tensors
+
+    def verify(self) -> None:
+        """Recompute the content digest; raise DigestMismatchError if any byte changed."""
+        got = tensors_digest(self.tensors)
+        if got != self.manifest.content_digest:
+            raise DigestMismatchError(
+                f"content digest {got[:19]}... does not match the manifest's {self.manifest.content_digest[:19]}...",
+                path=str(self.path) if self.path else None,
+                hint="the file was altered or damaged after it was written; pull or re-export it",
+            )
+
+    # --- access --------------------------------------------------------------------------------
+
+    def expert(self, layer: int, expert: int) -> ExpertWeights:
+        parts = {}
+        for part in (*EXPERT_PARTS, *BIAS_PARTS):
+            key = expert_key(layer, expert, part)
+            if key in self.tensors:
+                parts[part] = self.tensors[key]
+        if not parts:
+            raise KeyError(f"expert set {self.manifest.task!r} has no expert {expert} in layer {layer}")
+        return ExpertWeights(**parts)
+
+    def experts(self) -> Iterable[tuple[tuple[int, int], ExpertWeights]]:
+        for layer, e in self.manifest.pairs():
+            yield (layer, e), self.expert(layer, e)
+
+    def extra_params(self) -> dict[str, torch.Tensor]:
+        return {n: self.tensors[EXTRA_PARAM_PREFIX + n] for n in self.manifest.extra_params}
+
+    @property
+    def nbytes(self) -> int:
+        if self._tensors is None and self.path is not None:
+            return self.path.stat().st_size
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+_REPUBLISH = "the file is damaged: re-export or pull the expert set again"
+
+
+def read_header(path: str | Path) -> tuple[ExpertSetManifest, dict[str, Any]]:
+    """Read a patch's manifest and tensor index without loading tensor data or unpickling anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise PatchFormatError("no such file", path=str(path), hint="check the path")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:1] == b"\x80" or head[:2] == b"PK":
+            raise PatchFormatError(
+                "this is a pickle or PyTorch zip checkpoint; expertlib never unpickles files",
+                path=str(path),
+                hint="convert the weights to an expert set with `expertlib import-esft` or ExpertSet.build",
+            )
+        if len(head) < 8:
+            raise PatchCorruptError("file is too short to be a safetensors file", path=str(path), hint=_REPUBLISH)
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise PatchCorruptError(
+                f"header claims {n} bytes but the file has {size - 8} (truncated?)", path=str(path), hint=_REPUBLISH
+            )
+        raw = f.read(n)
+    if not raw.lstrip().startswith(b"{"):
+        raise PatchFormatError("not a safetensors file", path=str(path), hint="pass an expert-set .safetensors file")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PatchCorruptError(f"unreadable safetensors header: {exc}", path=str(path), hint=_REPUBLISH) from exc
+    meta = header.pop("__metadata__", None) or {}
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end != size:
+        raise PatchCorruptError(
+            f"file has {size} bytes, its header describes {8 + n + end} (truncated or padded)",
+            path=str(path),
+            hint=_REPUBLISH,
+        )
+    if MANIFEST_METADATA_KEY not in meta:
+        raise PatchFormatError(
+            "safetensors file without an expertlib manifest",
+            path=str(path),
+            hint="a reference ESFT adapter folder enters with `expertlib import-esft DIR --base BASE`",
+        )
+    try:
+        raw_manifest = json.loads(meta[MANIFEST_METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise PatchCorruptError(f"manifest is not JSON: {exc}", path=str(path), hint=_REPUBLISH) from exc
+    version = raw_manifest.get("format_version") if isinstance(raw_manifest, dict) else None
+    if isinstance(version, int) and version > PATCH_FORMAT_VERSION:
+        raise PatchVersionError(
+            f"patch format version {version} is newer than this expertlib understands ({PATCH_FORMAT_VERSION})",
+            path=str(path),
+            hint="upgrade expertlib: pip install -U expertlib",
+        )
+    try:
+        manifest = ExpertSetManifest.model_validate(raw_manifest)
+    except ValidationError as exc:
+        raise PatchCorruptError(f"invalid manifest: {exc}", path=str(path), hint=_REPUBLISH) from exc
+    return manifest, header
+
+
+def _validate_header(m: ExpertSetManifest, header: dict[str, Any], where: str) -> None:
+    """Names, shapes and dtypes in the file agree with the manifest, before any tensor is read."""
+    expected: dict[str, list[int]] = {}
+    for layer, e in m.pairs():
+        for part, shape in m.expert_shapes.items():
+            expected[expert_key(layer, e, part)] = shape
+    for name, shape in m.extra_params.items():
+        expected[EXTRA_PARAM_PREFIX + name] = shape
+    missing = sorted(set(expected) - set(header))
+    unknown = sorted(set(header) - set(expected))
+    if missing or unknown:
+        raise PatchShapeError(
+            f"tensor names disagree with the manifest: missing {missing[:5]}, unknown {unknown[:5]}",
+            path=where,
+            hint="the file was not written by expertlib or was edited; re-export it",
+        )
+    for name, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"])
+        if dtype != m.dtype:
+            raise PatchShapeError(f"{name}: dtype {dtype}, manifest says {m.dtype}", path=where, hint=_REPUBLISH)
+        if list(info["shape"]) != expected[name]:
+            raise PatchShapeError(
+                f"{name}: shape {info['shape']}, manifest says {expected[name]}", path=where, hint=_REPUBLISH
+            )
+    if set(m.expert_digests) != {pair_key(*p) for p in m.pairs()} or set(m.base_expert_digests) != set(
+        m.expert_digests
+    ):
+        raise PatchShapeError("digest tables disagree with the expert map", path=where, hint=_REPUBLISH)

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random MoE models of every supported architecture, built from config
+(no network), saved through save_pretrained with an offline tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from expertlib.testing import TINY_CONFIGS, make_tiny_model  # noqa: E402
+
+ARCHS = sorted(TINY_CONFIGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """tiny_model_dir(model_type, seed=0) -> folder with config, weights and tokenizer (cached per session)."""
+    cache: dict = {}
+
+    def get(model_type: str, seed: int = 0):
+        key = (model_type, seed)
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{model_type}-{seed}")
+            make_tiny_model(model_type, path, seed=seed)
+            cache[key] = path
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    """Parametrises a test over every supported architecture."""
+    return request.param
