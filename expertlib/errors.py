@@ -155,3 +155,49 @@ class EngineError(ExpertlibError, RuntimeError):
     """The serving engine failed or is not ready."""
 
     http_status = 503
+
+
+# --- HTTP requests (the server translates these in `expertlib.server.errors`) --------------------
+
+
+class InvalidRequestError(ExpertlibError, ValueError):
+    """A request parameter that cannot be used. `param` names it (OpenAI's error `param`)."""
+
+    http_status = 400
+    code: str | None = None
+
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, hint: str | None = None
+    ):
+        self.param = param
+        if code is not None:
+            self.code = code
+        super().__init__(message, hint=hint)
+
+
+class PromptTooLongError(InvalidRequestError):
+    """Prompt plus requested completion do not fit the model's context."""
+
+    code = "context_length_exceeded"
+
+
+class AuthenticationError(ExpertlibError, PermissionError):
+    """No API key, or one the server does not know."""
+
+    http_status = 401
+
+
+class ForbiddenError(ExpertlibError, PermissionError):
+    """A valid key that may not use this route (e.g. the API key on an admin route)."""
+
+    http_status = 403
+
+
+class QueueFullError(ExpertlibError, RuntimeError):
+    """The server's bounded request queue is full; retry later."""
+
+    http_status = 429
+
+
+class NotReadyError(EngineError):
+    """The server is still starting (engine or expert sets loading)."""
