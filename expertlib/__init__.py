@@ -11,7 +11,13 @@ The core API:
         ...
 """
 
-from expertlib.apply import AppliedExpertSet, apply_expert_set, changed_experts, check_compatible, extract_expert_set
+from expertlib.apply import (
+    AppliedExpertSet,
+    apply_expert_set,
+    changed_experts,
+    check_compatible,
+    extract_expert_set,
+)
 from expertlib.identity import BaseIdentity, base_identity
 from expertlib.moe import (
     SUPPORTED_ARCHITECTURES,

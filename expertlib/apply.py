@@ -13,7 +13,14 @@ from torch import nn
 
 from expertlib.errors import BaseMismatchError, PatchShapeError
 from expertlib.identity import BaseIdentity, base_identity
-from expertlib.moe import experts_module, iter_experts, moe_layer_indices, read_expert, tensor_digest, write_expert
+from expertlib.moe import (
+    experts_module,
+    iter_experts,
+    moe_layer_indices,
+    read_expert,
+    tensor_digest,
+    write_expert,
+)
 from expertlib.patch import ExpertSet, Provenance, pair_key
 
 
@@ -32,7 +39,9 @@ def check_compatible(model: nn.Module, es: ExpertSet, *, check_weights: bool = T
     moe = set(moe_layer_indices(model))
     for layer, ids in m.experts.items():
         if layer not in moe:
-            raise PatchShapeError(f"layer {layer} is not a MoE layer of this model (those: {sorted(moe)})", path=where)
+            raise PatchShapeError(
+                f"layer {layer} is not a MoE layer of this model (those: {sorted(moe)})", path=where
+            )
         n = experts_module(model, layer).num_experts
         bad = [e for e in ids if not 0 <= e < n]
         if bad:
@@ -82,7 +91,9 @@ def apply_expert_set(model: nn.Module, es: ExpertSet, *, check_base: bool = True
     extra = es.extra_params()
     for name, t in extra.items():
         if name not in params or tuple(params[name].shape) != tuple(t.shape):
-            raise PatchShapeError(f"parameter {name!r} with shape {tuple(t.shape)} does not exist in this model")
+            raise PatchShapeError(
+                f"parameter {name!r} with shape {tuple(t.shape)} does not exist in this model"
+            )
     saved = {(layer, e): read_expert(model, layer, e) for layer, e in es.manifest.pairs()}
     saved_params = {name: params[name].detach().clone() for name in extra}
     for (layer, e), w in es.experts():

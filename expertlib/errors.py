@@ -86,7 +86,9 @@ class BaseMismatchError(PatchError):
 class DataError(ExpertlibError, ValueError):
     """Malformed training or scoring data. `path` and `line` point at it."""
 
-    def __init__(self, message: str, *, path: str | None = None, line: int | None = None, hint: str | None = None):
+    def __init__(
+        self, message: str, *, path: str | None = None, line: int | None = None, hint: str | None = None
+    ):
         self.path = path
         self.line = line
         where = f"{path}:{line}: " if path and line else (f"{path}: " if path else "")
@@ -125,6 +127,12 @@ class IntegrityError(RegistryError):
     """A stored blob no longer matches its digest."""
 
     http_status = 500
+
+
+class AmbiguousRefError(RegistryError, LookupError):
+    """A reference matches expert sets of several base models (or several digests)."""
+
+    http_status = 409
 
 
 class RemoteError(RegistryError, OSError):

@@ -59,7 +59,9 @@ class BaseIdentity(BaseModel):
 
     model_type: str = Field(description="transformers model_type of the base, e.g. qwen2_moe")
     config_digest: str = Field(description="sha256 of the base's structural config fields")
-    name: str | None = Field(default=None, description="human name of the base (folder or hub id); informative")
+    name: str | None = Field(
+        default=None, description="human name of the base (folder or hub id); informative"
+    )
 
     def same_base(self, other: BaseIdentity) -> bool:
         return self.model_type == other.model_type and self.config_digest == other.config_digest
@@ -80,4 +82,6 @@ def base_identity(model_or_config: Any, name: str | Path | None = None) -> BaseI
     config = getattr(model_or_config, "config", model_or_config)
     if name is None:
         name = getattr(config, "_name_or_path", None) or None
-    return BaseIdentity(model_type=config.model_type, config_digest=config_digest(config), name=str(name) if name else None)
+    return BaseIdentity(
+        model_type=config.model_type, config_digest=config_digest(config), name=str(name) if name else None
+    )

@@ -172,7 +172,9 @@ def moe_block(model: nn.Module, layer: int) -> nn.Module:
     """The sparse MoE block (router + experts [+ shared experts]) of decoder layer `layer`."""
     mlp = decoder_layers(model)[layer].mlp
     if not hasattr(mlp, "experts"):
-        raise PatchShapeError(f"layer {layer} is not a Mixture-of-Experts layer", hint=_moe_layers_hint(model))
+        raise PatchShapeError(
+            f"layer {layer} is not a Mixture-of-Experts layer", hint=_moe_layers_hint(model)
+        )
     return mlp
 
 
@@ -182,7 +184,9 @@ def experts_module(model: nn.Module, layer: int) -> nn.Module:
 
 
 def moe_layer_indices(model: nn.Module) -> list[int]:
-    return [i for i, layer in enumerate(decoder_layers(model)) if hasattr(getattr(layer, "mlp", None), "experts")]
+    return [
+        i for i, layer in enumerate(decoder_layers(model)) if hasattr(getattr(layer, "mlp", None), "experts")
+    ]
 
 
 def _moe_layers_hint(model: nn.Module) -> str:
@@ -205,7 +209,9 @@ def describe(model: nn.Module) -> MoESpec:
     inter, hidden = w.gate.shape
     n_shared = getattr(cfg, "n_shared_experts", None)
     if n_shared is None:
-        n_shared = 1 if spec.shared_attr and getattr(moe_block(model, layers[0]), spec.shared_attr, None) else 0
+        n_shared = (
+            1 if spec.shared_attr and getattr(moe_block(model, layers[0]), spec.shared_attr, None) else 0
+        )
     return MoESpec(
         model_type=spec.model_type,
         num_layers=len(decoder_layers(model)),
@@ -244,7 +250,9 @@ def _views(ex: nn.Module, e: int) -> ExpertWeights:
 def _check_index(model: nn.Module, layer: int, expert: int) -> nn.Module:
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
-        raise PatchShapeError(f"layer {layer} out of range (model has {len(layers)})", hint=_moe_layers_hint(model))
+        raise PatchShapeError(
+            f"layer {layer} out of range (model has {len(layers)})", hint=_moe_layers_hint(model)
+        )
     ex = experts_module(model, layer)
     if not 0 <= expert < ex.num_experts:
         raise PatchShapeError(

@@ -45,17 +45,27 @@ ExpertMap = dict[int, list[int]]
 class Provenance(BaseModel):
     """How an expert set was made. Training fills what it knows; everything is optional."""
 
-    method: str = Field(default="manual", description="esft-token, esft-gate, esft-reference, extracted, manual, ...")
-    score_function: Literal["token", "gate"] | None = Field(default=None, description="ESFT relevance score used")
-    top_p: float | None = Field(default=None, description="cumulative score threshold p of the selection rule")
+    method: str = Field(
+        default="manual", description="esft-token, esft-gate, esft-reference, extracted, manual, ..."
+    )
+    score_function: Literal["token", "gate"] | None = Field(
+        default=None, description="ESFT relevance score used"
+    )
+    top_p: float | None = Field(
+        default=None, description="cumulative score threshold p of the selection rule"
+    )
     max_experts_per_layer: int | None = None
     token_budget: int | None = Field(default=None, description="token budget of the scoring sample")
     tokens_scored: int | None = None
-    count_prompt_tokens: bool | None = Field(default=None, description="whether prompt tokens counted in scoring")
+    count_prompt_tokens: bool | None = Field(
+        default=None, description="whether prompt tokens counted in scoring"
+    )
     data_digest: str | None = Field(default=None, description="sha256 of the training data file")
     train_shared_experts: bool = False
     train_non_expert_modules: bool = False
-    training: dict[str, Any] = Field(default_factory=dict, description="training settings (lr, steps, batch, ...)")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="training settings (lr, steps, batch, ...)"
+    )
     steps: int | None = None
     final_train_loss: float | None = None
     final_eval_loss: float | None = None
@@ -81,7 +91,9 @@ class ExpertSetManifest(BaseModel):
     )
     expert_digests: dict[str, str] = Field(description="'l.e' -> digest of this set's expert (dedup, diff)")
     base_expert_digests: dict[str, str] = Field(description="'l.e' -> digest of the base expert it replaces")
-    base_param_digests: dict[str, str] = Field(default_factory=dict, description="name -> digest of replaced params")
+    base_param_digests: dict[str, str] = Field(
+        default_factory=dict, description="name -> digest of replaced params"
+    )
     content_digest: str = Field(description="sha256 over every tensor's name, dtype, shape and bytes")
     provenance: Provenance = Field(default_factory=Provenance)
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
@@ -134,7 +146,9 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
 class ExpertSet:
     """An expert set: manifest plus tensors, held in memory or opened lazily from a file."""
 
-    def __init__(self, manifest: ExpertSetManifest, tensors: dict[str, torch.Tensor] | None = None, path=None):
+    def __init__(
+        self, manifest: ExpertSetManifest, tensors: dict[str, torch.Tensor] | None = None, path=None
+    ):
         self.manifest = manifest
         self._tensors = tensors
         self.path = Path(path) if path is not None else None
@@ -161,10 +175,14 @@ class ExpertSet:
     ) -> ExpertSet:
         """Assemble an in-memory expert set from canonical expert weights (see `expertlib.moe`)."""
         if not experts and not extra_params:
-            raise PatchShapeError("an expert set needs at least one expert", hint="check the expert selection")
+            raise PatchShapeError(
+                "an expert set needs at least one expert", hint="check the expert selection"
+            )
         missing = [k for k in experts if k not in base_digests]
         if missing:
-            raise PatchShapeError(f"no base digest for experts {missing}", hint="pass the base expert digests")
+            raise PatchShapeError(
+                f"no base digest for experts {missing}", hint="pass the base expert digests"
+            )
         first = next(iter(experts.values())) if experts else None
         dtype = dtype or (first.gate.dtype if first is not None else next(iter(extra_params.values())).dtype)
         tensors: dict[str, torch.Tensor] = {}
@@ -175,7 +193,9 @@ class ExpertSet:
             for part, t in w.items():
                 shape = list(t.shape)
                 if shapes.setdefault(part, shape) != shape:
-                    raise PatchShapeError(f"layer {layer} expert {e} {part}: shape {shape} differs from {shapes[part]}")
+                    raise PatchShapeError(
+                        f"layer {layer} expert {e} {part}: shape {shape} differs from {shapes[part]}"
+                    )
                 tensors[expert_key(layer, e, part)] = t.detach().to("cpu", dtype).contiguous()
         for name, t in (extra_params or {}).items():
             tensors[EXTRA_PARAM_PREFIX + name] = t.detach().to("cpu", dtype).contiguous()
@@ -229,7 +249,9 @@ class ExpertSet:
                 with safe_open(str(self.path), framework="pt") as f:
                     self._tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
             except Exception as exc:  # safetensors raises its own error types
-                raise PatchCorruptError(f"cannot read tensors: {exc}", path=str(self.path), hint=_REPUBLISH) from exc
+                raise PatchCorruptError(
+                    f"cannot read tensors: {exc}", path=str(self.path), hint=_REPUBLISH
+                ) from exc
         return self._tensors
 
     def verify(self) -> None:
@@ -286,19 +308,27 @@ def read_header(path: str | Path) -> tuple[ExpertSetManifest, dict[str, Any]]:
                 hint="convert the weights to an expert set with `expertlib import-esft` or ExpertSet.build",
             )
         if len(head) < 8:
-            raise PatchCorruptError("file is too short to be a safetensors file", path=str(path), hint=_REPUBLISH)
+            raise PatchCorruptError(
+                "file is too short to be a safetensors file", path=str(path), hint=_REPUBLISH
+            )
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100_000_000:
             raise PatchCorruptError(
-                f"header claims {n} bytes but the file has {size - 8} (truncated?)", path=str(path), hint=_REPUBLISH
+                f"header claims {n} bytes but the file has {size - 8} (truncated?)",
+                path=str(path),
+                hint=_REPUBLISH,
             )
         raw = f.read(n)
     if not raw.lstrip().startswith(b"{"):
-        raise PatchFormatError("not a safetensors file", path=str(path), hint="pass an expert-set .safetensors file")
+        raise PatchFormatError(
+            "not a safetensors file", path=str(path), hint="pass an expert-set .safetensors file"
+        )
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PatchCorruptError(f"unreadable safetensors header: {exc}", path=str(path), hint=_REPUBLISH) from exc
+        raise PatchCorruptError(
+            f"unreadable safetensors header: {exc}", path=str(path), hint=_REPUBLISH
+        ) from exc
     meta = header.pop("__metadata__", None) or {}
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end != size:
@@ -350,7 +380,9 @@ def _validate_header(m: ExpertSetManifest, header: dict[str, Any], where: str) -
     for name, info in header.items():
         dtype = _SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"])
         if dtype != m.dtype:
-            raise PatchShapeError(f"{name}: dtype {dtype}, manifest says {m.dtype}", path=where, hint=_REPUBLISH)
+            raise PatchShapeError(
+                f"{name}: dtype {dtype}, manifest says {m.dtype}", path=where, hint=_REPUBLISH
+            )
         if list(info["shape"]) != expected[name]:
             raise PatchShapeError(
                 f"{name}: shape {info['shape']}, manifest says {expected[name]}", path=where, hint=_REPUBLISH

@@ -77,7 +77,9 @@ class SlotPool:
         from expertlib.errors import NotLoadedError
 
         if name not in self._sets:
-            raise NotLoadedError(f"expert set {name!r} is not loaded", hint=f"loaded: {self.loaded() or 'none'}")
+            raise NotLoadedError(
+                f"expert set {name!r} is not loaded", hint=f"loaded: {self.loaded() or 'none'}"
+            )
         return self._sets[name].set_index
 
     def remap_of(self, name: str) -> dict[int, dict[int, int]]:
@@ -94,7 +96,11 @@ class SlotPool:
             "slots_used_total": sum(used.values()),
             "slots_total": self.slots_per_layer * len(self.moe_layers),
             "sets": {
-                n: {"index": r.set_index, "pinned": r.pinned, "experts": sum(len(m) for m in r.slots.values())}
+                n: {
+                    "index": r.set_index,
+                    "pinned": r.pinned,
+                    "experts": sum(len(m) for m in r.slots.values()),
+                }
                 for n, r in self._sets.items()
             },
             "lru_order": list(self._sets),
@@ -338,7 +344,9 @@ def slot_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if ".expertlib_slots." in n]
 
 
-def slot_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+def slot_experts_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+):
     """Experts forward with remapped ids: base experts and slots as two grouped matmuls."""
     from transformers.integrations.moe import _grouped_linear  # private, pinned via vLLM's range
 

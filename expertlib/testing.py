@@ -117,7 +117,11 @@ def tiny_config(model_type: str, **overrides):
     if model_type == "gpt_oss":
         kw.setdefault("layer_types", ["full_attention"] * kw["num_hidden_layers"])
     cfg = AutoConfig.for_model(
-        model_type, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **kw
+        model_type,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **kw,
     )
     return cfg
 
