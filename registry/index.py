@@ -1,0 +1,97 @@
+"""The registry's SQLite index: bases, names (with their version counter), versions and tags.
+
+WAL journal and a busy timeout let several processes read while one writes; every change is
+one `BEGIN IMMEDIATE` transaction, which serialises writers (version numbers are assigned
+inside it, so concurrent publishers never collide).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+INDEX_FILE = "index.db"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 60_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS bases (
+    base_key TEXT PRIMARY KEY,
+    model_type TEXT NOT NULL,
+    config_digest TEXT NOT NULL,
+    name TEXT
+);
+CREATE TABLE IF NOT EXISTS names (
+    base_key TEXT NOT NULL REFERENCES bases(base_key),
+    name TEXT NOT NULL,
+    next_version INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (base_key, name)
+);
+CREATE TABLE IF NOT EXISTS versions (
+    base_key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    manifest TEXT NOT NULL,
+    published_at TEXT NOT NULL,
+    source TEXT,
+    PRIMARY KEY (base_key, name, version),
+    UNIQUE (base_key, name, digest),
+    FOREIGN KEY (base_key, name) REFERENCES names(base_key, name)
+);
+CREATE INDEX IF NOT EXISTS versions_digest ON versions(digest);
+CREATE TABLE IF NOT EXISTS tags (
+    base_key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (base_key, name, tag),
+    FOREIGN KEY (base_key, name, version) REFERENCES versions(base_key, name, version) ON DELETE CASCADE
+);
+"""
+
+
+def connect(root: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(str(root / INDEX_FILE), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    con.row_factory = sqlite3.Row
+    con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    con.execute("PRAGMA foreign_keys = ON")
+    con.execute("PRAGMA synchronous = FULL")
+    return con
+
+
+def init(root: Path) -> None:
+    """Create the index if needed (idempotent, safe under concurrency)."""
+    con = connect(root)
+    try:
+        mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":  # e.g. a filesystem without shared memory: still correct, slower
+            con.execute("PRAGMA journal_mode = DELETE")
+        with transaction(con):
+            for stmt in SCHEMA.split(";"):
+                if stmt.strip():
+                    con.execute(stmt)
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    finally:
+        con.close()
+
+
+@contextmanager
+def transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction; takes the write lock up front (no lock upgrades, no deadlocks)."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def schema_version(con: sqlite3.Connection) -> int:
+    row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0

@@ -1,0 +1,526 @@
+"""The local registry: a folder with content-addressed blobs and an SQLite index.
+
+    reg = Registry()                                  # $EXPERTLIB_REGISTRY or ~/.cache/expertlib/registry
+    entry = reg.publish("math.safetensors", tags=["stable"])
+    reg.resolve("math@stable").ref                    # Ref(name='math', version=1, digest='sha256:...')
+    reg.open("math@1")                                # ExpertSet, opened lazily from the blob
+
+Layout of the folder:
+
+    index.db                       SQLite (WAL): bases, names, versions, tags
+    blobs/sha256/ab/ab12....safetensors   patch files, named by the sha256 of their bytes
+    tmp/                           files being written (removed by gc once their writer is gone)
+
+Names are per base model (model_type + structural config digest): `math` for base A and
+`math` for base B are different sets; a reference that matches both asks for `base=`.
+Version numbers are never reused, even after `rm`. The registry stores and lists; it never
+loads a model.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from expertlib.constants import DEFAULT_REGISTRY_DIR, REGISTRY_ENV
+from expertlib.errors import (
+    AmbiguousRefError,
+    BaseMismatchError,
+    DigestMismatchError,
+    IntegrityError,
+    InvalidNameError,
+    NotFoundError,
+    PatchError,
+)
+from expertlib.identity import BaseIdentity
+from expertlib.patch import ExpertSet, ExpertSetManifest
+
+from . import index
+from .blobs import BlobStore, TempBlob, sha256_file, test_hook
+from .models import Entry, GcReport, VerifyProblem, VerifyReport, base_key
+from .names import LATEST, Ref, RefSpec, parse_ref, validate_name, validate_tag
+
+BaseArg = BaseIdentity | str | Path | None
+
+_SELECT = """
+SELECT v.base_key, v.name, v.version, v.digest, v.size, v.manifest, v.published_at, v.source,
+       b.model_type, b.config_digest, b.name AS base_name,
+       (SELECT MAX(version) FROM versions m WHERE m.base_key = v.base_key AND m.name = v.name) AS latest
+FROM versions v JOIN bases b ON b.base_key = v.base_key
+"""
+
+
+def default_root() -> Path:
+    return Path(os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY_DIR).expanduser()
+
+
+class Registry:
+    """A local expert-set registry rooted at `root` (created on first use)."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.blobs = BlobStore(self.root)
+        if (self.root / "blobs").exists() and not (self.root / index.INDEX_FILE).exists():
+            raise IntegrityError(
+                f"{self.root} has blobs but no {index.INDEX_FILE}",
+                hint="this is not an expertlib registry, or its index was deleted",
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs.ensure()
+        index.init(self.root)
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.root)!r})"
+
+    def _con(self) -> sqlite3.Connection:
+        return index.connect(self.root)
+
+    # --- bases -----------------------------------------------------------------------------------
+
+    def bases(self) -> list[BaseIdentity]:
+        con = self._con()
+        try:
+            rows = con.execute(
+                "SELECT model_type, config_digest, name FROM bases ORDER BY name, base_key"
+            ).fetchall()
+        finally:
+            con.close()
+        return [BaseIdentity(model_type=r[0], config_digest=r[1], name=r[2]) for r in rows]
+
+    def _base_keys(self, con: sqlite3.Connection, base: BaseArg) -> list[str] | None:
+        """None = every base; otherwise the keys a base argument matches (error when none)."""
+        if base is None:
+            return None
+        if isinstance(base, BaseIdentity):
+            return [base_key(base)]
+        text = str(base)
+        if Path(text, "config.json").is_file():
+            from .basemodel import folder_identity
+
+            return [base_key(folder_identity(text))]
+        digest = text if text.startswith("sha256:") else "sha256:" + text
+        rows = con.execute(
+            "SELECT base_key FROM bases WHERE name = ? OR model_type = ? OR (length(?) >= 15 AND config_digest LIKE ?)",
+            (text, text, digest, digest + "%"),
+        ).fetchall()
+        if not rows:
+            known = [f"{r[0]} ({r[1][:19]}...)" for r in con.execute("SELECT name, config_digest FROM bases")]
+            raise NotFoundError(
+                f"no base model matches {text!r}",
+                hint="known bases: " + (", ".join(known) if known else "none (the registry is empty)"),
+            )
+        return [r[0] for r in rows]
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def _entries(self, con, where: str, args: Sequence, keys: list[str] | None) -> list[Entry]:
+        sql = _SELECT + " WHERE " + where
+        if keys is not None:
+            sql += f" AND v.base_key IN ({','.join('?' * len(keys))})"
+            args = (*args, *keys)
+        rows = con.execute(sql + " ORDER BY b.name, v.base_key, v.name, v.version", args).fetchall()
+        return [self._entry(con, r) for r in rows]
+
+    @staticmethod
+    def _entry(con, r, *, full: bool = False) -> Entry:
+        m = ExpertSetManifest.model_validate_json(r["manifest"])
+        tags = [
+            t[0]
+            for t in con.execute(
+                "SELECT tag FROM tags WHERE base_key = ? AND name = ? AND version = ? ORDER BY tag",
+                (r["base_key"], r["name"], r["version"]),
+            )
+        ]
+        if r["version"] == r["latest"]:
+            tags.insert(0, LATEST)
+        return Entry(
+            name=r["name"],
+            version=r["version"],
+            digest=r["digest"],
+            base=BaseIdentity(
+                model_type=r["model_type"], config_digest=r["config_digest"], name=r["base_name"]
+            ),
+            tags=tags,
+            size=r["size"],
+            content_digest=m.content_digest,
+            task=m.task,
+            description=m.description,
+            num_experts=m.num_experts,
+            experts=m.experts,
+            dtype=m.dtype,
+            method=m.provenance.method,
+            published_at=datetime.fromisoformat(r["published_at"]),
+            source=r["source"],
+            manifest=m if full else None,
+        )
+
+    def list(self, *, base: BaseArg = None, name: str | None = None) -> list[Entry]:
+        """Every published version (optionally of one base and/or one name), ordered."""
+        con = self._con()
+        try:
+            keys = self._base_keys(con, base)
+            if name is not None:
+                return self._entries(con, "v.name = ?", (validate_name(name),), keys)
+            return self._entries(con, "1", (), keys)
+        finally:
+            con.close()
+
+    def resolve(self, ref: str | RefSpec | Ref, *, base: BaseArg = None, full: bool = False) -> Entry:
+        """The entry a reference names; NotFoundError or AmbiguousRefError otherwise."""
+        spec = _spec(ref)
+        con = self._con()
+        try:
+            keys = self._base_keys(con, base)
+            if spec.digest is not None:
+                hits = self._entries(
+                    con, "v.name = ? AND v.digest LIKE ?", (spec.name, spec.digest + "%"), keys
+                )
+            elif spec.version is not None:
+                hits = self._entries(con, "v.name = ? AND v.version = ?", (spec.name, spec.version), keys)
+            elif spec.tag in (None, LATEST):
+                hits = self._entries(
+                    con,
+                    "v.name = ? AND v.version = (SELECT MAX(version) FROM versions m WHERE m.base_key = v.base_key AND m.name = v.name)",
+                    (spec.name,),
+                    keys,
+                )
+            else:
+                hits = self._entries(
+                    con,
+                    "v.name = ? AND EXISTS (SELECT 1 FROM tags t WHERE t.base_key = v.base_key AND t.name = v.name "
+                    "AND t.version = v.version AND t.tag = ?)",
+                    (spec.name, spec.tag),
+                    keys,
+                )
+            if not hits:
+                raise self._not_found(con, spec, keys)
+            if len({h.base_key for h in hits}) > 1:
+                raise AmbiguousRefError(
+                    f"{spec} exists for several base models: "
+                    + ", ".join(
+                        f"{h.base.name or h.base.model_type} ({h.base.config_digest[:19]}...)" for h in hits
+                    ),
+                    hint="pass --base (a base folder, name or config digest) to choose one",
+                )
+            if len(hits) > 1:
+                raise AmbiguousRefError(
+                    f"digest prefix {spec.digest} matches {len(hits)} versions of {spec.name}",
+                    hint="give more digits of the digest",
+                )
+            hit = hits[0]
+            if full:
+                row = con.execute(
+                    _SELECT + " WHERE v.base_key = ? AND v.name = ? AND v.version = ?",
+                    (hit.base_key, hit.name, hit.version),
+                ).fetchone()
+                hit = self._entry(con, row, full=True)
+            return hit
+        finally:
+            con.close()
+
+    def _not_found(self, con, spec: RefSpec, keys: list[str] | None) -> NotFoundError:
+        have = self._entries(con, "v.name = ?", (spec.name,), keys)
+        if not have:
+            names = sorted({r[0] for r in con.execute("SELECT DISTINCT name FROM versions")})
+            return NotFoundError(
+                f"no expert set named {spec.name!r} in {self.root}",
+                hint="published names: "
+                + (", ".join(names) if names else "none yet (use `expertlib publish`)"),
+            )
+        versions = ", ".join(f"{e.version}" + (f" ({', '.join(e.tags)})" if e.tags else "") for e in have)
+        return NotFoundError(f"{spec} not found", hint=f"versions of {spec.name}: {versions}")
+
+    def show(self, ref: str | RefSpec | Ref, *, base: BaseArg = None) -> Entry:
+        """The entry with its full manifest."""
+        return self.resolve(ref, base=base, full=True)
+
+    def get_path(self, ref: str | RefSpec | Ref, *, base: BaseArg = None) -> Path:
+        """Path of the stored patch file (read-only: never modify it)."""
+        entry = self.resolve(ref, base=base)
+        path = self.blobs.path(entry.digest)
+        if not path.is_file():
+            raise IntegrityError(
+                f"blob of {entry.ref} is missing: {path}", hint="pull the set again, then `expertlib gc`"
+            )
+        return path
+
+    def open(self, ref: str | RefSpec | Ref, *, base: BaseArg = None, verify: bool = False) -> ExpertSet:
+        """The stored expert set, opened lazily (`verify=True` rechecks the file digest first)."""
+        path = self.get_path(ref, base=base)
+        if verify:
+            self._check_blob(self.resolve(ref, base=base).digest)
+        return ExpertSet.open(path)
+
+    # --- publishing ------------------------------------------------------------------------------
+
+    def publish(
+        self,
+        patch: str | Path | ExpertSet,
+        *,
+        task: str | None = None,
+        tags: Iterable[str] = (),
+        base: BaseIdentity | str | Path | None = None,
+        expected_digest: str | None = None,
+        source: str | None = None,
+    ) -> Entry:
+        """Validate a patch and store it as the next version of `task` (default: its manifest's task).
+
+        `base`, when given (an identity or a base model folder), must be the patch's base. Publishing
+        bytes that this name already holds returns the existing version (tags still apply).
+        """
+        if isinstance(patch, ExpertSet):
+            return self._publish_in_memory(patch, task=task, tags=tags, base=base, source=source)
+        path = Path(patch)
+        es = ExpertSet.open(path)  # header and manifest, validated; errors name the user's file
+        m = es.manifest
+        name = validate_name(task or m.task)
+        tags = [validate_tag(t) for t in tags]
+        if base is not None:
+            expected = base if isinstance(base, BaseIdentity) else _folder_identity(base)
+            if not expected.same_base(m.base):
+                raise BaseMismatchError(
+                    f"the patch was made for a {m.base.model_type} base {m.base.name or ''} "
+                    f"({m.base.config_digest[:19]}...), not for {expected.name or expected.model_type} "
+                    f"({expected.config_digest[:19]}...)",
+                    path=str(path),
+                    hint="publish it under the base it was trained on",
+                )
+        tmp = self.blobs.write_temp(path, expected_digest=expected_digest)
+        try:
+            stored = ExpertSet.open(tmp.path)
+            if stored.manifest.content_digest != m.content_digest:
+                raise DigestMismatchError("the file changed while it was being published", path=str(path))
+            try:
+                stored.verify()
+            except PatchError as exc:
+                raise type(exc)(exc.message.split(": ", 1)[-1], path=str(path), hint=exc.hint) from None
+            return self._commit(tmp, name, m, tags, source)
+        finally:
+            tmp.path.unlink(missing_ok=True)
+
+    def _publish_in_memory(self, es: ExpertSet, **kw) -> Entry:
+        self.blobs.ensure()
+        staging = self.blobs.tmp_dir / f"{os.getpid()}.{id(es)}.staging.safetensors"
+        try:
+            ExpertSet(es.manifest, es.tensors).save(staging)
+            return self.publish(staging, **kw)
+        finally:
+            staging.unlink(missing_ok=True)
+
+    def _commit(self, tmp: TempBlob, name: str, m: ExpertSetManifest, tags: list[str], source) -> Entry:
+        key = base_key(m.base)
+        con = self._con()
+        try:
+            with index.transaction(con):
+                con.execute(
+                    "INSERT OR IGNORE INTO bases VALUES (?, ?, ?, ?)",
+                    (key, m.base.model_type, m.base.config_digest, m.base.name),
+                )
+                con.execute(
+                    "UPDATE bases SET name = ? WHERE base_key = ? AND name IS NULL", (m.base.name, key)
+                )
+                con.execute("INSERT OR IGNORE INTO names (base_key, name) VALUES (?, ?)", (key, name))
+                row = con.execute(
+                    "SELECT version FROM versions WHERE base_key = ? AND name = ? AND digest = ?",
+                    (key, name, tmp.digest),
+                ).fetchone()
+                self.blobs.commit(tmp)  # under the write lock: gc cannot remove it before the row exists
+                test_hook("commit")
+                if row is not None:
+                    version = row[0]
+                else:
+                    version = con.execute(
+                        "SELECT next_version FROM names WHERE base_key = ? AND name = ?", (key, name)
+                    ).fetchone()[0]
+                    con.execute(
+                        "UPDATE names SET next_version = ? WHERE base_key = ? AND name = ?",
+                        (version + 1, key, name),
+                    )
+                    con.execute(
+                        "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            key,
+                            name,
+                            version,
+                            tmp.digest,
+                            tmp.size,
+                            m.model_dump_json(),
+                            datetime.now(timezone.utc).isoformat(),
+                            source,
+                        ),
+                    )
+                for tag in tags:
+                    con.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?)", (key, name, tag, version))
+            row = con.execute(
+                _SELECT + " WHERE v.base_key = ? AND v.name = ? AND v.version = ?", (key, name, version)
+            )
+            return self._entry(con, row.fetchone())
+        finally:
+            con.close()
+
+    # --- tags, removal, cleaning ------------------------------------------------------------------
+
+    def tag(self, ref: str | RefSpec | Ref, tag: str, *, base: BaseArg = None) -> Entry:
+        """Point the movable tag `tag` of the set's name at the version `ref` names."""
+        validate_tag(tag)
+        entry = self.resolve(ref, base=base)
+        con = self._con()
+        try:
+            with index.transaction(con):
+                con.execute(
+                    "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?)",
+                    (entry.base_key, entry.name, tag, entry.version),
+                )
+        finally:
+            con.close()
+        return self.resolve(entry.ref, base=entry.base)
+
+    def untag(self, name: str, tag: str, *, base: BaseArg = None) -> None:
+        validate_tag(tag)
+        entry = self.resolve(RefSpec(validate_name(name), tag=tag), base=base)
+        con = self._con()
+        try:
+            with index.transaction(con):
+                con.execute(
+                    "DELETE FROM tags WHERE base_key = ? AND name = ? AND tag = ?",
+                    (entry.base_key, entry.name, tag),
+                )
+        finally:
+            con.close()
+
+    def rm(self, ref: str | RefSpec | Ref, *, base: BaseArg = None, all_versions: bool = False) -> list[Ref]:
+        """Remove one version (`math@3`), or every version of a name with `all_versions`.
+
+        The blobs stay until `gc`; version numbers are not reused.
+        """
+        spec = _spec(ref)
+        if isinstance(spec, RefSpec) and spec.selector is None and not all_versions:
+            raise InvalidNameError(
+                f"{spec.name!r} names every version", hint=f"remove one version ({spec.name}@N) or pass --all"
+            )
+        if all_versions and (spec.selector is not None):
+            raise InvalidNameError(f"--all removes every version: pass the bare name {spec.name!r}")
+        targets = self.list(base=base, name=spec.name) if all_versions else [self.resolve(spec, base=base)]
+        if all_versions and len({e.base_key for e in targets}) > 1:
+            raise AmbiguousRefError(
+                f"{spec.name} exists for several base models", hint="pass --base to choose one"
+            )
+        if not targets:
+            raise NotFoundError(f"no expert set named {spec.name!r}")
+        con = self._con()
+        try:
+            with index.transaction(con):
+                for e in targets:
+                    con.execute(
+                        "DELETE FROM versions WHERE base_key = ? AND name = ? AND version = ?",
+                        (e.base_key, e.name, e.version),
+                    )
+        finally:
+            con.close()
+        return [e.ref for e in targets]
+
+    def _referenced(self, con) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for r in con.execute("SELECT digest, name, version FROM versions ORDER BY name, version"):
+            out.setdefault(r[0], []).append(f"{r[1]}@{r[2]}")
+        return out
+
+    def gc(self, *, grace_s: float = 3600.0, dry_run: bool = False) -> GcReport:
+        """Remove blobs no entry references and temp files whose writer is gone (or older than grace_s)."""
+        report = GcReport(dry_run=dry_run)
+        con = self._con()
+        try:
+            with index.transaction(con):  # holds off publishers between their rename and their insert
+                used = self._referenced(con)
+                for digest in self.blobs.iter_digests():
+                    if digest not in used:
+                        path = self.blobs.path(digest)
+                        report.removed_blobs.append(digest)
+                        report.freed_bytes += path.stat().st_size
+                        if not dry_run:
+                            path.unlink(missing_ok=True)
+                for tmp in self.blobs.stale_temps(grace_s):
+                    report.removed_temps.append(tmp.name)
+                    if not dry_run:
+                        tmp.unlink(missing_ok=True)
+        finally:
+            con.close()
+        return report
+
+    def _check_blob(self, digest: str) -> str | None:
+        """None when the blob is intact, otherwise what is wrong with it."""
+        path = self.blobs.path(digest)
+        if not path.is_file():
+            return "blob file is missing"
+        got = sha256_file(path)
+        if got != digest:
+            return f"content changed: bytes now hash to {got[:19]}..."
+        try:
+            ExpertSet.open(path)
+        except PatchError as exc:
+            return f"not a valid patch: {exc.message}"
+        return None
+
+    def verify(
+        self, refs: Iterable[str | RefSpec | Ref] | None = None, *, base: BaseArg = None
+    ) -> VerifyReport:
+        """Recompute the digest of every stored blob (or of the blobs of `refs`)."""
+        con = self._con()
+        try:
+            integrity = con.execute("PRAGMA quick_check").fetchone()[0]
+            used = self._referenced(con)
+        finally:
+            con.close()
+        if refs is not None:
+            wanted = {self.resolve(r, base=base).digest for r in refs}
+            used = {d: v for d, v in used.items() if d in wanted}
+        report = VerifyReport(checked=len(used))
+        if integrity != "ok":
+            report.problems.append(VerifyProblem(digest="-", refs=[], problem=f"index: {integrity}"))
+        for digest, names in used.items():
+            problem = self._check_blob(digest)
+            if problem:
+                report.problems.append(VerifyProblem(digest=digest, refs=names, problem=problem))
+        if refs is None:
+            report.unreferenced = sum(1 for d in self.blobs.iter_digests() if d not in used)
+            report.stale_temps = len(self.blobs.stale_temps(3600.0))
+        return report
+
+    # --- diff and remotes (implemented in their own modules) --------------------------------------
+
+    def diff(self, refs: Sequence[str], *, base: BaseArg = None, base_dir: str | Path | None = None):
+        """Compare expert sets of one base (see `expertlib.registry.diff.diff_expert_sets`)."""
+        from .diff import diff_expert_sets
+
+        entries = [self.resolve(r, base=base) for r in refs]
+        sets = [ExpertSet.open(self.blobs.path(e.digest)) for e in entries]
+        return diff_expert_sets(sets, [str(e.ref) for e in entries], base_dir=base_dir)
+
+    def push(self, ref: str, dest: str, **kw):
+        """Copy `ref` (a name: every version; `name@x`: one) to a folder, HTTP registry or `hf://repo`."""
+        from .remotes import push
+
+        return push(self, ref, dest, **kw)
+
+    def pull(self, source: str, refs: Sequence[str] = (), **kw):
+        """Copy expert sets from a folder, HTTP registry or `hf://repo[@revision]` into this registry."""
+        from .remotes import pull
+
+        return pull(self, source, refs, **kw)
+
+
+def _spec(ref: str | RefSpec | Ref) -> RefSpec:
+    if isinstance(ref, Ref):
+        return RefSpec(ref.name, version=ref.version)
+    if isinstance(ref, RefSpec):
+        return ref
+    return parse_ref(ref)
+
+
+def _folder_identity(base: str | Path) -> BaseIdentity:
+    from .basemodel import folder_identity
+
+    return folder_identity(base)

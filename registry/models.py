@@ -1,0 +1,124 @@
+"""What the registry returns, and the JSON wire format between registries (HTTP, folder, Hub).
+
+Every value here is a pydantic model, so the same objects are the library's return values,
+the CLI's `--json` output and the HTTP bodies (`expertlib.registry.http`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from expertlib.identity import BaseIdentity
+from expertlib.patch import ExpertSetManifest
+
+from .names import Ref
+
+#: Version of the registry wire format (HTTP bodies, Hub manifest). Bumped on breaking changes.
+WIRE_VERSION = 1
+
+
+def base_key(base: BaseIdentity) -> str:
+    """The key a base model is stored under: model_type plus structural config digest."""
+    return f"{base.model_type}/{base.config_digest}"
+
+
+class Entry(BaseModel):
+    """One published version of an expert set."""
+
+    name: str = Field(description="registry name of the set (the task)")
+    version: int = Field(description="version number, from 1, never reused")
+    digest: str = Field(description="sha256 of the patch file bytes; immutable address")
+    base: BaseIdentity = Field(description="base model the set belongs to")
+    tags: list[str] = Field(default_factory=list, description="tags pointing at this version (incl. latest)")
+    size: int = Field(description="patch file size in bytes")
+    content_digest: str = Field(description="the manifest's digest over the tensors")
+    task: str = Field(description="task name recorded in the patch manifest")
+    description: str = ""
+    num_experts: int = Field(description="routed experts replaced, all layers")
+    experts: dict[int, list[int]] = Field(description="MoE layer -> expert ids")
+    dtype: str
+    method: str = Field(default="manual", description="provenance method (esft-token, extracted, ...)")
+    published_at: datetime
+    source: str | None = Field(default=None, description="where the set was pulled from, if pulled")
+    manifest: ExpertSetManifest | None = Field(default=None, description="full manifest (show only)")
+
+    @property
+    def ref(self) -> Ref:
+        return Ref(self.name, self.version, self.digest)
+
+    @property
+    def base_key(self) -> str:
+        return base_key(self.base)
+
+    def summary(self) -> dict[str, Any]:
+        """The fields a listing shows."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "tags": self.tags,
+            "digest": self.digest,
+            "base": self.base.name or self.base.model_type,
+            "base_digest": self.base.config_digest,
+            "experts": self.num_experts,
+            "layers": len(self.experts),
+            "size": self.size,
+            "published_at": self.published_at.isoformat(timespec="seconds"),
+        }
+
+
+class EntryList(BaseModel):
+    wire_version: int = WIRE_VERSION
+    entries: list[Entry]
+
+
+class VerifyProblem(BaseModel):
+    digest: str
+    refs: list[str] = Field(description="name@version entries that use the blob")
+    problem: str
+
+
+class VerifyReport(BaseModel):
+    checked: int = Field(description="blobs whose digest was recomputed")
+    problems: list[VerifyProblem] = Field(default_factory=list)
+    unreferenced: int = Field(default=0, description="blobs no entry uses (removed by gc)")
+    stale_temps: int = Field(default=0, description="leftover temp files (removed by gc)")
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class GcReport(BaseModel):
+    removed_blobs: list[str] = Field(default_factory=list)
+    removed_temps: list[str] = Field(default_factory=list)
+    freed_bytes: int = 0
+    dry_run: bool = False
+
+
+class TransferReport(BaseModel):
+    """What a push or pull did: entries copied, entries already present, tags set."""
+
+    source: str
+    dest: str
+    copied: list[str] = Field(default_factory=list, description="name@version at the destination")
+    present: list[str] = Field(default_factory=list, description="already there (same digest)")
+    tags: list[str] = Field(default_factory=list, description="name@tag set at the destination")
+    url: str | None = None
+
+
+class PushRequestInfo(BaseModel):
+    """Query parameters of an HTTP push (the body is the patch bytes)."""
+
+    name: str
+    digest: str = Field(description="sha256 of the body; the server refuses other bytes")
+    tags: list[str] = Field(default_factory=list)
+    source: str | None = None
+
+
+class TagRequest(BaseModel):
+    ref: str = Field(description="reference to tag, e.g. math@3")
+    tag: str
+    base: str | None = Field(default=None, description="base filter when the name exists for several bases")

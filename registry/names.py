@@ -1,0 +1,149 @@
+"""Names and references of expert sets in a registry.
+
+    math            the latest version of task `math`
+    math@3          version 3 (versions count from 1 and are never reused)
+    math@stable     whatever the movable tag `stable` points at (`latest` is automatic)
+    math@sha256:ab  the immutable blob digest (a unique prefix of >= 8 hex digits is enough)
+
+`parse_ref` turns such a string into a `RefSpec` (a query); the registry resolves it into a
+`Ref`, the frozen value object (name, version, digest) that names one stored expert set.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from expertlib.errors import InvalidNameError
+
+#: Longest task name or tag accepted.
+MAX_NAME_LEN = 100
+#: The automatic tag: always the highest version of a name.
+LATEST = "latest"
+DIGEST_PREFIX = "sha256:"
+#: Shortest digest prefix accepted in a reference.
+MIN_DIGEST_PREFIX = 8
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_HEX_RE = re.compile(r"^[0-9a-f]+$")
+_NAME_HINT = "use letters, digits and . _ + - (starting with a letter or digit, at most 100 characters)"
+
+
+def validate_name(name: str, *, what: str = "task name") -> str:
+    """Return `name` if it may be used as a task name (or tag); raise InvalidNameError otherwise."""
+    if not isinstance(name, str) or not name:
+        raise InvalidNameError(f"empty {what}", hint=_NAME_HINT)
+    shown = ascii(name) if len(name) <= 40 else ascii(name[:40]) + "..."
+    if len(name) > MAX_NAME_LEN:
+        raise InvalidNameError(
+            f"{what} {shown} is {len(name)} characters long (max {MAX_NAME_LEN})", hint=_NAME_HINT
+        )
+    if any(unicodedata.category(c).startswith("C") for c in name):
+        raise InvalidNameError(f"{what} {shown} contains control or invisible characters", hint=_NAME_HINT)
+    if "/" in name or "\\" in name or ":" in name:
+        raise InvalidNameError(f"{what} {shown} contains a path separator or ':'", hint=_NAME_HINT)
+    if ".." in name or name in {".", ".."}:
+        raise InvalidNameError(f"{what} {shown} contains '..'", hint=_NAME_HINT)
+    if "@" in name:
+        raise InvalidNameError(
+            f"{what} {shown} contains '@', which separates a name from its version", hint=_NAME_HINT
+        )
+    if not _NAME_RE.match(name):
+        raise InvalidNameError(
+            f"{what} {shown} contains characters other than letters, digits and . _ + -", hint=_NAME_HINT
+        )
+    return name
+
+
+def validate_tag(tag: str) -> str:
+    """A custom tag: a valid name that cannot be mistaken for a version, a digest or `latest`."""
+    validate_name(tag, what="tag")
+    if tag.isdigit():
+        raise InvalidNameError(
+            f"tag {tag!r} is a number and would read as a version", hint="pick a tag with a letter"
+        )
+    if tag == LATEST:
+        raise InvalidNameError(
+            "tag 'latest' is automatic (the highest version)", hint="pick another tag name"
+        )
+    return tag
+
+
+def validate_digest(digest: str, *, prefix_ok: bool = False) -> str:
+    if not digest.startswith(DIGEST_PREFIX):
+        raise InvalidNameError(
+            f"digest {digest!r} does not start with {DIGEST_PREFIX!r}", hint="use sha256:<hex>"
+        )
+    hexpart = digest[len(DIGEST_PREFIX) :]
+    n_ok = MIN_DIGEST_PREFIX <= len(hexpart) <= 64 if prefix_ok else len(hexpart) == 64
+    if not n_ok or not _HEX_RE.match(hexpart):
+        need = f"{MIN_DIGEST_PREFIX} to 64" if prefix_ok else "64"
+        raise InvalidNameError(
+            f"digest {digest[:80]!r} is not sha256: plus {need} lowercase hex digits",
+            hint="copy it from `expertlib list`",
+        )
+    return digest
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One stored expert set: its name, version and immutable blob digest."""
+
+    name: str
+    version: int
+    digest: str
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def pinned(self) -> str:
+        """The immutable form, `name@sha256:...`."""
+        return f"{self.name}@{self.digest}"
+
+    @property
+    def short_digest(self) -> str:
+        return self.digest[: len(DIGEST_PREFIX) + 12]
+
+
+@dataclass(frozen=True)
+class RefSpec:
+    """A parsed reference: a name plus at most one of version, tag or digest (none = latest)."""
+
+    name: str
+    version: int | None = None
+    tag: str | None = None
+    digest: str | None = None
+
+    def __str__(self) -> str:
+        sel = self.version if self.version is not None else (self.digest or self.tag)
+        return f"{self.name}@{sel}" if sel is not None else self.name
+
+    @property
+    def selector(self) -> str | None:
+        return str(self) if "@" in str(self) else None
+
+
+def parse_ref(text: str) -> RefSpec:
+    """Parse `task`, `task@3`, `task@tag` or `task@sha256:...`; raise InvalidNameError on anything else."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidNameError(
+            "empty expert-set reference", hint="e.g. math, math@3, math@stable, math@sha256:..."
+        )
+    name, sep, sel = text.partition("@")
+    validate_name(name)
+    if not sep:
+        return RefSpec(name)
+    if not sel:
+        raise InvalidNameError(f"reference {text!r} has nothing after '@'", hint="e.g. math@3 or math@latest")
+    if sel.startswith(DIGEST_PREFIX):
+        return RefSpec(name, digest=validate_digest(sel, prefix_ok=True))
+    if sel.isdigit():
+        version = int(sel)
+        if version < 1:
+            raise InvalidNameError(f"version {sel} in {text!r}: versions count from 1")
+        return RefSpec(name, version=version)
+    if sel == LATEST:
+        return RefSpec(name, tag=LATEST)
+    return RefSpec(name, tag=validate_tag(sel))
