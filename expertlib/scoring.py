@@ -1,0 +1,263 @@
+"""ESFT relevance scores: how much a task uses each routed expert (ESFT.md, "Relevance scores").
+
+For MoE layer l and routed expert i, over N_s sequences j of L_j counted tokens k:
+
+    ESFT-Gate   G_i = 1/N_s * sum_j 1/L_j * sum_k g_{i,k}
+    ESFT-Token  R_i = 1/N_s * sum_j 1/L_j * sum_k 1[i in topK(k)] / K
+
+g_{i,k} is the weight the architecture multiplies into expert i's output for token k (the
+router affinity, after whatever top-k renormalisation or scaling the architecture applies;
+0 outside the token's top-K). Routing is recorded with a forward pre-hook on each layer's
+experts module, which every supported architecture calls as
+`experts(hidden (T, H), top_k_index (T, K), top_k_weights (T, K))`.
+
+Normalisation is **per layer**: the averages above are taken inside each layer, so the token
+scores of every layer sum to exactly 1 and the gate scores of a layer sum to the mean top-K gate
+mass. The reference code's `generate_expert_config.py` instead divides by the sum over layers
+(numpy axis 0) — a known bug (deepseek-ai/ESFT issues #8 and #17) that makes the top-p rule
+select a different number of experts per layer; we follow the paper.
+
+Padding never counts. With `count_prompt_tokens=False` only answer tokens (label != -100)
+count, and L_j is the number of answer tokens of sequence j.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+
+from expertlib.data import IGNORE_INDEX, Sample, collate
+from expertlib.errors import SelectionError
+from expertlib.identity import BaseIdentity, base_identity
+from expertlib.moe import experts_module, moe_layer_indices
+
+ScoreFunction = Literal["token", "gate"]
+SCORES_FORMAT = "expertlib.scores/1"
+#: The paper's scoring sample: 32 sequences x 4096 tokens.
+PAPER_TOKEN_BUDGET = 131_072
+
+
+class ExpertScores(BaseModel):
+    """Per-layer ESFT scores of one task on one base, with how they were computed."""
+
+    format: str = SCORES_FORMAT
+    base: BaseIdentity
+    num_experts: int
+    top_k: int
+    token: dict[int, list[float]] = Field(description="MoE layer -> ESFT-Token score per routed expert")
+    gate: dict[int, list[float]] = Field(description="MoE layer -> ESFT-Gate score per routed expert")
+    tokens_scored: int = Field(description="counted tokens (padding never counts)")
+    sequences: int = Field(description="N_s: sequences with at least one counted token")
+    token_budget: int | None = None
+    count_prompt_tokens: bool = True
+    data_digest: str | None = None
+    data_path: str | None = None
+    seed: int = 0
+
+    def of(self, score: ScoreFunction) -> dict[int, list[float]]:
+        if score not in ("token", "gate"):
+            raise SelectionError(f"unknown score function {score!r}", hint="use 'token' or 'gate'")
+        return self.token if score == "token" else self.gate
+
+    def save(self, path: str | Path) -> Path:
+        """Write the JSON atomically (temporary file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(self.model_dump_json(indent=1))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertScores:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SelectionError(
+                f"{path}: cannot read scores: {exc}", hint="pass a file written by `expertlib score`"
+            ) from None
+        if not isinstance(raw, dict) or raw.get("format") != SCORES_FORMAT:
+            raise SelectionError(f"{path}: not an expertlib scores file", hint="run `expertlib score` first")
+        return cls.model_validate(raw)
+
+
+class RoutingRecorder:
+    """Accumulates per-sequence-normalised token and gate scores from experts pre-hooks.
+
+    Use as a context manager around forward passes; call `set_batch(count_mask)` before each
+    forward with the (B, S) boolean mask of counted tokens.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers = moe_layer_indices(model)
+        self.num_experts = int(experts_module(model, self.layers[0]).num_experts)
+        self.token = {layer: torch.zeros(self.num_experts, dtype=torch.float64) for layer in self.layers}
+        self.gate = {layer: torch.zeros(self.num_experts, dtype=torch.float64) for layer in self.layers}
+        self.sequences = 0
+        self.tokens = 0
+        self._weight: torch.Tensor | None = None  # (B*S,) 1/L_j on counted tokens, 0 elsewhere
+        self._handles: list = []
+
+    def set_batch(self, count: torch.Tensor) -> None:
+        """count: (B, S) bool. Each sequence's counted tokens get weight 1/L_j."""
+        lengths = count.sum(dim=1, keepdim=True)  # (B, 1)
+        w = count.double() / lengths.clamp(min=1)  # (B, S)
+        self._weight = w.reshape(-1)
+        self.sequences += int((lengths > 0).sum())
+        self.tokens += int(lengths.sum())
+
+    def _hook(self, layer: int):
+        def hook(module, args, kwargs):
+            top_k_index, top_k_weights = (args[1], args[2]) if len(args) >= 3 else _from_kwargs(kwargs)
+            w = self._weight
+            assert w is not None and top_k_index.shape[0] == w.shape[0], "set_batch() before each forward"
+            k = top_k_index.shape[1]
+            ids = top_k_index.reshape(-1).long()  # (T*K,)
+            per_slot = w.repeat_interleave(k)  # (T*K,) 1/L_j of the slot's token
+            self.token[layer].index_add_(0, ids, per_slot / k)
+            g = top_k_weights.detach().reshape(-1).double()  # (T*K,)
+            self.gate[layer].index_add_(0, ids, per_slot * g)
+
+        return hook
+
+    def __enter__(self) -> RoutingRecorder:
+        for layer in self.layers:
+            ex = experts_module(self.model, layer)
+            self._handles.append(ex.register_forward_pre_hook(self._hook(layer), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def result(self) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
+        """(token, gate) scores: the accumulated sums divided by N_s, per layer."""
+        n = max(self.sequences, 1)
+        token = {layer: (t / n).tolist() for layer, t in self.token.items()}
+        gate = {layer: (g / n).tolist() for layer, g in self.gate.items()}
+        return token, gate
+
+
+def _from_kwargs(kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return kwargs["top_k_index"], kwargs["top_k_weights"]
+    except KeyError:
+        raise RuntimeError(f"experts module called with unexpected arguments {sorted(kwargs)}") from None
+
+
+def budget_samples(
+    samples: Sequence[Sample], budget: int | None, *, count_prompt_tokens: bool, seed: int
+) -> list[tuple[Sample, int]]:
+    """The scoring sample D_s: (sample, counted-token limit) pairs, shuffled with `seed`.
+
+    Whole samples are taken until the budget is reached; the last one is cut so exactly
+    `budget` tokens count (a causal model routes a prefix exactly as in the full sequence).
+    """
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    out: list[tuple[Sample, int]] = []
+    left = budget if budget is not None else float("inf")
+    for i in order:
+        s = samples[i]
+        n = len(s) if count_prompt_tokens else s.num_answer_tokens
+        if n == 0:
+            continue
+        take = int(min(n, left))
+        out.append((s, take))
+        left -= take
+        if left <= 0:
+            break
+    return out
+
+
+def _count_mask(
+    batch: list[tuple[Sample, int]], width: int, count_prompt_tokens: bool
+) -> tuple[list, torch.Tensor]:
+    """Cut samples to their last counted token; (cut samples, (B, S) counted-token mask)."""
+    cut, masks = [], torch.zeros((len(batch), width), dtype=torch.bool)
+    for b, (s, take) in enumerate(batch):
+        counted = [True] * len(s) if count_prompt_tokens else [x != IGNORE_INDEX for x in s.labels]
+        seen, end = 0, 0
+        for t, c in enumerate(counted):
+            if c:
+                seen += 1
+                if seen == take:
+                    end = t + 1
+                    break
+        cut.append(Sample(s.input_ids[:end], s.labels[:end], s.line))
+        masks[b, :end] = torch.tensor(counted[:end], dtype=torch.bool)
+    return cut, masks
+
+
+@torch.no_grad()
+def score_experts(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    *,
+    pad_id: int,
+    token_budget: int | None = PAPER_TOKEN_BUDGET,
+    batch_size: int = 8,
+    count_prompt_tokens: bool = True,
+    seed: int = 0,
+    data_digest: str | None = None,
+    data_path: str | None = None,
+    base: BaseIdentity | None = None,
+    progress: bool = True,
+) -> ExpertScores:
+    """Run the model over the task sample (forward only) and return both ESFT scores per layer."""
+    from tqdm.auto import tqdm
+
+    chosen = budget_samples(samples, token_budget, count_prompt_tokens=count_prompt_tokens, seed=seed)
+    if not chosen:
+        raise SelectionError(
+            "no token to score", hint="the data has no counted tokens; try counting prompt tokens"
+        )
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = sum(take for _, take in chosen)
+    try:
+        with (
+            RoutingRecorder(model) as rec,
+            tqdm(total=total, desc="scoring", unit="tok", disable=not progress) as bar,
+        ):
+            for i in range(0, len(chosen), batch_size):
+                part = chosen[i : i + batch_size]
+                width = max(len(s) for s, _ in part)
+                cut, count = _count_mask(part, width, count_prompt_tokens)
+                batch = collate(cut, pad_id)
+                count = count[:, : batch["input_ids"].shape[1]]
+                rec.set_batch(count)
+                model(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                )
+                bar.update(int(count.sum()))
+    finally:
+        model.train(was_training)
+    token, gate = rec.result()
+    return ExpertScores(
+        base=base or base_identity(model),
+        num_experts=rec.num_experts,
+        top_k=int(model.config.num_experts_per_tok),
+        token=token,
+        gate=gate,
+        tokens_scored=rec.tokens,
+        sequences=rec.sequences,
+        token_budget=token_budget,
+        count_prompt_tokens=count_prompt_tokens,
+        data_digest=data_digest,
+        data_path=data_path,
+        seed=seed,
+    )

@@ -1,0 +1,128 @@
+"""Which experts to train: the ESFT top-p rule per layer, and the reference `expert_cfg.json`.
+
+Rule (ESFT.md, "Selection rule"): in each MoE layer sort the routed experts by score,
+descending (ties: lower id first), and add them until the running sum is >= p; that prefix is
+the layer's set, at least one expert, optionally capped at `max_per_layer`.
+
+    cfg = select_experts(scores.token, top_p=0.2)          # ExpertConfig
+    cfg.save("experts.json")                                # the reference expert_cfg.json shape
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from expertlib.errors import SelectionError
+
+#: Paper defaults of p per score function.
+DEFAULT_TOP_P = {"token": 0.2, "gate": 0.1}
+#: Slack on the running-sum comparison, so 0.7 + 0.2 + 0.1 reaches p = 1.0 despite rounding.
+_EPS = 1e-9
+
+
+class ExpertConfig(BaseModel):
+    """The reference ESFT `expert_cfg.json`: experts to train per MoE layer, plus the ablation flags."""
+
+    experts: dict[int, list[int]] = Field(description="MoE layer -> routed expert ids to train")
+    shared_experts: bool = Field(default=False, description="also train the shared experts (paper ablation)")
+    non_expert_modules: bool = Field(
+        default=False, description="also train attention, norms, embeddings, head"
+    )
+
+    @field_validator("experts")
+    @classmethod
+    def _valid(cls, v: dict[int, list[int]]) -> dict[int, list[int]]:
+        out = {}
+        for layer, ids in sorted(v.items()):
+            if layer < 0 or any(int(i) < 0 for i in ids) or len(set(ids)) != len(ids):
+                raise ValueError(f"layer {layer}: expert ids must be distinct and >= 0, got {ids}")
+            out[int(layer)] = sorted(int(i) for i in ids)
+        return out
+
+    @property
+    def num_experts(self) -> int:
+        return sum(len(ids) for ids in self.experts.values())
+
+    def to_reference(self) -> dict:
+        """The reference JSON: string layer keys, every MoE layer present."""
+        return {
+            "experts": {str(layer): ids for layer, ids in self.experts.items()},
+            "shared_experts": self.shared_experts,
+            "non_expert_modules": self.non_expert_modules,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.to_reference(), indent=2) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertConfig:
+        """Read an expert config (ours or a reference ESFT `expert_cfg.json`)."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+            return cls.model_validate(raw)
+        except (OSError, json.JSONDecodeError, ValidationError) as exc:
+            raise SelectionError(
+                f"{path}: not a valid expert config: {exc}",
+                hint='expected {"experts": {"<layer>": [ids]}, "shared_experts": bool, "non_expert_modules": bool}',
+            ) from None
+
+    def check_against(self, moe_layers: Sequence[int], num_experts: int) -> None:
+        """Refuse layers that are not MoE layers of the model, or expert ids out of range."""
+        bad_layers = sorted(set(self.experts) - set(moe_layers))
+        if bad_layers:
+            raise SelectionError(
+                f"expert config names layers {bad_layers} that are not MoE layers of this model",
+                hint=f"MoE layers: {list(moe_layers)}",
+            )
+        for layer, ids in self.experts.items():
+            bad = [e for e in ids if e >= num_experts]
+            if bad:
+                raise SelectionError(f"layer {layer}: expert ids {bad} out of range (0..{num_experts - 1})")
+
+
+def top_p_layer(scores: Sequence[float], top_p: float, *, max_experts: int | None = None) -> list[int]:
+    """Expert ids of one layer: the shortest score-descending prefix whose sum reaches `top_p`."""
+    if not scores:
+        raise SelectionError("a layer without scores")
+    if not top_p > 0:
+        raise SelectionError(f"top-p must be > 0, got {top_p}")
+    if max_experts is not None and max_experts < 1:
+        raise SelectionError(f"max experts per layer must be >= 1, got {max_experts}")
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    chosen, running = [], 0.0
+    for i in order:
+        chosen.append(i)
+        running += scores[i]
+        if running + _EPS >= top_p or (max_experts is not None and len(chosen) >= max_experts):
+            break
+    return sorted(chosen)
+
+
+def select_experts(
+    scores: Mapping[int, Sequence[float]],
+    top_p: float,
+    *,
+    max_per_layer: int | None = None,
+    shared_experts: bool = False,
+    non_expert_modules: bool = False,
+) -> ExpertConfig:
+    """Apply the top-p rule to every layer's scores (see module docstring)."""
+    return ExpertConfig(
+        experts={int(layer): top_p_layer(s, top_p, max_experts=max_per_layer) for layer, s in scores.items()},
+        shared_experts=shared_experts,
+        non_expert_modules=non_expert_modules,
+    )

@@ -1,0 +1,59 @@
+"""The top-p selection rule and the reference expert_cfg.json shape, on hand-computed cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from expertlib.errors import SelectionError
+from expertlib.selection import ExpertConfig, select_experts, top_p_layer
+
+
+@pytest.mark.parametrize(
+    ("scores", "p", "cap", "want"),
+    [
+        ([0.1, 0.5, 0.3, 0.1], 0.2, None, [1]),  # 0.5 >= 0.2 at once
+        ([0.1, 0.5, 0.3, 0.1], 0.6, None, [1, 2]),  # 0.5, 0.8
+        ([0.1, 0.5, 0.3, 0.1], 0.8, None, [1, 2]),  # reaching p exactly stops
+        ([0.1, 0.5, 0.3, 0.1], 0.81, None, [0, 1, 2]),  # tie 0.1/0.1: lower id first
+        ([0.7, 0.2, 0.1], 1.0, None, [0, 1, 2]),  # 0.7+0.2+0.1 rounds below 1.0
+        ([0.25, 0.25, 0.25, 0.25], 0.9, 2, [0, 1]),  # cap per layer
+        ([0.0, 0.0, 0.0], 0.1, None, [0, 1, 2]),  # nothing reaches p: all (never empty)
+        ([0.01, 0.02, 0.03], 0.001, None, [2]),  # at least one expert
+        ([0.05, 0.02, 0.03], 0.1, None, [0, 1, 2]),  # gate-style absolute threshold: sum 0.1
+    ],
+)
+def test_top_p_layer(scores, p, cap, want):
+    assert top_p_layer(scores, p, max_experts=cap) == want
+
+
+def test_select_per_layer_and_reference_shape(tmp_path):
+    cfg = select_experts({1: [0.6, 0.3, 0.1], 2: [0.1, 0.1, 0.8]}, 0.7)
+    assert cfg.experts == {1: [0, 1], 2: [2]}
+    path = cfg.save(tmp_path / "experts.json")
+    raw = json.loads(path.read_text())
+    assert raw == {"experts": {"1": [0, 1], "2": [2]}, "shared_experts": False, "non_expert_modules": False}
+    assert ExpertConfig.load(path) == cfg
+
+
+def test_reads_reference_expert_cfg(tmp_path):
+    ref = {"experts": {"1": [5, 3], "2": [0]}, "shared_experts": True, "non_expert_modules": False}
+    (tmp_path / "expert_cfg.json").write_text(json.dumps(ref))
+    cfg = ExpertConfig.load(tmp_path / "expert_cfg.json")
+    assert cfg.experts == {1: [3, 5], 2: [0]} and cfg.shared_experts and cfg.num_experts == 3
+    cfg.check_against([1, 2], 8)
+    with pytest.raises(SelectionError, match="not MoE layers"):
+        cfg.check_against([2], 8)
+    with pytest.raises(SelectionError, match="out of range"):
+        cfg.check_against([1, 2], 4)
+
+
+def test_bad_inputs(tmp_path):
+    (tmp_path / "x.json").write_text('{"experts": {"1": [1, 1]}}')
+    with pytest.raises(SelectionError, match="not a valid expert config"):
+        ExpertConfig.load(tmp_path / "x.json")
+    with pytest.raises(SelectionError):
+        top_p_layer([0.5], 0.0)
+    with pytest.raises(SelectionError):
+        top_p_layer([0.5], 0.2, max_experts=0)
