@@ -29,6 +29,7 @@ def make_expert_set(
     inter: int = 32,
     fill: Callable[[int, int], ExpertWeights] | None = None,
     description: str = "",
+    base_digests: Mapping[tuple[int, int], str] | None = None,
 ) -> ExpertSet:
     """An expert set replacing `experts` ({layer: ids}); weights random (seeded) or `fill(layer, e)`."""
     g = torch.Generator().manual_seed(seed)
@@ -46,7 +47,9 @@ def make_expert_set(
         task=task,
         base=base,
         experts=weights,
-        base_digests={k: f"sha256:{'0' * 63}{k[1] % 10}" for k in weights},
+        base_digests=dict(base_digests)
+        if base_digests
+        else {k: f"sha256:{'0' * 63}{k[1] % 10}" for k in weights},
         provenance=Provenance(method="manual"),
         description=description,
     )
