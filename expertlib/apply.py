@@ -56,6 +56,14 @@ def check_compatible(model: nn.Module, es: ExpertSet, *, check_weights: bool = T
                 path=where,
                 hint="use the exact base checkpoint the set was trained on; revert any set applied in place first",
             )
+    params = dict(model.named_parameters())
+    for name, digest in m.base_param_digests.items():
+        if name not in params or tensor_digest(params[name]) != digest:
+            raise BaseMismatchError(
+                f"parameter {name!r} differs from the base expert set {m.task!r} was made for",
+                path=where,
+                hint="use the exact base checkpoint the set was trained on",
+            )
 
 
 class AppliedExpertSet:

@@ -301,6 +301,10 @@ def read_header(path: str | Path) -> tuple[ExpertSetManifest, dict[str, Any]]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        raw = f.read(n) if 0 < n <= min(size - 8, 100_000_000) else b""
+    if not raw.lstrip().startswith(b"{"):
+        # Not a readable safetensors header: say what it is, without ever unpickling it.
         if head[:1] == b"\x80" or head[:2] == b"PK":
             raise PatchFormatError(
                 "this is a pickle or PyTorch zip checkpoint; expertlib never unpickles files",
@@ -311,15 +315,12 @@ def read_header(path: str | Path) -> tuple[ExpertSetManifest, dict[str, Any]]:
             raise PatchCorruptError(
                 "file is too short to be a safetensors file", path=str(path), hint=_REPUBLISH
             )
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
+        if n > size - 8 and n < 100_000_000:
             raise PatchCorruptError(
                 f"header claims {n} bytes but the file has {size - 8} (truncated?)",
                 path=str(path),
                 hint=_REPUBLISH,
             )
-        raw = f.read(n)
-    if not raw.lstrip().startswith(b"{"):
         raise PatchFormatError(
             "not a safetensors file", path=str(path), hint="pass an expert-set .safetensors file"
         )

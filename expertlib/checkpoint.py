@@ -1,0 +1,95 @@
+"""Read a base model's routed experts straight from its checkpoint files, without loading the model.
+
+The registry, the serving engine and the ESFT importer need the base's identity and the digests
+of a few base experts. Loading a 16B-parameter model for that is absurd, so this opens the
+safetensors files lazily (`safe_open`) and reads only the tensors asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from types import SimpleNamespace
+
+from safetensors import safe_open
+
+from expertlib.errors import ModelLoadError, PatchShapeError
+from expertlib.identity import BaseIdentity, base_identity
+from expertlib.moe import ArchSpec, ExpertWeights, _views, arch_spec
+
+
+class BaseCheckpoint:
+    """A base model folder (config.json + *.safetensors), read lazily."""
+
+    def __init__(self, path: str | Path):
+        from transformers import AutoConfig
+
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{self.path} has no config.json",
+                hint="pass a local model folder written by save_pretrained",
+            )
+        self.config = AutoConfig.from_pretrained(str(self.path))
+        self.spec: ArchSpec = arch_spec(self.config.model_type)
+
+    @cached_property
+    def identity(self) -> BaseIdentity:
+        return base_identity(self.config, name=str(self.path))
+
+    @cached_property
+    def _key_to_file(self) -> dict[str, Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {k: self.path / f for k, f in weight_map.items()}
+        out = {}
+        for f in sorted(self.path.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                out.update(dict.fromkeys(h.keys(), f))  # noqa: SIM118
+        if not out:
+            raise ModelLoadError(
+                f"{self.path} has no safetensors weights", hint="save the model with safetensors"
+            )
+        return out
+
+    def _tensor(self, key: str, index: int | None = None):
+        try:
+            f = self._key_to_file[key]
+        except KeyError:
+            raise PatchShapeError(
+                f"{self.path}: checkpoint has no tensor {key!r}",
+                hint="is this the base model the expert set was made for?",
+            ) from None
+        with safe_open(str(f), framework="pt") as h:
+            return h.get_slice(key)[index : index + 1] if index is not None else h.get_tensor(key)
+
+    def expert(self, layer: int, expert: int) -> ExpertWeights:
+        """Routed expert `expert` of layer `layer`, in canonical form."""
+        spec = self.spec
+        if spec.checkpoint_key is not None:
+            gate, up, down = (
+                self._tensor(spec.checkpoint_key.format(layer=layer, expert=expert, proj=p))
+                for p in spec.proj_names
+            )
+            return ExpertWeights(gate=gate, up=up, down=down)
+        # fused on disk (gpt_oss): same layout as the loaded module
+        prefix = f"model.layers.{layer}.mlp.experts."
+        ns = SimpleNamespace(
+            gate_up_proj=self._tensor(prefix + "gate_up_proj", expert),
+            down_proj=self._tensor(prefix + "down_proj", expert),
+            gate_up_proj_bias=self._tensor(prefix + "gate_up_proj_bias", expert),
+            down_proj_bias=self._tensor(prefix + "down_proj_bias", expert),
+            is_transposed=True,
+            is_concatenated=False,
+            has_bias=True,
+        )
+        return _views(ns, 0).map(lambda t: t.contiguous())
+
+    def expert_digest(self, layer: int, expert: int) -> str:
+        return self.expert(layer, expert).digest()
+
+    def tensor(self, name: str):
+        """Any full tensor by its checkpoint key."""
+        return self._tensor(name)
