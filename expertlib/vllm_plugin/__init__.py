@@ -1,0 +1,61 @@
+"""vLLM plugin: expert slots in vLLM's own MoE models, per-request expert sets, hot load/unload.
+
+`register()` is the `vllm.general_plugins` entry point, so vLLM runs it in every process it starts.
+It registers one out-of-tree architecture per supported MoE model (`Expertlib<Arch>`), each a thin
+subclass of vLLM's own class whose fused MoE layers carry S extra expert slots, and wraps the model
+runner so that each token's expert-set row reaches the routers. An engine selects a slot
+architecture through `hf_overrides` (see `slot_hf_overrides`), so a normal HF folder works.
+
+Private vLLM APIs touched (vllm==0.32.0 is pinned): `GPUModelRunner._init_model_kwargs`,
+`GPUModelRunner.requests` / `input_batch.req_ids` / `query_start_loc`, `BaseRouter._compute_routing`,
+the module-level `FusedMoEFactory` name of each model module, `RoutedExperts.w13_weight/w2_weight`,
+`UnquantizedFusedMoEMethod.moe_kernel.fused_experts` and `cpu_prepack_moe_weight`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: extra_args key carrying a request's set row (an int; 0 or absent = the base model).
+SET_ID_KEY = "expertlib_set"
+#: hf_config fields the slot models read (set through hf_overrides).
+SLOTS_FIELD = "expertlib_slots"
+MAX_SETS_FIELD = "expertlib_max_sets"
+
+#: transformers model_type -> (vLLM module, vLLM class, our class name).
+SLOT_ARCHITECTURES: dict[str, tuple[str, str, str]] = {
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM", "ExpertlibQwen2MoeForCausalLM"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM", "ExpertlibQwen3MoeForCausalLM"),
+    "mixtral": ("mixtral", "MixtralForCausalLM", "ExpertlibMixtralForCausalLM"),
+    "olmoe": ("olmoe", "OlmoeForCausalLM", "ExpertlibOlmoeForCausalLM"),
+    "deepseek_v2": ("deepseek_v2", "DeepseekV2ForCausalLM", "ExpertlibDeepseekV2ForCausalLM"),
+    "deepseek_v3": ("deepseek_v2", "DeepseekV3ForCausalLM", "ExpertlibDeepseekV3ForCausalLM"),
+}
+
+#: Worker extension class giving workers the hot load/unload methods (collective_rpc targets).
+WORKER_EXTENSION = "expertlib.vllm_plugin.worker.SlotWorkerExtension"
+
+
+def slot_hf_overrides(model_type: str, *, slots: int, max_sets: int) -> dict[str, Any]:
+    """hf_overrides that make vLLM build the slot variant of `model_type` with these sizes."""
+    from expertlib.errors import UnsupportedArchitectureError
+
+    if model_type not in SLOT_ARCHITECTURES:
+        raise UnsupportedArchitectureError(model_type, sorted(SLOT_ARCHITECTURES))
+    return {
+        "architectures": [SLOT_ARCHITECTURES[model_type][2]],
+        SLOTS_FIELD: int(slots),
+        MAX_SETS_FIELD: int(max_sets),
+    }
+
+
+def register() -> None:
+    """Entry point: register the slot architectures and the per-token set-id hook (idempotent)."""
+    from vllm import ModelRegistry
+
+    for _module, _cls, ours in SLOT_ARCHITECTURES.values():
+        if ours not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(ours, f"expertlib.vllm_plugin.models:{ours}")
+    from expertlib.vllm_plugin.batch import install_set_id_hook
+
+    install_set_id_hook()

@@ -1,0 +1,66 @@
+"""Per-request expert sets under continuous batching: each token learns its request's set row.
+
+A request names its set row in `SamplingParams.extra_args[SET_ID_KEY]` (over HTTP: `vllm_xargs`).
+vLLM has no public hook that hands per-request values to the model's forward, so we wrap the model
+runner's `_init_model_kwargs` (private API; vllm==0.32.0 is pinned), which every forward of the GPU
+runner and of the CPU runner (its subclass) calls after the batch layout is known. The wrapper writes
+the rows into the model's persistent per-token buffer (`SlotContext.token_sets`) from
+`input_batch.req_ids` and `query_start_loc`; warm-up and dummy runs (`num_reqs=0`) get all zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from expertlib.vllm_plugin import SET_ID_KEY
+
+logger = logging.getLogger(__name__)
+
+
+def request_set_row(state, max_sets: int) -> int:
+    """The set row a cached request asked for (0 = base); invalid values fall back to the base."""
+    params = getattr(state, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) if params is not None else None
+    if not extra:
+        return 0
+    row = extra.get(SET_ID_KEY, 0)
+    if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row <= max_sets:
+        logger.warning(
+            "expertlib: ignoring invalid %s=%r (0..%d); serving the base", SET_ID_KEY, row, max_sets
+        )
+        return 0
+    return row
+
+
+def fill_token_sets(runner, ctx, num_reqs: int | None) -> None:
+    if num_reqs == 0:
+        ctx.clear_tokens()
+        return
+    batch = runner.input_batch
+    n = batch.num_reqs
+    if n == 0:
+        ctx.clear_tokens()
+        return
+    qsl = runner.query_start_loc.np[: n + 1]
+    counts = (qsl[1:] - qsl[:-1]).tolist()
+    rows = [request_set_row(runner.requests.get(rid), ctx.max_sets) for rid in batch.req_ids[:n]]
+    ctx.set_tokens(rows, counts)
+
+
+def install_set_id_hook() -> None:
+    """Wrap GPUModelRunner._init_model_kwargs once per process (the CPU runner inherits it)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._init_model_kwargs
+    if getattr(original, "_expertlib_hook", False):
+        return
+
+    def _init_model_kwargs(self, num_reqs: int | None = None):
+        kwargs = original(self, num_reqs)
+        ctx = getattr(self.get_model(), "expertlib_slots", None) if "model" in self.__dict__ else None
+        if ctx is not None:
+            fill_token_sets(self, ctx, num_reqs)
+        return kwargs
+
+    _init_model_kwargs._expertlib_hook = True
+    GPUModelRunner._init_model_kwargs = _init_model_kwargs

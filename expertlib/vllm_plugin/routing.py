@@ -1,0 +1,120 @@
+"""Expert slots inside vLLM's fused MoE layers, and the router that remaps top-k ids per token.
+
+Each fused MoE layer is built with E + S experts (`w13_weight (E+S, 2I, H)`, `w2_weight (E+S, H, I)`)
+while its gate still scores the E real experts. After the router's top-k (unchanged):
+
+    physical_ids = remap[layer][set_of_token, topk_ids]          # (T, K)
+
+`remap[layer]` is (max_sets + 1, E); row 0 is the identity (the base model), row r maps the experts
+replaced by the set in row r to its slots (physical ids E..E+S-1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+class SlotContext:
+    """Per-model state shared by every slot router: per-token set rows and the remap tables."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_experts: int,
+        slots: int,
+        max_sets: int,
+        max_tokens: int,
+        device: torch.device | str,
+    ):
+        self.num_experts, self.slots, self.max_sets = num_experts, slots, max_sets
+        self.device = torch.device(device)
+        identity = torch.arange(num_experts, dtype=torch.int64, device=self.device)
+        #: (L, max_sets + 1, E) physical expert id per (layer, set row, expert)
+        self.remap = identity.repeat(num_layers, max_sets + 1, 1).contiguous()
+        #: set row of every token of the current step; zero beyond the step's tokens
+        self.token_sets = torch.zeros(max_tokens, dtype=torch.int64, device=self.device)
+        self._host = torch.zeros(max_tokens, dtype=torch.int64)
+        self._filled = 0
+        #: MoE layer index -> the MoERunner of that layer
+        self.layers: dict[int, Any] = {}
+
+    def set_tokens(self, per_request_rows: list[int], per_request_tokens: list[int]) -> None:
+        """Write each request's set row over its tokens of this step (requests in batch order)."""
+        n = int(sum(per_request_tokens))
+        if n > self._host.numel():
+            raise RuntimeError(f"step has {n} tokens, slot buffer holds {self._host.numel()}")
+        host = self._host
+        if self._filled > n:
+            host[n : self._filled].zero_()
+        if any(per_request_rows):
+            rows = torch.tensor(per_request_rows, dtype=torch.int64)
+            counts = torch.tensor(per_request_tokens, dtype=torch.int64)
+            host[:n] = torch.repeat_interleave(rows, counts)
+        else:
+            host[:n].zero_()
+        m = max(n, self._filled)
+        if m:
+            self.token_sets[:m].copy_(host[:m], non_blocking=self.device.type != "cpu")
+        self._filled = n
+
+    def clear_tokens(self) -> None:
+        self.set_tokens([], [])
+
+    def remap_ids(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
+        """(T, K) logical expert ids -> (T, K) physical ids for each token's set."""
+        t = topk_ids.shape[0]
+        rows = self.token_sets[:t].unsqueeze(1)  # (T, 1)
+        return self.remap[layer][rows, topk_ids.long()].to(topk_ids.dtype)  # (T, K)
+
+
+_ROUTER_CLASSES: dict[type, type] = {}
+
+
+def slot_router_class(base: type) -> type:
+    """A subclass of vLLM router class `base` whose top-k ids go through the slot remap table."""
+    if base not in _ROUTER_CLASSES:
+
+        def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
+            weights, ids = base._compute_routing(
+                self, hidden_states, router_logits, indices_type, input_ids=input_ids
+            )
+            ids = self.expertlib_ctx.remap_ids(self.expertlib_layer, ids)  # (T, K)
+            return weights, ids.contiguous()
+
+        _ROUTER_CLASSES[base] = type(f"Slot{base.__name__}", (base,), {"_compute_routing": _compute_routing})
+    return _ROUTER_CLASSES[base]
+
+
+@contextlib.contextmanager
+def slot_moe_layers(module: Any, ctx_holder: dict[str, Any], slots: int) -> Iterator[None]:
+    """While building a vLLM model, make `module.FusedMoEFactory` build layers with `slots` extra experts.
+
+    Every built MoE runner is recorded in `ctx_holder["layers"]` as (layer index, runner, E); the
+    model attaches the routers to its SlotContext once it knows the sizes.
+    """
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    original = module.FusedMoEFactory
+
+    def factory(*args, **kwargs):
+        if args or "num_experts" not in kwargs:
+            raise RuntimeError("expertlib: FusedMoEFactory called positionally; vLLM version changed?")
+        num_experts = int(kwargs["num_experts"])
+        kwargs["num_experts"] = num_experts + slots
+        runner = original(**kwargs)
+        router = runner.router
+        router.__class__ = slot_router_class(type(router))
+        layer = extract_layer_index(kwargs.get("prefix", ""))
+        ctx_holder.setdefault("layers", []).append((layer, runner, num_experts))
+        return runner
+
+    module.FusedMoEFactory = factory
+    try:
+        yield
+    finally:
+        module.FusedMoEFactory = original

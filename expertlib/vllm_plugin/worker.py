@@ -1,0 +1,131 @@
+"""Hot load/unload on vLLM workers: write expert slots and remap rows while the engine serves.
+
+vLLM mixes `SlotWorkerExtension` into its worker class (engine arg `worker_extension_cls`); the engine
+front end calls these methods by name through `collective_rpc`, which runs them between forward
+steps, so a step never sees a half-written set. Arguments are plain ints, strings and lists (they
+cross process boundaries); expert tensors are read on the worker from the set's safetensors file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from expertlib.moe import ExpertWeights
+
+
+def runtime_layout(routed_experts, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring rows in checkpoint layout, w13 (n, 2I, H) and w2 (n, H, I), into the kernel's layout.
+
+    vLLM post-processes MoE weights after loading; on CPU the unquantized kernel pads the
+    intermediate size and prepacks every expert (independently of the others) for its grouped GEMM,
+    so a slot row written at run time must go through the same steps.
+    """
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    kernel = getattr(routed_experts.quant_method, "moe_kernel", None)
+    impl = getattr(kernel, "fused_experts", None)
+    if isinstance(impl, CPUUnquantizedExperts):
+        if getattr(impl, "_use_zentorch", False):
+            return w13, w2
+        from vllm._custom_ops import cpu_prepack_moe_weight
+
+        n, two_i, hidden = w13.shape
+        inter = two_i // 2
+        padded = impl._padded_intermediate_size(impl.moe_config)
+        if padded != inter:
+            p13 = w13.new_zeros(n, 2 * padded, hidden)
+            p13[:, :inter], p13[:, padded : padded + inter] = w13[:, :inter], w13[:, inter:]
+            p2 = w2.new_zeros(n, hidden, padded)
+            p2[:, :, :inter] = w2
+            w13, w2 = p13, p2
+        return cpu_prepack_moe_weight(w13.contiguous(), impl.isa), cpu_prepack_moe_weight(
+            w2.contiguous(), impl.isa
+        )
+    if (
+        w13.shape[1:] == routed_experts.w13_weight.shape[1:]
+        and w2.shape[1:] == routed_experts.w2_weight.shape[1:]
+    ):
+        return w13, w2
+    from expertlib.errors import EngineError
+
+    raise EngineError(
+        f"cannot write expert slots for MoE kernel {type(impl).__name__} (weights {tuple(routed_experts.w13_weight.shape)})",
+        hint="expert slots support unquantized MoE weights on the CPU and Triton kernels",
+    )
+
+
+@torch.no_grad()
+def write_slot(runner, physical_id: int, w: ExpertWeights) -> None:
+    """Copy canonical expert `w` (gate (I,H), up (I,H), down (H,I)) into physical expert row `physical_id`."""
+    experts = runner.routed_experts
+    dst13, dst2 = experts.w13_weight, experts.w2_weight
+    w13 = torch.cat([w.gate, w.up], dim=0).to(dst13.device, dst13.dtype)[
+        None
+    ]  # (1, 2I, H); vLLM w13 = [w1; w3]
+    w2 = w.down.to(dst2.device, dst2.dtype)[None]  # (1, H, I)
+    w13, w2 = runtime_layout(experts, w13, w2)
+    dst13.data[physical_id].copy_(w13[0])
+    dst2.data[physical_id].copy_(w2[0])
+    bias13 = getattr(experts, "w13_bias", None)
+    if w.gate_bias is not None and isinstance(bias13, torch.Tensor):
+        b = torch.cat([w.gate_bias, w.up_bias]).to(bias13.device, bias13.dtype)
+        inter, padded = w.gate_bias.numel(), bias13.shape[-1] // 2
+        row = bias13.new_zeros(bias13.shape[-1])
+        row[:inter], row[padded : padded + inter] = b[:inter], b[inter:]
+        bias13.data[physical_id].copy_(row)
+        experts.w2_bias.data[physical_id].copy_(w.down_bias.to(experts.w2_bias.dtype))
+
+
+class SlotWorkerExtension:
+    """Methods added to every vLLM worker; call them with `collective_rpc("expertlib_...")`."""
+
+    def _expertlib_ctx(self):
+        ctx = getattr(self.model_runner.get_model(), "expertlib_slots", None)
+        if ctx is None:
+            raise RuntimeError("expertlib: the engine was not started with an expertlib slot architecture")
+        return ctx
+
+    def expertlib_info(self) -> dict[str, Any]:
+        ctx = self._expertlib_ctx()
+        first = next(iter(ctx.layers.values())).routed_experts
+        return {
+            "num_experts": ctx.num_experts,
+            "slots": ctx.slots,
+            "max_sets": ctx.max_sets,
+            "moe_layers": sorted(ctx.layers),
+            "dtype": str(first.w13_weight.dtype).removeprefix("torch."),
+            "device": str(first.w13_weight.device),
+        }
+
+    def expertlib_write_slots(self, path: str, fills: list[list[int]]) -> int:
+        """Copy experts of the set file at `path` into slots: fills = [[layer, slot, expert], ...]."""
+        from expertlib.patch import ExpertSet
+
+        ctx = self._expertlib_ctx()
+        es = ExpertSet.open(path)
+        for layer, slot, expert in fills:
+            if not 0 <= slot < ctx.slots:
+                raise ValueError(f"slot {slot} out of range (0..{ctx.slots - 1})")
+            write_slot(
+                ctx.layers[int(layer)], ctx.num_experts + int(slot), es.expert(int(layer), int(expert))
+            )
+        return len(fills)
+
+    def expertlib_set_row(self, row: int, remap: dict[Any, dict[Any, int]]) -> None:
+        """Make set row `row` the identity except remap[layer][expert] = physical id."""
+        ctx = self._expertlib_ctx()
+        if not 1 <= row <= ctx.max_sets:
+            raise ValueError(f"set row {row} out of range (1..{ctx.max_sets})")
+        limit = ctx.num_experts + ctx.slots
+        table = torch.arange(ctx.num_experts, dtype=ctx.remap.dtype).repeat(ctx.remap.shape[0], 1)  # (L, E)
+        for layer, mapping in remap.items():
+            for expert, phys in mapping.items():
+                if not 0 <= int(phys) < limit:
+                    raise ValueError(f"physical expert {phys} out of range (0..{limit - 1})")
+                table[int(layer), int(expert)] = int(phys)
+        ctx.remap[:, row].copy_(table.to(ctx.remap.device))
+
+    def expertlib_clear_row(self, row: int) -> None:
+        self.expertlib_set_row(row, {})
