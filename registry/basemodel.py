@@ -10,6 +10,7 @@ experts fused on disk (gpt_oss) are refused with a clear message.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -36,8 +37,15 @@ def _config(folder: str | Path):
 
 
 def folder_identity(folder: str | Path) -> BaseIdentity:
-    """Identity of the base model in `folder`, from its config alone (no weights are read)."""
-    return base_identity(_config(folder), name=str(folder))
+    """Identity of the base model in `folder`, from its config alone (no weights are read; cached)."""
+    cfg = Path(folder, "config.json")
+    mtime = cfg.stat().st_mtime_ns if cfg.is_file() else 0
+    return _folder_identity(str(folder), mtime)
+
+
+@functools.lru_cache(maxsize=64)
+def _folder_identity(folder: str, mtime: int) -> BaseIdentity:
+    return base_identity(_config(folder), name=folder)
 
 
 class BaseCheckpoint:

@@ -93,7 +93,7 @@ class BlobStore:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def _temp_name(self) -> Path:
+    def temp_path(self) -> Path:
         return self.tmp_dir / f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}{TMP_SUFFIX}"
 
     def write_temp(
@@ -101,7 +101,7 @@ class BlobStore:
     ) -> TempBlob:
         """Copy `src` (a path, a binary file or an iterator of chunks) into tmp/, hashing and fsyncing."""
         self.ensure()
-        tmp = self._temp_name()
+        tmp = self.temp_path()
         h = hashlib.sha256()
         size = 0
         try:

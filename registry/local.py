@@ -422,6 +422,17 @@ class Registry:
             con.close()
         return [e.ref for e in targets]
 
+    def has_digest(self, digest: str) -> bool:
+        """Whether some published entry uses the blob `digest`."""
+        con = self._con()
+        try:
+            return (
+                con.execute("SELECT 1 FROM versions WHERE digest = ? LIMIT 1", (digest,)).fetchone()
+                is not None
+            )
+        finally:
+            con.close()
+
     def _referenced(self, con) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for r in con.execute("SELECT digest, name, version FROM versions ORDER BY name, version"):

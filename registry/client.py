@@ -1,0 +1,126 @@
+"""Client of a remote expertlib registry over HTTP (the routes of `expertlib.registry.http`).
+
+Wire format (JSON bodies are the pydantic models of `expertlib.registry.models`):
+
+    GET  {url}/entries?name=&base=        -> EntryList
+    GET  {url}/entries/{ref}?base=        -> Entry (with manifest)     ref: math, math@3, math@sha256:...
+    GET  {url}/blobs/{digest}             -> the patch bytes (application/octet-stream)
+    POST {url}/entries?name=&digest=&tag=&source=   body: patch bytes  -> Entry (201)
+    POST {url}/tags                       TagRequest -> Entry
+Errors come back in OpenAI's shape, {"error": {"message": ..., "type": ..., "code": ...}}.
+`Authorization: Bearer <token>` is sent when a token is given (the server's admin key).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+
+from expertlib.errors import NotFoundError, RemoteError
+
+from .blobs import CHUNK, BlobStore
+from .models import Entry, EntryList, TagRequest
+from .names import RefSpec
+
+TOKEN_ENV = "EXPERTLIB_REMOTE_TOKEN"
+
+
+class HttpRemote:
+    """A remote registry at `url` (e.g. http://host:8000/admin/registry)."""
+
+    def __init__(
+        self, url: str, *, token: str | None = None, timeout: float = 60.0, client: httpx.Client | None = None
+    ):
+        import os
+
+        self.url = url.rstrip("/")
+        token = token or os.environ.get(TOKEN_ENV)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = client or httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def _request(self, method: str, path: str, **kw) -> httpx.Response:
+        try:
+            r = self.client.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise RemoteError(
+                f"cannot reach {self.url}: {exc}", hint="check the URL and that the server runs"
+            ) from exc
+        _raise_for(r, self.url)
+        return r
+
+    # --- source ---------------------------------------------------------------------------------
+
+    def entries(self, spec: RefSpec | None, base: str | None) -> list[Entry]:
+        params = {"base": base} if base else {}
+        if spec is not None and spec.selector is not None:
+            return [
+                Entry.model_validate(
+                    self._request("GET", f"/entries/{quote(str(spec), safe='@:')}", params=params).json()
+                )
+            ]
+        if spec is not None:
+            params["name"] = spec.name
+        return EntryList.model_validate(self._request("GET", "/entries", params=params).json()).entries
+
+    def fetch(self, entry: Entry, staging: BlobStore) -> tuple[Path, bool]:
+        try:
+            with self.client.stream("GET", f"/blobs/{entry.digest}") as r:
+                if r.status_code >= 400:
+                    r.read()
+                    _raise_for(r, self.url)
+                tmp = staging.write_temp(r.iter_bytes(CHUNK), expected_digest=entry.digest)
+        except httpx.HTTPError as exc:
+            raise RemoteError(
+                f"download of {entry.ref} from {self.url} failed: {exc}", hint="retry the pull"
+            ) from exc
+        return tmp.path, True
+
+    # --- sink -----------------------------------------------------------------------------------
+
+    def find(self, entry: Entry) -> Entry | None:
+        try:
+            have = self.entries(RefSpec(entry.name), entry.base.config_digest)
+        except NotFoundError:
+            return None
+        return next((e for e in have if e.digest == entry.digest), None)
+
+    def put(self, entry: Entry, path: Path, tags: list[str]) -> Entry:
+        params = [("name", entry.name), ("digest", entry.digest)] + [("tag", t) for t in tags]
+        if entry.source:
+            params.append(("source", entry.source))
+
+        def body():
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    yield chunk
+
+        r = self._request(
+            "POST",
+            "/entries",
+            params=params,
+            content=body(),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        return Entry.model_validate(r.json())
+
+    def set_tags(self, entry: Entry, tags: list[str]) -> None:
+        for t in tags:
+            body = TagRequest(ref=str(entry.ref), tag=t, base=entry.base.config_digest)
+            self._request("POST", "/tags", json=body.model_dump())
+
+
+def _raise_for(r: httpx.Response, url: str) -> None:
+    if r.status_code < 400:
+        return
+    try:
+        err = r.json()
+        err = err.get("error", err)
+        message = err.get("message") or err.get("detail") or r.text
+    except (ValueError, AttributeError):
+        message = r.text[:500] or r.reason_phrase
+    message, _, hint = str(message).partition("\n  hint: ")
+    if r.status_code == 404:
+        raise NotFoundError(f"{url}: {message}", hint=hint or None)
+    raise RemoteError(f"{url} answered {r.status_code}: {message}", hint=hint or None)

@@ -1,0 +1,122 @@
+"""HTTP routes of a registry (FastAPI), the server side of `expertlib.registry.client`.
+
+Mount `router` in any FastAPI app; the registry is found in `app.state.registry`, or
+`app.state.server.registry` (the expertlib server). `registry_app(reg)` is a standalone app.
+Routes raise expertlib errors; the app's error handler turns them into OpenAI-shaped bodies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from expertlib.errors import DigestMismatchError, IntegrityError, NotFoundError
+
+from .local import Registry
+from .models import Entry, EntryList, TagRequest
+from .names import DIGEST_PREFIX, validate_digest, validate_name, validate_tag
+
+router = APIRouter(tags=["registry"])
+
+DIGEST_HEADER = "X-Expertlib-Digest"
+
+
+def get_registry(request: Request) -> Registry:
+    state = request.app.state
+    reg = getattr(state, "registry", None)
+    if reg is None:
+        reg = getattr(getattr(state, "server", None), "registry", None)
+    if reg is None:
+        raise NotFoundError("this server has no expert-set registry", hint="start it with --registry DIR")
+    return reg if isinstance(reg, Registry) else Registry(reg)
+
+
+@router.get("/entries", response_model=EntryList)
+def list_entries(
+    name: str | None = None, base: str | None = None, reg: Registry = Depends(get_registry)
+) -> EntryList:
+    """Every published version, optionally of one name and/or base (name, folder or config digest)."""
+    return EntryList(entries=reg.list(base=base, name=name))
+
+
+@router.get("/entries/{ref}", response_model=Entry)
+def show_entry(ref: str, base: str | None = None, reg: Registry = Depends(get_registry)) -> Entry:
+    """One entry with its manifest: `math`, `math@3`, `math@stable` or `math@sha256:...`."""
+    return reg.show(ref, base=base)
+
+
+@router.get("/blobs/{digest}")
+def get_blob(digest: str, reg: Registry = Depends(get_registry)) -> FileResponse:
+    """The patch bytes of a published entry (unreferenced blobs are not served)."""
+    validate_digest(digest)
+    if not reg.has_digest(digest):
+        raise NotFoundError(f"no published expert set has digest {digest}")
+    path = reg.blobs.path(digest)
+    if not path.is_file():
+        raise IntegrityError(f"blob {digest[:19]}... is missing", hint="run `expertlib verify` on the server")
+    return FileResponse(path, media_type="application/octet-stream", headers={DIGEST_HEADER: digest})
+
+
+@router.post("/entries", response_model=Entry, status_code=201)
+async def push_entry(
+    request: Request,
+    name: str,
+    digest: str,
+    tag: list[str] = Query(default=[]),
+    source: str | None = None,
+    reg: Registry = Depends(get_registry),
+) -> Entry:
+    """Publish the patch in the body as the next version of `name`; refused unless it hashes to `digest`."""
+    validate_name(name)
+    validate_digest(digest)
+    tags = [validate_tag(t) for t in tag]
+    reg.blobs.ensure()
+    tmp = reg.blobs.temp_path()
+    h = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            async for chunk in request.stream():
+                f.write(chunk)
+                h.update(chunk)
+        got = DIGEST_PREFIX + h.hexdigest()
+        if got != digest:
+            raise DigestMismatchError(
+                f"uploaded bytes hash to {got[:19]}..., not {digest[:19]}...", hint="retry the push"
+            )
+        return await run_in_threadpool(
+            reg.publish, tmp, task=name, tags=tags, expected_digest=digest, source=source
+        )
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@router.post("/tags", response_model=Entry)
+def set_tag(body: TagRequest, reg: Registry = Depends(get_registry)) -> Entry:
+    """Point a tag at a version."""
+    return reg.tag(body.ref, body.tag, base=body.base)
+
+
+def registry_app(registry: Registry, *, prefix: str = "/v1/registry") -> FastAPI:
+    """A standalone app serving `registry` under `prefix` (expertlib's server mounts `router` itself)."""
+    app = FastAPI(title="expertlib registry")
+    app.state.registry = registry
+    app.include_router(router, prefix=prefix)
+    try:
+        from expertlib.server.errors import install_error_handlers
+    except ImportError:  # the server package is optional here
+        from fastapi.responses import JSONResponse
+
+        from expertlib.errors import ExpertlibError
+
+        @app.exception_handler(ExpertlibError)
+        async def _err(_: Request, exc: ExpertlibError) -> JSONResponse:
+            return JSONResponse(
+                {"error": {"message": str(exc), "type": type(exc).__name__}}, status_code=exc.http_status
+            )
+    else:
+        install_error_handlers(app)
+    return app

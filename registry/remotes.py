@@ -1,0 +1,200 @@
+"""Push and pull between registries: another registry folder, an HTTP registry, the Hugging Face Hub.
+
+    SOURCE / DEST forms
+      /path/to/registry           another registry folder (e.g. on a shared filesystem)
+      http(s)://host/prefix       an expertlib server's registry routes (`expertlib.registry.http`)
+      hf://owner/repo[@revision]  a Hugging Face Hub model repo holding one expert set
+
+Every transfer checks digests: bytes are hashed while they are received and refused unless
+they match the digest the source announced, before anything enters the destination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from expertlib.errors import InvalidNameError, RemoteError
+from expertlib.identity import BaseIdentity
+
+from .blobs import BlobStore, sha256_file
+from .local import BaseArg, Registry
+from .models import Entry, TransferReport
+from .names import LATEST, RefSpec, parse_ref
+
+HF_SCHEME = "hf://"
+
+
+class Source(Protocol):
+    url: str
+
+    def entries(self, spec: RefSpec | None, base: str | None) -> list[Entry]: ...
+
+    def fetch(self, entry: Entry, staging: BlobStore) -> tuple[Path, bool]:
+        """A local file with the entry's bytes (digest checked), and whether it is a temp file to delete."""
+        ...
+
+
+class Sink(Protocol):
+    url: str
+
+    def find(self, entry: Entry) -> Entry | None: ...
+
+    def put(self, entry: Entry, path: Path, tags: list[str]) -> Entry: ...
+
+    def set_tags(self, entry: Entry, tags: list[str]) -> None: ...
+
+
+class FolderRemote:
+    """Another registry folder, as a source and as a destination."""
+
+    def __init__(self, registry: Registry | str | Path):
+        self.registry = registry if isinstance(registry, Registry) else _open_folder(registry)
+        self.url = str(self.registry.root.resolve())
+
+    def entries(self, spec: RefSpec | None, base: str | None) -> list[Entry]:
+        if spec is None:
+            return self.registry.list(base=base)
+        if spec.selector is None:
+            return self.registry.list(base=base, name=spec.name)
+        return [self.registry.resolve(spec, base=base)]
+
+    def fetch(self, entry: Entry, staging: BlobStore) -> tuple[Path, bool]:
+        path = self.registry.blobs.path(entry.digest)
+        problem = self.registry._check_blob(entry.digest)
+        if problem:
+            from expertlib.errors import DigestMismatchError
+
+            raise DigestMismatchError(
+                f"{entry.ref} in {self.url}: {problem}",
+                hint=f"run `expertlib verify --registry {self.url}` there and re-publish or re-pull it",
+            )
+        return path, False
+
+    def find(self, entry: Entry) -> Entry | None:
+        try:
+            have = self.registry.list(base=entry.base, name=entry.name)
+        except Exception:  # unknown base or name: not there
+            return None
+        return next((e for e in have if e.digest == entry.digest), None)
+
+    def put(self, entry: Entry, path: Path, tags: list[str]) -> Entry:
+        return self.registry.publish(
+            path,
+            task=entry.name,
+            tags=tags,
+            base=entry.base,
+            expected_digest=entry.digest,
+            source=entry.source,
+        )
+
+    def set_tags(self, entry: Entry, tags: list[str]) -> None:
+        for t in tags:
+            self.registry.tag(entry.ref, t, base=entry.base)
+
+
+def _open_folder(path: str | Path) -> Registry:
+    p = Path(path).expanduser()
+    if not (p / "index.db").is_file() and p.exists() and any(p.iterdir()):
+        raise RemoteError(
+            f"{p} is not an expertlib registry (no index.db)", hint="pass a registry root folder"
+        )
+    return Registry(p)
+
+
+def open_remote(url: str, *, token: str | None = None) -> Source | Sink:
+    url = str(url)
+    if url.startswith(HF_SCHEME):
+        from .hub import HubRemote
+
+        return HubRemote.from_url(url, token=token)
+    if url.startswith(("http://", "https://")):
+        from .client import HttpRemote
+
+        return HttpRemote(url, token=token)
+    if "://" in url:
+        raise InvalidNameError(
+            f"unknown remote {url!r}", hint="use a folder, http(s)://host/prefix or hf://owner/repo"
+        )
+    return FolderRemote(url)
+
+
+def _wire_base(base: BaseArg) -> str | None:
+    """A base filter every remote understands: the structural config digest."""
+    if base is None:
+        return None
+    if isinstance(base, BaseIdentity):
+        return base.config_digest
+    if Path(str(base), "config.json").is_file():
+        from .basemodel import folder_identity
+
+        return folder_identity(base).config_digest
+    return str(base)
+
+
+def _collect(src: Source, refs: Sequence[str], base: BaseArg) -> list[Entry]:
+    wb = _wire_base(base)
+    specs = [parse_ref(r) for r in refs] or [None]
+    found: dict[tuple[str, str, int], Entry] = {}
+    for spec in specs:
+        for e in src.entries(spec, wb):
+            found[(e.base_key, e.name, e.version)] = e
+    return [found[k] for k in sorted(found)]
+
+
+def transfer(src: Source, sink: Sink, entries: list[Entry], staging: BlobStore) -> TransferReport:
+    """Copy `entries` (in order) from `src` to `sink`; digests checked on the way."""
+    report = TransferReport(source=src.url, dest=sink.url)
+    for e in entries:
+        tags = [t for t in e.tags if t != LATEST]
+        have = sink.find(e)
+        if have is not None:
+            missing = [t for t in tags if t not in have.tags]
+            if missing:
+                sink.set_tags(have, missing)
+            report.present.append(str(have.ref))
+        else:
+            path, is_temp = src.fetch(e, staging)
+            try:
+                if not is_temp and sha256_file(path) != e.digest:  # a folder source changed under us
+                    from expertlib.errors import DigestMismatchError
+
+                    raise DigestMismatchError(f"{e.ref}: bytes in {src.url} do not match {e.digest[:19]}...")
+                e = e.model_copy(update={"source": e.source or f"{src.url}#{e.ref}"})
+                new = sink.put(e, path, tags)
+            finally:
+                if is_temp:
+                    path.unlink(missing_ok=True)
+            report.copied.append(str(new.ref))
+            url = getattr(new, "url", None) or getattr(sink, "last_url", None)
+            report.url = url or report.url
+        report.tags += [f"{e.name}@{t}" for t in tags]
+    return report
+
+
+def pull(
+    reg: Registry, source: str, refs: Sequence[str] = (), *, base: BaseArg = None, token: str | None = None
+) -> TransferReport:
+    """Copy expert sets from `source` into `reg`: every entry, or those `refs` name (a bare name: all versions)."""
+    src = open_remote(source, token=token)
+    entries = _collect(src, refs, base)
+    if not entries:
+        raise RemoteError(f"{source} holds no expert set" + (f" matching {', '.join(refs)}" if refs else ""))
+    return transfer(src, FolderRemote(reg), entries, reg.blobs)
+
+
+def push(
+    reg: Registry, ref: str, dest: str, *, base: BaseArg = None, token: str | None = None, **hub_options
+) -> TransferReport:
+    """Copy `ref` from `reg` to `dest` (a bare name: every version; to the Hub: the latest)."""
+    sink = open_remote(dest, token=token)
+    src = FolderRemote(reg)
+    if dest.startswith(HF_SCHEME):
+        entries = [reg.resolve(ref, base=base)]
+        sink.options.update(hub_options)
+    else:
+        if hub_options:
+            raise InvalidNameError(f"options {sorted(hub_options)} only apply to hf:// destinations")
+        entries = _collect(src, [ref], base)
+    return transfer(src, sink, entries, reg.blobs)
