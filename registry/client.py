@@ -5,7 +5,7 @@ Wire format (JSON bodies are the pydantic models of `expertlib.registry.models`)
     GET  {url}/entries?name=&base=        -> EntryList
     GET  {url}/entries/{ref}?base=        -> Entry (with manifest)     ref: math, math@3, math@sha256:...
     GET  {url}/blobs/{digest}             -> the patch bytes (application/octet-stream)
-    POST {url}/entries?name=&digest=&tag=&source=   body: patch bytes  -> Entry (201)
+    POST {url}/entries?name=&digest=&version=&tag=&source=   body: patch bytes  -> Entry (201)
     POST {url}/tags                       TagRequest -> Entry
 Errors come back in OpenAI's shape, {"error": {"message": ..., "type": ..., "code": ...}}.
 `Authorization: Bearer <token>` is sent when a token is given (the server's admin key).
@@ -87,7 +87,8 @@ class HttpRemote:
         return next((e for e in have if e.digest == entry.digest), None)
 
     def put(self, entry: Entry, path: Path, tags: list[str]) -> Entry:
-        params = [("name", entry.name), ("digest", entry.digest)] + [("tag", t) for t in tags]
+        params = [("name", entry.name), ("digest", entry.digest), ("version", str(entry.version))]
+        params += [("tag", t) for t in tags]
         if entry.source:
             params.append(("source", entry.source))
 

@@ -68,6 +68,9 @@ async def push_entry(
     digest: str,
     tag: list[str] = Query(default=[]),
     source: str | None = None,
+    version: int | None = Query(
+        default=None, ge=1, description="preferred version number (mirrors the source)"
+    ),
     reg: Registry = Depends(get_registry),
 ) -> Entry:
     """Publish the patch in the body as the next version of `name`; refused unless it hashes to `digest`."""
@@ -88,7 +91,13 @@ async def push_entry(
                 f"uploaded bytes hash to {got[:19]}..., not {digest[:19]}...", hint="retry the push"
             )
         return await run_in_threadpool(
-            reg.publish, tmp, task=name, tags=tags, expected_digest=digest, source=source
+            reg.publish,
+            tmp,
+            task=name,
+            tags=tags,
+            expected_digest=digest,
+            source=source,
+            version=version,
         )
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -265,14 +265,19 @@ class Registry:
         base: BaseIdentity | str | Path | None = None,
         expected_digest: str | None = None,
         source: str | None = None,
+        version: int | None = None,
     ) -> Entry:
         """Validate a patch and store it as the next version of `task` (default: its manifest's task).
 
         `base`, when given (an identity or a base model folder), must be the patch's base. Publishing
         bytes that this name already holds returns the existing version (tags still apply).
+        `version` (used by pull/push to mirror a source's numbering) is taken when it is not below
+        the next free version; otherwise the next free version is used.
         """
         if isinstance(patch, ExpertSet):
-            return self._publish_in_memory(patch, task=task, tags=tags, base=base, source=source)
+            return self._publish_in_memory(
+                patch, task=task, tags=tags, base=base, source=source, version=version
+            )
         path = Path(patch)
         es = ExpertSet.open(path)  # header and manifest, validated; errors name the user's file
         m = es.manifest
@@ -297,7 +302,7 @@ class Registry:
                 stored.verify()
             except PatchError as exc:
                 raise type(exc)(exc.message.split(": ", 1)[-1], path=str(path), hint=exc.hint) from None
-            return self._commit(tmp, name, m, tags, source)
+            return self._commit(tmp, name, m, tags, source, version)
         finally:
             tmp.path.unlink(missing_ok=True)
 
@@ -310,7 +315,9 @@ class Registry:
         finally:
             staging.unlink(missing_ok=True)
 
-    def _commit(self, tmp: TempBlob, name: str, m: ExpertSetManifest, tags: list[str], source) -> Entry:
+    def _commit(
+        self, tmp: TempBlob, name: str, m: ExpertSetManifest, tags: list[str], source, wanted
+    ) -> Entry:
         key = base_key(m.base)
         con = self._con()
         try:
@@ -335,6 +342,8 @@ class Registry:
                     version = con.execute(
                         "SELECT next_version FROM names WHERE base_key = ? AND name = ?", (key, name)
                     ).fetchone()[0]
+                    if wanted is not None and wanted > version:
+                        version = int(wanted)
                     con.execute(
                         "UPDATE names SET next_version = ? WHERE base_key = ? AND name = ?",
                         (version + 1, key, name),

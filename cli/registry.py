@@ -1,0 +1,431 @@
+"""Registry commands: publish, list, show, diff, tag, rm, gc, verify, push, pull, import-esft.
+
+Each command parses, calls one method of `expertlib.registry.Registry`, and formats.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from expertlib.cli.output import emit, emit_json, json_option, print_table
+from expertlib.constants import REGISTRY_ENV
+
+
+def registry_option(fn):
+    """`--registry DIR` (env EXPERTLIB_REGISTRY, default ~/.cache/expertlib/registry); passes `reg`."""
+
+    @click.option(
+        "--registry",
+        "registry_root",
+        envvar=REGISTRY_ENV,
+        type=click.Path(file_okay=False),
+        default=None,
+        help=f"Registry folder [env {REGISTRY_ENV}; default ~/.cache/expertlib/registry].",
+    )
+    @functools.wraps(fn)
+    def wrapper(*args, registry_root, **kwargs):
+        from expertlib.registry import Registry
+
+        return fn(*args, reg=Registry(registry_root), **kwargs)
+
+    return wrapper
+
+
+base_option = click.option(
+    "--base",
+    default=None,
+    help="Base model: a model folder, a base name or a config digest (chooses among bases).",
+)
+token_option = click.option(
+    "--token",
+    default=None,
+    envvar="EXPERTLIB_REMOTE_TOKEN",
+    help="Bearer token for an HTTP registry [env EXPERTLIB_REMOTE_TOKEN]; HF token for hf://.",
+)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _entry_line(e) -> str:
+    tags = f" ({', '.join(e.tags)})" if e.tags else ""
+    return f"{e.ref}{tags}  {e.digest[:19]}...  {e.num_experts} experts in {len(e.experts)} layers, {_size(e.size)}"
+
+
+@click.command("publish")
+@click.argument("patch", type=click.Path(exists=True, dir_okay=False))
+@click.option("--task", default=None, help="Registry name (default: the task in the patch manifest).")
+@click.option("--tag", "tags", multiple=True, help="Tag to point at the new version (repeatable).")
+@click.option(
+    "--base",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Refuse unless the patch was made for this base model folder.",
+)
+@registry_option
+@json_option
+def publish_cmd(
+    patch: str, task: str | None, tags: tuple[str, ...], base: str | None, reg, as_json: bool
+) -> None:
+    """Validate PATCH (an expert-set .safetensors) and store it as the next version of its task.
+
+    Example: expertlib publish math.safetensors --tag stable --registry ./reg
+    """
+    entry = reg.publish(patch, task=task, tags=tags, base=base)
+    emit(as_json, entry.summary(), lambda _: click.echo(f"published {_entry_line(entry)}"))
+
+
+@click.command("list")
+@base_option
+@click.option("--name", default=None, help="Only the versions of this task name.")
+@registry_option
+@json_option
+def list_cmd(base: str | None, name: str | None, reg, as_json: bool) -> None:
+    """List published expert sets (every version, with tags and digests).
+
+    Example: expertlib list --base ./models/tiny-qwen2-moe --json
+    """
+    entries = reg.list(base=base, name=name)
+
+    def render(_):
+        if not entries:
+            click.echo(f"no expert sets in {reg.root} (publish one with `expertlib publish PATCH`)")
+            return
+        rows = [
+            (
+                str(e.ref),
+                ", ".join(e.tags),
+                e.digest[:19],
+                e.base.name or e.base.model_type,
+                e.num_experts,
+                len(e.experts),
+                _size(e.size),
+                e.published_at.strftime("%Y-%m-%d %H:%M"),
+            )
+            for e in entries
+        ]
+        print_table(
+            f"Expert sets in {reg.root}",
+            ["set", "tags", "digest", "base", "experts", "layers", "size", "published"],
+            rows,
+        )
+
+    emit(as_json, [e.summary() for e in entries], render)
+
+
+@click.command("show")
+@click.argument("ref")
+@base_option
+@registry_option
+@json_option
+def show_cmd(ref: str, base: str | None, reg, as_json: bool) -> None:
+    """Show one expert set: NAME, NAME@VERSION, NAME@TAG or NAME@sha256:DIGEST.
+
+    Example: expertlib show math@2 --json
+    """
+    e = reg.show(ref, base=base)
+
+    def render(_):
+        m = e.manifest
+        rows = [
+            ("set", str(e.ref)),
+            ("tags", ", ".join(e.tags)),
+            ("digest", e.digest),
+            ("content digest", e.content_digest),
+            ("task (manifest)", m.task),
+            ("description", m.description),
+            ("base", f"{e.base.name or '-'} ({e.base.model_type}, {e.base.config_digest[:19]}...)"),
+            ("experts", f"{m.num_experts} in {len(m.experts)} layers"),
+            ("dtype", m.dtype),
+            ("size", _size(e.size)),
+            ("method", m.provenance.method),
+            ("published", e.published_at.isoformat(timespec="seconds")),
+            ("source", e.source or "-"),
+            ("path", str(reg.get_path(e.ref, base=e.base))),
+        ]
+        rows += [(f"layer {layer}", ", ".join(map(str, ids))) for layer, ids in m.experts.items()]
+        print_table(f"Expert set {e.ref}", ["field", "value"], rows)
+
+    emit(as_json, e.model_dump(mode="json"), render)
+
+
+@click.command("diff")
+@click.argument("refs", nargs=-1, required=True)
+@click.option(
+    "--base",
+    "base_dir",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Base model folder: also measure how far each set moved from the base.",
+)
+@click.option(
+    "--plot",
+    "plot",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write a heatmap (layers x experts) to this PNG file.",
+)
+@registry_option
+@json_option
+def diff_cmd(refs: tuple[str, ...], base_dir: str | None, plot: str | None, reg, as_json: bool) -> None:
+    """Compare two or more expert sets of one base: overlap per layer, weight differences.
+
+    Example: expertlib diff math@1 math@2 code --base ./base --plot overlap.png
+    """
+    if len(refs) < 2:
+        raise click.UsageError("diff needs at least two expert sets")
+    report = reg.diff(list(refs), base=base_dir, base_dir=base_dir)
+    if plot:
+        from expertlib.registry.diff import plot_diff
+
+        plot_diff(report, plot)
+    if as_json:
+        emit_json(report.model_dump(mode="json"))
+        return
+    _render_diff(report)
+    if plot:
+        click.echo(f"heatmap written to {plot}")
+
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" if pct else f"{x:.4f}"
+
+
+def _render_diff(report) -> None:
+    rows = [
+        (
+            lo.layer,
+            *(" ".join(map(str, lo.experts[lab])) or "-" for lab in report.labels),
+            " ".join(map(str, lo.shared)) or "-",
+            _fmt(lo.jaccard),
+        )
+        for lo in report.layers
+    ]
+    print_table("Experts retrained per layer", ["layer", *report.labels, "shared", "jaccard"], rows)
+    rows = [
+        (
+            s.label,
+            s.num_experts,
+            s.layers,
+            _fmt(s.fraction_of_routed, pct=True),
+            _fmt(s.mean_moved),
+            _fmt(s.max_moved),
+        )
+        for s in report.sets
+    ]
+    print_table(
+        "Sets (moved = ||w - w_base|| / ||w_base||)",
+        ["set", "experts", "layers", "of routed", "mean moved", "max moved"],
+        rows,
+    )
+    rows = [
+        (
+            f"{p.a} vs {p.b}",
+            p.shared_experts,
+            p.union_experts,
+            _fmt(p.jaccard),
+            _fmt(p.mean_rel_diff),
+            _fmt(p.max_rel_diff),
+        )
+        for p in report.pairs
+    ]
+    print_table(
+        "Pairs (rel diff = ||a - b|| / ||b|| on shared experts)",
+        ["pair", "shared", "union", "jaccard", "mean rel diff", "max rel diff"],
+        rows,
+    )
+    if len(report.labels) > 2:
+        rows = [
+            (lab, *(f"{v:.2f}" for v in row))
+            for lab, row in zip(report.labels, report.overlap_matrix, strict=True)
+        ]
+        print_table("Overlap matrix (Jaccard)", ["", *report.labels], rows)
+    for note in report.notes:
+        click.echo(f"note: {note}")
+
+
+@click.command("tag")
+@click.argument("ref")
+@click.argument("tag")
+@click.option("--delete", is_flag=True, help="Remove TAG from the name of REF instead.")
+@base_option
+@registry_option
+def tag_cmd(ref: str, tag: str, delete: bool, base: str | None, reg) -> None:
+    """Point TAG at the version REF names (tags move; `latest` is automatic).
+
+    Example: expertlib tag math@2 stable
+    """
+    if delete:
+        reg.untag(ref.partition("@")[0], tag, base=base)
+        click.echo(f"removed tag {tag} of {ref.partition('@')[0]}")
+        return
+    e = reg.tag(ref, tag, base=base)
+    click.echo(f"{e.name}@{tag} -> {e.ref} ({e.digest[:19]}...)")
+
+
+@click.command("rm")
+@click.argument("ref")
+@click.option("--all", "all_versions", is_flag=True, help="Remove every version of the name REF.")
+@base_option
+@registry_option
+@json_option
+def rm_cmd(ref: str, all_versions: bool, base: str | None, reg, as_json: bool) -> None:
+    """Remove a version (NAME@VERSION, @TAG or @sha256:...) or, with --all, every version of NAME.
+
+    Blobs stay until `expertlib gc`. Example: expertlib rm math@1
+    """
+    removed = reg.rm(ref, base=base, all_versions=all_versions)
+    emit(as_json, [str(r) for r in removed], lambda d: click.echo("removed " + ", ".join(d)))
+
+
+@click.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+@click.option(
+    "--grace", default=3600.0, show_default=True, help="Seconds before an orphaned temp file is stale."
+)
+@registry_option
+@json_option
+def gc_cmd(dry_run: bool, grace: float, reg, as_json: bool) -> None:
+    """Delete blobs no version uses and leftover temp files.
+
+    Example: expertlib gc --dry-run
+    """
+    r = reg.gc(grace_s=grace, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    emit(
+        as_json,
+        r.model_dump(),
+        lambda _: click.echo(
+            f"{verb} {len(r.removed_blobs)} blobs ({_size(r.freed_bytes)}) and {len(r.removed_temps)} temp files"
+        ),
+    )
+
+
+@click.command("verify")
+@click.argument("refs", nargs=-1)
+@base_option
+@registry_option
+@json_option
+def verify_cmd(refs: tuple[str, ...], base: str | None, reg, as_json: bool) -> None:
+    """Recompute the sha256 of every stored patch (or of REFS); exit 1 if any is damaged.
+
+    Example: expertlib verify
+    """
+    r = reg.verify(list(refs) or None, base=base)
+
+    def render(_):
+        for p in r.problems:
+            click.secho(f"DAMAGED {p.digest[:19]}... ({', '.join(p.refs) or '-'}): {p.problem}", fg="red")
+        extra = (
+            f"; {r.unreferenced} unreferenced blobs, {r.stale_temps} stale temp files (run gc)"
+            if r.unreferenced or r.stale_temps
+            else ""
+        )
+        click.echo(
+            f"checked {r.checked} blobs: {'all intact' if r.ok else f'{len(r.problems)} damaged'}{extra}"
+        )
+        if not r.ok:
+            click.echo("  hint: pull the damaged sets again from a good copy, or rm them", err=True)
+
+    emit(as_json, {**r.model_dump(), "ok": r.ok}, render)
+    if not r.ok:
+        raise SystemExit(1)
+
+
+@click.command("push")
+@click.argument("ref")
+@click.argument("dest")
+@base_option
+@click.option("--private", is_flag=True, default=None, help="hf:// only: create the repo private.")
+@token_option
+@registry_option
+@json_option
+def push_cmd(
+    ref: str, dest: str, base: str | None, private: bool | None, token: str | None, reg, as_json: bool
+) -> None:
+    """Copy REF to DEST: a registry folder, http(s)://host/prefix, or hf://owner/repo.
+
+    A bare name pushes every version (the Hub gets the latest). Example: expertlib push math /shared/reg
+    """
+    opts = {"private": private} if private else {}
+    r = reg.push(ref, dest, base=base, token=token, **opts)
+    emit(as_json, r.model_dump(), _render_transfer)
+
+
+@click.command("pull")
+@click.argument("source")
+@click.argument("refs", nargs=-1)
+@base_option
+@token_option
+@registry_option
+@json_option
+def pull_cmd(
+    source: str, refs: tuple[str, ...], base: str | None, token: str | None, reg, as_json: bool
+) -> None:
+    """Copy expert sets from SOURCE (registry folder, http(s)://host/prefix, hf://owner/repo[@rev]).
+
+    Without REFS, everything there; digests are checked before anything is stored.
+    Example: expertlib pull /shared/reg math
+    """
+    r = reg.pull(source, list(refs), base=base, token=token)
+    emit(as_json, r.model_dump(), _render_transfer)
+
+
+def _render_transfer(d: dict) -> None:
+    click.echo(f"{d['source']} -> {d['dest']}")
+    for ref in d["copied"]:
+        click.echo(f"  copied  {ref}")
+    for ref in d["present"]:
+        click.echo(f"  present {ref}")
+    if d["tags"]:
+        click.echo(f"  tags    {', '.join(d['tags'])}")
+    if d.get("url"):
+        click.echo(f"  {d['url']}")
+
+
+@click.command("import-esft")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--base",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Base model folder the adapter was trained on.",
+)
+@click.option("--task", required=True, help="Task name to publish under.")
+@click.option("--tag", "tags", multiple=True, help="Tag to point at the new version (repeatable).")
+@registry_option
+@json_option
+def import_esft_cmd(folder: str, base: str, task: str, tags: tuple[str, ...], reg, as_json: bool) -> None:
+    """Convert a reference ESFT adapter folder (expert_cfg.json + safetensors) and publish it.
+
+    Example: expertlib import-esft ./esft-math --base ./base --task math
+    """
+    from expertlib.esft_reference import import_esft
+
+    es = import_esft(folder, base, task=task)
+    entry = reg.publish(es, task=task, tags=tags, base=base)
+    emit(as_json, entry.summary(), lambda _: click.echo(f"imported {_entry_line(entry)}"))
+
+
+COMMANDS = [
+    publish_cmd,
+    list_cmd,
+    show_cmd,
+    diff_cmd,
+    tag_cmd,
+    rm_cmd,
+    gc_cmd,
+    verify_cmd,
+    push_cmd,
+    pull_cmd,
+    import_esft_cmd,
+]
