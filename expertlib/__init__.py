@@ -18,6 +18,7 @@ from expertlib.apply import (
     check_compatible,
     extract_expert_set,
 )
+from expertlib.compose import ComposedModel, compose
 from expertlib.identity import BaseIdentity, base_identity
 from expertlib.moe import (
     SUPPORTED_ARCHITECTURES,
@@ -36,6 +37,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "AppliedExpertSet",
     "BaseIdentity",
+    "ComposedModel",
     "ExpertSet",
     "ExpertSetManifest",
     "ExpertWeights",
@@ -45,6 +47,7 @@ __all__ = [
     "base_identity",
     "changed_experts",
     "check_compatible",
+    "compose",
     "describe",
     "extract_expert_set",
     "load_model",
