@@ -265,3 +265,18 @@ def split_holdout(samples: Sequence[Sample], fraction: float, seed: int) -> tupl
     return [s for i, s in enumerate(samples) if i not in held], [
         s for i, s in enumerate(samples) if i in held
     ]
+
+
+def load_tokenizer(base: str | Path):
+    """The base model's tokenizer (from its folder or hub id)."""
+    from transformers import AutoTokenizer
+
+    from expertlib.errors import ModelLoadError
+
+    try:
+        return AutoTokenizer.from_pretrained(str(base))
+    except Exception as exc:  # transformers raises many types here
+        raise ModelLoadError(
+            f"cannot load a tokenizer from {str(base)!r}: {exc}",
+            hint="the base folder needs its tokenizer files",
+        ) from exc

@@ -261,3 +261,37 @@ def score_experts(
         data_path=data_path,
         seed=seed,
     )
+
+
+def score_task(
+    base: str | Path,
+    data: str | Path,
+    *,
+    token_budget: int | None = PAPER_TOKEN_BUDGET,
+    batch_size: int = 8,
+    count_prompt_tokens: bool = True,
+    max_length: int = 4096,
+    too_long: str = "truncate",
+    seed: int = 0,
+    progress: bool = True,
+) -> ExpertScores:
+    """Load a base model and a jsonl task file, and score every routed expert (`expertlib score`)."""
+    from expertlib.data import data_digest, load_samples, load_tokenizer, pad_token_id
+    from expertlib.moe import load_model
+
+    model = load_model(base)
+    tok = load_tokenizer(base)
+    samples = load_samples(data, tok, max_length=max_length, too_long=too_long)
+    return score_experts(
+        model,
+        samples,
+        pad_id=pad_token_id(tok),
+        token_budget=token_budget,
+        batch_size=batch_size,
+        count_prompt_tokens=count_prompt_tokens,
+        seed=seed,
+        data_digest=data_digest(data),
+        data_path=str(data),
+        base=base_identity(model, name=str(base)),
+        progress=progress,
+    )

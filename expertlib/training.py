@@ -1,0 +1,535 @@
+"""ESFT training: train only the selected routed experts, as their own parameters, and emit a patch.
+
+The selected experts are copied into expert slots (`expertlib.slots`) that are the only
+trainable tensors; every base parameter is frozen (`requires_grad=False`), so gradients and
+AdamW state exist only for the slots, and weight decay can never touch a frozen row (AdamW
+decays rows whose gradient is masked to zero, which is why masking is not used). Routing is
+unchanged: the router still picks among the E real experts, and the remap table sends the
+selected ones to their slots.
+
+    model = load_model(base); tok = AutoTokenizer.from_pretrained(base)
+    samples = load_samples("task.jsonl", tok)
+    result = train_experts(model, samples, selection, TrainConfig(steps=100), pad_id=tok.pad_token_id)
+    es = result.expert_set(task="math", base=base_identity(model), provenance=...)
+
+The paper's ablations (`ExpertConfig.shared_experts`, `.non_expert_modules`) make ordinary
+parameters trainable too; they travel in the patch as extra params. Those change `model`
+in place; routed experts of the base never do.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from expertlib import training_state as ckpt
+from expertlib.data import IGNORE_INDEX, Sample, collate
+from expertlib.errors import SelectionError
+from expertlib.identity import BaseIdentity
+from expertlib.moe import arch_spec, experts_module, moe_block, moe_layer_indices, read_expert, tensor_digest
+from expertlib.patch import ExpertSet, Provenance
+from expertlib.selection import ExpertConfig
+from expertlib.slots import (
+    active_sets,
+    install_slots,
+    read_slot,
+    remove_slots,
+    set_remap,
+    slot_parameters,
+    write_slot,
+)
+
+#: Row of the remap table that training uses (row 0 is the base).
+TRAIN_SET = 1
+
+
+class TrainConfig(BaseModel):
+    """Optimisation settings. Defaults are the paper's ESFT ones, except the number of steps and batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(default=1e-5, gt=0, description="peak learning rate (paper: 1e-5 ESFT, 3e-5 full FT)")
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas")
+    weight_decay: float = Field(default=0.1, ge=0, description="AdamW weight decay (trained tensors only)")
+    eps: float = 1e-8
+    steps: int = Field(default=500, ge=1, description="optimizer steps")
+    batch_size: int = Field(default=8, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
+    warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="decay after warm-up"
+    )
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="final lr as a fraction of the peak")
+    max_grad_norm: float | None = Field(default=1.0, description="gradient clipping; None disables it")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="compute dtype; bfloat16 = autocast with float32 master weights"
+    )
+    seed: int = 0
+    eval_every: int = Field(default=0, ge=0, description="held-out loss every N steps (0: only at the end)")
+    checkpoint_every: int = Field(default=0, ge=0, description="checkpoint every N steps (0: never)")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine/linear decay."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        span = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1 - progress
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * decay)
+
+
+# --- which tensors train ----------------------------------------------------------------------------
+
+
+def routed_expert_param_names(model: nn.Module) -> set[str]:
+    names = set()
+    modules = {id(experts_module(model, layer)) for layer in moe_layer_indices(model)}
+    for mname, mod in model.named_modules():
+        if id(mod) in modules:
+            names |= {f"{mname}.{p}" for p, _ in mod.named_parameters(recurse=False)}
+    return names
+
+
+def shared_expert_param_names(model: nn.Module) -> set[str]:
+    """Parameters of the shared experts (and their gate, e.g. qwen2_moe `shared_expert_gate`)."""
+    attr = arch_spec(model.config.model_type).shared_attr
+    if attr is None:
+        return set()
+    blocks = {id(moe_block(model, layer)) for layer in moe_layer_indices(model)}
+    names = set()
+    for mname, mod in model.named_modules():
+        if id(mod) in blocks:
+            names |= {f"{mname}.{p}" for p, _ in mod.named_parameters() if p.startswith(attr)}
+    return names
+
+
+def extra_trainable_names(model: nn.Module, selection: ExpertConfig) -> list[str]:
+    """Ordinary parameters the ablation flags make trainable (never routed experts)."""
+    shared = shared_expert_param_names(model)
+    if selection.shared_experts and not shared:
+        raise SelectionError(
+            f"{model.config.model_type} has no shared experts to train", hint="drop --train-shared-experts"
+        )
+    routed = routed_expert_param_names(model)
+    names = []
+    for name, _ in model.named_parameters():
+        if name in routed or ".expertlib_slots." in name:
+            continue
+        if (name in shared and selection.shared_experts) or (
+            name not in shared and selection.non_expert_modules
+        ):
+            names.append(name)
+    return names
+
+
+@dataclass
+class Trainable:
+    """The slots and extra parameters being trained, and the base digests the patch records."""
+
+    selection: ExpertConfig
+    slot_of: dict[int, dict[int, int]]  # layer -> {expert: slot}
+    extra_names: list[str]
+    base_digests: dict[tuple[int, int], str]
+    base_param_digests: dict[str, str]
+
+    def parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of everything trained, in a fixed order (slots, then extras)."""
+        named = dict(model.named_parameters())
+        slot_ids = {id(p) for p in slot_parameters(model)}
+        slots = [(n, p) for n, p in named.items() if id(p) in slot_ids]
+        return slots + [(n, named[n]) for n in self.extra_names]
+
+
+def prepare_trainable(model: nn.Module, selection: ExpertConfig) -> Trainable:
+    """Freeze the base, put the selected experts into trainable slots, unfreeze the ablation extras."""
+    layers = moe_layer_indices(model)
+    selection.check_against(layers, int(experts_module(model, layers[0]).num_experts))
+    experts = {layer: ids for layer, ids in selection.experts.items() if ids}
+    if not experts and not (selection.shared_experts or selection.non_expert_modules):
+        raise SelectionError("the expert selection is empty: nothing to train")
+    extra = extra_trainable_names(model, selection)
+    named = dict(model.named_parameters())
+    base_param_digests = {n: tensor_digest(named[n]) for n in extra}
+    base_digests = {
+        (layer, e): read_expert(model, layer, e).digest() for layer, ids in experts.items() for e in ids
+    }
+    for p in model.parameters():
+        p.requires_grad_(False)
+    slot_of = {layer: {e: i for i, e in enumerate(ids)} for layer, ids in experts.items()}
+    if slot_of:
+        install_slots(model, {layer: len(m) for layer, m in slot_of.items()}, max_sets=1, trainable=True)
+        for layer, m in slot_of.items():
+            for e, slot in m.items():
+                write_slot(model, layer, slot, read_expert(model, layer, e))
+            set_remap(model, TRAIN_SET, layer, m)
+    for n in extra:
+        named[n].requires_grad_(True)
+    return Trainable(selection, slot_of, extra, base_digests, base_param_digests)
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What training produced: trained experts and extras (canonical form), losses, timing."""
+
+    experts: dict[tuple[int, int], object]  # (layer, expert) -> ExpertWeights
+    extra_params: dict[str, torch.Tensor]
+    trainable: Trainable
+    config: TrainConfig
+    steps: int
+    train_losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    trainable_params: int = 0
+
+    @property
+    def final_train_loss(self) -> float | None:
+        return self.train_losses[-1] if self.train_losses else None
+
+    @property
+    def final_eval_loss(self) -> float | None:
+        return self.eval_losses[-1][1] if self.eval_losses else None
+
+    def expert_set(
+        self,
+        *,
+        task: str,
+        base: BaseIdentity,
+        provenance: Provenance | None = None,
+        dtype: torch.dtype | None = None,
+        description: str = "",
+    ) -> ExpertSet:
+        """The patch: trained experts (+ extras), base digests, provenance with the training record."""
+        prov = (provenance or Provenance()).model_copy(
+            update=dict(
+                train_shared_experts=self.trainable.selection.shared_experts,
+                train_non_expert_modules=self.trainable.selection.non_expert_modules,
+                training=self.config.model_dump(mode="json"),
+                steps=self.steps,
+                final_train_loss=self.final_train_loss,
+                final_eval_loss=self.final_eval_loss,
+                wall_time_s=round(self.wall_time_s, 3),
+                trainable_params=self.trainable_params,
+            )
+        )
+        return ExpertSet.build(
+            task=task,
+            base=base,
+            experts=self.experts,
+            base_digests=self.trainable.base_digests,
+            extra_params=self.extra_params,
+            base_param_digests=self.trainable.base_param_digests,
+            provenance=prov,
+            description=description,
+            dtype=dtype,
+        )
+
+
+def _batch_indices(step: int, micro: int, config: TrainConfig, n: int) -> list[int]:
+    """Sample indices of micro-batch `micro` of step `step`: seeded epoch permutations, a pure function."""
+    per_step = config.batch_size * config.grad_accum
+    start = step * per_step + micro * config.batch_size
+    out = []
+    for i in range(start, start + config.batch_size):
+        epoch, pos = divmod(i, n)
+        g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[pos]))
+    return out
+
+
+def _loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], config: TrainConfig) -> torch.Tensor:
+    """Summed next-token cross-entropy over trained labels of one batch."""
+    device = next(model.parameters()).device
+    ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16"):
+        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, S, V)
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def _n_labels(samples: Sequence[Sample]) -> int:
+    return sum(sum(1 for y in s.labels[1:] if y != IGNORE_INDEX) for s in samples)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, samples: Sequence[Sample], *, pad_id: int, config: TrainConfig) -> float:
+    """Mean per-token cross-entropy on `samples` (with the training set active when slots exist)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        ctx = active_sets(model, TRAIN_SET) if hasattr(model, "_expertlib_active") else _null()
+        with ctx:
+            for i in range(0, len(samples), config.batch_size):
+                part = samples[i : i + config.batch_size]
+                total += float(_loss_sum(model, collate(part, pad_id), config))
+                count += _n_labels(part)
+    finally:
+        model.train(was)
+    return total / max(count, 1)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def train_experts(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    selection: ExpertConfig,
+    config: TrainConfig,
+    *,
+    pad_id: int,
+    eval_samples: Sequence[Sample] = (),
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    run_key: dict | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train the selected experts of `model` on `samples`; returns the trained tensors and the record.
+
+    With `checkpoint_dir`, the trainable tensors, AdamW state, RNG state and loss history are
+    written there every `config.checkpoint_every` steps; `resume=True` continues from the latest
+    checkpoint and gives exactly the result of an uninterrupted run. `run_key` (data digest,
+    base identity, ...) must match the checkpoint's. Slots are removed from `model` on return.
+    """
+    from tqdm.auto import tqdm
+
+    if not samples:
+        raise SelectionError("no training samples")
+    torch.manual_seed(config.seed)
+    trainable = prepare_trainable(model, selection)
+    try:
+        params = trainable.parameters(model)
+        opt = torch.optim.AdamW(
+            [p for _, p in params],
+            lr=config.lr,
+            betas=config.betas,
+            weight_decay=config.weight_decay,
+            eps=config.eps,
+        )
+        n_trainable = sum(p.numel() for _, p in params)
+        key = {"selection": selection.to_reference(), "config": _key_config(config), **(run_key or {})}
+        state = ckpt.TrainerState()
+        if resume and checkpoint_dir is not None and ckpt.exists(checkpoint_dir):
+            state = ckpt.load(checkpoint_dir, params, opt, key)
+        t0 = time.perf_counter() - state.wall_time_s
+        model.train()
+        with (
+            active_sets(model, TRAIN_SET) if trainable.slot_of else _null(),
+            tqdm(total=config.steps, initial=state.step, desc="training", disable=not progress) as bar,
+        ):
+            for step in range(state.step, config.steps):
+                lr = config.lr_at(step)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                micro = [
+                    [samples[i] for i in _batch_indices(step, m, config, len(samples))]
+                    for m in range(config.grad_accum)
+                ]
+                n_tokens = max(1, sum(_n_labels(mb) for mb in micro))
+                loss_value = 0.0
+                for mb in micro:
+                    loss = _loss_sum(model, collate(mb, pad_id), config) / n_tokens
+                    loss.backward()
+                    loss_value += float(loss.detach())
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                state.step = step + 1
+                state.train_losses.append(loss_value)
+                postfix = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}"}
+                if eval_samples and config.eval_every and state.step % config.eval_every == 0:
+                    state.eval_losses.append(
+                        (state.step, evaluate(model, eval_samples, pad_id=pad_id, config=config))
+                    )
+                    postfix["eval"] = f"{state.eval_losses[-1][1]:.4f}"
+                bar.set_postfix(postfix)
+                bar.update(1)
+                if (
+                    checkpoint_dir is not None
+                    and config.checkpoint_every
+                    and state.step % config.checkpoint_every == 0
+                ):
+                    state.wall_time_s = time.perf_counter() - t0
+                    ckpt.save(checkpoint_dir, params, opt, state, key)
+                if on_step is not None:
+                    on_step(state.step, loss_value)
+        if eval_samples and (not state.eval_losses or state.eval_losses[-1][0] != state.step):
+            state.eval_losses.append(
+                (state.step, evaluate(model, eval_samples, pad_id=pad_id, config=config))
+            )
+        experts = {
+            (layer, e): read_slot(model, layer, slot)
+            for layer, m in trainable.slot_of.items()
+            for e, slot in m.items()
+        }
+        named = dict(model.named_parameters())
+        extras = {n: named[n].detach().clone() for n in trainable.extra_names}
+        return TrainResult(
+            experts=experts,
+            extra_params=extras,
+            trainable=trainable,
+            config=config,
+            steps=state.step,
+            train_losses=state.train_losses,
+            eval_losses=state.eval_losses,
+            wall_time_s=time.perf_counter() - t0,
+            trainable_params=n_trainable,
+        )
+    finally:
+        model.eval()
+        if trainable.slot_of:
+            remove_slots(model)
+        for n in trainable.extra_names:
+            dict(model.named_parameters())[n].requires_grad_(False)
+
+
+def _key_config(config: TrainConfig) -> dict:
+    """Config fields that must match to resume (how often to evaluate or checkpoint may change)."""
+    return config.model_dump(mode="json", exclude={"eval_every", "checkpoint_every"})
+
+
+# --- the whole pipeline (`expertlib train`) -----------------------------------------------------------
+
+
+def train_esft(
+    base: str | Path,
+    data: str | Path,
+    *,
+    task: str,
+    out: str | Path | None = None,
+    score: Literal["token", "gate"] = "token",
+    top_p: float | None = None,
+    max_per_layer: int | None = None,
+    experts: str | Path | ExpertConfig | None = None,
+    train_shared_experts: bool = False,
+    train_non_expert_modules: bool = False,
+    config: TrainConfig | None = None,
+    max_length: int = 2048,
+    too_long: Literal["error", "truncate", "skip"] = "error",
+    pack: bool = False,
+    holdout: float = 0.0,
+    eval_data: str | Path | None = None,
+    token_budget: int | None = None,
+    count_prompt_tokens: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    description: str = "",
+    progress: bool = True,
+) -> ExpertSet:
+    """Score, select and train one task's experts on a base model; return (and save) the patch.
+
+    Without `experts`, the routed experts are scored on the training split (ESFT-`score`,
+    `token_budget` tokens; None = all) and selected with the top-p rule (`top_p` defaults to
+    the paper's 0.2 for token, 0.1 for gate). The patch is written atomically to `out`.
+    """
+    from expertlib.data import data_digest, load_samples, load_tokenizer, pad_token_id, split_holdout
+    from expertlib.identity import base_identity
+    from expertlib.moe import load_model
+    from expertlib.scoring import score_experts
+    from expertlib.selection import DEFAULT_TOP_P, select_experts
+
+    config = config or TrainConfig()
+    model = load_model(base)
+    patch_dtype = next(model.parameters()).dtype
+    model.float()
+    tok = load_tokenizer(base)
+    pad = pad_token_id(tok)
+    digest = data_digest(data)
+    samples = load_samples(data, tok, max_length=max_length, too_long=too_long, pack=pack)
+    if eval_data is not None:
+        train_s = samples
+        eval_s = load_samples(eval_data, tok, max_length=max_length, too_long=too_long, pack=pack)
+    else:
+        train_s, eval_s = split_holdout(samples, holdout, config.seed)
+    ident = base_identity(model, name=str(base))
+    prov = Provenance(data_digest=digest, extra={"data_path": str(data)})
+    if experts is None:
+        p = top_p if top_p is not None else DEFAULT_TOP_P[score]
+        scores = score_experts(
+            model,
+            train_s,
+            pad_id=pad,
+            token_budget=token_budget,
+            batch_size=config.batch_size,
+            count_prompt_tokens=count_prompt_tokens,
+            seed=config.seed,
+            data_digest=digest,
+            base=ident,
+            progress=progress,
+        )
+        selection = select_experts(
+            scores.of(score),
+            p,
+            max_per_layer=max_per_layer,
+            shared_experts=train_shared_experts,
+            non_expert_modules=train_non_expert_modules,
+        )
+        prov = prov.model_copy(
+            update=dict(
+                method=f"esft-{score}",
+                score_function=score,
+                top_p=p,
+                max_experts_per_layer=max_per_layer,
+                token_budget=token_budget,
+                tokens_scored=scores.tokens_scored,
+                count_prompt_tokens=count_prompt_tokens,
+                extra={
+                    **prov.extra,
+                    "scores": {str(k): [round(x, 6) for x in v] for k, v in scores.of(score).items()},
+                },
+            )
+        )
+    else:
+        selection = experts if isinstance(experts, ExpertConfig) else ExpertConfig.load(experts)
+        selection = selection.model_copy(
+            update=dict(
+                shared_experts=selection.shared_experts or train_shared_experts,
+                non_expert_modules=selection.non_expert_modules or train_non_expert_modules,
+            )
+        )
+        prov = prov.model_copy(
+            update=dict(method="esft", extra={**prov.extra, "selection_from": str(experts)})
+        )
+    run_key = {"data_digest": digest, "base": ident.config_digest, "max_length": max_length, "pack": pack}
+    result = train_experts(
+        model,
+        train_s,
+        selection,
+        config,
+        pad_id=pad,
+        eval_samples=eval_s,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        run_key=run_key,
+        progress=progress,
+    )
+    prov.extra["eval_losses"] = [[s, round(v, 6)] for s, v in result.eval_losses]
+    es = result.expert_set(task=task, base=ident, provenance=prov, dtype=patch_dtype, description=description)
+    if out is not None:
+        es.save(out)
+    return es

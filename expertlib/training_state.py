@@ -1,0 +1,112 @@
+"""Training checkpoints: trainable tensors, AdamW state, RNG and loss history, written atomically.
+
+A checkpoint is a folder with `state.safetensors` (tensors only; never pickled) and
+`trainer.json` (step, losses, and the run key: selection, settings and data digest, which
+must match to resume). It is written to a temporary folder and swapped in, so a crash leaves
+the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from expertlib.errors import DataError
+
+STATE_FILE = "state.safetensors"
+TRAINER_FILE = "trainer.json"
+_OPT_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    train_losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+
+def _current(path: Path) -> Path | None:
+    """The complete checkpoint folder: `path`, or its `.old` twin if a swap was interrupted."""
+    for p in (path, path.with_name(path.name + ".old")):
+        if (p / TRAINER_FILE).is_file() and (p / STATE_FILE).is_file():
+            return p
+    return None
+
+
+def exists(path: str | Path) -> bool:
+    return _current(Path(path)) is not None
+
+
+def save(
+    path: str | Path,
+    params: list[tuple[str, nn.Parameter]],
+    opt: torch.optim.Optimizer,
+    state: TrainerState,
+    key: dict,
+) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params}
+    for n, p in params:
+        for k, v in opt.state.get(p, {}).items():
+            if k in _OPT_KEYS:
+                tensors[f"opt.{n}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / STATE_FILE))
+        (tmp / TRAINER_FILE).write_text(json.dumps({"key": key, **asdict(state)}, indent=1))
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load(
+    path: str | Path,
+    params: list[tuple[str, nn.Parameter]],
+    opt: torch.optim.Optimizer,
+    key: dict,
+) -> TrainerState:
+    """Restore tensors, optimizer and RNG in place; refuse a checkpoint of another run."""
+    found = _current(Path(path))
+    if found is None:
+        raise DataError("no checkpoint to resume from", path=str(path), hint="drop --resume to start afresh")
+    meta = json.loads((found / TRAINER_FILE).read_text())
+    if meta["key"] != json.loads(json.dumps(key)):
+        diff = sorted(
+            k for k in set(meta["key"]) | set(key) if meta["key"].get(k) != json.loads(json.dumps(key)).get(k)
+        )
+        raise DataError(
+            f"the checkpoint belongs to another run (differs in {diff})",
+            path=str(found),
+            hint="resume with the same data, base, selection and settings, or use a fresh --checkpoint-dir",
+        )
+    tensors = load_file(str(found / STATE_FILE))
+    with torch.no_grad():
+        for n, p in params:
+            p.copy_(tensors[f"param.{n}"])
+            st = {k: tensors[f"opt.{n}.{k}"].clone() for k in _OPT_KEYS if f"opt.{n}.{k}" in tensors}
+            if st:
+                opt.state[p] = st
+    torch.set_rng_state(tensors["rng.torch"])
+    return TrainerState(
+        step=meta["step"],
+        train_losses=list(meta["train_losses"]),
+        eval_losses=[(int(s), float(v)) for s, v in meta["eval_losses"]],
+        wall_time_s=float(meta["wall_time_s"]),
+    )
