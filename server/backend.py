@@ -1,0 +1,37 @@
+"""What the server needs from a serving engine: the protocol `expertlib.engine.AsyncExpertEngine`
+implements. The HTTP layer is written against this and nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class ServingEngine(Protocol):
+    async def load(self, es: Any, name: str | None = None, pin: bool = False) -> str:
+        """Put an ExpertSet (or a patch path) into free slots; return the name it is served under."""
+
+    async def unload(self, name: str) -> None: ...
+
+    async def pin(self, name: str, pinned: bool = True) -> None: ...
+
+    def status(self) -> dict[str, Any]:
+        """Slots used and free, loaded sets and pins (JSON-serialisable)."""
+
+    def loaded_sets(self) -> list[str]: ...
+
+    def generate(
+        self, prompt: str | list[int], sampling_params: Any, request_id: str, expert_set: str | None
+    ) -> AsyncIterator[Any]:
+        """vLLM RequestOutputs (cumulative) for one prompt; unknown set -> NotLoadedError."""
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def get_tokenizer(self) -> Any: ...
+
+    def shutdown(self) -> None: ...
+
+
+PatchPath = str | Path

@@ -1,0 +1,51 @@
+"""What GET /v1/models and GET /admin/status show."""
+
+from __future__ import annotations
+
+from expertlib.server.protocol import AdminStatus, LoadableSet, ModelCard, ModelList
+from expertlib.server.state import ServerState
+
+
+def model_list(state: ServerState) -> ModelList:
+    engine, catalog = state.require_ready()
+    base = state.settings.model_name
+    pinned = set(_pinned(engine.status()))
+    cards = [ModelCard(id=base, created=state.created, root=state.settings.base)]
+    for name in catalog.loaded():
+        cards.append(
+            ModelCard(
+                id=name,
+                created=state.created,
+                parent=base,
+                root=state.settings.base,
+                aliases=catalog.aliases_of(name),
+                pinned=name in pinned,
+            )
+        )
+    loadable = [
+        LoadableSet(id=r.id, task=r.task, version=r.version, digest=r.digest) for r in catalog.loadable()
+    ]
+    return ModelList(data=cards, loadable=loadable)
+
+
+def admin_status(state: ServerState) -> AdminStatus:
+    engine = state.engine
+    status = dict(engine.status()) if engine is not None else {}
+    return AdminStatus(
+        ready=state.ready,
+        base=state.settings.model_name,
+        loaded=state.catalog.loaded() if state.catalog else [],
+        engine=status,
+        queue_depth=state.gate.depth,
+        max_queue=state.gate.limit,
+    )
+
+
+def _pinned(status: dict) -> list[str]:
+    pins = status.get("pinned", [])
+    if isinstance(pins, dict):
+        return [k for k, v in pins.items() if v]
+    sets = status.get("sets")
+    if isinstance(sets, dict):
+        pins = list(pins) + [k for k, v in sets.items() if isinstance(v, dict) and v.get("pinned")]
+    return list(pins)

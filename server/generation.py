@@ -1,0 +1,357 @@
+"""Completions and chat completions over the engine: the library code behind the two routes.
+
+A request is *prepared* (model resolved to an expert set, prompt tokenized and checked against
+the context, sampling parameters built, admitted by the bounded queue) before any response
+starts, so every error there is a normal JSON error. Then each prompt goes to the engine as its
+own request; requests for different expert sets run concurrently and share the engine's batches.
+Whoever stops consuming (a client disconnect) aborts every engine request not yet finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from expertlib.errors import ExpertlibError, InvalidRequestError, PromptTooLongError
+from expertlib.server import protocol as p
+from expertlib.server.state import ServerState
+
+BASE_LABEL = "base"
+
+
+@dataclass
+class Job:
+    """One prepared request: what to send to the engine and how to report it."""
+
+    request_id: str
+    endpoint: str  # "completions" | "chat"
+    model: str  # echoed back in responses
+    expert_set: str | None
+    prompts: list[list[int]]
+    params: Any  # vllm.SamplingParams
+    stream: bool
+    include_usage: bool
+    release: Any = None  # the bounded queue's release, called once the job ends
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def label(self) -> str:
+        return self.expert_set or BASE_LABEL
+
+
+# --- preparing ------------------------------------------------------------------------------------
+
+
+async def prepare_completion(state: ServerState, req: p.CompletionRequest) -> Job:
+    return await _prepare(state, req, "completions", _completion_prompts, req.max_tokens, "prompt")
+
+
+async def prepare_chat(state: ServerState, req: p.ChatCompletionRequest) -> Job:
+    return await _prepare(state, req, "chat", _chat_prompts, req.completion_limit, "messages")
+
+
+def _completion_prompts(tokenizer, req: p.CompletionRequest) -> list[list[int]]:
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [list(tokenizer.encode(prompt))]
+    if all(isinstance(x, int) for x in prompt):
+        return [list(prompt)]
+    return [list(tokenizer.encode(x)) if isinstance(x, str) else list(x) for x in prompt]
+
+
+def _chat_prompts(tokenizer, req: p.ChatCompletionRequest) -> list[list[int]]:
+    try:
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
+        ]
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="messages") from None
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - template errors come as many types (jinja, ValueError)
+        raise InvalidRequestError(
+            f"the chat template could not render these messages: {exc}", param="messages"
+        ) from None
+    return [list(tokenizer.encode(text, add_special_tokens=False))]
+
+
+async def _prepare(
+    state: ServerState, req, endpoint: str, to_prompts, max_tokens: int | None, prompt_param: str
+) -> Job:
+    label = None
+    try:
+        _, catalog = state.require_ready()
+        expert_set = await catalog.resolve(req.model)
+        label = expert_set or BASE_LABEL
+        prompts = to_prompts(state.tokenizer, req)
+        vocab = _vocab_size(state.tokenizer)
+        for ids in prompts:
+            if vocab is not None and any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(f"token ids must lie in [0, {vocab})", param=prompt_param)
+        limit = _check_length(state, prompts, max_tokens, prompt_param)
+        params = _sampling_params(req, limit, stream=req.stream)
+        return Job(
+            request_id=p.new_id("cmpl" if endpoint == "completions" else "chatcmpl"),
+            endpoint=endpoint,
+            model=req.model,
+            expert_set=expert_set,
+            prompts=prompts,
+            params=params,
+            stream=req.stream,
+            include_usage=req.include_usage_in_stream,
+            release=state.gate.enter(),
+        )
+    except ExpertlibError as exc:
+        state.metrics.requests.labels(
+            model=label or "unknown", endpoint=endpoint, status=str(exc.http_status)
+        ).inc()
+        raise
+
+
+def _vocab_size(tokenizer) -> int | None:
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return None
+
+
+def _check_length(
+    state: ServerState, prompts: list[list[int]], max_tokens: int | None, prompt_param: str
+) -> int:
+    """The completion limit to use; PromptTooLongError when prompt plus completion exceed the context."""
+    ctx = state.max_model_len
+    longest = max(len(ids) for ids in prompts)
+    if ctx is None:
+        return max_tokens or state.settings.default_max_tokens
+    if longest >= ctx:
+        raise PromptTooLongError(
+            f"the prompt is {longest} tokens long; this model's context is {ctx} tokens", param=prompt_param
+        )
+    room = ctx - longest
+    if max_tokens is None:
+        return min(state.settings.default_max_tokens, room)
+    if max_tokens > room:
+        raise PromptTooLongError(
+            f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceed this model's context of {ctx} tokens",
+            param="max_tokens",
+            hint=f"ask for at most {room} tokens, or shorten the prompt",
+        )
+    return max_tokens
+
+
+def _sampling_params(req, max_tokens: int, *, stream: bool):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kw: dict[str, Any] = dict(
+        n=req.n,
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=req.seed,
+        stop=req.stop,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY,
+    )
+    try:
+        return SamplingParams(**kw)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequestError(str(exc)) from None
+
+
+# --- running --------------------------------------------------------------------------------------
+
+
+async def _merged(state: ServerState, job: Job) -> AsyncIterator[tuple[int, Any]]:
+    """(prompt index, RequestOutput) from every prompt's engine request, as they come.
+
+    Closing this iterator early (cancel, disconnect) aborts the engine requests not finished."""
+    engine = state.engine
+    assert engine is not None
+    ids = [f"{job.request_id}-{i}" for i in range(len(job.prompts))]
+    finished: set[int] = set()
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int) -> None:
+        try:
+            async for out in engine.generate(job.prompts[i], job.params, ids[i], job.expert_set):
+                await queue.put((i, out))
+        except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(ids))]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if item is done:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                if item.finished:
+                    finished.add(i)
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for i, rid in enumerate(ids):
+            if i not in finished:
+                with contextlib.suppress(Exception):
+                    await engine.abort(rid)
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _record(state: ServerState, job: Job, status: int, prompt_tokens: int, completion_tokens: int) -> None:
+    m = state.metrics
+    m.requests.labels(model=job.label, endpoint=job.endpoint, status=str(status)).inc()
+    m.latency.labels(model=job.label).observe(time.perf_counter() - job.started)
+    m.prompt_tokens.labels(model=job.label).inc(prompt_tokens)
+    m.completion_tokens.labels(model=job.label).inc(completion_tokens)
+
+
+def _usage(job: Job, completions: dict[tuple[int, int], Any]) -> p.Usage:
+    prompt = sum(len(ids) for ids in job.prompts)
+    completion = sum(len(o.token_ids) for o in completions.values())
+    return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def run_to_end(
+    state: ServerState, job: Job, request: Request | None
+) -> p.CompletionResponse | p.ChatCompletionResponse | None:
+    """Run a non-streaming job; None when the client disconnected first (the engine was aborted)."""
+    try:
+        finals: dict[tuple[int, int], Any] = {}
+
+        async def consume() -> None:
+            async with contextlib.aclosing(_merged(state, job)) as outputs:
+                async for i, out in outputs:
+                    for o in out.outputs:
+                        finals[(i, o.index)] = o
+
+        task = asyncio.create_task(consume())
+        watcher = asyncio.create_task(wait_for_disconnect(request)) if request is not None else None
+        try:
+            waiting = {task} if watcher is None else {task, watcher}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            _record(state, job, 499, sum(len(x) for x in job.prompts), 0)
+            return None
+        task.result()  # re-raise engine errors
+    finally:
+        job.release()
+    usage = _usage(job, finals)
+    _record(state, job, 200, usage.prompt_tokens, usage.completion_tokens)
+    n = job.params.n
+    ordered = [(i * n + idx, finals[(i, idx)]) for (i, idx) in sorted(finals)]
+    created = p.now()
+    if job.endpoint == "completions":
+        choices = [
+            p.CompletionChoice(index=k, text=o.text, finish_reason=o.finish_reason) for k, o in ordered
+        ]
+        return p.CompletionResponse(
+            id=job.request_id, created=created, model=job.model, choices=choices, usage=usage
+        )
+    choices = [
+        p.ChatChoice(index=k, message=p.ChatMessageOut(content=o.text), finish_reason=o.finish_reason)
+        for k, o in ordered
+    ]
+    return p.ChatCompletionResponse(
+        id=job.request_id, created=created, model=job.model, choices=choices, usage=usage
+    )
+
+
+def sse(data: Any) -> str:
+    body = data.model_dump_json(exclude_none=False) if hasattr(data, "model_dump_json") else json.dumps(data)
+    return f"data: {body}\n\n"
+
+
+async def stream_events(state: ServerState, job: Job) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    from expertlib.server.errors import error_body, expertlib_error_body
+
+    n = job.params.n
+    created = p.now()
+    sent: dict[tuple[int, int], int] = {}
+    latest: dict[tuple[int, int], Any] = {}
+    status = 499
+    try:
+        if job.endpoint == "chat":
+            for i in range(len(job.prompts)):
+                for idx in range(n):
+                    yield sse(
+                        _chat_chunk(job, created, i * n + idx, p.ChatDelta(role="assistant", content=""))
+                    )
+        async with contextlib.aclosing(_merged(state, job)) as outputs:
+            async for i, out in outputs:
+                for o in out.outputs:
+                    key = (i, o.index)
+                    if key in latest and latest[key].finish_reason is not None:
+                        continue
+                    latest[key] = o
+                    delta = o.text[sent.get(key, 0) :]
+                    sent[key] = len(o.text)
+                    if delta or o.finish_reason is not None:
+                        yield sse(_chunk(job, created, i * n + o.index, delta, o.finish_reason))
+        status = 200
+        if job.include_usage:
+            usage = _usage(job, latest)
+            if job.endpoint == "chat":
+                yield sse(
+                    p.ChatCompletionChunk(
+                        id=job.request_id, created=created, model=job.model, choices=[], usage=usage
+                    )
+                )
+            else:
+                yield sse(
+                    p.CompletionResponse(
+                        id=job.request_id, created=created, model=job.model, choices=[], usage=usage
+                    )
+                )
+    except ExpertlibError as exc:
+        status, body = expertlib_error_body(exc)
+        yield sse(body)
+    except Exception as exc:  # noqa: BLE001 - the response has started: report in-band, then end
+        status, body = 500, error_body(500, f"generation failed ({type(exc).__name__}: {exc})")
+        yield sse(body)
+    finally:
+        job.release()
+        usage = _usage(job, latest)
+        _record(state, job, status, usage.prompt_tokens, usage.completion_tokens)
+    yield "data: [DONE]\n\n"
+
+
+def _chat_chunk(job: Job, created: int, index: int, delta: p.ChatDelta, finish: str | None = None):
+    choice = p.ChatChunkChoice(index=index, delta=delta, finish_reason=finish)
+    return p.ChatCompletionChunk(id=job.request_id, created=created, model=job.model, choices=[choice])
+
+
+def _chunk(job: Job, created: int, index: int, delta: str, finish: str | None):
+    if job.endpoint == "chat":
+        return _chat_chunk(job, created, index, p.ChatDelta(content=delta if delta else None), finish)
+    choice = p.CompletionChoice(index=index, text=delta, finish_reason=finish)
+    return p.CompletionResponse(id=job.request_id, created=created, model=job.model, choices=[choice])

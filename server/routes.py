@@ -1,0 +1,65 @@
+"""The OpenAI-compatible routes, /health and /metrics. Each route: parse, call one function, format."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from expertlib.server import generation
+from expertlib.server.auth import check_api_key
+from expertlib.server.catalog_view import model_list
+from expertlib.server.errors import error_response
+from expertlib.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from expertlib.server.state import ServerState
+
+router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+#: Status for a request whose client went away before the answer (nginx's convention).
+CLIENT_CLOSED = 499
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    state = state_of(request)
+    if state.ready:
+        return JSONResponse({"status": "ok"})
+    reason = f"startup failed: {state.startup_error}" if state.startup_error else "starting"
+    return error_response(503, f"not ready ({reason})", code="not_ready")
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    state = state_of(request)
+    state.refresh_metrics()
+    return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+@v1.get("/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return model_list(state_of(request))
+
+
+@v1.post("/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = state_of(request)
+    job = await generation.prepare_completion(state, body)
+    return await _respond(state, job, request)
+
+
+@v1.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = state_of(request)
+    job = await generation.prepare_chat(state, body)
+    return await _respond(state, job, request)
+
+
+async def _respond(state: ServerState, job: generation.Job, request: Request):
+    if job.stream:
+        return StreamingResponse(generation.stream_events(state, job), media_type="text/event-stream")
+    result = await generation.run_to_end(state, job, request)
+    return Response(status_code=CLIENT_CLOSED) if result is None else result

@@ -1,0 +1,178 @@
+"""Which expert set a request's `model` names, and loading sets into the engine.
+
+Names: the base model answers to its served name (and its folder's basename). An expert set is
+served under `task@version` when it comes from the registry (or `task` for a bare patch file),
+and also answers to `task` alone (the most recently loaded version of that task). Any other
+`task@version` / `task@tag` is resolved through the registry; with `load_on_demand` a
+registered-but-not-loaded set is loaded on first use.
+
+Storage (the registry) and residency (the engine) stay separate: this module only connects them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from expertlib.constants import PATCH_SUFFIX
+from expertlib.errors import ExpertlibError, NotFoundError, NotLoadedError
+from expertlib.patch import ExpertSet
+from expertlib.server.backend import ServingEngine
+
+log = logging.getLogger("expertlib.server")
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A set the registry holds for this base."""
+
+    id: str
+    task: str
+    version: int | None
+    digest: str | None
+
+
+class SetCatalog:
+    def __init__(
+        self,
+        engine: ServingEngine,
+        base_name: str,
+        registry: Any = None,
+        *,
+        registry_base: Any = None,
+        load_on_demand: bool = False,
+    ):
+        self.engine = engine
+        self.registry_base = registry_base  # scopes registry lookups to this base (a folder path)
+        self.base_name = base_name
+        self.base_names = {base_name, Path(base_name).name}
+        self.registry = registry
+        self.load_on_demand = load_on_demand
+        self._aliases: dict[str, str] = {}  # task -> served name of its latest loaded version
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- resolution ----------------------------------------------------------------------------
+
+    def loaded(self) -> list[str]:
+        return list(self.engine.loaded_sets())
+
+    def aliases_of(self, name: str) -> list[str]:
+        return sorted(a for a, n in self._aliases.items() if n == name and a != name)
+
+    async def resolve(self, model: str) -> str | None:
+        """The engine's set name for `model`, None for the base; loads on demand if enabled."""
+        if model in self.base_names:
+            return None
+        loaded = set(self.loaded())
+        if model in loaded:
+            return model
+        if self._aliases.get(model) in loaded:
+            return self._aliases[model]
+        ref = self._registry_resolve(model)
+        if ref is not None:
+            if ref.id in loaded:
+                return ref.id
+            if self.load_on_demand:
+                return await self.load(ref.id)
+            raise NotLoadedError(
+                f"expert set {ref.id!r} is registered but not loaded",
+                hint="load it with the admin route POST /admin/sets/load, or start the server with --load-on-demand",
+            )
+        raise NotFoundError(
+            f"the model {model!r} does not exist on this server",
+            hint="GET /v1/models lists the base and the loaded expert sets",
+        )
+
+    # --- registry --------------------------------------------------------------------------------
+
+    def _registry_resolve(self, text: str) -> Registered | None:
+        if self.registry is None:
+            return None
+        try:
+            ref = self.registry.resolve(text, base=self.registry_base)
+        except (NotFoundError, KeyError, ExpertlibError, ValueError):
+            return None
+        return _registered(ref)
+
+    def registered(self) -> list[Registered]:
+        """Every set the registry holds (latest version of each task first); empty without one."""
+        if self.registry is None:
+            return []
+        try:
+            entries = list(self.registry.list(base=self.registry_base))
+        except ExpertlibError as exc:
+            log.warning("registry listing failed: %s", exc)
+            return []
+        return [_registered(e) for e in entries]
+
+    def loadable(self) -> list[Registered]:
+        loaded = set(self.loaded())
+        return [r for r in self.registered() if r.id not in loaded]
+
+    # --- residency -------------------------------------------------------------------------------
+
+    async def load(self, name: str, *, pin: bool = False) -> str:
+        """Load a registry reference or a patch file; return the name it is served under."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            es, served, task = self._open(name)
+            if served in set(self.loaded()):
+                if pin:
+                    await self.engine.pin(served, True)
+            else:
+                served = await self.engine.load(es, name=served, pin=pin)
+            self._aliases[task] = served
+            log.info("loaded expert set %s", served)
+            return served
+
+    async def unload(self, model: str) -> str:
+        served = self._served(model)
+        await self.engine.unload(served)
+        self._aliases = {a: n for a, n in self._aliases.items() if n != served}
+        return served
+
+    async def pin(self, model: str, pinned: bool = True) -> str:
+        served = self._served(model)
+        await self.engine.pin(served, pinned)
+        return served
+
+    def _served(self, model: str) -> str:
+        loaded = set(self.loaded())
+        if model in loaded:
+            return model
+        if self._aliases.get(model) in loaded:
+            return self._aliases[model]
+        ref = self._registry_resolve(model)
+        if ref is not None and ref.id in loaded:
+            return ref.id
+        raise NotLoadedError(
+            f"expert set {model!r} is not loaded", hint="GET /admin/status lists the loaded sets"
+        )
+
+    def _open(self, name: str) -> tuple[ExpertSet, str, str]:
+        path = Path(name)
+        if name.endswith(PATCH_SUFFIX) and path.is_file():
+            es = ExpertSet.open(path)
+            return es, es.manifest.task, es.manifest.task
+        if self.registry is None:
+            raise NotFoundError(
+                f"{name!r} is not a patch file and the server has no registry",
+                hint="pass a .safetensors patch path, or start the server with --registry DIR",
+            )
+        entry = self.registry.resolve(name, base=self.registry_base)
+        reg = _registered(entry)
+        return self.registry.open(reg.id, base=self.registry_base), reg.id, reg.task
+
+
+def _registered(ref: Any) -> Registered:
+    task = getattr(ref, "name", None) or getattr(ref, "task", None) or str(ref).partition("@")[0]
+    version = getattr(ref, "version", None)
+    return Registered(
+        id=f"{task}@{version}" if version is not None else task,
+        task=task,
+        version=version,
+        digest=getattr(ref, "digest", None),
+    )

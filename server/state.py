@@ -1,0 +1,216 @@
+"""Server settings and the state one running server holds: engine, catalog of sets, admission
+gate (the bounded queue), tokenizer, readiness and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from expertlib.errors import ExpertlibError, NotReadyError, QueueFullError
+from expertlib.server.backend import ServingEngine
+from expertlib.server.metrics import ServerMetrics
+from expertlib.server.sets import SetCatalog
+
+log = logging.getLogger("expertlib.server")
+
+
+class ServerSettings(BaseModel):
+    """Everything `expertlib serve` is started with."""
+
+    base: str = Field(description="base model folder or hub id")
+    served_name: str | None = Field(
+        default=None, description="the base's `model` name; default: BASE as given"
+    )
+    registry: str | None = Field(default=None, description="registry root folder")
+    expert_sets: list[str] = Field(
+        default_factory=list, description="sets to load before ready (refs or patch paths)"
+    )
+    all_sets: bool = Field(default=False, description="load every registered set of this base before ready")
+    slots: int | None = Field(
+        default=None, ge=1, description="extra expert slots per MoE layer (engine default if unset)"
+    )
+    max_sets: int | None = Field(
+        default=None, ge=1, description="most expert sets resident at once (engine default if unset)"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: str | None = Field(default=None, description="required on inference routes when set")
+    admin_key: str | None = Field(
+        default=None, description="required on admin routes; admin routes are off without it"
+    )
+    load_on_demand: bool = Field(default=False, description="load a registered set on its first request")
+    max_queue: int = Field(
+        default=256, ge=1, description="most inference requests admitted at once; more get 429"
+    )
+    default_max_tokens: int = Field(default=256, ge=1, description="max_tokens when a request gives none")
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="context length (default: the engine's)"
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments for the engine"
+    )
+
+    @property
+    def model_name(self) -> str:
+        return self.served_name or self.base
+
+
+EngineFactory = Callable[[ServerSettings], Any]
+
+
+def default_engine_factory(settings: ServerSettings) -> ServingEngine:
+    from expertlib.engine import AsyncExpertEngine
+
+    kwargs = dict(settings.engine_args)
+    if settings.slots is not None:
+        kwargs["slots"] = settings.slots
+    if settings.max_sets is not None:
+        kwargs["max_sets"] = settings.max_sets
+    return AsyncExpertEngine.from_base(settings.base, **kwargs)
+
+
+def open_registry(root: str | None) -> Any:
+    if root is None:
+        return None
+    from expertlib.registry import Registry
+
+    return Registry(root)
+
+
+class Gate:
+    """The bounded queue: at most `limit` inference requests admitted (waiting or running)."""
+
+    def __init__(self, limit: int, metrics: ServerMetrics):
+        self.limit = limit
+        self.depth = 0
+        self.metrics = metrics
+        metrics.queue_limit.set(limit)
+
+    def enter(self) -> Callable[[], None]:
+        """Admit one request or raise QueueFullError; returns its (idempotent) release."""
+        if self.depth >= self.limit:
+            raise QueueFullError(
+                f"the server is at its limit of {self.limit} concurrent requests",
+                hint="retry after a short wait",
+            )
+        self.depth += 1
+        self.metrics.queue_depth.set(self.depth)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.depth -= 1
+                self.metrics.queue_depth.set(self.depth)
+
+        return release
+
+
+class ServerState:
+    def __init__(
+        self, settings: ServerSettings, *, engine_factory: EngineFactory | None = None, registry: Any = None
+    ):
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.gate = Gate(settings.max_queue, self.metrics)
+        self.engine_factory = engine_factory or default_engine_factory
+        self.registry = registry
+        self.engine: ServingEngine | None = None
+        self.catalog: SetCatalog | None = None
+        self.tokenizer: Any = None
+        self.max_model_len: int | None = settings.max_model_len
+        self.ready = False
+        self.startup_error: BaseException | None = None
+        self.created = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build the engine, load the requested sets, then mark ready. Errors end in startup_error."""
+        import time
+
+        self.created = int(time.time())
+        try:
+            if self.registry is None:
+                self.registry = open_registry(self.settings.registry)
+            engine = self.engine_factory(self.settings)
+            if inspect.isawaitable(engine):
+                engine = await engine
+            self.engine = engine
+            self.catalog = SetCatalog(
+                engine,
+                self.settings.model_name,
+                self.registry,
+                registry_base=self.settings.base if Path(self.settings.base).is_dir() else None,
+                load_on_demand=self.settings.load_on_demand,
+            )
+            self.catalog.base_names.add(self.settings.base)
+            self.tokenizer = await engine.get_tokenizer()
+            if self.max_model_len is None:
+                self.max_model_len = _max_model_len(engine, self.settings.base)
+            names = list(self.settings.expert_sets)
+            if self.settings.all_sets:
+                names += [r.id for r in self.catalog.registered() if r.id not in names]
+            for name in names:
+                await self.catalog.load(name)
+            self.refresh_metrics()
+            self.ready = True
+            self.metrics.ready.set(1)
+            log.info("ready: base %s, expert sets %s", self.settings.model_name, self.catalog.loaded())
+        except BaseException as exc:  # noqa: BLE001 - reported by /health and the CLI
+            self.startup_error = exc
+            log.error("startup failed: %s", exc)
+            if not isinstance(exc, (Exception, asyncio.CancelledError)):
+                raise
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+        self.ready = False
+
+    # --- helpers for routes ---------------------------------------------------------------------
+
+    def require_ready(self) -> tuple[ServingEngine, SetCatalog]:
+        if not self.ready or self.engine is None or self.catalog is None:
+            if self.startup_error is not None:
+                raise NotReadyError(
+                    f"the server failed to start: {self.startup_error}", hint="see the server log"
+                )
+            raise NotReadyError(
+                "the server is starting (engine and expert sets loading)", hint="retry shortly"
+            )
+        return self.engine, self.catalog
+
+    def refresh_metrics(self) -> None:
+        if self.engine is not None:
+            try:
+                self.metrics.observe_engine(self.engine.status(), len(self.engine.loaded_sets()))
+            except ExpertlibError as exc:
+                log.warning("engine status failed: %s", exc)
+
+
+def _max_model_len(engine: Any, base: str) -> int | None:
+    for value in (getattr(engine, "max_model_len", None), _safe_status(engine).get("max_model_len")):
+        if isinstance(value, int):
+            return value
+    config = Path(base) / "config.json"
+    if config.is_file():
+        import json
+
+        return json.loads(config.read_text()).get("max_position_embeddings")
+    return None
+
+
+def _safe_status(engine: Any) -> dict:
+    try:
+        return dict(engine.status())
+    except Exception:  # noqa: BLE001 - optional information
+        return {}

@@ -1,0 +1,474 @@
+"""HTTP-layer unit tests: the real app on a real port, driven by the official `openai` client, over
+a deterministic in-process test double of the engine protocol (no vLLM engine is started here;
+tests/test_server_e2e.py runs the same API over the real engine).
+
+The double answers each prompt with characters derived from (expert set, prompt tokens, step), so
+every expert set gives a different, reproducible answer, and records aborts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from expertlib.errors import NotLoadedError
+from expertlib.server import ServerSettings, create_app
+from expertlib.server.backend import ServingEngine
+from expertlib.testing import make_tokenizer
+
+API_KEY = "sk-test"
+ADMIN_KEY = "sk-admin"
+CTX = 64
+
+
+class FakeEngine:
+    """Deterministic stand-in for AsyncExpertEngine (HTTP-layer tests only)."""
+
+    def __init__(self, delay: float = 0.0):
+        self.tokenizer = make_tokenizer()
+        self.sets: dict[str, bool] = {}  # name -> pinned
+        self.aborted: list[str] = []
+        self.active: set[str] = set()
+        self.delay = delay
+        self.max_model_len = CTX
+
+    async def load(self, es, name=None, pin=False) -> str:
+        name = name or es.manifest.task
+        self.sets[name] = pin
+        return name
+
+    async def unload(self, name):
+        if name not in self.sets:
+            raise NotLoadedError(f"{name} is not loaded")
+        del self.sets[name]
+
+    async def pin(self, name, pinned=True):
+        if name not in self.sets:
+            raise NotLoadedError(f"{name} is not loaded")
+        self.sets[name] = pinned
+
+    def status(self):
+        return {"slots": 8, "slots_used": len(self.sets), "pinned": [n for n, p in self.sets.items() if p]}
+
+    def loaded_sets(self):
+        return list(self.sets)
+
+    @staticmethod
+    def answer(prompt: list[int], expert_set: str | None, k: int, choice: int = 0) -> str:
+        alphabet = "abcdefghijklmnopqrstuvwxyz"
+        salt = sum(map(ord, expert_set or "base"))
+        return alphabet[(sum(prompt) + salt + 7 * k + 3 * choice) % 26]
+
+    async def generate(self, prompt, sampling_params, request_id, expert_set):
+        if expert_set is not None and expert_set not in self.sets:
+            raise NotLoadedError(f"{expert_set} is not loaded")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        sp = sampling_params
+        texts = [""] * sp.n
+        done = [None] * sp.n
+        self.active.add(request_id)
+        try:
+            for k in range(sp.max_tokens):
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                for c in range(sp.n):
+                    if done[c] is None:
+                        texts[c] += self.answer(ids, expert_set, k, c)
+                        if any(s in texts[c] for s in sp.stop or []):
+                            texts[c] = texts[c][: min(texts[c].index(s) for s in sp.stop if s in texts[c])]
+                            done[c] = "stop"
+                        elif k == sp.max_tokens - 1:
+                            done[c] = "length"
+                finished = all(d is not None for d in done)
+                if finished or str(sp.output_kind).endswith("CUMULATIVE"):
+                    outs = [
+                        SimpleNamespace(
+                            index=c, text=texts[c], token_ids=[0] * len(texts[c]), finish_reason=done[c]
+                        )
+                        for c in range(sp.n)
+                    ]
+                    yield SimpleNamespace(request_id=request_id, outputs=outs, finished=finished)
+                if finished:
+                    return
+        finally:
+            self.active.discard(request_id)
+
+    async def abort(self, request_id):
+        self.aborted.append(request_id)
+
+    async def get_tokenizer(self):
+        return self.tokenizer
+
+    def shutdown(self):
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    def __init__(self, app, port):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def fake_server(tmp_path_factory):
+    engine = FakeEngine(delay=0.002)
+    go = threading.Event()
+
+    async def factory(_settings):
+        await asyncio.to_thread(go.wait, 60)  # stays "starting" until a test releases it
+        return engine
+
+    patch = _patch_file(tmp_path_factory.mktemp("patch"))
+    settings = ServerSettings(
+        base="tiny-base",
+        expert_sets=[str(patch)],
+        api_key=API_KEY,
+        admin_key=ADMIN_KEY,
+        max_queue=4,
+        max_model_len=CTX,
+    )
+    app = create_app(settings, engine_factory=factory)
+    port = free_port()
+    with ServerThread(app, port):
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", engine=engine, app=app, go=go, patch=patch)
+
+
+def _patch_file(folder):
+    """A real (tiny) expert-set patch file, so loading by path goes through ExpertSet.open."""
+    import torch
+
+    from expertlib.identity import BaseIdentity
+    from expertlib.moe import ExpertWeights
+    from expertlib.patch import ExpertSet
+
+    w = ExpertWeights(gate=torch.zeros(2, 4), up=torch.zeros(2, 4), down=torch.zeros(4, 2))
+    base = BaseIdentity(model_type="qwen2_moe", config_digest="sha256:" + "0" * 64, name="tiny-base")
+    es = ExpertSet.build(
+        task="math", base=base, experts={(0, 1): w}, base_digests={(0, 1): "sha256:" + "1" * 64}
+    )
+    return es.save(folder / "math.safetensors")
+
+
+def _ready(fake):
+    fake.go.set()
+    state = fake.app.state.server
+    deadline = time.time() + 10
+    while not state.ready:
+        assert state.startup_error is None, state.startup_error
+        assert time.time() < deadline, "not ready"
+        time.sleep(0.01)
+
+
+def client(fake, key=API_KEY, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=fake.url + "/v1", api_key=key, max_retries=0, **kw)
+
+
+def expected(fake, prompt_ids, expert_set, n_tokens, choice=0) -> str:
+    return "".join(FakeEngine.answer(prompt_ids, expert_set, k, choice) for k in range(n_tokens))
+
+
+# --- readiness ------------------------------------------------------------------------------------
+
+
+def test_health_is_503_until_ready_then_200(fake_server):
+    r = httpx.get(fake_server.url + "/health")
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "not_ready"
+    with pytest.raises(openai.InternalServerError) as e:
+        client(fake_server).completions.create(model="tiny-base", prompt="hi", max_tokens=2)
+    assert e.value.status_code == 503
+    _ready(fake_server)
+    assert httpx.get(fake_server.url + "/health").status_code == 200
+    assert "math" in fake_server.engine.loaded_sets()
+
+
+# --- inference ------------------------------------------------------------------------------------
+
+
+def test_models_lists_base_and_loaded_sets(fake_server):
+    _ready(fake_server)
+    models = client(fake_server).models.list()
+    ids = {m.id: m for m in models.data}
+    assert set(ids) == {"tiny-base", "math"}
+    assert (
+        ids["math"].parent == "tiny-base" and ids["math"].owned_by == "expertlib" and ids["math"].created > 0
+    )
+
+
+def test_completion_per_set_and_usage(fake_server):
+    _ready(fake_server)
+    c = client(fake_server)
+    tok = fake_server.engine.tokenizer
+    ids = tok.encode("2+2=")
+    for model, es in [("tiny-base", None), ("math", "math")]:
+        r = c.completions.create(model=model, prompt="2+2=", max_tokens=5, temperature=0)
+        assert r.choices[0].text == expected(fake_server, ids, es, 5)
+        assert r.choices[0].finish_reason == "length"
+        assert (
+            r.usage.prompt_tokens == len(ids)
+            and r.usage.completion_tokens == 5
+            and r.usage.total_tokens == len(ids) + 5
+        )
+        assert r.model == model
+    base = c.completions.create(model="tiny-base", prompt="2+2=", max_tokens=5).choices[0].text
+    math = c.completions.create(model="math", prompt="2+2=", max_tokens=5).choices[0].text
+    assert base != math
+
+
+def test_completion_batch_n_and_stop(fake_server):
+    _ready(fake_server)
+    c = client(fake_server)
+    tok = fake_server.engine.tokenizer
+    r = c.completions.create(model="math", prompt=["ab", "cd"], max_tokens=4, n=2)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    assert r.choices[3].text == expected(fake_server, tok.encode("cd"), "math", 4, choice=1)
+    full = expected(fake_server, tok.encode("xy"), "math", 8)
+    stop = full[3]
+    r = c.completions.create(model="math", prompt="xy", max_tokens=8, stop=[stop])
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_chat_uses_the_chat_template(fake_server):
+    _ready(fake_server)
+    tok = fake_server.engine.tokenizer
+    msgs = [{"role": "user", "content": "hello"}]
+    r = client(fake_server).chat.completions.create(model="math", messages=msgs, max_tokens=6)
+    ids = tok.encode(
+        tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )
+    assert r.choices[0].message.content == expected(fake_server, ids, "math", 6)
+    assert r.choices[0].message.role == "assistant" and r.object == "chat.completion"
+    assert r.usage.prompt_tokens == len(ids)
+
+
+def test_streaming_completion_and_chat(fake_server):
+    _ready(fake_server)
+    c = client(fake_server)
+    tok = fake_server.engine.tokenizer
+    chunks = list(
+        c.completions.create(
+            model="math", prompt="abc", max_tokens=5, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == expected(fake_server, tok.encode("abc"), "math", 5)
+    assert chunks[-1].usage.completion_tokens == 5
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    msgs = [{"role": "user", "content": "hi"}]
+    chunks = list(c.chat.completions.create(model="tiny-base", messages=msgs, max_tokens=4, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    ids = tok.encode(
+        tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == expected(fake_server, ids, None, 4)
+    raw = httpx.post(
+        fake_server.url + "/v1/completions",
+        json={"model": "math", "prompt": "abc", "max_tokens": 2, "stream": True},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def _post(fake, path, body, key=API_KEY):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(fake.url + path, json=body, headers=headers)
+
+
+def _assert_openai_error(r, status, param=None, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    if code is not None:
+        assert err["code"] == code
+    return err
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"model": "math", "prompt": "x", "temperature": 5}, "temperature"),
+        ({"model": "math", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"model": "math", "prompt": "x", "n": 0}, "n"),
+        ({"model": "math", "prompt": "x", "top_p": 0}, "top_p"),
+        ({"model": "math", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "math", "prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"model": "math", "prompt": []}, "prompt"),
+        ({"model": "math"}, "prompt"),
+        ({"prompt": "x"}, "model"),
+    ],
+)
+def test_bad_parameters_are_400(fake_server, body, param):
+    _ready(fake_server)
+    err = _assert_openai_error(_post(fake_server, "/v1/completions", body), 400, param=param)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_bad_json_and_bad_chat_are_400(fake_server):
+    _ready(fake_server)
+    r = httpx.post(
+        fake_server.url + "/v1/completions", content=b"{nope", headers={"Authorization": f"Bearer {API_KEY}"}
+    )
+    _assert_openai_error(r, 400)
+    _assert_openai_error(
+        _post(fake_server, "/v1/chat/completions", {"model": "math", "messages": []}), 400, "messages"
+    )
+    with pytest.raises(openai.BadRequestError):
+        client(fake_server).chat.completions.create(
+            model="math", messages=[{"role": "wizard", "content": "x"}]
+        )
+
+
+def test_unknown_model_is_404(fake_server):
+    _ready(fake_server)
+    with pytest.raises(openai.NotFoundError) as e:
+        client(fake_server).completions.create(model="poetry", prompt="x", max_tokens=2)
+    assert e.value.status_code == 404 and e.value.code == "model_not_found"
+
+
+def test_prompt_too_long_is_400(fake_server):
+    _ready(fake_server)
+    with pytest.raises(openai.BadRequestError) as e:
+        client(fake_server).completions.create(model="math", prompt="x" * (CTX + 5), max_tokens=2)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:
+        client(fake_server).completions.create(model="math", prompt="xy", max_tokens=CTX)
+    assert e.value.param == "max_tokens"
+
+
+def test_auth_401_and_403(fake_server):
+    _ready(fake_server)
+    with pytest.raises(openai.AuthenticationError):
+        client(fake_server, key="wrong").models.list()
+    _assert_openai_error(httpx.get(fake_server.url + "/v1/models"), 401)
+    assert client(fake_server, key=ADMIN_KEY).models.list().data  # the admin key works everywhere
+    _assert_openai_error(_post(fake_server, "/admin/sets/pin", {"name": "math"}, key=API_KEY), 403)
+    _assert_openai_error(_post(fake_server, "/admin/sets/pin", {"name": "math"}, key="wrong"), 401)
+    _assert_openai_error(_post(fake_server, "/admin/sets/pin", {"name": "math"}, key=None), 401)
+    assert httpx.get(fake_server.url + "/health").status_code == 200  # health and metrics are open
+    assert httpx.get(fake_server.url + "/metrics").status_code == 200
+
+
+def test_queue_full_is_429_and_disconnect_aborts(fake_server):
+    _ready(fake_server)
+    engine = fake_server.engine
+    engine.delay = 0.2
+    try:
+        body = {"model": "math", "prompt": "slow", "max_tokens": 50, "stream": True}
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        with httpx.Client(timeout=30) as h:
+            streams = [
+                h.stream("POST", fake_server.url + "/v1/completions", json=body, headers=headers)
+                for _ in range(4)
+            ]
+            responses = [s.__enter__() for s in streams]
+            lines = [resp.iter_lines() for resp in responses]  # keep them: a dropped iterator closes
+            for resp, it in zip(responses, lines, strict=True):
+                assert resp.status_code == 200
+                assert next(it).startswith("data: ")  # generation has started
+            assert fake_server.app.state.server.gate.depth == 4
+            err = _assert_openai_error(_post(fake_server, "/v1/completions", {**body, "stream": False}), 429)
+            assert err["type"] == "rate_limit_error"
+            n_aborted = len(engine.aborted)
+            for s in streams:
+                s.__exit__(None, None, None)  # client disconnects mid-stream
+        deadline = time.time() + 10
+        while len(engine.aborted) < n_aborted + 4 or engine.active:
+            assert time.time() < deadline, (engine.aborted, engine.active)
+            time.sleep(0.02)
+        assert fake_server.app.state.server.gate.depth == 0
+        # a non-streaming request whose client goes away is aborted as well
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                fake_server.url + "/v1/completions",
+                json={**body, "stream": False},
+                headers=headers,
+                timeout=0.5,
+            )
+        deadline = time.time() + 10
+        while len(engine.aborted) < n_aborted + 5 or engine.active:
+            assert time.time() < deadline, (engine.aborted, engine.active)
+            time.sleep(0.02)
+    finally:
+        engine.delay = 0.002
+
+
+# --- admin ----------------------------------------------------------------------------------------
+
+
+def test_admin_load_pin_unload_status(fake_server):
+    _ready(fake_server)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    r = httpx.post(fake_server.url + "/admin/sets/pin", json={"name": "math"}, headers=admin)
+    assert r.status_code == 200 and r.json()["pinned"] is True
+    st = httpx.get(fake_server.url + "/admin/status", headers=admin).json()
+    assert (
+        st["loaded"] == ["math"]
+        and st["ready"]
+        and st["engine"]["pinned"] == ["math"]
+        and st["max_queue"] == 4
+    )
+    r = httpx.post(fake_server.url + "/admin/sets/unload", json={"name": "math"}, headers=admin)
+    assert r.status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client(fake_server).completions.create(model="math", prompt="x", max_tokens=2)
+    _assert_openai_error(
+        httpx.post(fake_server.url + "/admin/sets/unload", json={"name": "math"}, headers=admin), 404
+    )
+    r = httpx.post(fake_server.url + "/admin/sets/load", json={"name": str(fake_server.patch)}, headers=admin)
+    assert r.status_code == 200 and r.json()["name"] == "math"
+    assert client(fake_server).completions.create(model="math", prompt="x", max_tokens=2).choices[0].text
+    _assert_openai_error(
+        httpx.post(fake_server.url + "/admin/sets/load", json={"name": "nothing-here"}, headers=admin), 404
+    )
+
+
+def test_metrics_count_requests_tokens_and_latency_per_set(fake_server):
+    _ready(fake_server)
+    client(fake_server).completions.create(model="math", prompt="x", max_tokens=3)
+    with pytest.raises(openai.NotFoundError):
+        client(fake_server).completions.create(model="nope", prompt="x", max_tokens=3)
+    text = httpx.get(fake_server.url + "/metrics").text
+    assert 'expertlib_requests_total{endpoint="completions",model="math",status="200"}' in text
+    assert 'expertlib_completion_tokens_total{model="math"}' in text
+    assert 'expertlib_request_latency_seconds_count{model="math"}' in text
+    assert 'model="unknown",status="404"' in text
+    for name in ("expertlib_queue_depth", "expertlib_slots_used", "expertlib_sets_loaded"):
+        assert name in text
+    assert json.loads(httpx.get(fake_server.url + "/health").text)["status"] == "ok"
+
+
+def test_fake_engine_satisfies_the_protocol():
+    assert isinstance(FakeEngine(), ServingEngine)
