@@ -133,6 +133,7 @@ class BlobStore:
             tmp.path.unlink(missing_ok=True)
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(tmp.path, 0o444)  # stored patches are immutable
         os.replace(tmp.path, target)
         fsync_dir(target.parent)
         return target

@@ -251,7 +251,12 @@ class Registry:
         """The stored expert set, opened lazily (`verify=True` rechecks the file digest first)."""
         path = self.get_path(ref, base=base)
         if verify:
-            self._check_blob(self.resolve(ref, base=base).digest)
+            entry = self.resolve(ref, base=base)
+            problem = self._check_blob(entry.digest)
+            if problem:
+                raise DigestMismatchError(
+                    f"{entry.ref}: {problem}", path=str(path), hint="pull it again from a good copy, or rm it"
+                )
         return ExpertSet.open(path)
 
     # --- publishing ------------------------------------------------------------------------------
