@@ -14,6 +14,7 @@ from expertlib.errors import ExpertlibError
 #: Modules that contribute commands: each exposes `COMMANDS`, a list of click commands.
 COMMAND_MODULES = [
     "expertlib.cli.inspect",
+    "expertlib.cli.train",
     "expertlib.cli.eval",
     "expertlib.cli.registry",
 ]

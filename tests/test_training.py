@@ -55,6 +55,7 @@ def test_only_selected_experts_change(samples):
     assert all(torch.equal(named[n], before[n]) for n in named if n not in routed)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_learnable_task(samples):
     model = make_tiny_model("qwen2_moe")
     train, held = split_holdout(samples, 0.25, seed=0)

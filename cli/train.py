@@ -1,0 +1,179 @@
+"""`expertlib score`, `expertlib select`, `expertlib train`: the ESFT pipeline from the shell."""
+
+from __future__ import annotations
+
+import click
+
+from expertlib.cli.output import emit, json_option, print_table
+
+_BUDGET_HELP = "Token budget of the scoring sample (paper: 131072); 0 scores every token."
+
+
+@click.command("score")
+@click.argument("base")
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Scores JSON to write.")
+@click.option("--budget", type=int, default=131072, show_default=True, help=_BUDGET_HELP)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per forward pass.")
+@click.option(
+    "--answer-only", is_flag=True, help="Count only answer tokens (default: prompt tokens count too)."
+)
+@click.option("--max-length", type=int, default=4096, show_default=True, help="Longer samples are cut.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample order.")
+@json_option
+def score_cmd(base, data, out, budget, batch_size, answer_only, max_length, seed, as_json) -> None:
+    """Score every routed expert of BASE on task DATA (jsonl) with ESFT-Token and ESFT-Gate.
+
+    Example: expertlib score ./base math.jsonl --out math.scores.json --budget 131072
+    """
+    from expertlib.scoring import score_task
+
+    scores = score_task(
+        base,
+        data,
+        token_budget=budget or None,
+        batch_size=batch_size,
+        count_prompt_tokens=not answer_only,
+        max_length=max_length,
+        seed=seed,
+    )
+    scores.save(out)
+    summary = {
+        "out": out,
+        "tokens_scored": scores.tokens_scored,
+        "sequences": scores.sequences,
+        "layers": len(scores.token),
+        "data_digest": scores.data_digest,
+    }
+    emit(as_json, summary, lambda d: print_table(f"scores of {data}", ["field", "value"], list(d.items())))
+
+
+@click.command("select")
+@click.argument("scores_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--score", type=click.Choice(["token", "gate"]), default="token", show_default=True)
+@click.option(
+    "--top-p", type=float, default=None, help="Cumulative score threshold (default 0.2 token, 0.1 gate)."
+)
+@click.option("--max-per-layer", type=int, default=None, help="Cap on experts per layer.")
+@click.option("--shared-experts", is_flag=True, help="Mark shared experts trainable too (ablation).")
+@click.option("--non-expert-modules", is_flag=True, help="Mark non-expert modules trainable too (ablation).")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="expert_cfg.json to write.")
+@json_option
+def select_cmd(
+    scores_file, score, top_p, max_per_layer, shared_experts, non_expert_modules, out, as_json
+) -> None:
+    """Select the experts to train from a scores file with the ESFT top-p rule, per layer.
+
+    Example: expertlib select math.scores.json --score token --top-p 0.2 --out experts.json
+    """
+    from expertlib.scoring import ExpertScores
+    from expertlib.selection import DEFAULT_TOP_P, select_experts
+
+    scores = ExpertScores.load(scores_file).of(score)
+    p = top_p if top_p is not None else DEFAULT_TOP_P[score]
+    cfg = select_experts(
+        scores,
+        p,
+        max_per_layer=max_per_layer,
+        shared_experts=shared_experts,
+        non_expert_modules=non_expert_modules,
+    )
+    cfg.save(out)
+    rows = [
+        {"layer": layer, "experts": ids, "score_sum": round(sum(scores[layer][e] for e in ids), 4)}
+        for layer, ids in cfg.experts.items()
+    ]
+
+    def render(rs):
+        print_table(
+            f"{score} top-p {p}: {cfg.num_experts} experts -> {out}",
+            ["layer", "experts", "score sum"],
+            [(r["layer"], " ".join(map(str, r["experts"])), r["score_sum"]) for r in rs],
+        )
+
+    emit(as_json, rows, render)
+
+
+@click.command("train")
+@click.argument("base")
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.option("--task", required=True, help="Task name recorded in the patch.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Patch to write [TASK.safetensors].")
+@click.option("--score", type=click.Choice(["token", "gate"]), default="token", show_default=True)
+@click.option("--top-p", type=float, default=None, help="Selection threshold (default 0.2 token, 0.1 gate).")
+@click.option("--max-per-layer", type=int, default=None, help="Cap on selected experts per layer.")
+@click.option("--experts", type=click.Path(exists=True, dir_okay=False), help="Use this expert_cfg.json.")
+@click.option("--budget", type=int, default=131072, show_default=True, help=_BUDGET_HELP)
+@click.option("--answer-only", is_flag=True, help="Score on answer tokens only.")
+@click.option("--train-shared-experts", is_flag=True, help="Also train shared experts (ablation).")
+@click.option(
+    "--train-non-expert-modules", is_flag=True, help="Also train attention/norms/embeddings (ablation)."
+)
+@click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--steps", type=int, default=500, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option(
+    "--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True
+)
+@click.option("--weight-decay", type=float, default=0.1, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-length", type=int, default=2048, show_default=True)
+@click.option(
+    "--too-long", type=click.Choice(["error", "truncate", "skip"]), default="error", show_default=True
+)
+@click.option("--pack", is_flag=True, help="Pack samples into rows of --max-length tokens.")
+@click.option(
+    "--holdout", type=float, default=0.0, show_default=True, help="Fraction held out for eval loss."
+)
+@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), help="Held-out jsonl instead.")
+@click.option("--eval-every", type=int, default=0, show_default=True)
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), help="Write resumable checkpoints here.")
+@click.option("--checkpoint-every", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
+@json_option
+def train_cmd(base, data, task, out, score, top_p, max_per_layer, experts, budget, answer_only, **kw) -> None:
+    """Train only the task's experts of BASE on DATA (jsonl) and write an expert-set patch.
+
+    Scores and selects the experts unless --experts gives a selection.
+
+    Example: expertlib train ./base math.jsonl --task math --score gate --top-p 0.1 --steps 200
+    """
+    from expertlib.training import TrainConfig, train_esft
+
+    as_json = kw.pop("as_json")
+    config = TrainConfig(**{k: kw.pop(k) for k in list(kw) if k in TrainConfig.model_fields})
+    es = train_esft(
+        base,
+        data,
+        task=task,
+        out=out or f"{task}.safetensors",
+        score=score,
+        top_p=top_p,
+        max_per_layer=max_per_layer,
+        experts=experts,
+        token_budget=budget or None,
+        count_prompt_tokens=not answer_only,
+        config=config,
+        **kw,
+    )
+    m, p = es.manifest, es.manifest.provenance
+    data_out = {
+        "out": str(es.path),
+        "task": m.task,
+        "method": p.method,
+        "experts": m.num_experts,
+        "layers": len(m.experts),
+        "trainable_params": p.trainable_params,
+        "steps": p.steps,
+        "final_train_loss": p.final_train_loss,
+        "final_eval_loss": p.final_eval_loss,
+        "wall_time_s": p.wall_time_s,
+        "bytes": es.nbytes,
+    }
+    emit(as_json, data_out, lambda d: print_table(f"trained {task}", ["field", "value"], list(d.items())))
+
+
+COMMANDS = [score_cmd, select_cmd, train_cmd]

@@ -1,0 +1,117 @@
+"""`expertlib score | select | train` end to end on a tiny model, through the click CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from expertlib.apply import apply_expert_set, changed_experts
+from expertlib.cli.main import cli
+from expertlib.moe import load_model
+from expertlib.patch import ExpertSet
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    p = tmp_path_factory.mktemp("cli") / "task.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+        for w in "abcdefgh"
+    ]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def run(*args):
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    return res
+
+
+def test_score_select_train_apply(tmp_path, tiny_model_dir, data):
+    base = tiny_model_dir("qwen2_moe")
+    res = run("score", base, data, "--out", tmp_path / "s.json", "--budget", 100, "--answer-only", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{") :])
+    assert summary["tokens_scored"] == 16  # 8 answers of 1 char + EOS: fewer than the budget
+    res = run(
+        "select",
+        tmp_path / "s.json",
+        "--score",
+        "gate",
+        "--top-p",
+        0.3,
+        "--out",
+        tmp_path / "e.json",
+        "--json",
+    )
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "e.json").read_text())
+    assert set(cfg) == {"experts", "shared_experts", "non_expert_modules"} and set(cfg["experts"]) == {
+        "0",
+        "1",
+    }
+    out = tmp_path / "p.safetensors"
+    res = run(
+        "train",
+        base,
+        data,
+        "--task",
+        "say",
+        "--experts",
+        tmp_path / "e.json",
+        "--steps",
+        2,
+        "--lr",
+        1e-3,
+        "--batch-size",
+        4,
+        "--out",
+        out,
+        "--json",
+    )
+    assert res.exit_code == 0, res.output
+    es = ExpertSet.open(out)
+    assert es.manifest.experts == {int(k): v for k, v in cfg["experts"].items()}
+    assert es.manifest.provenance.steps == 2 and es.manifest.provenance.data_digest.startswith("sha256:")
+    model = load_model(base)
+    apply_expert_set(model, es)
+    assert changed_experts(load_model(base), model) == es.manifest.experts
+
+
+def test_train_scores_and_selects_itself(tmp_path, tiny_model_dir, data):
+    base = tiny_model_dir("mixtral")
+    out = tmp_path / "m.safetensors"
+    res = run(
+        "train",
+        base,
+        data,
+        "--task",
+        "say",
+        "--score",
+        "token",
+        "--top-p",
+        0.2,
+        "--steps",
+        1,
+        "--holdout",
+        0.25,
+        "--out",
+        out,
+        "--json",
+    )
+    assert res.exit_code == 0, res.output
+    p = ExpertSet.open(out).manifest.provenance
+    assert (p.method, p.score_function, p.top_p) == ("esft-token", "token", 0.2)
+    assert p.tokens_scored > 0 and p.count_prompt_tokens is True and p.final_eval_loss is not None
+    assert p.trainable_params > 0 and set(p.extra["scores"]) == {"0", "1"}
+
+
+def test_bad_data_fails_cleanly(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n')
+    out = tmp_path / "x.safetensors"
+    res = run("train", tiny_model_dir("qwen2_moe"), bad, "--task", "x", "--out", out)
+    assert res.exit_code == 2 and "bad.jsonl:2:" in res.output and "bad JSON" in res.output
+    assert list(tmp_path.iterdir()) == [bad]  # nothing half-written
