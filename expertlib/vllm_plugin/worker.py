@@ -129,3 +129,21 @@ class SlotWorkerExtension:
 
     def expertlib_clear_row(self, row: int) -> None:
         self.expertlib_set_row(row, {})
+
+    def expertlib_apply(
+        self,
+        clear_rows: list[int],
+        path: str | None = None,
+        fills: list[list[int]] | None = None,
+        row: int | None = None,
+        remap: dict[Any, dict[Any, int]] | None = None,
+    ) -> None:
+        """One placement in one call (so between two forward steps): clear the rows of evicted or
+        unloaded sets, copy the new set's experts into their slots, then write its remap row."""
+        for r in clear_rows:
+            self.expertlib_clear_row(int(r))
+        if fills:
+            assert path is not None
+            self.expertlib_write_slots(path, fills)
+        if row is not None:
+            self.expertlib_set_row(int(row), remap or {})

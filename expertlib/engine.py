@@ -1,0 +1,507 @@
+"""Serving engines: one base MoE model in vLLM, many expert sets loaded into its expert slots.
+
+    engine = ExpertEngine("path/to/base", slots=8, max_sets=8, enforce_eager=True)
+    engine.load("math.safetensors")                     # -> "math" (the set's task name)
+    engine.load(code_set, name="code", pin=True)        # an in-memory ExpertSet works too
+    outs = engine.generate(["2+2=", "def f(", "hi"], expert_set=["math", "code", None])
+    engine.unload("math")
+
+`AsyncExpertEngine.from_base(...)` is the same over vLLM's AsyncLLM (for the server): `await load`,
+`await unload`, and `generate(prompt, sampling_params, request_id, expert_set=...)` streams
+RequestOutputs. Loads and unloads run on the workers through `collective_rpc` while requests are being
+served; a set with requests in flight is never evicted, and unloading it waits for them.
+
+The slot accounting is `expertlib.slots.SlotPool`; the vLLM mechanics are `expertlib.vllm_plugin`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import tempfile
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from expertlib.errors import (
+    BaseMismatchError,
+    EngineError,
+    ModelLoadError,
+    NotLoadedError,
+    PatchShapeError,
+    SlotError,
+)
+from expertlib.identity import BaseIdentity, base_identity
+from expertlib.moe import ExpertWeights, arch_spec, experts_module, moe_layer_indices
+from expertlib.patch import ExpertSet, pair_key
+from expertlib.slots import Placement, SlotPool
+from expertlib.vllm_plugin import SET_ID_KEY, WORKER_EXTENSION, slot_hf_overrides
+
+DEFAULT_SLOTS = 8
+DEFAULT_MAX_SETS = 8
+
+
+# --- the base checkpoint ------------------------------------------------------------------------------
+
+
+def resolve_base(base: str | Path) -> Path:
+    """A local folder holding the base model (a hub id resolves through the local HF cache only)."""
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(base), local_files_only=True))
+    except Exception as exc:  # huggingface_hub raises several error types
+        raise ModelLoadError(
+            f"base model {str(base)!r} is neither a folder nor in the local Hugging Face cache",
+            hint="pass the folder of a saved model (config.json + safetensors)",
+        ) from exc
+
+
+class BaseCheckpoint:
+    """Config, identity, MoE layout and per-expert digests of a base model folder (never fully loaded)."""
+
+    def __init__(self, path: Path):
+        from transformers import AutoConfig
+
+        self.path = path
+        try:
+            self.config = AutoConfig.from_pretrained(str(path))
+        except Exception as exc:  # transformers raises OSError/ValueError/...
+            raise ModelLoadError(f"cannot read a model config from {str(path)!r}: {exc}") from exc
+        self.spec = arch_spec(self.config.model_type)
+        self.identity: BaseIdentity = base_identity(self.config, name=path.name)
+        self.moe_layers, self.num_experts = _moe_layout(self.config)
+        self._files = _weight_files(path)
+        self._digests: dict[tuple[int, int], str] = {}
+
+    def expert_digest(self, layer: int, expert: int) -> str:
+        key = (layer, expert)
+        if key not in self._digests:
+            self._digests[key] = self._read_expert(layer, expert).digest()
+        return self._digests[key]
+
+    def _read_expert(self, layer: int, expert: int) -> ExpertWeights:
+        from safetensors import safe_open
+
+        if self.spec.checkpoint_key is not None:
+            names = [
+                self.spec.checkpoint_key.format(layer=layer, expert=expert, proj=p)
+                for p in self.spec.proj_names
+            ]
+            if all(n in self._files for n in names):
+                parts = []
+                for n in names:
+                    with safe_open(str(self._files[n]), framework="pt") as f:
+                        parts.append(f.get_tensor(n))
+                return ExpertWeights(gate=parts[0], up=parts[1], down=parts[2])
+        # transformers may also save the fused layout: gate_up_proj (E, 2I, H), down_proj (E, H, I)
+        prefix = self.spec.checkpoint_key.split(".experts.")[0] if self.spec.checkpoint_key else ""
+        prefix = prefix.format(layer=layer) or f"model.layers.{layer}.mlp"
+        gu, dn = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
+        if gu in self._files and dn in self._files:
+            with safe_open(str(self._files[gu]), framework="pt") as f:
+                g = f.get_slice(gu)[expert]
+            with safe_open(str(self._files[dn]), framework="pt") as f:
+                d = f.get_slice(dn)[expert]
+            inter = g.shape[0] // 2
+            return ExpertWeights(gate=g[:inter], up=g[inter:], down=d)
+        raise ModelLoadError(
+            f"expert {expert} of layer {layer} is not in the checkpoint at {self.path}",
+            hint="the base folder must hold the safetensors checkpoint the engine serves",
+        )
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    from safetensors import safe_open
+
+    files: dict[str, Path] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            files.update(dict.fromkeys(f.keys(), file))  # noqa: SIM118
+    if not files:
+        raise ModelLoadError(f"no safetensors weights in {path}", hint="save the base with save_pretrained")
+    return files
+
+
+def _moe_layout(config) -> tuple[list[int], int]:
+    """MoE layer indices and routed expert count, from a weightless (meta) instance of the model."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    layers = moe_layer_indices(skeleton)
+    return layers, int(experts_module(skeleton, layers[0]).num_experts)
+
+
+# --- accounting shared by both engines -----------------------------------------------------------------
+
+
+class _Book:
+    """Which sets are loaded where (SlotPool), their files, pins and requests in flight."""
+
+    def __init__(self, base: BaseCheckpoint, slots: int, max_sets: int):
+        self.base = base
+        self.pool = SlotPool(base.moe_layers, base.num_experts, slots, max_sets)
+        self.sets: dict[str, ExpertSet] = {}
+        self.user_pins: set[str] = set()
+        self.in_flight: Counter[str] = Counter()
+        self.unloading: set[str] = set()
+        self._tmp = tempfile.TemporaryDirectory(prefix="expertlib-engine-")
+
+    def open(self, es: ExpertSet | str | Path, name: str | None) -> tuple[ExpertSet, str, str]:
+        """The set, its name and a file the workers can read; refuses sets for another base."""
+        if not isinstance(es, ExpertSet):
+            es = ExpertSet.open(es)
+        m = es.manifest
+        name = name or m.task
+        if m.extra_params:
+            raise PatchShapeError(
+                f"expert set {name!r} carries full parameters {sorted(m.extra_params)[:3]}; slots hold routed experts only",
+                hint="apply such a set in place (expertlib.apply) or serve a merged checkpoint",
+            )
+        self.check_base(es)
+        if es.path is None:
+            es.save(Path(self._tmp.name) / f"{abs(hash((name, m.content_digest)))}.safetensors")
+        return es, name, str(es.path)
+
+    def check_base(self, es: ExpertSet) -> None:
+        m, ident = es.manifest, self.base.identity
+        where = str(es.path) if es.path else None
+        if not ident.same_base(m.base):
+            raise BaseMismatchError(
+                f"expert set {m.task!r} was made for a {m.base.model_type} base {m.base.name or ''} "
+                f"({m.base.config_digest[:19]}...), the engine serves {ident.model_type} {ident.name or ''} "
+                f"({ident.config_digest[:19]}...)",
+                path=where,
+                hint="start an engine on the base the set was trained on, or retrain the set on this base",
+            )
+        for layer, e in m.pairs():
+            if layer not in self.base.moe_layers or not 0 <= e < self.base.num_experts:
+                raise PatchShapeError(f"layer {layer} expert {e} does not exist in the base", path=where)
+            if self.base.expert_digest(layer, e) != m.base_expert_digests[pair_key(layer, e)]:
+                raise BaseMismatchError(
+                    f"expert {e} of layer {layer} differs from the base expert set {m.task!r} was made for "
+                    "(same architecture and config, other weights)",
+                    path=where,
+                    hint="serve the exact base checkpoint the set was trained on",
+                )
+
+    def place(self, es: ExpertSet, name: str, pin: bool) -> Placement | None:
+        """Reserve slots; None when this very set is already loaded (then only touch/pin)."""
+        if name in self.unloading:
+            raise SlotError(f"expert set {name!r} is being unloaded", hint="retry once the unload finished")
+        if name in self.pool:
+            if self.sets[name].manifest.content_digest != es.manifest.content_digest:
+                raise SlotError(
+                    f"another expert set named {name!r} is loaded",
+                    hint="unload it first, or load this one under another name",
+                )
+            self.pool.touch(name)
+            if pin:
+                self.pin(name, True)
+            return None
+        m = es.manifest
+        placement = self.pool.place(name, m.experts, m.expert_digests, pinned=pin)
+        for gone in placement.evicted:
+            self.forget(gone)
+        self.sets[name] = es
+        if pin:
+            self.user_pins.add(name)
+        return placement
+
+    def forget(self, name: str) -> None:
+        self.sets.pop(name, None)
+        self.user_pins.discard(name)
+
+    def apply_args(self, placement: Placement, evicted_rows: list[int], path: str) -> tuple:
+        fills = [[layer, slot, e] for layer, slot, e in placement.fills]
+        remap = {layer: dict(m) for layer, m in placement.remap.items()}
+        return (evicted_rows, path, fills, placement.set_index, remap)
+
+    def row(self, expert_set: str | None) -> int:
+        """Remap row for a request naming `expert_set` (None or "" = the base)."""
+        if not expert_set:
+            return 0
+        if expert_set in self.unloading:
+            raise NotLoadedError(
+                f"expert set {expert_set!r} is being unloaded", hint="load it again to use it"
+            )
+        row = self.pool.index_of(expert_set)
+        self.pool.touch(expert_set)
+        return row
+
+    def pin(self, name: str, pinned: bool = True) -> None:
+        self.pool.index_of(name)
+        (self.user_pins.add if pinned else self.user_pins.discard)(name)
+        self.pool.pin(name, pinned or self.in_flight[name] > 0)
+
+    def acquire(self, name: str | None) -> None:
+        if name:
+            self.in_flight[name] += 1
+            self.pool.pin(name, True)  # never evicted while a request uses it
+
+    def release(self, name: str | None) -> None:
+        if name:
+            self.in_flight[name] -= 1
+            if self.in_flight[name] <= 0:
+                del self.in_flight[name]
+                if name in self.pool:
+                    self.pool.pin(name, name in self.user_pins)
+
+    def status(self) -> dict[str, Any]:
+        st = self.pool.status()
+        for name, info in st["sets"].items():
+            m = self.sets[name].manifest
+            info.update(
+                pinned=name in self.user_pins,
+                in_flight=self.in_flight.get(name, 0),
+                task=m.task,
+                content_digest=m.content_digest,
+                path=str(self.sets[name].path) if self.sets[name].path else None,
+            )
+        st["base"] = self.base.identity.model_dump()
+        st["base_path"] = str(self.base.path)
+        st["num_experts"] = self.base.num_experts
+        st["moe_layers"] = list(self.base.moe_layers)
+        return st
+
+
+def _engine_kwargs(base: BaseCheckpoint, slots: int, max_sets: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if slots < 1 or max_sets < 1:
+        raise SlotError("slots and max_sets must be >= 1")
+    kw = dict(kwargs)
+    overrides = dict(kw.pop("hf_overrides", None) or {})
+    overrides.update(slot_hf_overrides(base.config.model_type, slots=slots, max_sets=max_sets))
+    if kw.get("worker_extension_cls") not in (None, WORKER_EXTENSION):
+        raise EngineError("worker_extension_cls is set by ExpertEngine", hint="do not pass it")
+    kw.update(model=str(base.path), hf_overrides=overrides, worker_extension_cls=WORKER_EXTENSION)
+    return kw
+
+
+def _with_set(params, row: int):
+    """A copy of SamplingParams `params` that carries the set row in extra_args."""
+    from vllm import SamplingParams
+
+    sp = params.clone() if params is not None else SamplingParams()
+    sp.extra_args = {**(sp.extra_args or {}), SET_ID_KEY: row}
+    return sp
+
+
+def _check_worker(info: dict[str, Any], base: BaseCheckpoint, slots: int, max_sets: int) -> None:
+    want = {
+        "num_experts": base.num_experts,
+        "slots": slots,
+        "max_sets": max_sets,
+        "moe_layers": base.moe_layers,
+    }
+    got = {k: info.get(k) for k in want}
+    if got != want:
+        raise EngineError(f"the vLLM workers report slot layout {got}, expected {want}")
+
+
+# --- offline engine --------------------------------------------------------------------------------------
+
+
+class ExpertEngine:
+    """vLLM's offline `LLM` on one base model, with expert sets loaded into its slots."""
+
+    def __init__(
+        self,
+        base: str | Path,
+        *,
+        slots: int = DEFAULT_SLOTS,
+        max_sets: int = DEFAULT_MAX_SETS,
+        **engine_kwargs: Any,
+    ):
+        from vllm import LLM
+
+        self.base = BaseCheckpoint(resolve_base(base))
+        self._book = _Book(self.base, slots, max_sets)
+        self.llm = LLM(**_engine_kwargs(self.base, slots, max_sets, engine_kwargs))
+        _check_worker(self.llm.collective_rpc("expertlib_info")[0], self.base, slots, max_sets)
+
+    def load(self, es: ExpertSet | str | Path, name: str | None = None, pin: bool = False) -> str:
+        """Load a set (file or ExpertSet) into free slots, evicting LRU unpinned sets; returns its name."""
+        es, name, path = self._book.open(es, name)
+        evicted_rows = self._evicted_rows()
+        placement = self._book.place(es, name, pin)
+        if placement is not None:
+            rows = [evicted_rows[n] for n in placement.evicted if n != name]
+            try:
+                self.llm.collective_rpc("expertlib_apply", args=self._book.apply_args(placement, rows, path))
+            except Exception:
+                self._rollback(name, placement.set_index)
+                raise
+        return name
+
+    def unload(self, name: str) -> None:
+        row = self._book.pool.index_of(name)
+        self._book.pool.release(name)
+        self._book.forget(name)
+        self.llm.collective_rpc("expertlib_apply", args=([row],))
+
+    def pin(self, name: str, pinned: bool = True) -> None:
+        self._book.pin(name, pinned)
+
+    def loaded_sets(self) -> list[str]:
+        return self._book.pool.loaded()
+
+    def status(self) -> dict[str, Any]:
+        return self._book.status()
+
+    def get_tokenizer(self):
+        return self.llm.get_tokenizer()
+
+    def generate(
+        self,
+        prompts: str | Sequence[Any],
+        expert_set: str | None | Sequence[str | None] = None,
+        sampling_params: Any = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[Any]:
+        """Generate for each prompt with its expert set (one name for all, or one per prompt; None = base)."""
+        single = isinstance(prompts, (str, dict))
+        prompt_list = [prompts] if single else list(prompts)
+        n = len(prompt_list)
+        sets = [expert_set] * n if expert_set is None or isinstance(expert_set, str) else list(expert_set)
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * n
+        if len(sets) != n or len(params) != n:
+            raise ValueError(f"{n} prompts, {len(sets)} expert sets and {len(params)} sampling params")
+        per_request = [_with_set(p, self._book.row(s)) for p, s in zip(params, sets, strict=True)]
+        return self.llm.generate(prompt_list, per_request, use_tqdm=use_tqdm)
+
+    def _evicted_rows(self) -> dict[str, int]:
+        return {n: self._book.pool.index_of(n) for n in self._book.pool.loaded()}
+
+    def _rollback(self, name: str, row: int) -> None:
+        if name in self._book.pool:
+            self._book.pool.release(name)
+        self._book.forget(name)
+        # the engine is already failing; the set stays unusable either way
+        with contextlib.suppress(Exception):
+            self.llm.collective_rpc("expertlib_apply", args=([row],))
+
+
+# --- async engine ----------------------------------------------------------------------------------------
+
+
+class AsyncExpertEngine:
+    """vLLM's `AsyncLLM` on one base model; sets load and unload while requests stream."""
+
+    def __init__(self, engine, base: BaseCheckpoint, slots: int, max_sets: int):
+        self.engine = engine
+        self.base = base
+        self._slots, self._max_sets = slots, max_sets
+        self._book = _Book(base, slots, max_sets)
+        self._lock = asyncio.Lock()
+        self._drained: dict[str, asyncio.Event] = {}
+        self._checked = False
+
+    @classmethod
+    def from_base(
+        cls,
+        base: str | Path,
+        *,
+        slots: int = DEFAULT_SLOTS,
+        max_sets: int = DEFAULT_MAX_SETS,
+        **engine_kwargs: Any,
+    ) -> AsyncExpertEngine:
+        """Start vLLM's async engine on `base` with `slots` expert slots per MoE layer."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        ckpt = BaseCheckpoint(resolve_base(base))
+        engine_kwargs.setdefault("disable_log_stats", True)
+        args = AsyncEngineArgs(**_engine_kwargs(ckpt, slots, max_sets, engine_kwargs))
+        return cls(AsyncLLM.from_engine_args(args), ckpt, slots, max_sets)
+
+    async def _rpc(self, method: str, args: tuple = ()) -> list[Any]:
+        return await self.engine.collective_rpc(method, args=args)
+
+    async def _check(self) -> None:
+        if not self._checked:
+            _check_worker((await self._rpc("expertlib_info"))[0], self.base, self._slots, self._max_sets)
+            self._checked = True
+
+    async def load(self, es: ExpertSet | str | Path, name: str | None = None, pin: bool = False) -> str:
+        es, name, path = await asyncio.to_thread(self._book.open, es, name)
+        async with self._lock:
+            await self._check()
+            rows = {n: self._book.pool.index_of(n) for n in self._book.pool.loaded()}
+            placement = self._book.place(es, name, pin)
+            if placement is not None:
+                evicted = [rows[n] for n in placement.evicted]
+                try:
+                    await self._rpc("expertlib_apply", self._book.apply_args(placement, evicted, path))
+                except Exception:
+                    if name in self._book.pool:
+                        self._book.pool.release(name)
+                    self._book.forget(name)
+                    await self._rpc("expertlib_apply", ([placement.set_index],))
+                    raise
+        return name
+
+    async def unload(self, name: str) -> None:
+        """Unload a set; new requests for it are refused at once, requests in flight finish first."""
+        self._book.pool.index_of(name)
+        self._book.unloading.add(name)
+        try:
+            while self._book.in_flight.get(name, 0) > 0:
+                event = self._drained.setdefault(name, asyncio.Event())
+                await event.wait()
+            async with self._lock:
+                row = self._book.pool.index_of(name)
+                self._book.pool.release(name)
+                self._book.forget(name)
+                await self._rpc("expertlib_apply", ([row],))
+        finally:
+            self._book.unloading.discard(name)
+
+    def pin(self, name: str, pinned: bool = True) -> None:
+        self._book.pin(name, pinned)
+
+    def loaded_sets(self) -> list[str]:
+        return self._book.pool.loaded()
+
+    def status(self) -> dict[str, Any]:
+        return self._book.status()
+
+    async def generate(
+        self, prompt: Any, sampling_params: Any, request_id: str, expert_set: str | None = None
+    ) -> AsyncIterator[Any]:
+        """Stream RequestOutputs for one request served by `expert_set` (None = the base)."""
+        row = self._book.row(expert_set)  # raises NotLoadedError before anything is queued
+        self._book.acquire(expert_set)
+        try:
+            async for out in self.engine.generate(prompt, _with_set(sampling_params, row), request_id):
+                yield out
+        finally:
+            self._book.release(expert_set)
+            if expert_set and not self._book.in_flight.get(expert_set):
+                event = self._drained.pop(expert_set, None)
+                if event is not None:
+                    event.set()
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    def get_tokenizer(self):
+        return self.engine.get_tokenizer()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+__all__ = ["AsyncExpertEngine", "BaseCheckpoint", "ExpertEngine", "NotLoadedError"]

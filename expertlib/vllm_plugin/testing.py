@@ -1,0 +1,76 @@
+"""Tiny bases and random expert sets for the vLLM engine's tests and benchmarks (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Config overrides that make a tiny model runnable by vLLM's CPU kernels: attention head size 32 or
+#: 64 (16 is not supported by the CPU attention backend), MLA with kv_lora_rank 512 / rope dim 64.
+VLLM_TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "qwen2_moe": dict(num_attention_heads=2, num_key_value_heads=2),
+    "qwen3_moe": dict(head_dim=32),
+    "mixtral": dict(num_attention_heads=2, num_key_value_heads=2),
+    "olmoe": dict(num_attention_heads=2, num_key_value_heads=2),
+    "deepseek_v2": dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64),
+    "deepseek_v3": dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64),
+}
+
+
+def make_vllm_tiny_base(model_type: str, path: str | Path, *, seed: int = 0, **overrides):
+    """A tiny random base (config, weights, tokenizer) at `path` that vLLM's CPU engine can run."""
+    from expertlib.testing import make_tiny_model
+
+    return make_tiny_model(
+        model_type, path, seed=seed, **{**VLLM_TINY_OVERRIDES.get(model_type, {}), **overrides}
+    )
+
+
+def random_expert_set(
+    base_model,
+    task: str,
+    experts: dict[int, list[int]],
+    *,
+    seed: int = 0,
+    scale: float = 0.5,
+    copy_from: dict[tuple[int, int], Any] | None = None,
+):
+    """An ExpertSet replacing `experts` of `base_model` with randomly perturbed copies.
+
+    `copy_from` maps (layer, expert) -> ExpertWeights to use verbatim (to build sets that share
+    identical experts, for dedup). The base model is left unchanged.
+    """
+    from expertlib.apply import extract_expert_set
+    from expertlib.moe import read_expert, write_expert
+
+    g = torch.Generator().manual_seed(seed)
+    saved = {}
+    try:
+        for layer, ids in experts.items():
+            for e in ids:
+                w = read_expert(base_model, layer, e)
+                saved[(layer, e)] = w
+                if copy_from and (layer, e) in copy_from:
+                    new = copy_from[(layer, e)]
+                else:
+                    new = w.map(
+                        lambda t: (
+                            t + scale * torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.dtype)
+                        )
+                    )
+                write_expert(base_model, layer, e, new)
+        digests = {k: w.digest() for k, w in saved.items()}
+        return extract_expert_set(
+            base_model, digests, task=task, experts=experts, base_identity_=_identity(base_model)
+        )
+    finally:
+        for (layer, e), w in saved.items():
+            write_expert(base_model, layer, e, w)
+
+
+def _identity(model):
+    from expertlib.identity import base_identity
+
+    return base_identity(model)

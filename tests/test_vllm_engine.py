@@ -1,0 +1,196 @@
+"""The composer on vLLM (offline engine): expert sets in slots give exactly the outputs of the set
+applied in place in transformers, alone and in mixed batches; eviction, pinning, dedup, refusals."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+pytest.importorskip("vllm")
+
+from expertlib.apply import apply_expert_set  # noqa: E402
+from expertlib.errors import BaseMismatchError, NotLoadedError, SlotError  # noqa: E402
+from expertlib.moe import load_model  # noqa: E402
+from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+PROMPTS = ["Hello world", "The cat sat on", "2+2=", "def f(x):", "Q: why?"]
+MAX_TOKENS = 32
+ENGINE_KW = dict(enforce_eager=True, dtype="float32", max_model_len=256, max_num_seqs=8)
+
+
+def greedy(max_tokens: int = MAX_TOKENS):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+
+def hf_greedy(model, tok, prompt: str, max_tokens: int = MAX_TOKENS) -> list[int]:
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny qwen2_moe base, its transformers model, five random sets, and one engine on it."""
+    from expertlib.engine import ExpertEngine
+
+    root = tmp_path_factory.mktemp("vllm-engine")
+    base_dir = root / "base"
+    make_vllm_tiny_base("qwen2_moe", base_dir)
+    model = load_model(base_dir)
+    maps = {
+        "alpha": {0: [1, 3], 1: [0, 5]},
+        "beta": {0: [2], 1: [1, 6, 7]},
+        "gamma": {0: [0, 4, 6]},
+        "delta": {1: [2]},
+        "eps": {0: [5, 7], 1: [4]},
+    }
+    sets = {name: random_expert_set(model, name, m, seed=i + 1) for i, (name, m) in enumerate(maps.items())}
+    paths = {name: es.save(root / f"{name}.safetensors") for name, es in sets.items()}
+    engine = ExpertEngine(base_dir, slots=6, max_sets=6, **ENGINE_KW)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    yield dict(root=root, base_dir=base_dir, model=model, sets=sets, paths=paths, engine=engine, tok=tok)
+
+
+def reset(engine):
+    for name in engine.loaded_sets():
+        engine.unload(name)
+
+
+def test_slot_rows_start_zeroed_and_base_untouched(world):
+    """Unused slot rows hold zeros (never uninitialised memory); loads never change base experts."""
+    engine = world["engine"]
+    assert engine.loaded_sets() == []  # runs first, on the fresh engine
+
+    def inspect(worker):
+        ctx = worker.model_runner.get_model().expertlib_slots
+        out = {}
+        for layer, runner in ctx.layers.items():
+            w13 = runner.routed_experts.w13_weight
+            out[layer] = (bool(w13[ctx.num_experts :].abs().sum() == 0), w13[: ctx.num_experts].sum().item())
+        return out
+
+    before = engine.llm.collective_rpc(inspect)[0]
+    engine.load(world["paths"]["alpha"])
+    engine.unload("alpha")
+    after = engine.llm.collective_rpc(inspect)[0]
+    assert all(zero for zero, _ in before.values())
+    assert all(before[layer][1] == after[layer][1] for layer in before)  # base rows identical
+
+
+def test_set_output_equals_transformers_with_set_applied(world):
+    engine, model, tok = world["engine"], world["model"], world["tok"]
+    reset(engine)
+    assert engine.load(world["paths"]["alpha"]) == "alpha"
+    engine.load(world["sets"]["beta"])  # in-memory ExpertSet
+    prompts = PROMPTS[:2]
+    got_base = tokens(engine.generate(prompts, None, greedy()))
+    assert got_base == [hf_greedy(model, tok, p) for p in prompts]
+    for name in ("alpha", "beta"):
+        got = tokens(engine.generate(prompts, name, greedy()))
+        with apply_expert_set(model, world["sets"][name]):
+            want = [hf_greedy(model, tok, p) for p in prompts]
+        assert got == want, name
+        assert got != got_base, f"set {name} should change the output"
+
+
+def test_mixed_batch_equals_each_request_alone(world):
+    engine = world["engine"]
+    reset(engine)
+    for name in ("alpha", "beta", "gamma", "delta"):
+        engine.load(world["paths"][name])
+    assert sorted(engine.loaded_sets()) == ["alpha", "beta", "delta", "gamma"]
+    names = ["alpha", "beta", None, "gamma", "delta"]
+    prompts = [p for p in PROMPTS for _ in names]
+    sets = [s for _ in PROMPTS for s in names]
+    mixed = tokens(engine.generate(prompts, sets, greedy()))
+    alone = [tokens(engine.generate([p], s, greedy()))[0] for p, s in zip(prompts, sets, strict=True)]
+    assert mixed == alone
+    assert len({tuple(t) for t in mixed[: len(names)]}) == len(names), "every set gives its own output"
+
+
+def test_eviction_pinning_dedup(world):
+    engine, sets = world["engine"], world["sets"]
+    reset(engine)
+    engine.load(world["paths"]["alpha"], pin=True)  # layer 0: 2 slots, layer 1: 2 slots
+    engine.load(world["paths"]["beta"])  # layer 0: 1, layer 1: 3 -> layer 1 has 1 free
+    engine.load(world["paths"]["gamma"])  # layer 0: 3 -> layer 0 full
+    alone_gamma = tokens(engine.generate(PROMPTS[:1], "gamma", greedy()))
+    engine.generate(PROMPTS[:1], "beta", greedy())  # beta is now more recent than gamma
+    used = engine.status()["slots_used"]
+    assert used == {0: 6, 1: 5}
+
+    # dedup: same experts under another name take no new slots and give the same output
+    engine.load(world["paths"]["gamma"], name="gamma-copy")
+    assert engine.status()["slots_used"] == used
+    assert tokens(engine.generate(PROMPTS[:1], "gamma-copy", greedy())) == alone_gamma
+
+    # eps needs 2 slots in layer 0: the least recently used unpinned sets go, alpha (pinned) stays
+    engine.load(world["paths"]["eps"])
+    loaded = set(engine.loaded_sets())
+    assert "alpha" in loaded and "eps" in loaded and "gamma" not in loaded
+    st = engine.status()
+    assert st["sets"]["alpha"]["pinned"] is True
+    with pytest.raises(NotLoadedError):
+        engine.generate(PROMPTS[:1], "gamma", greedy())
+    # the survivors still compute with their own experts
+    model, tok = world["model"], world["tok"]
+    with apply_expert_set(model, sets["eps"]):
+        want = hf_greedy(model, tok, PROMPTS[0])
+    assert tokens(engine.generate(PROMPTS[:1], "eps", greedy()))[0] == want
+
+    # everything pinned and no room: a clear error, nothing changes
+    for name in engine.loaded_sets():
+        engine.pin(name)
+    before = engine.status()
+    with pytest.raises(SlotError):
+        engine.load(world["paths"]["gamma"])
+    assert engine.status()["slots_used"] == before["slots_used"]
+
+
+def test_set_that_cannot_fit_is_refused(world, tmp_path):
+    engine = world["engine"]
+    reset(engine)
+    too_big = random_expert_set(world["model"], "big", {0: list(range(7))}, seed=9)
+    with pytest.raises(SlotError, match="only 6 slots"):
+        engine.load(too_big)
+    assert engine.loaded_sets() == []
+
+
+def test_refuses_set_for_another_base(world, tmp_path):
+    engine = world["engine"]
+    # same architecture and config, other weights: caught by the base expert digests
+    other_dir = tmp_path / "other"
+    make_vllm_tiny_base("qwen2_moe", other_dir, seed=7)
+    other = load_model(other_dir)
+    foreign = random_expert_set(other, "foreign", {0: [1]}, seed=3)
+    with pytest.raises(BaseMismatchError, match="differs from the base"):
+        engine.load(foreign)
+    # another config: caught by the config identity
+    bigger_dir = tmp_path / "bigger"
+    make_vllm_tiny_base("qwen2_moe", bigger_dir, num_experts=16)
+    bigger = load_model(bigger_dir)
+    with pytest.raises(BaseMismatchError, match="was made for"):
+        engine.load(random_expert_set(bigger, "bigger", {0: [1]}))
+    assert "foreign" not in engine.loaded_sets() and "bigger" not in engine.loaded_sets()
+
+
+def test_unknown_set_name(world):
+    engine = world["engine"]
+    with pytest.raises(NotLoadedError):
+        engine.generate(PROMPTS[:1], "no-such-set", greedy())
+    with pytest.raises(NotLoadedError):
+        engine.unload("no-such-set")
