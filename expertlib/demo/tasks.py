@@ -1,0 +1,250 @@
+"""The toy task suite: deterministic, seeded chat tasks with exact-match answers.
+
+Strings are short (the demo tokenizer is character-level): every sample renders to roughly
+16-48 characters with the chat template. Two groups:
+
+- **general** tasks (copy, reverse, sort, count, add, upper) form the demo base model's
+  pretraining mix, so the base really has these skills;
+- **specialised** tasks (caesar, mul, bin) are held out from pretraining entirely: the base has
+  never seen their prompts, and ESFT expert sets are trained for them.
+
+    task = get_task("caesar")
+    split = task.split(seed=0)              # TaskSplit(train=[...], eval=[...])
+    split.train[0].messages()                # [{"role": "user", ...}, {"role": "assistant", ...}]
+    task.score("bcd", "bcd")                 # 1.0 (exact match after stripping whitespace)
+    write_jsonl(split.train, "caesar.jsonl") # the training data format
+
+Splits: for tasks with a large input space the eval prompts are disjoint from the train
+prompts. Two specialised tasks have a small, closed input space (the 10x10 multiplication table,
+the numbers 0..63 in binary); like a domain's facts, their eval split is the whole table and
+the train split samples the same table. Their `closed` flag says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import string
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+LETTERS = string.ascii_lowercase
+
+
+@dataclass(frozen=True)
+class Example:
+    """One sample: the user's prompt and the exact expected answer."""
+
+    task: str
+    prompt: str
+    answer: str
+
+    def messages(self, with_answer: bool = True) -> list[dict[str, str]]:
+        msgs = [{"role": "user", "content": self.prompt}]
+        if with_answer:
+            msgs.append({"role": "assistant", "content": self.answer})
+        return msgs
+
+    def to_json(self) -> dict:
+        """The training data format: {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}."""
+        return {"messages": self.messages()}
+
+
+@dataclass(frozen=True)
+class TaskSplit:
+    train: list[Example]
+    eval: list[Example]
+
+
+def normalize(text: str) -> str:
+    """What exact match compares: surrounding whitespace stripped, first line only."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def exact_match(prediction: str, answer: str) -> float:
+    return 1.0 if normalize(prediction) == normalize(answer) else 0.0
+
+
+@dataclass(frozen=True)
+class Task:
+    """A generator of (prompt, answer) pairs from a random.Random, plus a scorer."""
+
+    name: str
+    kind: str  # "general" or "specialised"
+    description: str
+    sample: Callable[[random.Random], tuple[str, str]]
+    #: every possible (prompt, answer) when the input space is small; then eval = the whole space
+    space: Callable[[], list[tuple[str, str]]] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.space is not None
+
+    def score(self, prediction: str, answer: str) -> float:
+        return exact_match(prediction, answer)
+
+    def _rng(self, seed: int, salt: str) -> random.Random:
+        # Stable across processes (no hash randomisation): derive from a sha256 of the names.
+        h = hashlib.sha256(f"{seed}/{self.name}/{salt}".encode()).digest()
+        return random.Random(int.from_bytes(h[:8], "little"))
+
+    def examples(
+        self, n: int, *, seed: int = 0, salt: str = "train", exclude: Iterable[str] = ()
+    ) -> list[Example]:
+        """`n` samples (deterministic in seed and salt), skipping prompts in `exclude`."""
+        rng = self._rng(seed, salt)
+        skip = set(exclude)
+        out: list[Example] = []
+        tries = 0
+        while len(out) < n:
+            prompt, answer = self.sample(rng)
+            tries += 1
+            if prompt in skip:
+                if tries > 100 * n:
+                    raise ValueError(
+                        f"task {self.name}: cannot draw {n} samples outside the excluded prompts"
+                    )
+                continue
+            out.append(Example(self.name, prompt, answer))
+        return out
+
+    def split(self, *, n_train: int = 2000, n_eval: int = 100, seed: int = 0) -> TaskSplit:
+        """Train and eval splits; eval prompts are unique, and disjoint from train unless `closed`."""
+        if self.space is not None:
+            full = [Example(self.name, p, a) for p, a in self.space()]
+            rng = self._rng(seed, "eval")
+            ev = rng.sample(full, min(n_eval, len(full)))
+            return TaskSplit(train=self.examples(n_train, seed=seed), eval=ev)
+        ev: list[Example] = []
+        seen: set[str] = set()
+        rng = self._rng(seed, "eval")
+        while len(ev) < n_eval:
+            p, a = self.sample(rng)
+            if p not in seen:
+                seen.add(p)
+                ev.append(Example(self.name, p, a))
+        return TaskSplit(train=self.examples(n_train, seed=seed, exclude=seen), eval=ev)
+
+
+# --- generators --------------------------------------------------------------------------------------
+
+
+def _word(rng: random.Random, lo: int = 3, hi: int = 8, alphabet: str = LETTERS) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+
+
+def _copy(rng):
+    w = _word(rng)
+    return f"copy: {w}", w
+
+
+def _reverse(rng):
+    w = _word(rng)
+    return f"reverse: {w}", w[::-1]
+
+
+def _sort(rng):
+    w = _word(rng)
+    return f"sort: {w}", "".join(sorted(w))
+
+
+def _count(rng):
+    w = _word(rng, 4, 9, "abcde")
+    c = rng.choice("abcde")
+    return f"count {c}: {w}", str(w.count(c))
+
+
+def _add(rng):
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return f"add: {a}+{b}", str(a + b)
+
+
+def _upper(rng):
+    w = _word(rng)
+    return f"upper: {w}", w.upper()
+
+
+def _caesar_shift(w: str, k: int = 1) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + k) % 26] for c in w)
+
+
+def _caesar(rng):
+    w = _word(rng)
+    return f"caesar: {w}", _caesar_shift(w)
+
+
+def _mul_space():
+    return [(f"mul: {a}*{b}", str(a * b)) for a in range(10) for b in range(10)]
+
+
+def _mul(rng):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"mul: {a}*{b}", str(a * b)
+
+
+def _bin_space():
+    return [(f"bin: {n}", format(n, "b")) for n in range(64)]
+
+
+def _bin(rng):
+    n = rng.randint(0, 63)
+    return f"bin: {n}", format(n, "b")
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("copy", "general", "repeat a word", _copy),
+        Task("reverse", "general", "reverse a word", _reverse),
+        Task("sort", "general", "sort a word's letters", _sort),
+        Task("count", "general", "count one letter in a word", _count),
+        Task("add", "general", "add two numbers below 100", _add),
+        Task("upper", "general", "upper-case a word", _upper),
+        Task("caesar", "specialised", "shift each letter one place (a->b, z->a)", _caesar),
+        Task("mul", "specialised", "the 10x10 multiplication table", _mul, _mul_space),
+        Task("bin", "specialised", "write 0..63 in binary", _bin, _bin_space),
+    )
+}
+
+GENERAL_TASKS = [n for n, t in TASKS.items() if t.kind == "general"]
+SPECIALISED_TASKS = [n for n, t in TASKS.items() if t.kind == "specialised"]
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}") from None
+
+
+def resolve_tasks(names: Sequence[str] | None) -> list[str]:
+    """Expand `general` / `specialised` / `all` and validate names; None means all tasks."""
+    if not names:
+        return list(TASKS)
+    out: list[str] = []
+    for n in names:
+        group = {"general": GENERAL_TASKS, "specialised": SPECIALISED_TASKS, "all": list(TASKS)}.get(n, [n])
+        for g in group:
+            get_task(g)
+            if g not in out:
+                out.append(g)
+    return out
+
+
+def mixture(names: Sequence[str], n_per_task: int, *, seed: int = 0) -> list[Example]:
+    """Train examples of several tasks, shuffled together deterministically."""
+    out = [ex for n in names for ex in get_task(n).split(n_train=n_per_task, n_eval=100, seed=seed).train]
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def write_jsonl(examples: Iterable[Example], path: str | Path) -> Path:
+    """Write examples in the training data format, one JSON object per line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for ex in examples:
+            f.write(json.dumps(ex.to_json()) + "\n")
+    return path
