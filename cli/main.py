@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "expertlib.cli.train",
     "expertlib.cli.eval",
     "expertlib.cli.registry",
+    "expertlib.cli.serve",
 ]
 
 

@@ -14,6 +14,9 @@ __all__ = ["ServerSettings", "ServerState", "create_app", "serve"]
 
 def serve(settings: ServerSettings, **app_kwargs) -> None:
     """Run the server in the foreground until interrupted."""
+    import logging
+
     import uvicorn
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings, **app_kwargs), host=settings.host, port=settings.port, log_level="info")

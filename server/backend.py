@@ -3,6 +3,7 @@ implements. The HTTP layer is written against this and nothing else."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -15,7 +16,8 @@ class ServingEngine(Protocol):
 
     async def unload(self, name: str) -> None: ...
 
-    async def pin(self, name: str, pinned: bool = True) -> None: ...
+    def pin(self, name: str, pinned: bool = True) -> Any:
+        """May be sync or async (the server awaits the result when it is awaitable)."""
 
     def status(self) -> dict[str, Any]:
         """Slots used and free, loaded sets and pins (JSON-serialisable)."""
@@ -29,9 +31,15 @@ class ServingEngine(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
-    async def get_tokenizer(self) -> Any: ...
+    def get_tokenizer(self) -> Any:
+        """The HF tokenizer (sync, or awaitable)."""
 
     def shutdown(self) -> None: ...
 
 
 PatchPath = str | Path
+
+
+async def maybe_await(value: Any) -> Any:
+    """`await value` if it is awaitable: engine methods may be sync or async."""
+    return await value if inspect.isawaitable(value) else value

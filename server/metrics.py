@@ -47,9 +47,9 @@ class ServerMetrics:
             "expertlib_queue_limit", "Most inference requests admitted at once", registry=r
         )
         self.slots_used = Gauge(
-            "expertlib_slots_used", "Expert slots in use (per layer, max over layers)", registry=r
+            "expertlib_slots_used", "Expert slots in use in the fullest MoE layer", registry=r
         )
-        self.slots_total = Gauge("expertlib_slots_total", "Expert slots per layer", registry=r)
+        self.slots_total = Gauge("expertlib_slots_total", "Expert slots per MoE layer", registry=r)
         self.sets_loaded = Gauge("expertlib_sets_loaded", "Expert sets loaded in the engine", registry=r)
         self.ready = Gauge("expertlib_ready", "1 when the server accepts inference requests", registry=r)
 
@@ -66,14 +66,9 @@ class ServerMetrics:
 
 
 def slot_counts(status: dict) -> tuple[int | None, int | None]:
-    """(used, total) slots from an engine status dict, tolerating the shapes an engine may report."""
+    """(used, total) slots per MoE layer from an engine status (used: the fullest layer)."""
     used = status.get("slots_used")
-    total = status.get("slots") if isinstance(status.get("slots"), int) else status.get("slots_total")
-    slots = status.get("slots")
-    if used is None and isinstance(slots, dict):
-        used = slots.get("used")
-        total = slots.get("total", total)
-    if isinstance(used, (list, dict)):
-        vals = list(used.values()) if isinstance(used, dict) else used
-        used = max(vals) if vals else 0
-    return used, total
+    if isinstance(used, dict):
+        used = max(used.values(), default=0)
+    total = status.get("slots_per_layer", status.get("slots"))
+    return (used if isinstance(used, int) else None), (total if isinstance(total, int) else None)

@@ -20,7 +20,7 @@ from typing import Any
 from expertlib.constants import PATCH_SUFFIX
 from expertlib.errors import ExpertlibError, NotFoundError, NotLoadedError
 from expertlib.patch import ExpertSet
-from expertlib.server.backend import ServingEngine
+from expertlib.server.backend import ServingEngine, maybe_await
 
 log = logging.getLogger("expertlib.server")
 
@@ -121,7 +121,7 @@ class SetCatalog:
             es, served, task = self._open(name)
             if served in set(self.loaded()):
                 if pin:
-                    await self.engine.pin(served, True)
+                    await maybe_await(self.engine.pin(served, True))
             else:
                 served = await self.engine.load(es, name=served, pin=pin)
             self._aliases[task] = served
@@ -136,7 +136,7 @@ class SetCatalog:
 
     async def pin(self, model: str, pinned: bool = True) -> str:
         served = self._served(model)
-        await self.engine.pin(served, pinned)
+        await maybe_await(self.engine.pin(served, pinned))
         return served
 
     def _served(self, model: str) -> str:

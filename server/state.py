@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from expertlib.errors import ExpertlibError, NotReadyError, QueueFullError
-from expertlib.server.backend import ServingEngine
+from expertlib.server.backend import ServingEngine, maybe_await
 from expertlib.server.metrics import ServerMetrics
 from expertlib.server.sets import SetCatalog
 
@@ -140,9 +140,10 @@ class ServerState:
         try:
             if self.registry is None:
                 self.registry = open_registry(self.settings.registry)
-            engine = self.engine_factory(self.settings)
-            if inspect.isawaitable(engine):
-                engine = await engine
+            if inspect.iscoroutinefunction(self.engine_factory):
+                engine = await self.engine_factory(self.settings)
+            else:  # engine start takes seconds: keep answering /health (503) meanwhile
+                engine = await asyncio.to_thread(self.engine_factory, self.settings)
             self.engine = engine
             self.catalog = SetCatalog(
                 engine,
@@ -152,7 +153,7 @@ class ServerState:
                 load_on_demand=self.settings.load_on_demand,
             )
             self.catalog.base_names.add(self.settings.base)
-            self.tokenizer = await engine.get_tokenizer()
+            self.tokenizer = await maybe_await(engine.get_tokenizer())
             if self.max_model_len is None:
                 self.max_model_len = _max_model_len(engine, self.settings.base)
             names = list(self.settings.expert_sets)
@@ -163,7 +164,9 @@ class ServerState:
             self.refresh_metrics()
             self.ready = True
             self.metrics.ready.set(1)
-            log.info("ready: base %s, expert sets %s", self.settings.model_name, self.catalog.loaded())
+            s = self.settings
+            log.info("ready: base %s, expert sets %s", s.model_name, self.catalog.loaded() or "none")
+            log.info("OpenAI API at http://%s:%s/v1", s.host, s.port)
         except BaseException as exc:  # noqa: BLE001 - reported by /health and the CLI
             self.startup_error = exc
             log.error("startup failed: %s", exc)
@@ -198,7 +201,13 @@ class ServerState:
 
 
 def _max_model_len(engine: Any, base: str) -> int | None:
-    for value in (getattr(engine, "max_model_len", None), _safe_status(engine).get("max_model_len")):
+    vllm_config = getattr(getattr(engine, "engine", None), "model_config", None)  # AsyncLLM's
+    candidates = (
+        getattr(engine, "max_model_len", None),
+        _safe_status(engine).get("max_model_len"),
+        getattr(vllm_config, "max_model_len", None),
+    )
+    for value in candidates:
         if isinstance(value, int):
             return value
     config = Path(base) / "config.json"

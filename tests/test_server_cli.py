@@ -1,0 +1,59 @@
+"""`expertlib serve` on the command line: help, and option parsing into ServerSettings."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from expertlib.cli.main import cli
+
+
+def test_serve_help_lists_every_option():
+    res = CliRunner().invoke(cli, ["serve", "--help"])
+    assert res.exit_code == 0, res.output
+    for flag in (
+        "--registry",
+        "--expert-set",
+        "--all",
+        "--slots",
+        "--max-sets",
+        "--host",
+        "--port",
+        "--api-key",
+        "--admin-key",
+        "--load-on-demand",
+        "--max-queue",
+        "--engine-arg",
+    ):
+        assert flag in res.output
+    assert "Example: expertlib serve" in res.output
+
+
+def test_serve_parses_options_into_settings(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("expertlib.server.serve", lambda settings: seen.setdefault("s", settings))
+    argv = [
+        "serve",
+        "./base",
+        "--expert-set",
+        "math",
+        "--expert-set",
+        "code@2",
+        "--slots",
+        "4",
+        "--port",
+        "0",
+    ]
+    argv += ["--engine-arg", "max_model_len=128", "--engine-arg", "enforce-eager=true", "--api-key", "k"]
+    res = CliRunner().invoke(cli, argv)
+    assert res.exit_code == 0, res.output
+    s = seen["s"]
+    assert s.base == "./base" and s.expert_sets == ["math", "code@2"] and s.slots == 4 and s.port == 0
+    assert s.engine_args == {"max_model_len": 128, "enforce_eager": True} and s.api_key == "k"
+    assert s.admin_key is None and s.max_queue == 256 and s.host == "127.0.0.1"
+
+
+def test_serve_refuses_bad_usage():
+    res = CliRunner().invoke(cli, ["serve", "./base", "--all", "--expert-set", "x"])
+    assert res.exit_code == 2 and "either --expert-set or --all" in res.output
+    res = CliRunner().invoke(cli, ["serve", "./base", "--engine-arg", "novalue"])
+    assert res.exit_code == 2 and "KEY=VALUE" in res.output
