@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from expertlib.errors import InvalidNameError, RemoteError
+from expertlib.errors import InvalidNameError, NotFoundError, RemoteError
 from expertlib.identity import BaseIdentity
 
 from .blobs import BlobStore, sha256_file
@@ -87,6 +87,7 @@ class FolderRemote:
             base=entry.base,
             expected_digest=entry.digest,
             source=entry.source,
+            version=entry.version,
         )
 
     def set_tags(self, entry: Entry, tags: list[str]) -> None:
@@ -180,7 +181,10 @@ def pull(
     src = open_remote(source, token=token)
     entries = _collect(src, refs, base)
     if not entries:
-        raise RemoteError(f"{source} holds no expert set" + (f" matching {', '.join(refs)}" if refs else ""))
+        raise NotFoundError(
+            f"{source} holds no expert set" + (f" matching {', '.join(refs)}" if refs else ""),
+            hint="list what is there with `expertlib list --registry SOURCE` (folders) or check the names",
+        )
     return transfer(src, FolderRemote(reg), entries, reg.blobs)
 
 
