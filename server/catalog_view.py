@@ -15,7 +15,7 @@ def model_list(state: ServerState) -> ModelList:
         cards.append(
             ModelCard(
                 id=name,
-                created=state.created,
+                created=catalog.loaded_at.get(name, state.created),
                 parent=base,
                 root=state.settings.base,
                 aliases=catalog.aliases_of(name),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ class SetCatalog:
         self.load_on_demand = load_on_demand
         self._aliases: dict[str, str] = {}  # task -> served name of its latest loaded version
         self._locks: dict[str, asyncio.Lock] = {}
+        self.loaded_at: dict[str, int] = {}  # served name -> unix time it was loaded
 
     # --- resolution ----------------------------------------------------------------------------
 
@@ -125,6 +127,7 @@ class SetCatalog:
             else:
                 served = await self.engine.load(es, name=served, pin=pin)
             self._aliases[task] = served
+            self.loaded_at.setdefault(served, int(time.time()))
             log.info("loaded expert set %s", served)
             return served
 
@@ -132,6 +135,7 @@ class SetCatalog:
         served = self._served(model)
         await self.engine.unload(served)
         self._aliases = {a: n for a, n in self._aliases.items() if n != served}
+        self.loaded_at.pop(served, None)
         return served
 
     async def pin(self, model: str, pinned: bool = True) -> str:

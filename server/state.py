@@ -27,7 +27,10 @@ class ServerSettings(BaseModel):
     served_name: str | None = Field(
         default=None, description="the base's `model` name; default: BASE as given"
     )
-    registry: str | None = Field(default=None, description="registry root folder")
+    registry: str | None = Field(
+        default=None,
+        description="registry root folder (default: $EXPERTLIB_REGISTRY or the default, if it exists)",
+    )
     expert_sets: list[str] = Field(
         default_factory=list, description="sets to load before ready (refs or patch paths)"
     )
@@ -76,10 +79,13 @@ def default_engine_factory(settings: ServerSettings) -> ServingEngine:
 
 
 def open_registry(root: str | None) -> Any:
-    if root is None:
-        return None
-    from expertlib.registry import Registry
+    """The registry at `root`; without one, the default registry if it exists (else None)."""
+    from expertlib.registry.local import Registry, default_root
 
+    if root is None:
+        if not (default_root() / "index.db").is_file():
+            return None
+        root = default_root()
     return Registry(root)
 
 

@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 
 from expertlib.errors import NotLoadedError
+from expertlib.registry import Registry
 from expertlib.server import ServerSettings, create_app
 from expertlib.server.backend import ServingEngine
 from expertlib.testing import make_tokenizer
@@ -51,13 +52,17 @@ class FakeEngine:
             raise NotLoadedError(f"{name} is not loaded")
         del self.sets[name]
 
-    async def pin(self, name, pinned=True):
+    def pin(self, name, pinned=True):  # sync, like AsyncExpertEngine.pin
         if name not in self.sets:
             raise NotLoadedError(f"{name} is not loaded")
         self.sets[name] = pinned
 
-    def status(self):
-        return {"slots": 8, "slots_used": len(self.sets), "pinned": [n for n, p in self.sets.items() if p]}
+    def status(self):  # the shape of AsyncExpertEngine.status()
+        return {
+            "slots_per_layer": 8,
+            "slots_used": {0: len(self.sets), 1: 0},
+            "sets": {n: {"pinned": p} for n, p in self.sets.items()},
+        }
 
     def loaded_sets(self):
         return list(self.sets)
@@ -105,7 +110,7 @@ class FakeEngine:
     async def abort(self, request_id):
         self.aborted.append(request_id)
 
-    async def get_tokenizer(self):
+    def get_tokenizer(self):  # sync, like AsyncExpertEngine.get_tokenizer
         return self.tokenizer
 
     def shutdown(self):
@@ -145,10 +150,15 @@ def fake_server(tmp_path_factory):
         await asyncio.to_thread(go.wait, 60)  # stays "starting" until a test releases it
         return engine
 
-    patch = _patch_file(tmp_path_factory.mktemp("patch"))
+    root = tmp_path_factory.mktemp("fake-server")
+    reg = Registry(root / "registry")
+    reg.publish(_patch_file(root / "math.safetensors", "math"))
+    other = Registry(root / "other")  # pushes `code` into the server's registry over HTTP
+    other.publish(_patch_file(root / "code.safetensors", "code"))
     settings = ServerSettings(
         base="tiny-base",
-        expert_sets=[str(patch)],
+        registry=str(root / "registry"),
+        expert_sets=["math"],
         api_key=API_KEY,
         admin_key=ADMIN_KEY,
         max_queue=4,
@@ -157,11 +167,18 @@ def fake_server(tmp_path_factory):
     app = create_app(settings, engine_factory=factory)
     port = free_port()
     with ServerThread(app, port):
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", engine=engine, app=app, go=go, patch=patch)
+        yield SimpleNamespace(
+            url=f"http://127.0.0.1:{port}",
+            engine=engine,
+            app=app,
+            go=go,
+            patch=root / "math.safetensors",
+            other=other,
+        )
 
 
-def _patch_file(folder):
-    """A real (tiny) expert-set patch file, so loading by path goes through ExpertSet.open."""
+def _patch_file(path, task):
+    """A real (tiny) expert-set patch file: loading goes through ExpertSet.open / the registry."""
     import torch
 
     from expertlib.identity import BaseIdentity
@@ -171,9 +188,9 @@ def _patch_file(folder):
     w = ExpertWeights(gate=torch.zeros(2, 4), up=torch.zeros(2, 4), down=torch.zeros(4, 2))
     base = BaseIdentity(model_type="qwen2_moe", config_digest="sha256:" + "0" * 64, name="tiny-base")
     es = ExpertSet.build(
-        task="math", base=base, experts={(0, 1): w}, base_digests={(0, 1): "sha256:" + "1" * 64}
+        task=task, base=base, experts={(0, 1): w}, base_digests={(0, 1): "sha256:" + "1" * 64}
     )
-    return es.save(folder / "math.safetensors")
+    return es.save(path)
 
 
 def _ready(fake):
@@ -206,7 +223,7 @@ def test_health_is_503_until_ready_then_200(fake_server):
     assert e.value.status_code == 503
     _ready(fake_server)
     assert httpx.get(fake_server.url + "/health").status_code == 200
-    assert "math" in fake_server.engine.loaded_sets()
+    assert fake_server.engine.loaded_sets() == ["math@1"]
 
 
 # --- inference ------------------------------------------------------------------------------------
@@ -216,9 +233,13 @@ def test_models_lists_base_and_loaded_sets(fake_server):
     _ready(fake_server)
     models = client(fake_server).models.list()
     ids = {m.id: m for m in models.data}
-    assert set(ids) == {"tiny-base", "math"}
+    assert set(ids) == {"tiny-base", "math@1"}
+    assert ids["math@1"].aliases == ["math"]
+    assert [x["id"] for x in models.model_extra["loadable"]] == []
     assert (
-        ids["math"].parent == "tiny-base" and ids["math"].owned_by == "expertlib" and ids["math"].created > 0
+        ids["math@1"].parent == "tiny-base"
+        and ids["math@1"].owned_by == "expertlib"
+        and ids["math@1"].created > 0
     )
 
 
@@ -227,7 +248,12 @@ def test_completion_per_set_and_usage(fake_server):
     c = client(fake_server)
     tok = fake_server.engine.tokenizer
     ids = tok.encode("2+2=")
-    for model, es in [("tiny-base", None), ("math", "math")]:
+    for model, es in [
+        ("tiny-base", None),
+        ("math", "math@1"),
+        ("math@1", "math@1"),
+        ("math@latest", "math@1"),
+    ]:
         r = c.completions.create(model=model, prompt="2+2=", max_tokens=5, temperature=0)
         assert r.choices[0].text == expected(fake_server, ids, es, 5)
         assert r.choices[0].finish_reason == "length"
@@ -248,8 +274,8 @@ def test_completion_batch_n_and_stop(fake_server):
     tok = fake_server.engine.tokenizer
     r = c.completions.create(model="math", prompt=["ab", "cd"], max_tokens=4, n=2)
     assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
-    assert r.choices[3].text == expected(fake_server, tok.encode("cd"), "math", 4, choice=1)
-    full = expected(fake_server, tok.encode("xy"), "math", 8)
+    assert r.choices[3].text == expected(fake_server, tok.encode("cd"), "math@1", 4, choice=1)
+    full = expected(fake_server, tok.encode("xy"), "math@1", 8)
     stop = full[3]
     r = c.completions.create(model="math", prompt="xy", max_tokens=8, stop=[stop])
     assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
@@ -263,7 +289,7 @@ def test_chat_uses_the_chat_template(fake_server):
     ids = tok.encode(
         tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False
     )
-    assert r.choices[0].message.content == expected(fake_server, ids, "math", 6)
+    assert r.choices[0].message.content == expected(fake_server, ids, "math@1", 6)
     assert r.choices[0].message.role == "assistant" and r.object == "chat.completion"
     assert r.usage.prompt_tokens == len(ids)
 
@@ -278,7 +304,7 @@ def test_streaming_completion_and_chat(fake_server):
         )
     )
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
-    assert text == expected(fake_server, tok.encode("abc"), "math", 5)
+    assert text == expected(fake_server, tok.encode("abc"), "math@1", 5)
     assert chunks[-1].usage.completion_tokens == 5
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
     msgs = [{"role": "user", "content": "hi"}]
@@ -425,6 +451,21 @@ def test_queue_full_is_429_and_disconnect_aborts(fake_server):
         engine.delay = 0.002
 
 
+def test_metrics_count_requests_tokens_and_latency_per_set(fake_server):
+    _ready(fake_server)
+    client(fake_server).completions.create(model="math", prompt="x", max_tokens=3)
+    with pytest.raises(openai.NotFoundError):
+        client(fake_server).completions.create(model="nope", prompt="x", max_tokens=3)
+    text = httpx.get(fake_server.url + "/metrics").text
+    assert 'expertlib_requests_total{endpoint="completions",model="math@1",status="200"}' in text
+    assert 'expertlib_completion_tokens_total{model="math@1"}' in text
+    assert 'expertlib_request_latency_seconds_count{model="math@1"}' in text
+    assert 'model="unknown",status="404"' in text
+    assert "expertlib_slots_used 1.0" in text and "expertlib_slots_total 8.0" in text
+    assert "expertlib_sets_loaded 1.0" in text and "expertlib_queue_depth 0.0" in text
+    assert json.loads(httpx.get(fake_server.url + "/health").text)["status"] == "ok"
+
+
 # --- admin ----------------------------------------------------------------------------------------
 
 
@@ -435,15 +476,17 @@ def test_admin_load_pin_unload_status(fake_server):
     assert r.status_code == 200 and r.json()["pinned"] is True
     st = httpx.get(fake_server.url + "/admin/status", headers=admin).json()
     assert (
-        st["loaded"] == ["math"]
+        st["loaded"] == ["math@1"]
         and st["ready"]
-        and st["engine"]["pinned"] == ["math"]
+        and st["engine"]["sets"]["math@1"]["pinned"]
         and st["max_queue"] == 4
     )
     r = httpx.post(fake_server.url + "/admin/sets/unload", json={"name": "math"}, headers=admin)
-    assert r.status_code == 200
-    with pytest.raises(openai.NotFoundError):
+    assert r.status_code == 200 and r.json()["name"] == "math@1"
+    with pytest.raises(openai.NotFoundError) as e:  # registered, not loaded, no --load-on-demand
         client(fake_server).completions.create(model="math", prompt="x", max_tokens=2)
+    assert e.value.code == "model_not_loaded"
+    assert [x["id"] for x in client(fake_server).models.list().model_extra["loadable"]] == ["math@1"]
     _assert_openai_error(
         httpx.post(fake_server.url + "/admin/sets/unload", json={"name": "math"}, headers=admin), 404
     )
@@ -455,20 +498,25 @@ def test_admin_load_pin_unload_status(fake_server):
     )
 
 
-def test_metrics_count_requests_tokens_and_latency_per_set(fake_server):
-    _ready(fake_server)
-    client(fake_server).completions.create(model="math", prompt="x", max_tokens=3)
-    with pytest.raises(openai.NotFoundError):
-        client(fake_server).completions.create(model="nope", prompt="x", max_tokens=3)
-    text = httpx.get(fake_server.url + "/metrics").text
-    assert 'expertlib_requests_total{endpoint="completions",model="math",status="200"}' in text
-    assert 'expertlib_completion_tokens_total{model="math"}' in text
-    assert 'expertlib_request_latency_seconds_count{model="math"}' in text
-    assert 'model="unknown",status="404"' in text
-    for name in ("expertlib_queue_depth", "expertlib_slots_used", "expertlib_sets_loaded"):
-        assert name in text
-    assert json.loads(httpx.get(fake_server.url + "/health").text)["status"] == "ok"
-
-
 def test_fake_engine_satisfies_the_protocol():
     assert isinstance(FakeEngine(), ServingEngine)
+
+
+def test_registry_routes_under_admin_key_push_then_load(fake_server):
+    _ready(fake_server)
+    url = fake_server.url + "/admin/registry"
+    _assert_openai_error(httpx.get(url + "/entries", headers={"Authorization": f"Bearer {API_KEY}"}), 403)
+    _assert_openai_error(httpx.get(url + "/entries"), 401)
+    fake_server.other.push("code", url, token=ADMIN_KEY)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    names = {e["name"] for e in httpx.get(url + "/entries", headers=admin).json()["entries"]}
+    assert names == {"math", "code"}
+    with pytest.raises(openai.NotFoundError):
+        client(fake_server).completions.create(model="code", prompt="x", max_tokens=2)
+    r = httpx.post(
+        fake_server.url + "/admin/sets/load", json={"name": "code@latest", "pin": True}, headers=admin
+    )
+    assert r.status_code == 200 and r.json() == {"name": "code@1", "loaded": True, "pinned": True}
+    tok = fake_server.engine.tokenizer
+    text = client(fake_server).completions.create(model="code", prompt="ab", max_tokens=3).choices[0].text
+    assert text == expected(fake_server, tok.encode("ab"), "code@1", 3)

@@ -1,0 +1,355 @@
+"""End to end: `expertlib serve` as a real process on 127.0.0.1 over the real vLLM engine, driven by
+the official `openai` client. Every answer is checked against the same expert set applied in place
+in transformers (greedy), i.e. what the set gives offline.
+
+One server for the whole module (engine start is ~20 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+API_KEY = "sk-e2e"
+ADMIN_KEY = "sk-e2e-admin"
+BASE_NAME = "tiny-moe"
+MAX_TOKENS = 12
+CTX = 256
+SETS = {  # name -> expert map of a random set
+    "alpha": {0: [1, 3], 1: [0, 5]},
+    "beta": {0: [2], 1: [1, 6, 7]},
+    "gamma": {0: [0, 4, 6]},
+    "delta": {1: [2, 4]},
+}
+PROMPTS = ["Hello world", "2+2=", "The cat sat on", "def f(x):"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Reference:
+    """Greedy continuations from transformers with a set applied in place (the offline answer)."""
+
+    def __init__(self, base_dir: Path, sets: dict):
+        from transformers import AutoTokenizer
+
+        from expertlib.moe import load_model
+
+        self.model = load_model(base_dir)
+        self.tok = AutoTokenizer.from_pretrained(str(base_dir))
+        self.sets = sets
+        self.cache: dict = {}
+        self.lock = threading.Lock()
+
+    def ids_text(self, ids: list[int], expert_set: str | None, max_tokens: int = MAX_TOKENS) -> str:
+        import torch
+
+        from expertlib.apply import apply_expert_set
+
+        key = (tuple(ids), expert_set, max_tokens)
+        with self.lock:
+            if key not in self.cache:
+                x = torch.tensor([ids])
+                gen = dict(max_new_tokens=max_tokens, do_sample=False, pad_token_id=self.tok.pad_token_id)
+                if expert_set is None:
+                    out = self.model.generate(x, **gen)
+                else:
+                    with apply_expert_set(self.model, self.sets[expert_set]):
+                        out = self.model.generate(x, **gen)
+                self.cache[key] = self.tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+            return self.cache[key]
+
+    def completion(self, prompt: str, expert_set: str | None, max_tokens: int = MAX_TOKENS) -> str:
+        return self.ids_text(self.tok.encode(prompt), expert_set, max_tokens)
+
+    def chat(self, messages: list[dict], expert_set: str | None, max_tokens: int = MAX_TOKENS) -> str:
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.ids_text(self.tok.encode(text, add_special_tokens=False), expert_set, max_tokens)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from expertlib.moe import load_model
+    from expertlib.registry import Registry
+    from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set
+
+    root = tmp_path_factory.mktemp("serve-e2e")
+    base_dir = root / "base"
+    make_vllm_tiny_base("qwen2_moe", base_dir)
+    model = load_model(base_dir)
+    sets = {name: random_expert_set(model, name, m, seed=i + 1) for i, (name, m) in enumerate(SETS.items())}
+    paths = {name: es.save(root / f"{name}.safetensors") for name, es in sets.items()}
+    reg = Registry(root / "registry")
+    for name in ("alpha", "beta", "gamma"):
+        reg.publish(paths[name], base=base_dir)
+    other = Registry(root / "other")  # a second registry, to push delta into the server's
+    other.publish(paths["delta"], base=base_dir)
+
+    port = _free_port()
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    argv = [sys.executable, "-m", "expertlib.cli.main", "serve", str(base_dir), "--served-name", BASE_NAME]
+    argv += ["--registry", str(root / "registry"), "--expert-set", "alpha", "--expert-set", "beta@1"]
+    argv += ["--slots", "8", "--max-sets", "4", "--port", str(port), "--load-on-demand", "--max-queue", "8"]
+    argv += ["--api-key", API_KEY, "--admin-key", ADMIN_KEY]
+    argv += ["--engine-arg", "enforce_eager=true", "--engine-arg", "dtype=float32"]
+    argv += ["--engine-arg", f"max_model_len={CTX}", "--engine-arg", "max_num_seqs=16"]
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    before_ready: list[int] = []
+    try:
+        ref = Reference(base_dir, sets)  # meanwhile, the reference model loads here
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, "server exited:\n" + (root / "server.log").read_text()[-4000:]
+            assert time.time() < deadline, "server not ready in 300 s"
+            try:
+                status = httpx.get(url + "/health", timeout=5).status_code
+            except httpx.TransportError:
+                status = None
+            if status == 200:
+                break
+            if status is not None:
+                before_ready.append(status)
+                if len(before_ready) == 1:  # an inference request before ready: 503 too
+                    r = httpx.post(
+                        url + "/v1/completions",
+                        json={"model": BASE_NAME, "prompt": "x"},
+                        headers={"Authorization": f"Bearer {API_KEY}"},
+                    )
+                    before_ready.append(r.status_code)
+            time.sleep(0.5)
+        yield dict(
+            url=url, ref=ref, root=root, other=other, before_ready=before_ready, log=root / "server.log"
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def client(world, key=API_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=world["url"] + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def admin(world, path, body=None, key=ADMIN_KEY):
+    headers = {"Authorization": f"Bearer {key}"}
+    if body is None:
+        return httpx.get(world["url"] + path, headers=headers, timeout=120)
+    return httpx.post(world["url"] + path, json=body, headers=headers, timeout=120)
+
+
+def complete(world, model, prompt, **kw) -> str:
+    r = client(world).completions.create(
+        model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, **kw
+    )
+    return r.choices[0].text
+
+
+# --- the tests (in order: the first sees the server as it started) ----------------------------------
+
+
+def test_health_was_503_until_ready_and_models_lists_sets(world):
+    assert world["before_ready"] and set(world["before_ready"]) == {503}
+    models = client(world).models.list()
+    cards = {m.id: m for m in models.data}
+    assert set(cards) == {BASE_NAME, "alpha@1", "beta@1"}
+    assert cards["alpha@1"].parent == BASE_NAME and cards["alpha@1"].owned_by == "expertlib"
+    assert cards["alpha@1"].created > 0 and cards[BASE_NAME].parent is None
+    loadable = {x["id"] for x in models.model_extra["loadable"]}
+    assert loadable == {"gamma@1"}
+
+
+def test_completions_give_each_sets_offline_answer(world):
+    ref = world["ref"]
+    answers = {}
+    for model, es in [(BASE_NAME, None), ("alpha", "alpha"), ("alpha@1", "alpha"), ("beta@1", "beta")]:
+        got = complete(world, model, PROMPTS[0])
+        assert got == ref.completion(PROMPTS[0], es), model
+        answers[model] = got
+    assert len({answers[BASE_NAME], answers["alpha"], answers["beta@1"]}) == 3  # the sets do change outputs
+    r = client(world).completions.create(
+        model="beta", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0
+    )
+    assert (
+        r.usage.prompt_tokens == len(ref.tok.encode(PROMPTS[1])) and r.usage.completion_tokens <= MAX_TOKENS
+    )
+    assert r.model == "beta" and r.object == "text_completion"
+
+
+def test_chat_uses_the_template_and_the_set(world):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    r = client(world).chat.completions.create(
+        model="alpha", messages=msgs, max_tokens=MAX_TOKENS, temperature=0
+    )
+    assert r.choices[0].message.content == world["ref"].chat(msgs, "alpha")
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_equals_the_offline_answer(world):
+    ref = world["ref"]
+    stream = client(world).completions.create(
+        model="beta",
+        prompt=PROMPTS[2],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.completion(PROMPTS[2], "beta")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    msgs = [{"role": "user", "content": "hi"}]
+    stream = client(world).chat.completions.create(
+        model=BASE_NAME, messages=msgs, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream)
+    assert text == ref.chat(msgs, None)
+
+
+def test_concurrent_requests_for_several_sets(world):
+    ref = world["ref"]
+    jobs = [
+        (model, es, p)
+        for p in PROMPTS
+        for model, es in [(BASE_NAME, None), ("alpha", "alpha"), ("beta", "beta")]
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda j: complete(world, j[0], j[2]), jobs))
+    for (model, es, prompt), text in zip(jobs, got, strict=True):
+        assert text == ref.completion(prompt, es), (model, prompt)
+
+
+def test_sampling_params_n_seed_stop(world):
+    c = client(world)
+    kw = dict(model="alpha", prompt=PROMPTS[3], max_tokens=8, temperature=0.9, seed=7, n=2)
+    a, b = c.completions.create(**kw), c.completions.create(**kw)
+    assert [x.text for x in a.choices] == [x.text for x in b.choices] and len(a.choices) == 2
+    full = world["ref"].completion(PROMPTS[3], "alpha")
+    stop = next(ch for ch in full[2:] if ch.strip())
+    r = c.completions.create(
+        model="alpha", prompt=PROMPTS[3], max_tokens=MAX_TOKENS, temperature=0, stop=[stop]
+    )
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_loading_a_set_while_traffic_runs(world):
+    ref = world["ref"]
+    jobs = [(model, es, p) for p in PROMPTS for model, es in [("alpha", "alpha"), (BASE_NAME, None)]] * 2
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(complete, world, m, p) for m, _, p in jobs]
+        time.sleep(0.2)
+        r = admin(world, "/admin/sets/load", {"name": "gamma"})
+        assert r.status_code == 200, r.text
+        assert r.json()["name"] == "gamma@1"
+        results = [f.result() for f in futures]
+    for (model, es, prompt), text in zip(jobs, results, strict=True):
+        assert text == ref.completion(prompt, es), (model, prompt)
+    assert complete(world, "gamma", PROMPTS[1]) == ref.completion(PROMPTS[1], "gamma")
+    st = admin(world, "/admin/status").json()
+    assert set(st["loaded"]) == {"alpha@1", "beta@1", "gamma@1"} and st["queue_depth"] == 0
+
+
+def test_registry_push_then_load_on_demand_then_unload(world):
+    ref = world["ref"]
+    world["other"].push("delta", world["url"] + "/admin/registry", token=ADMIN_KEY)
+    assert complete(world, "delta", PROMPTS[0]) == ref.completion(PROMPTS[0], "delta")  # loaded on first use
+    assert "delta@1" in {m.id for m in client(world).models.list().data}
+    pulled = world["root"] / "pulled"
+    from expertlib.registry import Registry
+
+    mine = Registry(pulled)
+    mine.pull(world["url"] + "/admin/registry", ["gamma"], token=ADMIN_KEY)
+    assert mine.resolve("gamma").digest == Registry(world["root"] / "registry").resolve("gamma").digest
+    assert admin(world, "/admin/sets/pin", {"name": "delta"}).json()["pinned"] is True
+    assert admin(world, "/admin/sets/unload", {"name": "gamma"}).status_code == 200
+    assert "gamma@1" not in {m.id for m in client(world).models.list().data}
+
+
+# --- errors and auth ----------------------------------------------------------------------------------
+
+
+def _error(r, status):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+def test_errors_in_openai_shape(world):
+    c = client(world)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="alpha", prompt="x", temperature=7)
+    assert e.value.param == "temperature"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="no-such-task", prompt="x", max_tokens=2)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="alpha", prompt="y" * (CTX + 10), max_tokens=2)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}], max_tokens=CTX)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "max_tokens"
+    with pytest.raises(openai.AuthenticationError):
+        client(world, key="nope").models.list()
+    _error(httpx.get(world["url"] + "/v1/models"), 401)
+    _error(admin(world, "/admin/status", key=API_KEY), 403)
+    _error(admin(world, "/admin/registry/entries", key=API_KEY), 403)
+    assert admin(world, "/admin/registry/entries").status_code == 200
+
+
+def test_full_queue_is_429_and_disconnects_free_it(world):
+    body = {"model": "alpha", "prompt": "long", "max_tokens": 200, "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(timeout=60) as h:
+        streams = [
+            h.stream("POST", world["url"] + "/v1/completions", json=body, headers=headers) for _ in range(8)
+        ]
+        responses = [s.__enter__() for s in streams]
+        lines = [r.iter_lines() for r in responses]
+        for r, it in zip(responses, lines, strict=True):
+            assert r.status_code == 200 and next(it).startswith("data: ")
+        err = _error(httpx.post(world["url"] + "/v1/completions", json=body, headers=headers), 429)
+        assert err["type"] == "rate_limit_error"
+        for s in streams:
+            s.__exit__(None, None, None)
+    deadline = time.time() + 30
+    while admin(world, "/admin/status").json()["queue_depth"]:
+        assert time.time() < deadline, "disconnected requests were not aborted"
+        time.sleep(0.2)
+    assert complete(world, "alpha", PROMPTS[0]) == world["ref"].completion(PROMPTS[0], "alpha")
+
+
+def test_metrics_per_set(world):
+    text = httpx.get(world["url"] + "/metrics").text
+    for name in ("alpha@1", "beta@1", "base"):
+        assert f'expertlib_requests_total{{endpoint="completions",model="{name}",status="200"}}' in text
+        assert f'expertlib_completion_tokens_total{{model="{name}"}}' in text
+    assert 'expertlib_request_latency_seconds_bucket{le="+Inf",model="alpha@1"}' in text
+    assert "expertlib_slots_used" in text and "expertlib_queue_depth 0.0" in text
