@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -51,7 +52,13 @@ def test_concurrent_publishers_never_lose_or_duplicate(tmp_path):
     ]
     for p in procs:
         p.start()
-    results = [out.get(timeout=180) for _ in procs]
+    results, deadline = [], time.time() + 180
+    while len(results) < N_PROCS:  # fail fast when a publisher dies
+        try:
+            results.append(out.get(timeout=0.5))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not dead and time.time() < deadline, f"publisher processes failed: exit codes {dead}"
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
