@@ -8,7 +8,8 @@
 
 Norms are Frobenius norms over an expert's parts (gate, up, down [, biases]) taken together,
 computed in float64. The base experts are read lazily from the base folder's safetensors
-checkpoint; no model is loaded.
+checkpoint (`expertlib.checkpoint.BaseCheckpoint`, every architecture incl. fused gpt_oss);
+no model is loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from expertlib.errors import BaseMismatchError, PatchShapeError
 from expertlib.identity import BaseIdentity
-from expertlib.moe import ExpertWeights, arch_spec
+from expertlib.moe import ExpertWeights
 from expertlib.patch import ExpertSet, pair_key
 
 
@@ -213,7 +214,9 @@ def _moe_layer_count(base_dir) -> int:
 def _moved_from_base(sets, labels, base: BaseIdentity, base_dir, notes) -> tuple[int | None, list | None]:
     if base_dir is None:
         return None, None
-    from .basemodel import BaseCheckpoint, folder_identity
+    from expertlib.checkpoint import BaseCheckpoint
+
+    from .basemodel import folder_identity
 
     ident = folder_identity(base_dir)
     if not ident.same_base(base):
@@ -222,29 +225,23 @@ def _moved_from_base(sets, labels, base: BaseIdentity, base_dir, notes) -> tuple
             f"{base.name or base.model_type} ({base.config_digest[:19]}...)",
             hint="pass the base model folder the sets were trained on",
         )
-    if arch_spec(ident.model_type).checkpoint_key is None:
-        notes.append(
-            f"distance from the base not computed: {ident.model_type} stores its experts fused on disk, "
-            "which this diff does not read"
-        )
-        return None, None
+    ck = BaseCheckpoint(base_dir)
     out = []
-    with BaseCheckpoint(base_dir) as ck:
-        cache: dict[tuple[int, int], ExpertWeights] = {}
-        for s, lab in zip(sets, labels, strict=True):
-            deltas = []
-            for (layer, e), w in s.experts():
-                if (layer, e) not in cache:
-                    cache[(layer, e)] = ck.expert(layer, e)
-                b = cache[(layer, e)]
-                if b.digest() != s.manifest.base_expert_digests[pair_key(layer, e)]:
-                    raise BaseMismatchError(
-                        f"expert {e} of layer {layer} in {base_dir} is not the base expert {lab} was made from",
-                        hint="same architecture and config but other weights: pass the exact base checkpoint",
-                    )
-                deltas.append(ExpertDelta(layer=layer, expert=e, rel_diff=rel_diff(w, b)))
-            out.append(deltas)
-        return ck.num_experts, out
+    cache: dict[tuple[int, int], ExpertWeights] = {}
+    for s, lab in zip(sets, labels, strict=True):
+        deltas = []
+        for (layer, e), w in s.experts():
+            if (layer, e) not in cache:
+                cache[(layer, e)] = ck.expert(layer, e)
+            b = cache[(layer, e)]
+            if b.digest() != s.manifest.base_expert_digests[pair_key(layer, e)]:
+                raise BaseMismatchError(
+                    f"expert {e} of layer {layer} in {base_dir} is not the base expert {lab} was made from",
+                    hint="same architecture and config but other weights: pass the exact base checkpoint",
+                )
+            deltas.append(ExpertDelta(layer=layer, expert=e, rel_diff=rel_diff(w, b)))
+        out.append(deltas)
+    return int(getattr(ck.config, ck.spec.experts_field)), out
 
 
 def plot_diff(report: DiffReport, path: str | Path, *, num_experts: int | None = None) -> Path:

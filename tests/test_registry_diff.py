@@ -96,14 +96,21 @@ def test_diff_refuses_wrong_base(base, tiny_model_dir):
         diff_expert_sets([a, other])
 
 
-def test_fused_checkpoint_arch_is_skipped_with_a_note(tiny_model_dir):
+def test_fused_checkpoint_arch_with_biases(tiny_model_dir):
+    """gpt_oss stores experts fused (and with biases) on disk: the distance still comes out right."""
     folder = tiny_model_dir("gpt_oss")
-    ident = base_identity(load_model(folder, dtype="float32"), name=str(folder))
-    a = make_expert_set("a", ident, {0: [0, 1]}, inter=64)
-    b = make_expert_set("b", ident, {0: [1]}, inter=64, seed=1)
+    model = load_model(folder, dtype="float32")
+    ident = base_identity(model, name=str(folder))
+    a = scaled(model, ident, "a", {0: [0, 1]}, 1.25)
+    b = scaled(model, ident, "b", {0: [1]}, 0.5)
+    assert a.expert(0, 1).down_bias is not None
     r = diff_expert_sets([a, b], base_dir=folder)
-    assert r.sets[0].moved is None and any("fused" in n for n in r.notes)
-    assert r.pairs[0].jaccard == pytest.approx(0.5)
+    assert r.sets[0].mean_moved == pytest.approx(0.25, rel=1e-5)
+    assert r.sets[1].mean_moved == pytest.approx(0.5, rel=1e-5)
+    assert r.pairs[0].jaccard == pytest.approx(0.5) and r.pairs[0].rel_diff[0].rel_diff == pytest.approx(
+        1.5, rel=1e-5
+    )
+    assert r.notes == []
 
 
 def test_plot_is_a_png_and_registry_diff(base, tmp_path):
