@@ -1,0 +1,308 @@
+"""The demo base model: a small fine-grained Qwen2-MoE pretrained here on the general task mix.
+
+No weights can be downloaded, so the project makes its own: many small routed experts, top-k > 1,
+one shared expert, hidden size a multiple of 32 (vLLM's CPU kernels), the character-level
+tokenizer of `expertlib.testing`. Pretraining is deterministic (seeded), shows a progress bar,
+masks prompt tokens in the loss (label -100), and is cached under `$EXPERTLIB_CACHE/demo/`
+keyed by every setting, as a normal `save_pretrained` folder with the tokenizer and a
+`demo_base.json` report (settings, losses, wall time, accuracy per general task).
+
+    path = build_demo_base()                 # minutes the first time, then instant
+    path = build_demo_base(quick=True)       # reduced size for CI: well under a minute
+    info = demo_base_info(path)              # the report
+
+The specialised tasks (`expertlib.demo.tasks.SPECIALISED_TASKS`) are never shown to the base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from expertlib.constants import CACHE_ENV, DEFAULT_CACHE_DIR
+from expertlib.demo.tasks import GENERAL_TASKS, Example, mixture
+
+#: Name of the report written beside the weights.
+DEMO_INFO_FILE = "demo_base.json"
+
+
+@dataclass(frozen=True)
+class DemoBaseConfig:
+    """Architecture and pretraining settings of the demo base (all of them key the cache)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_experts: int = 32
+    top_k: int = 4
+    moe_intermediate_size: int = 32
+    shared_expert_intermediate_size: int = 64
+    router_aux_loss_coef: float = 0.01
+    tasks: tuple[str, ...] = tuple(GENERAL_TASKS)
+    n_per_task: int = 4000
+    steps: int = 1500
+    batch_size: int = 48
+    lr: float = 3e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    seed: int = 0
+    n_eval: int = 100
+
+    def key(self) -> str:
+        """Short digest of every setting (the cache folder name)."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+#: The reduced-size base for CI and `--quick` (2 layers, 16 experts, a few hundred steps).
+QUICK_CONFIG = DemoBaseConfig(
+    hidden_size=64,
+    num_layers=2,
+    num_experts=16,
+    top_k=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=64,
+    n_per_task=1000,
+    steps=300,
+    batch_size=32,
+    n_eval=50,
+)
+
+#: A test-sized base (1 layer, 8 experts, 40 steps): seconds to build, solves nothing well.
+TINY_CONFIG = DemoBaseConfig(
+    hidden_size=64,
+    num_layers=1,
+    num_experts=8,
+    top_k=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    tasks=("copy", "upper"),
+    n_per_task=200,
+    steps=40,
+    batch_size=16,
+    lr=5e-3,
+    warmup=5,
+    n_eval=8,
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
+
+
+def demo_base_path(config: DemoBaseConfig) -> Path:
+    return cache_dir() / "demo" / f"base-{config.key()}"
+
+
+def make_config(config: DemoBaseConfig):
+    from transformers import Qwen2MoeConfig
+
+    from expertlib.testing import make_tokenizer
+
+    tok = make_tokenizer()
+    return Qwen2MoeConfig(
+        vocab_size=128,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.shared_expert_intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        num_experts=config.num_experts,
+        num_experts_per_tok=config.top_k,
+        moe_intermediate_size=config.moe_intermediate_size,
+        shared_expert_intermediate_size=config.shared_expert_intermediate_size,
+        norm_topk_prob=True,
+        router_aux_loss_coef=config.router_aux_loss_coef,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+
+
+def encode(tokenizer, examples: list[Example]) -> list[tuple[list[int], int]]:
+    """(token ids of the whole chat, prompt length) per example; the prompt ends with 'A: '."""
+    prompts, fulls = [], []
+    for ex in examples:
+        prompt = tokenizer.apply_chat_template(ex.messages(False), tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(ex.messages(True), tokenize=False)
+        assert full.startswith(prompt), (prompt, full)
+        prompts.append(prompt)
+        fulls.append(full)
+    if not examples:
+        return []
+    p_ids = tokenizer(prompts, add_special_tokens=False).input_ids
+    ids = tokenizer(fulls, add_special_tokens=False).input_ids
+    return [(i, len(p)) for i, p in zip(ids, p_ids, strict=True)]
+
+
+def collate(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask and labels with prompt and padding masked (-100)."""
+    n = -(-max(len(ids) for ids, _ in batch) // 16) * 16  # a few distinct shapes: faster kernels warm up once
+    input_ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(batch), n), dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    for i, (ids, plen) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attn[i, : len(ids)] = 1
+        labels[i, plen : len(ids)] = torch.tensor(ids[plen:])
+    return {"input_ids": input_ids, "attention_mask": attn, "labels": labels}
+
+
+def pick_threads(threads: int | None = None) -> int:
+    """Torch threads for training: `threads`, else all cores on an idle machine and 1 on a busy one.
+
+    On a shared machine, more threads than free cores make torch's thread pool spin against other
+    processes: a step measured here went from 0.6 s (1 thread) to 5-10 s (2 threads) at load 5.
+    """
+    if threads:
+        return threads
+    cores = os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return 1 if busy > cores - 0.5 else torch.get_num_threads()
+
+
+def pretrain(
+    config: DemoBaseConfig,
+    out: str | Path | None = None,
+    *,
+    progress: bool = True,
+    steps: int | None = None,
+    threads: int | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Initialise and pretrain the demo base on the general mix; returns (model, stats).
+
+    With `out`, the model and tokenizer are saved there (`save_pretrained`). `threads` sets torch's
+    thread count for the run (default: `pick_threads()`); it does not change the result's key.
+    Results are bit-reproducible for the same settings and thread count.
+    """
+    steps = config.steps if steps is None else steps
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(pick_threads(threads))
+    try:
+        return _pretrain(config, out, progress=progress, steps=steps)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _pretrain(config: DemoBaseConfig, out, *, progress: bool, steps: int) -> tuple[Any, dict[str, Any]]:
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from expertlib.testing import make_tokenizer
+
+    tok = make_tokenizer()
+    torch.manual_seed(config.seed)
+    model = AutoModelForCausalLM.from_config(make_config(config), dtype=torch.float32)
+    model.train()
+    data = encode(tok, mixture(config.tasks, config.n_per_task, seed=config.seed))
+    gen = torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+    )
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        t = (step - config.warmup) / max(1, steps - config.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    losses: list[float] = []
+    order = torch.randperm(len(data), generator=gen).tolist()
+    pos = 0
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc="pretraining demo base", disable=not progress, unit="step")
+    for _ in bar:
+        if pos + config.batch_size > len(order):
+            order, pos = torch.randperm(len(data), generator=gen).tolist(), 0
+        batch = collate([data[i] for i in order[pos : pos + config.batch_size]], tok.pad_token_id)
+        pos += config.batch_size
+        out_ = model(**batch, output_router_logits=True)
+        out_.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out_.loss.item())
+        if len(losses) % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}")
+    wall = time.perf_counter() - t0
+    model.eval()
+    stats = {
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "train_time_s": round(wall, 1),
+        "first_loss": round(sum(losses[:10]) / max(1, len(losses[:10])), 4),
+        "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
+        "loss_curve": [
+            round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 4) for i in range(0, steps, 50)
+        ],
+    }
+    if out is not None:
+        out = Path(out)
+        model.save_pretrained(str(out))
+        tok.save_pretrained(str(out))
+    return model, stats
+
+
+def build_demo_base(
+    config: DemoBaseConfig | None = None,
+    *,
+    quick: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    path: str | Path | None = None,
+    threads: int | None = None,
+) -> Path:
+    """The demo base's folder: pretrained and evaluated on first use, then reused from the cache.
+
+    `quick=True` uses `QUICK_CONFIG` (for CI). `path` overrides the cache location.
+    """
+    from expertlib.demo.evaluate import evaluate_model
+
+    config = config or (QUICK_CONFIG if quick else DemoBaseConfig())
+    target = Path(path) if path is not None else demo_base_path(config)
+    if (target / DEMO_INFO_FILE).is_file() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model, stats = pretrain(config, tmp, progress=progress, threads=threads)
+        from expertlib.testing import make_tokenizer
+
+        acc = evaluate_model(
+            model,
+            make_tokenizer(),
+            list(config.tasks),
+            n_eval=config.n_eval,
+            seed=config.seed,
+            progress=progress,
+        )
+        info = {"config": asdict(config), "key": config.key(), **stats, "accuracy": acc}
+        (tmp / DEMO_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def demo_base_info(path: str | Path) -> dict[str, Any]:
+    """The report written beside a demo base (settings, losses, time, general-task accuracy)."""
+    return json.loads((Path(path) / DEMO_INFO_FILE).read_text())
+
+
+def config_with(**overrides) -> DemoBaseConfig:
+    return replace(DemoBaseConfig(), **overrides)

@@ -1,0 +1,201 @@
+"""Exact-match evaluation of a base model and of expert sets on the toy tasks.
+
+Greedy generation with transformers (`generate`, prompts batched with left padding). Each
+expert set is applied in place (`expertlib.apply.apply_expert_set`), evaluated, and reverted
+bit-exactly, so one loaded base serves every set in turn.
+
+    result = evaluate("~/.cache/expertlib/demo/base-...", expert_sets=["caesar.safetensors"])
+    result.table()          # rows: task; columns: base, each set
+    result.to_dict()        # JSON form
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from expertlib.demo.tasks import Example, get_task, resolve_tasks
+
+
+@torch.no_grad()
+def generate_answers(
+    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 64, bar=None
+) -> list[str]:
+    """Greedy answers to user prompts (chat template, left padding, stops at EOS)."""
+    tokenizer.padding_side = "left"
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+    out: list[str] = []
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = gen[:, enc["input_ids"].shape[1] :]
+        out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        if bar is not None:
+            bar.update(len(new))
+    model.train(was_training)
+    return out
+
+
+def eval_examples(task: str, n_eval: int = 100, seed: int = 0, limit: int | None = None) -> list[Example]:
+    ev = get_task(task).split(n_train=0, n_eval=n_eval, seed=seed).eval
+    return ev[:limit] if limit else ev
+
+
+def answer_budget(examples: Sequence[Example]) -> int:
+    return max(len(ex.answer) for ex in examples) + 2
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    tasks: Sequence[str] | None = None,
+    *,
+    n_eval: int = 100,
+    seed: int = 0,
+    limit: int | None = None,
+    progress: bool = True,
+    desc: str = "evaluating",
+    details: dict[str, list[dict]] | None = None,
+) -> dict[str, float]:
+    """Exact-match accuracy of `model` as it is now on each task's eval split."""
+    from tqdm.auto import tqdm
+
+    names = resolve_tasks(tasks)
+    sets = {t: eval_examples(t, n_eval, seed, limit) for t in names}
+    acc: dict[str, float] = {}
+    with tqdm(total=sum(len(v) for v in sets.values()), desc=desc, disable=not progress, unit="q") as bar:
+        for t, exs in sets.items():
+            preds = generate_answers(
+                model, tokenizer, [ex.prompt for ex in exs], max_new_tokens=answer_budget(exs), bar=bar
+            )
+            task = get_task(t)
+            scores = [task.score(p, ex.answer) for p, ex in zip(preds, exs, strict=True)]
+            acc[t] = round(sum(scores) / len(scores), 4)
+            if details is not None:
+                details[t] = [
+                    {"prompt": ex.prompt, "answer": ex.answer, "prediction": p, "correct": bool(s)}
+                    for ex, p, s in zip(exs, preds, scores, strict=True)
+                ]
+    return acc
+
+
+@dataclass
+class EvalResult:
+    """Accuracy per task (rows) for the base and each expert set (columns)."""
+
+    base: str
+    tasks: list[str]
+    columns: list[str]
+    accuracy: dict[str, dict[str, float]]  # column -> task -> accuracy
+    n_eval: dict[str, int] = field(default_factory=dict)
+    samples: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        from expertlib.demo.tasks import TASKS
+
+        return {
+            "base": self.base,
+            "tasks": {t: {"kind": TASKS[t].kind, "n_eval": self.n_eval.get(t)} for t in self.tasks},
+            "accuracy": self.accuracy,
+            "mean": {c: self.mean(c) for c in self.columns},
+        }
+
+    def mean(self, column: str) -> dict[str, float]:
+        from expertlib.demo.tasks import TASKS
+
+        out = {}
+        for k in ("general", "specialised"):
+            vals = [self.accuracy[column][t] for t in self.tasks if TASKS[t].kind == k]
+            if vals:
+                out[k] = round(sum(vals) / len(vals), 4)
+        return out
+
+    def rows(self) -> list[list[Any]]:
+        from expertlib.demo.tasks import TASKS
+
+        rows = [[t, TASKS[t].kind, *(f"{self.accuracy[c][t]:.2f}" for c in self.columns)] for t in self.tasks]
+        for k in ("specialised", "general"):
+            if any(TASKS[t].kind == k for t in self.tasks):
+                rows.append([f"mean {k}", "", *(f"{self.mean(c).get(k, 0):.2f}" for c in self.columns)])
+        return rows
+
+
+def load_expert_set(ref: str | Path, *, base: str | Path | None = None, registry: str | Path | None = None):
+    """An expert set from a patch file path, or by name (`task`, `task@3`) from the registry
+    (`registry` folder, default `$EXPERTLIB_REGISTRY`), among the sets of the base folder `base`."""
+    from expertlib.patch import ExpertSet
+
+    p = Path(ref).expanduser()
+    if p.suffix == ".safetensors" or p.exists():
+        return ExpertSet.open(p)
+    from expertlib.registry.local import Registry
+
+    return Registry(registry).open(str(ref), base=base)
+
+
+def evaluate(
+    base: str | Path,
+    expert_sets: Sequence[str | Path] = (),
+    *,
+    tasks: Sequence[str] | None = None,
+    limit: int | None = None,
+    n_eval: int = 100,
+    seed: int = 0,
+    registry: str | Path | None = None,
+    progress: bool = True,
+    keep_samples: bool = False,
+) -> EvalResult:
+    """Accuracy of BASE and of each expert set (applied in place, then reverted) on each task."""
+    from transformers import AutoTokenizer
+
+    from expertlib.apply import apply_expert_set
+    from expertlib.moe import load_model
+
+    model = load_model(base, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    names = resolve_tasks(tasks)
+    loaded = [(str(ref), load_expert_set(ref, base=base, registry=registry)) for ref in expert_sets]
+    columns = ["base"] + [label for label, _ in loaded]
+    accuracy: dict[str, dict[str, float]] = {}
+    samples: dict[str, dict[str, list[dict]]] = {}
+    det: dict[str, list[dict]] = {}
+    accuracy["base"] = evaluate_model(
+        model, tok, names, n_eval=n_eval, seed=seed, limit=limit, progress=progress, desc="base", details=det
+    )
+    samples["base"] = det
+    for label, es in loaded:
+        det = {}
+        with apply_expert_set(model, es):
+            accuracy[label] = evaluate_model(
+                model,
+                tok,
+                names,
+                n_eval=n_eval,
+                seed=seed,
+                limit=limit,
+                progress=progress,
+                desc=label,
+                details=det,
+            )
+        samples[label] = det
+    n = {t: len(eval_examples(t, n_eval, seed, limit)) for t in names}
+    return EvalResult(str(base), names, columns, accuracy, n, samples if keep_samples else {})

@@ -1,0 +1,81 @@
+"""The demo base: pretraining lowers the loss, is deterministic, masks prompts, caches its result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from expertlib.demo import base as demo_base
+from expertlib.demo.base import (
+    DEMO_INFO_FILE,
+    QUICK_CONFIG,
+    TINY_CONFIG,
+    DemoBaseConfig,
+    build_demo_base,
+    collate,
+    demo_base_info,
+    demo_base_path,
+    encode,
+    pretrain,
+)
+from expertlib.demo.tasks import Example
+from expertlib.testing import make_tokenizer
+
+TINY = TINY_CONFIG
+
+
+def test_prompt_tokens_are_masked():
+    tok = make_tokenizer()
+    [(ids, plen)] = encode(tok, [Example("copy", "copy: abc", "abc")])
+    assert tok.decode(ids[:plen]) == "<s>Q: copy: abc\nA: "
+    batch = collate([(ids, plen), (ids[: plen + 1], plen)], tok.pad_token_id)
+    labels = batch["labels"]
+    assert (labels[0, :plen] == -100).all()
+    assert labels[0, plen : len(ids)].tolist() == ids[plen:]  # the answer and </s> are trained
+    assert (labels[1, plen + 1 :] == -100).all() and (batch["attention_mask"][1, plen + 1 :] == 0).all()
+    assert batch["input_ids"].shape[1] % 16 == 0
+
+
+def test_config_key_covers_every_setting():
+    assert DemoBaseConfig().key() == DemoBaseConfig().key()
+    assert DemoBaseConfig(seed=1).key() != DemoBaseConfig().key()
+    assert QUICK_CONFIG.key() != DemoBaseConfig().key()
+    cfg = demo_base.make_config(DemoBaseConfig())
+    assert cfg.hidden_size % 32 == 0 and cfg.num_experts >= 16 and cfg.num_experts_per_tok > 1
+    assert cfg.shared_expert_intermediate_size > 0
+
+
+@pytest.mark.slow
+def test_short_pretraining_lowers_loss_and_is_deterministic():
+    model_a, stats_a = pretrain(TINY, progress=False, threads=1)
+    _, stats_b = pretrain(TINY, progress=False, threads=1)
+    assert stats_a["final_loss"] < stats_a["first_loss"] - 0.5, stats_a
+    assert stats_a["loss_curve"] == stats_b["loss_curve"]
+    assert stats_a["first_loss"] == stats_b["first_loss"]
+    assert not model_a.training
+
+
+@pytest.mark.slow
+def test_build_caches_a_normal_pretrained_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPERTLIB_CACHE", str(tmp_path))
+    path = build_demo_base(TINY, progress=False, threads=1)
+    assert path == demo_base_path(TINY) and path.parent == tmp_path / "demo"
+    info = demo_base_info(path)
+    assert set(info["accuracy"]) == {"copy", "upper"} and info["key"] == TINY.key()
+    assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    assert model.config.model_type == "qwen2_moe"
+    assert AutoTokenizer.from_pretrained(str(path)).chat_template
+
+    # Second call: reused, not retrained.
+    stamp = (path / DEMO_INFO_FILE).stat().st_mtime_ns
+    monkeypatch.setattr(demo_base, "pretrain", lambda *a, **k: pytest.fail("retrained a cached base"))
+    assert build_demo_base(TINY, progress=False) == path
+    assert (path / DEMO_INFO_FILE).stat().st_mtime_ns == stamp
+    assert json.loads((path / DEMO_INFO_FILE).read_text())["steps"] == TINY.steps
+    assert not list(tmp_path.glob("demo/.*tmp"))
+    assert torch.get_num_threads() >= 1
