@@ -357,7 +357,7 @@ def push_cmd(
     A bare name pushes every version (the Hub gets the latest). Example: expertlib push math /shared/reg
     """
     opts = {"private": private} if private else {}
-    r = reg.push(ref, dest, base=base, token=token, **opts)
+    r = reg.push(ref, dest, base=base, token=token, progress=not as_json, **opts)
     emit(as_json, r.model_dump(), _render_transfer)
 
 
@@ -376,7 +376,7 @@ def pull_cmd(
     Without REFS, everything there; digests are checked before anything is stored.
     Example: expertlib pull /shared/reg math
     """
-    r = reg.pull(source, list(refs), base=base, token=token)
+    r = reg.pull(source, list(refs), base=base, token=token, progress=not as_json)
     emit(as_json, r.model_dump(), _render_transfer)
 
 

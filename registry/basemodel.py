@@ -13,9 +13,6 @@ from pathlib import Path
 from expertlib.errors import ModelLoadError
 from expertlib.identity import BaseIdentity, base_identity
 
-_INDEX = "model.safetensors.index.json"
-_SINGLE = "model.safetensors"
-
 
 def _config(folder: str | Path):
     from transformers import AutoConfig

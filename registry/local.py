@@ -286,7 +286,12 @@ class Registry:
         path = Path(patch)
         es = ExpertSet.open(path)  # header and manifest, validated; errors name the user's file
         m = es.manifest
-        name = validate_name(task or m.task)
+        try:
+            name = validate_name(task or m.task)
+        except InvalidNameError as exc:
+            if task is None:
+                exc.hint = f"the patch's task name cannot be a registry name; pass --task NAME ({exc.hint})"
+            raise
         tags = [validate_tag(t) for t in tags]
         if base is not None:
             expected = base if isinstance(base, BaseIdentity) else _folder_identity(base)
@@ -313,7 +318,7 @@ class Registry:
 
     def _publish_in_memory(self, es: ExpertSet, **kw) -> Entry:
         self.blobs.ensure()
-        staging = self.blobs.tmp_dir / f"{os.getpid()}.{id(es)}.staging.safetensors"
+        staging = self.blobs.temp_path()
         try:
             ExpertSet(es.manifest, es.tensors).save(staging)
             return self.publish(staging, **kw)

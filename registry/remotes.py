@@ -18,7 +18,7 @@ from typing import Protocol
 from expertlib.errors import InvalidNameError, NotFoundError, RemoteError
 from expertlib.identity import BaseIdentity
 
-from .blobs import BlobStore, sha256_file
+from .blobs import BlobStore
 from .local import BaseArg, Registry
 from .models import Entry, TransferReport
 from .names import LATEST, RefSpec, parse_ref
@@ -144,38 +144,49 @@ def _collect(src: Source, refs: Sequence[str], base: BaseArg) -> list[Entry]:
     return [found[k] for k in sorted(found)]
 
 
-def transfer(src: Source, sink: Sink, entries: list[Entry], staging: BlobStore) -> TransferReport:
+def transfer(
+    src: Source, sink: Sink, entries: list[Entry], staging: BlobStore, *, progress: bool = False
+) -> TransferReport:
     """Copy `entries` (in order) from `src` to `sink`; digests checked on the way."""
-    report = TransferReport(source=src.url, dest=sink.url)
-    for e in entries:
-        tags = [t for t in e.tags if t != LATEST]
-        have = sink.find(e)
-        if have is not None:
-            missing = [t for t in tags if t not in have.tags]
-            if missing:
-                sink.set_tags(have, missing)
-            report.present.append(str(have.ref))
-        else:
-            path, is_temp = src.fetch(e, staging)
-            try:
-                if not is_temp and sha256_file(path) != e.digest:  # a folder source changed under us
-                    from expertlib.errors import DigestMismatchError
+    from tqdm import tqdm
 
-                    raise DigestMismatchError(f"{e.ref}: bytes in {src.url} do not match {e.digest[:19]}...")
-                e = e.model_copy(update={"source": e.source or f"{src.url}#{e.ref}"})
-                new = sink.put(e, path, tags)
-            finally:
-                if is_temp:
-                    path.unlink(missing_ok=True)
-            report.copied.append(str(new.ref))
-            url = getattr(new, "url", None) or getattr(sink, "last_url", None)
-            report.url = url or report.url
-        report.tags += [f"{e.name}@{t}" for t in tags]
+    report = TransferReport(source=src.url, dest=sink.url)
+    bar = tqdm(
+        total=sum(e.size for e in entries), unit="B", unit_scale=True, disable=not progress, leave=False
+    )
+    with bar:
+        for e in entries:
+            bar.set_description(str(e.ref))
+            tags = [t for t in e.tags if t != LATEST]
+            have = sink.find(e)
+            if have is not None:
+                missing = [t for t in tags if t not in have.tags]
+                if missing:
+                    sink.set_tags(have, missing)
+                report.present.append(str(have.ref))
+            else:
+                path, is_temp = src.fetch(e, staging)  # digest checked by every source
+                try:
+                    e = e.model_copy(update={"source": e.source or f"{src.url}#{e.ref}"})
+                    new = sink.put(e, path, tags)  # and checked again on the way in
+                finally:
+                    if is_temp:
+                        path.unlink(missing_ok=True)
+                report.copied.append(str(new.ref))
+                report.url = getattr(sink, "last_url", None) or report.url
+            report.tags += [f"{e.name}@{t}" for t in tags]
+            bar.update(e.size)
     return report
 
 
 def pull(
-    reg: Registry, source: str, refs: Sequence[str] = (), *, base: BaseArg = None, token: str | None = None
+    reg: Registry,
+    source: str,
+    refs: Sequence[str] = (),
+    *,
+    base: BaseArg = None,
+    token: str | None = None,
+    progress: bool = False,
 ) -> TransferReport:
     """Copy expert sets from `source` into `reg`: every entry, or those `refs` name (a bare name: all versions)."""
     src = open_remote(source, token=token)
@@ -185,11 +196,18 @@ def pull(
             f"{source} holds no expert set" + (f" matching {', '.join(refs)}" if refs else ""),
             hint="list what is there with `expertlib list --registry SOURCE` (folders) or check the names",
         )
-    return transfer(src, FolderRemote(reg), entries, reg.blobs)
+    return transfer(src, FolderRemote(reg), entries, reg.blobs, progress=progress)
 
 
 def push(
-    reg: Registry, ref: str, dest: str, *, base: BaseArg = None, token: str | None = None, **hub_options
+    reg: Registry,
+    ref: str,
+    dest: str,
+    *,
+    base: BaseArg = None,
+    token: str | None = None,
+    progress: bool = False,
+    **hub_options,
 ) -> TransferReport:
     """Copy `ref` from `reg` to `dest` (a bare name: every version; to the Hub: the latest)."""
     sink = open_remote(dest, token=token)
@@ -201,4 +219,4 @@ def push(
         if hub_options:
             raise InvalidNameError(f"options {sorted(hub_options)} only apply to hf:// destinations")
         entries = _collect(src, [ref], base)
-    return transfer(src, sink, entries, reg.blobs)
+    return transfer(src, sink, entries, reg.blobs, progress=progress)
