@@ -283,6 +283,11 @@ def plot_diff(report: DiffReport, path: str | Path, *, num_experts: int | None =
     if width <= 64:
         ax.set_xticks(range(width))
         ax.tick_params(axis="x", labelsize=7)
+    if width <= 256:  # thin lines between cells
+        ax.set_xticks([x - 0.5 for x in range(1, width)], minor=True)
+        ax.set_yticks([y - 0.5 for y in range(1, len(layers))], minor=True)
+        ax.grid(which="minor", color="#d0d0d0", linewidth=0.5)
+        ax.tick_params(which="minor", length=0)
     ax.set_title("Experts retrained: " + " vs ".join(report.labels))
     handles = [Patch(facecolor=colors[i], edgecolor="grey", label=" + ".join(c)) for c, i in combos.items()]
     if handles:
