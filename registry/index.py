@@ -68,6 +68,11 @@ def init(root: Path) -> None:
     """Create the index if needed (idempotent, safe under concurrency)."""
     con = connect(root)
     try:
+        has_meta = con.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if has_meta and schema_version(con) == SCHEMA_VERSION:
+            return  # already set up: take no write lock
         mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":  # e.g. a filesystem without shared memory: still correct, slower
             con.execute("PRAGMA journal_mode = DELETE")
@@ -93,5 +98,6 @@ def transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 def schema_version(con: sqlite3.Connection) -> int:
+    """Schema version of an index (0 when new)."""
     row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     return int(row[0]) if row else 0

@@ -158,10 +158,12 @@ def test_in_memory_publish(reg):
 
 def test_versions_are_never_reused(reg, tmp_path):
     for s in range(3):
-        reg.publish(patch(tmp_path, seed=s))
+        reg.publish(patch(tmp_path, seed=s), tags=["stable"] if s == 2 else ())
     with pytest.raises(InvalidNameError, match="--all"):
         reg.rm("math")
-    assert [str(r) for r in reg.rm("math@3")] == ["math@3"]
+    assert [str(r) for r in reg.rm("math@stable")] == ["math@3"]
+    with pytest.raises(NotFoundError):  # the tag went with the version
+        reg.resolve("math@stable")
     assert reg.resolve("math").version == 2
     assert reg.publish(patch(tmp_path, seed=9)).version == 4
     assert len(reg.rm("math", all_versions=True)) == 3
