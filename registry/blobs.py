@@ -132,10 +132,13 @@ class BlobStore:
         if target.is_file() and target.stat().st_size == tmp.size:
             tmp.path.unlink(missing_ok=True)
             return target
+        new_dir = not target.parent.is_dir()
         target.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(tmp.path, 0o444)  # stored patches are immutable
         os.replace(tmp.path, target)
         fsync_dir(target.parent)
+        if new_dir:
+            fsync_dir(target.parent.parent)
         return target
 
     # --- reading and cleaning ------------------------------------------------------------------

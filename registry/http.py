@@ -109,11 +109,15 @@ def set_tag(body: TagRequest, reg: Registry = Depends(get_registry)) -> Entry:
     return reg.tag(body.ref, body.tag, base=body.base)
 
 
-def registry_app(registry: Registry, *, prefix: str = "/v1/registry") -> FastAPI:
-    """A standalone app serving `registry` under `prefix` (expertlib's server mounts `router` itself)."""
+def registry_app(registry: Registry, *, prefix: str = "/v1/registry", token: str | None = None) -> FastAPI:
+    """A standalone app serving `registry` under `prefix` (expertlib's server mounts `router` itself).
+
+    With `token`, every route needs `Authorization: Bearer <token>`; without, the app is open.
+    """
     app = FastAPI(title="expertlib registry")
     app.state.registry = registry
-    app.include_router(router, prefix=prefix)
+    deps = [Depends(_bearer_check(token))] if token else []
+    app.include_router(router, prefix=prefix, dependencies=deps)
     try:
         from expertlib.server.errors import install_error_handlers
     except ImportError:  # the server package is optional here
@@ -129,3 +133,16 @@ def registry_app(registry: Registry, *, prefix: str = "/v1/registry") -> FastAPI
     else:
         install_error_handlers(app)
     return app
+
+
+def _bearer_check(token: str):
+    import hmac
+
+    from expertlib.errors import AuthenticationError
+
+    def check(request: Request) -> None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise AuthenticationError("missing or invalid token", hint="send 'Authorization: Bearer <token>'")
+
+    return check

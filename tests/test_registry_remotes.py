@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -90,19 +91,16 @@ def test_remote_urls(tmp_path):
 # --- HTTP --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def http_remote(tmp_path):
-    """A registry served by uvicorn on a free 127.0.0.1 port; yields (registry, url)."""
+@contextlib.contextmanager
+def serve(app):
+    """Run `app` with uvicorn on a free 127.0.0.1 port; yields the base URL."""
     import uvicorn
 
-    from expertlib.registry.http import registry_app
-
-    reg = Registry(tmp_path / "served")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(registry_app(reg), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -110,9 +108,34 @@ def http_remote(tmp_path):
     while not server.started:
         assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.02)
-    yield reg, f"http://127.0.0.1:{port}/v1/registry"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def http_remote(tmp_path):
+    """A registry served over HTTP on a real port; yields (registry, url)."""
+    from expertlib.registry.http import registry_app
+
+    reg = Registry(tmp_path / "served")
+    with serve(registry_app(reg)) as url:
+        yield reg, url + "/v1/registry"
+
+
+def test_token_protected_registry_app(src, tmp_path):
+    from expertlib.registry.http import registry_app
+
+    served = Registry(tmp_path / "served")
+    with serve(registry_app(served, token="s3cret")) as url:
+        with pytest.raises(RemoteError, match="401"):
+            src.push("math@1", url + "/v1/registry")
+        with pytest.raises(RemoteError, match="401"):
+            src.push("math@1", url + "/v1/registry", token="wrong")
+        assert src.push("math@1", url + "/v1/registry", token="s3cret").copied == ["math@1"]
+    assert [str(e.ref) for e in served.list()] == ["math@1"]
 
 
 def test_http_push_list_pull(src, http_remote, tmp_path):
