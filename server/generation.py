@@ -93,6 +93,8 @@ async def _prepare(
         prompts = to_prompts(state.tokenizer, req)
         vocab = _vocab_size(state.tokenizer)
         for ids in prompts:
+            if not ids:
+                raise InvalidRequestError("the prompt is empty", param=prompt_param)
             if vocab is not None and any(not 0 <= t < vocab for t in ids):
                 raise InvalidRequestError(f"token ids must lie in [0, {vocab})", param=prompt_param)
         limit = _check_length(state, prompts, max_tokens, prompt_param)
@@ -159,6 +161,7 @@ def _sampling_params(req, max_tokens: int, *, stream: bool):
         stop=req.stop,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
+        ignore_eos=req.ignore_eos,
         output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY,
     )
     try:

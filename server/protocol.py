@@ -99,6 +99,9 @@ class _SamplingRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     user: str | None = None
+    ignore_eos: bool = Field(
+        default=False, description="vLLM extension: keep generating past end-of-sequence"
+    )
     logprobs: Any = Field(default=None, description="not supported")
 
     @field_validator("stop")

@@ -17,6 +17,8 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
 #: Status for a request whose client went away before the answer (nginx's convention).
 CLIENT_CLOSED = 499
+#: Response header naming the request (engine request ids are `{id}-{prompt index}`).
+REQUEST_ID = "X-Request-Id"
 
 
 def state_of(request: Request) -> ServerState:
@@ -60,6 +62,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 async def _respond(state: ServerState, job: generation.Job, request: Request):
     if job.stream:
-        return StreamingResponse(generation.stream_events(state, job), media_type="text/event-stream")
+        return StreamingResponse(
+            generation.stream_events(state, job),
+            media_type="text/event-stream",
+            headers={REQUEST_ID: job.request_id},
+        )
     result = await generation.run_to_end(state, job, request)
     return Response(status_code=CLIENT_CLOSED) if result is None else result

@@ -116,6 +116,7 @@ def world(tmp_path_factory):
     argv += ["--api-key", API_KEY, "--admin-key", ADMIN_KEY]
     argv += ["--engine-arg", "enforce_eager=true", "--engine-arg", "dtype=float32"]
     argv += ["--engine-arg", f"max_model_len={CTX}", "--engine-arg", "max_num_seqs=16"]
+    argv += ["--engine-arg", "enable_log_requests=true"]  # the log shows aborted requests
     log = open(root / "server.log", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -324,25 +325,27 @@ def test_errors_in_openai_shape(world):
     assert admin(world, "/admin/registry/entries").status_code == 200
 
 
-def test_full_queue_is_429_and_disconnects_free_it(world):
-    body = {"model": "alpha", "prompt": "long", "max_tokens": 200, "temperature": 0, "stream": True}
+def test_full_queue_is_429_and_disconnects_abort(world):
+    body = {"model": "alpha", "prompt": "long", "max_tokens": 200, "n": 2, "ignore_eos": True, "stream": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.Client(timeout=60) as h:
         streams = [
             h.stream("POST", world["url"] + "/v1/completions", json=body, headers=headers) for _ in range(8)
         ]
-        responses = [s.__enter__() for s in streams]
-        lines = [r.iter_lines() for r in responses]
-        for r, it in zip(responses, lines, strict=True):
-            assert r.status_code == 200 and next(it).startswith("data: ")
+        responses = [s.__enter__() for s in streams]  # headers only: all 8 are admitted and running
+        assert [r.status_code for r in responses] == [200] * 8
+        ids = [r.headers["x-request-id"] for r in responses]
         err = _error(httpx.post(world["url"] + "/v1/completions", json=body, headers=headers), 429)
         assert err["type"] == "rate_limit_error"
         for s in streams:
-            s.__exit__(None, None, None)
+            s.__exit__(None, None, None)  # the clients go away mid-generation
     deadline = time.time() + 30
     while admin(world, "/admin/status").json()["queue_depth"]:
-        assert time.time() < deadline, "disconnected requests were not aborted"
+        assert time.time() < deadline, "disconnected requests were not released"
         time.sleep(0.2)
+    lines = world["log"].read_text().splitlines()
+    aborted = [i for i in ids if any(f"{i}-0" in ln and "abort" in ln.lower() for ln in lines)]
+    assert aborted == ids, "\n".join(lines[-40:])
     assert complete(world, "alpha", PROMPTS[0]) == world["ref"].completion(PROMPTS[0], "alpha")
 
 

@@ -77,7 +77,7 @@ class FakeEngine:
         if expert_set is not None and expert_set not in self.sets:
             raise NotLoadedError(f"{expert_set} is not loaded")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        sp = sampling_params
+        sp = self.last_params = sampling_params
         texts = [""] * sp.n
         done = [None] * sp.n
         self.active.add(request_id)
@@ -263,6 +263,11 @@ def test_completion_per_set_and_usage(fake_server):
             and r.usage.total_tokens == len(ids) + 5
         )
         assert r.model == model
+    c.completions.create(
+        model="math", prompt="2+2=", max_tokens=3, seed=5, top_p=0.5, extra_body={"ignore_eos": True}
+    )
+    sp = fake_server.engine.last_params
+    assert (sp.seed, sp.top_p, sp.ignore_eos, sp.max_tokens, sp.temperature) == (5, 0.5, True, 3, 1.0)
     base = c.completions.create(model="tiny-base", prompt="2+2=", max_tokens=5).choices[0].text
     math = c.completions.create(model="math", prompt="2+2=", max_tokens=5).choices[0].text
     assert base != math
@@ -320,6 +325,7 @@ def test_streaming_completion_and_chat(fake_server):
         headers={"Authorization": f"Bearer {API_KEY}"},
     )
     assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.headers["x-request-id"].startswith("cmpl-") and raw.headers["x-request-id"] in raw.text
     assert raw.text.rstrip().endswith("data: [DONE]")
 
 
@@ -352,6 +358,8 @@ def _assert_openai_error(r, status, param=None, code=None):
         ({"model": "math", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": "math", "prompt": "x", "logprobs": 2}, "logprobs"),
         ({"model": "math", "prompt": []}, "prompt"),
+        ({"model": "math", "prompt": ""}, "prompt"),
+        ({"model": "math", "prompt": [1, 100000]}, "prompt"),
         ({"model": "math"}, "prompt"),
         ({"prompt": "x"}, "model"),
     ],
@@ -520,3 +528,43 @@ def test_registry_routes_under_admin_key_push_then_load(fake_server):
     tok = fake_server.engine.tokenizer
     text = client(fake_server).completions.create(model="code", prompt="ab", max_tokens=3).choices[0].text
     assert text == expected(fake_server, tok.encode("ab"), "code@1", 3)
+
+
+def test_startup_loads_all_registered_sets_and_reports_failures(tmp_path):
+    from expertlib.server import ServerState
+
+    reg = Registry(tmp_path / "reg")
+    for task in ("math", "code"):
+        reg.publish(_patch_file(tmp_path / f"{task}.safetensors", task))
+    reg.publish(_patch_file(tmp_path / "math2.safetensors", "math"))  # math@2 (a newer manifest time)
+
+    async def start(settings):
+        state = ServerState(settings, engine_factory=lambda _s: FakeEngine())
+        await state.start()
+        return state
+
+    state = asyncio.run(start(ServerSettings(base="b", registry=str(tmp_path / "reg"), all_sets=True)))
+    assert state.ready and sorted(state.engine.loaded_sets()) == ["code@1", "math@1", "math@2"]
+    assert asyncio.run(state.catalog.resolve("math")) == "math@2"  # a bare task: its latest loaded version
+
+    state = asyncio.run(
+        start(ServerSettings(base="b", registry=str(tmp_path / "reg"), expert_sets=["poetry"]))
+    )
+    assert not state.ready and "poetry" in str(state.startup_error)
+    with pytest.raises(Exception, match="failed to start"):
+        state.require_ready()
+
+
+def test_load_on_demand_loads_a_registered_set_on_first_use(tmp_path):
+    from expertlib.errors import NotFoundError
+    from expertlib.server.sets import SetCatalog
+
+    reg = Registry(tmp_path / "reg")
+    reg.publish(_patch_file(tmp_path / "math.safetensors", "math"), tags=["stable"])
+    engine = FakeEngine()
+    catalog = SetCatalog(engine, "base", reg, load_on_demand=True)
+    assert asyncio.run(catalog.resolve("math@stable")) == "math@1"
+    assert engine.loaded_sets() == ["math@1"]
+    assert asyncio.run(catalog.resolve("base")) is None
+    with pytest.raises(NotFoundError):
+        asyncio.run(catalog.resolve("math@7"))
