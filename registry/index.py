@@ -1,18 +1,23 @@
 """The registry's SQLite index: bases, names (with their version counter), versions and tags.
 
-WAL journal and a busy timeout let several processes read while one writes; every change is
-one `BEGIN IMMEDIATE` transaction, which serialises writers (version numbers are assigned
-inside it, so concurrent publishers never collide).
+WAL journal (or the rollback journal, `EXPERTLIB_REGISTRY_JOURNAL=delete`, for a folder that
+several hosts share over NFS and the like) and a busy timeout let several processes read while
+one writes; every change is one `BEGIN IMMEDIATE` transaction, which serialises writers
+(version numbers are assigned inside it, so concurrent publishers never collide).
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 INDEX_FILE = "index.db"
+#: "delete" selects SQLite's rollback journal instead of WAL, for a registry folder that several
+#: hosts share over a network filesystem (WAL needs shared memory, which such filesystems lack).
+JOURNAL_ENV = "EXPERTLIB_REGISTRY_JOURNAL"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 60_000
 
@@ -68,14 +73,22 @@ def init(root: Path) -> None:
     """Create the index if needed (idempotent, safe under concurrency)."""
     con = connect(root)
     try:
+        wanted = os.environ.get(JOURNAL_ENV, "").lower()
+        if wanted:
+            if wanted not in ("wal", "delete"):
+                from expertlib.errors import RegistryError
+
+                raise RegistryError(f"{JOURNAL_ENV} must be 'wal' or 'delete', not {wanted!r}")
+            con.execute(f"PRAGMA journal_mode = {wanted.upper()}")
         has_meta = con.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
         ).fetchone()
         if has_meta and schema_version(con) == SCHEMA_VERSION:
             return  # already set up: take no write lock
-        mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":  # e.g. a filesystem without shared memory: still correct, slower
-            con.execute("PRAGMA journal_mode = DELETE")
+        if not wanted:
+            mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":  # e.g. a filesystem without shared memory: still correct, slower
+                con.execute("PRAGMA journal_mode = DELETE")
         with transaction(con):
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():

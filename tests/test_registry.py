@@ -284,3 +284,18 @@ def test_registry_root_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv(REGISTRY_ENV, str(tmp_path / "envreg"))
     assert Registry().root == tmp_path / "envreg"
     assert (tmp_path / "envreg" / "index.db").is_file()
+
+
+def test_rollback_journal_for_shared_filesystems(tmp_path, monkeypatch):
+    import sqlite3
+
+    from expertlib.registry.index import JOURNAL_ENV
+
+    monkeypatch.setenv(JOURNAL_ENV, "delete")
+    reg = Registry(tmp_path / "shared")
+    assert reg.publish(patch(tmp_path)).version == 1
+    con = sqlite3.connect(tmp_path / "shared" / "index.db")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    con.close()
+    monkeypatch.delenv(JOURNAL_ENV)
+    assert Registry(tmp_path / "shared").resolve("math").version == 1  # an existing index keeps its mode
