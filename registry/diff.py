@@ -70,6 +70,9 @@ class DiffReport(BaseModel):
     labels: list[str]
     base: BaseIdentity
     num_experts: int | None = Field(default=None, description="routed experts per layer (known with a base)")
+    moe_layers: list[int] | None = Field(
+        default=None, description="the base's MoE layers (known with a base)"
+    )
     layers: list[LayerOverlap]
     pairs: list[PairDiff]
     sets: list[SetSummary]
@@ -167,14 +170,15 @@ def diff_expert_sets(
         )
 
     num_experts, moved = _moved_from_base(sets, labels, base, base_dir, notes)
+    moe_layers = _moe_layers(base_dir) if base_dir is not None else None
     summaries = []
     for k, (s, lab) in enumerate(zip(sets, labels, strict=True)):
         m = s.manifest
         deltas = moved[k] if moved is not None else None
         mean, mx = _stats(deltas or [])
         frac = None
-        if num_experts and moved is not None:
-            frac = m.num_experts / (num_experts * _moe_layer_count(base_dir))
+        if num_experts and moe_layers:
+            frac = m.num_experts / (num_experts * len(moe_layers))
         summaries.append(
             SetSummary(
                 label=lab,
@@ -193,6 +197,7 @@ def diff_expert_sets(
         labels=labels,
         base=base,
         num_experts=num_experts,
+        moe_layers=moe_layers,
         layers=layers,
         pairs=pairs,
         sets=summaries,
@@ -201,14 +206,20 @@ def diff_expert_sets(
     )
 
 
-def _moe_layer_count(base_dir) -> int:
+def _moe_layers(base_dir) -> list[int]:
+    """MoE layer indices of the base, from its config (the decoder-sparsity rules of each family)."""
     from .basemodel import _config
 
     cfg = _config(base_dir)
     first = int(getattr(cfg, "first_k_dense_replace", 0) or 0)
+    freq = int(getattr(cfg, "moe_layer_freq", 1) or 1)
     mlp_only = set(getattr(cfg, "mlp_only_layers", None) or [])
     step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
-    return sum(1 for i in range(first, cfg.num_hidden_layers) if i not in mlp_only and (i + 1) % step == 0)
+    return [
+        i
+        for i in range(first, cfg.num_hidden_layers)
+        if i not in mlp_only and (i + 1) % step == 0 and i % freq == 0
+    ]
 
 
 def _moved_from_base(sets, labels, base: BaseIdentity, base_dir, notes) -> tuple[int | None, list | None]:
@@ -254,13 +265,15 @@ def plot_diff(report: DiffReport, path: str | Path, *, num_experts: int | None =
     from matplotlib.patches import Patch
 
     path = Path(path)
-    layers = [lo.layer for lo in report.layers]
+    by_layer = {lo.layer: lo for lo in report.layers}
+    layers = sorted(set(report.moe_layers or []) | set(by_layer))
     max_id = max((e for lo in report.layers for ids in lo.experts.values() for e in ids), default=0)
     width = num_experts or report.num_experts or max_id + 1
     combos: dict[tuple[str, ...], int] = {}
     grid = [[0] * width for _ in layers]
-    for r, lo in enumerate(report.layers):
-        for e in range(width):
+    for r, layer in enumerate(layers):
+        lo = by_layer.get(layer)
+        for e in range(width if lo is not None else 0):
             who = tuple(lab for lab in report.labels if e in lo.experts.get(lab, []))
             if who:
                 grid[r][e] = combos.setdefault(who, len(combos) + 1)

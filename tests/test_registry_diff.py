@@ -51,7 +51,7 @@ def test_diff_numbers(base):
     b = scaled(model, ident, "b", {0: [1, 2, 3]}, 1.5)
     c = scaled(model, ident, "c", {1: [4, 5]}, -1.0)
     r = diff_expert_sets([a, b, c], ["a@1", "b@1", "c@1"], base_dir=folder)
-    assert r.labels == ["a@1", "b@1", "c@1"] and r.num_experts == 8
+    assert r.labels == ["a@1", "b@1", "c@1"] and r.num_experts == 8 and r.moe_layers == [0, 1]
     l0, l1 = r.layers
     assert l0.experts == {"a@1": [0, 1, 2], "b@1": [1, 2, 3], "c@1": []}
     assert l0.shared == [] and l0.jaccard == 0.0  # c touches nothing in layer 0
