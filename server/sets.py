@@ -39,7 +39,7 @@ class Registered:
 class SetCatalog:
     def __init__(
         self,
-        engine: ServingEngine,
+        engine: ServingEngine | None,
         base_name: str,
         registry: Any = None,
         *,
@@ -142,6 +142,10 @@ class SetCatalog:
         served = self._served(model)
         await maybe_await(self.engine.pin(served, pinned))
         return served
+
+    def check(self, name: str) -> None:
+        """Raise the error loading `name` would raise for a missing file or registry entry."""
+        self._open(name)
 
     def _served(self, model: str) -> str:
         loaded = set(self.loaded())

@@ -134,6 +134,7 @@ class ServerState:
         self.max_model_len: int | None = settings.max_model_len
         self.ready = False
         self.startup_error: BaseException | None = None
+        self.on_startup_failure: Callable[[BaseException], None] | None = None  # e.g. stop uvicorn
         self.created = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -146,25 +147,28 @@ class ServerState:
         try:
             if self.registry is None:
                 self.registry = open_registry(self.settings.registry)
-            if inspect.iscoroutinefunction(self.engine_factory):
-                engine = await self.engine_factory(self.settings)
-            else:  # engine start takes seconds: keep answering /health (503) meanwhile
-                engine = await asyncio.to_thread(self.engine_factory, self.settings)
-            self.engine = engine
-            self.catalog = SetCatalog(
-                engine,
+            catalog = SetCatalog(
+                None,  # the engine comes below
                 self.settings.model_name,
                 self.registry,
                 registry_base=self.settings.base if Path(self.settings.base).is_dir() else None,
                 load_on_demand=self.settings.load_on_demand,
             )
+            names = list(self.settings.expert_sets)
+            if self.settings.all_sets:
+                names += [r.id for r in catalog.registered() if r.id not in names]
+            for name in names:  # fail fast, before the engine starts, on a name that cannot load
+                catalog.check(name)
+            if inspect.iscoroutinefunction(self.engine_factory):
+                engine = await self.engine_factory(self.settings)
+            else:  # engine start takes seconds: keep answering /health (503) meanwhile
+                engine = await asyncio.to_thread(self.engine_factory, self.settings)
+            self.engine = catalog.engine = engine
+            self.catalog = catalog
             self.catalog.base_names.add(self.settings.base)
             self.tokenizer = await maybe_await(engine.get_tokenizer())
             if self.max_model_len is None:
                 self.max_model_len = _max_model_len(engine, self.settings.base)
-            names = list(self.settings.expert_sets)
-            if self.settings.all_sets:
-                names += [r.id for r in self.catalog.registered() if r.id not in names]
             for name in names:
                 await self.catalog.load(name)
             self.refresh_metrics()
@@ -173,11 +177,11 @@ class ServerState:
             s = self.settings
             log.info("ready: base %s, expert sets %s", s.model_name, self.catalog.loaded() or "none")
             log.info("OpenAI API at http://%s:%s/v1", s.host, s.port)
-        except BaseException as exc:  # noqa: BLE001 - reported by /health and the CLI
+        except Exception as exc:  # reported by /health, and by the CLI, which then exits
             self.startup_error = exc
             log.error("startup failed: %s", exc)
-            if not isinstance(exc, (Exception, asyncio.CancelledError)):
-                raise
+            if self.on_startup_failure is not None:
+                self.on_startup_failure(exc)
 
     def shutdown(self) -> None:
         if self.engine is not None:

@@ -57,3 +57,14 @@ def test_serve_refuses_bad_usage():
     assert res.exit_code == 2 and "either --expert-set or --all" in res.output
     res = CliRunner().invoke(cli, ["serve", "./base", "--engine-arg", "novalue"])
     assert res.exit_code == 2 and "KEY=VALUE" in res.output
+
+
+def test_serve_exits_with_a_clear_error_when_a_set_cannot_load(tmp_path):
+    """The set names are checked before the engine starts, so this fails in well under a second."""
+    from expertlib.registry import Registry
+
+    Registry(tmp_path / "reg")
+    argv = ["serve", str(tmp_path / "nowhere"), "--registry", str(tmp_path / "reg"), "--expert-set", "typo"]
+    res = CliRunner().invoke(cli, [*argv, "--port", "0"])
+    assert res.exit_code == 2, res.output
+    assert "no expert set named 'typo'" in res.output
