@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "expertlib.cli.eval",
     "expertlib.cli.registry",
     "expertlib.cli.serve",
+    "expertlib.cli.demo",
 ]
 
 

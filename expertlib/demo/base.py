@@ -57,6 +57,14 @@ class DemoBaseConfig:
     seed: int = 0
     n_eval: int = 100
 
+    def __post_init__(self) -> None:
+        head_dim, rest = divmod(self.hidden_size, self.num_heads)
+        if rest or self.hidden_size % 32 or head_dim < 32:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} / {self.num_heads} heads: vLLM's CPU kernels need the hidden size "
+                "a multiple of 32 and attention heads of size 32 or more"
+            )
+
     def key(self) -> str:
         """Short digest of every setting (the cache folder name)."""
         blob = json.dumps(asdict(self), sort_keys=True).encode()
@@ -67,6 +75,7 @@ class DemoBaseConfig:
 QUICK_CONFIG = DemoBaseConfig(
     hidden_size=64,
     num_layers=2,
+    num_heads=2,
     num_experts=16,
     top_k=2,
     moe_intermediate_size=32,
@@ -81,6 +90,7 @@ QUICK_CONFIG = DemoBaseConfig(
 TINY_CONFIG = DemoBaseConfig(
     hidden_size=64,
     num_layers=1,
+    num_heads=2,
     num_experts=8,
     top_k=2,
     moe_intermediate_size=32,
