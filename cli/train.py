@@ -86,7 +86,7 @@ def select_cmd(
 
     def render(rs):
         print_table(
-            f"{score} top-p {p}: {cfg.num_experts} experts -> {out}",
+            f"{score} top-p {p}: {cfg.num_experts} experts",
             ["layer", "experts", "score sum"],
             [(r["layer"], " ".join(map(str, r["experts"])), r["score_sum"]) for r in rs],
         )

@@ -194,8 +194,8 @@ def load_samples(
     for n, messages in read_records(path):
         try:
             ids, labels = encode_messages(messages, tokenizer, template=template)
-        except ValueError as exc:
-            raise DataError(str(exc), path=where, line=n) from None
+        except Exception as exc:  # the chat template (jinja) may refuse a conversation in many ways
+            raise DataError(f"cannot tokenise this record: {exc}", path=where, line=n) from None
         if len(ids) > max_length and not pack:
             if too_long == "error":
                 raise DataError(

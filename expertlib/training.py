@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,7 +35,15 @@ from expertlib import training_state as ckpt
 from expertlib.data import IGNORE_INDEX, Sample, collate
 from expertlib.errors import SelectionError
 from expertlib.identity import BaseIdentity
-from expertlib.moe import arch_spec, experts_module, moe_block, moe_layer_indices, read_expert, tensor_digest
+from expertlib.moe import (
+    ExpertWeights,
+    arch_spec,
+    experts_module,
+    moe_block,
+    moe_layer_indices,
+    read_expert,
+    tensor_digest,
+)
 from expertlib.patch import ExpertSet, Provenance
 from expertlib.selection import ExpertConfig
 from expertlib.slots import (
@@ -184,7 +193,7 @@ def prepare_trainable(model: nn.Module, selection: ExpertConfig) -> Trainable:
 class TrainResult:
     """What training produced: trained experts and extras (canonical form), losses, timing."""
 
-    experts: dict[tuple[int, int], object]  # (layer, expert) -> ExpertWeights
+    experts: dict[tuple[int, int], ExpertWeights]
     extra_params: dict[str, torch.Tensor]
     trainable: Trainable
     config: TrainConfig
@@ -275,8 +284,7 @@ def evaluate(model: nn.Module, samples: Sequence[Sample], *, pad_id: int, config
     model.eval()
     total, count = 0.0, 0
     try:
-        ctx = active_sets(model, TRAIN_SET) if hasattr(model, "_expertlib_active") else _null()
-        with ctx:
+        with active_sets(model, TRAIN_SET) if hasattr(model, "_expertlib_active") else nullcontext():
             for i in range(0, len(samples), config.batch_size):
                 part = samples[i : i + config.batch_size]
                 total += float(_loss_sum(model, collate(part, pad_id), config))
@@ -284,14 +292,6 @@ def evaluate(model: nn.Module, samples: Sequence[Sample], *, pad_id: int, config
     finally:
         model.train(was)
     return total / max(count, 1)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def train_experts(
@@ -313,13 +313,15 @@ def train_experts(
     With `checkpoint_dir`, the trainable tensors, AdamW state, RNG state and loss history are
     written there every `config.checkpoint_every` steps; `resume=True` continues from the latest
     checkpoint and gives exactly the result of an uninterrupted run. `run_key` (data digest,
-    base identity, ...) must match the checkpoint's. Slots are removed from `model` on return.
+    base identity, ...) must match the checkpoint's. On return the slots are removed from
+    `model` and every parameter's `requires_grad` is as it was.
     """
     from tqdm.auto import tqdm
 
     if not samples:
         raise SelectionError("no training samples")
     torch.manual_seed(config.seed)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     trainable = prepare_trainable(model, selection)
     try:
         params = trainable.parameters(model)
@@ -338,7 +340,7 @@ def train_experts(
         t0 = time.perf_counter() - state.wall_time_s
         model.train()
         with (
-            active_sets(model, TRAIN_SET) if trainable.slot_of else _null(),
+            active_sets(model, TRAIN_SET) if trainable.slot_of else nullcontext(),
             tqdm(total=config.steps, initial=state.step, desc="training", disable=not progress) as bar,
         ):
             for step in range(state.step, config.steps):
@@ -404,8 +406,8 @@ def train_experts(
         model.eval()
         if trainable.slot_of:
             remove_slots(model)
-        for n in trainable.extra_names:
-            dict(model.named_parameters())[n].requires_grad_(False)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, False))
 
 
 def _key_config(config: TrainConfig) -> dict:
@@ -515,7 +517,13 @@ def train_esft(
         prov = prov.model_copy(
             update=dict(method="esft", extra={**prov.extra, "selection_from": str(experts)})
         )
-    run_key = {"data_digest": digest, "base": ident.config_digest, "max_length": max_length, "pack": pack}
+    run_key = {
+        "data_digest": digest,
+        "eval_data": data_digest(eval_data) if eval_data is not None else holdout,
+        "base": ident.config_digest,
+        "max_length": max_length,
+        "pack": pack,
+    }
     result = train_experts(
         model,
         train_s,

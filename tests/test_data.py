@@ -135,3 +135,16 @@ def test_digest_and_holdout(tmp_path, tok):
     tr, ho = split_holdout(samples, 0.2, seed=1)
     assert len(ho) == 2 and len(tr) == 8 and not set(tr) & set(ho)
     assert split_holdout(samples, 0.2, seed=1) == (tr, ho)
+
+
+def test_template_refusal_names_the_line(tmp_path):
+    tok = make_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    ok = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    bad = {"messages": [{"role": "system", "content": "s"}, *ok["messages"]]}
+    with pytest.raises(DataError, match="no system role") as ei:
+        load_samples(write(tmp_path / "d.jsonl", [ok, bad]), tok)
+    assert ei.value.line == 2

@@ -35,6 +35,9 @@ def test_score_select_train_apply(tmp_path, tiny_model_dir, data):
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output[res.output.index("{") :])
     assert summary["tokens_scored"] == 16  # 8 answers of 1 char + EOS: fewer than the budget
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["base"]["model_type"] == "qwen2_moe" and scores["data_digest"].startswith("sha256:")
+    assert scores["count_prompt_tokens"] is False and len(scores["token"]["0"]) == 8
     res = run(
         "select",
         tmp_path / "s.json",
