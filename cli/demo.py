@@ -59,12 +59,20 @@ def demo_cmd(quick, tasks, steps, score, top_p, registry, serve_forever, port, n
     print_table("exact-match accuracy (in process): base vs each expert set", ["task", *columns], rows)
     if report.served:
         rows = [
-            [r["task"], r["model"], r["prompt"], r["expected"], r["answer"], "yes" if r["correct"] else "no"]
+            [
+                r["task"],
+                r["model"],
+                r["prompt"],
+                r["expected"],
+                r["answer"],
+                "yes" if r["correct"] else "no",
+                r.get("in_process"),
+            ]
             for r in report.served
         ]
         print_table(
             "asked through the server (openai client)",
-            ["task", "model", "prompt", "expected", "answer", "ok"],
+            ["task", "model", "prompt", "expected", "answer", "ok", "in process"],
             rows,
         )
         acc = report.served_accuracy
@@ -74,7 +82,8 @@ def demo_cmd(quick, tasks, steps, score, top_p, registry, serve_forever, port, n
         )
     if report.server_error:
         click.secho(f"server step failed: {report.server_error}", fg="yellow")
-    click.echo(f"expert-overlap heatmap: {report.heatmap}")
+    if report.heatmap:
+        click.echo(f"expert-overlap heatmap: {report.heatmap}")
     click.echo(
         f"total time: {report.timings['total_s']:.0f} s  ({', '.join(f'{k} {v:.0f} s' for k, v in report.timings.items() if k != 'total_s')})"
     )

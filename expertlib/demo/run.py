@@ -80,6 +80,7 @@ class DemoReport:
     served: list[dict[str, Any]] = field(default_factory=list)  # one row per question asked
     served_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> {set, base}
     heatmap: str | None = None
+    port: int | None = None
     server_error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -258,11 +259,11 @@ def run_demo(s: DemoSettings | None = None, *, log: Callable[[str], None] = prin
         entry = reg.publish(p, tags=["demo"], base=base)
         report.sets[task]["ref"] = str(entry.ref)
         log(f"  {entry.ref}  ({report.sets[task]['size_bytes'] / 1024:.0f} KiB) in {reg.root}")
-    diff = reg.diff([report.sets[t]["ref"] for t in s.tasks], base=base, base_dir=base)
-    report.heatmap = str(
-        plot_diff(diff, workdir / "expert_overlap.png", num_experts=info["config"]["num_experts"])
-    )
-    log(f"  expert-overlap heatmap: {report.heatmap}")
+    if len(s.tasks) >= 2:  # a diff needs two sets
+        diff = reg.diff([report.sets[t]["ref"] for t in s.tasks], base=base, base_dir=base)
+        heatmap = plot_diff(diff, workdir / "expert_overlap.png", num_experts=info["config"]["num_experts"])
+        report.heatmap = str(heatmap)
+        log(f"  expert-overlap heatmap: {report.heatmap}")
 
     log("[4/5] exact-match accuracy, in process (base vs each set; specialised and general tasks)")
     t0 = time.perf_counter()
@@ -273,6 +274,7 @@ def run_demo(s: DemoSettings | None = None, *, log: Callable[[str], None] = prin
         n_eval=s.n_eval,
         seed=s.seed,
         progress=s.progress,
+        keep_samples=True,
     )
     report.accuracy = {("base" if c == "base" else Path(c).stem): v for c, v in res.accuracy.items()}
     report.timings["eval_s"] = round(time.perf_counter() - t0, 1)
@@ -280,7 +282,7 @@ def run_demo(s: DemoSettings | None = None, *, log: Callable[[str], None] = prin
     if s.server:
         log("[5/5] serving: `expertlib serve` with every set, asked through the openai client")
         t0 = time.perf_counter()
-        port = s.port or _free_port()
+        port = report.port = s.port or _free_port()
         log_path = workdir / "server.log"
         proc, url = start_server(
             base, str(reg.root), [report.sets[t]["ref"] for t in s.tasks], port, log_path
@@ -289,6 +291,10 @@ def run_demo(s: DemoSettings | None = None, *, log: Callable[[str], None] = prin
             wait_ready(proc, url, s.server_timeout_s, log_path)
             log(f"  ready at {url} after {time.perf_counter() - t0:.0f} s")
             report.served, report.served_accuracy = ask_server(url, s.tasks, s)
+            for row in report.served:  # the same question answered in process (transformers)
+                column = "base" if row["model"] == BASE_NAME else str(paths[row["task"]])
+                local = {d["prompt"]: d["prediction"] for d in res.samples[column][row["task"]]}
+                row["in_process"] = local.get(row["prompt"], "").strip()
             if s.serve_forever:
                 log(f"  serving at {url}/v1 (models: {BASE_NAME}, {', '.join(s.tasks)}); Ctrl-C stops")
                 proc.wait()
