@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from expertlib.errors import NotFoundError
 from expertlib.server.protocol import AdminStatus, LoadableSet, ModelCard, ModelList
 from expertlib.server.state import ServerState
 
@@ -26,6 +27,16 @@ def model_list(state: ServerState) -> ModelList:
         LoadableSet(id=r.id, task=r.task, version=r.version, digest=r.digest) for r in catalog.loadable()
     ]
     return ModelList(data=cards, loadable=loadable)
+
+
+def model_card(state: ServerState, model_id: str) -> ModelCard:
+    """One entry of the model list, by id or alias; NotFoundError otherwise."""
+    for card in model_list(state).data:
+        if model_id == card.id or model_id in card.aliases:
+            return card
+    raise NotFoundError(
+        f"the model {model_id!r} does not exist on this server", hint="GET /v1/models lists them"
+    )
 
 
 def admin_status(state: ServerState) -> AdminStatus:

@@ -7,9 +7,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from expertlib.server import generation
 from expertlib.server.auth import check_api_key
-from expertlib.server.catalog_view import model_list
+from expertlib.server.catalog_view import model_card, model_list
 from expertlib.server.errors import error_response
-from expertlib.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from expertlib.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from expertlib.server.state import ServerState
 
 router = APIRouter()
@@ -44,6 +44,11 @@ async def metrics(request: Request) -> Response:
 @v1.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     return model_list(state_of(request))
+
+
+@v1.get("/models/{model_id:path}", response_model=ModelCard)
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    return model_card(state_of(request), model_id)
 
 
 @v1.post("/completions")

@@ -236,6 +236,9 @@ def test_models_lists_base_and_loaded_sets(fake_server):
     assert set(ids) == {"tiny-base", "math@1"}
     assert ids["math@1"].aliases == ["math"]
     assert [x["id"] for x in models.model_extra["loadable"]] == []
+    assert client(fake_server).models.retrieve("math").id == "math@1"
+    with pytest.raises(openai.NotFoundError):
+        client(fake_server).models.retrieve("poetry")
     assert (
         ids["math@1"].parent == "tiny-base"
         and ids["math@1"].owned_by == "expertlib"
