@@ -15,7 +15,9 @@ from expertlib.cli.output import emit_json, print_table
     multiple=True,
     help="Specialised task to train an expert set for (repeatable; default caesar, mul, bin).",
 )
-@click.option("--steps", type=int, default=None, help="ESFT training steps per task (default 300, quick 60).")
+@click.option(
+    "--steps", type=int, default=None, help="ESFT training steps per task (default 300, quick 100)."
+)
 @click.option("--score", type=click.Choice(["token", "gate"]), default="token", show_default=True)
 @click.option(
     "--top-p", type=float, default=None, help="Selection threshold p (default: 0.2 token, 0.1 gate)."

@@ -45,7 +45,7 @@ class DemoSettings:
     score: str = "token"
     top_p: float | None = None
     steps: int | None = None
-    lr: float = 2e-3
+    lr: float | None = None
     batch_size: int = 32
     n_train: int = 2000
     n_eval: int | None = None
@@ -61,7 +61,9 @@ class DemoSettings:
 
     def __post_init__(self) -> None:
         if self.steps is None:
-            self.steps = 60 if self.quick else 300
+            self.steps = 100 if self.quick else 300
+        if self.lr is None:
+            self.lr = 5e-3 if self.quick else 2e-3
         if self.n_eval is None:
             self.n_eval = 30 if self.quick else 100
         if self.ask is None:
