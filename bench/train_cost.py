@@ -83,13 +83,14 @@ def _task_file(path: Path, n: int) -> Path:
 def worker(method: str, args) -> dict:
     import torch
 
+    torch.set_num_threads(1)  # one core per method: comparable CPU time on a shared machine
     from expertlib.data import collate, load_samples
     from expertlib.identity import base_identity
     from expertlib.patch import ExpertSet
     from expertlib.scoring import score_experts
     from expertlib.selection import select_experts
     from expertlib.testing import make_tiny_model, make_tokenizer
-    from expertlib.training import TrainConfig, _batch_indices, _loss_sum, train_experts
+    from expertlib.training import TrainConfig, batch_indices, loss_sum, n_labels, train_experts
 
     torch.manual_seed(0)
     tmp = Path(args.tmp)
@@ -152,9 +153,8 @@ def worker(method: str, args) -> dict:
         reset = _reset_peak()
         stamp()
         for step in range(steps):  # the same step as expertlib.training.train_experts
-            batch = [samples[i] for i in _batch_indices(step, 0, cfg, len(samples))]
-            n = max(1, sum(sum(1 for y in s.labels[1:] if y != -100) for s in batch))
-            (_loss_sum(trained, collate(batch, 0), cfg) / n).backward()
+            batch = [samples[i] for i in batch_indices(step, 0, cfg, len(samples))]
+            (loss_sum(trained, collate(batch, 0), cfg) / max(1, n_labels(batch))).backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -187,7 +187,12 @@ def run_all(args) -> list[dict]:
     for method in METHODS:
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, __file__, "--worker", method, "--tmp", tmp, *_passthrough(args)]
-            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+            env = {
+                **os.environ,
+                "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1",
+                "OMP_NUM_THREADS": "1",
+            }
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             if proc.returncode:
                 sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
@@ -227,7 +232,7 @@ def table(rows: list[dict], args) -> str:
         [
             SECTION,
             "",
-            f"`python bench/train_cost.py` ({time.strftime('%Y-%m-%d')}, CPU, {os.cpu_count()} cores, float32). "
+            f"`python bench/train_cost.py` ({time.strftime('%Y-%m-%d')}, CPU, one thread per method, float32). "
             f"Model: tiny qwen2_moe, hidden {m['hidden_size']}, {m['num_hidden_layers']} MoE layers, "
             f"{m['num_experts']} routed experts (top-{m['num_experts_per_tok']}, intermediate "
             f"{m['moe_intermediate_size']}) + 1 shared expert, {full['total_params'] / 1e6:.1f}M parameters. "
@@ -258,7 +263,7 @@ def write_section(text: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per method")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per method")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)

@@ -246,7 +246,7 @@ class TrainResult:
         )
 
 
-def _batch_indices(step: int, micro: int, config: TrainConfig, n: int) -> list[int]:
+def batch_indices(step: int, micro: int, config: TrainConfig, n: int) -> list[int]:
     """Sample indices of micro-batch `micro` of step `step`: seeded epoch permutations, a pure function."""
     per_step = config.batch_size * config.grad_accum
     start = step * per_step + micro * config.batch_size
@@ -258,7 +258,7 @@ def _batch_indices(step: int, micro: int, config: TrainConfig, n: int) -> list[i
     return out
 
 
-def _loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], config: TrainConfig) -> torch.Tensor:
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], config: TrainConfig) -> torch.Tensor:
     """Summed next-token cross-entropy over trained labels of one batch."""
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
@@ -273,7 +273,7 @@ def _loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], config: TrainCon
     )
 
 
-def _n_labels(samples: Sequence[Sample]) -> int:
+def n_labels(samples: Sequence[Sample]) -> int:
     return sum(sum(1 for y in s.labels[1:] if y != IGNORE_INDEX) for s in samples)
 
 
@@ -287,8 +287,8 @@ def evaluate(model: nn.Module, samples: Sequence[Sample], *, pad_id: int, config
         with active_sets(model, TRAIN_SET) if hasattr(model, "_expertlib_active") else nullcontext():
             for i in range(0, len(samples), config.batch_size):
                 part = samples[i : i + config.batch_size]
-                total += float(_loss_sum(model, collate(part, pad_id), config))
-                count += _n_labels(part)
+                total += float(loss_sum(model, collate(part, pad_id), config))
+                count += n_labels(part)
     finally:
         model.train(was)
     return total / max(count, 1)
@@ -322,7 +322,11 @@ def train_experts(
         raise SelectionError("no training samples")
     torch.manual_seed(config.seed)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    trainable = prepare_trainable(model, selection)
+    try:
+        trainable = prepare_trainable(model, selection)
+    except BaseException:
+        _restore_flags(model, flags)
+        raise
     try:
         params = trainable.parameters(model)
         opt = torch.optim.AdamW(
@@ -348,13 +352,13 @@ def train_experts(
                 for group in opt.param_groups:
                     group["lr"] = lr
                 micro = [
-                    [samples[i] for i in _batch_indices(step, m, config, len(samples))]
+                    [samples[i] for i in batch_indices(step, m, config, len(samples))]
                     for m in range(config.grad_accum)
                 ]
-                n_tokens = max(1, sum(_n_labels(mb) for mb in micro))
+                n_tokens = max(1, sum(n_labels(mb) for mb in micro))
                 loss_value = 0.0
                 for mb in micro:
-                    loss = _loss_sum(model, collate(mb, pad_id), config) / n_tokens
+                    loss = loss_sum(model, collate(mb, pad_id), config) / n_tokens
                     loss.backward()
                     loss_value += float(loss.detach())
                 if config.max_grad_norm is not None:
@@ -406,8 +410,16 @@ def train_experts(
         model.eval()
         if trainable.slot_of:
             remove_slots(model)
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags.get(n, False))
+        _restore_flags(model, flags)
+
+
+def _restore_flags(model: nn.Module, flags: dict[str, bool]) -> None:
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags.get(n, False))
+
+
+#: Old private names, used by bench scripts.
+_batch_indices, _loss_sum = batch_indices, loss_sum
 
 
 def _key_config(config: TrainConfig) -> dict:
