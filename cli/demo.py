@@ -55,7 +55,13 @@ def demo_cmd(quick, tasks, steps, score, top_p, registry, serve_forever, port, n
     report = run_demo(settings, log=lambda msg: click.echo(msg, err=as_json))
     if as_json:
         emit_json(report.to_dict())
-        return
+    else:
+        _render(report)
+    if report.server_error:
+        raise SystemExit(1)
+
+
+def _render(report) -> None:
     columns = list(report.accuracy)
     rows = [[t, *(f"{report.accuracy[c][t]:.2f}" for c in columns)] for t in report.accuracy["base"]]
     print_table("exact-match accuracy (in process): base vs each expert set", ["task", *columns], rows)
@@ -83,7 +89,7 @@ def demo_cmd(quick, tasks, steps, score, top_p, registry, serve_forever, port, n
             + "; ".join(f"{t}: set {a['set']:.2f} vs base {a['base']:.2f}" for t, a in acc.items())
         )
     if report.server_error:
-        click.secho(f"server step failed: {report.server_error}", fg="yellow")
+        click.secho(f"server step failed: {report.server_error}", fg="red", err=True)
     if report.heatmap:
         click.echo(f"expert-overlap heatmap: {report.heatmap}")
     click.echo(
