@@ -19,13 +19,27 @@ VLLM_TINY_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-def make_vllm_tiny_base(model_type: str, path: str | Path, *, seed: int = 0, **overrides):
-    """A tiny random base (config, weights, tokenizer) at `path` that vLLM's CPU engine can run."""
+#: dtype vLLM's CPU kernels need per architecture (MLA attention on CPU only takes bf16 weights).
+VLLM_TINY_DTYPE: dict[str, torch.dtype] = {"deepseek_v2": torch.bfloat16, "deepseek_v3": torch.bfloat16}
+
+
+def make_vllm_tiny_base(
+    model_type: str, path: str | Path, *, seed: int = 0, dtype: torch.dtype | None = None, **overrides
+):
+    """A tiny random base (config, weights, tokenizer) at `path` that vLLM's CPU engine can run.
+
+    Saved in `dtype` (default: what vLLM's CPU kernels need for the architecture, else float32).
+    """
     from expertlib.testing import make_tiny_model
 
-    return make_tiny_model(
+    model = make_tiny_model(
         model_type, path, seed=seed, **{**VLLM_TINY_OVERRIDES.get(model_type, {}), **overrides}
     )
+    dtype = dtype or VLLM_TINY_DTYPE.get(model_type, torch.float32)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+        model.save_pretrained(str(path))
+    return model
 
 
 def random_expert_set(
