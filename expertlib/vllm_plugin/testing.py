@@ -88,3 +88,35 @@ def _identity(model):
     from expertlib.identity import base_identity
 
     return base_identity(model)
+
+
+#: The benchmark base (same shape as bench/train_cost.py's model): qwen2_moe, hidden 256, 4 MoE
+#: layers of 64 routed experts (top-6, intermediate 128) + a shared expert.
+BENCH_BASE: dict[str, Any] = dict(
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    num_experts=64,
+    num_experts_per_tok=6,
+    moe_intermediate_size=128,
+    shared_expert_intermediate_size=512,
+)
+
+
+def make_bench_sets(model, n: int, experts_per_layer: int = 2, *, seed: int = 0) -> list:
+    """`n` random expert sets, each replacing `experts_per_layer` experts in every MoE layer (what
+    ESFT-token selected on the benchmark task), chosen at random so that sets overlap as tasks do."""
+    from expertlib.moe import experts_module, moe_layer_indices
+
+    layers = moe_layer_indices(model)
+    num_experts = experts_module(model, layers[0]).num_experts
+    g = torch.Generator().manual_seed(seed)
+    sets = []
+    for i in range(n):
+        experts = {
+            layer: sorted(torch.randperm(num_experts, generator=g)[:experts_per_layer].tolist())
+            for layer in layers
+        }
+        sets.append(random_expert_set(model, f"task{i}", experts, seed=seed + 1000 + i))
+    return sets
