@@ -52,11 +52,17 @@ def demo_cmd(quick, tasks, steps, score, top_p, registry, serve_forever, port, n
         server=not no_server,
         **({"tasks": tuple(tasks)} if tasks else {}),
     )
-    report = run_demo(settings, log=lambda msg: click.echo(msg, err=as_json))
-    if as_json:
-        emit_json(report.to_dict())
-    else:
-        _render(report)
+    shown = []
+
+    def show(report) -> None:
+        shown.append(True)
+        emit_json(report.to_dict()) if as_json else _render(report)
+
+    report = run_demo(settings, log=lambda msg: click.echo(msg, err=as_json), on_served=show)
+    if not shown:
+        show(report)
+    elif not as_json:
+        click.echo(f"total time: {report.timings['total_s']:.0f} s")
     if report.server_error:
         raise SystemExit(1)
 
@@ -92,9 +98,11 @@ def _render(report) -> None:
         click.secho(f"server step failed: {report.server_error}", fg="red", err=True)
     if report.heatmap:
         click.echo(f"expert-overlap heatmap: {report.heatmap}")
-    click.echo(
-        f"total time: {report.timings['total_s']:.0f} s  ({', '.join(f'{k} {v:.0f} s' for k, v in report.timings.items() if k != 'total_s')})"
-    )
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in report.timings.items() if k != "total_s")
+    if "total_s" in report.timings:
+        click.echo(f"total time: {report.timings['total_s']:.0f} s  ({steps})")
+    else:
+        click.echo(f"time so far: {steps}")
 
 
 COMMANDS = [demo_cmd]

@@ -225,8 +225,31 @@ def ask_server(
     return rows, acc
 
 
-def run_demo(s: DemoSettings | None = None, *, log: Callable[[str], None] = print) -> DemoReport:
-    """Run the whole demo (see the module docstring); returns what it measured."""
+def _wait_interruptible(proc) -> None:
+    """Wait for the server child until SIGINT or SIGTERM (even where the shell ignored SIGINT)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_demo(
+    s: DemoSettings | None = None,
+    *,
+    log: Callable[[str], None] = print,
+    on_served: Callable[[DemoReport], None] | None = None,
+) -> DemoReport:
+    """Run the whole demo (see the module docstring); returns what it measured.
+
+    With `serve_forever`, `on_served(report)` is called once the questions are answered, before
+    the server is left running until SIGINT/SIGTERM.
+    """
     from expertlib.demo.evaluate import evaluate
     from expertlib.registry import Registry
     from expertlib.registry.diff import plot_diff
@@ -298,8 +321,10 @@ def run_demo(s: DemoSettings | None = None, *, log: Callable[[str], None] = prin
                 local = {d["prompt"]: d["prediction"] for d in res.samples[column][row["task"]]}
                 row["in_process"] = local.get(row["prompt"], "").strip()
             if s.serve_forever:
+                if on_served is not None:
+                    on_served(report)
                 log(f"  serving at {url}/v1 (models: {BASE_NAME}, {', '.join(s.tasks)}); Ctrl-C stops")
-                proc.wait()
+                _wait_interruptible(proc)
         except KeyboardInterrupt:
             pass
         except Exception as exc:  # reported, not hidden: the in-process numbers above still stand
