@@ -87,10 +87,9 @@ def load(
     if found is None:
         raise DataError("no checkpoint to resume from", path=str(path), hint="drop --resume to start afresh")
     meta = json.loads((found / TRAINER_FILE).read_text())
-    if meta["key"] != json.loads(json.dumps(key)):
-        diff = sorted(
-            k for k in set(meta["key"]) | set(key) if meta["key"].get(k) != json.loads(json.dumps(key)).get(k)
-        )
+    want = json.loads(json.dumps(key))  # as it would read back from JSON
+    if meta["key"] != want:
+        diff = _differences(meta["key"], want)
         raise DataError(
             f"the checkpoint belongs to another run (differs in {diff})",
             path=str(found),
@@ -110,3 +109,17 @@ def load(
         eval_losses=[(int(s), float(v)) for s, v in meta["eval_losses"]],
         wall_time_s=float(meta["wall_time_s"]),
     )
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the keys whose values differ (one level into nested dicts)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if x == y:
+            continue
+        if isinstance(x, dict) and isinstance(y, dict) and not prefix:
+            out += _differences(x, y, f"{k}.")
+        else:
+            out.append(prefix + k)
+    return out
