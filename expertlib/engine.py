@@ -80,6 +80,7 @@ class BaseCheckpoint:
         self.moe_layers, self.num_experts = _moe_layout(self.config)
         self._files = _weight_files(path)
         self._digests: dict[tuple[int, int], str] = {}
+        self._handles: dict[Path, Any] = {}
 
     def expert_digest(self, layer: int, expert: int) -> str:
         key = (layer, expert)
@@ -87,29 +88,30 @@ class BaseCheckpoint:
             self._digests[key] = self._read_expert(layer, expert).digest()
         return self._digests[key]
 
-    def _read_expert(self, layer: int, expert: int) -> ExpertWeights:
+    def _tensor(self, name: str, index: int | None = None) -> torch.Tensor:
         from safetensors import safe_open
 
+        file = self._files[name]
+        if file not in self._handles:  # one open handle per shard, reused across loads
+            self._handles[file] = safe_open(str(file), framework="pt")
+        f = self._handles[file]
+        return f.get_tensor(name) if index is None else f.get_slice(name)[index]
+
+    def _read_expert(self, layer: int, expert: int) -> ExpertWeights:
         if self.spec.checkpoint_key is not None:
             names = [
                 self.spec.checkpoint_key.format(layer=layer, expert=expert, proj=p)
                 for p in self.spec.proj_names
             ]
             if all(n in self._files for n in names):
-                parts = []
-                for n in names:
-                    with safe_open(str(self._files[n]), framework="pt") as f:
-                        parts.append(f.get_tensor(n))
-                return ExpertWeights(gate=parts[0], up=parts[1], down=parts[2])
+                gate, up, down = (self._tensor(n) for n in names)
+                return ExpertWeights(gate=gate, up=up, down=down)
         # transformers may also save the fused layout: gate_up_proj (E, 2I, H), down_proj (E, H, I)
         prefix = self.spec.checkpoint_key.split(".experts.")[0] if self.spec.checkpoint_key else ""
         prefix = prefix.format(layer=layer) or f"model.layers.{layer}.mlp"
         gu, dn = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
         if gu in self._files and dn in self._files:
-            with safe_open(str(self._files[gu]), framework="pt") as f:
-                g = f.get_slice(gu)[expert]
-            with safe_open(str(self._files[dn]), framework="pt") as f:
-                d = f.get_slice(dn)[expert]
+            g, d = self._tensor(gu, expert), self._tensor(dn, expert)
             inter = g.shape[0] // 2
             return ExpertWeights(gate=g[:inter], up=g[inter:], down=d)
         raise ModelLoadError(

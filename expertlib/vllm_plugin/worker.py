@@ -57,25 +57,31 @@ def runtime_layout(routed_experts, w13: torch.Tensor, w2: torch.Tensor) -> tuple
 
 
 @torch.no_grad()
-def write_slot(runner, physical_id: int, w: ExpertWeights) -> None:
-    """Copy canonical expert `w` (gate (I,H), up (I,H), down (H,I)) into physical expert row `physical_id`."""
+def write_slots(runner, physical_ids: list[int], weights: list[ExpertWeights]) -> None:
+    """Copy canonical experts (gate (I,H), up (I,H), down (H,I)) into physical expert rows of one layer.
+
+    All rows of a layer go through the kernel's layout transform (CPU: pad + prepack) in one call.
+    """
     experts = runner.routed_experts
     dst13, dst2 = experts.w13_weight, experts.w2_weight
-    w13 = torch.cat([w.gate, w.up], dim=0).to(dst13.device, dst13.dtype)[
-        None
-    ]  # (1, 2I, H); vLLM w13 = [w1; w3]
-    w2 = w.down.to(dst2.device, dst2.dtype)[None]  # (1, H, I)
+    # vLLM's w13 row is [w1; w3] = [gate; up]
+    w13 = torch.stack([torch.cat([w.gate, w.up], dim=0) for w in weights]).to(
+        dst13.device, dst13.dtype
+    )  # (n, 2I, H)
+    w2 = torch.stack([w.down for w in weights]).to(dst2.device, dst2.dtype)  # (n, H, I)
     w13, w2 = runtime_layout(experts, w13, w2)
-    dst13.data[physical_id].copy_(w13[0])
-    dst2.data[physical_id].copy_(w2[0])
+    index = torch.tensor(physical_ids, dtype=torch.long, device=dst13.device)
+    dst13.data.index_copy_(0, index, w13)
+    dst2.data.index_copy_(0, index, w2)
     bias13 = getattr(experts, "w13_bias", None)
-    if w.gate_bias is not None and isinstance(bias13, torch.Tensor):
-        b = torch.cat([w.gate_bias, w.up_bias]).to(bias13.device, bias13.dtype)
-        inter, padded = w.gate_bias.numel(), bias13.shape[-1] // 2
-        row = bias13.new_zeros(bias13.shape[-1])
-        row[:inter], row[padded : padded + inter] = b[:inter], b[inter:]
-        bias13.data[physical_id].copy_(row)
-        experts.w2_bias.data[physical_id].copy_(w.down_bias.to(experts.w2_bias.dtype))
+    if weights[0].gate_bias is not None and isinstance(bias13, torch.Tensor):
+        padded = bias13.shape[-1] // 2
+        for phys, w in zip(physical_ids, weights, strict=True):
+            inter = w.gate_bias.numel()
+            row = bias13.new_zeros(bias13.shape[-1])
+            row[:inter], row[padded : padded + inter] = w.gate_bias, w.up_bias
+            bias13.data[phys].copy_(row)
+            experts.w2_bias.data[phys].copy_(w.down_bias.to(experts.w2_bias.dtype))
 
 
 class SlotWorkerExtension:
@@ -105,12 +111,13 @@ class SlotWorkerExtension:
 
         ctx = self._expertlib_ctx()
         es = ExpertSet.open(path)
+        by_layer: dict[int, list[tuple[int, int]]] = {}
         for layer, slot, expert in fills:
-            if not 0 <= slot < ctx.slots:
+            if not 0 <= int(slot) < ctx.slots:
                 raise ValueError(f"slot {slot} out of range (0..{ctx.slots - 1})")
-            write_slot(
-                ctx.layers[int(layer)], ctx.num_experts + int(slot), es.expert(int(layer), int(expert))
-            )
+            by_layer.setdefault(int(layer), []).append((ctx.num_experts + int(slot), int(expert)))
+        for layer, rows in by_layer.items():
+            write_slots(ctx.layers[layer], [p for p, _ in rows], [es.expert(layer, e) for _, e in rows])
         return len(fills)
 
     def expertlib_set_row(self, row: int, remap: dict[Any, dict[Any, int]]) -> None:
