@@ -11,8 +11,11 @@ stops it):
 
     python bench/serve_load.py --tiny /tmp/serve-bench --clients 8 --duration 30
 
-Prints, per mode: requests, requests/s, generated tokens/s, p50/p99 latency and errors. Modes run
-in alternating rounds (mixed, base, mixed, base, ...) so drift of a shared machine hits both alike.
+Modes: all requests spread round-robin over the sets ("mixed"), all on the first set ("one set"),
+all on the base ("base only"). Every request generates exactly --max-tokens tokens (ignore_eos), so
+tokens/s compare like for like. Prints, per mode: requests, requests/s, generated tokens/s, p50/p99
+latency and errors. Modes run in alternating rounds (mixed, one set, base, mixed, ...) so drift of a
+shared machine hits all alike.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ class Stats:
     errors: int = 0
     seconds: float = 0.0
     error_kinds: dict[str, int] = field(default_factory=dict)
+    short: int = 0  # answers with fewer tokens than asked for (must be 0 with ignore_eos)
+    finish: dict[str, int] = field(default_factory=dict)
+    short_samples: list = field(default_factory=list)
 
     def row(self, mode: str) -> dict:
         lat = sorted(self.latencies)
@@ -69,6 +75,9 @@ class Stats:
             "mean_ms": statistics.fmean(lat) * 1000 if n else float("nan"),
             "errors": self.errors,
             "error_kinds": self.error_kinds,
+            "short_answers": self.short,
+            "finish_reasons": self.finish,
+            "short_samples": self.short_samples[:8],
         }
 
 
@@ -87,7 +96,11 @@ async def run_load(
             t0 = time.perf_counter()
             try:
                 r = await client.completions.create(
-                    model=model, prompt=prompt, max_tokens=max_tokens, temperature=0
+                    model=model,
+                    prompt=prompt,
+                    max_tokens=max_tokens,
+                    temperature=0,
+                    extra_body={"ignore_eos": True},  # every answer has exactly max_tokens tokens
                 )
             except Exception as exc:  # noqa: BLE001 - counted, the load goes on
                 stats.errors += 1
@@ -96,6 +109,14 @@ async def run_load(
                 continue
             stats.latencies.append(time.perf_counter() - t0)
             stats.tokens += r.usage.completion_tokens
+            if r.usage.completion_tokens < max_tokens:
+                stats.short += 1
+                stats.short_samples.append(
+                    [model, prompt, r.usage.completion_tokens, r.choices[0].finish_reason, r.choices[0].text]
+                    + [(r.choices[0].model_extra or {}).get("stop_reason")]
+                )
+            reason = str(r.choices[0].finish_reason)
+            stats.finish[reason] = stats.finish.get(reason, 0) + 1
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(clients)))
@@ -109,7 +130,11 @@ async def bench(args) -> list[dict]:
         base_url=args.url + "/v1", api_key=args.api_key or "none", max_retries=0, timeout=300
     )
     models = [m for m in args.models.split(",") if m]
-    modes = {f"mixed ({len(models)} sets)": models, "base only": [args.base_model]}
+    modes = {
+        f"mixed ({len(models)} sets)": models,
+        f"one set ({models[0]})": models[:1],
+        "base only": [args.base_model],
+    }
     # warm-up: every model once
     for m in [*models, args.base_model]:
         await client.completions.create(model=m, prompt="warm up", max_tokens=4, temperature=0)
@@ -132,16 +157,18 @@ def print_table(rows: list[dict], args) -> None:
     print(
         f"\nclients={args.clients} duration={args.duration}s per mode ({args.rounds} rounds) max_tokens={args.max_tokens}"
     )
-    head = f"{'mode':<18} {'requests':>8} {'req/s':>8} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+    head = f"{'mode':<20} {'requests':>8} {'req/s':>8} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'short':>6}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['mode']:<18} {r['requests']:>8} {r['req_per_s']:>8.2f} {r['tokens_per_s']:>8.1f} "
-            f"{r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f} {r['errors']:>6}"
+            f"{r['mode']:<20} {r['requests']:>8} {r['req_per_s']:>8.2f} {r['tokens_per_s']:>8.1f} "
+            f"{r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f} {r['errors']:>6} {r['short_answers']:>6}"
         )
-    if len(rows) == 2 and rows[1]["tokens_per_s"]:
-        print(f"mixed / base tokens/s: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.3f}")
+    base = rows[-1]["tokens_per_s"]
+    for r in rows[:-1]:
+        if base:
+            print(f"{r['mode']} / base only, tokens/s: {r['tokens_per_s'] / base:.3f}")
 
 
 # --- self-contained mode --------------------------------------------------------------------------------

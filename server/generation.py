@@ -39,6 +39,8 @@ class Job:
     stream: bool
     include_usage: bool
     release: Any = None  # the bounded queue's release, called once the job ends
+    cache_salt: str | None = None  # keeps vLLM's prefix cache from sharing KV across expert sets
+    cached_tokens: dict[int, int] = field(default_factory=dict)  # prompt index -> prefix-cache hits
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -108,6 +110,7 @@ async def _prepare(
             params=params,
             stream=req.stream,
             include_usage=req.include_usage_in_stream,
+            cache_salt=catalog.cache_salt(expert_set),
             release=state.gate.enter(),
         )
     except ExpertlibError as exc:
@@ -186,7 +189,7 @@ async def _merged(state: ServerState, job: Job) -> AsyncIterator[tuple[int, Any]
 
     async def pump(i: int) -> None:
         try:
-            async for out in engine.generate(job.prompts[i], job.params, ids[i], job.expert_set):
+            async for out in engine.generate(_engine_prompt(job, i), job.params, ids[i], job.expert_set):
                 await queue.put((i, out))
         except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
             await queue.put((i, exc))
@@ -205,6 +208,9 @@ async def _merged(state: ServerState, job: Job) -> AsyncIterator[tuple[int, Any]
             else:
                 if item.finished:
                     finished.add(i)
+                cached = getattr(item, "num_cached_tokens", None)
+                if isinstance(cached, int):
+                    job.cached_tokens[i] = cached
                 yield i, item
     finally:
         for t in tasks:
@@ -230,10 +236,24 @@ def _record(state: ServerState, job: Job, status: int, prompt_tokens: int, compl
     m.completion_tokens.labels(model=job.label).inc(completion_tokens)
 
 
+def _engine_prompt(job: Job, i: int) -> list[int] | dict:
+    """Token ids, salted per expert set: the KV of a prompt prefix depends on the set's experts, so
+    vLLM's prefix cache (keyed by tokens) must never hand one set's cached blocks to another."""
+    if job.cache_salt is None:
+        return job.prompts[i]
+    return {"prompt_token_ids": job.prompts[i], "cache_salt": job.cache_salt}
+
+
 def _usage(job: Job, completions: dict[tuple[int, int], Any]) -> p.Usage:
     prompt = sum(len(ids) for ids in job.prompts)
     completion = sum(len(o.token_ids) for o in completions.values())
-    return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    details = p.PromptTokensDetails(cached_tokens=sum(job.cached_tokens.values()))
+    return p.Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=details,
+    )
 
 
 async def run_to_end(
@@ -274,18 +294,31 @@ async def run_to_end(
     created = p.now()
     if job.endpoint == "completions":
         choices = [
-            p.CompletionChoice(index=k, text=o.text, finish_reason=o.finish_reason) for k, o in ordered
+            p.CompletionChoice(
+                index=k, text=o.text, finish_reason=o.finish_reason, stop_reason=_stop_reason(o)
+            )
+            for k, o in ordered
         ]
         return p.CompletionResponse(
             id=job.request_id, created=created, model=job.model, choices=choices, usage=usage
         )
     choices = [
-        p.ChatChoice(index=k, message=p.ChatMessageOut(content=o.text), finish_reason=o.finish_reason)
+        p.ChatChoice(
+            index=k,
+            message=p.ChatMessageOut(content=o.text),
+            finish_reason=o.finish_reason,
+            stop_reason=_stop_reason(o),
+        )
         for k, o in ordered
     ]
     return p.ChatCompletionResponse(
         id=job.request_id, created=created, model=job.model, choices=choices, usage=usage
     )
+
+
+def _stop_reason(o: Any) -> int | str | None:
+    reason = getattr(o, "stop_reason", None)
+    return reason if isinstance(reason, (int, str)) else None
 
 
 def sse(data: Any) -> str:

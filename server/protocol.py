@@ -191,10 +191,15 @@ class ChatCompletionRequest(_SamplingRequest):
 # --- responses ----------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(default=0, description="prompt tokens served from the prefix cache")
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 FinishReason = Literal["stop", "length", "abort"] | None
@@ -205,6 +210,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: None = None
     finish_reason: FinishReason = None
+    stop_reason: int | str | None = Field(
+        default=None, description="vLLM extension: the stop string or token id"
+    )
 
 
 class CompletionResponse(BaseModel):
@@ -227,6 +235,9 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     logprobs: None = None
     finish_reason: FinishReason = None
+    stop_reason: int | str | None = Field(
+        default=None, description="vLLM extension: the stop string or token id"
+    )
 
 
 class ChatCompletionResponse(BaseModel):

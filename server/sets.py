@@ -55,6 +55,7 @@ class SetCatalog:
         self._aliases: dict[str, str] = {}  # task -> served name of its latest loaded version
         self._locks: dict[str, asyncio.Lock] = {}
         self.loaded_at: dict[str, int] = {}  # served name -> unix time it was loaded
+        self._digests: dict[str, str] = {}  # served name -> content digest of the set loaded under it
 
     # --- resolution ----------------------------------------------------------------------------
 
@@ -99,6 +100,16 @@ class SetCatalog:
             return None
         return _registered(ref)
 
+    def cache_salt(self, name: str | None) -> str | None:
+        """Prefix-cache salt of a set (its content digest); None for the base."""
+        if name is None:
+            return None
+        digest = self._digests.get(name)
+        if digest is None:
+            info = self.engine.status().get("sets", {}).get(name, {})
+            digest = info.get("content_digest") if isinstance(info, dict) else None
+        return f"expertlib:{digest or name}"
+
     def registered(self) -> list[Registered]:
         """Every set the registry holds (latest version of each task first); empty without one."""
         if self.registry is None:
@@ -128,6 +139,7 @@ class SetCatalog:
                 served = await self.engine.load(es, name=served, pin=pin)
             self._aliases[task] = served
             self.loaded_at.setdefault(served, int(time.time()))
+            self._digests[served] = es.manifest.content_digest
             log.info("loaded expert set %s", served)
             return served
 
@@ -136,6 +148,7 @@ class SetCatalog:
         await self.engine.unload(served)
         self._aliases = {a: n for a, n in self._aliases.items() if n != served}
         self.loaded_at.pop(served, None)
+        self._digests.pop(served, None)
         return served
 
     async def pin(self, model: str, pinned: bool = True) -> str:

@@ -247,6 +247,26 @@ def test_concurrent_requests_for_several_sets(world):
         assert text == ref.completion(prompt, es), (model, prompt)
 
 
+def test_sets_never_share_cached_prompt_prefixes(world):
+    """The same long prompt (a full KV block) for the base and two sets: vLLM's prefix cache must not
+    hand one set the keys and values the base or another set computed; each reuses its own."""
+    ref = world["ref"]
+    prompt = ("The quick brown fox jumps over the lazy dog; " * 6)[:220]
+    c = client(world)
+
+    def run(model):
+        return c.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+
+    first = {model: run(model) for model in (BASE_NAME, "alpha", "beta")}
+    for model, es in [(BASE_NAME, None), ("alpha", "alpha"), ("beta", "beta")]:
+        assert first[model].choices[0].text == ref.completion(prompt, es), model
+    assert first["alpha"].usage.prompt_tokens_details.cached_tokens == 0  # not the base's blocks
+    assert first["beta"].usage.prompt_tokens_details.cached_tokens == 0  # nor alpha's
+    again = run("alpha")
+    assert again.usage.prompt_tokens_details.cached_tokens > 0  # its own blocks are reused
+    assert again.choices[0].text == first["alpha"].choices[0].text
+
+
 def test_sampling_params_n_seed_stop(world):
     c = client(world)
     kw = dict(model="alpha", prompt=PROMPTS[3], max_tokens=8, temperature=0.9, seed=7, n=2)

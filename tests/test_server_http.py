@@ -38,6 +38,7 @@ class FakeEngine:
         self.tokenizer = make_tokenizer()
         self.sets: dict[str, bool] = {}  # name -> pinned
         self.aborted: list[str] = []
+        self.salts: list[str | None] = []
         self.active: set[str] = set()
         self.delay = delay
         self.max_model_len = CTX
@@ -76,6 +77,11 @@ class FakeEngine:
     async def generate(self, prompt, sampling_params, request_id, expert_set):
         if expert_set is not None and expert_set not in self.sets:
             raise NotLoadedError(f"{expert_set} is not loaded")
+        if isinstance(prompt, dict):  # {"prompt_token_ids", "cache_salt"}: salted per expert set
+            self.salts.append(prompt.get("cache_salt"))
+            prompt = prompt["prompt_token_ids"]
+        else:
+            self.salts.append(None)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         sp = self.last_params = sampling_params
         texts = [""] * sp.n
@@ -271,6 +277,9 @@ def test_completion_per_set_and_usage(fake_server):
     )
     sp = fake_server.engine.last_params
     assert (sp.seed, sp.top_p, sp.ignore_eos, sp.max_tokens, sp.temperature) == (5, 0.5, True, 3, 1.0)
+    assert fake_server.engine.salts[-1].startswith("expertlib:sha256:")  # sets are salted, the base is not
+    c.completions.create(model="tiny-base", prompt="2+2=", max_tokens=1)
+    assert fake_server.engine.salts[-1] is None
     base = c.completions.create(model="tiny-base", prompt="2+2=", max_tokens=5).choices[0].text
     math = c.completions.create(model="math", prompt="2+2=", max_tokens=5).choices[0].text
     assert base != math
