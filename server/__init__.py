@@ -1,9 +1,24 @@
 """The OpenAI-compatible HTTP server: one base model, every task's expert set.
 
-    from expertlib.server import ServerSettings, create_app, serve
-    serve(ServerSettings(base="./base", registry="./reg", expert_sets=["math", "code@2"]))
+    expertlib serve ./base --registry ./reg --expert-set math --expert-set code@2 --api-key KEY
 
-`model` in a request selects the expert set (`task`, `task@version`, `task@tag`) or the base.
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
+    client.completions.create(model="math", prompt="2+2=", max_tokens=8)        # math's experts
+    client.chat.completions.create(model="code@2", messages=[...], stream=True)  # code, version 2
+    client.completions.create(model="./base", prompt="2+2=")                     # the base model
+
+`model` selects the expert set (`task`, `task@version`, `task@tag`, or the base's name); requests
+for different sets go to one engine concurrently and share its batches. Admin routes (`--admin-key`)
+load, unload and pin sets while serving and carry the registry's pull/push routes.
+
+From Python: `serve(ServerSettings(...))` runs in the foreground; `create_app(settings)` gives the
+FastAPI app (the engine starts in the background when the app starts; /health is 503 until ready).
+
+Files: protocol.py (HTTP bodies), routes.py and admin.py (the routes), generation.py (completions
+over the engine), sets.py (model names -> loaded sets, registry), state.py (settings, readiness,
+bounded queue), errors.py (the one place errors become OpenAI-shaped responses), auth.py,
+metrics.py, backend.py (the engine protocol the server is written against).
 """
 
 from expertlib.server.app import create_app
