@@ -20,7 +20,7 @@ import openai
 import pytest
 import uvicorn
 
-from expertlib.errors import NotLoadedError
+from expertlib.errors import EngineError, NotLoadedError
 from expertlib.registry import Registry
 from expertlib.server import ServerSettings, create_app
 from expertlib.server.backend import ServingEngine
@@ -91,6 +91,8 @@ class FakeEngine:
             for k in range(sp.max_tokens):
                 if self.delay:
                     await asyncio.sleep(self.delay)
+                if k == 2 and ids == self.tokenizer.encode("boom"):
+                    raise EngineError("the engine died")
                 for c in range(sp.n):
                     if done[c] is None:
                         texts[c] += self.answer(ids, expert_set, k, c)
@@ -339,6 +341,19 @@ def test_streaming_completion_and_chat(fake_server):
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert raw.headers["x-request-id"].startswith("cmpl-") and raw.headers["x-request-id"] in raw.text
     assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_engine_failure_mid_request(fake_server):
+    """Before the first byte: a JSON error with the error's status; mid-stream: an error event, then [DONE]."""
+    _ready(fake_server)
+    body = {"model": "math", "prompt": "boom", "max_tokens": 5}
+    err = _assert_openai_error(_post(fake_server, "/v1/completions", body), 503)
+    assert "the engine died" in err["message"]
+    raw = _post(fake_server, "/v1/completions", {**body, "stream": True})
+    events = [ln.removeprefix("data: ") for ln in raw.text.splitlines() if ln.startswith("data: ")]
+    assert json.loads(events[-2])["error"]["message"].startswith("the engine died") and events[-1] == "[DONE]"
+    assert json.loads(events[0])["choices"][0]["text"]  # tokens before the failure were sent
+    assert fake_server.app.state.server.gate.depth == 0
 
 
 # --- errors ---------------------------------------------------------------------------------------
