@@ -65,7 +65,8 @@ def serve_cmd(base: str, **opts) -> None:
     requests for different sets share the engine's batches. GET /health is 503 until the
     engine and the named sets are loaded.
 
-    Example: expertlib serve ./base --registry ./reg --expert-set math --expert-set code@2 --port 8000
+    \b
+    Example: expertlib serve ./base --registry ./reg --expert-set math --expert-set code@2
     """
     from expertlib.server import ServerSettings, serve
 
