@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -37,9 +38,13 @@ class SlotContext:
         #: (L, max_sets + 1, E) physical expert id per (layer, set row, expert)
         self.remap = identity.repeat(num_layers, max_sets + 1, 1).contiguous()
         #: set row of every token of the current step; zero beyond the step's tokens
-        self.token_sets = torch.zeros(max_tokens, dtype=torch.int64, device=self.device)
         self._host = torch.zeros(max_tokens, dtype=torch.int64)
+        self._host_np = self._host.numpy()  # shares memory with _host
+        # on CPU the per-token rows are read straight from the host buffer
+        self.token_sets = self._host if self.device.type == "cpu" else self._host.to(self.device)
         self._filled = 0
+        #: whether any token of this step uses a set (a bool, so compiled graphs see two variants)
+        self.any_sets = False
         #: MoE layer index -> the MoERunner of that layer
         self.layers: dict[int, Any] = {}
 
@@ -48,25 +53,26 @@ class SlotContext:
         n = int(sum(per_request_tokens))
         if n > self._host.numel():
             raise RuntimeError(f"step has {n} tokens, slot buffer holds {self._host.numel()}")
-        host = self._host
+        host = self._host_np
         if self._filled > n:
-            host[n : self._filled].zero_()
+            host[n : self._filled] = 0
         if any(per_request_rows):
-            rows = torch.tensor(per_request_rows, dtype=torch.int64)
-            counts = torch.tensor(per_request_tokens, dtype=torch.int64)
-            host[:n] = torch.repeat_interleave(rows, counts)
-        else:
-            host[:n].zero_()
+            host[:n] = np.repeat(np.asarray(per_request_rows, dtype=np.int64), per_request_tokens)
+        elif self._filled:
+            host[: min(n, self._filled)] = 0
         m = max(n, self._filled)
-        if m:
-            self.token_sets[:m].copy_(host[:m], non_blocking=self.device.type != "cpu")
-        self._filled = n
+        if m and self.token_sets is not self._host:
+            self.token_sets[:m].copy_(self._host[:m], non_blocking=True)
+        self._filled = n if any(per_request_rows) else 0
+        self.any_sets = self._filled > 0
 
     def clear_tokens(self) -> None:
         self.set_tokens([], [])
 
     def remap_ids(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """(T, K) logical expert ids -> (T, K) physical ids for each token's set."""
+        if not self.any_sets:  # base-only step: row 0 is the identity
+            return topk_ids
         t = topk_ids.shape[0]
         rows = self.token_sets[:t].unsqueeze(1)  # (T, 1)
         return self.remap[layer][rows, topk_ids.long()].to(topk_ids.dtype)  # (T, K)

@@ -56,6 +56,31 @@ def runtime_layout(routed_experts, w13: torch.Tensor, w2: torch.Tensor) -> tuple
     )
 
 
+def _tp_shard(runner, w: ExpertWeights) -> ExpertWeights:
+    """This rank's part of an expert under tensor parallelism, as vLLM's FusedMoE weight loader cuts
+    it: gate/up rows (w1/w3 output dim) and down columns (w2 input dim) in contiguous chunks.
+    (Not exercised here: the CPU machine runs tp=1.)"""
+    par = runner.moe_config.moe_parallel_config
+    if par.use_ep:
+        from expertlib.errors import EngineError
+
+        raise EngineError(
+            "expert slots do not support expert parallelism", hint="serve without --enable-expert-parallel"
+        )
+    if par.tp_size == 1:
+        return w
+    per = w.gate.shape[0] // par.tp_size
+    rows = slice(par.tp_rank * per, (par.tp_rank + 1) * per)
+    return ExpertWeights(
+        gate=w.gate[rows],
+        up=w.up[rows],
+        down=w.down[:, rows],
+        gate_bias=None if w.gate_bias is None else w.gate_bias[rows],
+        up_bias=None if w.up_bias is None else w.up_bias[rows],
+        down_bias=w.down_bias,  # expert biases: none of the slot architectures has them
+    )
+
+
 @torch.no_grad()
 def write_slots(runner, physical_ids: list[int], weights: list[ExpertWeights]) -> None:
     """Copy canonical experts (gate (I,H), up (I,H), down (H,I)) into physical expert rows of one layer.
@@ -64,6 +89,7 @@ def write_slots(runner, physical_ids: list[int], weights: list[ExpertWeights]) -
     """
     experts = runner.routed_experts
     dst13, dst2 = experts.w13_weight, experts.w2_weight
+    weights = [_tp_shard(runner, w) for w in weights]
     # vLLM's w13 row is [w1; w3] = [gate; up]
     w13 = torch.stack([torch.cat([w.gate, w.up], dim=0) for w in weights]).to(
         dst13.device, dst13.dtype
