@@ -33,6 +33,32 @@ def throughput(generate, prompts, expert_sets, params) -> tuple[float, float]:
     return n / dt, n / dc
 
 
+def slot_overhead_us(num_layers: int, num_experts: int, top_k: int, tokens: int, sets: int) -> float:
+    """Microseconds per decode step the slot machinery adds: filling per-token set rows once, and one
+    remap gather per MoE layer (timed in isolation, so machine load barely affects it)."""
+    import torch
+
+    from expertlib.vllm_plugin.routing import SlotContext
+
+    ctx = SlotContext(
+        num_layers=num_layers,
+        num_experts=num_experts,
+        slots=2 * sets,
+        max_sets=sets,
+        max_tokens=4096,
+        device="cpu",
+    )
+    ids = torch.randint(0, num_experts, (tokens, top_k), dtype=torch.int32)
+    rows = [i % (sets + 1) for i in range(tokens)]
+    n = 2000
+    t = time.perf_counter()
+    for _ in range(n):
+        ctx.set_tokens(rows, [1] * tokens)
+        for layer in range(num_layers):
+            ctx.remap_ids(layer, ids)
+    return (time.perf_counter() - t) / n * 1e6
+
+
 def cleanup() -> None:
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
@@ -114,6 +140,17 @@ def main() -> None:
     )
     print(
         f"ratio mixed / plain vLLM (medians): wall {med(mixed_tps, 0) / med(plain_tps, 0):.3f}, CPU {med(mixed_tps, 1) / med(plain_tps, 1):.3f}"
+    )
+    us = slot_overhead_us(
+        BENCH_BASE["num_hidden_layers"],
+        BENCH_BASE["num_experts"],
+        BENCH_BASE["num_experts_per_tok"],
+        32,
+        args.sets,
+    )
+    step_us = 1e6 * 32 / med(plain_tps, 0)  # a decode step of 32 sequences, at plain vLLM's median speed
+    print(
+        f"slot machinery per decode step of 32 tokens: {us:.0f} us = {us / step_us:.2%} of a plain step ({step_us / 1e3:.1f} ms)"
     )
     print(
         f"ratio base-only / plain vLLM (medians): wall {med(base_tps, 0) / med(plain_tps, 0):.3f}, CPU {med(base_tps, 1) / med(plain_tps, 1):.3f}"

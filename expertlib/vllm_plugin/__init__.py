@@ -6,10 +6,15 @@ subclass of vLLM's own class whose fused MoE layers carry S extra expert slots, 
 runner so that each token's expert-set row reaches the routers. An engine selects a slot
 architecture through `hf_overrides` (see `slot_hf_overrides`), so a normal HF folder works.
 
-Private vLLM APIs touched (vllm==0.32.0 is pinned): `GPUModelRunner._init_model_kwargs`,
-`GPUModelRunner.requests` / `input_batch.req_ids` / `query_start_loc`, `BaseRouter._compute_routing`,
-the module-level `FusedMoEFactory` name of each model module, `RoutedExperts.w13_weight/w2_weight`,
-`UnquantizedFusedMoEMethod.moe_kernel.fused_experts` and `cpu_prepack_moe_weight`.
+Private vLLM APIs touched (vllm==0.32.0 is pinned; tests/test_vllm_*.py fail if one moves):
+- `GPUModelRunner._init_model_kwargs` (wrapped), `.requests[req_id].sampling_params`,
+  `.input_batch.req_ids/num_reqs`, `.query_start_loc.np`, `.get_model()`  (batch.py);
+- the module-level name `FusedMoEFactory` in each vLLM model module (swapped while the model is built),
+  its keyword-only call, `MoERunner.router`, `BaseRouter._compute_routing` (routing.py);
+- `MoERunner.routed_experts.w13_weight/w2_weight`, `.quant_method.moe_kernel.fused_experts`,
+  `CPUUnquantizedExperts.isa/_padded_intermediate_size/_use_zentorch`, `cpu_prepack_moe_weight`,
+  `MoERunner.moe_config.moe_parallel_config` (worker.py);
+- worker extensions (`worker_extension_cls`) and `collective_rpc` are public.
 """
 
 from __future__ import annotations
