@@ -243,6 +243,10 @@ class _Book:
         self.pool.touch(expert_set)
         return row
 
+    def salt(self, expert_set: str | None) -> str | None:
+        """Prefix-cache salt of a set: its content digest (identical sets may share cached blocks)."""
+        return f"expertlib:{self.sets[expert_set].manifest.content_digest}" if expert_set else None
+
     def pin(self, name: str, pinned: bool = True) -> None:
         self.pool.index_of(name)
         (self.user_pins.add if pinned else self.user_pins.discard)(name)
@@ -298,6 +302,21 @@ def _with_set(params, row: int):
     sp = params.clone() if params is not None else SamplingParams()
     sp.extra_args = {**(sp.extra_args or {}), SET_ID_KEY: row}
     return sp
+
+
+def _salted(prompt: Any, salt: str | None) -> Any:
+    """The prompt with a prefix-cache salt: KV blocks computed under one expert set must never be
+    reused by a request for another (the experts change every MoE layer's output, hence later keys
+    and values). A salt the caller already set is kept."""
+    if salt is None:
+        return prompt
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "cache_salt": salt}
+    if isinstance(prompt, dict):
+        return {"cache_salt": salt, **prompt}
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return {"prompt_token_ids": list(prompt), "cache_salt": salt}
+    return prompt
 
 
 def _check_worker(info: dict[str, Any], base: BaseCheckpoint, slots: int, max_sets: int) -> None:
@@ -382,7 +401,8 @@ class ExpertEngine:
         if len(sets) != n or len(params) != n:
             raise ValueError(f"{n} prompts, {len(sets)} expert sets and {len(params)} sampling params")
         per_request = [_with_set(p, self._book.row(s)) for p, s in zip(params, sets, strict=True)]
-        return self.llm.generate(prompt_list, per_request, use_tqdm=use_tqdm)
+        salted = [_salted(p, self._book.salt(s)) for p, s in zip(prompt_list, sets, strict=True)]
+        return self.llm.generate(salted, per_request, use_tqdm=use_tqdm)
 
     def _evicted_rows(self) -> dict[str, int]:
         return {n: self._book.pool.index_of(n) for n in self._book.pool.loaded()}
@@ -485,6 +505,7 @@ class AsyncExpertEngine:
     ) -> AsyncIterator[Any]:
         """Stream RequestOutputs for one request served by `expert_set` (None = the base)."""
         row = self._book.row(expert_set)  # raises NotLoadedError before anything is queued
+        prompt = _salted(prompt, self._book.salt(expert_set))
         self._book.acquire(expert_set)
         try:
             async for out in self.engine.generate(prompt, _with_set(sampling_params, row), request_id):

@@ -194,3 +194,26 @@ def test_unknown_set_name(world):
         engine.generate(PROMPTS[:1], "no-such-set", greedy())
     with pytest.raises(NotLoadedError):
         engine.unload("no-such-set")
+
+
+def test_prefix_cache_never_shared_across_sets(world, monkeypatch):
+    """A long prompt cached under the base must not feed its KV blocks to a request for a set."""
+    from vllm import SamplingParams
+
+    import expertlib.engine as engine_mod
+
+    engine = world["engine"]
+    reset(engine)
+    heavy = random_expert_set(world["model"], "heavy", {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, seed=11, scale=1.0)
+    engine.load(heavy)
+    prompt = "The quick brown fox jumps over the lazy dog. " * 3  # > one 128-token KV block
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    want = tokens(engine.generate([prompt], "heavy", params))[0]  # nothing cached yet
+    engine.generate([prompt], None, params)  # caches the prompt's blocks under the base
+    again = engine.generate([prompt], "heavy", params)[0]
+    assert list(again.outputs[0].token_ids) == want
+    # the test can fail: without the per-set salt the set's request reuses the base's cached blocks
+    monkeypatch.setattr(engine_mod, "_salted", lambda p, salt: p)
+    engine.generate([prompt], None, params)
+    leaked = engine.generate([prompt], "heavy", params)[0]
+    assert leaked.num_cached_tokens > 0 and list(leaked.outputs[0].token_ids) != want
