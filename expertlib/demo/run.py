@@ -142,6 +142,9 @@ def start_server(base: Path, registry: str | None, sets: Sequence[str], port: in
     """`expertlib serve` as a child process (its own process group); returns (process, url)."""
     cmd = [sys.executable, "-m", "expertlib.cli.main", "serve", str(base), "--served-name", BASE_NAME]
     cmd += ["--port", str(port), "--host", "127.0.0.1"]
+    # float32 like the in-process evaluation (vLLM's CPU default is bfloat16), so served answers
+    # can be compared token for token with in-process ones.
+    cmd += ["--engine-arg", "dtype=float32"]
     if registry:
         cmd += ["--registry", registry]
     for name in sets:

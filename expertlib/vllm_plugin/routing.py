@@ -43,8 +43,6 @@ class SlotContext:
         # on CPU the per-token rows are read straight from the host buffer
         self.token_sets = self._host if self.device.type == "cpu" else self._host.to(self.device)
         self._filled = 0
-        #: whether any token of this step uses a set (a bool, so compiled graphs see two variants)
-        self.any_sets = False
         #: MoE layer index -> the MoERunner of that layer
         self.layers: dict[int, Any] = {}
 
@@ -64,15 +62,14 @@ class SlotContext:
         if m and self.token_sets is not self._host:
             self.token_sets[:m].copy_(self._host[:m], non_blocking=True)
         self._filled = n if any(per_request_rows) else 0
-        self.any_sets = self._filled > 0
 
     def clear_tokens(self) -> None:
         self.set_tokens([], [])
 
     def remap_ids(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """(T, K) logical expert ids -> (T, K) physical ids for each token's set."""
-        if not self.any_sets:  # base-only step: row 0 is the identity
-            return topk_ids
+        # Always gather, even on base-only steps: a Python branch here would be frozen by vLLM's
+        # trace-once compilation (the warm-up step has no sets) and silently drop every set.
         t = topk_ids.shape[0]
         rows = self.token_sets[:t].unsqueeze(1)  # (T, 1)
         return self.remap[layer][rows, topk_ids.long()].to(topk_ids.dtype)  # (T, K)
