@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from expertlib.checkpoint import BaseCheckpoint
 from expertlib.errors import (
     BaseMismatchError,
     EngineError,
@@ -35,8 +33,6 @@ from expertlib.errors import (
     PatchShapeError,
     SlotError,
 )
-from expertlib.identity import BaseIdentity, base_identity
-from expertlib.moe import ExpertWeights, arch_spec, experts_module, moe_layer_indices
 from expertlib.patch import ExpertSet, pair_key
 from expertlib.slots import Placement, SlotPool
 from expertlib.vllm_plugin import SET_ID_KEY, WORKER_EXTENSION, slot_hf_overrides
@@ -62,88 +58,6 @@ def resolve_base(base: str | Path) -> Path:
             f"base model {str(base)!r} is neither a folder nor in the local Hugging Face cache",
             hint="pass the folder of a saved model (config.json + safetensors)",
         ) from exc
-
-
-class BaseCheckpoint:
-    """Config, identity, MoE layout and per-expert digests of a base model folder (never fully loaded)."""
-
-    def __init__(self, path: Path):
-        from transformers import AutoConfig
-
-        self.path = path
-        try:
-            self.config = AutoConfig.from_pretrained(str(path))
-        except Exception as exc:  # transformers raises OSError/ValueError/...
-            raise ModelLoadError(f"cannot read a model config from {str(path)!r}: {exc}") from exc
-        self.spec = arch_spec(self.config.model_type)
-        self.identity: BaseIdentity = base_identity(self.config, name=path.name)
-        self.moe_layers, self.num_experts = _moe_layout(self.config)
-        self._files = _weight_files(path)
-        self._digests: dict[tuple[int, int], str] = {}
-        self._handles: dict[Path, Any] = {}
-
-    def expert_digest(self, layer: int, expert: int) -> str:
-        key = (layer, expert)
-        if key not in self._digests:
-            self._digests[key] = self._read_expert(layer, expert).digest()
-        return self._digests[key]
-
-    def _tensor(self, name: str, index: int | None = None) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = self._files[name]
-        if file not in self._handles:  # one open handle per shard, reused across loads
-            self._handles[file] = safe_open(str(file), framework="pt")
-        f = self._handles[file]
-        return f.get_tensor(name) if index is None else f.get_slice(name)[index]
-
-    def _read_expert(self, layer: int, expert: int) -> ExpertWeights:
-        if self.spec.checkpoint_key is not None:
-            names = [
-                self.spec.checkpoint_key.format(layer=layer, expert=expert, proj=p)
-                for p in self.spec.proj_names
-            ]
-            if all(n in self._files for n in names):
-                gate, up, down = (self._tensor(n) for n in names)
-                return ExpertWeights(gate=gate, up=up, down=down)
-        # transformers may also save the fused layout: gate_up_proj (E, 2I, H), down_proj (E, H, I)
-        prefix = self.spec.checkpoint_key.split(".experts.")[0] if self.spec.checkpoint_key else ""
-        prefix = prefix.format(layer=layer) or f"model.layers.{layer}.mlp"
-        gu, dn = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
-        if gu in self._files and dn in self._files:
-            g, d = self._tensor(gu, expert), self._tensor(dn, expert)
-            inter = g.shape[0] // 2
-            return ExpertWeights(gate=g[:inter], up=g[inter:], down=d)
-        raise ModelLoadError(
-            f"expert {expert} of layer {layer} is not in the checkpoint at {self.path}",
-            hint="the base folder must hold the safetensors checkpoint the engine serves",
-        )
-
-
-def _weight_files(path: Path) -> dict[str, Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
-    from safetensors import safe_open
-
-    files: dict[str, Path] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            files.update(dict.fromkeys(f.keys(), file))  # noqa: SIM118
-    if not files:
-        raise ModelLoadError(f"no safetensors weights in {path}", hint="save the base with save_pretrained")
-    return files
-
-
-def _moe_layout(config) -> tuple[list[int], int]:
-    """MoE layer indices and routed expert count, from a weightless (meta) instance of the model."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    layers = moe_layer_indices(skeleton)
-    return layers, int(experts_module(skeleton, layers[0]).num_experts)
 
 
 # --- accounting shared by both engines -----------------------------------------------------------------
