@@ -64,8 +64,11 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
         ("bin", "demo-base"),
     }
     # what the server answers equals what transformers answers in process for the same set
-    same = [r["answer"] == r["in_process"] for r in asked]
-    assert sum(same) >= 0.75 * len(same), asked
+    # (both float32, greedy). vLLM's compiled kernels may flip one near-tie of the weak quick
+    # model; a set dropped or mixed up on the serving path changes most of its answers.
+    differ = [r for r in asked if r["answer"] != r["in_process"]]
+    assert all(r["model"] != "demo-base" for r in differ), differ
+    assert len(differ) <= 1, differ
     assert report["timings"]["total_s"] > 0
     with socket.socket() as sock:  # nothing left listening on the server's port
         assert sock.connect_ex(("127.0.0.1", report["port"])) != 0
