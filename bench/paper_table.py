@@ -39,24 +39,12 @@ SECTION = "## Paper table (toy scale)"
 def _train_dense(model, samples, cfg, method: str):
     """FFT or LoRA with exactly the step of expertlib.training.train_experts; returns the trained module."""
     import torch
+    from baselines import trainable_baseline
 
     from expertlib.data import collate
-    from expertlib.training import _batch_indices, _loss_sum
+    from expertlib.training import batch_indices, loss_sum
 
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        trained = model
-    else:
-        from peft import LoraConfig, get_peft_model
-
-        lcfg = LoraConfig(
-            r=8,
-            lora_alpha=16,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-        )
-        trained = get_peft_model(model, lcfg)
+    trained = trainable_baseline(model, method)
     params = [p for p in trained.parameters() if p.requires_grad]
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -64,9 +52,9 @@ def _train_dense(model, samples, cfg, method: str):
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = cfg.lr_at(step)
-        batch = [samples[i] for i in _batch_indices(step, 0, cfg, len(samples))]
+        batch = [samples[i] for i in batch_indices(step, 0, cfg, len(samples))]
         n = max(1, sum(sum(1 for y in s.labels[1:] if y != -100) for s in batch))
-        (_loss_sum(trained, collate(batch, 0), cfg) / n).backward()
+        (loss_sum(trained, collate(batch, 0), cfg) / n).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)

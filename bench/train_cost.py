@@ -132,20 +132,9 @@ def worker(method: str, args) -> dict:
         trainable = res.trainable_params
         size = out.stat().st_size
     else:
-        if method == "full":
-            for p in model.parameters():
-                p.requires_grad_(True)
-            trained = model
-        else:
-            from peft import LoraConfig, get_peft_model
+        from baselines import trainable_baseline
 
-            lcfg = LoraConfig(
-                r=8,
-                lora_alpha=16,
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-            )
-            trained = get_peft_model(model, lcfg)
+        trained = trainable_baseline(model, method)
         params = [p for p in trained.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         trained.train()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
@@ -36,6 +35,7 @@ from expertlib.errors import (
     PatchShapeError,
     PatchVersionError,
 )
+from expertlib.fsutil import atomic_path
 from expertlib.identity import BaseIdentity
 from expertlib.moe import BIAS_PARTS, EXPERT_PARTS, ExpertWeights
 
@@ -220,16 +220,10 @@ class ExpertSet:
     def save(self, path: str | Path) -> Path:
         """Write atomically: a temporary file in the same folder, fsync, rename."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            metadata = {MANIFEST_METADATA_KEY: self.manifest.model_dump_json()}
-            save_file(self.tensors, str(tmp), metadata=metadata)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(path, fsync=True) as tmp:
+            save_file(
+                self.tensors, str(tmp), metadata={MANIFEST_METADATA_KEY: self.manifest.model_dump_json()}
+            )
         self.path = path
         return path
 

@@ -24,7 +24,6 @@ count, and L_j is the number of answer tokens of sequence j.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -35,6 +34,7 @@ from torch import nn
 
 from expertlib.data import IGNORE_INDEX, Sample, collate
 from expertlib.errors import SelectionError
+from expertlib.fsutil import atomic_write_text
 from expertlib.identity import BaseIdentity, base_identity
 from expertlib.moe import experts_module, moe_layer_indices
 
@@ -68,15 +68,7 @@ class ExpertScores(BaseModel):
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically (temporary file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(self.model_dump_json(indent=1))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return atomic_write_text(path, self.model_dump_json(indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertScores:

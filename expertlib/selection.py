@@ -11,13 +11,13 @@ the layer's set, at least one expert, optionally capped at `max_per_layer`.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from expertlib.errors import SelectionError
+from expertlib.fsutil import atomic_write_text
 
 #: Paper defaults of p per score function.
 DEFAULT_TOP_P = {"token": 0.2, "gate": 0.1}
@@ -57,15 +57,7 @@ class ExpertConfig(BaseModel):
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.to_reference(), indent=2) + "\n")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_reference(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertConfig:

@@ -418,10 +418,6 @@ def _restore_flags(model: nn.Module, flags: dict[str, bool]) -> None:
         p.requires_grad_(flags.get(n, False))
 
 
-#: Old private names, used by bench scripts.
-_batch_indices, _loss_sum = batch_indices, loss_sum
-
-
 def _key_config(config: TrainConfig) -> dict:
     """Config fields that must match to resume (how often to evaluate or checkpoint may change)."""
     return config.model_dump(mode="json", exclude={"eval_every", "checkpoint_every"})

@@ -75,7 +75,9 @@ def _sets(base, n, arch_layers, seed=0):
         for layer, ids in experts.items():
             for e in ids:
                 w = read_expert(base, layer, e)
-                write_expert(tuned, layer, e, w.map(lambda t, g=g: t + 0.5 * torch.randn(t.shape, generator=g)))
+                write_expert(
+                    tuned, layer, e, w.map(lambda t, g=g: t + 0.5 * torch.randn(t.shape, generator=g))
+                )
         out.append((extract_expert_set(tuned, base, task=f"task{i}", experts=experts), tuned))
     return out
 
