@@ -18,7 +18,6 @@ and are printed with the table.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 import time
@@ -32,7 +31,6 @@ LABEL = {
     "esft-gate": "ESFT-Gate (p=0.1)",
 }
 LR = {"full": 1e-3, "lora": 5e-3, "esft-token": 2e-3, "esft-gate": 2e-3}
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Paper table (toy scale)"
 
 
@@ -179,14 +177,6 @@ def table(rows: list[dict], base: dict, tasks, args, base_path: Path, info: dict
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) only this script's section of bench/RESULTS.md."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="use the reduced-size demo base")
@@ -227,7 +217,9 @@ def main() -> None:
     text = table(rows, base_acc, args.tasks, args, base, info)
     print(text)
     if not args.no_write:
-        write_section(text)
+        from results import RESULTS, write_section
+
+        write_section(SECTION, text)
         print(f"wrote the '{SECTION}' section of {RESULTS}", file=sys.stderr)
 
 

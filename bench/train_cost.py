@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,6 @@ MODEL = dict(
 )
 #: Paper learning rates per method (the step cost does not depend on them).
 LR = {"esft-token": 1e-5, "esft-gate": 1e-5, "full": 3e-5, "lora": 1e-4}
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Training cost"
 
 
@@ -257,13 +255,6 @@ def table(rows: list[dict], args) -> str:
     )
 
 
-def write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=6, help="timed steps per method")
@@ -284,7 +275,9 @@ def main() -> None:
     text = table(rows, args)
     print(text)
     if not args.no_write:
-        write_section(text)
+        from results import RESULTS, write_section
+
+        write_section(SECTION, text)
         print(f"wrote {RESULTS}", file=sys.stderr)
 
 

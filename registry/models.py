@@ -45,6 +45,19 @@ class Entry(BaseModel):
     source: str | None = Field(default=None, description="where the set was pulled from, if pulled")
     manifest: ExpertSetManifest | None = Field(default=None, description="full manifest (show only)")
 
+    @staticmethod
+    def manifest_fields(m: ExpertSetManifest) -> dict[str, Any]:
+        """The entry fields that are copied from a patch manifest."""
+        return dict(
+            content_digest=m.content_digest,
+            task=m.task,
+            description=m.description,
+            num_experts=m.num_experts,
+            experts=m.experts,
+            dtype=m.dtype,
+            method=m.provenance.method,
+        )
+
     @property
     def ref(self) -> Ref:
         return Ref(self.name, self.version, self.digest)
