@@ -6,7 +6,7 @@ Serving many sets at once goes through slots (`expertlib.slots`), which never to
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -24,38 +24,68 @@ from expertlib.moe import (
 from expertlib.patch import ExpertSet, Provenance, pair_key
 
 
-def check_compatible(model: nn.Module, es: ExpertSet, *, check_weights: bool = True) -> None:
-    """Refuse a set made for another base: config identity, then the digests of the replaced experts."""
+def check_against_base(
+    es: ExpertSet,
+    *,
+    identity: BaseIdentity,
+    moe_layers: Iterable[int],
+    num_experts: int,
+    expert_digest: Callable[[int, int], str] | None,
+    hint: str,
+) -> None:
+    """Refuse a set made for another base: config identity, layer and expert ids, then (unless
+    `expert_digest` is None) the digests of exactly the base experts the set replaces.
+
+    Shared by in-place application (a loaded model) and the serving engine (a lazy checkpoint)."""
     m = es.manifest
-    ident = base_identity(model)
     where = str(es.path) if es.path else None
-    if not ident.same_base(m.base):
+    if not identity.same_base(m.base):
         raise BaseMismatchError(
             f"expert set {m.task!r} was made for a {m.base.model_type} base {m.base.name or ''} "
-            f"({m.base.config_digest[:19]}...), this model is {ident.model_type} ({ident.config_digest[:19]}...)",
+            f"({m.base.config_digest[:19]}...), this base is {identity.model_type} {identity.name or ''} "
+            f"({identity.config_digest[:19]}...)",
             path=where,
-            hint="load the base model the set was trained on, or retrain the set on this base",
+            hint="use the base model the set was trained on, or retrain the set on this base",
         )
-    moe = set(moe_layer_indices(model))
+    moe = set(moe_layers)
     for layer, ids in m.experts.items():
         if layer not in moe:
             raise PatchShapeError(
                 f"layer {layer} is not a MoE layer of this model (those: {sorted(moe)})", path=where
             )
-        n = experts_module(model, layer).num_experts
-        bad = [e for e in ids if not 0 <= e < n]
+        bad = [e for e in ids if not 0 <= e < num_experts]
         if bad:
-            raise PatchShapeError(f"layer {layer}: expert ids {bad} out of range (0..{n - 1})", path=where)
-    if not check_weights:
+            raise PatchShapeError(
+                f"layer {layer}: expert ids {bad} out of range (0..{num_experts - 1})", path=where
+            )
+    if expert_digest is None:
         return
     for layer, e in m.pairs():
-        if read_expert(model, layer, e).digest() != m.base_expert_digests[pair_key(layer, e)]:
+        if expert_digest(layer, e) != m.base_expert_digests[pair_key(layer, e)]:
             raise BaseMismatchError(
                 f"expert {e} of layer {layer} differs from the base expert set {m.task!r} was made for "
                 "(same architecture and config, other weights)",
                 path=where,
-                hint="use the exact base checkpoint the set was trained on; revert any set applied in place first",
+                hint=hint,
             )
+
+
+def check_compatible(model: nn.Module, es: ExpertSet, *, check_weights: bool = True) -> None:
+    """Refuse a set made for another base (see `check_against_base`), and for sets that carry full
+    parameters, a base whose replaced parameters differ."""
+    m = es.manifest
+    where = str(es.path) if es.path else None
+    layers = moe_layer_indices(model)
+    check_against_base(
+        es,
+        identity=base_identity(model),
+        moe_layers=layers,
+        num_experts=experts_module(model, layers[0]).num_experts,
+        expert_digest=(lambda layer, e: read_expert(model, layer, e).digest()) if check_weights else None,
+        hint="use the exact base checkpoint the set was trained on; revert any set applied in place first",
+    )
+    if not check_weights:
+        return
     params = dict(model.named_parameters())
     for name, digest in m.base_param_digests.items():
         if name not in params or tensor_digest(params[name]) != digest:

@@ -24,16 +24,16 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from expertlib.apply import check_against_base
 from expertlib.checkpoint import BaseCheckpoint
 from expertlib.errors import (
-    BaseMismatchError,
     EngineError,
     ModelLoadError,
     NotLoadedError,
     PatchShapeError,
     SlotError,
 )
-from expertlib.patch import ExpertSet, pair_key
+from expertlib.patch import ExpertSet
 from expertlib.slots import Placement, SlotPool
 from expertlib.vllm_plugin import SET_ID_KEY, WORKER_EXTENSION, slot_hf_overrides
 
@@ -92,26 +92,14 @@ class _Book:
         return es, name, str(es.path)
 
     def check_base(self, es: ExpertSet) -> None:
-        m, ident = es.manifest, self.base.identity
-        where = str(es.path) if es.path else None
-        if not ident.same_base(m.base):
-            raise BaseMismatchError(
-                f"expert set {m.task!r} was made for a {m.base.model_type} base {m.base.name or ''} "
-                f"({m.base.config_digest[:19]}...), the engine serves {ident.model_type} {ident.name or ''} "
-                f"({ident.config_digest[:19]}...)",
-                path=where,
-                hint="start an engine on the base the set was trained on, or retrain the set on this base",
-            )
-        for layer, e in m.pairs():
-            if layer not in self.base.moe_layers or not 0 <= e < self.base.num_experts:
-                raise PatchShapeError(f"layer {layer} expert {e} does not exist in the base", path=where)
-            if self.base.expert_digest(layer, e) != m.base_expert_digests[pair_key(layer, e)]:
-                raise BaseMismatchError(
-                    f"expert {e} of layer {layer} differs from the base expert set {m.task!r} was made for "
-                    "(same architecture and config, other weights)",
-                    path=where,
-                    hint="serve the exact base checkpoint the set was trained on",
-                )
+        check_against_base(
+            es,
+            identity=self.base.identity,
+            moe_layers=self.base.moe_layers,
+            num_experts=self.base.num_experts,
+            expert_digest=self.base.expert_digest,
+            hint="serve the exact base checkpoint the set was trained on",
+        )
 
     def place(self, es: ExpertSet, name: str, pin: bool) -> Placement | None:
         """Reserve slots; None when this very set is already loaded (then only touch/pin)."""
