@@ -4,7 +4,7 @@ A request names its set row in `SamplingParams.extra_args[SET_ID_KEY]` (over HTT
 vLLM has no public hook that hands per-request values to the model's forward, so we wrap the model
 runner's `_init_model_kwargs` (private API; vllm==0.32.0 is pinned), which every forward of the GPU
 runner and of the CPU runner (its subclass) calls after the batch layout is known. The wrapper writes
-the rows into the model's persistent per-token buffer (`SlotContext.token_sets`) from
+the rows into the model's persistent per-token buffer (`SlotContext.token_offsets`) from
 `input_batch.req_ids` and `query_start_loc`; warm-up and dummy runs (`num_reqs=0`) get all zeros.
 """
 

@@ -6,7 +6,9 @@ while its gate still scores the E real experts. After the router's top-k (unchan
     physical_ids = remap[layer][set_of_token, topk_ids]          # (T, K)
 
 `remap[layer]` is (max_sets + 1, E); row 0 is the identity (the base model), row r maps the experts
-replaced by the set in row r to its slots (physical ids E..E+S-1).
+replaced by the set in row r to its slots (physical ids E..E+S-1). The gather is done as one `take`
+on the flat row-major table with per-token offsets `set_of_token * E` computed once per step on the
+host, so each MoE layer adds one add and one gather (about 9 us on CPU for 32 tokens, eager).
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ class SlotContext:
     ):
         self.num_experts, self.slots, self.max_sets = num_experts, slots, max_sets
         self.device = torch.device(device)
-        identity = torch.arange(num_experts, dtype=torch.int64, device=self.device)
+        identity = torch.arange(num_experts, dtype=torch.int32, device=self.device)
         #: (L, max_sets + 1, E) physical expert id per (layer, set row, expert)
         self.remap = identity.repeat(num_layers, max_sets + 1, 1).contiguous()
-        #: set row of every token of the current step; zero beyond the step's tokens
+        #: offset of every token's set row in a layer's flat remap table (row * E) for the current
+        #: step; zero (the base row) beyond the step's tokens
         self._host = torch.zeros(max_tokens, dtype=torch.int64)
         self._host_np = self._host.numpy()  # shares memory with _host
-        # on CPU the per-token rows are read straight from the host buffer
-        self.token_sets = self._host if self.device.type == "cpu" else self._host.to(self.device)
+        # on CPU the per-token offsets are read straight from the host buffer
+        self.token_offsets = self._host if self.device.type == "cpu" else self._host.to(self.device)
         self._filled = 0
         #: MoE layer index -> the MoERunner of that layer
         self.layers: dict[int, Any] = {}
@@ -55,12 +58,13 @@ class SlotContext:
         if self._filled > n:
             host[n : self._filled] = 0
         if any(per_request_rows):
-            host[:n] = np.repeat(np.asarray(per_request_rows, dtype=np.int64), per_request_tokens)
+            rows = np.asarray(per_request_rows, dtype=np.int64) * self.num_experts
+            host[:n] = np.repeat(rows, per_request_tokens)
         elif self._filled:
             host[: min(n, self._filled)] = 0
         m = max(n, self._filled)
-        if m and self.token_sets is not self._host:
-            self.token_sets[:m].copy_(self._host[:m], non_blocking=True)
+        if m and self.token_offsets is not self._host:
+            self.token_offsets[:m].copy_(self._host[:m], non_blocking=True)
         self._filled = n if any(per_request_rows) else 0
 
     def clear_tokens(self) -> None:
@@ -70,9 +74,8 @@ class SlotContext:
         """(T, K) logical expert ids -> (T, K) physical ids for each token's set."""
         # Always gather, even on base-only steps: a Python branch here would be frozen by vLLM's
         # trace-once compilation (the warm-up step has no sets) and silently drop every set.
-        t = topk_ids.shape[0]
-        rows = self.token_sets[:t].unsqueeze(1)  # (T, 1)
-        return self.remap[layer][rows, topk_ids.long()].to(topk_ids.dtype)  # (T, K)
+        flat = topk_ids + self.token_offsets[: topk_ids.shape[0]].unsqueeze(1)  # (T, K) int64
+        return self.remap[layer].take(flat).to(topk_ids.dtype)  # (T, K)
 
 
 _ROUTER_CLASSES: dict[type, type] = {}
