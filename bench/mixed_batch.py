@@ -1,41 +1,88 @@
 """Mixed-task throughput on vLLM: 8 expert sets loaded, requests spread evenly over them, vs the base
-model alone with the same engine settings in the same run (and vs plain vLLM without the plugin).
+model alone (plain vLLM, no plugin) with the same engine settings, in the same run.
 
-    python bench/mixed_batch.py [--requests 48] [--tokens 48] [--rounds 5]
+    python bench/mixed_batch.py [--requests 128] [--tokens 48] [--rounds 7] [--compiled] [--no-write]
 
-Prints output tokens/s for each and the ratios; the target is mixed / base >= 0.95.
+Two engines live in two worker processes: plain vLLM on the base folder, and the expertlib engine on
+the same folder with the sets loaded. The driver alternates rounds between them (plain, expertlib
+base-only, expertlib mixed, rotating the order every round), so drift in machine load hits all three
+alike and each ratio is taken within one round; the idle worker blocks on its pipe. This is done
+twice, with the workers started in opposite orders: on a small CPU machine the first-started of two
+identical vLLM processes was measured 10-20% slower than the second, which alone would bias the
+ratio either way; the reported ratios are geometric means over the two orders. Prints output tokens/s per run and the ratios (target mixed / base >= 0.95)
+and rewrites its section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import math
+import multiprocessing as mp
 import os
+import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+SECTION = "## Mixed-task throughput (vLLM)"
+KINDS = ("plain", "base", "mixed")
+LABELS = {
+    "plain": "plain vLLM, base model",
+    "base": "expertlib engine, base only",
+    "mixed": "expertlib engine, sets mixed",
+}
 
-ENGINE_KW = dict(enforce_eager=True, dtype="float32", max_model_len=512, max_num_seqs=32)
-PROMPTS = ["Q: what is 12+7?\nA:", "Write a haiku about rain.", "def fib(n):", "Translate 'cat' to French:"]
+
+def engine_kw(args) -> dict:
+    return dict(
+        enforce_eager=not args.compiled,
+        dtype="float32",
+        max_model_len=512,
+        max_num_seqs=args.max_num_seqs,
+    )
 
 
-def throughput(generate, prompts, expert_sets, params) -> tuple[float, float]:
-    """(output tokens per wall second, per CPU second of this process). The engine runs in-process,
-    so CPU time covers all its work and is less disturbed than wall time by other load on the machine."""
-    t, c = time.perf_counter(), time.process_time()
-    outs = generate(prompts, expert_sets, params)
-    dt, dc = time.perf_counter() - t, time.process_time() - c
-    n = sum(len(o.outputs[0].token_ids) for o in outs)
-    return n / dt, n / dc
+def worker(kind: str, base_dir: str, set_paths: list[str], kw: dict, conn) -> None:
+    """Build one engine, then run rounds on request: ("run", prompts, sets, max_tokens) -> (tokens, wall s, CPU s)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine runs in this process: CPU time covers it
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
+    if kind == "plain":
+        llm = LLM(base_dir, **kw)
+
+        def generate(prompts, _sets, params):
+            return llm.generate(prompts, params, use_tqdm=False)
+    else:
+        from expertlib.engine import ExpertEngine
+
+        engine = ExpertEngine(base_dir, slots=2 * len(set_paths), max_sets=len(set_paths), **kw)
+        for path in set_paths:
+            engine.load(path)
+        generate = engine.generate
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        _, prompts, sets, max_tokens = msg
+        # sampled with a fixed seed per request: continuations stay as varied as real traffic's (greedy
+        # decoding on a random model falls into a few shared loops that route to a few experts)
+        params = [
+            SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, ignore_eos=True)
+            for i in range(len(prompts))
+        ]
+        t, c = time.perf_counter(), time.process_time()
+        outs = generate(prompts, sets, params)
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        conn.send((sum(len(o.outputs[0].token_ids) for o in outs), dt, dc))
 
 
 def slot_overhead_us(num_layers: int, num_experts: int, top_k: int, tokens: int, sets: int) -> float:
-    """Microseconds per decode step the slot machinery adds: filling per-token set rows once, and one
-    remap gather per MoE layer (timed in isolation, so machine load barely affects it)."""
+    """Microseconds per decode step the slot machinery adds: filling per-token set offsets once, and
+    one remap gather per MoE layer (timed in isolation, eager, so machine load barely affects it)."""
     import torch
 
     from expertlib.vllm_plugin.routing import SlotContext
@@ -59,102 +106,159 @@ def slot_overhead_us(num_layers: int, num_experts: int, top_k: int, tokens: int,
     return (time.perf_counter() - t) / n * 1e6
 
 
-def cleanup() -> None:
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    gc.collect()
-    cleanup_dist_env_and_memory()
-
-
-def run_plain(base_dir: Path, prompts: list[str], params, rounds: int) -> list[float]:
-    """Plain vLLM (its own model class, no slots) on the same base and settings."""
-    from vllm import LLM
-
-    llm = LLM(str(base_dir), **ENGINE_KW)
-
-    def generate(p, _sets, sp):
-        return llm.generate(p, sp, use_tqdm=False)
-
-    generate(prompts[:8], None, params)  # warm-up
-    return [throughput(generate, prompts, None, params) for _ in range(rounds)]
+def random_prompts(n: int, seed: int = 0) -> list[str]:
+    """`n` distinct prompts of random words: no shared prefix to cache, varied routing."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return [
+        " ".join(
+            "".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(rng.randint(4, 10))
+        )
+        for _ in range(n)
+    ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=48)
-    ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--sets", type=int, default=8)
-    args = ap.parse_args()
+def run_phase(args, base_dir: Path, set_paths: list[str], first: str) -> dict[str, list]:
+    """Start both workers (`first` first), run the interleaved rounds, stop them."""
+    prompts = random_prompts(args.requests)
+    mixed_sets = [f"task{i % args.sets}" for i in range(args.requests)]
+    requests = {"plain": (prompts, None), "base": (prompts, None), "mixed": (prompts, mixed_sets)}
+    ctx = mp.get_context("spawn")
+    kw = engine_kw(args)
+    conns, procs = {}, []
+    for kind in (first, *({"plain", "expertlib"} - {first})):  # one at a time: startup is the heaviest part
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=worker, args=(kind, str(base_dir), set_paths, kw, child), daemon=True)
+        p.start()
+        if parent.recv() != "ready":
+            raise RuntimeError(f"{kind} worker failed to start")
+        conns[kind] = parent
+        procs.append(p)
+    conns["base"] = conns["mixed"] = conns["expertlib"]
 
-    from vllm import SamplingParams
+    def one(kind, n=None):
+        ps, sets = requests[kind]
+        conns[kind].send(("run", ps[:n] if n else ps, sets[:n] if (sets and n) else sets, args.tokens))
+        tokens, wall, cpu = conns[kind].recv()
+        return tokens / wall, tokens / cpu
 
-    from expertlib.engine import ExpertEngine
+    try:
+        for kind in KINDS:  # warm-up
+            one(kind, 16)
+        rounds = {k: [] for k in KINDS}
+        for r in range(args.rounds):
+            for kind in KINDS[r % 3 :] + KINDS[: r % 3]:
+                rounds[kind].append(one(kind))
+    finally:
+        for kind in ("plain", "expertlib"):
+            conns[kind].send(None)
+        for p in procs:
+            p.join(timeout=60)
+    return rounds
+
+
+def run(args) -> list[dict[str, list]]:
+    """Two phases with the workers started in opposite orders (see the module docstring)."""
     from expertlib.vllm_plugin.testing import BENCH_BASE, make_bench_sets, make_vllm_tiny_base
 
     root = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
     base_dir = root / "base"
     model = make_vllm_tiny_base("qwen2_moe", base_dir, **BENCH_BASE)
-    sets = make_bench_sets(model, args.sets)
-    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
-    mixed_sets = [f"task{i % args.sets}" for i in range(args.requests)]
+    set_paths = [
+        str(es.save(root / f"{es.manifest.task}.safetensors"))
+        for es in make_bench_sets(model, args.sets, noise=args.set_noise)
+    ]
+    del model
+    return [run_phase(args, base_dir, set_paths, first) for first in ("plain", "expertlib")]
 
-    engine = ExpertEngine(base_dir, slots=2 * args.sets, max_sets=args.sets, **ENGINE_KW)
-    for es in sets:
-        engine.load(es)
-    engine.generate(prompts[:8], mixed_sets[:8], params)  # warm-up
-    base_tps, mixed_tps = [], []
-    for r in range(args.rounds):  # interleaved, alternating order, so drift in machine load hits both
-        pair = [("base", None), ("mixed", mixed_sets)]
-        for kind, which in pair if r % 2 == 0 else pair[::-1]:
-            (base_tps if kind == "base" else mixed_tps).append(
-                throughput(engine.generate, prompts, which, params)
-            )
-    del engine
-    cleanup()
-    plain_tps = run_plain(base_dir, prompts, params, args.rounds)
-    cleanup()
+
+def report(phases: list[dict[str, list]], args) -> str:
+    from expertlib.vllm_plugin.testing import BENCH_BASE
+
+    def phase_ratio(rounds, a, b, i):
+        return statistics.median(x[i] / y[i] for x, y in zip(rounds[a], rounds[b], strict=True))
+
+    def ratio(a, b, i):  # geometric mean over the two start orders
+        return math.prod(phase_ratio(r, a, b, i) for r in phases) ** (1 / len(phases))
 
     def med(xs, i):
         return statistics.median(x[i] for x in xs)
 
-    ratio_wall = statistics.median(m[0] / b[0] for m, b in zip(mixed_tps, base_tps, strict=True))
-    ratio_cpu = statistics.median(m[1] / b[1] for m, b in zip(mixed_tps, base_tps, strict=True))
-    print(
-        f"model: qwen2_moe hidden {BENCH_BASE['hidden_size']}, {BENCH_BASE['num_hidden_layers']} MoE layers x "
-        f"{BENCH_BASE['num_experts']} experts (top-{BENCH_BASE['num_experts_per_tok']}); {args.sets} sets x 2 experts/layer; "
-        f"{args.requests} requests x {args.tokens} tokens, max_num_seqs {ENGINE_KW['max_num_seqs']}, float32, eager; "
-        f"median of {args.rounds} rounds"
+    b = BENCH_BASE
+    mode = "compiled (vLLM's default)" if args.compiled else "eager (`enforce_eager=True`)"
+    lines = [
+        SECTION,
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, `python bench/mixed_batch.py "
+        f"--requests {args.requests} --tokens {args.tokens} --rounds {args.rounds} --max-num-seqs {args.max_num_seqs} "
+        f"--set-noise {args.set_noise:g}"
+        f"{' --compiled' if args.compiled else ''}`; {os.cpu_count()} CPUs, load average before the run "
+        f"{args.load_before:.1f}. vllm-cpu, float32, {mode}. Model: tiny qwen2_moe, hidden "
+        f"{b['hidden_size']}, {b['num_hidden_layers']} MoE layers x {b['num_experts']} routed experts "
+        f"(top-{b['num_experts_per_tok']}, intermediate {b['moe_intermediate_size']}) + shared expert; "
+        f"{args.sets} sets loaded ({2 * args.sets} slots per layer), each replacing 2 random experts in "
+        f"every MoE layer (base experts + noise at {args.set_noise:g}x the weights' std); {args.requests} "
+        f"distinct random-word prompts x {args.tokens} tokens sampled at temperature 1 with a seed per request; mixed requests "
+        f"spread evenly over the {args.sets} sets. Plain vLLM and the expertlib engine run in two worker "
+        "processes, rounds interleaved with the order rotated each round; two phases with the workers "
+        "started in opposite orders (on this machine the first-started of two identical vLLM processes "
+        "runs ~10-20% slower, so one order alone biases the ratio); each ratio is the geometric mean "
+        "over the phases of the median per-round ratio.",
+        "",
+        "| run | phase 1 (plain started first): tok/s wall, median | phase 2 (expertlib first) | per CPU-s, phase 1 / 2 |",
+        "|---|---|---|---|",
+    ]
+    for kind in KINDS:
+        p1, p2 = (r[kind] for r in phases)
+        lines.append(
+            f"| {LABELS[kind]} | {med(p1, 0):.1f} ({', '.join(f'{x[0]:.0f}' for x in p1)}) "
+            f"| {med(p2, 0):.1f} ({', '.join(f'{x[0]:.0f}' for x in p2)}) | {med(p1, 1):.0f} / {med(p2, 1):.0f} |"
+        )
+    us = slot_overhead_us(b["num_hidden_layers"], b["num_experts"], b["num_experts_per_tok"], 32, args.sets)
+    step_us = 1e6 * min(args.max_num_seqs, args.requests) / med(phases[0]["plain"] + phases[1]["plain"], 0)
+
+    def line(a, c):
+        per_phase = ", ".join(f"{phase_ratio(r, a, c, 0):.3f}" for r in phases)
+        return f"{ratio(a, c, 0):.3f} / {ratio(a, c, 1):.3f} (wall per phase: {per_phase})"
+
+    lines += [
+        "",
+        "Ratios (wall / CPU time):",
+        "",
+        f"- **mixed / plain vLLM base: {line('mixed', 'plain')}** (target >= 0.95)",
+        f"- mixed / same engine base-only: {line('mixed', 'base')}",
+        f"- engine base-only / plain vLLM: {line('base', 'plain')}",
+        f"- slot machinery (per-token set offsets + one remap gather per MoE layer, timed alone, eager): "
+        f"{us:.0f} us per decode step of 32 tokens = {us / step_us:.2%} of a plain step ({step_us / 1e3:.1f} ms)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--sets", type=int, default=8)
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument(
+        "--set-noise",
+        type=float,
+        default=0.1,
+        help="each set's experts = base + noise x the weights' std (0.1: fine-tuning-sized; 25: the tests' sets)",
     )
-    print("| run | output tok/s (wall, median) | output tok/s per CPU-s (median) | wall rounds |")
-    print("|---|---|---|---|")
-    for label, xs in (
-        ("plain vLLM, base", plain_tps),
-        ("expertlib engine, base only", base_tps),
-        (f"expertlib engine, {args.sets} sets mixed", mixed_tps),
-    ):
-        print(f"| {label} | {med(xs, 0):.1f} | {med(xs, 1):.1f} | {', '.join(f'{x[0]:.1f}' for x in xs)} |")
-    print(
-        f"ratio mixed / base, same engine (median of per-round ratios): wall {ratio_wall:.3f}, CPU {ratio_cpu:.3f}   (target >= 0.95)"
-    )
-    print(
-        f"ratio mixed / plain vLLM (medians): wall {med(mixed_tps, 0) / med(plain_tps, 0):.3f}, CPU {med(mixed_tps, 1) / med(plain_tps, 1):.3f}"
-    )
-    us = slot_overhead_us(
-        BENCH_BASE["num_hidden_layers"],
-        BENCH_BASE["num_experts"],
-        BENCH_BASE["num_experts_per_tok"],
-        32,
-        args.sets,
-    )
-    step_us = 1e6 * 32 / med(plain_tps, 0)  # a decode step of 32 sequences, at plain vLLM's median speed
-    print(
-        f"slot machinery per decode step of 32 tokens: {us:.0f} us = {us / step_us:.2%} of a plain step ({step_us / 1e3:.1f} ms)"
-    )
-    print(
-        f"ratio base-only / plain vLLM (medians): wall {med(base_tps, 0) / med(plain_tps, 0):.3f}, CPU {med(base_tps, 1) / med(plain_tps, 1):.3f}"
-    )
+    ap.add_argument("--compiled", action="store_true", help="vLLM's default compiled mode instead of eager")
+    ap.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    args = ap.parse_args()
+    args.load_before = os.getloadavg()[0]
+    text = report(run(args), args)
+    print(text)
+    if not args.no_write:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from results import RESULTS, write_section
+
+        write_section(SECTION, text.rstrip("\n"))
+        print(f"wrote {RESULTS}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -104,13 +104,19 @@ BENCH_BASE: dict[str, Any] = dict(
 )
 
 
-def make_bench_sets(model, n: int, experts_per_layer: int = 2, *, seed: int = 0) -> list:
+def make_bench_sets(model, n: int, experts_per_layer: int = 2, *, seed: int = 0, noise: float = 0.1) -> list:
     """`n` random expert sets, each replacing `experts_per_layer` experts in every MoE layer (what
-    ESFT-token selected on the benchmark task), chosen at random so that sets overlap as tasks do."""
-    from expertlib.moe import experts_module, moe_layer_indices
+    ESFT-token selected on the benchmark task), chosen at random so that sets overlap as tasks do.
+
+    Each replaced expert is the base expert plus Gaussian noise of `noise` times the std of the
+    base's expert weights: a fine-tuning-sized change, so the routing of later layers moves about as
+    much as a trained set moves it (the tests' default, 0.5 absolute, is ~25x the weights and
+    scatters routing far more than fine-tuning does)."""
+    from expertlib.moe import experts_module, moe_layer_indices, read_expert
 
     layers = moe_layer_indices(model)
     num_experts = experts_module(model, layers[0]).num_experts
+    scale = noise * float(read_expert(model, layers[0], 0).gate.float().std())
     g = torch.Generator().manual_seed(seed)
     sets = []
     for i in range(n):
@@ -118,5 +124,5 @@ def make_bench_sets(model, n: int, experts_per_layer: int = 2, *, seed: int = 0)
             layer: sorted(torch.randperm(num_experts, generator=g)[:experts_per_layer].tolist())
             for layer in layers
         }
-        sets.append(random_expert_set(model, f"task{i}", experts, seed=seed + 1000 + i))
+        sets.append(random_expert_set(model, f"task{i}", experts, seed=seed + 1000 + i, scale=scale))
     return sets
