@@ -2,13 +2,14 @@
 #   make install           virtual environment in .venv with the CPU vLLM engine
 #   make install ENGINE=gpu  the same with the CUDA vLLM build
 #   make test              install (if needed) and run the test suite
+#   make bench             benchmarks (bench-train, bench-composer); results in bench/RESULTS.md
 PYTHON ?= python3
 VENV ?= .venv
 ENGINE ?= cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.expertlib-installed-$(ENGINE)
 
-.PHONY: install test test-fast lint format bench demo clean
+.PHONY: install test test-fast lint format bench bench-train bench-composer demo clean
 
 install: $(STAMP)
 
@@ -30,9 +31,17 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: install
+bench: bench-train bench-composer
+
+bench-train: install
 	$(BIN)/python bench/train_cost.py
+
+# the composer's three ratios: mixed-task throughput (eager and compiled), memory, hot load
+bench-composer: install
 	$(BIN)/python bench/mixed_batch.py
+	$(BIN)/python bench/mixed_batch.py --compiled
+	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/hot_load.py
 
 demo: install
 	$(BIN)/expertlib demo

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTION = "## Mixed-task throughput (vLLM)"
+SECTION = "## Mixed-task throughput (vLLM, {mode})"
 KINDS = ("plain", "base", "mixed")
 LABELS = {
     "plain": "plain vLLM, base model",
@@ -187,7 +187,7 @@ def report(phases: list[dict[str, list]], args) -> str:
     b = BENCH_BASE
     mode = "compiled (vLLM's default)" if args.compiled else "eager (`enforce_eager=True`)"
     lines = [
-        SECTION,
+        SECTION.format(mode="compiled" if args.compiled else "eager"),
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, `python bench/mixed_batch.py "
         f"--requests {args.requests} --tokens {args.tokens} --rounds {args.rounds} --max-num-seqs {args.max_num_seqs} "
@@ -257,7 +257,7 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from results import RESULTS, write_section
 
-        write_section(SECTION, text.rstrip("\n"))
+        write_section(text.splitlines()[0], text.rstrip("\n"))
         print(f"wrote {RESULTS}", file=sys.stderr)
 
 
