@@ -306,6 +306,16 @@ class ExpertEngine:
         salted = [_salted(p, self._book.salt(s)) for p, s in zip(prompt_list, sets, strict=True)]
         return self.llm.generate(salted, per_request, use_tqdm=use_tqdm)
 
+    def shutdown(self) -> None:
+        """Stop the engine core and its worker processes (tensor-parallel workers included)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def __enter__(self) -> ExpertEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
     def _evicted_rows(self) -> dict[str, int]:
         return {n: self._book.pool.index_of(n) for n in self._book.pool.loaded()}
 

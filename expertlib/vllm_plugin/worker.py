@@ -59,7 +59,7 @@ def runtime_layout(routed_experts, w13: torch.Tensor, w2: torch.Tensor) -> tuple
 def _tp_shard(runner, w: ExpertWeights) -> ExpertWeights:
     """This rank's part of an expert under tensor parallelism, as vLLM's FusedMoE weight loader cuts
     it: gate/up rows (w1/w3 output dim) and down columns (w2 input dim) in contiguous chunks.
-    (Not exercised here: the CPU machine runs tp=1.)"""
+    Tested with tp=2 on the CPU backend (tests/test_vllm_tp.py); GPU tensor parallelism is not."""
     par = runner.moe_config.moe_parallel_config
     if par.use_ep:
         from expertlib.errors import EngineError
