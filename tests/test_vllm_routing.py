@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from expertlib.vllm_plugin.routing import SlotContext
@@ -48,3 +49,21 @@ def test_shorter_and_base_only_steps_clear_stale_rows():
     ctx.set_tokens([1], [3])
     ctx.clear_tokens()  # warm-up / dummy runs see the base
     assert ctx.remap_ids(0, ids).eq(0).all()
+
+
+def test_quantized_moe_weights_are_refused():
+    """Slots cannot take a set into quantized weights (scales would be wrong): a clear error, no write."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("vllm")
+    from expertlib.errors import EngineError
+    from expertlib.vllm_plugin.worker import runtime_layout
+
+    w13, w2 = torch.ones(1, 8, 4), torch.ones(1, 4, 4)
+    fake = SimpleNamespace(
+        quant_method=object(), w13_weight=torch.zeros(3, 8, 4), w2_weight=torch.zeros(3, 4, 4)
+    )
+    with pytest.raises(EngineError, match="quantized") as err:
+        runtime_layout(fake, w13, w2)
+    assert "unquantized" in err.value.hint
+    assert fake.w13_weight.eq(0).all()

@@ -12,8 +12,10 @@ Private vLLM APIs touched (vllm==0.32.0 is pinned; tests/test_vllm_*.py fail if 
 - the module-level name `FusedMoEFactory` in each vLLM model module (swapped while the model is built),
   its keyword-only call, `MoERunner.router`, `BaseRouter._compute_routing` (routing.py);
 - `MoERunner.routed_experts.w13_weight/w2_weight`, `.quant_method.moe_kernel.fused_experts`,
-  `CPUUnquantizedExperts.isa/_padded_intermediate_size/_use_zentorch`, `cpu_prepack_moe_weight`,
-  `MoERunner.moe_config.moe_parallel_config` (worker.py);
+  `UnquantizedFusedMoEMethod`, `CPUUnquantizedExperts.isa/_padded_intermediate_size/_use_zentorch`,
+  `cpu_prepack_moe_weight`, `MoERunner.moe_config.moe_parallel_config` (worker.py);
+- `GPUModelRunner.sample_tokens` (wrapped on CPU), `.execute_model_state`, `.discard_request_mask`,
+  `.input_batch.generators` (fixes.py);
 - worker extensions (`worker_extension_cls`) and `collective_rpc` are public.
 """
 

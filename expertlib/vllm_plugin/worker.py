@@ -23,7 +23,16 @@ def runtime_layout(routed_experts, w13: torch.Tensor, w2: torch.Tensor) -> tuple
     so a slot row written at run time must go through the same steps.
     """
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
+    from expertlib.errors import EngineError
+
+    if not isinstance(routed_experts.quant_method, UnquantizedFusedMoEMethod):
+        # quantized weights need their scales rewritten too; a plain cast would serve garbage
+        raise EngineError(
+            f"cannot write expert slots into quantized MoE weights ({type(routed_experts.quant_method).__name__})",
+            hint="serve expert sets on an unquantized (bf16/fp16/fp32) base checkpoint",
+        )
     kernel = getattr(routed_experts.quant_method, "moe_kernel", None)
     impl = getattr(kernel, "fused_experts", None)
     if isinstance(impl, CPUUnquantizedExperts):
@@ -48,8 +57,6 @@ def runtime_layout(routed_experts, w13: torch.Tensor, w2: torch.Tensor) -> tuple
         and w2.shape[1:] == routed_experts.w2_weight.shape[1:]
     ):
         return w13, w2
-    from expertlib.errors import EngineError
-
     raise EngineError(
         f"cannot write expert slots for MoE kernel {type(impl).__name__} (weights {tuple(routed_experts.w13_weight.shape)})",
         hint="expert slots support unquantized MoE weights on the CPU and Triton kernels",
