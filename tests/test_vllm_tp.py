@@ -14,7 +14,7 @@ pytest.importorskip("vllm")
 
 from expertlib.apply import apply_expert_set  # noqa: E402
 from expertlib.moe import load_model  # noqa: E402
-from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set  # noqa: E402
+from expertlib.vllm_plugin.testing import hf_greedy, make_vllm_tiny_base, random_expert_set  # noqa: E402
 
 pytestmark = [
     pytest.mark.vllm,
@@ -24,12 +24,6 @@ pytestmark = [
 
 PROMPTS = ["Hello world", "The cat sat on", "def f(x):"]
 MAX_TOKENS = 16
-
-
-def hf_greedy(model, tok, prompt: str) -> list[int]:
-    ids = tok(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
-    return out[0, ids.shape[1] :].tolist()
 
 
 def _rank_partition(worker):
@@ -48,6 +42,9 @@ def test_tensor_parallel_slots_match_in_place(tmp_path, monkeypatch):
 
     # the CPU backend binds each rank's OpenMP threads to its own cores; one NUMA node needs a manual list
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    import vllm.envs
+
+    vllm.envs.disable_envs_cache()  # an engine started earlier in this process froze the env values
     base_dir = tmp_path / "base"
     make_vllm_tiny_base("qwen2_moe", base_dir)
     model = load_model(base_dir)
@@ -57,10 +54,10 @@ def test_tensor_parallel_slots_match_in_place(tmp_path, monkeypatch):
         "beta": random_expert_set(model, "beta", {0: [3], 1: [2, 6, 7]}, seed=2),
     }
     paths = {name: es.save(tmp_path / f"{name}.safetensors") for name, es in sets.items()}
-    want = {None: [hf_greedy(model, tok, p) for p in PROMPTS]}
+    want = {None: [hf_greedy(model, tok, p, MAX_TOKENS) for p in PROMPTS]}
     for name, es in sets.items():
         with apply_expert_set(model, es):
-            want[name] = [hf_greedy(model, tok, p) for p in PROMPTS]
+            want[name] = [hf_greedy(model, tok, p, MAX_TOKENS) for p in PROMPTS]
     assert want["alpha"] != want[None] and want["beta"] != want[None]
 
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
