@@ -256,10 +256,9 @@ def main() -> None:
     text = report(run(args), args)
     print(text)
     if not args.no_write:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from results import RESULTS, write_section
 
-        write_section(text.splitlines()[0], text.rstrip("\n"))
+        write_section(text.splitlines()[0], text)
         print(f"wrote {RESULTS}", file=sys.stderr)
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("vllm")
 
 from expertlib.apply import apply_expert_set  # noqa: E402
 from expertlib.moe import load_model  # noqa: E402
-from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set  # noqa: E402
+from expertlib.vllm_plugin.testing import hf_greedy, make_vllm_tiny_base, random_expert_set  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -33,11 +33,7 @@ def test_sets_apply_when_the_model_is_compiled(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     prompts = ["Hello world", "The cat sat on"]
     with apply_expert_set(model, es):
-        want = []
-        for p in prompts:
-            ids = tok(p, return_tensors="pt").input_ids
-            out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-            want.append(out[0, ids.shape[1] :].tolist())
+        want = [hf_greedy(model, tok, p, 8) for p in prompts]
 
     # enforce_eager=False: dynamo traces the model once (backend "eager" skips inductor's codegen)
     engine = ExpertEngine(

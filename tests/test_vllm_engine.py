@@ -15,7 +15,7 @@ pytest.importorskip("vllm")
 from expertlib.apply import apply_expert_set  # noqa: E402
 from expertlib.errors import BaseMismatchError, NotLoadedError, SlotError  # noqa: E402
 from expertlib.moe import load_model  # noqa: E402
-from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set  # noqa: E402
+from expertlib.vllm_plugin.testing import hf_greedy, make_vllm_tiny_base, random_expert_set  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -28,12 +28,6 @@ def greedy(max_tokens: int = MAX_TOKENS):
     from vllm import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0.0)
-
-
-def hf_greedy(model, tok, prompt: str, max_tokens: int = MAX_TOKENS) -> list[int]:
-    ids = tok(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return out[0, ids.shape[1] :].tolist()
 
 
 def tokens(outputs) -> list[list[int]]:
@@ -98,11 +92,11 @@ def test_set_output_equals_transformers_with_set_applied(world):
     engine.load(world["sets"]["beta"])  # in-memory ExpertSet
     prompts = PROMPTS[:2]
     got_base = tokens(engine.generate(prompts, None, greedy()))
-    assert got_base == [hf_greedy(model, tok, p) for p in prompts]
+    assert got_base == [hf_greedy(model, tok, p, MAX_TOKENS) for p in prompts]
     for name in ("alpha", "beta"):
         got = tokens(engine.generate(prompts, name, greedy()))
         with apply_expert_set(model, world["sets"][name]):
-            want = [hf_greedy(model, tok, p) for p in prompts]
+            want = [hf_greedy(model, tok, p, MAX_TOKENS) for p in prompts]
         assert got == want, name
         assert got != got_base, f"set {name} should change the output"
 
@@ -149,7 +143,7 @@ def test_eviction_pinning_dedup(world):
     # the survivors still compute with their own experts
     model, tok = world["model"], world["tok"]
     with apply_expert_set(model, sets["eps"]):
-        want = hf_greedy(model, tok, PROMPTS[0])
+        want = hf_greedy(model, tok, PROMPTS[0], MAX_TOKENS)
     assert tokens(engine.generate(PROMPTS[:1], "eps", greedy()))[0] == want
 
     # everything pinned and no room: a clear error, nothing changes

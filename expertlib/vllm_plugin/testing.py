@@ -19,6 +19,13 @@ VLLM_TINY_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+def hf_greedy(model, tok, prompt: str, max_tokens: int) -> list[int]:
+    """Greedy continuation token ids from a transformers model: the reference vLLM outputs must equal."""
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return out[0, ids.shape[1] :].tolist()
+
+
 #: dtype vLLM's CPU kernels need per architecture (MLA attention on CPU only takes bf16 weights).
 VLLM_TINY_DTYPE: dict[str, torch.dtype] = {"deepseek_v2": torch.bfloat16, "deepseek_v3": torch.bfloat16}
 
@@ -90,8 +97,8 @@ def _identity(model):
     return base_identity(model)
 
 
-#: The benchmark base (same shape as bench/train_cost.py's model): qwen2_moe, hidden 256, 4 MoE
-#: layers of 64 routed experts (top-6, intermediate 128) + a shared expert.
+#: The benchmark base (bench/train_cost.py's routed experts, with a 512-wide shared expert): qwen2_moe,
+#: hidden 256, 4 MoE layers of 64 routed experts (top-6, intermediate 128) + a shared expert.
 BENCH_BASE: dict[str, Any] = dict(
     hidden_size=256,
     num_hidden_layers=4,
