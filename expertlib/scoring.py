@@ -19,6 +19,21 @@ select a different number of experts per layer; we follow the paper.
 
 Padding never counts. With `count_prompt_tokens=False` only answer tokens (label != -100)
 count, and L_j is the number of answer tokens of sequence j.
+
+Weighting (`weighting=`): "paper" (default) is the formulas above, every sequence weighing the
+same whatever its length. "reference" reproduces the reference code (deepseek-ai/ESFT
+`generate_expert_config.py` and its committed `summary.json`): all counted tokens pooled, sums
+divided per layer by the number of counted tokens, scores rounded to 4 decimals. The two agree
+when all sequences have the same length; with mixed lengths the reference lets long sequences
+dominate, and the top-p rule then picks different experts in a few layers.
+
+What `p` means for ESFT-Gate depends on the architecture: a layer's gate scores sum to the mean
+per-token top-K weight mass. DeepSeek-V2 (the paper's model) does not renormalise its top-6
+weights (mass 0.26-0.53), so p = 0.1 keeps experts up to roughly 20-40% of the mass. Mixtral,
+and Qwen-MoE / OLMoE configs with `norm_topk_prob` set (Qwen3-30B-A3B), renormalise the top-K
+weights to sum to 1: there p = 0.1 keeps only 10% of the mass, i.e. fewer experts. DeepSeek-V3
+renormalises and multiplies by `routed_scaling_factor` (2.5): p = 0.1 is 4% of the mass. Scale p
+to the architecture, or use ESFT-Token, whose scores sum to 1 in every layer everywhere.
 """
 
 from __future__ import annotations
@@ -39,6 +54,9 @@ from expertlib.identity import BaseIdentity, base_identity
 from expertlib.moe import experts_module, moe_layer_indices
 
 ScoreFunction = Literal["token", "gate"]
+#: How sequences are weighed: the paper's 1/L_j per sequence, or the reference code's pooled tokens.
+Weighting = Literal["paper", "reference"]
+WEIGHTINGS = ("paper", "reference")
 SCORES_FORMAT = "expertlib.scores/1"
 #: The paper's scoring sample: 32 sequences x 4096 tokens.
 PAPER_TOKEN_BUDGET = 131_072
@@ -60,6 +78,7 @@ class ExpertScores(BaseModel):
     data_digest: str | None = None
     data_path: str | None = None
     seed: int = 0
+    weighting: Weighting = Field(default="paper", description="paper: 1/L_j per sequence; reference: pooled")
 
     def of(self, score: ScoreFunction) -> dict[int, list[float]]:
         if score not in ("token", "gate"):
@@ -84,29 +103,54 @@ class ExpertScores(BaseModel):
         return cls.model_validate(raw)
 
 
+def check_weighting(weighting: str) -> Weighting:
+    if weighting not in WEIGHTINGS:
+        raise SelectionError(f"unknown weighting {weighting!r}", hint="use 'paper' or 'reference'")
+    return weighting  # type: ignore[return-value]
+
+
+def token_weights(count: torch.Tensor, weighting: Weighting = "paper") -> torch.Tensor:
+    """(B, S) mask of counted tokens -> (B, S) float64 weight of each counted token, 0 elsewhere:
+    1/L_j with the paper's weighting, 1 with the reference's pooled weighting."""
+    w = count.double()
+    if check_weighting(weighting) == "reference":
+        return w
+    return w / w.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def finish_scores(
+    sums: torch.Tensor, *, sequences: int, tokens: int, weighting: Weighting = "paper"
+) -> list[float]:
+    """One layer's accumulated weighted sums -> its scores: divided by N_s (paper), or divided by
+    the counted tokens and rounded to 4 decimals like the reference's `summary.json` (reference)."""
+    if check_weighting(weighting) == "reference":
+        return [round(x, 4) for x in (sums / max(tokens, 1)).tolist()]
+    return (sums / max(sequences, 1)).tolist()
+
+
 class RoutingRecorder:
-    """Accumulates per-sequence-normalised token and gate scores from experts pre-hooks.
+    """Accumulates weighted token and gate scores from experts pre-hooks (see `weighting`).
 
     Use as a context manager around forward passes; call `set_batch(count_mask)` before each
     forward with the (B, S) boolean mask of counted tokens.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, weighting: Weighting = "paper"):
         self.model = model
+        self.weighting = check_weighting(weighting)
         self.layers = moe_layer_indices(model)
         self.num_experts = int(experts_module(model, self.layers[0]).num_experts)
         self.token = {layer: torch.zeros(self.num_experts, dtype=torch.float64) for layer in self.layers}
         self.gate = {layer: torch.zeros(self.num_experts, dtype=torch.float64) for layer in self.layers}
         self.sequences = 0
         self.tokens = 0
-        self._weight: torch.Tensor | None = None  # (B*S,) 1/L_j on counted tokens, 0 elsewhere
+        self._weight: torch.Tensor | None = None  # (B*S,) token weight on counted tokens, 0 elsewhere
         self._handles: list = []
 
     def set_batch(self, count: torch.Tensor) -> None:
-        """count: (B, S) bool. Each sequence's counted tokens get weight 1/L_j."""
+        """count: (B, S) bool. Counted tokens get weight 1/L_j (paper) or 1 (reference)."""
         lengths = count.sum(dim=1, keepdim=True)  # (B, 1)
-        w = count.double() / lengths.clamp(min=1)  # (B, S)
-        self._weight = w.reshape(-1)
+        self._weight = token_weights(count, self.weighting).reshape(-1)  # (B*S,)
         self.sequences += int((lengths > 0).sum())
         self.tokens += int(lengths.sum())
 
@@ -117,7 +161,7 @@ class RoutingRecorder:
             assert w is not None and top_k_index.shape[0] == w.shape[0], "set_batch() before each forward"
             k = top_k_index.shape[1]
             ids = top_k_index.reshape(-1).long()  # (T*K,)
-            per_slot = w.repeat_interleave(k)  # (T*K,) 1/L_j of the slot's token
+            per_slot = w.repeat_interleave(k)  # (T*K,) weight of the slot's token
             self.token[layer].index_add_(0, ids, per_slot / k)
             g = top_k_weights.detach().reshape(-1).double()  # (T*K,)
             self.gate[layer].index_add_(0, ids, per_slot * g)
@@ -136,10 +180,10 @@ class RoutingRecorder:
         self._handles.clear()
 
     def result(self) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
-        """(token, gate) scores: the accumulated sums divided by N_s, per layer."""
-        n = max(self.sequences, 1)
-        token = {layer: (t / n).tolist() for layer, t in self.token.items()}
-        gate = {layer: (g / n).tolist() for layer, g in self.gate.items()}
+        """(token, gate) scores per layer (`finish_scores`)."""
+        kw = dict(sequences=self.sequences, tokens=self.tokens, weighting=self.weighting)
+        token = {layer: finish_scores(t, **kw) for layer, t in self.token.items()}
+        gate = {layer: finish_scores(g, **kw) for layer, g in self.gate.items()}
         return token, gate
 
 
@@ -207,8 +251,11 @@ def score_experts(
     data_path: str | None = None,
     base: BaseIdentity | None = None,
     progress: bool = True,
+    weighting: Weighting = "paper",
 ) -> ExpertScores:
-    """Run the model over the task sample (forward only) and return both ESFT scores per layer."""
+    """Run the model over the task sample (forward only) and return both ESFT scores per layer.
+
+    `weighting`: "paper" (1/L_j per sequence) or "reference" (pooled, as deepseek-ai/ESFT)."""
     from tqdm.auto import tqdm
 
     chosen = budget_samples(samples, token_budget, count_prompt_tokens=count_prompt_tokens, seed=seed)
@@ -222,7 +269,7 @@ def score_experts(
     total = sum(take for _, take in chosen)
     try:
         with (
-            RoutingRecorder(model) as rec,
+            RoutingRecorder(model, weighting) as rec,
             tqdm(total=total, desc="scoring", unit="tok", disable=not progress) as bar,
         ):
             for i in range(0, len(chosen), batch_size):
@@ -252,6 +299,7 @@ def score_experts(
         data_digest=data_digest,
         data_path=data_path,
         seed=seed,
+        weighting=weighting,
     )
 
 
@@ -266,6 +314,7 @@ def score_task(
     too_long: str = "truncate",
     seed: int = 0,
     progress: bool = True,
+    weighting: Weighting = "paper",
 ) -> ExpertScores:
     """Load a base model and a jsonl task file, and score every routed expert (`expertlib score`)."""
     from expertlib.data import data_digest, load_samples, load_tokenizer, pad_token_id
@@ -286,4 +335,5 @@ def score_task(
         data_path=str(data),
         base=base_identity(model, name=str(base)),
         progress=progress,
+        weighting=weighting,
     )
