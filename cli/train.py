@@ -7,6 +7,11 @@ import click
 from expertlib.cli.output import emit, json_option, print_table
 
 _BUDGET_HELP = "Token budget of the scoring sample (paper: 131072); 0 scores every token."
+_WEIGHTING_HELP = (
+    "paper: every sequence weighs the same (1/L_j, the paper's formula); reference: all tokens "
+    "pooled, scores per layer divided by the token count and rounded to 4 decimals, as the "
+    "deepseek-ai/ESFT code (reproduces its expert configs)."
+)
 
 
 @click.command("score")
@@ -49,7 +54,7 @@ def score_cmd(base, data, out, budget, batch_size, answer_only, max_length, seed
 
 
 @click.command("select")
-@click.argument("scores_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("scores_file", type=click.Path(exists=True))
 @click.option("--score", type=click.Choice(["token", "gate"]), default="token", show_default=True)
 @click.option(
     "--top-p", type=float, default=None, help="Cumulative score threshold (default 0.2 token, 0.1 gate)."
@@ -58,18 +63,56 @@ def score_cmd(base, data, out, budget, batch_size, answer_only, max_length, seed
 @click.option("--shared-experts", is_flag=True, help="Mark shared experts trainable too (ablation).")
 @click.option("--non-expert-modules", is_flag=True, help="Mark non-expert modules trainable too (ablation).")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="expert_cfg.json to write.")
+@click.option(
+    "--weighting",
+    type=click.Choice(["paper", "reference"]),
+    default=None,
+    help="Reference logs only: " + _WEIGHTING_HELP + " [default: paper]",
+)
+@click.option(
+    "--top-k", type=int, default=None, help="Reference logs only: the model's top-k (DeepSeek-V2-Lite: 6)."
+)
 @json_option
 def select_cmd(
-    scores_file, score, top_p, max_per_layer, shared_experts, non_expert_modules, out, as_json
+    scores_file,
+    score,
+    top_p,
+    max_per_layer,
+    shared_experts,
+    non_expert_modules,
+    out,
+    weighting,
+    top_k,
+    as_json,
 ) -> None:
-    """Select the experts to train from a scores file with the ESFT top-p rule, per layer.
+    """Select the experts to train with the ESFT top-p rule, per layer.
+
+    SCORES_FILE is a file written by `expertlib score`, or a folder of the reference code's
+    routing logs (expert_weights_<L>.txt, as deepseek-ai/ESFT writes them; needs --top-k).
+    With reference weighting the running sum is compared without slack, as the reference does.
 
     Example: expertlib select math.scores.json --score token --top-p 0.2 --out experts.json
     """
+    from expertlib.errors import SelectionError
+    from expertlib.reference_logs import is_reference_log_dir, score_reference_logs
     from expertlib.scoring import ExpertScores
-    from expertlib.selection import DEFAULT_TOP_P, select_experts
+    from expertlib.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
 
-    scores = ExpertScores.load(scores_file).of(score)
+    if is_reference_log_dir(scores_file):
+        if top_k is None:
+            raise SelectionError(
+                "reading reference routing logs needs the model's top-k",
+                hint="pass --top-k (DeepSeek-V2-Lite: 6)",
+            )
+        source = score_reference_logs(scores_file, top_k=top_k, weighting=weighting or "paper")
+    else:
+        source = ExpertScores.load(scores_file)
+        if weighting not in (None, source.weighting):
+            raise SelectionError(
+                f"{scores_file} was scored with {source.weighting} weighting",
+                hint=f"rescore with `expertlib score --weighting {weighting}`",
+            )
+    scores = source.of(score)
     p = top_p if top_p is not None else DEFAULT_TOP_P[score]
     cfg = select_experts(
         scores,
@@ -77,6 +120,7 @@ def select_cmd(
         max_per_layer=max_per_layer,
         shared_experts=shared_experts,
         non_expert_modules=non_expert_modules,
+        eps=0.0 if source.weighting == "reference" else DEFAULT_EPS,
     )
     cfg.save(out)
     rows = [

@@ -22,7 +22,8 @@ from expertlib.fsutil import atomic_write_text
 #: Paper defaults of p per score function.
 DEFAULT_TOP_P = {"token": 0.2, "gate": 0.1}
 #: Slack on the running-sum comparison, so 0.7 + 0.2 + 0.1 reaches p = 1.0 despite rounding.
-_EPS = 1e-9
+#: The reference code compares without slack; `select_experts(..., eps=0.0)` does the same.
+DEFAULT_EPS = 1e-9
 
 
 class ExpertConfig(BaseModel):
@@ -48,16 +49,19 @@ class ExpertConfig(BaseModel):
     def num_experts(self) -> int:
         return sum(len(ids) for ids in self.experts.values())
 
-    def to_reference(self) -> dict:
-        """The reference JSON: string layer keys, every MoE layer present."""
+    def to_reference(self, moe_layers: Sequence[int] | None = None) -> dict:
+        """The reference JSON: string layer keys. The reference loader (`to_esft`) raises KeyError
+        on any MoE layer missing from the config, so pass the model's `moe_layers` to write every
+        one of them (an empty list where nothing trains)."""
+        layers = sorted(set(self.experts) | set(moe_layers or ()))
         return {
-            "experts": {str(layer): ids for layer, ids in self.experts.items()},
+            "experts": {str(layer): self.experts.get(layer, []) for layer in layers},
             "shared_experts": self.shared_experts,
             "non_expert_modules": self.non_expert_modules,
         }
 
-    def save(self, path: str | Path) -> Path:
-        return atomic_write_text(path, json.dumps(self.to_reference(), indent=2) + "\n")
+    def save(self, path: str | Path, moe_layers: Sequence[int] | None = None) -> Path:
+        return atomic_write_text(path, json.dumps(self.to_reference(moe_layers), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertConfig:
@@ -86,8 +90,11 @@ class ExpertConfig(BaseModel):
                 raise SelectionError(f"layer {layer}: expert ids {bad} out of range (0..{num_experts - 1})")
 
 
-def top_p_layer(scores: Sequence[float], top_p: float, *, max_experts: int | None = None) -> list[int]:
-    """Expert ids of one layer: the shortest score-descending prefix whose sum reaches `top_p`."""
+def top_p_layer(
+    scores: Sequence[float], top_p: float, *, max_experts: int | None = None, eps: float = DEFAULT_EPS
+) -> list[int]:
+    """Expert ids of one layer: the shortest score-descending prefix whose sum reaches `top_p`
+    (within `eps`: the default forgives float rounding; the reference code uses 0)."""
     if not scores:
         raise SelectionError("a layer without scores")
     if not top_p > 0:
@@ -99,7 +106,7 @@ def top_p_layer(scores: Sequence[float], top_p: float, *, max_experts: int | Non
     for i in order:
         chosen.append(i)
         running += scores[i]
-        if running + _EPS >= top_p or (max_experts is not None and len(chosen) >= max_experts):
+        if running + eps >= top_p or (max_experts is not None and len(chosen) >= max_experts):
             break
     return sorted(chosen)
 
@@ -111,10 +118,14 @@ def select_experts(
     max_per_layer: int | None = None,
     shared_experts: bool = False,
     non_expert_modules: bool = False,
+    eps: float = DEFAULT_EPS,
 ) -> ExpertConfig:
     """Apply the top-p rule to every layer's scores (see module docstring)."""
     return ExpertConfig(
-        experts={int(layer): top_p_layer(s, top_p, max_experts=max_per_layer) for layer, s in scores.items()},
+        experts={
+            int(layer): top_p_layer(s, top_p, max_experts=max_per_layer, eps=eps)
+            for layer, s in scores.items()
+        },
         shared_experts=shared_experts,
         non_expert_modules=non_expert_modules,
     )

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import copy
 import json
+import tarfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from expertlib.apply import apply_expert_set, extract_expert_set
-from expertlib.errors import BaseMismatchError, PatchFormatError, PatchShapeError
+from expertlib.cli.main import cli
+from expertlib.data import load_samples
+from expertlib.errors import BaseMismatchError, PatchFormatError, PatchShapeError, SelectionError
 from expertlib.esft_reference import export_esft, import_esft
 from expertlib.moe import load_model, moe_layer_indices, read_expert, write_expert
+from expertlib.reference_logs import score_reference_logs
+from expertlib.selection import select_experts
+from expertlib.testing import make_tokenizer
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v2", "mixtral", "qwen2_moe"])
@@ -93,3 +102,98 @@ def test_import_against_other_base_is_caught_on_apply(tiny_model_dir, tmp_path):
     other = load_model(tiny_model_dir("deepseek_v2", seed=2))
     with pytest.raises(BaseMismatchError):
         apply_expert_set(other, es)
+
+
+# --- parity with the reference's committed artefacts (tests/fixtures/esft-reference) -----------------
+
+FIXTURE = Path(__file__).parent / "fixtures" / "esft-reference"
+
+
+@pytest.fixture(scope="module")
+def intent_logs(tmp_path_factory) -> Path:
+    """The reference's `intent/` folder: 26 routing logs, summary.json, expert_config.json."""
+    out = tmp_path_factory.mktemp("esft-ref")
+    with tarfile.open(FIXTURE / "intent-routing-logs.tar.gz") as tar:
+        tar.extractall(out, filter="data")
+    return out / "intent"
+
+
+@pytest.fixture(scope="module")
+def logs_scored(intent_logs):
+    return {w: score_reference_logs(intent_logs, top_k=6, weighting=w) for w in ("paper", "reference")}
+
+
+def _committed(intent_logs):
+    summary = json.loads((intent_logs / "summary.json").read_text())
+    cfg = json.loads((intent_logs / "expert_config.json").read_text())
+    return summary, cfg
+
+
+def test_reference_weighting_reproduces_committed_summary_and_config(intent_logs, logs_scored):
+    summary, cfg = _committed(intent_logs)
+    ref = logs_scored["reference"]
+    assert (ref.sequences, ref.tokens, ref.num_experts) == (127, 8222, 64)
+    assert sorted(ref.token) == list(range(1, 27))
+    for name, ours in (("token_scores", ref.token), ("gate_scores", ref.gate)):
+        for layer, row in summary[name].items():
+            assert ours[int(layer)] == [row[str(e)] for e in range(64)], (name, layer)
+    chosen = select_experts(ref.token, 0.2, eps=0.0)
+    assert chosen.experts == {int(k): sorted(v) for k, v in cfg["experts"].items()}
+    assert chosen.to_reference()["experts"] == {k: sorted(v) for k, v in cfg["experts"].items()}
+
+
+def test_paper_weighting_differs_where_sequence_lengths_matter(intent_logs, logs_scored):
+    """The paper's 1/L_j weighting, recomputed here from the raw lines, picks other experts in
+    four layers of the committed config; the reference weighting matches all 26."""
+    _, cfg = _committed(intent_logs)
+    paper = logs_scored["paper"]
+    for layer in (1, 11, 26):  # independent computation of G_i and R_i
+        tok, gate = np.zeros(64), np.zeros(64)
+        lines = (intent_logs / f"expert_weights_{layer}.txt").read_text().splitlines()
+        for line in lines:
+            a, b = line.split("\t\t")
+            ids, w = np.array(a.split("\t"), dtype=int), np.array(b.split("\t"), dtype=float)
+            np.add.at(tok, ids, 1 / len(ids))  # 1/(K L_j) per slot
+            np.add.at(gate, ids, w * 6 / len(ids))  # g / L_j
+        assert paper.token[layer] == pytest.approx((tok / len(lines)).tolist(), abs=1e-12)
+        assert paper.gate[layer] == pytest.approx((gate / len(lines)).tolist(), abs=1e-12)
+        assert sum(paper.token[layer]) == pytest.approx(1.0)
+    by_paper = select_experts(paper.token, 0.2).experts
+    differ = sorted(layer for layer, ids in by_paper.items() if ids != sorted(cfg["experts"][str(layer)]))
+    assert differ == [11, 17, 22, 26]
+
+
+def test_select_takes_reference_logs(intent_logs, tmp_path):
+    _, cfg = _committed(intent_logs)
+    out = tmp_path / "cfg.json"
+    args = ["select", str(intent_logs), "--top-k", "6", "--weighting", "reference", "--out", str(out)]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["experts"] == {k: sorted(v) for k, v in cfg["experts"].items()}
+    r = CliRunner().invoke(cli, ["select", str(intent_logs), "--out", str(out)])
+    assert r.exit_code == 2 and "--top-k" in r.output
+
+
+def test_reference_log_reader_refuses_bad_logs(tmp_path):
+    with pytest.raises(SelectionError, match="no expert_weights"):
+        score_reference_logs(tmp_path, top_k=2)
+    rank = tmp_path / "rank_0"
+    rank.mkdir()
+    (rank / "expert_weights_1.txt").write_text("0\t1\t2\t\t0.5\t0.3\t0.2\n")
+    with pytest.raises(SelectionError, match="not whole tokens of top-2"):
+        score_reference_logs(tmp_path, top_k=2)
+    (rank / "expert_weights_1.txt").write_text("0\t1\t1\t2\t\t0.5\t0.3\t0.6\t0.2\n")
+    (rank / "expert_weights_2.txt").write_text("0\t1\t\t0.5\t0.5\n")
+    with pytest.raises(SelectionError, match="different sequences or tokens"):
+        score_reference_logs(tmp_path, top_k=2)
+    (rank / "expert_weights_2.txt").write_text("3\t1\t1\t0\t\t0.5\t0.5\t0.9\t0.1\n")
+    s = score_reference_logs(tmp_path, top_k=2, weighting="paper")  # rank_* folders are read
+    assert s.num_experts == 4 and s.token[1] == [0.25, 0.5, 0.25, 0.0] and s.gate[2][3] == 0.25
+
+
+def test_reference_training_sample_loads_unchanged(tmp_path):
+    """The reference's training data (chat messages plus its own extra fields) goes through our
+    data reader as it is."""
+    samples = load_samples(FIXTURE / "intent-train-sample.jsonl", make_tokenizer())
+    assert len(samples) == 100
+    assert all(s.num_answer_tokens > 0 and s.num_answer_tokens < len(s) for s in samples)

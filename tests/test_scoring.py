@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from expertlib.data import load_samples
+from expertlib.data import Sample, load_samples
 from expertlib.errors import SelectionError
 from expertlib.moe import experts_module, moe_layer_indices
 from expertlib.scoring import ExpertScores, RoutingRecorder, budget_samples, score_experts
@@ -52,6 +52,13 @@ def test_hand_built_routing_equals_formulas(qwen):
     assert gate[layer] == pytest.approx(want_gate, abs=1e-7)
     assert sum(token[layer]) == pytest.approx(1.0)  # per-layer normalisation
     assert rec.sequences == 2 and rec.tokens == 5
+    # reference weighting: the 5 tokens pooled, divided by 5 (x K for tokens), 4 decimals
+    with RoutingRecorder(qwen, weighting="reference") as ref, torch.no_grad():
+        ref.set_batch(count)
+        experts_module(qwen, layer)(torch.randn(6, qwen.config.hidden_size), ids, w)
+    token, gate = ref.result()
+    assert token[layer] == [0.4, 0.3, 0.1, 0.2, 0, 0, 0, 0]  # slots 4, 3, 1, 2 of 10
+    assert gate[layer] == [0.32, 0.18, 0.04, 0.32, 0, 0, 0, 0]  # 1.6, 0.9, 0.2, 1.6 over 5 tokens
 
 
 def test_scores_are_per_layer_and_padding_free(qwen, samples):
@@ -74,9 +81,29 @@ def test_answer_only_and_budget(qwen, samples):
     cut = score_experts(qwen, samples, pad_id=0, token_budget=50, seed=3, progress=False)
     assert cut.tokens_scored == 50 and cut.token_budget == 50
     chosen = budget_samples(samples, 50, count_prompt_tokens=True, seed=3)
-    assert sum(t for _, t in chosen) == 50 and chosen[-1][1] <= len(chosen[-1][0])
+    assert sum(t for _, t in chosen) == 50
+    assert all(t == len(s) for s, t in chosen[:-1])  # whole samples, then...
+    assert 0 < chosen[-1][1] < len(chosen[-1][0])  # ...the last one cut inside (50 is no boundary)
+    # the cut sample scores exactly as its prefix would on its own
+    prefixes = [Sample(s.input_ids[:t], s.labels[:t], s.line) for s, t in chosen]
+    whole = score_experts(qwen, prefixes, pad_id=0, token_budget=None, progress=False)
+    assert whole.tokens_scored == 50 and whole.sequences == cut.sequences
     for layer in cut.token:
         assert sum(cut.token[layer]) == pytest.approx(1.0)
+        assert cut.token[layer] == pytest.approx(whole.token[layer], abs=1e-6)
+        assert cut.gate[layer] == pytest.approx(whole.gate[layer], abs=1e-6)
+
+
+def test_weighting_is_recorded_and_checked(qwen, samples):
+    ref = score_experts(qwen, samples, pad_id=0, token_budget=None, progress=False, weighting="reference")
+    paper = score_experts(qwen, samples, pad_id=0, token_budget=None, progress=False)
+    assert (ref.weighting, paper.weighting) == ("reference", "paper")
+    layer = next(iter(ref.token))
+    assert all(round(x, 4) == x for x in ref.token[layer] + ref.gate[layer])
+    assert sum(ref.token[layer]) == pytest.approx(1.0, abs=64 * 5e-5)
+    assert ref.token[layer] != pytest.approx(paper.token[layer], abs=1e-4)  # samples differ in length
+    with pytest.raises(SelectionError, match="unknown weighting"):
+        score_experts(qwen, samples, pad_id=0, progress=False, weighting="pooled")
 
 
 def test_scores_file_round_trip(tmp_path, qwen, samples):

@@ -17,7 +17,7 @@ from expertlib.selection import ExpertConfig, select_experts, top_p_layer
         ([0.1, 0.5, 0.3, 0.1], 0.6, None, [1, 2]),  # 0.5, 0.8
         ([0.1, 0.5, 0.3, 0.1], 0.8, None, [1, 2]),  # reaching p exactly stops
         ([0.1, 0.5, 0.3, 0.1], 0.81, None, [0, 1, 2]),  # tie 0.1/0.1: lower id first
-        ([0.7, 0.2, 0.1], 1.0, None, [0, 1, 2]),  # 0.7+0.2+0.1 rounds below 1.0
+        ([0.7, 0.2, 0.1, 0.0], 1.0, None, [0, 1, 2]),  # 0.7+0.2+0.1 rounds below 1.0: slack stops
         ([0.25, 0.25, 0.25, 0.25], 0.9, 2, [0, 1]),  # cap per layer
         ([0.0, 0.0, 0.0], 0.1, None, [0, 1, 2]),  # nothing reaches p: all (never empty)
         ([0.01, 0.02, 0.03], 0.001, None, [2]),  # at least one expert
@@ -28,6 +28,14 @@ def test_top_p_layer(scores, p, cap, want):
     assert top_p_layer(scores, p, max_experts=cap) == want
 
 
+def test_reference_rule_has_no_slack():
+    """The reference compares the float running sum without slack: 0.7+0.2+0.1 < 1.0 there,
+    so it takes the next expert too; with eps=0 we do the same."""
+    assert top_p_layer([0.7, 0.2, 0.1, 0.0], 1.0, eps=0.0) == [0, 1, 2, 3]
+    assert select_experts({1: [0.1, 0.7, 0.0, 0.2]}, 1.0, eps=0.0).experts == {1: [0, 1, 2, 3]}
+    assert select_experts({1: [0.1, 0.7, 0.0, 0.2]}, 1.0).experts == {1: [0, 1, 3]}
+
+
 def test_select_per_layer_and_reference_shape(tmp_path):
     cfg = select_experts({1: [0.6, 0.3, 0.1], 2: [0.1, 0.1, 0.8]}, 0.7)
     assert cfg.experts == {1: [0, 1], 2: [2]}
@@ -35,6 +43,9 @@ def test_select_per_layer_and_reference_shape(tmp_path):
     raw = json.loads(path.read_text())
     assert raw == {"experts": {"1": [0, 1], "2": [2]}, "shared_experts": False, "non_expert_modules": False}
     assert ExpertConfig.load(path) == cfg
+    # the reference loader needs every MoE layer as a key, empty where nothing trains
+    path = cfg.save(tmp_path / "all.json", moe_layers=[0, 1, 2, 3])
+    assert json.loads(path.read_text())["experts"] == {"0": [], "1": [0, 1], "2": [2], "3": []}
 
 
 def test_reads_reference_expert_cfg(tmp_path):
