@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+import re
 import tempfile
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -28,17 +32,18 @@ from expertlib.apply import check_against_base
 from expertlib.checkpoint import BaseCheckpoint
 from expertlib.errors import (
     EngineError,
+    MemoryBudgetError,
     ModelLoadError,
     NotLoadedError,
     PatchShapeError,
     SlotError,
 )
 from expertlib.patch import ExpertSet
+from expertlib.sizing import DEFAULT_MAX_SETS, DEFAULT_SLOTS
 from expertlib.slots import Placement, SlotPool
 from expertlib.vllm_plugin import SET_ID_KEY, WORKER_EXTENSION, slot_hf_overrides
 
-DEFAULT_SLOTS = 8
-DEFAULT_MAX_SETS = 8
+log = logging.getLogger("expertlib.engine")
 
 
 # --- the base checkpoint ------------------------------------------------------------------------------
@@ -73,6 +78,9 @@ class _Book:
         self.user_pins: set[str] = set()
         self.in_flight: Counter[str] = Counter()
         self.unloading: set[str] = set()
+        self.history: dict[str, dict[str, float]] = {}  # per set: loads, cache_loads, evictions, load_seconds
+        self.paths: dict[str, str] = {}  # every set ever loaded -> its file (names the host cache's entries)
+        self.host_cache: dict[str, Any] = {}  # the workers' host cache, as last reported
         self._tmp = tempfile.TemporaryDirectory(prefix="expertlib-engine-")
 
     def open(self, es: ExpertSet | str | Path, name: str | None) -> tuple[ExpertSet, str, str]:
@@ -87,6 +95,7 @@ class _Book:
                 hint="apply such a set in place (expertlib.apply) or serve a merged checkpoint",
             )
         self.check_base(es)
+        es.verify()  # digests recomputed from the tensors, NaN/inf refused: before any eviction
         if es.path is None:
             es.save(Path(self._tmp.name) / f"{abs(hash((name, m.content_digest)))}.safetensors")
         return es, name, str(es.path)
@@ -99,6 +108,7 @@ class _Book:
             num_experts=self.base.num_experts,
             expert_digest=self.base.expert_digest,
             hint="serve the exact base checkpoint the set was trained on",
+            expert_shapes=self.base.expert_shapes,
         )
 
     def place(self, es: ExpertSet, name: str, pin: bool) -> Placement | None:
@@ -116,8 +126,11 @@ class _Book:
                 self.pin(name, True)
             return None
         m = es.manifest
-        placement = self.pool.place(name, m.experts, m.expert_digests, pinned=pin)
+        # slots are shared only on digests recomputed from the tensors, never on the manifest's claims
+        placement = self.pool.place(name, m.experts, es.verify(), pinned=pin)
         for gone in placement.evicted:
+            self.count(gone, "evictions")
+            log.info("evicted expert set %s (least recently used) to load %s", gone, name)
             self.forget(gone)
         self.sets[name] = es
         if pin:
@@ -128,10 +141,33 @@ class _Book:
         self.sets.pop(name, None)
         self.user_pins.discard(name)
 
+    def count(self, name: str, what: str, by: float = 1) -> None:
+        h = self.history.setdefault(name, dict(loads=0, cache_loads=0, evictions=0, load_seconds=0.0))
+        h[what] += by
+
+    def loaded_from(self, name: str, path: str, seconds: float, cache: dict[str, Any] | None) -> None:
+        """Book a finished load: its time, and whether the workers took it from their host cache."""
+        hits = (cache or {}).get("hits", 0) - self.host_cache.get("hits", 0)
+        self.paths[name] = path
+        self.count(name, "loads")
+        self.count(name, "load_seconds", seconds)
+        if cache is not None:
+            self.count(name, "cache_loads", 1 if hits > 0 else 0)
+            self.host_cache = cache
+
+    def residency(self, name: str) -> str:
+        """Where a set is: "slots" (resident), "host" (host cache of the workers) or "disk"."""
+        if name in self.pool:
+            return "slots"
+        if self.paths.get(name) in set(self.host_cache.get("paths", [])):
+            return "host"
+        return "disk"
+
     def apply_args(self, placement: Placement, evicted_rows: list[int], path: str) -> tuple:
         fills = [[layer, slot, e] for layer, slot, e in placement.fills]
         remap = {layer: dict(m) for layer, m in placement.remap.items()}
-        return (evicted_rows, path, fills, placement.set_index, remap)
+        digest = self.sets[placement.name].manifest.content_digest  # the worker checks its copy against it
+        return (evicted_rows, path, fills, placement.set_index, remap, digest)
 
     def row(self, expert_set: str | None) -> int:
         """Remap row for a request naming `expert_set` (None or "" = the base)."""
@@ -178,6 +214,8 @@ class _Book:
                 content_digest=m.content_digest,
                 path=str(self.sets[name].path) if self.sets[name].path else None,
             )
+        st["history"] = {n: dict(h, residency=self.residency(n)) for n, h in self.history.items()}
+        st["host_cache"] = {k: v for k, v in self.host_cache.items() if k != "paths"}
         st["base"] = self.base.identity.model_dump()
         st["base_path"] = str(self.base.path)
         st["num_experts"] = self.base.num_experts
@@ -195,6 +233,86 @@ def _engine_kwargs(base: BaseCheckpoint, slots: int, max_sets: int, kwargs: dict
         raise EngineError("worker_extension_cls is set by ExpertEngine", hint="do not pass it")
     kw.update(model=str(base.path), hf_overrides=overrides, worker_extension_cls=WORKER_EXTENSION)
     return kw
+
+
+#: Sequences the CPU KV cache is sized for when max_num_seqs is not given (vLLM's server default on CPU).
+CPU_MAX_NUM_SEQS = 128
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def size_memory(base: BaseCheckpoint, slots: int, kwargs: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Engine kwargs with memory settings that fit this machine, and one line saying what was chosen.
+
+    CPU: the KV cache is sized from the model, max_model_len and max_num_seqs (`expertlib.sizing`)
+    and passed as vLLM's `kv_cache_memory_bytes`, which the CPU worker honours, instead of vLLM's
+    default of 0.92 of the NUMA node; a context too long for the memory is shortened when the caller
+    gave none. `VLLM_CPU_KVCACHE_SPACE` in the environment still wins (vLLM reads it). GPU: vLLM's
+    gpu_memory_utilization stays; the weights plus the slots must leave room for a KV cache in it."""
+    from expertlib import sizing
+
+    kw = dict(kwargs)
+    dims = sizing.ModelDims.of(base, kw.get("dtype"))
+    slot_bytes = slots * dims.slot_row_bytes
+    if not _on_cpu():
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        util = float(kw.get("gpu_memory_utilization", 0.9))
+        sizing.check_gpu_fit(dims, slot_bytes=slot_bytes, total=total, utilization=util, free=free)
+        line = f"GPU memory: {util} of {sizing.gib(total)}; weights {sizing.gib(dims.weights_bytes)}, "
+        return kw, line + f"expert slots {sizing.gib(slot_bytes)}, the rest is KV cache"
+    if sizing.cpu_kv_env_set():
+        kw.pop("kv_cache_memory_bytes", None)  # vLLM replaces it by the variable anyway
+        return kw, f"KV cache: {sizing.CPU_KV_ENV}={os.environ[sizing.CPU_KV_ENV]} GiB from the environment"
+    given = kw.get("kv_cache_memory_bytes")
+    available = sizing.available_memory()
+    max_len = int(kw.get("max_model_len") or dims.max_position or 2048)
+    if kw.get("max_model_len") is None and given is None:
+        fit = sizing.fit_max_model_len(dims, max_len, slot_bytes=slot_bytes, available=available)
+        if 0 < fit < max_len:
+            log.warning("context shortened to %d tokens so that the KV cache fits memory", fit)
+            kw["max_model_len"] = max_len = fit
+    plan = sizing.plan_kv_cache(
+        dims,
+        max_model_len=max_len,
+        max_num_seqs=int(kw.get("max_num_seqs") or CPU_MAX_NUM_SEQS),
+        slot_bytes=slot_bytes,
+        available=available,
+        kv_cache_memory=None if given is None else int(given),
+    )
+    kw["kv_cache_memory_bytes"] = plan.kv_bytes
+    return kw, plan.describe()
+
+
+_MEMORY_WORDS = re.compile(r"memory|kv cache|out of memory", re.I)
+
+
+@contextlib.contextmanager
+def _memory_errors(plan: str):
+    """Start-up failures caused by memory become one MemoryBudgetError line with the numbers and flags."""
+    try:
+        yield
+    except MemoryBudgetError:
+        raise
+    except Exception as exc:
+        chain, e = [], exc
+        while e is not None and len(chain) < 5:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        hit = next((str(x) for x in chain if _MEMORY_WORDS.search(str(x))), None)
+        if hit is None:
+            raise
+        first = " ".join(hit.split())
+        first = first if len(first) <= 240 else first[:237] + "..."
+        raise MemoryBudgetError(
+            f"the engine did not fit in memory: {first} [{plan}]",
+            hint="pass --kv-cache-memory SIZE, a smaller --max-model-len, or fewer --slots",
+        ) from exc
 
 
 def _with_set(params, row: int):
@@ -219,6 +337,13 @@ def _salted(prompt: Any, salt: str | None) -> Any:
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
         return {"prompt_token_ids": list(prompt), "cache_salt": salt}
     return prompt
+
+
+def _cache_budget(budget: int | None) -> int:
+    """The workers' host cache of recent sets: as given, else a tenth of free memory (at most 4 GiB)."""
+    from expertlib import sizing
+
+    return int(budget) if budget is not None else sizing.host_cache_budget(sizing.available_memory())
 
 
 def _check_worker(info: dict[str, Any], base: BaseCheckpoint, slots: int, max_sets: int) -> None:
@@ -251,8 +376,14 @@ class ExpertEngine:
 
         self.base = BaseCheckpoint(resolve_base(base))
         self._book = _Book(self.base, slots, max_sets)
-        self.llm = LLM(**_engine_kwargs(self.base, slots, max_sets, engine_kwargs))
+        host_cache = engine_kwargs.pop("host_cache", None)
+        kwargs, self.memory = size_memory(self.base, slots, engine_kwargs)
+        with _memory_errors(self.memory):
+            self.llm = LLM(**_engine_kwargs(self.base, slots, max_sets, kwargs))
         _check_worker(self.llm.collective_rpc("expertlib_info")[0], self.base, slots, max_sets)
+        self._book.host_cache = self.llm.collective_rpc(
+            "expertlib_host_cache", args=(_cache_budget(host_cache),)
+        )[0]
 
     def load(self, es: ExpertSet | str | Path, name: str | None = None, pin: bool = False) -> str:
         """Load a set (file or ExpertSet) into free slots, evicting LRU unpinned sets; returns its name."""
@@ -261,11 +392,14 @@ class ExpertEngine:
         placement = self._book.place(es, name, pin)
         if placement is not None:
             rows = [evicted_rows[n] for n in placement.evicted if n != name]
+            start = time.perf_counter()
             try:
                 self.llm.collective_rpc("expertlib_apply", args=self._book.apply_args(placement, rows, path))
             except Exception:
                 self._rollback(name, placement.set_index)
                 raise
+            cache = self.llm.collective_rpc("expertlib_host_cache")[0]
+            self._book.loaded_from(name, path, time.perf_counter() - start, cache)
         return name
 
     def unload(self, name: str) -> None:
@@ -342,6 +476,10 @@ class AsyncExpertEngine:
         self._lock = asyncio.Lock()
         self._drained: dict[str, asyncio.Event] = {}
         self._checked = False
+        self.memory = ""  # what size_memory chose (one line)
+        self.host_cache_budget: int | None = None
+        #: called with a set's name when a request names a set that is not resident (load on demand)
+        self.on_missing: Any = None
 
     @classmethod
     def from_base(
@@ -358,8 +496,15 @@ class AsyncExpertEngine:
 
         ckpt = BaseCheckpoint(resolve_base(base))
         engine_kwargs.setdefault("disable_log_stats", True)
-        args = AsyncEngineArgs(**_engine_kwargs(ckpt, slots, max_sets, engine_kwargs))
-        return cls(AsyncLLM.from_engine_args(args), ckpt, slots, max_sets)
+        host_cache = engine_kwargs.pop("host_cache", None)
+        kwargs, memory = size_memory(ckpt, slots, engine_kwargs)
+        log.info("%s", memory)
+        with _memory_errors(memory):
+            args = AsyncEngineArgs(**_engine_kwargs(ckpt, slots, max_sets, kwargs))
+            engine = cls(AsyncLLM.from_engine_args(args), ckpt, slots, max_sets)
+        engine.memory = memory
+        engine.host_cache_budget = _cache_budget(host_cache)
+        return engine
 
     async def _rpc(self, method: str, args: tuple = ()) -> list[Any]:
         return await self.engine.collective_rpc(method, args=args)
@@ -367,6 +512,8 @@ class AsyncExpertEngine:
     async def _check(self) -> None:
         if not self._checked:
             _check_worker((await self._rpc("expertlib_info"))[0], self.base, self._slots, self._max_sets)
+            budget = self.host_cache_budget
+            self._book.host_cache = (await self._rpc("expertlib_host_cache", (budget,)))[0]
             self._checked = True
 
     async def load(self, es: ExpertSet | str | Path, name: str | None = None, pin: bool = False) -> str:
@@ -377,6 +524,7 @@ class AsyncExpertEngine:
             placement = self._book.place(es, name, pin)
             if placement is not None:
                 evicted = [rows[n] for n in placement.evicted]
+                start = time.perf_counter()
                 try:
                     await self._rpc("expertlib_apply", self._book.apply_args(placement, evicted, path))
                 except Exception:
@@ -385,6 +533,8 @@ class AsyncExpertEngine:
                     self._book.forget(name)
                     await self._rpc("expertlib_apply", ([placement.set_index],))
                     raise
+                cache = (await self._rpc("expertlib_host_cache"))[0]
+                self._book.loaded_from(name, path, time.perf_counter() - start, cache)
         return name
 
     async def unload(self, name: str) -> None:
@@ -415,10 +565,19 @@ class AsyncExpertEngine:
     async def generate(
         self, prompt: Any, sampling_params: Any, request_id: str, expert_set: str | None = None
     ) -> AsyncIterator[Any]:
-        """Stream RequestOutputs for one request served by `expert_set` (None = the base)."""
-        row = self._book.row(expert_set)  # raises NotLoadedError before anything is queued
+        """Stream RequestOutputs for one request served by `expert_set` (None = the base).
+
+        A set evicted since the caller resolved it is reloaded through `on_missing` when set."""
+        for attempt in range(3):
+            try:
+                row = self._book.row(expert_set)  # raises NotLoadedError before anything is queued
+                break
+            except NotLoadedError:
+                if self.on_missing is None or expert_set in self._book.unloading or attempt == 2:
+                    raise
+                await self.on_missing(expert_set)
         prompt = _salted(prompt, self._book.salt(expert_set))
-        self._book.acquire(expert_set)
+        self._book.acquire(expert_set)  # no await since row(): the set cannot be evicted in between
         try:
             async for out in self.engine.generate(prompt, _with_set(sampling_params, row), request_id):
                 yield out

@@ -209,3 +209,7 @@ class QueueFullError(ExpertlibError, RuntimeError):
 
 class NotReadyError(EngineError):
     """The server is still starting (engine or expert sets loading)."""
+
+
+class MemoryBudgetError(EngineError, MemoryError):
+    """The engine's pieces (weights, expert slots, KV cache) do not fit the memory there is."""

@@ -138,12 +138,19 @@ class SlotWorkerExtension:
             "device": str(first.w13_weight.device),
         }
 
-    def expertlib_write_slots(self, path: str, fills: list[list[int]]) -> int:
-        """Copy experts of the set file at `path` into slots: fills = [[layer, slot, expert], ...]."""
-        from expertlib.patch import ExpertSet
+    def expertlib_write_slots(self, path: str, fills: list[list[int]], content_digest: str | None = None) -> int:
+        """Copy experts of the set file at `path` into slots: fills = [[layer, slot, expert], ...].
+
+        The set is checked here too, on the bytes this worker copies, before any slot is written:
+        `content_digest` (what the front end checked), per-expert digests and finiteness."""
+        from expertlib.errors import DigestMismatchError
+        from expertlib.vllm_plugin.hostcache import HOST_CACHE
 
         ctx = self._expertlib_ctx()
-        es = ExpertSet.open(path)
+        es, _cached = HOST_CACHE.open(path)  # a set used recently comes from host memory
+        if content_digest is not None and es.manifest.content_digest != content_digest:
+            raise DigestMismatchError("the set file changed after it was checked", path=path)
+        es.verify()  # cached on the host cache's copy
         by_layer: dict[int, list[tuple[int, int]]] = {}
         for layer, slot, expert in fills:
             if not 0 <= int(slot) < ctx.slots:
@@ -170,6 +177,14 @@ class SlotWorkerExtension:
     def expertlib_clear_row(self, row: int) -> None:
         self.expertlib_set_row(row, {})
 
+    def expertlib_host_cache(self, budget: int | None = None) -> dict[str, Any]:
+        """Resize this worker's host cache of recent sets (bytes) and report what it holds."""
+        from expertlib.vllm_plugin.hostcache import HOST_CACHE
+
+        if budget is not None:
+            HOST_CACHE.resize(budget)
+        return HOST_CACHE.status()
+
     def expertlib_apply(
         self,
         clear_rows: list[int],
@@ -177,13 +192,15 @@ class SlotWorkerExtension:
         fills: list[list[int]] | None = None,
         row: int | None = None,
         remap: dict[Any, dict[Any, int]] | None = None,
+        content_digest: str | None = None,
     ) -> None:
-        """One placement in one call (so between two forward steps): clear the rows of evicted or
-        unloaded sets, copy the new set's experts into their slots, then write its remap row."""
-        for r in clear_rows:
-            self.expertlib_clear_row(int(r))
+        """One placement in one call (so between two forward steps): copy the new set's experts into
+        their slots (checked first: a refused set changes nothing), clear the rows of evicted or
+        unloaded sets, then write its remap row."""
         if fills:
             assert path is not None
-            self.expertlib_write_slots(path, fills)
+            self.expertlib_write_slots(path, fills, content_digest)
+        for r in clear_rows:
+            self.expertlib_clear_row(int(r))
         if row is not None:
             self.expertlib_set_row(int(row), remap or {})
