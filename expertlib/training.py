@@ -61,7 +61,18 @@ TRAIN_SET = 1
 
 
 class TrainConfig(BaseModel):
-    """Optimisation settings. Defaults are the paper's ESFT ones, except the number of steps and batch."""
+    """Optimisation settings.
+
+    Paper values (ESFT.md, "Training"): lr 1e-5, AdamW betas (0.9, 0.95), weight decay 0.1,
+    500 steps. Defaults that differ, and why:
+    - `batch_size` 8 sequences, `grad_accum` 1 (paper: 32 x 4096 tokens): sized for one small
+      machine; raise them (and `max_length` in the pipeline) to match the paper.
+    - `dtype` float32 (paper: bf16): exact on CPU; bfloat16 autocast is one option away.
+    - `schedule` cosine, no warm-up: the paper names no schedule. The reference code
+      (deepseek-ai/ESFT `train_ep.py`, `configs/base.yaml`) trains with a constant learning rate
+      and no warm-up: `schedule="constant"` (CLI `--schedule constant`) reproduces it.
+    - `max_grad_norm` 1.0: not in the paper; the reference's trainer clips at 1.0 too.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -74,7 +85,7 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
     warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps")
     schedule: Literal["cosine", "linear", "constant"] = Field(
-        default="cosine", description="decay after warm-up"
+        default="cosine", description="decay after warm-up; constant = the reference code's schedule"
     )
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="final lr as a fraction of the peak")
     max_grad_norm: float | None = Field(default=1.0, description="gradient clipping; None disables it")
@@ -446,6 +457,7 @@ def train_esft(
     eval_data: str | Path | None = None,
     token_budget: int | None = None,
     count_prompt_tokens: bool = True,
+    weighting: Literal["paper", "reference"] = "paper",
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     description: str = "",
@@ -455,13 +467,14 @@ def train_esft(
 
     Without `experts`, the routed experts are scored on the training split (ESFT-`score`,
     `token_budget` tokens; None = all) and selected with the top-p rule (`top_p` defaults to
-    the paper's 0.2 for token, 0.1 for gate). The patch is written atomically to `out`.
+    the paper's 0.2 for token, 0.1 for gate). `weighting` is the scoring's ("paper" or the
+    reference code's pooled "reference", `expertlib.scoring`). The patch is written atomically to `out`.
     """
     from expertlib.data import data_digest, load_samples, load_tokenizer, pad_token_id, split_holdout
     from expertlib.identity import base_identity
     from expertlib.moe import load_model
     from expertlib.scoring import score_experts
-    from expertlib.selection import DEFAULT_TOP_P, select_experts
+    from expertlib.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
 
     config = config or TrainConfig()
     model = load_model(base)
@@ -491,6 +504,7 @@ def train_esft(
             data_digest=digest,
             base=ident,
             progress=progress,
+            weighting=weighting,
         )
         selection = select_experts(
             scores.of(score),
@@ -498,6 +512,7 @@ def train_esft(
             max_per_layer=max_per_layer,
             shared_experts=train_shared_experts,
             non_expert_modules=train_non_expert_modules,
+            eps=0.0 if weighting == "reference" else DEFAULT_EPS,
         )
         prov = prov.model_copy(
             update=dict(
@@ -510,6 +525,7 @@ def train_esft(
                 count_prompt_tokens=count_prompt_tokens,
                 extra={
                     **prov.extra,
+                    "weighting": weighting,
                     "scores": {str(k): [round(x, 6) for x in v] for k, v in scores.of(score).items()},
                 },
             )
