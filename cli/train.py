@@ -25,8 +25,15 @@ _WEIGHTING_HELP = (
 )
 @click.option("--max-length", type=int, default=4096, show_default=True, help="Longer samples are cut.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample order.")
+@click.option(
+    "--weighting",
+    type=click.Choice(["paper", "reference"]),
+    default="paper",
+    show_default=True,
+    help=_WEIGHTING_HELP,
+)
 @json_option
-def score_cmd(base, data, out, budget, batch_size, answer_only, max_length, seed, as_json) -> None:
+def score_cmd(base, data, out, budget, batch_size, answer_only, max_length, seed, weighting, as_json) -> None:
     """Score every routed expert of BASE on task DATA (jsonl) with ESFT-Token and ESFT-Gate.
 
     Example: expertlib score ./base math.jsonl --out math.scores.json --budget 131072
@@ -41,6 +48,7 @@ def score_cmd(base, data, out, budget, batch_size, answer_only, max_length, seed
         count_prompt_tokens=not answer_only,
         max_length=max_length,
         seed=seed,
+        weighting=weighting,
     )
     scores.save(out)
     summary = {
@@ -149,6 +157,13 @@ def select_cmd(
 @click.option("--experts", type=click.Path(exists=True, dir_okay=False), help="Use this expert_cfg.json.")
 @click.option("--budget", type=int, default=131072, show_default=True, help=_BUDGET_HELP)
 @click.option("--answer-only", is_flag=True, help="Score on answer tokens only.")
+@click.option(
+    "--weighting",
+    type=click.Choice(["paper", "reference"]),
+    default="paper",
+    show_default=True,
+    help=_WEIGHTING_HELP,
+)
 @click.option("--train-shared-experts", is_flag=True, help="Also train shared experts (ablation).")
 @click.option(
     "--train-non-expert-modules", is_flag=True, help="Also train attention/norms/embeddings (ablation)."
@@ -159,7 +174,11 @@ def select_cmd(
 @click.option("--grad-accum", type=int, default=1, show_default=True)
 @click.option("--warmup-steps", type=int, default=0, show_default=True)
 @click.option(
-    "--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True
+    "--schedule",
+    type=click.Choice(["cosine", "linear", "constant"]),
+    default="cosine",
+    show_default=True,
+    help="LR decay after warm-up. The reference code (deepseek-ai/ESFT) trains with constant and no warm-up.",
 )
 @click.option("--weight-decay", type=float, default=0.1, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)

@@ -19,7 +19,9 @@ from expertlib.data import load_samples
 from expertlib.errors import BaseMismatchError, PatchFormatError, PatchShapeError, SelectionError
 from expertlib.esft_reference import export_esft, import_esft
 from expertlib.moe import load_model, moe_layer_indices, read_expert, write_expert
+from expertlib.patch import ExpertSet
 from expertlib.reference_logs import score_reference_logs
+from expertlib.scoring import ExpertScores
 from expertlib.selection import select_experts
 from expertlib.testing import make_tokenizer
 
@@ -197,3 +199,25 @@ def test_reference_training_sample_loads_unchanged(tmp_path):
     samples = load_samples(FIXTURE / "intent-train-sample.jsonl", make_tokenizer())
     assert len(samples) == 100
     assert all(s.num_answer_tokens > 0 and s.num_answer_tokens < len(s) for s in samples)
+
+
+def test_score_and_train_take_reference_weighting(tiny_model_dir, tmp_path):
+    base, data = tiny_model_dir("deepseek_v2"), FIXTURE / "intent-train-sample.jsonl"
+
+    def run(*args):
+        return CliRunner().invoke(cli, [str(a) for a in args])
+
+    r = run("score", base, data, "--out", tmp_path / "s.json", "--budget", 1500, "--weighting", "reference")
+    assert r.exit_code == 0, r.output
+    scores = ExpertScores.load(tmp_path / "s.json")
+    assert scores.weighting == "reference" and scores.tokens_scored == 1500
+    assert all(round(x, 4) == x for row in scores.token.values() for x in row)
+    r = run("select", tmp_path / "s.json", "--weighting", "paper", "--out", tmp_path / "c.json")
+    assert r.exit_code == 2 and "scored with reference weighting" in r.output
+    out = tmp_path / "t.safetensors"
+    args = ["--budget", 1500, "--weighting", "reference", "--schedule", "constant", "--steps", 1]
+    r = run("train", base, data, "--task", "intent", "--out", out, *args)
+    assert r.exit_code == 0, r.output
+    prov = ExpertSet.open(out).manifest.provenance
+    assert prov.extra["weighting"] == "reference"
+    assert prov.extra["scores"] == {str(k): v for k, v in scores.token.items()}
