@@ -19,8 +19,10 @@ from typing import Any
 
 from fastapi import Request
 
-from expertlib.errors import ExpertlibError, InvalidRequestError, PromptTooLongError
+from expertlib.errors import EngineError, ExpertlibError, InvalidRequestError, PromptTooLongError
 from expertlib.server import protocol as p
+from expertlib.server import tools
+from expertlib.server.logprobs import chat_logprobs, completion_logprobs
 from expertlib.server.state import ServerState
 
 BASE_LABEL = "base"
@@ -42,6 +44,14 @@ class Job:
     cache_salt: str | None = None  # keeps vLLM's prefix cache from sharing KV across expert sets
     cached_tokens: dict[int, int] = field(default_factory=dict)  # prompt index -> prefix-cache hits
     started: float = field(default_factory=time.perf_counter)
+    top_logprobs: int | None = None  # alternatives per position in `logprobs`; None: no logprobs
+    echo: bool = False  # completions: each choice starts with the prompt (and its logprobs)
+    echo_only: bool = False  # echo with max_tokens=0: score the prompt, return no new tokens
+    prompt_texts: list[str] = field(default_factory=list)  # for echo
+    prompt_logprobs: dict[int, Any] = field(default_factory=dict)  # prompt index -> vLLM's prompt logprobs
+    tokenizer: Any = None  # decodes tokens for logprobs
+    tool_parser: str | None = None  # vLLM tool parser for chat requests with `tools`
+    request: Any = None  # the chat request (for tool-call parsing)
 
     @property
     def label(self) -> str:
@@ -52,14 +62,30 @@ class Job:
 
 
 async def prepare_completion(state: ServerState, req: p.CompletionRequest) -> Job:
-    return await _prepare(state, req, "completions", _completion_prompts, req.max_tokens, "prompt")
+    echo_only = req.echo and req.max_tokens == 0
+    max_tokens = 1 if echo_only else req.max_tokens  # vLLM's server also runs one step, then drops it
+    job = await _prepare(state, req, "completions", _completion_prompts, max_tokens, "prompt")
+    job.top_logprobs, job.echo, job.echo_only = req.logprobs, req.echo, echo_only
+    if req.echo:
+        raw = req.prompt
+        texts = [raw] if isinstance(raw, str) else raw if all(isinstance(x, str) for x in raw) else None
+        job.prompt_texts = texts or [job.tokenizer.decode(ids) for ids in job.prompts]
+    return job
 
 
 async def prepare_chat(state: ServerState, req: p.ChatCompletionRequest) -> Job:
-    return await _prepare(state, req, "chat", _chat_prompts, req.completion_limit, "messages")
+    job = await _prepare(state, req, "chat", _chat_prompts, req.completion_limit, "messages")
+    job.top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    job.tool_parser, job.request = tools.check(job.tokenizer, req), req
+    return job
 
 
 def _completion_prompts(tokenizer, req: p.CompletionRequest) -> list[list[int]]:
+    if req.max_tokens == 0 and not req.echo:
+        raise InvalidRequestError(
+            "max_tokens=0 generates nothing; it is only meaningful with echo=true (scoring the prompt)",
+            param="max_tokens",
+        )
     prompt = req.prompt
     if isinstance(prompt, str):
         return [list(tokenizer.encode(prompt))]
@@ -69,19 +95,28 @@ def _completion_prompts(tokenizer, req: p.CompletionRequest) -> list[list[int]]:
 
 
 def _chat_prompts(tokenizer, req: p.ChatCompletionRequest) -> list[list[int]]:
+    parser = tools.check(tokenizer, req)
     try:
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages
-        ]
+        messages = [_message(m) for m in req.messages]
     except ValueError as exc:
         raise InvalidRequestError(str(exc), param="messages") from None
+    extra = {"tools": req.tools} if parser else {}
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     except Exception as exc:  # noqa: BLE001 - template errors come as many types (jinja, ValueError)
         raise InvalidRequestError(
             f"the chat template could not render these messages: {exc}", param="messages"
         ) from None
     return [list(tokenizer.encode(text, add_special_tokens=False))]
+
+
+def _message(m: p.ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.tool_calls:
+        out["tool_calls"] = m.tool_calls
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 async def _prepare(
@@ -111,6 +146,7 @@ async def _prepare(
             stream=req.stream,
             include_usage=req.include_usage_in_stream,
             cache_salt=catalog.cache_salt(expert_set),
+            tokenizer=state.tokenizer,
             release=state.gate.enter(),
         )
     except ExpertlibError as exc:
@@ -151,26 +187,51 @@ def _check_length(
     return max_tokens
 
 
+#: Sampling fields both endpoints hand to vLLM's request models unchanged.
+_SAMPLING_FIELDS = (
+    "n",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "ignore_eos",
+)
+
+
 def _sampling_params(req, max_tokens: int, *, stream: bool):
-    from vllm import SamplingParams
+    """vLLM's SamplingParams for a validated request, converted by vLLM's own OpenAI request models
+    (logprobs, prompt logprobs for echo, structured outputs from `response_format`, defaults)."""
+    from pydantic import ValidationError
     from vllm.sampling_params import RequestOutputKind
 
-    kw: dict[str, Any] = dict(
-        n=req.n,
-        max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        seed=req.seed,
-        stop=req.stop,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        ignore_eos=req.ignore_eos,
-        output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY,
-    )
+    body: dict[str, Any] = {k: getattr(req, k) for k in _SAMPLING_FIELDS if getattr(req, k) is not None}
+    body["model"] = req.model
+    if req.response_format is not None:
+        body["response_format"] = req.response_format.to_openai()
     try:
-        return SamplingParams(**kw)
+        if isinstance(req, p.CompletionRequest):
+            from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+            # the prompt is already tokenized here; vLLM's model only converts the parameters
+            body.update(prompt=[0], echo=req.echo, logprobs=req.logprobs, max_tokens=req.max_tokens)
+            params = CompletionRequest.model_validate(body).to_sampling_params(max_tokens)
+        else:
+            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+            body.update(messages=[], logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
+            params = ChatCompletionRequest.model_validate(body).to_sampling_params(max_tokens, {})
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(x) for x in first.get("loc", ())) or None
+        raise InvalidRequestError(
+            str(first.get("msg", exc)).removeprefix("Value error, "), param=param
+        ) from None
     except (ValueError, TypeError) as exc:
-        raise InvalidRequestError(str(exc)) from None
+        raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
+    params.output_kind = RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY
+    return params
 
 
 # --- running --------------------------------------------------------------------------------------
@@ -211,6 +272,8 @@ async def _merged(state: ServerState, job: Job) -> AsyncIterator[tuple[int, Any]
                 cached = getattr(item, "num_cached_tokens", None)
                 if isinstance(cached, int):
                     job.cached_tokens[i] = cached
+                if getattr(item, "prompt_logprobs", None) is not None:
+                    job.prompt_logprobs.setdefault(i, item.prompt_logprobs)
                 yield i, item
     finally:
         for t in tasks:
@@ -246,7 +309,7 @@ def _engine_prompt(job: Job, i: int) -> list[int] | dict:
 
 def _usage(job: Job, completions: dict[tuple[int, int], Any]) -> p.Usage:
     prompt = sum(len(ids) for ids in job.prompts)
-    completion = sum(len(o.token_ids) for o in completions.values())
+    completion = 0 if job.echo_only else sum(len(o.token_ids) for o in completions.values())
     details = p.PromptTokensDetails(cached_tokens=sum(job.cached_tokens.values()))
     return p.Usage(
         prompt_tokens=prompt,
@@ -295,24 +358,64 @@ async def run_to_end(
     if job.endpoint == "completions":
         choices = [
             p.CompletionChoice(
-                index=k, text=o.text, finish_reason=o.finish_reason, stop_reason=_stop_reason(o)
+                index=k,
+                text=_echoed(job, k // n, o.text),
+                logprobs=_completion_logprobs(job, k // n, o, echo=job.echo),
+                finish_reason=o.finish_reason,
+                stop_reason=_stop_reason(o),
             )
             for k, o in ordered
         ]
         return p.CompletionResponse(
             id=job.request_id, created=created, model=job.model, choices=choices, usage=usage
         )
-    choices = [
-        p.ChatChoice(
-            index=k,
-            message=p.ChatMessageOut(content=o.text),
-            finish_reason=o.finish_reason,
-            stop_reason=_stop_reason(o),
-        )
-        for k, o in ordered
-    ]
+    choices = [_chat_choice(job, k, o) for k, o in ordered]
     return p.ChatCompletionResponse(
         id=job.request_id, created=created, model=job.model, choices=choices, usage=usage
+    )
+
+
+def _chat_choice(job: Job, k: int, o: Any) -> p.ChatChoice:
+    content, calls, finish = o.text, [], o.finish_reason
+    if job.tool_parser is not None:
+        content, calls = tools.extract(job.tool_parser, job.tokenizer, job.request, o.text)
+        finish = "tool_calls" if calls else finish
+    return p.ChatChoice(
+        index=k,
+        message=p.ChatMessageOut(content=content, tool_calls=calls),
+        logprobs=_chat_logprobs(job, o, 0),
+        finish_reason=finish,
+        stop_reason=_stop_reason(o),
+    )
+
+
+def _echoed(job: Job, i: int, text: str) -> str:
+    if not job.echo:
+        return text
+    return job.prompt_texts[i] + ("" if job.echo_only else text)
+
+
+def _completion_logprobs(
+    job: Job, i: int, o: Any, *, echo: bool, start: int = 0, offset: int = 0
+) -> p.CompletionLogProbs | None:
+    """Logprobs of generated tokens from `start` on (and of the prompt's first, with `echo`)."""
+    if job.top_logprobs is None:
+        return None
+    ids: list[int] = [] if job.echo_only else list(o.token_ids)[start:]
+    steps: list[Any] = [] if job.echo_only else list(o.logprobs or [])[start:]
+    if echo:
+        prompt_steps = job.prompt_logprobs.get(i)
+        if prompt_steps is None:
+            raise EngineError("the engine returned no prompt logprobs for an echo request")
+        ids, steps = [*job.prompts[i], *ids], [*prompt_steps, *steps]
+    return completion_logprobs(ids, steps, job.top_logprobs, job.tokenizer, offset)
+
+
+def _chat_logprobs(job: Job, o: Any, start: int) -> p.ChatLogProbs | None:
+    if job.top_logprobs is None:
+        return None
+    return chat_logprobs(
+        list(o.token_ids)[start:], list(o.logprobs or [])[start:], job.top_logprobs, job.tokenizer
     )
 
 
@@ -332,7 +435,9 @@ async def stream_events(state: ServerState, job: Job) -> AsyncIterator[str]:
 
     n = job.params.n
     created = p.now()
-    sent: dict[tuple[int, int], int] = {}
+    sent: dict[tuple[int, int], int] = {}  # characters of text sent
+    sent_tokens: dict[tuple[int, int], int] = {}  # tokens whose logprobs were sent
+    offsets: dict[tuple[int, int], int] = {}  # text_offset of the next token (completions logprobs)
     latest: dict[tuple[int, int], Any] = {}
     status = 499
     try:
@@ -349,10 +454,25 @@ async def stream_events(state: ServerState, job: Job) -> AsyncIterator[str]:
                     if key in latest and latest[key].finish_reason is not None:
                         continue
                     latest[key] = o
-                    delta = o.text[sent.get(key, 0) :]
+                    first = key not in sent
+                    delta = "" if job.echo_only else o.text[sent.get(key, 0) :]
                     sent[key] = len(o.text)
-                    if delta or o.finish_reason is not None:
-                        yield sse(_chunk(job, created, i * n + o.index, delta, o.finish_reason))
+                    start, sent_tokens[key] = sent_tokens.get(key, 0), len(o.token_ids)
+                    if first and job.echo:
+                        delta = job.prompt_texts[i] + delta
+                    if (
+                        delta
+                        or o.finish_reason is not None
+                        or (start < len(o.token_ids) and job.top_logprobs is not None)
+                    ):
+                        if job.endpoint == "chat":
+                            lp = _chat_logprobs(job, o, start)
+                        else:
+                            lp = _completion_logprobs(
+                                job, i, o, echo=first and job.echo, start=start, offset=offsets.get(key, 0)
+                            )
+                            offsets[key] = offsets.get(key, 0) + len(delta)
+                        yield sse(_chunk(job, created, i * n + o.index, delta, o.finish_reason, lp))
         status = 200
         if job.include_usage:
             usage = _usage(job, latest)
@@ -381,13 +501,16 @@ async def stream_events(state: ServerState, job: Job) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _chat_chunk(job: Job, created: int, index: int, delta: p.ChatDelta, finish: str | None = None):
-    choice = p.ChatChunkChoice(index=index, delta=delta, finish_reason=finish)
+def _chat_chunk(
+    job: Job, created: int, index: int, delta: p.ChatDelta, finish: str | None = None, logprobs=None
+):
+    choice = p.ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
     return p.ChatCompletionChunk(id=job.request_id, created=created, model=job.model, choices=[choice])
 
 
-def _chunk(job: Job, created: int, index: int, delta: str, finish: str | None):
+def _chunk(job: Job, created: int, index: int, delta: str, finish: str | None, logprobs=None):
     if job.endpoint == "chat":
-        return _chat_chunk(job, created, index, p.ChatDelta(content=delta if delta else None), finish)
-    choice = p.CompletionChoice(index=index, text=delta, finish_reason=finish)
+        content = p.ChatDelta(content=delta if delta else None)
+        return _chat_chunk(job, created, index, content, finish, logprobs)
+    choice = p.CompletionChoice(index=index, text=delta, finish_reason=finish, logprobs=logprobs)
     return p.CompletionResponse(id=job.request_id, created=created, model=job.model, choices=[choice])

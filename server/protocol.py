@@ -2,7 +2,9 @@
 
 Only the fields the server honours are declared; unknown fields are ignored (as OpenAI's own
 server does for forward compatibility), but fields we cannot honour with a non-default value
-(`logprobs`, `echo`, `suffix`, ...) are refused with a 400 naming the parameter.
+(`suffix`, `best_of` other than `n`, `tools` without a parser for the base's chat template) are
+refused with a 400 naming the parameter. Sampling parameters are converted to vLLM's by vLLM's own
+request models (`expertlib.server.generation`), so their meaning is exactly vLLM's server's.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: Most choices one request may ask for (`n`).
 MAX_N = 16
 #: Most stop strings (OpenAI's limit).
 MAX_STOP = 4
+#: Most alternatives per position in `logprobs` / `top_logprobs` (OpenAI's limit).
+MAX_LOGPROBS = 20
 
 
 def new_id(prefix: str) -> str:
@@ -82,6 +86,48 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema", description="the JSON schema the output must satisfy")
+    strict: bool | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _valid_schema(cls, v):
+        from jsonschema import exceptions, validators
+
+        try:
+            validators.validator_for(v).check_schema(v)
+        except exceptions.SchemaError as exc:
+            raise ValueError(f"not a valid JSON schema: {exc.message}") from None
+        return v
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _needs_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a `json_schema` object with a `schema`")
+        return self
+
+    def to_openai(self) -> dict[str, Any]:
+        """The OpenAI-shaped dict (what vLLM's request models take)."""
+        if self.type != "json_schema":
+            return {"type": self.type}
+        return {
+            "type": "json_schema",
+            "json_schema": self.json_schema.model_dump(by_alias=True, exclude_none=True),
+        }
+
+
 class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -102,7 +148,10 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = Field(
         default=False, description="vLLM extension: keep generating past end-of-sequence"
     )
-    logprobs: Any = Field(default=None, description="not supported")
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="`text`, `json_object`, or `json_schema` (output constrained by vLLM's structured outputs)",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -114,13 +163,6 @@ class _SamplingRequest(BaseModel):
                 raise ValueError("stop sequences must not be empty")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v not in (None, False, 0):
-            raise ValueError("logprobs are not supported by this server")
-        return v
-
     @property
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -130,9 +172,20 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="text, a batch of texts, token ids, or a batch of token-id lists"
     )
-    echo: bool = Field(default=False, description="not supported")
-    suffix: str | None = Field(default=None, description="not supported")
-    best_of: int | None = Field(default=None, description="only 1 or n is accepted")
+    max_tokens: int | None = Field(
+        default=None, ge=0, description="most tokens to generate; 0 with `echo` scores the prompt only"
+    )
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description=f"log-probabilities of each token and of the 0..{MAX_LOGPROBS} most likely alternatives",
+    )
+    echo: bool = Field(default=False, description="prepend the prompt (and its token logprobs) to the choice")
+    suffix: str | None = Field(
+        default=None, description="not supported (no model here is trained for insertion)"
+    )
+    best_of: int | None = Field(default=None, ge=1, description="accepted when equal to `n`")
 
     @field_validator("prompt")
     @classmethod
@@ -143,11 +196,11 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("prompt token lists must not be empty")
         return v
 
-    @field_validator("echo")
+    @field_validator("best_of")
     @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported by this server")
+    def _best_of(cls, v, info):
+        if v is not None and v != info.data.get("n", 1):
+            raise ValueError("best_of must equal n (vLLM's engine returns every sampled choice)")
         return v
 
     @field_validator("suffix")
@@ -161,9 +214,13 @@ class CompletionRequest(_SamplingRequest):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(
+        default=None, description="an assistant's earlier tool calls"
+    )
+    tool_call_id: str | None = Field(default=None, description="which call a `tool` message answers")
 
     def text(self) -> str:
         """The message's text; OpenAI content parts of type `text` are joined."""
@@ -182,6 +239,27 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, description="same as max_tokens")
+    logprobs: bool = Field(default=False, description="return the log-probability of each output token")
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description=f"0..{MAX_LOGPROBS} most likely alternatives per position; needs `logprobs`",
+    )
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="functions the model may call (needs a tool parser for the base's template)"
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description="`none`, `auto`, `required` or a named function"
+    )
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v, info):
+        if v is not None and v > 0 and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs=true")
+        return v
 
     @property
     def completion_limit(self) -> int | None:
@@ -202,13 +280,36 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
-FinishReason = Literal["stop", "length", "abort"] | None
+FinishReason = Literal["stop", "length", "abort", "tool_calls"] | None
+
+
+class CompletionLogProbs(BaseModel):
+    """Per token of the choice's text (prompt tokens first with `echo`): OpenAI's legacy shape."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogProbs(BaseModel):
+    content: list[TokenLogprob] | None = None
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogProbs | None = None
     finish_reason: FinishReason = None
     stop_reason: int | str | None = Field(
         default=None, description="vLLM extension: the stop string or token id"
@@ -225,15 +326,27 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON string")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogProbs | None = None
     finish_reason: FinishReason = None
     stop_reason: int | str | None = Field(
         default=None, description="vLLM extension: the stop string or token id"
@@ -258,7 +371,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogProbs | None = None
     finish_reason: FinishReason = None
 
 
@@ -273,6 +386,48 @@ class ChatCompletionChunk(BaseModel):
 
 # A streamed text completion chunk has the same shape as the response (object text_completion).
 CompletionChunk = CompletionResponse
+
+
+# --- tokenizer (vLLM's /tokenize and /detokenize shapes) ------------------------------------------
+
+
+class TokenizeRequest(BaseModel):
+    """Either `prompt` (text) or `messages` (rendered with the chat template first)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(default=None, description="any served name (all share one tokenizer)")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = Field(
+        default=None, description="default: true for `prompt`, false for `messages` (as vLLM)"
+    )
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` and `messages`")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int] = Field(description="token ids to turn back into text")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 # --- admin --------------------------------------------------------------------------------------

@@ -5,11 +5,20 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from expertlib.server import generation
+from expertlib.server import generation, tokens
 from expertlib.server.auth import check_api_key
 from expertlib.server.catalog_view import model_card, model_list
 from expertlib.server.errors import error_response
-from expertlib.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from expertlib.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from expertlib.server.state import ServerState
 
 router = APIRouter()
@@ -63,6 +72,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = state_of(request)
     job = await generation.prepare_chat(state, body)
     return await _respond(state, job, request)
+
+
+# vLLM's tokenizer routes live outside /v1 (same API key)
+@router.post("/tokenize", response_model=TokenizeResponse, dependencies=[Depends(check_api_key)])
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    return await tokens.tokenize(state_of(request), body)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, dependencies=[Depends(check_api_key)])
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    return await tokens.detokenize(state_of(request), body)
 
 
 async def _respond(state: ServerState, job: generation.Job, request: Request):

@@ -383,7 +383,10 @@ def _assert_openai_error(r, status, param=None, code=None):
         ({"model": "math", "prompt": "x", "n": 0}, "n"),
         ({"model": "math", "prompt": "x", "top_p": 0}, "top_p"),
         ({"model": "math", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"model": "math", "prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"model": "math", "prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"model": "math", "prompt": "x", "suffix": "y"}, "suffix"),
+        ({"model": "math", "prompt": "x", "n": 2, "best_of": 3}, "best_of"),
+        ({"model": "math", "prompt": "x", "response_format": {"type": "json_schema"}}, "response_format"),
         ({"model": "math", "prompt": []}, "prompt"),
         ({"model": "math", "prompt": ""}, "prompt"),
         ({"model": "math", "prompt": [1, 100000]}, "prompt"),
@@ -395,6 +398,28 @@ def test_bad_parameters_are_400(fake_server, body, param):
     _ready(fake_server)
     err = _assert_openai_error(_post(fake_server, "/v1/completions", body), 400, param=param)
     assert err["type"] == "invalid_request_error"
+
+
+CHAT = {"model": "math", "messages": [{"role": "user", "content": "x"}]}
+BAD_SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+
+
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"response_format": BAD_SCHEMA}, "response_format.json_schema.schema"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ],
+)
+def test_bad_chat_parameters_are_400(fake_server, extra, param):
+    _ready(fake_server)
+    err = _assert_openai_error(
+        _post(fake_server, "/v1/chat/completions", {**CHAT, **extra}), 400, param=param
+    )
+    assert param.split(".")[0] in err["message"]
 
 
 def test_bad_json_and_bad_chat_are_400(fake_server):
@@ -595,3 +620,22 @@ def test_load_on_demand_loads_a_registered_set_on_first_use(tmp_path):
     assert asyncio.run(catalog.resolve("base")) is None
     with pytest.raises(NotFoundError):
         asyncio.run(catalog.resolve("math@7"))
+
+
+def test_tokenize_and_detokenize(fake_server):
+    _ready(fake_server)
+    tok = fake_server.engine.tokenizer
+    r = _post(fake_server, "/tokenize", {"model": "math", "prompt": "2+2=", "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tok.encode("2+2=") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == CTX and body["token_strs"] == tok.convert_ids_to_tokens(body["tokens"])
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = _post(fake_server, "/tokenize", {"model": "tiny-base", "messages": msgs}).json()
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert chat["tokens"] == tok.encode(text, add_special_tokens=False)
+    r = _post(fake_server, "/detokenize", {"model": "math", "tokens": body["tokens"]})
+    assert r.json() == {"prompt": tok.decode(body["tokens"])}
+    _assert_openai_error(_post(fake_server, "/detokenize", {"tokens": [10**6]}), 400, param="tokens")
+    _assert_openai_error(_post(fake_server, "/tokenize", {"model": "poetry", "prompt": "x"}), 404)
+    _assert_openai_error(_post(fake_server, "/tokenize", {"prompt": "x"}, key=None), 401)
