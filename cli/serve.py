@@ -7,6 +7,25 @@ import json
 import click
 
 
+def _size(ctx, param, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from expertlib.sizing import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+def _slots(ctx, param, value: str) -> int | str:
+    if value == "auto":
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter(f"{value!r} is neither 'auto' nor a number >= 1", ctx=ctx, param=param)
+
+
 def _engine_arg(ctx, param, values: tuple[str, ...]) -> dict:
     out = {}
     for item in values:
@@ -31,8 +50,44 @@ def _engine_arg(ctx, param, values: tuple[str, ...]) -> dict:
     help="Load this set before ready: task, task@version, task@tag or a .safetensors patch (repeatable).",
 )
 @click.option("--all", "all_sets", is_flag=True, help="Load every registered set of this base before ready.")
-@click.option("--slots", type=click.IntRange(min=1), help="Extra expert slots per MoE layer.")
-@click.option("--max-sets", type=click.IntRange(min=1), help="Most expert sets resident at once.")
+@click.option(
+    "--slots",
+    default="auto",
+    show_default=True,
+    callback=_slots,
+    metavar="auto|N",
+    help="Extra expert slots per MoE layer. auto: what the sets named at start need plus one typical "
+    "set, or --expert-memory divided by one slot's size. Start-up refuses (with the numbers) sets that "
+    "do not all fit.",
+)
+@click.option(
+    "--expert-memory",
+    callback=_size,
+    metavar="SIZE",
+    help="Memory for expert slots, e.g. 4GiB (sets --slots auto to SIZE / one slot in every MoE layer).",
+)
+@click.option(
+    "--max-sets", type=click.IntRange(min=1), help="Most expert sets resident at once (default: sized)."
+)
+@click.option(
+    "--kv-cache-memory",
+    callback=_size,
+    metavar="SIZE",
+    help="KV cache size, e.g. 2GiB (vLLM's kv_cache_memory_bytes). Default on CPU: room for max-num-seqs "
+    "sequences of max-model-len tokens, at most half the free memory after weights and slots.",
+)
+@click.option(
+    "--max-model-len",
+    type=click.IntRange(min=16),
+    help="Context length in tokens (default: the model's, shortened on CPU if its KV cache cannot fit).",
+)
+@click.option(
+    "--host-cache-memory",
+    callback=_size,
+    metavar="SIZE",
+    help="Host memory for recently used sets, so reloading an evicted set is a copy (default: 10% of "
+    "free memory, at most 4GiB; 0 turns it off).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--api-key", envvar="EXPERTLIB_API_KEY", help="Required on inference routes (Bearer).")
@@ -40,7 +95,11 @@ def _engine_arg(ctx, param, values: tuple[str, ...]) -> dict:
     "--admin-key", envvar="EXPERTLIB_ADMIN_KEY", help="Enables admin routes and guards them (Bearer)."
 )
 @click.option(
-    "--load-on-demand", is_flag=True, help="Load a registered set the first time a request names it."
+    "--load-on-demand/--no-load-on-demand",
+    default=True,
+    show_default=True,
+    help="Load a registered set that is not resident when a request names it (evicting the least "
+    "recently used unpinned sets); requests for a set being loaded wait for it.",
 )
 @click.option(
     "--max-queue",
@@ -61,9 +120,21 @@ def _engine_arg(ctx, param, values: tuple[str, ...]) -> dict:
 def serve_cmd(base: str, **opts) -> None:
     """Serve BASE and its expert sets with an OpenAI-compatible API.
 
-    `model` in a request selects the expert set (task, task@version, task@tag) or the base;
-    requests for different sets share the engine's batches. GET /health is 503 until the
-    engine and the named sets are loaded.
+    `model` in a request selects the expert set (task, task@version, task@tag, BASE:task) or
+    the base; requests for different sets share the engine's batches. Any registered set of
+    BASE is answerable: one that is not resident is loaded on its first request. GET /health
+    is 503 until the engine and the named sets are loaded. Start-up prints the slot capacity
+    and the KV cache it chose.
+
+    Per-set Prometheus metrics (requests, tokens, latency, residency, loads, evictions, load
+    time) are at GET /metrics. Scrape example:
+
+    \b
+      curl -s http://127.0.0.1:8000/metrics | grep 'model="math@1"'
+      # prometheus.yml
+      scrape_configs:
+        - job_name: expertlib
+          static_configs: [{targets: ["127.0.0.1:8000"]}]
 
     \b
     Example: expertlib serve ./base --registry ./reg --expert-set math --expert-set code@2

@@ -10,7 +10,9 @@ from expertlib.server.state import ServerState
 def model_list(state: ServerState) -> ModelList:
     engine, catalog = state.require_ready()
     base = state.settings.model_name
-    pinned = set(_pinned(engine.status()))
+    status = engine.status()
+    pinned = set(_pinned(status))
+    history = status.get("history") or {}
     cards = [ModelCard(id=base, created=state.created, root=state.settings.base)]
     for name in catalog.loaded():
         cards.append(
@@ -21,10 +23,18 @@ def model_list(state: ServerState) -> ModelList:
                 root=state.settings.base,
                 aliases=catalog.aliases_of(name),
                 pinned=name in pinned,
+                state="resident",
             )
         )
     loadable = [
-        LoadableSet(id=r.id, task=r.task, version=r.version, digest=r.digest) for r in catalog.loadable()
+        LoadableSet(
+            id=r.id,
+            task=r.task,
+            version=r.version,
+            digest=r.digest,
+            state="host" if history.get(r.id, {}).get("residency") == "host" else "disk",
+        )
+        for r in catalog.loadable()
     ]
     return ModelList(data=cards, loadable=loadable)
 

@@ -1,6 +1,18 @@
-"""Prometheus metrics of one server (its own CollectorRegistry, so several apps can coexist)."""
+"""Prometheus metrics of one server (its own CollectorRegistry, so several apps can coexist).
+
+Per expert set (label `model`: the set's served name, `base` for the base model): requests by
+endpoint and status, prompt and completion tokens, end-to-end latency, and, read from the engine at
+each scrape, where the set is (`expertlib_set_residency{where="slots|host|disk"}`), its loads (by
+source: host cache or disk), evictions and load time. Scrape it with Prometheus:
+
+    scrape_configs:
+      - job_name: expertlib
+        static_configs: [{targets: ["127.0.0.1:8000"]}]     # GET /metrics
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -10,8 +22,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+RESIDENCY = ("slots", "host", "disk")
 
 
 class ServerMetrics:
@@ -52,6 +67,22 @@ class ServerMetrics:
         self.slots_total = Gauge("expertlib_slots_total", "Expert slots per MoE layer", registry=r)
         self.sets_loaded = Gauge("expertlib_sets_loaded", "Expert sets loaded in the engine", registry=r)
         self.ready = Gauge("expertlib_ready", "1 when the server accepts inference requests", registry=r)
+        self.load_latency = Histogram(
+            "expertlib_set_load_latency_seconds",
+            "Time to load an expert set into the slots (from the host cache or from disk)",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self._sets = _SetCollector()
+        r.register(self._sets)
+
+    def observe_load(self, name: str, seconds: float) -> None:
+        self.load_latency.labels(model=name).observe(seconds)
+
+    def watch(self, state: Any) -> None:
+        """Read per-set residency, loads and evictions from this server's engine at each scrape."""
+        self._sets.state = state
 
     def observe_engine(self, status: dict, loaded: int) -> None:
         self.sets_loaded.set(loaded)
@@ -72,3 +103,58 @@ def slot_counts(status: dict) -> tuple[int | None, int | None]:
         used = max(used.values(), default=0)
     total = status.get("slots_per_layer", status.get("slots"))
     return (used if isinstance(used, int) else None), (total if isinstance(total, int) else None)
+
+
+class _SetCollector:
+    """Series read from the engine's per-set history when scraped (the engine owns those counts)."""
+
+    def __init__(self) -> None:
+        self.state: Any = None
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        residency = GaugeMetricFamily(
+            "expertlib_set_residency",
+            "1 where an expert set is: slots (resident), host (host-memory cache) or disk (registry)",
+            labels=["model", "where"],
+        )
+        loads = CounterMetricFamily(
+            "expertlib_set_loads", "Expert set loads into the slots, by source", labels=["model", "source"]
+        )
+        evictions = CounterMetricFamily(
+            "expertlib_set_evictions", "Expert sets evicted from the slots to make room", labels=["model"]
+        )
+        seconds = CounterMetricFamily(
+            "expertlib_set_load_seconds", "Seconds spent loading each expert set", labels=["model"]
+        )
+        for name, h in _history(self.state).items():
+            where = h.get("residency", "disk")
+            for w in RESIDENCY:
+                residency.add_metric([name, w], 1.0 if w == where else 0.0)
+            cached = float(h.get("cache_loads", 0))
+            loads.add_metric([name, "host"], cached)
+            loads.add_metric([name, "disk"], float(h.get("loads", 0)) - cached)
+            evictions.add_metric([name], float(h.get("evictions", 0)))
+            seconds.add_metric([name], float(h.get("load_seconds", 0.0)))
+        yield from (residency, loads, evictions, seconds)
+
+
+def _history(state: Any) -> dict[str, dict]:
+    """Per set: the engine's history (loads, evictions, residency), plus registered sets on disk."""
+    engine = getattr(state, "engine", None)
+    catalog = getattr(state, "catalog", None)
+    if engine is None:
+        return {}
+    try:
+        status = dict(engine.status())
+    except Exception:  # noqa: BLE001 - a scrape never fails on engine trouble
+        return {}
+    out = {n: dict(h) for n, h in (status.get("history") or {}).items()}
+    for name in status.get("sets", {}) or {}:
+        out.setdefault(name, {"loads": 1})["residency"] = "slots"
+    if catalog is not None:
+        for reg in catalog.registered():
+            out.setdefault(reg.id, {"residency": "disk"})
+    return out

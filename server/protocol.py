@@ -61,6 +61,7 @@ class ModelCard(BaseModel):
         default_factory=list, description="other names that select this model (`task`)"
     )
     pinned: bool | None = None
+    state: str | None = Field(default=None, description="expert sets: `resident` (in the slots)")
 
 
 class LoadableSet(BaseModel):
@@ -68,6 +69,9 @@ class LoadableSet(BaseModel):
     task: str
     version: int | None = None
     digest: str | None = None
+    state: str = Field(
+        default="disk", description="`host` (in the host cache: a fast reload) or `disk`; loads on first use"
+    )
 
 
 class ModelList(BaseModel):

@@ -1,10 +1,13 @@
 """Which expert set a request's `model` names, and loading sets into the engine.
 
-Names: the base model answers to its served name (and its folder's basename). An expert set is
-served under `task@version` when it comes from the registry (or `task` for a bare patch file),
-and also answers to `task` alone (the most recently loaded version of that task). Any other
-`task@version` / `task@tag` is resolved through the registry; with `load_on_demand` a
-registered-but-not-loaded set is loaded on first use.
+Names (all parsed here, in `SetCatalog.resolve`): the base model answers to its served name (and
+its folder's basename). An expert set is served under `task@version` when it comes from the
+registry (or `task` for a bare patch file), and also answers to `task` alone (the most recently
+loaded version of that task, else the registry's latest). `task@version`, `task@tag` and
+`task@sha256:...` resolve through the registry, and any of them may be prefixed by the base's name,
+`BASE:task` (a prefix naming another base is a 404). A registered set that is not resident is
+loaded on its first request (evicting the least recently used unpinned sets) unless
+`load_on_demand` is off; concurrent requests for a set being loaded wait for that one load.
 
 Storage (the registry) and residency (the engine) stay separate: this module only connects them.
 """
@@ -44,7 +47,8 @@ class SetCatalog:
         registry: Any = None,
         *,
         registry_base: Any = None,
-        load_on_demand: bool = False,
+        load_on_demand: bool = True,
+        on_load: Any = None,
     ):
         self.engine = engine
         self.registry_base = registry_base  # scopes registry lookups to this base (a folder path)
@@ -52,6 +56,7 @@ class SetCatalog:
         self.base_names = {base_name, Path(base_name).name}
         self.registry = registry
         self.load_on_demand = load_on_demand
+        self.on_load = on_load  # called (name, seconds) after each load, for metrics
         self._aliases: dict[str, str] = {}  # task -> served name of its latest loaded version
         self._locks: dict[str, asyncio.Lock] = {}
         self.loaded_at: dict[str, int] = {}  # served name -> unix time it was loaded
@@ -65,8 +70,24 @@ class SetCatalog:
     def aliases_of(self, name: str) -> list[str]:
         return sorted(a for a, n in self._aliases.items() if n == name and a != name)
 
+    def split_base(self, model: str) -> str:
+        """`BASE:task` -> `task` when BASE is this server's base; NotFoundError for another base.
+        Digest references (`task@sha256:...`) keep their colon."""
+        prefix, sep, rest = model.partition(":")
+        if not sep or "@" in prefix or not rest:
+            return model
+        if prefix in self.base_names:
+            return rest
+        raise NotFoundError(
+            f"the model {model!r} names the base {prefix!r}, but this server serves {self.base_name!r}",
+            hint=f"use {self.base_name}:TASK, or TASK alone",
+        )
+
     async def resolve(self, model: str) -> str | None:
         """The engine's set name for `model`, None for the base; loads on demand if enabled."""
+        if model in self.base_names:
+            return None
+        model = self.split_base(model)
         if model in self.base_names:
             return None
         loaded = set(self.loaded())
@@ -82,7 +103,7 @@ class SetCatalog:
                 return await self.load(ref.id)
             raise NotLoadedError(
                 f"expert set {ref.id!r} is registered but not loaded",
-                hint="load it with the admin route POST /admin/sets/load, or start the server with --load-on-demand",
+                hint="load it with the admin route POST /admin/sets/load, or start the server without --no-load-on-demand",
             )
         raise NotFoundError(
             f"the model {model!r} does not exist on this server",
@@ -128,26 +149,46 @@ class SetCatalog:
     # --- residency -------------------------------------------------------------------------------
 
     async def load(self, name: str, *, pin: bool = False) -> str:
-        """Load a registry reference or a patch file; return the name it is served under."""
-        lock = self._locks.setdefault(name, asyncio.Lock())
+        """Load a registry reference or a patch file; return the name it is served under. Loads of
+        one set are serialised: a second caller waits for the first load and then finds it resident."""
+        es, served, task = self._open(self.split_base(name))
+        lock = self._locks.setdefault(served, asyncio.Lock())
         async with lock:
-            es, served, task = self._open(name)
             if served in set(self.loaded()):
                 if pin:
                     await maybe_await(self.engine.pin(served, True))
             else:
+                before = set(self.loaded())
+                start = time.perf_counter()
                 served = await self.engine.load(es, name=served, pin=pin)
+                seconds = time.perf_counter() - start
+                for gone in before - set(self.loaded()):
+                    self._forget(gone)
+                    log.info("expert set %s evicted (least recently used) to make room for %s", gone, served)
+                if self.on_load is not None:
+                    self.on_load(served, seconds)
+                log.info("loaded expert set %s in %.3f s", served, seconds)
             self._aliases[task] = served
-            self.loaded_at.setdefault(served, int(time.time()))
+            self.loaded_at[served] = int(time.time())
             self._digests[served] = es.manifest.content_digest
-            log.info("loaded expert set %s", served)
             return served
+
+    async def reload(self, served: str) -> None:
+        """The engine's `on_missing`: a set evicted after a request resolved it is loaded again."""
+        if not self.load_on_demand:
+            raise NotLoadedError(
+                f"expert set {served!r} was evicted", hint="retry, or load it with POST /admin/sets/load"
+            )
+        await self.load(served)
+
+    def _forget(self, served: str) -> None:
+        self._aliases = {a: n for a, n in self._aliases.items() if n != served}
+        self.loaded_at.pop(served, None)
 
     async def unload(self, model: str) -> str:
         served = self._served(model)
         await self.engine.unload(served)
-        self._aliases = {a: n for a, n in self._aliases.items() if n != served}
-        self.loaded_at.pop(served, None)
+        self._forget(served)
         self._digests.pop(served, None)
         return served
 
@@ -158,9 +199,23 @@ class SetCatalog:
 
     def check(self, name: str) -> None:
         """Raise the error loading `name` would raise for a missing file or registry entry."""
-        self._open(name)
+        self._open(self.split_base(name))
+
+    def expert_map(self, name: str) -> dict[int, list[int]]:
+        """The layer -> experts map of a set to load (from its manifest; no tensor is read)."""
+        return dict(self._open(self.split_base(name))[0].manifest.experts)
+
+    def registered_maps(self) -> list[dict[int, list[int]]]:
+        """The expert maps of every registered set of this base (from the registry's index)."""
+        if self.registry is None:
+            return []
+        try:
+            return [dict(e.experts) for e in self.registry.list(base=self.registry_base)]
+        except (ExpertlibError, AttributeError):
+            return []
 
     def _served(self, model: str) -> str:
+        model = self.split_base(model)
         loaded = set(self.loaded())
         if model in loaded:
             return model

@@ -8,11 +8,12 @@ import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from expertlib.errors import ExpertlibError, NotReadyError, QueueFullError
+from expertlib.checkpoint import BaseCheckpoint
+from expertlib.errors import ExpertlibError, NotReadyError, QueueFullError, SlotError
 from expertlib.server.backend import ServingEngine, maybe_await
 from expertlib.server.metrics import ServerMetrics
 from expertlib.server.sets import SetCatalog
@@ -35,11 +36,22 @@ class ServerSettings(BaseModel):
         default_factory=list, description="sets to load before ready (refs or patch paths)"
     )
     all_sets: bool = Field(default=False, description="load every registered set of this base before ready")
-    slots: int | None = Field(
-        default=None, ge=1, description="extra expert slots per MoE layer (engine default if unset)"
+    slots: int | Literal["auto"] | None = Field(
+        default="auto",
+        description="extra expert slots per MoE layer; auto: the named sets' largest per-layer demand "
+        "plus one typical set, or --expert-memory / one slot's size (None: the engine's default)",
     )
     max_sets: int | None = Field(
-        default=None, ge=1, description="most expert sets resident at once (engine default if unset)"
+        default=None, ge=1, description="most expert sets resident at once (default: sized with the slots)"
+    )
+    expert_memory: int | None = Field(
+        default=None, ge=1, description="bytes for expert slots (all MoE layers); sets the slot count"
+    )
+    kv_cache_memory: int | None = Field(
+        default=None, ge=1, description="KV cache bytes (default on CPU: sized from the model and memory)"
+    )
+    host_cache_memory: int | None = Field(
+        default=None, ge=0, description="host memory for recently used sets (default: 10% of free, <= 4 GiB)"
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -47,7 +59,9 @@ class ServerSettings(BaseModel):
     admin_key: str | None = Field(
         default=None, description="required on admin routes; admin routes are off without it"
     )
-    load_on_demand: bool = Field(default=False, description="load a registered set on its first request")
+    load_on_demand: bool = Field(
+        default=True, description="load a registered, not resident set on its first request"
+    )
     max_queue: int = Field(
         default=256, ge=1, description="most inference requests admitted at once; more get 429"
     )
@@ -71,11 +85,41 @@ def default_engine_factory(settings: ServerSettings) -> ServingEngine:
     from expertlib.engine import AsyncExpertEngine
 
     kwargs = dict(settings.engine_args)
-    if settings.slots is not None:
+    if isinstance(settings.slots, int):
         kwargs["slots"] = settings.slots
     if settings.max_sets is not None:
         kwargs["max_sets"] = settings.max_sets
+    if settings.kv_cache_memory is not None:
+        kwargs.setdefault("kv_cache_memory_bytes", settings.kv_cache_memory)
+    if settings.max_model_len is not None:
+        kwargs.setdefault("max_model_len", settings.max_model_len)
+    if settings.host_cache_memory is not None:
+        kwargs["host_cache"] = settings.host_cache_memory
     return AsyncExpertEngine.from_base(settings.base, **kwargs)
+
+
+def plan_start(settings: ServerSettings, catalog: SetCatalog, names: list[str]) -> ServerSettings:
+    """Settings with `--slots auto` resolved for the sets named at start (`expertlib.sizing.plan_slots`);
+    SlotError with the numbers when they cannot all be resident. Unchanged when BASE is no local model
+    (then the engine's defaults apply and its own start reports the problem)."""
+    from expertlib.engine import resolve_base
+    from expertlib.sizing import ModelDims, plan_slots
+
+    try:
+        base = BaseCheckpoint(resolve_base(settings.base))
+    except ExpertlibError:
+        return settings.model_copy(update={"slots": None}) if settings.slots == "auto" else settings
+    dims = ModelDims.of(base, settings.engine_args.get("dtype"))
+    plan = plan_slots(
+        dims,
+        {name: catalog.expert_map(name) for name in names},
+        catalog.registered_maps(),
+        slots=settings.slots,
+        max_sets=settings.max_sets,
+        expert_memory=settings.expert_memory,
+    )
+    log.info("%s", plan.describe())
+    return settings.model_copy(update={"slots": plan.slots, "max_sets": plan.max_sets})
 
 
 def open_registry(root: str | None) -> Any:
@@ -153,24 +197,28 @@ class ServerState:
                 self.registry,
                 registry_base=self.settings.base if Path(self.settings.base).is_dir() else None,
                 load_on_demand=self.settings.load_on_demand,
+                on_load=self.metrics.observe_load,
             )
+            catalog.base_names.add(self.settings.base)
             names = list(self.settings.expert_sets)
             if self.settings.all_sets:
                 names += [r.id for r in catalog.registered() if r.id not in names]
             for name in names:  # fail fast, before the engine starts, on a name that cannot load
                 catalog.check(name)
+            sized = await asyncio.to_thread(plan_start, self.settings, catalog, names)
             if inspect.iscoroutinefunction(self.engine_factory):
-                engine = await self.engine_factory(self.settings)
+                engine = await self.engine_factory(sized)
             else:  # engine start takes seconds: keep answering /health (503) meanwhile
-                engine = await asyncio.to_thread(self.engine_factory, self.settings)
+                engine = await asyncio.to_thread(self.engine_factory, sized)
             self.engine = catalog.engine = engine
             self.catalog = catalog
-            self.catalog.base_names.add(self.settings.base)
+            self.metrics.watch(self)
+            if hasattr(engine, "on_missing"):
+                engine.on_missing = catalog.reload  # a set evicted under a request is loaded again
             self.tokenizer = await maybe_await(engine.get_tokenizer())
             if self.max_model_len is None:
                 self.max_model_len = _max_model_len(engine, self.settings.base)
-            for name in names:
-                await self.catalog.load(name)
+            await self._load_named(names)
             self.refresh_metrics()
             self.ready = True
             self.metrics.ready.set(1)
@@ -182,6 +230,17 @@ class ServerState:
             log.error("startup failed: %s", exc)
             if self.on_startup_failure is not None:
                 self.on_startup_failure(exc)
+
+    async def _load_named(self, names: list[str]) -> None:
+        """Load the sets named at start, each pinned until all are in: start-up never evicts a set it
+        was asked to load (a set that does not fit fails the start with the slot numbers)."""
+        assert self.catalog is not None and self.engine is not None
+        served = [await self.catalog.load(name, pin=True) for name in names]
+        for name in served:
+            await self.catalog.pin(name, False)
+        missing = [n for n in served if n not in set(self.catalog.loaded())]
+        if missing:
+            raise SlotError(f"expert sets {missing} were evicted during start-up", hint="pass more --slots")
 
     def shutdown(self) -> None:
         if self.engine is not None:

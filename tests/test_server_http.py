@@ -171,6 +171,7 @@ def fake_server(tmp_path_factory):
         admin_key=ADMIN_KEY,
         max_queue=4,
         max_model_len=CTX,
+        load_on_demand=False,  # the not-loaded answers are tested here; on demand in test_serve_on_demand
     )
     app = create_app(settings, engine_factory=factory)
     port = free_port()
