@@ -74,6 +74,10 @@ class PatchShapeError(PatchError):
     """Tensor shapes, dtypes, keys or ids disagree with the manifest or the model."""
 
 
+class NonFiniteWeightsError(PatchError):
+    """A tensor holds NaN or infinite values (it would blank every answer of a shared batch)."""
+
+
 class BaseMismatchError(PatchError):
     """The patch was made for another base model."""
 
@@ -135,10 +139,33 @@ class AmbiguousRefError(RegistryError, LookupError):
     http_status = 409
 
 
+class RegistryBusyError(RegistryError, TimeoutError):
+    """The registry index is locked by another process for longer than this caller waits."""
+
+    http_status = 503
+    retry_after: int = 2
+
+
+class ReadOnlyRegistryError(RegistryError, PermissionError):
+    """A write to a registry opened read-only (a mounted snapshot, a read-only folder)."""
+
+    http_status = 403
+
+
+class StorageFullError(RegistryError, OSError):
+    """The disk holding the registry (or a download) is full."""
+
+    http_status = 507
+
+
 class RemoteError(RegistryError, OSError):
     """A remote registry or the Hugging Face Hub could not be reached or refused."""
 
     http_status = 502
+
+
+class DeviceError(ExpertlibError, RuntimeError):
+    """A device that is not there, or a run that does not fit its memory."""
 
 
 # --- composer and serving ------------------------------------------------------------------------
@@ -187,6 +214,13 @@ class PromptTooLongError(InvalidRequestError):
     """Prompt plus requested completion do not fit the model's context."""
 
     code = "context_length_exceeded"
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """A request body over the server's size limit (`--max-body-bytes`)."""
+
+    http_status = 413
+    code = "request_too_large"
 
 
 class AuthenticationError(ExpertlibError, PermissionError):
