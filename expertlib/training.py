@@ -94,6 +94,11 @@ class TrainConfig(BaseModel):
     )
     seed: int = 0
     eval_every: int = Field(default=0, ge=0, description="held-out loss every N steps (0: only at the end)")
+    early_stop: int = Field(
+        default=0,
+        ge=0,
+        description="stop after N held-out evaluations without improvement and keep the best weights (0: off)",
+    )
     checkpoint_every: int = Field(default=0, ge=0, description="checkpoint every N steps (0: never)")
 
     def lr_at(self, step: int) -> float:
@@ -353,6 +358,8 @@ def train_experts(
         if resume and checkpoint_dir is not None and ckpt.exists(checkpoint_dir):
             state = ckpt.load(checkpoint_dir, params, opt, key)
         t0 = time.perf_counter() - state.wall_time_s
+        best: tuple[float, list[torch.Tensor]] | None = None  # early stopping: (loss, weights)
+        stale = 0
         model.train()
         with (
             active_sets(model, TRAIN_SET) if trainable.slot_of else nullcontext(),
@@ -384,6 +391,12 @@ def train_experts(
                         (state.step, evaluate(model, eval_samples, pad_id=pad_id, config=config))
                     )
                     postfix["eval"] = f"{state.eval_losses[-1][1]:.4f}"
+                    if config.early_stop:
+                        if best is None or state.eval_losses[-1][1] < best[0]:
+                            best = (state.eval_losses[-1][1], [p.detach().clone() for _, p in params])
+                            stale = 0
+                        else:
+                            stale += 1
                 bar.set_postfix(postfix)
                 bar.update(1)
                 if (
@@ -395,6 +408,13 @@ def train_experts(
                     ckpt.save(checkpoint_dir, params, opt, state, key)
                 if on_step is not None:
                     on_step(state.step, loss_value)
+                if config.early_stop and stale >= config.early_stop:
+                    break
+        if best is not None and (stale or state.eval_losses[-1][1] > best[0]):
+            with torch.no_grad():  # early stopping keeps the weights of the best held-out loss
+                for (_, p), w in zip(params, best[1], strict=True):
+                    p.copy_(w)
+            state.eval_losses.append((state.step, best[0]))
         if eval_samples and (not state.eval_losses or state.eval_losses[-1][0] != state.step):
             state.eval_losses.append(
                 (state.step, evaluate(model, eval_samples, pad_id=pad_id, config=config))
@@ -462,8 +482,12 @@ def train_esft(
     resume: bool = False,
     description: str = "",
     progress: bool = True,
+    on_selection: Callable[[nn.Module, ExpertConfig, Sequence[Sample]], None] | None = None,
 ) -> ExpertSet:
     """Score, select and train one task's experts on a base model; return (and save) the patch.
+
+    `on_selection(model, selection, train_samples)` runs after selection, before training (the
+    CLI's retention-risk check, `expertlib.diagnostics`); it must leave the model unchanged.
 
     Without `experts`, the routed experts are scored on the training split (ESFT-`score`,
     `token_budget` tokens; None = all) and selected with the top-p rule (`top_p` defaults to
@@ -541,6 +565,8 @@ def train_esft(
         prov = prov.model_copy(
             update=dict(method="esft", extra={**prov.extra, "selection_from": str(experts)})
         )
+    if on_selection is not None:
+        on_selection(model, selection, train_s)
     run_key = {
         "data_digest": digest,
         "eval_data": data_digest(eval_data) if eval_data is not None else holdout,

@@ -103,3 +103,21 @@ def test_slot_trainer_matches_plain_pytorch_esft():
     for (n, p), (_, q) in zip(base.named_parameters(), plain.named_parameters(), strict=True):
         if ".experts." not in n:
             assert torch.equal(p, q), n
+
+
+def test_early_stopping_keeps_the_best_held_out_loss():
+    model = make_tiny_model("qwen2_moe", seed=1)
+    model.float()
+    layers = moe_layer_indices(model)
+    selection = ExpertConfig(experts={layer: [0, 1, 2] for layer in layers})
+    # a learning rate far too high: the held-out loss soon rises, and training must stop there
+    cfg = TrainConfig(lr=0.3, steps=40, batch_size=4, eval_every=2, early_stop=2, seed=0, weight_decay=0.0)
+    res = train_experts(
+        model, _samples(24, 0), selection, cfg, pad_id=0, eval_samples=_samples(8, 9), progress=False
+    )
+    evals = [loss for _, loss in res.eval_losses]
+    assert res.steps < cfg.steps, res.eval_losses
+    assert evals[-1] == min(evals)  # the kept weights are the best ones seen
+    # without early stopping the same run goes on to the end
+    off = cfg.model_copy(update={"early_stop": 0, "steps": 6})
+    assert train_experts(model, _samples(24, 0), selection, off, pad_id=0, progress=False).steps == 6

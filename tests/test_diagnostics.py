@@ -1,0 +1,79 @@
+"""Specialisation and retention-risk diagnostics: exact figures on hand-made routing shares."""
+
+from __future__ import annotations
+
+import pytest
+
+from expertlib.diagnostics import (
+    ADVICE,
+    builtin_general_samples,
+    concentration,
+    format_specialisation,
+    retention_risk,
+    specialisation,
+    top_experts,
+    top_overlap,
+)
+from expertlib.selection import ExpertConfig
+from expertlib.testing import make_tokenizer
+
+# two layers, 8 experts: "math" routes through 0-1, "text" through 6-7, general spreads over all
+MATH = {0: [0.4, 0.4, 0.05, 0.05, 0.05, 0.05, 0, 0], 1: [0.5, 0.3, 0.1, 0.1, 0, 0, 0, 0]}
+TEXT = {0: [0, 0, 0.05, 0.05, 0.05, 0.05, 0.4, 0.4], 1: [0, 0, 0, 0, 0.1, 0.1, 0.3, 0.5]}
+GENERAL = {0: [0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1], 1: [0.125] * 8}
+
+
+def test_retention_risk_is_the_general_mass_on_the_selected_experts():
+    risk = retention_risk(ExpertConfig(experts={0: [0, 1], 1: [0]}), GENERAL, task=MATH)
+    by = {r.layer: r for r in risk.layers}
+    assert by[0].general_mass == pytest.approx(0.4) and by[1].general_mass == pytest.approx(0.125)
+    assert by[0].task_mass == pytest.approx(0.8) and by[1].task_mass == pytest.approx(0.5)
+    assert by[0].chance == pytest.approx(0.25) and by[1].chance == pytest.approx(0.125)
+    assert risk.mean_general_mass == pytest.approx(0.2625) and risk.max_general_mass == pytest.approx(0.4)
+    assert risk.at_risk == [0]  # default threshold 0.2
+    msg = risk.message()
+    assert "layers 0 " in msg and all(a in msg for a in ADVICE)
+    s = risk.summary()
+    assert s["at_risk_layers"] == [0] and s["per_layer"]["0"]["experts"] == [0, 1]
+
+
+def test_low_risk_when_the_selection_avoids_general_routing():
+    risk = retention_risk({0: [6], 1: [7]}, GENERAL, threshold=0.2)
+    assert risk.at_risk == []
+    assert risk.message().startswith("retention risk low")
+    assert retention_risk({0: [6], 1: [7]}, GENERAL, threshold=0.11).at_risk == [1]
+
+
+def test_retention_risk_needs_every_selected_layer():
+    with pytest.raises(KeyError, match="layer 2"):
+        retention_risk({2: [0]}, GENERAL)
+
+
+def test_concentration_and_overlap():
+    assert top_experts([0.1, 0.5, 0.1, 0.3], 2) == [1, 3]
+    assert top_experts([0.2, 0.2, 0.2], 2) == [0, 1]  # ties: lower id first
+    c = concentration(MATH, 2)
+    assert c[0] == pytest.approx(0.8) and c[1] == pytest.approx(0.8)
+    assert top_overlap(MATH, TEXT, 2) == {0: 0.0, 1: 0.0}
+    assert top_overlap(MATH, MATH, 2) == {0: 1.0, 1: 1.0}
+    # general's top-2 is {0, 1} in both layers (ties go to lower ids): math's experts, not text's
+    assert top_overlap(MATH, GENERAL, 2) == {0: 1.0, 1: 1.0}
+    assert top_overlap(TEXT, GENERAL, 2) == {0: 0.0, 1: 0.0}
+
+
+def test_specialisation_table():
+    spec = specialisation({"math": MATH, "text": TEXT, "general": GENERAL}, k=2)
+    assert spec.chance == pytest.approx(0.25)
+    assert spec.concentration["math"] == pytest.approx(0.8)
+    assert spec.concentration["general"] == pytest.approx((0.4 + 0.25) / 2)
+    assert spec.overlap["math"]["text"] == 0.0 and spec.overlap["text"]["text"] == 1.0
+    text = format_specialisation(spec)
+    assert "top 2 of 8" in text and "0.80" in text and "overlap" in text
+
+
+def test_builtin_general_set_covers_the_general_tasks():
+    from expertlib.demo.tasks import GENERAL_TASKS
+
+    samples = builtin_general_samples(make_tokenizer(), n_per_task=3)
+    assert len(samples) == 3 * len(GENERAL_TASKS)
+    assert all(any(y != -100 for y in s.labels) for s in samples)
