@@ -1,0 +1,178 @@
+"""README's serve command, exactly as written, as a real process with no VLLM_* variables in its
+environment (the product sizes its own KV cache and slots), in a folder holding `./base` and the
+registry `reg`. Then: sets published after start are answered on demand; one that must make room
+evicts the least recently used sets; a request for an evicted set is answered after a transparent
+reload from the host cache, with its own answer; the eviction and reload show in /metrics, parsed
+with prometheus_client's parser.
+
+One server for the module (the engine starts once, compiled as a user's would be: ~1-2 min here).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("vllm")
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTED = {"math": {0: [1, 2], 1: [3]}, "code": {0: [4], 1: [5, 6]}}  # registered before start
+LATER = {"poetry": {0: [0, 6], 1: [0, 1]}, "law": {0: [3, 5, 7], 1: [2, 4, 7]}}  # published while serving
+PROMPT = "The cat sat on"
+
+
+def readme_serve_argv() -> list[str]:
+    """The `expertlib serve` line of README's Serving section, split as a shell would."""
+    section = re.search(r"^## Serving\n(.*?)^## ", (ROOT / "README.md").read_text(), flags=re.S | re.M)
+    assert section, "README has no Serving section"
+    for block in re.findall(r"```bash\n(.*?)```", section.group(1), flags=re.S):
+        for line in block.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("expertlib serve "):
+                return shlex.split(line)
+    raise AssertionError("README's Serving section has no `expertlib serve` line")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from expertlib.moe import load_model
+    from expertlib.registry import Registry
+    from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set
+
+    cwd = tmp_path_factory.mktemp("readme-serve")
+    make_vllm_tiny_base("qwen2_moe", cwd / "base")
+    model = load_model(cwd / "base")
+    paths = {}
+    for i, (name, m) in enumerate({**STARTED, **LATER}.items()):
+        paths[name] = random_expert_set(model, name, m, seed=i + 1).save(cwd / f"{name}.safetensors")
+    reg = Registry(cwd / "reg")
+    for name in STARTED:
+        reg.publish(paths[name], base=cwd / "base")
+
+    argv = readme_serve_argv()
+    assert argv[:3] == ["expertlib", "serve", "./base"] and "--all" in argv and "reg" in argv
+    port = int(argv[argv.index("--port") + 1])
+    if not _port_free(port):  # another program holds README's port here: the one change made
+        port = _free_port()
+        argv[argv.index("--port") + 1] = str(port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    exe = [sys.executable, "-m", "expertlib.cli.main"]  # the `expertlib` console script, from this venv
+    log = open(cwd / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen([*exe, *argv[1:]], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 420
+        while True:
+            assert proc.poll() is None, "server exited:\n" + (cwd / "server.log").read_text()[-4000:]
+            assert time.time() < deadline, "server not ready in 420 s"
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        yield dict(url=url, reg=reg, paths=paths, cwd=cwd, log=cwd / "server.log")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def complete(server, model: str) -> str:
+    r = httpx.post(
+        server["url"] + "/v1/completions",
+        json={"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def metrics(server) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server["url"] + "/metrics", timeout=30).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(m, name: str, **labels) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def models(server) -> dict:
+    body = httpx.get(server["url"] + "/v1/models", timeout=30).json()
+    return {
+        "resident": {c["id"] for c in body["data"]},
+        "loadable": {x["id"]: x["state"] for x in body["loadable"]},
+    }
+
+
+def test_readme_command_starts_without_vllm_variables_and_sizes_itself(server):
+    log = server["log"].read_text()
+    assert "KV cache:" in log and "sized from the model" in log, log[-3000:]
+    assert "expert slots: 5 per MoE layer" in log  # math and code need 3 per layer, +1 typical set (2)
+    assert models(server)["resident"] == {"./base", "math@1", "code@1"}
+
+
+def test_sets_answer_and_an_evicted_set_is_reloaded_transparently(server):
+    first = {name: complete(server, name) for name in ("base", "math", "code", "base:math")}
+    assert first["base:math"] == first["math"]
+    assert len({first["base"], first["math"], first["code"]}) == 3  # each set gives its own answer
+    for name in LATER:  # published while serving: answerable with no admin call
+        server["reg"].publish(server["paths"][name], base=server["cwd"] / "base")
+    assert models(server)["loadable"] == {"poetry@1": "disk", "law@1": "disk"}
+    before = metrics(server)
+    poetry = complete(server, "poetry")  # fits the headroom: nothing evicted
+    law = complete(server, "law@latest")  # 3 experts per layer: math and code (LRU) make room
+    assert len({poetry, law, first["math"]}) == 3
+    now = models(server)
+    assert {"poetry@1", "law@1"} <= now["resident"] and "math@1" not in now["resident"]
+    assert now["loadable"]["math@1"] == "host"  # evicted, kept in host memory
+    mid = metrics(server)
+    assert value(mid, "expertlib_set_evictions_total", model="math@1") == 1 + value(
+        before, "expertlib_set_evictions_total", model="math@1"
+    )
+    assert value(mid, "expertlib_set_residency", model="math@1", where="host") == 1
+    assert complete(server, "math") == first["math"]  # reloaded on demand, same answer
+    after = metrics(server)
+    assert value(after, "expertlib_set_loads_total", model="math@1", source="host") == 1
+    assert value(after, "expertlib_set_residency", model="math@1", where="slots") == 1
+    assert value(after, "expertlib_set_load_seconds_total", model="math@1") > 0
+    assert value(after, "expertlib_requests_total", model="math@1", endpoint="completions", status="200") >= 2
+    assert value(after, "expertlib_completion_tokens_total", model="math@1") > 0
+    assert value(after, "expertlib_request_latency_seconds_count", model="math@1") >= 2
+    assert value(after, "expertlib_set_load_latency_seconds_count", model="math@1") == 2
