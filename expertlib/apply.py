@@ -32,9 +32,11 @@ def check_against_base(
     num_experts: int,
     expert_digest: Callable[[int, int], str] | None,
     hint: str,
+    expert_shapes: Mapping[str, Iterable[int]] | None = None,
 ) -> None:
-    """Refuse a set made for another base: config identity, layer and expert ids, then (unless
-    `expert_digest` is None) the digests of exactly the base experts the set replaces.
+    """Refuse a set made for another base: config identity, layer and expert ids, expert shapes
+    (`expert_shapes`: canonical part -> shape of one base expert), then (unless `expert_digest` is
+    None) the digests of exactly the base experts the set replaces.
 
     Shared by in-place application (a loaded model) and the serving engine (a lazy checkpoint)."""
     m = es.manifest
@@ -57,6 +59,14 @@ def check_against_base(
         if bad:
             raise PatchShapeError(
                 f"layer {layer}: expert ids {bad} out of range (0..{num_experts - 1})", path=where
+            )
+    if expert_shapes is not None:
+        want = {part: list(shape) for part, shape in expert_shapes.items()}
+        if m.experts and m.expert_shapes != want:
+            raise PatchShapeError(
+                f"expert set {m.task!r} has expert shapes {m.expert_shapes}, this base's experts are {want}",
+                path=where,
+                hint="the set was not made for this base model; re-export it from a model of this base",
             )
     if expert_digest is None:
         return
@@ -81,6 +91,7 @@ def check_compatible(model: nn.Module, es: ExpertSet, *, check_weights: bool = T
         identity=base_identity(model),
         moe_layers=layers,
         num_experts=experts_module(model, layers[0]).num_experts,
+        expert_shapes={part: t.shape for part, t in read_expert(model, layers[0], 0).items()},
         expert_digest=(lambda layer, e: read_expert(model, layer, e).digest()) if check_weights else None,
         hint="use the exact base checkpoint the set was trained on; revert any set applied in place first",
     )
@@ -122,9 +133,16 @@ class AppliedExpertSet:
         self.revert()
 
 
-def apply_expert_set(model: nn.Module, es: ExpertSet, *, check_base: bool = True) -> AppliedExpertSet:
-    """Write the set's experts (and extra params) into `model` in place; returns a revert handle."""
+def apply_expert_set(
+    model: nn.Module, es: ExpertSet, *, check_base: bool = True, verify: bool = True
+) -> AppliedExpertSet:
+    """Write the set's experts (and extra params) into `model` in place; returns a revert handle.
+
+    `verify` (default) recomputes the set's digests and refuses NaN/inf first (`ExpertSet.verify`);
+    turn it off only for files you wrote yourself."""
     check_compatible(model, es, check_weights=check_base)
+    if verify:
+        es.verify()
     params = dict(model.named_parameters())
     extra = es.extra_params()
     for name, t in extra.items():

@@ -114,6 +114,11 @@ class BaseCheckpoint:
         )
         return _views(ns, 0).map(lambda t: t.contiguous())
 
+    @cached_property
+    def expert_shapes(self) -> dict[str, list[int]]:
+        """Canonical part -> shape of a routed expert (the same for every expert of the model)."""
+        return {part: list(t.shape) for part, t in self.expert(self.moe_layers[0], 0).items()}
+
     def expert_digest(self, layer: int, expert: int) -> str:
         key = (layer, expert)
         if key not in self._digests:

@@ -47,7 +47,8 @@ class ComposedModel:
             return name
         check_compatible(self.model, es)
         m = es.manifest
-        placement = self.pool.place(name, m.experts, m.expert_digests, pinned=pin)
+        # digests recomputed from the tensors (NaN/inf refused): slots are shared only on those
+        placement = self.pool.place(name, m.experts, es.verify(), pinned=pin)
         for victim in placement.evicted:
             self._clear_row_of(victim)
         for layer, slot, e in placement.fills:

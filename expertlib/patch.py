@@ -6,7 +6,7 @@ lives in the safetensors metadata, so listing and validating a patch never loads
 
     es = ExpertSet.open("math.safetensors")      # header + manifest only, validated
     es.manifest.experts                           # {layer: [expert ids]}
-    es.verify()                                   # recompute the content digest
+    es.verify()                                   # recompute digests, refuse NaN/inf
     es.expert(3, 17)                              # ExpertWeights, loaded lazily
 
 Files are never unpickled: anything that is not a safetensors file is refused up front.
@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from expertlib.constants import EXPERT_KEY, EXTRA_PARAM_PREFIX, MANIFEST_METADATA_KEY, PATCH_FORMAT_VERSION
 from expertlib.errors import (
     DigestMismatchError,
+    NonFiniteWeightsError,
     PatchCorruptError,
     PatchFormatError,
     PatchShapeError,
@@ -152,6 +153,7 @@ class ExpertSet:
         self.manifest = manifest
         self._tensors = tensors
         self.path = Path(path) if path is not None else None
+        self._verified: dict[str, str] | None = None  # per-expert digests recomputed by verify()
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -238,37 +240,66 @@ class ExpertSet:
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
-            assert self.path is not None
-            try:
-                with safe_open(str(self.path), framework="pt") as f:
-                    self._tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-            except Exception as exc:  # safetensors raises its own error types
-                raise PatchCorruptError(
-                    f"cannot read tensors: {exc}", path=str(self.path), hint=_REPUBLISH
-                ) from exc
+            self._tensors = self._read_tensors()
         return self._tensors
 
-    def verify(self) -> None:
-        """Recompute the content digest; raise DigestMismatchError if any byte changed."""
-        got = tensors_digest(self.tensors)
-        if got != self.manifest.content_digest:
+    def _read_tensors(self) -> dict[str, torch.Tensor]:
+        assert self.path is not None
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except Exception as exc:  # safetensors raises its own error types
+            raise PatchCorruptError(
+                f"cannot read tensors: {exc}", path=str(self.path), hint=_REPUBLISH
+            ) from exc
+
+    def verify(self) -> dict[str, str]:
+        """Check the tensors against the manifest; return the per-expert digests recomputed from them.
+
+        Recomputes the content digest (any changed byte), every expert's digest (a manifest that
+        claims another set's digests), and refuses NaN or infinite values (one such expert blanks
+        every answer of a batch it shares). Raises DigestMismatchError or NonFiniteWeightsError.
+        The result is cached: slot sharing trusts only these recomputed digests."""
+        if self._verified is not None:
+            return self._verified
+        m = self.manifest
+        where = str(self.path) if self.path else None
+        # a lazily opened set stays lazy: its tensors are read for the check and dropped again
+        tensors = self._tensors if self._tensors is not None else self._read_tensors()
+        got = tensors_digest(tensors)
+        if got != m.content_digest:
             raise DigestMismatchError(
-                f"content digest {got[:19]}... does not match the manifest's {self.manifest.content_digest[:19]}...",
-                path=str(self.path) if self.path else None,
+                f"content digest {got[:19]}... does not match the manifest's {m.content_digest[:19]}...",
+                path=where,
                 hint="the file was altered or damaged after it was written; pull or re-export it",
             )
+        for name, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteWeightsError(
+                    f"tensor {name} holds NaN or infinite values",
+                    path=where,
+                    hint="the training run diverged; retrain (lower the learning rate) and export again",
+                )
+        digests = {pair_key(layer, e): _expert_of(tensors, layer, e).digest() for layer, e in m.pairs()}
+        forged = sorted(k for k, d in digests.items() if m.expert_digests.get(k) != d)
+        if forged:
+            raise DigestMismatchError(
+                f"the manifest's digests of experts {forged[:5]} do not match their tensors",
+                path=where,
+                hint="the manifest was edited by hand or forged; do not use this file, re-export the set",
+            )
+        self._verified = digests
+        return digests
 
     # --- access --------------------------------------------------------------------------------
 
     def expert(self, layer: int, expert: int) -> ExpertWeights:
-        parts = {}
-        for part in (*EXPERT_PARTS, *BIAS_PARTS):
-            key = expert_key(layer, expert, part)
-            if key in self.tensors:
-                parts[part] = self.tensors[key]
-        if not parts:
-            raise KeyError(f"expert set {self.manifest.task!r} has no expert {expert} in layer {layer}")
-        return ExpertWeights(**parts)
+        try:
+            return _expert_of(self.tensors, layer, expert)
+        except KeyError:
+            raise KeyError(
+                f"expert set {self.manifest.task!r} has no expert {expert} in layer {layer}"
+            ) from None
 
     def experts(self) -> Iterable[tuple[tuple[int, int], ExpertWeights]]:
         for layer, e in self.manifest.pairs():
@@ -287,6 +318,17 @@ class ExpertSet:
 _REPUBLISH = "the file is damaged: re-export or pull the expert set again"
 
 
+def _expert_of(tensors: Mapping[str, torch.Tensor], layer: int, expert: int) -> ExpertWeights:
+    parts = {}
+    for part in (*EXPERT_PARTS, *BIAS_PARTS):
+        key = expert_key(layer, expert, part)
+        if key in tensors:
+            parts[part] = tensors[key]
+    if not parts:
+        raise KeyError((layer, expert))
+    return ExpertWeights(**parts)
+
+
 def read_header(path: str | Path) -> tuple[ExpertSetManifest, dict[str, Any]]:
     """Read a patch's manifest and tensor index without loading tensor data or unpickling anything."""
     path = Path(path)
@@ -299,7 +341,7 @@ def read_header(path: str | Path) -> tuple[ExpertSetManifest, dict[str, Any]]:
         raw = f.read(n) if 0 < n <= min(size - 8, 100_000_000) else b""
     if not raw.lstrip().startswith(b"{"):
         # Not a readable safetensors header: say what it is, without ever unpickling it.
-        if head[:1] == b"\x80" or head[:2] == b"PK":
+        if head[:2] == b"PK" or (_looks_like_pickle(head) and not 0 < n <= size - 8):
             raise PatchFormatError(
                 "this is a pickle or PyTorch zip checkpoint; expertlib never unpickles files",
                 path=str(path),
@@ -324,7 +366,17 @@ def read_header(path: str | Path) -> tuple[ExpertSetManifest, dict[str, Any]]:
         raise PatchCorruptError(
             f"unreadable safetensors header: {exc}", path=str(path), hint=_REPUBLISH
         ) from exc
+    if not isinstance(header, dict):
+        raise PatchCorruptError(
+            "the safetensors header is not a JSON object", path=str(path), hint=_REPUBLISH
+        )
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise PatchCorruptError(
+            "the safetensors metadata is not a string map", path=str(path), hint=_REPUBLISH
+        )
+    for name, info in header.items():
+        _check_entry(name, info, str(path))
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end != size:
         raise PatchCorruptError(
@@ -354,6 +406,31 @@ def read_header(path: str | Path) -> tuple[ExpertSetManifest, dict[str, Any]]:
     except ValidationError as exc:
         raise PatchCorruptError(f"invalid manifest: {exc}", path=str(path), hint=_REPUBLISH) from exc
     return manifest, header
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    """A pickle (or torch.save) starts with PROTO (0x80) and a protocol number 2..5."""
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _check_entry(name: str, info: Any, where: str) -> None:
+    """One tensor entry of a safetensors header: {"dtype": str, "shape": [int], "data_offsets": [a, b]}."""
+    ok = (
+        isinstance(info, dict)
+        and isinstance(info.get("dtype"), str)
+        and isinstance(info.get("shape"), list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+        and isinstance(info.get("data_offsets"), list)
+        and len(info["data_offsets"]) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in info["data_offsets"])
+        and info["data_offsets"][0] <= info["data_offsets"][1]
+    )
+    if not ok:
+        raise PatchCorruptError(
+            f"header entry {name[:80]!r} is not a tensor description (dtype, shape, data_offsets)",
+            path=where,
+            hint=_REPUBLISH,
+        )
 
 
 def _validate_header(m: ExpertSetManifest, header: dict[str, Any], where: str) -> None:

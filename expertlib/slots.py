@@ -10,7 +10,8 @@ Ids < E compute with the base experts, ids >= E with slot `id - E`. The router i
 
 Two halves live here:
 - `SlotPool`: plain-Python accounting shared by the transformers composer and the vLLM plugin
-  (which set sits in which slots, dedup of identical experts by digest, LRU eviction, pinning);
+  (which set sits in which slots, dedup of identical experts by recomputed digest, LRU eviction,
+  pinning);
 - the transformers side: `install_slots` adds slot tensors and a remap buffer to every experts
   module and swaps in `slot_experts_forward`, which computes base and slot experts with two
   grouped matmuls instead of concatenating weights, so the base is never copied. Training uses
@@ -123,7 +124,11 @@ class SlotPool:
         *,
         pinned: bool = False,
     ) -> Placement:
-        """Reserve slots and a remap row for a set, evicting LRU unpinned sets if needed."""
+        """Reserve slots and a remap row for a set, evicting LRU unpinned sets if needed.
+
+        Experts with equal digests share a slot, so `expert_digests` must be recomputed from the
+        tensors (`ExpertSet.verify()`), never a manifest's claims: a forged digest would otherwise
+        serve one set's weights to another. Experts without a digest never share."""
         if name in self._sets:
             self.touch(name)
             if pinned:

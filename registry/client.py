@@ -13,6 +13,7 @@ Errors come back in OpenAI's shape, {"error": {"message": ..., "type": ..., "cod
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,7 +23,7 @@ from expertlib.errors import NotFoundError, RemoteError
 
 from .blobs import CHUNK, BlobStore
 from .models import Entry, EntryList, TagRequest
-from .names import RefSpec
+from .names import RefSpec, validate_digest, validate_name
 
 TOKEN_ENV = "EXPERTLIB_REMOTE_TOKEN"
 
@@ -55,22 +56,23 @@ class HttpRemote:
     def entries(self, spec: RefSpec | None, base: str | None) -> list[Entry]:
         params = {"base": base} if base else {}
         if spec is not None and spec.selector is not None:
-            return [
-                Entry.model_validate(
-                    self._request("GET", f"/entries/{quote(str(spec), safe='@:')}", params=params).json()
-                )
-            ]
+            r = self._request("GET", f"/entries/{quote(str(spec), safe='@:')}", params=params)
+            return [_parse(Entry, r, self.url)]
         if spec is not None:
             params["name"] = spec.name
-        return EntryList.model_validate(self._request("GET", "/entries", params=params).json()).entries
+        return _parse(EntryList, self._request("GET", "/entries", params=params), self.url).entries
 
     def fetch(self, entry: Entry, staging: BlobStore) -> tuple[Path, bool]:
+        # the entry came from the remote: check what goes into the URL, and stop at its announced size
+        validate_name(entry.name)
+        digest = validate_digest(entry.digest)
         try:
-            with self.client.stream("GET", f"/blobs/{entry.digest}") as r:
+            with self.client.stream("GET", f"/blobs/{quote(digest, safe=':')}") as r:
                 if r.status_code >= 400:
                     r.read()
                     _raise_for(r, self.url)
-                tmp = staging.write_temp(r.iter_bytes(CHUNK), expected_digest=entry.digest)
+                body = _at_most(r.iter_bytes(CHUNK), entry.size, f"{entry.ref} from {self.url}")
+                tmp = staging.write_temp(body, expected_digest=digest)
         except httpx.HTTPError as exc:
             raise RemoteError(
                 f"download of {entry.ref} from {self.url} failed: {exc}", hint="retry the pull"
@@ -110,6 +112,32 @@ class HttpRemote:
         for t in tags:
             body = TagRequest(ref=str(entry.ref), tag=t, base=entry.base.config_digest)
             self._request("POST", "/tags", json=body.model_dump())
+
+
+def _at_most(chunks: Iterator[bytes], size: int, what: str) -> Iterator[bytes]:
+    """The chunks, refused as soon as they go past `size` bytes (a remote that sends more than it
+    announced is not trusted with the disk)."""
+    got = 0
+    for chunk in chunks:
+        got += len(chunk)
+        if got > size:
+            raise RemoteError(
+                f"{what}: the remote sent more than the {size} bytes it announced",
+                hint="the remote registry is broken or hostile; nothing was imported",
+            )
+        yield chunk
+
+
+def _parse(model, r: httpx.Response, url: str):
+    """A response body as `model`; a RemoteError (not a traceback) for anything else."""
+    try:
+        return model.model_validate(r.json())
+    except ValueError as exc:  # JSON errors and pydantic's ValidationError
+        first = str(exc).splitlines()[:3]
+        raise RemoteError(
+            f"{url} answered with an invalid {model.__name__}: {' '.join(first)}",
+            hint="is this an expertlib registry of the same version? upgrade the older side",
+        ) from None
 
 
 def _raise_for(r: httpx.Response, url: str) -> None:

@@ -16,15 +16,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt, field_validator
 
 from expertlib.errors import DigestMismatchError, InvalidNameError, NotFoundError, RemoteError
 from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSetManifest
 
 from .blobs import BlobStore, sha256_file
-from .models import WIRE_VERSION, Entry
-from .names import RefSpec
+from .models import WIRE_VERSION, Entry, check_wire_version
+from .names import LATEST, MAX_VERSION, RefSpec, validate_digest, validate_name, validate_tag
 
 PATCH_FILE = "expert_set.safetensors"
 MANIFEST_FILE = "expertlib.json"
@@ -35,14 +35,34 @@ _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)
 class HubManifest(BaseModel):
     """`expertlib.json` in a Hub repo."""
 
-    wire_version: int = WIRE_VERSION
+    wire_version: StrictInt = WIRE_VERSION
     name: str
-    version: int
+    version: int = Field(ge=1, le=MAX_VERSION)
     digest: str = Field(description="sha256 of expert_set.safetensors")
-    size: int
+    size: int = Field(ge=0)
     tags: list[str] = Field(default_factory=list)
     base: BaseIdentity
     manifest: ExpertSetManifest
+
+    @field_validator("wire_version")
+    @classmethod
+    def _wire(cls, v: int) -> int:
+        return check_wire_version(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validate_name(v)
+
+    @field_validator("digest")
+    @classmethod
+    def _digest(cls, v: str) -> str:
+        return validate_digest(v)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        return [t if t == LATEST else validate_tag(t) for t in v]
 
 
 def parse_hub_url(url: str) -> tuple[str, str | None]:

@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 INDEX_FILE = "index.db"
 #: "delete" selects SQLite's rollback journal instead of WAL, for a registry folder that several
@@ -20,6 +21,8 @@ INDEX_FILE = "index.db"
 JOURNAL_ENV = "EXPERTLIB_REGISTRY_JOURNAL"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 60_000
+#: Busy timeout on a server's request path: a locked index answers 503 + Retry-After quickly.
+SERVING_BUSY_TIMEOUT_MS = 1_000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,13 +63,36 @@ CREATE TABLE IF NOT EXISTS tags (
 """
 
 
-def connect(root: Path) -> sqlite3.Connection:
-    con = sqlite3.connect(str(root / INDEX_FILE), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+def connect(
+    root: Path, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS, read_only: bool = False
+) -> sqlite3.Connection:
+    """A connection to the index; `read_only` opens it without ever writing (not even WAL files)."""
+    if read_only:
+        return _connect_read_only(root / INDEX_FILE, busy_timeout_ms)
+    con = sqlite3.connect(str(root / INDEX_FILE), timeout=busy_timeout_ms / 1000, isolation_level=None)
     con.row_factory = sqlite3.Row
-    con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    con.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
     con.execute("PRAGMA foreign_keys = ON")
     con.execute("PRAGMA synchronous = FULL")
     return con
+
+
+def _connect_read_only(db: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+    """`mode=ro` where SQLite can share the WAL index; else `immutable=1` (a mounted snapshot: no
+    -shm file can be created, and nothing changes the file while it is read)."""
+    uri = "file:" + quote(str(db.resolve()))
+    last: sqlite3.Error | None = None
+    for query in ("?mode=ro", "?mode=ro&immutable=1"):
+        try:
+            con = sqlite3.connect(uri + query, uri=True, timeout=busy_timeout_ms / 1000, isolation_level=None)
+            con.row_factory = sqlite3.Row
+            con.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            return con
+        except sqlite3.OperationalError as exc:
+            last = exc
+    assert last is not None
+    raise last
 
 
 def init(root: Path) -> None:

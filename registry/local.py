@@ -19,6 +19,9 @@ loads a model.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -34,6 +37,10 @@ from expertlib.errors import (
     InvalidNameError,
     NotFoundError,
     PatchError,
+    PatchShapeError,
+    ReadOnlyRegistryError,
+    RegistryBusyError,
+    StorageFullError,
 )
 from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSet, ExpertSetManifest
@@ -58,25 +65,54 @@ def default_root() -> Path:
 
 
 class Registry:
-    """A local expert-set registry rooted at `root` (created on first use)."""
+    """A local expert-set registry rooted at `root` (created on first use).
 
-    def __init__(self, root: str | Path | None = None):
+    `read_only` (default: detected, a read-only folder or mount) opens an existing registry without
+    writing anything, so every read works on a mounted snapshot; writes then raise
+    ReadOnlyRegistryError. `busy_timeout` (seconds) is how long a call waits for another process's
+    lock on the index before RegistryBusyError; a server uses a short one on its request path."""
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        *,
+        read_only: bool | None = None,
+        busy_timeout: float | None = None,
+    ):
         self.root = Path(root).expanduser() if root is not None else default_root()
         self.blobs = BlobStore(self.root)
-        if (self.root / "blobs").exists() and not (self.root / index.INDEX_FILE).exists():
+        self.busy_timeout_ms = int(busy_timeout * 1000) if busy_timeout is not None else index.BUSY_TIMEOUT_MS
+        has_index = (self.root / index.INDEX_FILE).exists()
+        if (self.root / "blobs").exists() and not has_index:
             raise IntegrityError(
                 f"{self.root} has blobs but no {index.INDEX_FILE}",
                 hint="this is not an expertlib registry, or its index was deleted",
             )
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.blobs.ensure()
-        index.init(self.root)
+        self.read_only = _read_only_folder(self.root) if read_only is None else read_only
+        if self.read_only:
+            if not has_index:
+                raise NotFoundError(
+                    f"no expertlib registry at {self.root} (no {index.INDEX_FILE})",
+                    hint="a read-only folder must already hold a registry",
+                )
+            return
+        with _storage_errors(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.blobs.ensure()
+            index.init(self.root)
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"
 
     def _con(self) -> sqlite3.Connection:
-        return index.connect(self.root)
+        return index.connect(self.root, busy_timeout_ms=self.busy_timeout_ms, read_only=self.read_only)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyRegistryError(
+                f"the registry at {self.root} is read-only",
+                hint="pull the sets into a writable registry (expertlib pull SOURCE --registry DIR)",
+            )
 
     # --- bases -----------------------------------------------------------------------------------
 
@@ -241,8 +277,9 @@ class Registry:
             )
         return path
 
-    def open(self, ref: str | RefSpec | Ref, *, base: BaseArg = None, verify: bool = False) -> ExpertSet:
-        """The stored expert set, opened lazily (`verify=True` rechecks the file digest first)."""
+    def open(self, ref: str | RefSpec | Ref, *, base: BaseArg = None, verify: bool = True) -> ExpertSet:
+        """The stored expert set, opened lazily; its file's sha256 is rechecked against the digest it is
+        stored under first (`verify=False` skips that, for a registry only you write to)."""
         path = self.get_path(ref, base=base)
         if verify:
             entry = self.resolve(ref, base=base)
@@ -273,6 +310,7 @@ class Registry:
         `version` (used by pull/push to mirror a source's numbering) is taken when it is not below
         the next free version; otherwise the next free version is used.
         """
+        self._writable()
         if isinstance(patch, ExpertSet):
             return self._publish_in_memory(
                 patch, task=task, tags=tags, base=base, source=source, version=version
@@ -297,6 +335,7 @@ class Registry:
                     path=str(path),
                     hint="publish it under the base it was trained on",
                 )
+        self._check_shapes(es, base, str(path))
         tmp = self.blobs.write_temp(path, expected_digest=expected_digest)
         try:
             stored = ExpertSet.open(tmp.path)
@@ -309,6 +348,49 @@ class Registry:
             return self._commit(tmp, name, m, tags, source, version)
         finally:
             tmp.path.unlink(missing_ok=True)
+
+    def _check_shapes(self, es: ExpertSet, base: BaseArg, where: str) -> None:
+        """Expert shapes must be the base's: checked against the base folder when given, and against
+        the sets of the same base already published (one base has one expert shape)."""
+        m = es.manifest
+        if not m.experts:
+            return
+        if (
+            base is not None
+            and not isinstance(base, BaseIdentity)
+            and Path(str(base), "config.json").is_file()
+        ):
+            from expertlib.apply import check_against_base
+            from expertlib.checkpoint import BaseCheckpoint
+
+            ckpt = BaseCheckpoint(base)
+            check_against_base(
+                es,
+                identity=ckpt.identity,
+                moe_layers=ckpt.moe_layers,
+                num_experts=ckpt.num_experts,
+                expert_digest=None,
+                hint="publish it under the base it was trained on",
+                expert_shapes=ckpt.expert_shapes,
+            )
+        con = self._con()
+        try:
+            row = con.execute(
+                "SELECT name, version, manifest FROM versions WHERE base_key = ? ORDER BY version LIMIT 1",
+                (base_key(m.base),),
+            ).fetchone()
+        finally:
+            con.close()
+        if row is None:
+            return
+        other = ExpertSetManifest.model_validate_json(row["manifest"])
+        if other.experts and other.expert_shapes != m.expert_shapes:
+            raise PatchShapeError(
+                f"expert shapes {m.expert_shapes} differ from those of {row['name']}@{row['version']} "
+                f"({other.expert_shapes}), published for the same base",
+                path=where,
+                hint="the set was not made for this base model; re-export it from a model of this base",
+            )
 
     def _publish_in_memory(self, es: ExpertSet, **kw) -> Entry:
         self.blobs.ensure()
@@ -378,6 +460,7 @@ class Registry:
 
     def tag(self, ref: str | RefSpec | Ref, tag: str, *, base: BaseArg = None) -> Entry:
         """Point the movable tag `tag` of the set's name at the version `ref` names."""
+        self._writable()
         validate_tag(tag)
         entry = self.resolve(ref, base=base)
         con = self._con()
@@ -392,6 +475,7 @@ class Registry:
         return self.resolve(entry.ref, base=entry.base)
 
     def untag(self, name: str, tag: str, *, base: BaseArg = None) -> None:
+        self._writable()
         validate_tag(tag)
         entry = self.resolve(RefSpec(validate_name(name), tag=tag), base=base)
         con = self._con()
@@ -409,6 +493,7 @@ class Registry:
 
         The blobs stay until `gc`; version numbers are not reused.
         """
+        self._writable()
         spec = _spec(ref)
         if isinstance(spec, RefSpec) and spec.selector is None and not all_versions:
             raise InvalidNameError(
@@ -454,10 +539,13 @@ class Registry:
 
     def gc(self, *, grace_s: float = 3600.0, dry_run: bool = False) -> GcReport:
         """Remove blobs no entry references and temp files whose writer is gone (or older than grace_s)."""
+        if not dry_run:
+            self._writable()
         report = GcReport(dry_run=dry_run)
         con = self._con()
         try:
-            with index.transaction(con):  # holds off publishers between their rename and their insert
+            # holds off publishers between their rename and their insert
+            with index.transaction(con) if not self.read_only else contextlib.nullcontext(con):
                 used = self._referenced(con)
                 for digest in self.blobs.iter_digests():
                     if digest not in used:
@@ -533,6 +621,7 @@ class Registry:
         """Copy expert sets from a folder, HTTP registry or `hf://repo[@revision]` into this registry."""
         from .remotes import pull
 
+        self._writable()
         return pull(self, source, refs, **kw)
 
 
@@ -548,3 +637,67 @@ def _folder_identity(base: str | Path) -> BaseIdentity:
     from .basemodel import folder_identity
 
     return folder_identity(base)
+
+
+def _read_only_folder(root: Path) -> bool:
+    """An existing registry folder this process cannot write (read-only mount or permissions)."""
+    if not (root / index.INDEX_FILE).exists():
+        return False
+    try:
+        if os.statvfs(root).f_flag & os.ST_RDONLY:
+            return True
+    except (OSError, AttributeError):
+        pass
+    return not os.access(root, os.W_OK)
+
+
+@contextlib.contextmanager
+def _storage_errors(root: Path):
+    """SQLite and file-system failures as one-line registry errors with a hint."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc).lower()
+        if "locked" in text or "busy" in text:
+            raise RegistryBusyError(
+                f"the registry index at {root} is locked by another process",
+                hint="retry in a moment (a long publish or gc holds the lock)",
+            ) from None
+        if "disk is full" in text or "disk i/o" in text:
+            raise StorageFullError(
+                f"cannot write the registry at {root}: {exc}", hint="free disk space, then retry"
+            ) from None
+        if "readonly" in text or "read-only" in text or "unable to open" in text:
+            raise ReadOnlyRegistryError(
+                f"cannot write the registry at {root}: {exc}",
+                hint="it is on a read-only filesystem; pull into a writable registry instead",
+            ) from None
+        raise
+    except OSError as exc:
+        if isinstance(exc, sqlite3.Error) or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        if exc.errno == errno.EROFS:
+            raise ReadOnlyRegistryError(
+                f"cannot write the registry at {root}: read-only filesystem",
+                hint="pull into a writable registry instead",
+            ) from None
+        raise StorageFullError(
+            f"no space left to write {exc.filename or root}",
+            hint="free disk space (or `expertlib gc`), then retry; nothing was changed",
+        ) from None
+
+
+def _translated(fn):
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with _storage_errors(self.root):
+            return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
+for _name in (
+    "bases", "list", "resolve", "show", "get_path", "open", "publish", "tag", "untag", "rm",
+    "has_digest", "gc", "verify", "diff", "push", "pull",
+):  # fmt: skip
+    setattr(Registry, _name, _translated(getattr(Registry, _name)))

@@ -9,12 +9,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt, field_validator
 
 from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSetManifest
 
-from .names import Ref
+from .names import LATEST, MAX_VERSION, Ref, validate_digest, validate_name, validate_tag
 
 #: Version of the registry wire format (HTTP bodies, Hub manifest). Bumped on breaking changes.
 WIRE_VERSION = 1
@@ -29,11 +29,11 @@ class Entry(BaseModel):
     """One published version of an expert set."""
 
     name: str = Field(description="registry name of the set (the task)")
-    version: int = Field(description="version number, from 1, never reused")
+    version: int = Field(ge=1, le=MAX_VERSION, description="version number, from 1, never reused")
     digest: str = Field(description="sha256 of the patch file bytes; immutable address")
     base: BaseIdentity = Field(description="base model the set belongs to")
     tags: list[str] = Field(default_factory=list, description="tags pointing at this version (incl. latest)")
-    size: int = Field(description="patch file size in bytes")
+    size: int = Field(ge=0, description="patch file size in bytes")
     content_digest: str = Field(description="the manifest's digest over the tensors")
     task: str = Field(description="task name recorded in the patch manifest")
     description: str = ""
@@ -44,6 +44,22 @@ class Entry(BaseModel):
     published_at: datetime
     source: str | None = Field(default=None, description="where the set was pulled from, if pulled")
     manifest: ExpertSetManifest | None = Field(default=None, description="full manifest (show only)")
+
+    # entries also arrive from remotes: names and digests end up in paths and URLs, so check them
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validate_name(v)
+
+    @field_validator("digest")
+    @classmethod
+    def _digest(cls, v: str) -> str:
+        return validate_digest(v)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        return [t if t == LATEST else validate_tag(t) for t in v]
 
     @staticmethod
     def manifest_fields(m: ExpertSetManifest) -> dict[str, Any]:
@@ -83,8 +99,19 @@ class Entry(BaseModel):
 
 
 class EntryList(BaseModel):
-    wire_version: int = WIRE_VERSION
+    wire_version: StrictInt = WIRE_VERSION
     entries: list[Entry]
+
+    @field_validator("wire_version")
+    @classmethod
+    def _wire(cls, v: int) -> int:
+        return check_wire_version(v)
+
+
+def check_wire_version(v: int) -> int:
+    if v != WIRE_VERSION:
+        raise ValueError(f"wire format version {v}; this expertlib speaks version {WIRE_VERSION}")
+    return v
 
 
 class VerifyProblem(BaseModel):

@@ -24,6 +24,8 @@ LATEST = "latest"
 DIGEST_PREFIX = "sha256:"
 #: Shortest digest prefix accepted in a reference.
 MIN_DIGEST_PREFIX = 8
+#: Highest version number accepted (SQLite stores 64-bit integers; nobody publishes 2 billion).
+MAX_VERSION = 2**31 - 1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
@@ -139,7 +141,12 @@ def parse_ref(text: str) -> RefSpec:
         raise InvalidNameError(f"reference {text!r} has nothing after '@'", hint="e.g. math@3 or math@latest")
     if sel.startswith(DIGEST_PREFIX):
         return RefSpec(name, digest=validate_digest(sel, prefix_ok=True))
-    if sel.isdigit():
+    if sel.isdigit() and sel.isascii():
+        if len(sel) > len(str(MAX_VERSION)) or int(sel) > MAX_VERSION:
+            raise InvalidNameError(
+                f"version {sel[:20]}{'...' if len(sel) > 20 else ''} in the reference is too large",
+                hint=f"versions are 1 to {MAX_VERSION}; `expertlib list` shows the ones that exist",
+            )
         version = int(sel)
         if version < 1:
             raise InvalidNameError(f"version {sel} in {text!r}: versions count from 1")

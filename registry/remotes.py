@@ -49,8 +49,8 @@ class Sink(Protocol):
 class FolderRemote:
     """Another registry folder, as a source and as a destination."""
 
-    def __init__(self, registry: Registry | str | Path):
-        self.registry = registry if isinstance(registry, Registry) else _open_folder(registry)
+    def __init__(self, registry: Registry | str | Path, *, create: bool = True):
+        self.registry = registry if isinstance(registry, Registry) else _open_folder(registry, create=create)
         self.url = str(self.registry.root.resolve())
 
     def entries(self, spec: RefSpec | None, base: str | None) -> list[Entry]:
@@ -95,16 +95,22 @@ class FolderRemote:
             self.registry.tag(entry.ref, t, base=entry.base)
 
 
-def _open_folder(path: str | Path) -> Registry:
+def _open_folder(path: str | Path, *, create: bool = True) -> Registry:
+    """A registry folder; a source (`create=False`) must already be one and is never written."""
     p = Path(path).expanduser()
     if not (p / "index.db").is_file() and p.exists() and any(p.iterdir()):
         raise RemoteError(
             f"{p} is not an expertlib registry (no index.db)", hint="pass a registry root folder"
         )
+    if not create and not (p / "index.db").is_file():
+        raise NotFoundError(
+            f"no expertlib registry at {p}" + ("" if p.exists() else " (no such folder)"),
+            hint="check the path: pull reads an existing registry folder and never creates one",
+        )
     return Registry(p)
 
 
-def open_remote(url: str, *, token: str | None = None) -> Source | Sink:
+def open_remote(url: str, *, token: str | None = None, source: bool = False) -> Source | Sink:
     url = str(url)
     if url.startswith(HF_SCHEME):
         from .hub import HubRemote
@@ -118,7 +124,7 @@ def open_remote(url: str, *, token: str | None = None) -> Source | Sink:
         raise InvalidNameError(
             f"unknown remote {url!r}", hint="use a folder, http(s)://host/prefix or hf://owner/repo"
         )
-    return FolderRemote(url)
+    return FolderRemote(url, create=not source)
 
 
 def _wire_base(base: BaseArg) -> str | None:
@@ -189,7 +195,7 @@ def pull(
     progress: bool = False,
 ) -> TransferReport:
     """Copy expert sets from `source` into `reg`: every entry, or those `refs` name (a bare name: all versions)."""
-    src = open_remote(source, token=token)
+    src = open_remote(source, token=token, source=True)
     entries = _collect(src, refs, base)
     if not entries:
         raise NotFoundError(

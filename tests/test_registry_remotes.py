@@ -84,8 +84,9 @@ def test_remote_urls(tmp_path):
         reg.pull("ftp://host/x")
     with pytest.raises(InvalidNameError):
         reg.pull("hf://a/../b")
-    with pytest.raises(NotFoundError, match="holds no expert set"):
+    with pytest.raises(NotFoundError, match="no expertlib registry"):
         reg.pull(str(tmp_path / "empty"))
+    assert not (tmp_path / "empty").exists()  # a pull never creates its source
 
 
 # --- HTTP --------------------------------------------------------------------------------------------
