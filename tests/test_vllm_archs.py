@@ -20,13 +20,20 @@ import torch  # noqa: E402
 
 from expertlib.apply import apply_expert_set  # noqa: E402
 from expertlib.moe import moe_layer_indices  # noqa: E402
-from expertlib.vllm_plugin.testing import VLLM_TINY_DTYPE, make_vllm_tiny_base, random_expert_set  # noqa: E402
+from expertlib.vllm_plugin.testing import (  # noqa: E402
+    VLLM_TINY_DTYPE,
+    make_vllm_tiny_base,
+    random_expert_set,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 PROMPTS = ["Hello world", "The cat"]
 #: bf16 logits of a nearly uniform tiny model: near-ties within this many nats may flip
 BF16_TOL = 0.2
+#: median next-token logprob distance allowed between vLLM and transformers in float32 (~10x what
+#: vLLM's CPU kernels differ by on these bases)
+HF_TOL = 0.02
 ENGINE_KW = dict(enforce_eager=True, max_model_len=256, max_num_seqs=4)
 
 
@@ -42,19 +49,50 @@ def cleanup() -> None:
     cleanup_dist_env_and_memory()
 
 
-def assert_close_greedy(vllm_outputs, hf_tokens: list[list[int]], tol: float = 0.02) -> None:
-    """Greedy tokens agree until a near-tie: where they first differ, transformers' token must be one
-    vLLM scored within `tol` of its own choice (kernels round differently; tiny random models are
-    nearly uniform, so such ties happen). vLLM's own check_logprobs_close works the same way."""
-    for out, want in zip(vllm_outputs, hf_tokens, strict=True):
-        got = list(out.outputs[0].token_ids)
-        if got == want:
+def first_difference(got: list[int], want: list[int]) -> int | None:
+    """Index of the first token where two greedy continuations differ (None if one extends the other)."""
+    return next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+
+
+def assert_close_greedy(vllm_outputs, want_outputs, tol: float) -> None:
+    """Two vLLM runs' greedy tokens agree until a near-tie: where they first differ, each token must be
+    one the other run scored within `tol` of its own choice (either run's top logprobs may hold it)."""
+    for out, ref in zip(vllm_outputs, want_outputs, strict=True):
+        got, want = list(out.outputs[0].token_ids), list(ref.outputs[0].token_ids)
+        i = first_difference(got, want)
+        if i is None:
             continue
-        i = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
-        top = out.outputs[0].logprobs[i]
-        assert want[i] in top, f"token {i}: transformers chose {want[i]}, not in vLLM's top {sorted(top)}"
-        gap = top[got[i]].logprob - top[want[i]].logprob
-        assert gap < tol, f"token {i}: transformers chose {want[i]}, {gap:.4f} below vLLM's choice {got[i]}"
+        gaps = [
+            lps[i][mine].logprob - lps[i][theirs].logprob
+            for lps, mine, theirs in (
+                (out.outputs[0].logprobs, got[i], want[i]),
+                (ref.outputs[0].logprobs, want[i], got[i]),
+            )
+            if theirs in lps[i]
+        ]
+        assert gaps, f"token {i}: neither run has the other's choice ({got[i]} vs {want[i]}) in its top"
+        assert min(gaps) < tol, f"token {i}: {got[i]} vs {want[i]}, {min(gaps):.4f} apart"
+
+
+def logprob_distance(out, model, tok, prompt: str) -> float:
+    """How far transformers' next-token logprobs are from vLLM's along vLLM's own greedy tokens
+    (teacher-forced): the median over positions of the largest difference over vLLM's top tokens.
+
+    A median over the whole continuation, not the first greedy difference: vLLM's CPU kernels differ
+    from transformers' by ~1e-3 nats on these bases (measured; the exact figure depends on the CPU's
+    kernel path), enough to flip a router near-tie now and then, after which greedy paths part for
+    reasons that say nothing about the expert set."""
+    got = list(out.outputs[0].token_ids)
+    prefix = tok(prompt, return_tensors="pt").input_ids
+    ids = torch.cat([prefix, torch.tensor([got], dtype=prefix.dtype)], dim=1)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)  # (T, V)
+    start = prefix.shape[1] - 1
+    per_position = [
+        max(abs(float(logprobs[start + i, t]) - lp.logprob) for t, lp in top.items())
+        for i, top in enumerate(out.outputs[0].logprobs)
+    ]
+    return float(torch.tensor(per_position).median())
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3"])
@@ -95,23 +133,23 @@ def test_slots_match_reference(model_type, tmp_path):
         if f.name.startswith(("tokenizer", "chat_template")):
             shutil.copy(f, merged / f.name)
     llm = LLM(str(merged), **ENGINE_KW)
-    want = tokens(llm.generate(PROMPTS, greedy, use_tqdm=False))
+    out_merged = llm.generate(PROMPTS, greedy, use_tqdm=False)
     del llm
     cleanup()
     if bf16:
-        assert_close_greedy(out_set, want, tol=BF16_TOL)
+        assert_close_greedy(out_set, out_merged, tol=BF16_TOL)
     else:
-        assert got == want
+        assert got == tokens(out_merged)
 
-    # and transformers with the set applied in place agrees (float32 architectures; DeepSeek's MLA
-    # runs on CPU only in bf16, where the two implementations round too differently)
+    # and transformers with the set applied in place computes the same next-token distributions
+    # (float32 architectures; DeepSeek's MLA runs on CPU only in bf16, where the two implementations
+    # round too differently); the set's own effect on them must be far larger than that tolerance,
+    # or the comparison could not tell a set that was applied from one that was not
     if not bf16:
         tok = AutoTokenizer.from_pretrained(str(base_dir))
-
-        def hf(prompt):
-            ids = tok(prompt, return_tensors="pt").input_ids
-            return model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1] :].tolist()
-
-        assert_close_greedy(out_base, [hf(p) for p in PROMPTS])
-        with apply_expert_set(model, es):
-            assert_close_greedy(out_set, [hf(p) for p in PROMPTS])
+        for out_b, out_s, prompt in zip(out_base, out_set, PROMPTS, strict=True):
+            assert logprob_distance(out_b, model, tok, prompt) < HF_TOL
+            set_vs_base = logprob_distance(out_s, model, tok, prompt)
+            with apply_expert_set(model, es):
+                assert logprob_distance(out_s, model, tok, prompt) < HF_TOL
+            assert set_vs_base > 5 * HF_TOL, f"the set moves logprobs by only {set_vs_base:.4f}"
