@@ -1,9 +1,12 @@
 """The `expertlib` command. Each noun lives in its own module; this file only assembles them
-and translates expertlib errors into one friendly message (exit code 2) in exactly one place."""
+and translates errors into one friendly message (exit code 2) in exactly one place: expertlib's
+own errors with their hint, and the plain `ValueError`/`KeyError`/`OSError` a library or the
+file system raises. `expertlib --debug ...` (or `EXPERTLIB_DEBUG=1`) shows the traceback instead."""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -22,20 +25,42 @@ COMMAND_MODULES = [
 ]
 
 
+#: Plain exceptions that mean bad input or a file-system problem, not a bug: one line, no traceback.
+PLAIN_USER_ERRORS = (ValueError, KeyError, OSError)
+
+DEBUG_HINT = "run `expertlib --debug ...` (or set EXPERTLIB_DEBUG=1) to see the traceback"
+
+
+def _fail(message: str, hint: str | None) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    if hint:
+        click.echo(f"  hint: {hint}", err=True)
+    sys.exit(2)
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.params.get("debug")) or os.environ.get("EXPERTLIB_DEBUG", "") not in ("", "0")
+
+
 class ExpertlibGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except ExpertlibError as exc:
-            click.secho(f"error: {exc.message}", fg="red", err=True)
-            if exc.hint:
-                click.echo(f"  hint: {exc.hint}", err=True)
-            sys.exit(2)
+            if _debug(ctx):
+                raise
+            _fail(exc.message, exc.hint)
+        except PLAIN_USER_ERRORS as exc:
+            if _debug(ctx):
+                raise
+            detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            _fail(f"{type(exc).__name__}: {detail}", DEBUG_HINT)
 
 
 @click.group(cls=ExpertlibGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="expertlib")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of one line.")
+def cli(debug: bool) -> None:
     """Manage and serve ESFT expert sets for Mixture-of-Experts models.
 
     Score which experts a task uses, train only those, publish the result to a registry, and
