@@ -1,4 +1,5 @@
-"""Registry commands: publish, list, show, diff, tag, rm, gc, verify, push, pull, import-esft.
+"""Registry commands: publish, list, show, diff, tag, rm, gc, verify, push, pull, import-esft,
+export-esft.
 
 Each command parses, calls one method of `expertlib.registry.Registry`, and formats.
 """
@@ -6,6 +7,7 @@ Each command parses, calls one method of `expertlib.registry.Registry`, and form
 from __future__ import annotations
 
 import functools
+import json
 
 import click
 
@@ -393,7 +395,7 @@ def _render_transfer(d: dict) -> None:
 
 
 @click.command("import-esft")
-@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--base",
     required=True,
@@ -401,19 +403,81 @@ def _render_transfer(d: dict) -> None:
     help="Base model folder the adapter was trained on.",
 )
 @click.option("--task", required=True, help="Task name to publish under.")
+@click.option(
+    "--expert-config",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The expert_cfg.json the adapter was trained with (the reference trainer does not save it); "
+    "default: the folder's, else inferred from the tensor names.",
+)
 @click.option("--tag", "tags", multiple=True, help="Tag to point at the new version (repeatable).")
 @registry_option
 @json_option
-def import_esft_cmd(folder: str, base: str, task: str, tags: tuple[str, ...], reg, as_json: bool) -> None:
-    """Convert a reference ESFT adapter folder (expert_cfg.json + safetensors) and publish it.
+def import_esft_cmd(
+    folders: tuple[str, ...],
+    base: str,
+    task: str,
+    expert_config: str | None,
+    tags: tuple[str, ...],
+    reg,
+    as_json: bool,
+) -> None:
+    """Convert reference ESFT adapter folder(s) (safetensors [+ expert_cfg.json]) and publish them.
 
-    Example: expertlib import-esft ./esft-math --base ./base --task math
+    Takes an adapter folder, a reference trainer's output (last_checkpoint), legacy `layers.*`
+    keys, or the per-rank folders of expert-parallel training (merged into one set).
+    Example: expertlib import-esft out/last_checkpoint_ep0 out/last_checkpoint_ep1 --base ./base --task law
     """
-    from expertlib.esft_reference import import_esft
+    from expertlib.esft_reference import INFERRED, import_esft
 
-    es = import_esft(folder, base, task=task)
+    es = import_esft(list(folders), base, task=task, expert_config=expert_config)
     entry = reg.publish(es, task=task, tags=tags, base=base)
-    emit(as_json, entry.summary(), lambda _: click.echo(f"imported {_entry_line(entry)}"))
+    inferred = es.manifest.provenance.extra.get("expert_config") == INFERRED
+    if inferred and not as_json:
+        click.echo("note: no expert config given or found; inferred it from the tensor names", err=True)
+    emit(
+        as_json,
+        {**entry.summary(), "expert_config_inferred": inferred},
+        lambda _: click.echo(f"imported {_entry_line(entry)}"),
+    )
+
+
+@click.command("export-esft")
+@click.argument("ref")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--base",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Base model folder the set was made for (gives every MoE layer and the full tensor groups).",
+)
+@registry_option
+@json_option
+def export_esft_cmd(ref: str, out: str, base: str, reg, as_json: bool) -> None:
+    """Write expert set REF (a registry ref or a patch file) as a folder the reference ESFT code loads.
+
+    OUT gets expert_cfg.json (every MoE layer a key) and model.safetensors (full expert weights
+    under the checkpoint's names). Example: expertlib export-esft law@2 ./esft-law --base ./base
+    """
+    from pathlib import Path
+
+    from expertlib.esft_reference import export_esft
+    from expertlib.patch import ExpertSet
+
+    es = ExpertSet.open(ref) if Path(ref).is_file() else reg.open(ref, base=base)
+    folder = export_esft(es, out, base)
+    cfg = json.loads((folder / "expert_cfg.json").read_text())
+    data = {
+        "out": str(folder),
+        "task": es.manifest.task,
+        "num_experts": es.manifest.num_experts,
+        "expert_config": cfg,
+    }
+    emit(
+        as_json,
+        data,
+        lambda d: click.echo(f"exported {d['task']} ({d['num_experts']} experts) to {d['out']}"),
+    )
 
 
 COMMANDS = [
@@ -428,4 +492,5 @@ COMMANDS = [
     push_cmd,
     pull_cmd,
     import_esft_cmd,
+    export_esft_cmd,
 ]

@@ -118,7 +118,7 @@ def test_import_esft(base, tmp_path):
 
     folder, _ = base
     es, _ = scaled_patch(base, tmp_path / "x.safetensors", "x", {0: [4, 5], 1: [0]}, 1.2)
-    adapter = export_esft(es, tmp_path / "adapter")
+    adapter = export_esft(es, tmp_path / "adapter", folder)
     out = run(
         ["import-esft", adapter, "--base", folder, "--task", "legal", "--json"], tmp_path / "reg"
     ).output
