@@ -305,6 +305,12 @@ def _memory_errors(plan: str):
             chain.append(e)
             e = e.__cause__ or e.__context__
         hit = next((str(x) for x in chain if _MEMORY_WORDS.search(str(x))), None)
+        if hit is None and "initialization failed" in str(exc):  # engine core in its own process
+            raise EngineError(
+                f"the vLLM engine failed to start (its error is in the log above) [{plan}]",
+                hint="if that error is about memory, pass --kv-cache-memory SIZE, a smaller --max-model-len "
+                "or fewer --slots",
+            ) from exc
         if hit is None:
             raise
         first = " ".join(hit.split())

@@ -176,3 +176,18 @@ def test_sets_answer_and_an_evicted_set_is_reloaded_transparently(server):
     assert value(after, "expertlib_completion_tokens_total", model="math@1") > 0
     assert value(after, "expertlib_request_latency_seconds_count", model="math@1") >= 2
     assert value(after, "expertlib_set_load_latency_seconds_count", model="math@1") == 2
+
+
+def test_a_start_that_does_not_fit_memory_fails_with_one_line(tmp_path, tiny_model_dir):
+    """Refused before vLLM allocates anything: the line names the numbers and the flag to change."""
+    from click.testing import CliRunner
+
+    from expertlib.cli.main import cli
+
+    argv = ["serve", str(tiny_model_dir("qwen2_moe")), "--kv-cache-memory", "64KiB", "--port", "0"]
+    res = CliRunner().invoke(cli, argv)
+    assert res.exit_code == 2, res.output
+    error = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(error) == 1
+    assert "is less than one 512-token sequence needs" in error[0] and "MiB" in error[0]
+    assert "hint: pass --kv-cache-memory" in res.output

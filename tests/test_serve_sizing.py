@@ -249,3 +249,38 @@ def test_cli_slots_and_sizes_reach_the_settings(monkeypatch):
     assert res.exit_code == 2 and "neither 'auto' nor a number" in res.output
     res = CliRunner().invoke(cli, ["serve", "--help"])
     assert "scrape_configs" in res.output and "--no-load-on-demand" in res.output
+
+
+def test_gpu_keeps_utilization_and_accounts_for_the_slots():
+    from expertlib.sizing import check_gpu_fit
+
+    check_gpu_fit(REAL, slot_bytes=4 * GiB, total=80 * GiB, utilization=0.9, free=79 * GiB)  # fits
+    with pytest.raises(MemoryBudgetError, match="expert slots 50.00 GiB"):
+        check_gpu_fit(REAL, slot_bytes=50 * GiB, total=80 * GiB, utilization=0.9)
+    with pytest.raises(MemoryBudgetError, match="gpu_memory_utilization=0"):
+        check_gpu_fit(REAL, slot_bytes=GiB, total=80 * GiB, utilization=0.9, free=40 * GiB)
+
+
+def test_requests_for_a_set_being_loaded_wait_for_that_one_load(three_sets):
+    from expertlib.server.sets import SetCatalog
+
+    base_dir, base, reg = three_sets
+
+    class Slow(_Engine):
+        calls = 0
+
+        async def load(self, es, name=None, pin=False):
+            Slow.calls += 1
+            await asyncio.sleep(0.2)  # while this runs, the other requests arrive
+            return await super().load(es, name, pin)
+
+    async def run():
+        engine = Slow(type("S", (), {"slots": 20, "max_sets": 8})(), base)
+        catalog = SetCatalog(engine, "./base", reg, registry_base=str(base_dir))
+        got = await asyncio.gather(*(catalog.resolve(m) for m in ("math", "math@1", "math", "base:math")))
+        assert got == ["math@1"] * 4 and Slow.calls == 1
+        off = SetCatalog(engine, "./base", reg, registry_base=str(base_dir), load_on_demand=False)
+        with pytest.raises(Exception, match="registered but not loaded"):
+            await off.resolve("code")
+
+    asyncio.run(run())
