@@ -95,6 +95,16 @@ def _engine_arg(ctx, param, values: tuple[str, ...]) -> dict:
     "--admin-key", envvar="EXPERTLIB_ADMIN_KEY", help="Enables admin routes and guards them (Bearer)."
 )
 @click.option(
+    "--metrics-key",
+    envvar="EXPERTLIB_METRICS_KEY",
+    help="Key for GET /metrics (the admin key works too); /metrics is open only without any key.",
+)
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1024),
+    help="Largest inference request body in bytes; larger ones get 413 (default 16 MiB).",
+)
+@click.option(
     "--load-on-demand/--no-load-on-demand",
     default=True,
     show_default=True,
@@ -143,6 +153,14 @@ def serve_cmd(base: str, **opts) -> None:
 
     if opts["all_sets"] and opts["expert_sets"]:
         raise click.UsageError("use either --expert-set or --all, not both")
+    keys = [(k, opts.get(k)) for k in ("api_key", "admin_key", "metrics_key") if opts.get(k) is not None]
+    for i, (a, ka) in enumerate(keys):
+        for b, kb in keys[i + 1 :]:
+            if ka == kb:
+                raise click.UsageError(
+                    f"--{a.replace('_', '-')} and --{b.replace('_', '-')} must differ: "
+                    "with equal keys one would grant the other's routes"
+                )
     serve(ServerSettings(base=base, **{k: v for k, v in opts.items() if v is not None}))
 
 

@@ -6,12 +6,19 @@ import asyncio
 import contextlib
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from expertlib import __version__
+from expertlib.errors import ExpertlibError, RequestTooLargeError
 from expertlib.server import admin, routes
-from expertlib.server.errors import install_error_handlers
+from expertlib.server.auth import check_route
+from expertlib.server.errors import expertlib_error_body, install_error_handlers, retry_headers
 from expertlib.server.state import EngineFactory, ServerSettings, ServerState
+
+#: Routes whose body is an expert-set file (admin key, checked first): not bound by --max-body-bytes.
+UPLOAD_PATHS = ("/admin/registry/entries",)
 
 
 def create_app(
@@ -34,6 +41,7 @@ def create_app(
             state.shutdown()
 
     app = FastAPI(title="expertlib", version=__version__, lifespan=lifespan)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     app.state.server = state
     install_error_handlers(app)
     app.include_router(routes.router)
@@ -43,3 +51,48 @@ def create_app(
     if reg is not None:
         app.include_router(reg)
     return app
+
+
+class RequestGuard:
+    """ASGI middleware that runs before any request body is read or parsed: the route's key check
+    (an unauthenticated client cannot make the server read its body), then the body size limit,
+    from Content-Length up front and by counting the bytes as they arrive (413 either way)."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        limit = None if scope["path"].startswith(UPLOAD_PATHS) else self.max_body_bytes
+        try:
+            check_route(request)
+            length = request.headers.get("content-length")
+            if limit is not None and length is not None and (not length.isdigit() or int(length) > limit):
+                raise self._too_large()
+        except ExpertlibError as exc:
+            status, body = expertlib_error_body(exc)
+            response = JSONResponse(body, status_code=status, headers=retry_headers(exc))
+            return await response(scope, receive, send)
+        if limit is None:
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # inside the app's body read: its HTTP error handler answers 413
+                    raise HTTPException(413, detail=self._too_large().message)
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+    def _too_large(self) -> RequestTooLargeError:
+        return RequestTooLargeError(
+            f"the request body is larger than this server's limit of {self.max_body_bytes} bytes",
+            hint="send a shorter prompt, or start the server with a larger --max-body-bytes",
+        )

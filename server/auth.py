@@ -1,6 +1,7 @@
 """API keys: `Authorization: Bearer KEY`. The API key guards inference routes (when set); the
 admin key guards admin routes (admin routes are off without one). The admin key also works on
-inference routes."""
+inference routes. /metrics takes the metrics key or the admin key, and the API docs any key, as
+soon as the server has one. `check_route` runs them all by path before a request body is read."""
 
 from __future__ import annotations
 
@@ -48,3 +49,52 @@ def check_admin_key(request: Request) -> None:
     raise AuthenticationError(
         "invalid admin key", hint="check the key the server was started with (--admin-key)"
     )
+
+
+def _any_key(settings) -> bool:
+    return any(
+        k is not None for k in (settings.api_key, settings.admin_key, getattr(settings, "metrics_key", None))
+    )
+
+
+def check_metrics_key(request: Request) -> None:
+    """/metrics names the loaded sets: open only on a server without any key."""
+    settings = request.app.state.server.settings
+    if not _any_key(settings):
+        return
+    token = bearer(request)
+    if token is None:
+        raise AuthenticationError(
+            "no metrics key given", hint="send 'Authorization: Bearer <metrics key or admin key>'"
+        )
+    if not (_eq(token, getattr(settings, "metrics_key", None)) or _eq(token, settings.admin_key)):
+        raise AuthenticationError(
+            "invalid metrics key",
+            hint="use the key the server was started with (--metrics-key or --admin-key)",
+        )
+
+
+def check_docs_key(request: Request) -> None:
+    """The API docs (/docs, /redoc, /openapi.json): any inference or admin key once the server has keys."""
+    settings = request.app.state.server.settings
+    if not _any_key(settings):
+        return
+    token = bearer(request)
+    if not (_eq(token, settings.api_key) or _eq(token, settings.admin_key)):
+        raise AuthenticationError("the API docs need a key", hint="send 'Authorization: Bearer <key>'")
+
+
+DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
+
+
+def check_route(request: Request) -> None:
+    """The key check of the route `request` goes to, by path (runs before its body is read)."""
+    path = request.url.path
+    if path.startswith("/v1/") or path == "/v1":
+        check_api_key(request)
+    elif path.startswith("/admin/") or path == "/admin":
+        check_admin_key(request)
+    elif path == "/metrics":
+        check_metrics_key(request)
+    elif path.startswith(DOCS_PATHS):
+        check_docs_key(request)

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from expertlib.errors import NotFoundError
 from expertlib.server.protocol import AdminStatus, LoadableSet, ModelCard, ModelList
 from expertlib.server.state import ServerState
 
 
+def public_name(name: str) -> str:
+    """The base's name as public responses show it: a filesystem path only by its last part
+    (the server answers to that name too)."""
+    path = Path(name)
+    return path.name if path.is_absolute() or len(path.parts) > 1 or path.exists() else name
+
+
 def model_list(state: ServerState) -> ModelList:
     engine, catalog = state.require_ready()
-    base = state.settings.model_name
+    base = public_name(state.settings.model_name)
     status = engine.status()
     pinned = set(_pinned(status))
     history = status.get("history") or {}
-    cards = [ModelCard(id=base, created=state.created, root=state.settings.base)]
+    cards = [ModelCard(id=base, created=state.created, root=base)]
     for name in catalog.loaded():
         cards.append(
             ModelCard(
                 id=name,
                 created=catalog.loaded_at.get(name, state.created),
                 parent=base,
-                root=state.settings.base,
+                root=base,
                 aliases=catalog.aliases_of(name),
                 pinned=name in pinned,
                 state="resident",

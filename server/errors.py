@@ -30,6 +30,7 @@ ERROR_TYPES = {
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    507: "insufficient_storage",
     500: "internal_error",
     502: "upstream_error",
     503: "service_unavailable",
@@ -57,6 +58,17 @@ def expertlib_error_body(exc: ExpertlibError) -> tuple[int, dict]:
     )
 
 
+#: Seconds a client is asked to wait (Retry-After) on a 429 or 503 that does not say.
+DEFAULT_RETRY_AFTER = 1
+
+
+def retry_headers(exc: ExpertlibError) -> dict[str, str]:
+    """`Retry-After` for errors that pass with time (full queue, locked registry, not ready)."""
+    if exc.http_status not in (429, 503):
+        return {}
+    return {"Retry-After": str(getattr(exc, "retry_after", None) or DEFAULT_RETRY_AFTER)}
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -76,7 +88,7 @@ def install_error_handlers(app: FastAPI) -> None:
         status, body = expertlib_error_body(exc)
         if status >= 500:
             log.warning("%s: %s", type(exc).__name__, exc)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=retry_headers(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

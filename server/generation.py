@@ -127,7 +127,10 @@ async def _prepare(
         _, catalog = state.require_ready()
         expert_set = await catalog.resolve(req.model)
         label = expert_set or BASE_LABEL
-        prompts = to_prompts(state.tokenizer, req)
+        sequences = _sequences(req)
+        state.gate.check(sequences)  # before any work on an oversized request
+        # tokenising a long prompt takes seconds: off the event loop, so /health and others answer
+        prompts = await asyncio.to_thread(_tokenized, to_prompts, state.tokenizer, req, prompt_param)
         vocab = _vocab_size(state.tokenizer)
         for ids in prompts:
             if not ids:
@@ -147,13 +150,31 @@ async def _prepare(
             include_usage=req.include_usage_in_stream,
             cache_salt=catalog.cache_salt(expert_set),
             tokenizer=state.tokenizer,
-            release=state.gate.enter(),
+            release=state.gate.enter(sequences),
         )
     except ExpertlibError as exc:
         state.metrics.requests.labels(
             model=label or "unknown", endpoint=endpoint, status=str(exc.http_status)
         ).inc()
         raise
+
+
+def _sequences(req) -> int:
+    """Sequences a request generates (prompts x choices): what the bounded queue counts."""
+    prompt = getattr(req, "prompt", None)
+    prompts = (
+        1
+        if prompt is None or isinstance(prompt, str) or all(isinstance(x, int) for x in prompt)
+        else len(prompt)
+    )
+    return prompts * max(req.n, getattr(req, "best_of", None) or 1)
+
+
+def _tokenized(to_prompts, tokenizer, req, prompt_param: str) -> list[list[int]]:
+    try:
+        return to_prompts(tokenizer, req)
+    except (TypeError, UnicodeError) as exc:  # e.g. a lone surrogate the tokenizer cannot encode
+        raise InvalidRequestError(f"the prompt cannot be tokenized: {exc}", param=prompt_param) from None
 
 
 def _vocab_size(tokenizer) -> int | None:
@@ -204,6 +225,7 @@ def _sampling_params(req, max_tokens: int, *, stream: bool):
     """vLLM's SamplingParams for a validated request, converted by vLLM's own OpenAI request models
     (logprobs, prompt logprobs for echo, structured outputs from `response_format`, defaults)."""
     from pydantic import ValidationError
+    from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import RequestOutputKind
 
     body: dict[str, Any] = {k: getattr(req, k) for k in _SAMPLING_FIELDS if getattr(req, k) is not None}
@@ -228,7 +250,7 @@ def _sampling_params(req, max_tokens: int, *, stream: bool):
         raise InvalidRequestError(
             str(first.get("msg", exc)).removeprefix("Value error, "), param=param
         ) from None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, VLLMValidationError) as exc:  # vLLM's is no ValueError
         raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
     params.output_kind = RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY
     return params

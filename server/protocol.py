@@ -132,6 +132,23 @@ class ResponseFormat(BaseModel):
         }
 
 
+def _check_text(value: Any, depth: int = 0) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "text contains a lone UTF-16 surrogate (e.g. \\ud800); send valid Unicode"
+            ) from None
+    elif depth < 8 and isinstance(value, dict):
+        for v in value.values():
+            _check_text(v, depth + 1)
+    elif depth < 8 and isinstance(value, list):
+        for v in value:
+            if not isinstance(v, int):
+                _check_text(v, depth + 1)
+
+
 class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -141,7 +158,12 @@ class _SamplingRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, description="most tokens to generate")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, description="sampling seed, for reproducible sampled output")
+    seed: int | None = Field(
+        default=None,
+        ge=-(2**63),
+        lt=2**63,
+        description="sampling seed (64-bit), for reproducible sampled output",
+    )
     stop: str | list[str] | None = Field(default=None, description=f"up to {MAX_STOP} stop strings")
     n: int = Field(default=1, ge=1, le=MAX_N, description="choices per prompt")
     stream: bool = False
@@ -157,9 +179,18 @@ class _SamplingRequest(BaseModel):
         description="`text`, `json_object`, or `json_schema` (output constrained by vLLM's structured outputs)",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data):
+        """Every string must be encodable (JSON allows lone UTF-16 surrogates, tokenizers do not)."""
+        _check_text(data)
+        return data
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
+        if v == "":
+            raise ValueError("stop must not be an empty string")
         if isinstance(v, list):
             if len(v) > MAX_STOP:
                 raise ValueError(f"at most {MAX_STOP} stop sequences")

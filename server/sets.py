@@ -22,8 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from expertlib.constants import PATCH_SUFFIX
-from expertlib.errors import ExpertlibError, NotFoundError, NotLoadedError
+from expertlib.errors import (
+    ExpertlibError,
+    InvalidNameError,
+    NotFoundError,
+    NotLoadedError,
+    RegistryBusyError,
+)
 from expertlib.patch import ExpertSet
+from expertlib.registry.names import validate_name
 from expertlib.server.backend import ServingEngine, maybe_await
 
 log = logging.getLogger("expertlib.server")
@@ -95,7 +102,7 @@ class SetCatalog:
             return model
         if self._aliases.get(model) in loaded:
             return self._aliases[model]
-        ref = self._registry_resolve(model)
+        ref = await asyncio.to_thread(self._registry_resolve, model)  # SQLite off the event loop
         if ref is not None:
             if ref.id in loaded:
                 return ref.id
@@ -117,6 +124,8 @@ class SetCatalog:
             return None
         try:
             ref = self.registry.resolve(text, base=self.registry_base)
+        except RegistryBusyError:
+            raise  # 503 + Retry-After, not "no such model"
         except (NotFoundError, KeyError, ExpertlibError, ValueError):
             return None
         return _registered(ref)
@@ -151,7 +160,8 @@ class SetCatalog:
     async def load(self, name: str, *, pin: bool = False) -> str:
         """Load a registry reference or a patch file; return the name it is served under. Loads of
         one set are serialised: a second caller waits for the first load and then finds it resident."""
-        es, served, task = self._open(self.split_base(name))
+        # registry lookup and the blob's digest check read files: off the event loop
+        es, served, task = await asyncio.to_thread(self._open, self.split_base(name))
         lock = self._locks.setdefault(served, asyncio.Lock())
         async with lock:
             if served in set(self.loaded()):
@@ -232,7 +242,14 @@ class SetCatalog:
         path = Path(name)
         if name.endswith(PATCH_SUFFIX) and path.is_file():
             es = ExpertSet.open(path)
-            return es, es.manifest.task, es.manifest.task
+            task = es.manifest.task
+            validate_name(task, what="the patch's task name (its served name)")  # no paths, no '@'
+            if task in self.base_names:
+                raise InvalidNameError(
+                    f"the patch's task name {task!r} is the base model's name",
+                    hint="publish it to the registry under another name (expertlib publish --task NAME)",
+                )
+            return es, task, task
         if self.registry is None:
             raise NotFoundError(
                 f"{name!r} is not a patch file and the server has no registry",

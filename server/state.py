@@ -10,10 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from expertlib.checkpoint import BaseCheckpoint
-from expertlib.errors import ExpertlibError, NotReadyError, QueueFullError, SlotError
+from expertlib.errors import ExpertlibError, InvalidRequestError, NotReadyError, QueueFullError, SlotError
 from expertlib.server.backend import ServingEngine, maybe_await
 from expertlib.server.metrics import ServerMetrics
 from expertlib.server.sets import SetCatalog
@@ -59,6 +59,15 @@ class ServerSettings(BaseModel):
     admin_key: str | None = Field(
         default=None, description="required on admin routes; admin routes are off without it"
     )
+    metrics_key: str | None = Field(
+        default=None, description="key for GET /metrics (the admin key works too); open without any key"
+    )
+    max_body_bytes: int = Field(
+        default=16 * 2**20, ge=1024, description="largest inference request body; larger ones get 413"
+    )
+    max_request_sequences: int = Field(
+        default=64, ge=1, description="most sequences (prompts x n) one request may ask for"
+    )
     load_on_demand: bool = Field(
         default=True, description="load a registered, not resident set on its first request"
     )
@@ -72,6 +81,18 @@ class ServerSettings(BaseModel):
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="extra keyword arguments for the engine"
     )
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> ServerSettings:
+        keys = {"api_key": self.api_key, "admin_key": self.admin_key, "metrics_key": self.metrics_key}
+        given = [(n, k) for n, k in keys.items() if k is not None]
+        for i, (a, ka) in enumerate(given):
+            for b, kb in given[i + 1 :]:
+                if ka == kb:
+                    raise ValueError(
+                        f"{a} and {b} must differ (with equal keys, one grants the other's routes)"
+                    )
+        return self
 
     @property
     def model_name(self) -> str:
@@ -124,32 +145,48 @@ def plan_start(settings: ServerSettings, catalog: SetCatalog, names: list[str]) 
 
 def open_registry(root: str | None) -> Any:
     """The registry at `root`; without one, the default registry if it exists (else None)."""
+    from expertlib.registry.index import SERVING_BUSY_TIMEOUT_MS
     from expertlib.registry.local import Registry, default_root
 
     if root is None:
         if not (default_root() / "index.db").is_file():
             return None
         root = default_root()
-    return Registry(root)
+    # a locked index answers 503 + Retry-After within a second instead of holding requests
+    return Registry(root, busy_timeout=SERVING_BUSY_TIMEOUT_MS / 1000)
 
 
 class Gate:
-    """The bounded queue: at most `limit` inference requests admitted (waiting or running)."""
+    """The bounded queue: at most `limit` sequences admitted (waiting or running); a request counts
+    as many sequences as it generates (prompts x n), and one request at most `per_request`."""
 
-    def __init__(self, limit: int, metrics: ServerMetrics):
+    def __init__(self, limit: int, metrics: ServerMetrics, per_request: int | None = None):
         self.limit = limit
+        self.per_request = min(per_request or limit, limit)
         self.depth = 0
         self.metrics = metrics
         metrics.queue_limit.set(limit)
 
-    def enter(self) -> Callable[[], None]:
-        """Admit one request or raise QueueFullError; returns its (idempotent) release."""
-        if self.depth >= self.limit:
+    def check(self, sequences: int) -> None:
+        """InvalidRequestError when one request asks for more than `per_request` sequences."""
+        if sequences > self.per_request:
+            raise InvalidRequestError(
+                f"this request asks for {sequences} sequences (prompts x n); the limit is {self.per_request}",
+                param="n",
+                hint="split the prompts over several requests, or lower n",
+            )
+
+    def enter(self, sequences: int = 1) -> Callable[[], None]:
+        """Admit a request of `sequences` sequences or raise (InvalidRequestError when one request
+        asks for more than `per_request`, QueueFullError when the queue is full); returns its
+        (idempotent) release."""
+        self.check(sequences)
+        if self.depth + sequences > self.limit:
             raise QueueFullError(
-                f"the server is at its limit of {self.limit} concurrent requests",
+                f"the server is at its limit of {self.limit} concurrent sequences",
                 hint="retry after a short wait",
             )
-        self.depth += 1
+        self.depth += sequences
         self.metrics.queue_depth.set(self.depth)
         released = False
 
@@ -157,7 +194,7 @@ class Gate:
             nonlocal released
             if not released:
                 released = True
-                self.depth -= 1
+                self.depth -= sequences
                 self.metrics.queue_depth.set(self.depth)
 
         return release
@@ -169,7 +206,7 @@ class ServerState:
     ):
         self.settings = settings
         self.metrics = ServerMetrics()
-        self.gate = Gate(settings.max_queue, self.metrics)
+        self.gate = Gate(settings.max_queue, self.metrics, settings.max_request_sequences)
         self.engine_factory = engine_factory or default_engine_factory
         self.registry = registry
         self.engine: ServingEngine | None = None

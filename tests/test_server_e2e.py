@@ -387,7 +387,7 @@ def test_full_queue_is_429_and_disconnects_abort(world):
 
 
 def test_metrics_per_set(world):
-    text = httpx.get(world["url"] + "/metrics").text
+    text = httpx.get(world["url"] + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
     for name in ("alpha@1", "beta@1", "base"):
         assert f'expertlib_requests_total{{endpoint="completions",model="{name}",status="200"}}' in text
         assert f'expertlib_completion_tokens_total{{model="{name}"}}' in text

@@ -464,8 +464,9 @@ def test_auth_401_and_403(fake_server):
     _assert_openai_error(_post(fake_server, "/admin/sets/pin", {"name": "math"}, key=API_KEY), 403)
     _assert_openai_error(_post(fake_server, "/admin/sets/pin", {"name": "math"}, key="wrong"), 401)
     _assert_openai_error(_post(fake_server, "/admin/sets/pin", {"name": "math"}, key=None), 401)
-    assert httpx.get(fake_server.url + "/health").status_code == 200  # health and metrics are open
-    assert httpx.get(fake_server.url + "/metrics").status_code == 200
+    assert httpx.get(fake_server.url + "/health").status_code == 200  # health is open
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}  # metrics name the loaded sets: admin or metrics key
+    assert httpx.get(fake_server.url + "/metrics", headers=admin).status_code == 200
 
 
 def test_queue_full_is_429_and_disconnect_aborts(fake_server):
@@ -517,7 +518,7 @@ def test_metrics_count_requests_tokens_and_latency_per_set(fake_server):
     client(fake_server).completions.create(model="math", prompt="x", max_tokens=3)
     with pytest.raises(openai.NotFoundError):
         client(fake_server).completions.create(model="nope", prompt="x", max_tokens=3)
-    text = httpx.get(fake_server.url + "/metrics").text
+    text = httpx.get(fake_server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
     assert 'expertlib_requests_total{endpoint="completions",model="math@1",status="200"}' in text
     assert 'expertlib_completion_tokens_total{model="math@1"}' in text
     assert 'expertlib_request_latency_seconds_count{model="math@1"}' in text

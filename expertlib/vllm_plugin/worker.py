@@ -138,7 +138,9 @@ class SlotWorkerExtension:
             "device": str(first.w13_weight.device),
         }
 
-    def expertlib_write_slots(self, path: str, fills: list[list[int]], content_digest: str | None = None) -> int:
+    def expertlib_write_slots(
+        self, path: str, fills: list[list[int]], content_digest: str | None = None
+    ) -> int:
         """Copy experts of the set file at `path` into slots: fills = [[layer, slot, expert], ...].
 
         The set is checked here too, on the bytes this worker copies, before any slot is written:
