@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,16 +76,21 @@ def read_records(path: str | Path) -> list[tuple[int, list[dict[str, str]]]]:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"bad JSON: {exc.msg} (column {exc.colno})", path=where, line=n, hint=_SHAPES
-                ) from None
-            records.append((n, _messages(obj, where, n)))
+            records.append((n, _parse_line(raw, where, n)))
     if not records:
         raise DataError("the data file has no records", path=where, hint=_SHAPES)
     return records
+
+
+def _parse_line(raw: str | bytes, where: str, n: int) -> list[dict[str, str]]:
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        msg = (
+            f"bad JSON: {exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        )
+        raise DataError(msg, path=where, line=n, hint=_SHAPES) from None
+    return _messages(obj, where, n)
 
 
 _SHAPES = 'each line must be {"messages": [{"role": ..., "content": ...}, ...]} or {"prompt": ..., "completion": ...}'
@@ -192,27 +198,97 @@ def load_samples(
     where = str(path)
     samples = []
     for n, messages in read_records(path):
-        try:
-            ids, labels = encode_messages(messages, tokenizer, template=template)
-        except Exception as exc:  # the chat template (jinja) may refuse a conversation in many ways
-            raise DataError(f"cannot tokenise this record: {exc}", path=where, line=n) from None
-        if len(ids) > max_length and not pack:
-            if too_long == "error":
-                raise DataError(
-                    f"sample has {len(ids)} tokens, more than max_length={max_length}",
-                    path=where,
-                    line=n,
-                    hint="raise --max-length, or pass --too-long truncate / skip",
-                )
-            if too_long == "skip":
-                continue
-            ids, labels = ids[:max_length], labels[:max_length]
-        if not any(x != IGNORE_INDEX for x in labels):
-            raise DataError("sample has no answer tokens after tokenisation", path=where, line=n)
-        samples.append(Sample(tuple(ids), tuple(labels), n))
+        s = _to_sample(messages, tokenizer, where, n, max_length, None if pack else too_long, template)
+        if s is not None:
+            samples.append(s)
     if not samples:
         raise DataError(f"no sample fits max_length={max_length}", path=where, hint="raise --max-length")
     return pack_samples(samples, max_length) if pack else samples
+
+
+def _to_sample(
+    messages: list[dict[str, str]],
+    tokenizer,
+    where: str,
+    n: int,
+    max_length: int,
+    too_long: TooLong | None,
+    template: Literal["auto", "none"],
+) -> Sample | None:
+    """Tokenise one record; None when `too_long="skip"` drops it (`too_long=None`: never cut)."""
+    try:
+        ids, labels = encode_messages(messages, tokenizer, template=template)
+    except Exception as exc:  # the chat template (jinja) may refuse a conversation in many ways
+        raise DataError(f"cannot tokenise this record: {exc}", path=where, line=n) from None
+    if too_long is not None and len(ids) > max_length:
+        if too_long == "error":
+            raise DataError(
+                f"sample has {len(ids)} tokens, more than max_length={max_length}",
+                path=where,
+                line=n,
+                hint="raise --max-length, or pass --too-long truncate / skip",
+            )
+        if too_long == "skip":
+            return None
+        ids, labels = ids[:max_length], labels[:max_length]
+    if not any(x != IGNORE_INDEX for x in labels):
+        raise DataError("sample has no answer tokens after tokenisation", path=where, line=n)
+    return Sample(tuple(ids), tuple(labels), n)
+
+
+class LazySamples(Sequence):
+    """The samples of a jsonl file, read and tokenised on access (`samples[i]`).
+
+    Holds one byte offset and line number per record, never the text or the tokens, so a pass
+    over it (streaming scoring) needs memory independent of the file's size. An item is None
+    when `too_long="skip"` drops that record; errors name the file and line as `load_samples`.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        tokenizer,
+        *,
+        max_length: int = 2048,
+        too_long: TooLong = "truncate",
+        template: Literal["auto", "none"] = "auto",
+    ):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(
+                "no such data file", path=str(path), hint="pass a .jsonl file with one record per line"
+            )
+        self.tokenizer, self.max_length, self.too_long, self.template = (
+            tokenizer,
+            max_length,
+            too_long,
+            template,
+        )
+        self._offsets, self._lines = array("q"), array("q")
+        pos = 0
+        with open(self.path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                if raw.strip():
+                    self._offsets.append(pos)
+                    self._lines.append(n)
+                pos += len(raw)
+        if not self._offsets:
+            raise DataError("the data file has no records", path=str(path), hint=_SHAPES)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        with open(self.path, "rb") as f:
+            f.seek(self._offsets[i])
+            raw = f.readline()
+        n = int(self._lines[i])
+        messages = _parse_line(raw, str(self.path), n)
+        return _to_sample(
+            messages, self.tokenizer, str(self.path), n, self.max_length, self.too_long, self.template
+        )
 
 
 def pack_samples(samples: Sequence[Sample], max_length: int) -> list[Sample]:

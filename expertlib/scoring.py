@@ -39,7 +39,8 @@ to the architecture, or use ESFT-Token, whose scores sum to 1 in every layer eve
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Literal
 
@@ -161,6 +162,11 @@ class RoutingRecorder:
             assert w is not None and top_k_index.shape[0] == w.shape[0], "set_batch() before each forward"
             k = top_k_index.shape[1]
             ids = top_k_index.reshape(-1).long()  # (T*K,)
+            if self.token[layer].device != ids.device:  # counters live with their layer (GPU, device map)
+                self.token[layer] = self.token[layer].to(ids.device)
+                self.gate[layer] = self.gate[layer].to(ids.device)
+            if w.device != ids.device:
+                w = self._weight = w.to(ids.device)  # once per batch and device
             per_slot = w.repeat_interleave(k)  # (T*K,) weight of the slot's token
             self.token[layer].index_add_(0, ids, per_slot / k)
             g = top_k_weights.detach().reshape(-1).double()  # (T*K,)
@@ -202,20 +208,28 @@ def budget_samples(
     Whole samples are taken until the budget is reached; the last one is cut so exactly
     `budget` tokens count (a causal model routes a prefix exactly as in the full sequence).
     """
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-    out: list[tuple[Sample, int]] = []
+    return list(iter_budget(samples, budget, count_prompt_tokens=count_prompt_tokens, seed=seed))
+
+
+def iter_budget(
+    samples: Sequence[Sample | None], budget: int | None, *, count_prompt_tokens: bool, seed: int
+) -> Iterator[tuple[Sample, int]]:
+    """`budget_samples` one pair at a time: touches only the samples it yields (lazy sequences,
+    `expertlib.data.LazySamples`, read them on demand; None items, skipped records, are passed over)."""
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
     left = budget if budget is not None else float("inf")
-    for i in order:
+    for i in order.tolist():
         s = samples[i]
+        if s is None:
+            continue
         n = len(s) if count_prompt_tokens else s.num_answer_tokens
         if n == 0:
             continue
         take = int(min(n, left))
-        out.append((s, take))
+        yield s, take
         left -= take
         if left <= 0:
             break
-    return out
 
 
 def _count_mask(
@@ -258,22 +272,21 @@ def score_experts(
     `weighting`: "paper" (1/L_j per sequence) or "reference" (pooled, as deepseek-ai/ESFT)."""
     from tqdm.auto import tqdm
 
-    chosen = budget_samples(samples, token_budget, count_prompt_tokens=count_prompt_tokens, seed=seed)
-    if not chosen:
-        raise SelectionError(
-            "no token to score", hint="the data has no counted tokens; try counting prompt tokens"
-        )
+    from expertlib.devices import input_device
+
+    # streaming: one batch of samples at a time; only the per-layer counters accumulate
+    chosen = iter_budget(samples, token_budget, count_prompt_tokens=count_prompt_tokens, seed=seed)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    total = sum(take for _, take in chosen)
+    device = input_device(model)
     try:
         with (
             RoutingRecorder(model, weighting) as rec,
-            tqdm(total=total, desc="scoring", unit="tok", disable=not progress) as bar,
+            tqdm(
+                total=token_budget, desc="scoring", unit="tok", unit_scale=True, disable=not progress
+            ) as bar,
         ):
-            for i in range(0, len(chosen), batch_size):
-                part = chosen[i : i + batch_size]
+            while part := list(islice(chosen, batch_size)):
                 width = max(len(s) for s, _ in part)
                 cut, count = _count_mask(part, width, count_prompt_tokens)
                 batch = collate(cut, pad_id)
@@ -285,6 +298,10 @@ def score_experts(
                 bar.update(int(count.sum()))
     finally:
         model.train(was_training)
+    if rec.tokens == 0:
+        raise SelectionError(
+            "no token to score", hint="the data has no counted tokens; try counting prompt tokens"
+        )
     token, gate = rec.result()
     return ExpertScores(
         base=base or base_identity(model),
@@ -315,14 +332,23 @@ def score_task(
     seed: int = 0,
     progress: bool = True,
     weighting: Weighting = "paper",
+    device: str = "auto",
+    dtype: str | None = None,
 ) -> ExpertScores:
-    """Load a base model and a jsonl task file, and score every routed expert (`expertlib score`)."""
-    from expertlib.data import data_digest, load_samples, load_tokenizer, pad_token_id
+    """Load a base model and a jsonl task file, and score every routed expert (`expertlib score`).
+
+    The data is read lazily (`LazySamples`): memory does not grow with the file. The model runs
+    on `device` (auto: CUDA when present) in `dtype` (default: as stored).
+    """
+    from expertlib.data import LazySamples, data_digest, load_tokenizer, pad_token_id
+    from expertlib.devices import resolve_device, torch_dtype
     from expertlib.moe import load_model
 
-    model = load_model(base)
+    dev = resolve_device(device)
+    model = load_model(base, dtype=torch_dtype(dtype) if dtype else None)
+    model.to(dev)
     tok = load_tokenizer(base)
-    samples = load_samples(data, tok, max_length=max_length, too_long=too_long)
+    samples = LazySamples(data, tok, max_length=max_length, too_long=too_long)  # type: ignore[arg-type]
     return score_experts(
         model,
         samples,

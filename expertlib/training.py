@@ -24,17 +24,21 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from expertlib import distributed
 from expertlib import training_state as ckpt
 from expertlib.data import IGNORE_INDEX, Sample, collate
+from expertlib.devices import input_device, resolve_device, torch_dtype
 from expertlib.errors import SelectionError
 from expertlib.identity import BaseIdentity
+from expertlib.memory_plan import MemoryPlan, ModelShape, plan_training
 from expertlib.moe import (
     ExpertWeights,
     arch_spec,
@@ -90,7 +94,16 @@ class TrainConfig(BaseModel):
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="final lr as a fraction of the peak")
     max_grad_norm: float | None = Field(default=1.0, description="gradient clipping; None disables it")
     dtype: Literal["float32", "bfloat16"] = Field(
-        default="float32", description="compute dtype; bfloat16 = autocast with float32 master weights"
+        default="float32",
+        description="dtype of the frozen base weights and of compute (bfloat16: autocast); "
+        "train_esft loads the base in it",
+    )
+    master_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="dtype of the trained experts (master weights), their gradients and AdamW state",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute each layer's activations in the backward pass (less memory)"
     )
     seed: int = 0
     eval_every: int = Field(default=0, ge=0, description="held-out loss every N steps (0: only at the end)")
@@ -100,6 +113,14 @@ class TrainConfig(BaseModel):
         description="stop after N held-out evaluations without improvement and keep the best weights (0: off)",
     )
     checkpoint_every: int = Field(default=0, ge=0, description="checkpoint every N steps (0: never)")
+
+    @model_validator(mode="after")
+    def _master_not_below_compute(self) -> TrainConfig:
+        if self.master_dtype == "bfloat16" and self.dtype == "float32":
+            raise ValueError(
+                "master_dtype bfloat16 needs dtype bfloat16 (float32 compute cannot use bf16 weights)"
+            )
+        return self
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine/linear decay."""
@@ -175,8 +196,15 @@ class Trainable:
         return slots + [(n, named[n]) for n in self.extra_names]
 
 
-def prepare_trainable(model: nn.Module, selection: ExpertConfig) -> Trainable:
-    """Freeze the base, put the selected experts into trainable slots, unfreeze the ablation extras."""
+def prepare_trainable(
+    model: nn.Module, selection: ExpertConfig, *, master_dtype: torch.dtype | None = None
+) -> Trainable:
+    """Freeze the base, put the selected experts into trainable slots, unfreeze the ablation extras.
+
+    The slots live on their layer's device; with `master_dtype` (e.g. float32 over a bfloat16
+    base) they hold the trained experts in that dtype (master weights; autocast computes in the
+    base's dtype).
+    """
     layers = moe_layer_indices(model)
     selection.check_against(layers, int(experts_module(model, layers[0]).num_experts))
     experts = {layer: ids for layer, ids in selection.experts.items() if ids}
@@ -197,6 +225,9 @@ def prepare_trainable(model: nn.Module, selection: ExpertConfig) -> Trainable:
             for e, slot in m.items():
                 write_slot(model, layer, slot, read_expert(model, layer, e))
             set_remap(model, TRAIN_SET, layer, m)
+        if master_dtype is not None:
+            for p in slot_parameters(model):
+                p.data = p.data.to(master_dtype)
     for n in extra:
         named[n].requires_grad_(True)
     return Trainable(selection, slot_of, extra, base_digests, base_param_digests)
@@ -276,14 +307,13 @@ def batch_indices(step: int, micro: int, config: TrainConfig, n: int) -> list[in
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], config: TrainConfig) -> torch.Tensor:
     """Summed next-token cross-entropy over trained labels of one batch."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
-    labels = batch["labels"].to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16"):
-        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, S, V)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, S, V)
     logits = logits[:, :-1].float()
-    target = labels[:, 1:]
+    target = batch["labels"][:, 1:].to(logits.device)
     return nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -337,9 +367,13 @@ def train_experts(
     if not samples:
         raise SelectionError("no training samples")
     torch.manual_seed(config.seed)
+    dist = distributed.context()
+    # each step's global batch: batch_size sequences per process (the same as one process with
+    # batch_size x world_size); every process picks the global indices and trains on its share
+    global_cfg = config.model_copy(update={"batch_size": config.batch_size * dist.world_size})
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        trainable = prepare_trainable(model, selection)
+        trainable = prepare_trainable(model, selection, master_dtype=torch_dtype(config.master_dtype))
     except BaseException:
         _restore_flags(model, flags)
         raise
@@ -358,6 +392,8 @@ def train_experts(
         if resume and checkpoint_dir is not None and ckpt.exists(checkpoint_dir):
             state = ckpt.load(checkpoint_dir, params, opt, key)
         t0 = time.perf_counter() - state.wall_time_s
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         best: tuple[float, list[torch.Tensor]] | None = None  # early stopping: (loss, weights)
         stale = 0
         model.train()
@@ -370,15 +406,18 @@ def train_experts(
                 for group in opt.param_groups:
                     group["lr"] = lr
                 micro = [
-                    [samples[i] for i in batch_indices(step, m, config, len(samples))]
+                    [samples[i] for i in batch_indices(step, m, global_cfg, len(samples))]
                     for m in range(config.grad_accum)
                 ]
-                n_tokens = max(1, sum(n_labels(mb) for mb in micro))
+                n_tokens = max(1, sum(n_labels(mb) for mb in micro))  # of the global batch
                 loss_value = 0.0
                 for mb in micro:
-                    loss = loss_sum(model, collate(mb, pad_id), config) / n_tokens
+                    loss = loss_sum(model, collate(dist.shard(mb), pad_id), config) / n_tokens
                     loss.backward()
                     loss_value += float(loss.detach())
+                if dist.enabled:
+                    distributed.all_reduce_gradients([p for _, p in params])
+                    loss_value = distributed.all_reduce_sum(loss_value)
                 if config.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_([p for _, p in params], config.max_grad_norm)
                 opt.step()
@@ -401,6 +440,7 @@ def train_experts(
                 bar.update(1)
                 if (
                     checkpoint_dir is not None
+                    and dist.is_main
                     and config.checkpoint_every
                     and state.step % config.checkpoint_every == 0
                 ):
@@ -439,6 +479,8 @@ def train_experts(
         )
     finally:
         model.eval()
+        if config.gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
         if trainable.slot_of:
             remove_slots(model)
         _restore_flags(model, flags)
@@ -451,7 +493,9 @@ def _restore_flags(model: nn.Module, flags: dict[str, bool]) -> None:
 
 def _key_config(config: TrainConfig) -> dict:
     """Config fields that must match to resume (how often to evaluate or checkpoint may change)."""
-    return config.model_dump(mode="json", exclude={"eval_every", "checkpoint_every"})
+    return config.model_dump(
+        mode="json", exclude={"eval_every", "checkpoint_every", "gradient_checkpointing"}
+    )
 
 
 # --- the whole pipeline (`expertlib train`) -----------------------------------------------------------
@@ -483,6 +527,9 @@ def train_esft(
     description: str = "",
     progress: bool = True,
     on_selection: Callable[[nn.Module, ExpertConfig, Sequence[Sample]], None] | None = None,
+    device: str = "auto",
+    device_map: str | None = None,
+    on_plan: Callable[[MemoryPlan, int, str], None] | None = None,
 ) -> ExpertSet:
     """Score, select and train one task's experts on a base model; return (and save) the patch.
 
@@ -493,6 +540,13 @@ def train_esft(
     `token_budget` tokens; None = all) and selected with the top-p rule (`top_p` defaults to
     the paper's 0.2 for token, 0.1 for gate). `weighting` is the scoring's ("paper" or the
     reference code's pooled "reference", `expertlib.scoring`). The patch is written atomically to `out`.
+
+    `device` (auto, cpu, cuda, cuda:N) is where the model runs, loaded in `config.dtype`;
+    `device_map` ("auto", "balanced", ...) spreads the frozen base over all GPUs with accelerate
+    instead. Before loading, and again once the selection is known, the memory plan
+    (`expertlib.memory_plan`) is passed to `on_plan(plan, capacity_bytes, device)` and checked:
+    a run that cannot fit raises DeviceError with suggestions. Under torchrun / accelerate
+    launch the processes train data-parallel (`expertlib.distributed`); rank 0 writes the patch.
     """
     from expertlib.data import data_digest, load_samples, load_tokenizer, pad_token_id, split_holdout
     from expertlib.identity import base_identity
@@ -501,9 +555,37 @@ def train_esft(
     from expertlib.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
 
     config = config or TrainConfig()
-    model = load_model(base)
-    patch_dtype = next(model.parameters()).dtype
-    model.float()
+    dev = resolve_device(device)
+    dist = distributed.init(dev)
+    base_cfg = load_config(base)
+    shape = ModelShape.from_config(base_cfg)
+    guess = ExpertConfig.load(experts) if isinstance(experts, (str, Path)) else experts
+    planned = partial(
+        _check_plan,
+        base_cfg,
+        shape=shape,
+        config=config,
+        device=dev,
+        device_map=device_map,
+        on_plan=on_plan,
+        extra=train_shared_experts or train_non_expert_modules,
+    )
+    if guess is not None:
+        planned(guess.num_experts, max_length)
+    else:  # selection unknown until scoring: assume a quarter of each layer (ESFT trains 5-15%)
+        per_layer = min(
+            shape.num_experts, max_per_layer or max(shape.top_k, math.ceil(shape.num_experts / 4))
+        )
+        planned(per_layer * len(shape.moe_layers), max_length)
+    patch_dtype = checkpoint_dtype(base_cfg)
+    kw = (
+        {"device_map": device_map}
+        if device_map
+        else {"device_map": {"": str(dev)}}
+        if dev.type != "cpu"
+        else {}
+    )
+    model = load_model(base, dtype=torch_dtype(config.dtype), **kw)
     tok = load_tokenizer(base)
     pad = pad_token_id(tok)
     digest = data_digest(data)
@@ -567,6 +649,12 @@ def train_esft(
         )
     if on_selection is not None:
         on_selection(model, selection, train_s)
+    moe_sel = [layer for layer, ids in selection.experts.items() if ids]
+    planned(
+        selection.num_experts,
+        min(max_length, max(len(x) for x in train_s)),
+        first_trained_layer=min(moe_sel) if moe_sel else None,
+    )
     run_key = {
         "data_digest": digest,
         "eval_data": data_digest(eval_data) if eval_data is not None else holdout,
@@ -587,7 +675,82 @@ def train_esft(
         progress=progress,
     )
     prov.extra["eval_losses"] = [[s, round(v, 6)] for s, v in result.eval_losses]
+    if next(model.parameters()).dtype != patch_dtype:
+        _digests_from_checkpoint(base, result.trainable)
     es = result.expert_set(task=task, base=ident, provenance=prov, dtype=patch_dtype, description=description)
-    if out is not None:
+    if out is not None and dist.is_main:
         es.save(out)
+    distributed.barrier()
     return es
+
+
+def load_config(base: str | Path):
+    """The base's transformers config (no weights)."""
+    from transformers import AutoConfig
+
+    from expertlib.errors import ModelLoadError
+
+    try:
+        return AutoConfig.from_pretrained(str(base))
+    except Exception as exc:  # transformers raises OSError/ValueError/... depending on the failure
+        raise ModelLoadError(
+            f"cannot load a model config from {str(base)!r}: {exc}",
+            hint="pass a folder written by save_pretrained (config.json + safetensors) or a reachable hub id",
+        ) from exc
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype the base is stored in (the patch's dtype); float32 when the config names none."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else torch.float32
+
+
+def _check_plan(
+    base_cfg,
+    trained_experts: int,
+    seq_len: int,
+    *,
+    shape: ModelShape,
+    config: TrainConfig,
+    device: torch.device,
+    device_map: str | None,
+    on_plan: Callable[[MemoryPlan, int, str], None] | None,
+    extra: bool,
+    first_trained_layer: int | None = None,
+) -> MemoryPlan:
+    """Plan the run's memory, report it, and refuse it when it cannot fit the device(s)."""
+    from expertlib.devices import device_capacity
+
+    plan = plan_training(
+        base_cfg,
+        trained_experts=trained_experts,
+        batch_size=config.batch_size,
+        seq_len=seq_len,
+        dtype=config.dtype,
+        master_dtype=config.master_dtype,
+        gradient_checkpointing=config.gradient_checkpointing,
+        first_trained_layer=0 if extra else first_trained_layer,
+        shape=shape,
+    )
+    if device_map and torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        capacity, where = sum(device_capacity(f"cuda:{i}") for i in range(n)), f"{n} GPUs"
+    else:
+        capacity, where = device_capacity(device), str(device)
+    if on_plan is not None:
+        on_plan(plan, capacity, where)
+    plan.check(capacity, device=where)
+    return plan
+
+
+def _digests_from_checkpoint(base: str | Path, trainable: Trainable) -> None:
+    """Base digests as stored on disk, when the base was loaded in another dtype (e.g. fp32 -> bf16)."""
+    from expertlib.checkpoint import BaseCheckpoint
+
+    if not Path(base).is_dir():
+        return  # a hub id: the digests of the loaded (cast) weights stand
+    ck = BaseCheckpoint(base)
+    trainable.base_digests = {key: ck.expert_digest(*key) for key in trainable.base_digests}
+    trainable.base_param_digests = {n: tensor_digest(ck.tensor(n)) for n in trainable.base_param_digests}
