@@ -25,8 +25,14 @@ from expertlib.cli.output import emit, json_option, print_table
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N eval samples of each task.")
 @click.option("--n-eval", type=int, default=100, show_default=True, help="Size of each task's eval split.")
 @click.option("--registry", default=None, help="Registry folder (default: $EXPERTLIB_REGISTRY).")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where to run: auto (CUDA when present), cpu, cuda or cuda:N.",
+)
 @json_option
-def eval_cmd(base, expert_sets, tasks, limit, n_eval, registry, as_json) -> None:
+def eval_cmd(base, expert_sets, tasks, limit, n_eval, registry, device, as_json) -> None:
     """Exact-match accuracy of BASE and of each expert set on each toy task's eval split.
 
     Specialised tasks show what each set learned; general tasks show how much general ability
@@ -45,6 +51,7 @@ def eval_cmd(base, expert_sets, tasks, limit, n_eval, registry, as_json) -> None
         n_eval=n_eval,
         registry=registry,
         progress=not as_json,
+        device=device,
     )
     emit(
         as_json,

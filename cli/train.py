@@ -11,6 +11,19 @@ _GENERAL_HELP = (
     "General reference data (jsonl, or 'builtin' for the demo's general tasks): report per layer how much "
     "of its routing the selected experts carry, and warn when training them risks general ability."
 )
+_DEVICE_HELP = "Where to run: auto (CUDA when present), cpu, cuda or cuda:N."
+
+
+def _print_plan(plan, capacity: int, where: str) -> None:
+    """The memory plan, on stderr, before the run starts (`expertlib.memory_plan`)."""
+    from expertlib.memory_plan import HEADROOM, human_bytes
+
+    click.echo(
+        f"memory plan on {where} ({human_bytes(capacity)}, {HEADROOM:.0%} usable):\n{plan.render()}",
+        err=True,
+    )
+
+
 _WEIGHTING_HELP = (
     "paper: every sequence weighs the same (1/L_j, the paper's formula); reference: all tokens "
     "pooled, scores per layer divided by the token count and rounded to 4 decimals, as the "
@@ -37,9 +50,28 @@ _WEIGHTING_HELP = (
     help=_WEIGHTING_HELP,
 )
 @click.option("--general", default=None, help=_GENERAL_HELP)
+@click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default=None,
+    help="Load the base in this dtype [stored].",
+)
 @json_option
 def score_cmd(
-    base, data, out, budget, batch_size, answer_only, max_length, seed, weighting, general, as_json
+    base,
+    data,
+    out,
+    budget,
+    batch_size,
+    answer_only,
+    max_length,
+    seed,
+    weighting,
+    general,
+    device,
+    dtype,
+    as_json,
 ) -> None:
     """Score every routed expert of BASE on task DATA (jsonl) with ESFT-Token and ESFT-Gate.
 
@@ -56,6 +88,8 @@ def score_cmd(
         max_length=max_length,
         seed=seed,
         weighting=weighting,
+        device=device,
+        dtype=dtype,
     )
     scores.save(out)
     summary = {
@@ -204,7 +238,29 @@ def select_cmd(
     help="LR decay after warm-up. The reference code (deepseek-ai/ESFT) trains with constant and no warm-up.",
 )
 @click.option("--weight-decay", type=float, default=0.1, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Base weights and compute (bfloat16: half the memory, autocast).",
+)
+@click.option(
+    "--master-dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Trained experts, their gradients and AdamW state (float32 master weights over a bf16 base).",
+)
+@click.option(
+    "--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward (less memory)."
+)
+@click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
+@click.option(
+    "--device-map",
+    default=None,
+    help="Spread the frozen base over all GPUs with accelerate (auto, balanced) instead of --device.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-length", type=int, default=2048, show_default=True)
 @click.option(
@@ -258,6 +314,7 @@ def train_cmd(base, data, task, out, score, top_p, max_per_layer, experts, budge
 
         kw["on_selection"] = on_selection
     config = TrainConfig(**{k: kw.pop(k) for k in list(kw) if k in TrainConfig.model_fields})
+    kw["on_plan"] = _print_plan
     es = train_esft(
         base,
         data,
@@ -272,6 +329,10 @@ def train_cmd(base, data, task, out, score, top_p, max_per_layer, experts, budge
         config=config,
         **kw,
     )
+    from expertlib.distributed import context
+
+    if not context().is_main:
+        return  # under torchrun / accelerate launch, rank 0 reports
     m, p = es.manifest, es.manifest.provenance
     data_out = {
         "out": str(es.path),

@@ -35,6 +35,7 @@ from expertlib.errors import DeviceError
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: Fraction of a device's memory a plan may use (allocator fragmentation, CUDA context, workspace).
 HEADROOM = 0.9
+_PARTS = ("base", "trained", "gradients", "optimizer", "activations")
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,8 @@ class MemoryPlan:
     def rows(self) -> list[tuple[str, str, str]]:
         """(part, size, what) rows, for a table."""
         what = {
-            "base (frozen)": f"{self.shape.total_params / 1e9:.3g}B params in {self.dtype}",
-            "trained experts": f"{self.trained_params / 1e6:.4g}M params in {self.master_dtype}",
+            "base (frozen)": f"{human_count(self.shape.total_params)} params in {self.dtype}",
+            "trained experts": f"{human_count(self.trained_params)} params in {self.master_dtype}",
             "gradients": f"{self.master_dtype}, trained params only",
             "optimizer (AdamW)": "exp_avg + exp_avg_sq",
             "activations": f"batch {self.batch_size} x length {self.seq_len}"
@@ -212,9 +213,11 @@ class MemoryPlan:
         """Raise DeviceError when the plan does not fit `capacity` bytes (with HEADROOM)."""
         if self.total <= capacity * HEADROOM:
             return
+        parts = sorted(self.to_dict().items(), key=lambda kv: -kv[1])
+        largest = ", ".join(f"{k} {human_bytes(v)}" for k, v in parts if k in _PARTS)
         raise DeviceError(
-            f"training needs about {human_bytes(self.total)} but {device} has {human_bytes(capacity)} "
-            f"({HEADROOM:.0%} usable):\n{self.render()}",
+            f"training needs about {human_bytes(self.total)} ({largest}) but {device} has "
+            f"{human_bytes(capacity)} ({HEADROOM:.0%} usable)",
             hint="try " + "; ".join(self.suggestions(capacity)),
         )
 
@@ -277,6 +280,14 @@ def plan_training(
         master_dtype=master_dtype,
         gradient_checkpointing=gradient_checkpointing,
     )
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000 or unit == "B":
+            return f"{n:.4g}{unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
 
 
 def human_bytes(n: float) -> str:

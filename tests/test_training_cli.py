@@ -118,3 +118,66 @@ def test_bad_data_fails_cleanly(tmp_path, tiny_model_dir):
     res = run("train", tiny_model_dir("qwen2_moe"), bad, "--task", "x", "--out", out)
     assert res.exit_code == 2 and "bad.jsonl:2:" in res.output and "bad JSON" in res.output
     assert list(tmp_path.iterdir()) == [bad]  # nothing half-written
+
+
+def test_train_on_device_auto_prints_the_memory_plan(tmp_path, tiny_model_dir, data):
+    base = tiny_model_dir("olmoe")
+    out = tmp_path / "b.safetensors"
+    res = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(base),
+            str(data),
+            "--task",
+            "say",
+            "--steps",
+            "2",
+            "--device",
+            "auto",
+            "--dtype",
+            "bfloat16",
+            "--gradient-checkpointing",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output + res.stderr
+    # twice: an estimate before loading, the exact plan once the selection is known
+    assert res.stderr.count("memory plan on cpu") == 2
+    for part in ("base (frozen)", "trained experts", "gradients", "optimizer (AdamW)", "activations"):
+        assert part in res.stderr
+    assert "in bfloat16" in res.stderr and "in float32" in res.stderr and "checkpointed" in res.stderr
+    es = ExpertSet.open(out)
+    training = es.manifest.provenance.training
+    assert (training["dtype"], training["master_dtype"], training["gradient_checkpointing"]) == (
+        "bfloat16",
+        "float32",
+        True,
+    )
+    # the base was loaded in bf16, the patch keeps the stored dtype and the stored experts' digests
+    model = load_model(base)
+    apply_expert_set(model, es)
+    assert changed_experts(load_model(base), model) == es.manifest.experts
+
+
+def test_refuses_a_run_that_cannot_fit_before_loading(tmp_path, tiny_model_dir, data):
+    out = tmp_path / "x.safetensors"
+    res = run(
+        "train", tiny_model_dir("qwen2_moe"), data, "--task", "x", "--batch-size", 200000,
+        "--max-length", 100000, "--device", "cpu", "--out", out,
+    )  # fmt: skip
+    assert res.exit_code != 0
+    assert "training needs about" in res.output and "--gradient-checkpointing" in res.output
+    assert not out.exists()
+
+
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, tiny_model_dir, data):
+    for cmd in (
+        ["score", tiny_model_dir("qwen2_moe"), data, "--out", tmp_path / "s.json"],
+        ["train", tiny_model_dir("qwen2_moe"), data, "--task", "x", "--out", tmp_path / "x.safetensors"],
+    ):
+        res = run(*cmd, "--device", "cuda:0")
+        assert res.exit_code != 0
+        assert "CUDA is not available" in res.output and "--device cpu" in res.output

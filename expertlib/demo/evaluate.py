@@ -39,7 +39,7 @@ def generate_answers(
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(
             texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        )
+        ).to(model.device)
         gen = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -163,14 +163,18 @@ def evaluate(
     registry: str | Path | None = None,
     progress: bool = True,
     keep_samples: bool = False,
+    device: str = "auto",
 ) -> EvalResult:
-    """Accuracy of BASE and of each expert set (applied in place, then reverted) on each task."""
+    """Accuracy of BASE and of each expert set (applied in place, then reverted) on each task.
+
+    The model runs on `device` (auto: CUDA when present, `expertlib.devices`)."""
     from transformers import AutoTokenizer
 
     from expertlib.apply import apply_expert_set
+    from expertlib.devices import resolve_device
     from expertlib.moe import load_model
 
-    model = load_model(base, dtype=torch.float32)
+    model = load_model(base, dtype=torch.float32).to(resolve_device(device))
     tok = AutoTokenizer.from_pretrained(str(base))
     names = resolve_tasks(tasks)
     loaded = [(str(ref), load_expert_set(ref, base=base, registry=registry)) for ref in expert_sets]
