@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from expertlib.errors import DigestMismatchError, IntegrityError, NotFoundError
 
-from .local import Registry
+from .local import Registry, _storage_errors
 from .models import Entry, EntryList, TagRequest
 from .names import DIGEST_PREFIX, validate_digest, validate_name, validate_tag
 
@@ -77,11 +77,12 @@ async def push_entry(
     validate_name(name)
     validate_digest(digest)
     tags = [validate_tag(t) for t in tag]
+    reg._writable()  # before the body is read
     reg.blobs.ensure()
     tmp = reg.blobs.temp_path()
     h = hashlib.sha256()
     try:
-        with open(tmp, "wb") as f:
+        with _storage_errors(reg.root), open(tmp, "wb") as f:
             async for chunk in request.stream():
                 f.write(chunk)
                 h.update(chunk)

@@ -78,11 +78,13 @@ def connect(
 
 
 def _connect_read_only(db: Path, busy_timeout_ms: int) -> sqlite3.Connection:
-    """`mode=ro` where SQLite can share the WAL index; else `immutable=1` (a mounted snapshot: no
-    -shm file can be created, and nothing changes the file while it is read)."""
+    """`immutable=1` (nothing is written, not even -shm/-wal files: a mounted snapshot) unless a WAL
+    file holds changes not yet in the database file; then `mode=ro`, which reads them."""
     uri = "file:" + quote(str(db.resolve()))
     last: sqlite3.Error | None = None
-    for query in ("?mode=ro", "?mode=ro&immutable=1"):
+    wal = db.with_name(db.name + "-wal")
+    pending = wal.is_file() and wal.stat().st_size > 0
+    for query in ("?mode=ro", "?mode=ro&immutable=1") if pending else ("?mode=ro&immutable=1",):
         try:
             con = sqlite3.connect(uri + query, uri=True, timeout=busy_timeout_ms / 1000, isolation_level=None)
             con.row_factory = sqlite3.Row

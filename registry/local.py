@@ -639,10 +639,16 @@ def _folder_identity(base: str | Path) -> BaseIdentity:
     return folder_identity(base)
 
 
+#: "1" opens every registry read-only (e.g. a snapshot that this process could write but must not).
+READ_ONLY_ENV = "EXPERTLIB_REGISTRY_READ_ONLY"
+
+
 def _read_only_folder(root: Path) -> bool:
     """An existing registry folder this process cannot write (read-only mount or permissions)."""
     if not (root / index.INDEX_FILE).exists():
         return False
+    if os.environ.get(READ_ONLY_ENV, "") not in ("", "0"):
+        return True
     try:
         if os.statvfs(root).f_flag & os.ST_RDONLY:
             return True
