@@ -52,7 +52,9 @@ def completion_logprobs(
             token = _text(token_id, chosen, tokenizer)
             out.tokens.append(token)
             out.token_logprobs.append(_value(chosen))
-            top = {_text(t, lp, tokenizer): _value(lp) for t, lp in _ranked(step, k)}
+            top: dict[str, float] = {}
+            for t, lp in _ranked(step, k):  # best first: tokens that decode alike keep the best value
+                top.setdefault(_text(t, lp, tokenizer), _value(lp))
             top.setdefault(token, _value(chosen))
             out.top_logprobs.append(top)
         out.text_offset.append(offset)

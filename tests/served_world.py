@@ -1,0 +1,132 @@
+"""A real `expertlib serve` process on a tiny base with two expert sets, and the in-process
+transformers reference it is checked against (shared by test_openai_api.py and test_lm_eval.py;
+each module starts one server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+BASE_NAME = "tiny-moe"
+CTX = 256
+SETS = {"alpha": {0: [1, 3], 1: [0, 5]}, "beta": {0: [2], 1: [1, 6, 7]}}  # name -> experts replaced
+SCALE = 2.0  # perturbation of the replaced experts: large, so the sets change answers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build(root: Path) -> tuple[Path, dict]:
+    """A tiny qwen2_moe base at root/base and the sets `alpha`, `beta` published to root/registry."""
+    from expertlib.moe import load_model
+    from expertlib.registry import Registry
+    from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set
+
+    base_dir = root / "base"
+    make_vllm_tiny_base("qwen2_moe", base_dir)
+    model = load_model(base_dir)
+    sets = {
+        name: random_expert_set(model, name, m, seed=i + 1, scale=SCALE)
+        for i, (name, m) in enumerate(SETS.items())
+    }
+    reg = Registry(root / "registry")
+    for name, es in sets.items():
+        reg.publish(es.save(root / f"{name}.safetensors"), base=base_dir)
+    return base_dir, sets
+
+
+@contextlib.contextmanager
+def serve(root: Path, base_dir: Path, *extra: str):
+    """`expertlib serve` with both sets loaded, float32, until the block ends; yields its URL."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    argv = [sys.executable, "-m", "expertlib.cli.main", "serve", str(base_dir), "--served-name", BASE_NAME]
+    argv += ["--registry", str(root / "registry"), "--expert-set", "alpha", "--expert-set", "beta"]
+    argv += ["--slots", "8", "--max-sets", "4", "--port", str(port), *extra]
+    argv += ["--engine-arg", "enforce_eager=true", "--engine-arg", "dtype=float32"]
+    argv += ["--engine-arg", f"max_model_len={CTX}", "--engine-arg", "max_num_seqs=16"]
+    log_path = root / f"server-{port}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 300
+            while True:
+                assert proc.poll() is None, "server exited:\n" + log_path.read_text()[-4000:]
+                assert time.time() < deadline, "server not ready in 300 s"
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(url + "/health", timeout=5).status_code == 200:
+                        break
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+class Reference:
+    """The same base in transformers (float32), a set applied in place: log-probabilities and greedy
+    continuations computed offline."""
+
+    def __init__(self, base_dir: Path, sets: dict):
+        from transformers import AutoTokenizer
+
+        from expertlib.moe import load_model
+
+        self.model = load_model(base_dir)
+        self.tok = AutoTokenizer.from_pretrained(str(base_dir))
+        self.sets = sets
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def applied(self, expert_set: str | None):
+        from expertlib.apply import apply_expert_set
+
+        with self.lock:
+            if expert_set is None:
+                yield self.model
+            else:
+                with apply_expert_set(self.model, self.sets[expert_set]):
+                    yield self.model
+
+    def token_logprobs(self, ids: list[int], expert_set: str | None):
+        """(T-1,) log p(ids[t] | ids[:t]) for t >= 1, and the (T-1, V) log-softmax rows."""
+        import torch
+
+        with torch.no_grad(), self.applied(expert_set) as model:
+            logits = model(torch.tensor([ids])).logits[0].float()
+        rows = torch.log_softmax(logits[:-1], dim=-1)
+        return rows.gather(1, torch.tensor(ids[1:])[:, None])[:, 0], rows
+
+    def loglikelihood(self, context: list[int], continuation: list[int], expert_set: str | None) -> float:
+        lp, _ = self.token_logprobs(context + continuation, expert_set)
+        return float(lp[len(context) - 1 :].sum())
+
+    def greedy(self, ids: list[int], expert_set: str | None, max_tokens: int) -> list[int]:
+        import torch
+
+        gen = dict(max_new_tokens=max_tokens, do_sample=False, pad_token_id=self.tok.pad_token_id)
+        with torch.no_grad(), self.applied(expert_set) as model:
+            out = model.generate(torch.tensor([ids]), **gen)
+        return out[0, len(ids) :].tolist()
