@@ -268,7 +268,11 @@ def size_memory(base: BaseCheckpoint, slots: int, kwargs: dict[str, Any]) -> tup
         return kw, line + f"expert slots {sizing.gib(slot_bytes)}, the rest is KV cache"
     if sizing.cpu_kv_env_set():
         kw.pop("kv_cache_memory_bytes", None)  # vLLM replaces it by the variable anyway
-        return kw, f"KV cache: {sizing.CPU_KV_ENV}={os.environ[sizing.CPU_KV_ENV]} GiB from the environment"
+        value = os.environ[sizing.CPU_KV_ENV]
+        return (
+            kw,
+            f"KV cache: {sizing.CPU_KV_ENV}={value} GiB from the environment (unset it to size it here)",
+        )
     given = kw.get("kv_cache_memory_bytes")
     available = sizing.available_memory()
     max_len = int(kw.get("max_model_len") or dims.max_position or 2048)
