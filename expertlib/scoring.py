@@ -293,7 +293,9 @@ def score_experts(
                 count = count[:, : batch["input_ids"].shape[1]]
                 rec.set_batch(count)
                 model(
-                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    use_cache=False,  # no KV cache: scoring is one forward per batch
                 )
                 bar.update(int(count.sum()))
     finally:

@@ -182,3 +182,41 @@ def test_lr_schedule():
     lin = TrainConfig(lr=1.0, steps=4, schedule="linear")
     assert [lin.lr_at(s) for s in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
     assert TrainConfig(lr=2.0, schedule="constant").lr_at(400) == 2.0
+
+
+def test_bf16_base_trains_fp32_master_weights(samples):
+    from expertlib.slots import slot_parameters
+
+    model = make_tiny_model("qwen2_moe").to(torch.bfloat16)
+    seen = []
+    cfg = fast(dtype="bfloat16", master_dtype="float32")
+    res = train_experts(
+        model,
+        samples,
+        selection_for(model),
+        cfg,
+        pad_id=0,
+        progress=False,
+        on_step=lambda step, loss: seen.append({p.dtype for p in slot_parameters(model)}),
+    )
+    assert seen and all(s == {torch.float32} for s in seen)  # slots (and AdamW state) in fp32
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # the base stays bf16
+    w = next(iter(res.experts.values()))
+    assert w.gate.dtype == torch.float32
+    with pytest.raises(ValueError, match="master_dtype bfloat16 needs dtype bfloat16"):
+        TrainConfig(dtype="float32", master_dtype="bfloat16")
+
+
+def test_gradient_checkpointing_trains_the_same_experts(samples):
+    runs = []
+    for ckpt in (False, True):
+        model = make_tiny_model("olmoe")
+        res = train_experts(
+            model, samples, selection_for(model), fast(gradient_checkpointing=ckpt), pad_id=0, progress=False
+        )
+        assert not getattr(model, "is_gradient_checkpointing", False)  # switched off again
+        runs.append(res)
+    a, b = runs
+    assert a.train_losses == pytest.approx(b.train_losses, rel=1e-5)
+    for key, w in a.experts.items():
+        assert torch.allclose(w.gate, b.experts[key].gate, atol=1e-6)
