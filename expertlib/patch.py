@@ -133,7 +133,8 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
     return "sha256:" + h.hexdigest()
 
 
@@ -264,6 +265,10 @@ class ExpertSet:
             return self._verified
         m = self.manifest
         where = str(self.path) if self.path else None
+        key = _file_key(self.path, m.content_digest) if self._tensors is None else None
+        if key is not None and key in _VERIFIED_FILES:  # this very file, unchanged since its check
+            self._verified = dict(_VERIFIED_FILES[key])
+            return self._verified
         # a lazily opened set stays lazy: its tensors are read for the check and dropped again
         tensors = self._tensors if self._tensors is not None else self._read_tensors()
         got = tensors_digest(tensors)
@@ -289,6 +294,10 @@ class ExpertSet:
                 hint="the manifest was edited by hand or forged; do not use this file, re-export the set",
             )
         self._verified = digests
+        if key is not None:
+            _VERIFIED_FILES[key] = dict(digests)
+            while len(_VERIFIED_FILES) > _VERIFIED_FILES_MAX:
+                _VERIFIED_FILES.pop(next(iter(_VERIFIED_FILES)))
         return digests
 
     # --- access --------------------------------------------------------------------------------
@@ -316,6 +325,21 @@ class ExpertSet:
 
 
 _REPUBLISH = "the file is damaged: re-export or pull the expert set again"
+
+#: Files `verify` passed, by identity (path, inode, size, mtime, content digest): a set reloaded
+#: from the same unchanged file (an evicted set coming back) is not hashed again.
+_VERIFIED_FILES: dict[tuple, dict[str, str]] = {}
+_VERIFIED_FILES_MAX = 1024
+
+
+def _file_key(path: Path | None, content_digest: str) -> tuple | None:
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, content_digest)
 
 
 def _expert_of(tensors: Mapping[str, torch.Tensor], layer: int, expert: int) -> ExpertWeights:
