@@ -100,6 +100,11 @@ def _engine_arg(ctx, param, values: tuple[str, ...]) -> dict:
     help="Key for GET /metrics (the admin key works too); /metrics is open only without any key.",
 )
 @click.option(
+    "--max-request-sequences",
+    type=click.IntRange(min=1),
+    help="Most sequences (prompts x n) one request may ask for; more get 400 (default 64).",
+)
+@click.option(
     "--max-body-bytes",
     type=click.IntRange(min=1024),
     help="Largest inference request body in bytes; larger ones get 413 (default 16 MiB).",
