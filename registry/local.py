@@ -571,7 +571,7 @@ class Registry:
         if got != digest:
             return f"content changed: bytes now hash to {got[:19]}..."
         try:
-            ExpertSet.open(path)
+            ExpertSet.open(path).verify()  # also per-expert digests and finiteness (sets published earlier)
         except PatchError as exc:
             return f"not a valid patch: {exc.message}"
         return None

@@ -652,3 +652,18 @@ def test_engine_double_still_serves(server):
     r = post(server, "/v1/completions", {"model": "genuine", "prompt": "hello", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["choices"][0]["text"]
     assert asyncio.iscoroutinefunction(server.engine.load)
+
+
+def test_1_2_sets_published_before_the_checks_are_caught(world, tmp_path, monkeypatch):
+    """A registry filled by an older expertlib (no digest recompute, no finiteness check): `verify`
+    reports the forged and the NaN set, and opening them for use refuses them."""
+    reg = Registry(tmp_path / "reg")
+    monkeypatch.setattr(ExpertSet, "verify", lambda self: {})
+    reg.publish(forged(world.model, world.genuine), task="forged")
+    reg.publish(poisoned(world.model, float("nan")), task="nan")
+    monkeypatch.undo()
+    report = reg.verify()
+    assert sorted(r for p in report.problems for r in p.refs) == ["forged@1", "nan@1"]
+    for name in ("forged", "nan"):
+        with pytest.raises(PatchError):
+            reg.open(name)
