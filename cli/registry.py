@@ -174,16 +174,35 @@ def show_cmd(ref: str, base: str | None, reg, as_json: bool) -> None:
     type=click.Path(dir_okay=False),
     help="Write a heatmap (layers x experts) to this PNG file.",
 )
+@click.option(
+    "--general",
+    default=None,
+    help="General reference data (jsonl, or 'builtin' for the demo's): show the share of its routing each "
+    "set's experts carry (needs --base).",
+)
 @registry_option
 @json_option
-def diff_cmd(refs: tuple[str, ...], base_dir: str | None, plot: str | None, reg, as_json: bool) -> None:
+def diff_cmd(
+    refs: tuple[str, ...], base_dir: str | None, plot: str | None, general: str | None, reg, as_json: bool
+) -> None:
     """Compare two or more expert sets of one base: overlap per layer, weight differences.
 
-    Example: expertlib diff math@1 math@2 code --base ./base --plot overlap.png
+    Example: expertlib diff math@1 math@2 code --base ./base --plot overlap.png --general builtin
     """
     if len(refs) < 2:
         raise click.UsageError("diff needs at least two expert sets")
+    if general and not base_dir:
+        raise click.UsageError("--general needs --base (the routing is measured on the base model)")
     report = reg.diff(list(refs), base=base_dir, base_dir=base_dir)
+    if general:
+        from expertlib.data import load_tokenizer
+        from expertlib.diagnostics import general_routing
+        from expertlib.moe import load_model
+        from expertlib.registry.diff import add_general_overlap
+
+        model = load_model(base_dir)
+        model.float()
+        add_general_overlap(report, general_routing(model, load_tokenizer(base_dir), general))
     if plot:
         from expertlib.registry.diff import plot_diff
 
@@ -192,6 +211,21 @@ def diff_cmd(refs: tuple[str, ...], base_dir: str | None, plot: str | None, reg,
         emit_json(report.model_dump(mode="json"))
         return
     _render_diff(report)
+    if report.general:
+        rows = [
+            (
+                lab,
+                f"{g['mean_general_mass']:.3f}",
+                f"{g['max_general_mass']:.3f}",
+                ",".join(map(str, g["at_risk_layers"])) or "none",
+            )
+            for lab, g in report.general.items()
+        ]
+        print_table(
+            f"Share of the general data's routing on each set's experts ({general})",
+            ["set", "mean over layers", "max", "layers at risk"],
+            rows,
+        )
     if plot:
         click.echo(f"heatmap written to {plot}")
 

@@ -78,6 +78,22 @@ class DiffReport(BaseModel):
     sets: list[SetSummary]
     overlap_matrix: list[list[float]] = Field(description="Jaccard overlap of every pair of sets (symmetric)")
     notes: list[str] = Field(default_factory=list)
+    general: dict[str, dict] | None = Field(
+        default=None,
+        description="set label -> share of a general dataset's routing on its experts "
+        "(expertlib.diagnostics.RetentionRisk.summary; `add_general_overlap`)",
+    )
+
+
+def add_general_overlap(report: DiffReport, general_shares: dict[int, list[float]], **kw) -> DiffReport:
+    """Fill `report.general`: per set, the general data's routing mass on the experts it retrained."""
+    from expertlib.diagnostics import retention_risk
+
+    report.general = {}
+    for label in report.labels:
+        sel = {lo.layer: lo.experts[label] for lo in report.layers if lo.experts.get(label)}
+        report.general[label] = retention_risk(sel, general_shares, **kw).summary()
+    return report
 
 
 def _flat(w: ExpertWeights) -> torch.Tensor:

@@ -77,3 +77,20 @@ def test_builtin_general_set_covers_the_general_tasks():
     samples = builtin_general_samples(make_tokenizer(), n_per_task=3)
     assert len(samples) == 3 * len(GENERAL_TASKS)
     assert all(any(y != -100 for y in s.labels) for s in samples)
+
+
+def test_diff_reports_the_general_mass_of_each_set():
+    from types import SimpleNamespace
+
+    from expertlib.registry.diff import add_general_overlap
+
+    layers = [
+        SimpleNamespace(layer=0, experts={"math": [0, 1], "text": [6]}),
+        SimpleNamespace(layer=1, experts={"math": [0], "text": []}),
+    ]
+    report = SimpleNamespace(labels=["math", "text"], layers=layers, general=None)
+    add_general_overlap(report, GENERAL)
+    assert report.general["math"]["mean_general_mass"] == pytest.approx((0.4 + 0.125) / 2)
+    assert report.general["math"]["at_risk_layers"] == [0]
+    assert report.general["text"]["mean_general_mass"] == pytest.approx(0.1)
+    assert list(report.general["text"]["per_layer"]) == ["0"]  # a layer the set does not touch is left out
