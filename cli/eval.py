@@ -1,4 +1,4 @@
-"""`expertlib eval`: exact-match accuracy of a base and its expert sets on the toy tasks."""
+"""`expertlib eval`: a base and its expert sets side by side, on the toy tasks or on your own jsonl."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from expertlib.cli.output import emit, json_option, print_table
     "--tasks",
     "-t",
     multiple=True,
-    help="Tasks to evaluate (names, or the groups general, specialised, all). Repeatable; default all.",
+    help="Tasks to evaluate (names, or the groups general, domain, specialised, all). Repeatable; default all.",
 )
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N eval samples of each task.")
 @click.option("--n-eval", type=int, default=100, show_default=True, help="Size of each task's eval split.")
@@ -31,15 +31,70 @@ from expertlib.cli.output import emit, json_option, print_table
     show_default=True,
     help="Where to run: auto (CUDA when present), cpu, cuda or cuda:N.",
 )
+@click.option(
+    "--data",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Your own jsonl (the training formats): exact match, contains, answer loss and perplexity instead of the toy tasks.",
+)
+@click.option(
+    "--url",
+    default=None,
+    help="With --data: measure a running `expertlib serve` at this URL (-e names its models).",
+)
+@click.option("--api-key", default=None, envvar="EXPERTLIB_API_KEY", help="With --url: the server's API key.")
+@click.option(
+    "--max-new-tokens",
+    type=int,
+    default=None,
+    help="With --data: answer length (default: longest reference + 4).",
+)
+@click.option(
+    "--max-length", type=int, default=2048, show_default=True, help="With --data: longest record in tokens."
+)
 @json_option
-def eval_cmd(base, expert_sets, tasks, limit, n_eval, registry, device, as_json) -> None:
+def eval_cmd(
+    base,
+    expert_sets,
+    tasks,
+    limit,
+    n_eval,
+    registry,
+    device,
+    data,
+    url,
+    api_key,
+    max_new_tokens,
+    max_length,
+    as_json,
+) -> None:
     """Exact-match accuracy of BASE and of each expert set on each toy task's eval split.
 
     Specialised tasks show what each set learned; general tasks show how much general ability
     the base keeps with the set applied. Greedy decoding, batched.
 
-    Example: expertlib eval ~/.cache/expertlib/demo/base-xxxx -e caesar -e mul --tasks caesar --tasks general
+    With --data, the same side-by-side on your own jsonl: each record's last assistant turn is the
+    reference answer (exact match, contains) and all answer tokens give the loss and perplexity;
+    with --url through a running server, exactly as it serves.
+
+    Example: expertlib eval ~/.cache/expertlib/demo/base-xxxx -e sum -e mirror --tasks sum --tasks general
+
+    Example: expertlib eval ./base --data qa.jsonl -e qa --url http://127.0.0.1:8000 --json
     """
+    if data is not None:
+        return _eval_data(
+            base,
+            data,
+            expert_sets,
+            url,
+            api_key,
+            registry,
+            device,
+            limit,
+            max_new_tokens,
+            max_length,
+            as_json,
+        )
     from expertlib.demo.evaluate import evaluate
 
     tasks = [t for group in tasks for t in group.split(",") if t] or None
@@ -60,6 +115,30 @@ def eval_cmd(base, expert_sets, tasks, limit, n_eval, registry, device, as_json)
             f"exact-match accuracy on {base}", ["task", "kind", *result.columns], result.rows()
         ),
     )
+
+
+def _eval_data(
+    base, data, expert_sets, url, api_key, registry, device, limit, max_new_tokens, max_length, as_json
+):
+    from expertlib.evaluation import evaluate_data
+
+    result = evaluate_data(
+        base,
+        data,
+        list(expert_sets),
+        url=url,
+        api_key=api_key,
+        registry=registry,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        max_length=max_length,
+        device=device,
+        progress=not as_json,
+    )
+    title = f"{data}: {result.n_samples} samples, {result.answer_tokens} answer tokens" + (
+        f" via {url}" if url else ""
+    )
+    emit(as_json, result.to_dict(), lambda _: print_table(title, ["metric", *result.columns], result.rows()))
 
 
 COMMANDS = [eval_cmd]

@@ -38,7 +38,7 @@ def world(tmp_path_factory):
     base_dir, sets = build(root)
     ref = Reference(base_dir, sets)
     with serve(root, base_dir) as url:
-        yield dict(url=url, ref=ref)
+        yield dict(url=url, ref=ref, root=root, base_dir=base_dir)
 
 
 def client(world) -> openai.OpenAI:
@@ -215,3 +215,25 @@ def test_tokenize_detokenize_and_model_parents(world):
     cards = {m.id: m for m in client(world).models.list().data}
     assert cards["alpha@1"].parent == BASE_NAME and cards["beta@1"].parent == BASE_NAME
     assert cards[BASE_NAME].parent is None
+
+
+def test_eval_on_user_data_through_the_server_equals_in_process(world, tmp_path):
+    """`expertlib eval --data --url`: the served numbers are the in-process ones, set by set."""
+    from expertlib.evaluation import evaluate_data
+
+    data = tmp_path / "qa.jsonl"
+    rows = [{"prompt": p, "completion": a} for p, a in [("2+2=", "4"), ("abc", "def"), ("hi", "hello there")]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(max_new_tokens=6, keep_predictions=True)
+    served = evaluate_data(world["base_dir"], data, ["alpha", "beta@1"], url=world["url"], **kw)
+    local = evaluate_data(
+        world["base_dir"],
+        data,
+        [world["root"] / "alpha.safetensors", world["root"] / "beta.safetensors"],
+        **kw,
+    )
+    for s, loc in zip(served.columns, local.columns, strict=True):
+        assert served.predictions[s] == local.predictions[loc], s
+        assert served.metrics[s]["loss"] == pytest.approx(local.metrics[loc]["loss"], abs=1e-4), s
+        assert served.metrics[s]["exact_match"] == local.metrics[loc]["exact_match"]
+    assert len({m["loss"] for m in served.metrics.values()}) == 3  # each set scored with its own experts
