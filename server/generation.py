@@ -97,7 +97,7 @@ def _completion_prompts(tokenizer, req: p.CompletionRequest) -> list[list[int]]:
 def _chat_prompts(tokenizer, req: p.ChatCompletionRequest) -> list[list[int]]:
     parser = tools.check(tokenizer, req)
     try:
-        messages = [_message(m) for m in req.messages]
+        messages = [chat_message(m) for m in req.messages]
     except ValueError as exc:
         raise InvalidRequestError(str(exc), param="messages") from None
     extra = {"tools": req.tools} if parser else {}
@@ -110,7 +110,7 @@ def _chat_prompts(tokenizer, req: p.ChatCompletionRequest) -> list[list[int]]:
     return [list(tokenizer.encode(text, add_special_tokens=False))]
 
 
-def _message(m: p.ChatMessage) -> dict[str, Any]:
+def chat_message(m: p.ChatMessage) -> dict[str, Any]:
     out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
     if m.tool_calls:
         out["tool_calls"] = m.tool_calls

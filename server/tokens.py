@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from expertlib.errors import InvalidRequestError
 from expertlib.server import protocol as p
-from expertlib.server.generation import _message
+from expertlib.server.generation import chat_message
 from expertlib.server.state import ServerState
 
 
@@ -22,7 +22,7 @@ async def tokenize(state: ServerState, req: p.TokenizeRequest) -> p.TokenizeResp
     else:
         try:
             text = tok.apply_chat_template(
-                [_message(m) for m in req.messages],
+                [chat_message(m) for m in req.messages],
                 tokenize=False,
                 add_generation_prompt=req.add_generation_prompt,
             )
