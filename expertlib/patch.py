@@ -191,6 +191,8 @@ class ExpertSet:
         tensors: dict[str, torch.Tensor] = {}
         expert_map: dict[int, list[int]] = {}
         shapes: dict[str, list[int]] = {}
+        # the digests must be those of the stored tensors: cast first (e.g. fp32 master weights -> bf16)
+        experts = {k: w.map(lambda t: t.detach().to("cpu", dtype).contiguous()) for k, w in experts.items()}
         for (layer, e), w in sorted(experts.items()):
             expert_map.setdefault(layer, []).append(e)
             for part, t in w.items():
@@ -199,7 +201,7 @@ class ExpertSet:
                     raise PatchShapeError(
                         f"layer {layer} expert {e} {part}: shape {shape} differs from {shapes[part]}"
                     )
-                tensors[expert_key(layer, e, part)] = t.detach().to("cpu", dtype).contiguous()
+                tensors[expert_key(layer, e, part)] = t
         for name, t in (extra_params or {}).items():
             tensors[EXTRA_PARAM_PREFIX + name] = t.detach().to("cpu", dtype).contiguous()
         manifest = ExpertSetManifest(

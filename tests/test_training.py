@@ -184,7 +184,8 @@ def test_lr_schedule():
     assert TrainConfig(lr=2.0, schedule="constant").lr_at(400) == 2.0
 
 
-def test_bf16_base_trains_fp32_master_weights(samples):
+def test_bf16_base_trains_fp32_master_weights(samples, tmp_path):
+    from expertlib.patch import ExpertSet
     from expertlib.slots import slot_parameters
 
     model = make_tiny_model("qwen2_moe").to(torch.bfloat16)
@@ -203,6 +204,10 @@ def test_bf16_base_trains_fp32_master_weights(samples):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # the base stays bf16
     w = next(iter(res.experts.values()))
     assert w.gate.dtype == torch.float32
+    # the patch stores the base's dtype, with digests of what it stores (a bf16 checkpoint's case)
+    es = res.expert_set(task="toy", base=base_identity(model), dtype=torch.bfloat16)
+    es.save(tmp_path / "p.safetensors")
+    ExpertSet.open(tmp_path / "p.safetensors").verify()
     with pytest.raises(ValueError, match="master_dtype bfloat16 needs dtype bfloat16"):
         TrainConfig(dtype="float32", master_dtype="bfloat16")
 
