@@ -641,3 +641,38 @@ def test_tokenize_and_detokenize(fake_server):
     _assert_openai_error(_post(fake_server, "/detokenize", {"tokens": [10**6]}), 400, param="tokens")
     _assert_openai_error(_post(fake_server, "/tokenize", {"model": "poetry", "prompt": "x"}), 404)
     _assert_openai_error(_post(fake_server, "/tokenize", {"prompt": "x"}, key=None), 401)
+
+
+def test_tool_calls_parsed_by_vllms_parser_for_the_template():
+    """A template that renders tools in the hermes format (`<tool_call>`) gets vLLM's hermes parser;
+    streaming and forced tool choices are refused by name, and so is a template without tools."""
+    from expertlib.errors import InvalidRequestError
+    from expertlib.server import protocol as p
+    from expertlib.server import tools
+
+    tok = make_tokenizer()
+    fn = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    msgs = [{"role": "user", "content": "x"}]
+    req = p.ChatCompletionRequest(model="m", messages=msgs, tools=[fn])
+    with pytest.raises(InvalidRequestError) as e:  # the test tokenizer's template knows no tools
+        tools.check(tok, req)
+    assert e.value.param == "tools"
+    assert (
+        tools.check(tok, p.ChatCompletionRequest(model="m", messages=msgs, tools=[fn], tool_choice="none"))
+        is None
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    tok.chat_template = (
+        "{% for t in tools %}{{ t | tojson }}{% endfor %}Call tools as <tool_call>{json}</tool_call>\n"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    assert tools.check(tok, req) == "hermes"
+    text = 'Sure. <tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    content, calls = tools.extract("hermes", tok, req, text)
+    assert content.strip() == "Sure." and [c.function.name for c in calls] == ["weather"]
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert tools.extract("hermes", tok, req, "no call") == ("no call", [])
+    for extra, param in [({"stream": True}, "stream"), ({"tool_choice": "required"}, "tool_choice")]:
+        with pytest.raises(InvalidRequestError) as e:
+            tools.check(tok, p.ChatCompletionRequest(model="m", messages=msgs, tools=[fn], **extra))
+        assert e.value.param == param
