@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 ATOL = 1e-4  # float32 in both engines; measured differences are ~5e-7
 MODELS = [(BASE_NAME, None), ("alpha", "alpha"), ("beta@1", "beta")]
+NAMES = [*MODELS, (f"{BASE_NAME}:beta", "beta")]  # every form of `model`, incl. SGLang's BASE:task
 PROMPT = "The cat sat on the mat"
 SCHEMA = {
     "type": "object",
@@ -54,10 +55,10 @@ def test_echo_scores_the_prompt_with_each_sets_experts_concurrently(world):
     def score(model):
         return client(world).completions.create(model=model, prompt=ids, max_tokens=0, echo=True, logprobs=3)
 
-    with ThreadPoolExecutor(len(MODELS) * 2) as pool:
-        results = list(pool.map(score, [m for m, _ in MODELS] * 2))
+    with ThreadPoolExecutor(len(NAMES) * 2) as pool:
+        results = list(pool.map(score, [m for m, _ in NAMES] * 2))
     got = {}
-    for (model, es), r in zip(MODELS * 2, results, strict=True):
+    for (model, es), r in zip(NAMES * 2, results, strict=True):
         choice = r.choices[0]
         want, rows = ref.token_logprobs(ids, es)
         lp = choice.logprobs
@@ -118,6 +119,15 @@ def test_generated_logprobs_echo_and_streaming(world):
     ]
     assert streamed == lp.token_logprobs and chunks[-1].usage.completion_tokens == 6
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
+    chunks = list(  # echo while streaming: the prompt and its logprobs come first
+        c.completions.create(
+            model="alpha", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2, echo=True, stream=True
+        )
+    )
+    assert "".join(ch.choices[0].text for ch in chunks) == e.text
+    assert [x for ch in chunks if ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs] == (
+        e.logprobs.token_logprobs
+    )
 
 
 def test_chat_logprobs_and_sampling_parameters(world):
@@ -138,6 +148,21 @@ def test_chat_logprobs_and_sampling_parameters(world):
     assert max(abs(x.logprob - w) for x, w in zip(content, want[-5:].tolist(), strict=True)) < ATOL
     assert all(abs(x.top_logprobs[0].logprob - x.logprob) < ATOL for x in content)  # greedy: chosen is best
     assert r.usage.completion_tokens == 5
+    streamed = [
+        x.logprob
+        for ch in c.chat.completions.create(
+            model="beta",
+            messages=msgs,
+            max_tokens=5,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=3,
+            stream=True,
+        )
+        if ch.choices and ch.choices[0].logprobs
+        for x in ch.choices[0].logprobs.content
+    ]
+    assert streamed == [x.logprob for x in content]
     # seed: the same seed gives the same sample; n choices; include_usage on a chat stream
     kw = dict(model="alpha", messages=msgs, max_tokens=8, temperature=1.0, seed=7)
     a, b = (c.chat.completions.create(**kw).choices[0].message.content for _ in range(2))
