@@ -601,6 +601,14 @@ class AsyncExpertEngine:
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 
+    def verify_params(self, sampling_params: Any) -> None:
+        """Raise the validation error vLLM would raise when the request is added (e.g. a JSON
+        schema its structured-output backend cannot compile), before anything is streamed."""
+        ip = self.engine.input_processor
+        sampling_params.clone().verify(
+            ip.model_config, ip.speculative_config, ip.structured_outputs_config, ip.tokenizer
+        )
+
     def get_tokenizer(self):
         return self.engine.get_tokenizer()
 

@@ -139,6 +139,8 @@ async def _prepare(
                 raise InvalidRequestError(f"token ids must lie in [0, {vocab})", param=prompt_param)
         limit = _check_length(state, prompts, max_tokens, prompt_param)
         params = _sampling_params(req, limit, stream=req.stream)
+        if params.structured_outputs is not None:  # compiling a schema can take a while: off the loop
+            await asyncio.to_thread(_verify, state.engine, params)
         return Job(
             request_id=p.new_id("cmpl" if endpoint == "completions" else "chatcmpl"),
             endpoint=endpoint,
@@ -175,6 +177,36 @@ def _tokenized(to_prompts, tokenizer, req, prompt_param: str) -> list[list[int]]
         return to_prompts(tokenizer, req)
     except (TypeError, UnicodeError) as exc:  # e.g. a lone surrogate the tokenizer cannot encode
         raise InvalidRequestError(f"the prompt cannot be tokenized: {exc}", param=prompt_param) from None
+
+
+def _verify(engine, params) -> None:
+    """vLLM's own check of the parameters (a schema its backend cannot compile, ...) as a 400 before
+    the response starts, instead of an error from the engine mid-stream."""
+    verify = getattr(engine, "verify_params", None)
+    if verify is None:
+        return
+    try:
+        verify(params)
+    except Exception as exc:
+        refused = isinstance(exc, (ValueError, TypeError)) or _is_validation_error(exc)
+        if isinstance(exc, ExpertlibError) or not refused:
+            raise
+        raise InvalidRequestError(_engine_refusal(exc), param=_refused_param(exc, params)) from None
+
+
+def _is_validation_error(exc: BaseException) -> bool:
+    from vllm.exceptions import VLLMValidationError
+
+    return isinstance(exc, VLLMValidationError)
+
+
+def _engine_refusal(exc: BaseException) -> str:
+    return f"the engine refused these parameters: {exc}"
+
+
+def _refused_param(exc: BaseException, params) -> str | None:
+    named = getattr(exc, "parameter", None)
+    return named or ("response_format" if getattr(params, "structured_outputs", None) is not None else None)
 
 
 def _vocab_size(tokenizer) -> int | None:
@@ -275,6 +307,8 @@ async def _merged(state: ServerState, job: Job) -> AsyncIterator[tuple[int, Any]
             async for out in engine.generate(_engine_prompt(job, i), job.params, ids[i], job.expert_set):
                 await queue.put((i, out))
         except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
+            if not isinstance(exc, ExpertlibError) and _is_validation_error(exc):  # refused when added
+                exc = InvalidRequestError(_engine_refusal(exc), param=_refused_param(exc, job.params))
             await queue.put((i, exc))
         finally:
             await queue.put((i, done))

@@ -33,6 +33,13 @@ SCHEMA = {
 }
 
 
+LOOKBEHIND = {
+    "type": "json_schema",
+    "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(?<=a)b"}},
+}
+DANGLING_REF = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/defs/missing"}}}
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("openai-api")
@@ -220,6 +227,9 @@ def test_json_schema_output_parses_and_validates(world):
             "response_format.json_schema.schema",
         ),
         ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        # valid JSON schemas vLLM's structured-output backend cannot compile: refused before streaming
+        ("chat/completions", {"response_format": LOOKBEHIND, "stream": True}, "response_format"),
+        ("completions", {"prompt": "x", "response_format": DANGLING_REF}, "response_format"),
     ],
 )
 def test_bad_values_are_400_naming_the_parameter(world, path, body, param):
