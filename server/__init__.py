@@ -16,7 +16,8 @@ From Python: `serve(ServerSettings(...))` runs in the foreground; `create_app(se
 FastAPI app (the engine starts in the background when the app starts; /health is 503 until ready).
 
 Files: protocol.py (HTTP bodies), routes.py and admin.py (the routes), generation.py (completions
-over the engine), sets.py (model names -> loaded sets, registry), state.py (settings, readiness,
+over the engine), logprobs.py (vLLM logprobs in OpenAI's shapes), tools.py (tool calls through
+vLLM's parsers), tokens.py (/tokenize, /detokenize), sets.py (model names -> loaded sets, registry), state.py (settings, readiness,
 bounded queue), errors.py (the one place errors become OpenAI-shaped responses), auth.py,
 metrics.py, backend.py (the engine protocol the server is written against).
 """

@@ -1,5 +1,9 @@
 """What the server needs from a serving engine: the protocol `expertlib.engine.AsyncExpertEngine`
-implements. The HTTP layer is written against this and nothing else."""
+implements. The HTTP layer is written against this and nothing else.
+
+Optional: `verify_params(sampling_params)` raising vLLM's validation error for parameters the
+engine would refuse when the request is added (e.g. a JSON schema its structured-output backend
+cannot compile); the server calls it, when present, before a response starts."""
 
 from __future__ import annotations
 
