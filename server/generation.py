@@ -250,6 +250,10 @@ _SAMPLING_FIELDS = (
     "presence_penalty",
     "frequency_penalty",
     "ignore_eos",
+    "logit_bias",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
 )
 
 

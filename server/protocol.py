@@ -174,6 +174,14 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = Field(
         default=False, description="vLLM extension: keep generating past end-of-sequence"
     )
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="token id (as a string) -> bias added to its logit (-100..100)"
+    )
+    top_k: int | None = Field(
+        default=None, ge=-1, description="vLLM extension: sample among the k most likely"
+    )
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="vLLM extension")
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0, description="vLLM extension")
     response_format: ResponseFormat | None = Field(
         default=None,
         description="`text`, `json_object`, or `json_schema` (output constrained by vLLM's structured outputs)",

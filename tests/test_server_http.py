@@ -280,6 +280,15 @@ def test_completion_per_set_and_usage(fake_server):
     )
     sp = fake_server.engine.last_params
     assert (sp.seed, sp.top_p, sp.ignore_eos, sp.max_tokens, sp.temperature) == (5, 0.5, True, 3, 1.0)
+    c.completions.create(
+        model="math",
+        prompt="2+2=",
+        max_tokens=2,
+        logit_bias={"5": -100},
+        extra_body={"top_k": 4, "min_p": 0.1, "repetition_penalty": 1.2},
+    )
+    sp = fake_server.engine.last_params  # converted by vLLM's request model
+    assert (sp.logit_bias, sp.top_k, sp.min_p, sp.repetition_penalty) == ({5: -100}, 4, 0.1, 1.2)
     assert fake_server.engine.salts[-1].startswith("expertlib:sha256:")  # sets are salted, the base is not
     c.completions.create(model="tiny-base", prompt="2+2=", max_tokens=1)
     assert fake_server.engine.salts[-1] is None
