@@ -9,7 +9,7 @@ ENGINE ?= cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.expertlib-installed-$(ENGINE)
 
-.PHONY: install test test-fast lint format bench bench-train bench-composer demo clean
+.PHONY: install test test-fast lint format bench bench-train bench-composer bench-paper demo clean
 
 install: $(STAMP)
 
@@ -53,6 +53,10 @@ bench-composer: install
 
 demo: install
 	$(BIN)/expertlib demo
+
+# the ESFT paper's table at toy scale on the shipped demo base (FFT, LoRA, ESFT-Token, ESFT-Gate)
+bench-paper: install
+	$(BIN)/python bench/paper_table.py
 
 clean:
 	rm -rf $(VENV) $(LINT_VENV) build *.egg-info .pytest_cache .ruff_cache

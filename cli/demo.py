@@ -13,11 +13,12 @@ from expertlib.cli.output import emit_json, print_table
     "--task",
     "tasks",
     multiple=True,
-    help="Specialised task to train an expert set for (repeatable; default caesar, mul, bin).",
+    help="Specialised task to train an expert set for (repeatable; default sum, shout, mirror).",
 )
 @click.option(
     "--steps", type=int, default=None, help="ESFT training steps per task (default 300, quick 100)."
 )
+@click.option("--lr", type=float, default=None, help="ESFT learning rate (default 5e-3, toy scale).")
 @click.option("--score", type=click.Choice(["token", "gate"]), default="token", show_default=True)
 @click.option(
     "--top-p", type=float, default=None, help="Selection threshold p (default: 0.2 token, 0.1 gate)."
@@ -29,13 +30,17 @@ from expertlib.cli.output import emit_json, print_table
 @click.option("--port", type=int, default=0, help="Server port (default: a free one).")
 @click.option("--no-server", is_flag=True, help="Skip the serving step (evaluate in process only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON at the end.")
-def demo_cmd(quick, tasks, steps, score, top_p, registry, serve_forever, port, no_server, as_json) -> None:
+def demo_cmd(
+    quick, tasks, steps, lr, score, top_p, registry, serve_forever, port, no_server, as_json
+) -> None:
     """Build a small MoE, train ESFT expert sets for toy tasks, publish, serve and ask them.
 
-    Pretrains (or reuses from $EXPERTLIB_CACHE) a small Qwen2-MoE on general toy tasks, trains an
-    ESFT expert set for each specialised task, publishes them to the registry, draws their
-    expert overlap, measures every set against the base, then starts `expertlib serve` and asks
-    each task through the OpenAI client by naming its expert set (and the base, for contrast).
+    Installs the small Qwen2-MoE base shipped with expertlib (pretrained on general toy tasks of
+    three domains; digest-checked) and shows how its experts specialise, trains an ESFT expert
+    set for each specialised task (printing its retention risk), publishes them to the
+    registry, draws their expert overlap, measures every set against the base, then starts
+    `expertlib serve` and asks each task through the OpenAI client by naming its expert set (and
+    the base, for contrast).
 
     Example: expertlib demo --quick
     """
@@ -46,6 +51,7 @@ def demo_cmd(quick, tasks, steps, score, top_p, registry, serve_forever, port, n
         score=score,
         top_p=top_p,
         steps=steps,
+        lr=lr,
         registry=registry,
         serve_forever=serve_forever,
         port=port,
@@ -96,6 +102,24 @@ def _render(report) -> None:
         )
     if report.server_error:
         click.secho(f"server step failed: {report.server_error}", fg="red", err=True)
+    risky = {t: s["retention_risk"] for t, s in report.sets.items() if s.get("retention_risk")}
+    if risky:
+        rows = [
+            [
+                t,
+                ",".join(str(n) for n in s["experts_per_layer"].values()),
+                f"{r['mean_general_mass']:.2f}",
+                f"{r['max_general_mass']:.2f}",
+                ",".join(map(str, r["at_risk_layers"])) or "none",
+            ]
+            for t, r in risky.items()
+            for s in [report.sets[t]]
+        ]
+        print_table(
+            "retention risk: share of the general data's routing on each set's experts",
+            ["set", "experts/layer", "mean", "max", "layers at risk"],
+            rows,
+        )
     if report.heatmap:
         click.echo(f"expert-overlap heatmap: {report.heatmap}")
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in report.timings.items() if k != "total_s")

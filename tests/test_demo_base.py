@@ -79,3 +79,35 @@ def test_build_caches_a_normal_pretrained_folder(tmp_path, monkeypatch):
     assert json.loads((path / DEMO_INFO_FILE).read_text())["steps"] == TINY.steps
     assert not list(tmp_path.glob("demo/.*tmp"))
     assert torch.get_num_threads() >= 1
+
+
+def test_the_shipped_base_is_checked_and_installed_without_pretraining(tmp_path, monkeypatch):
+    import shutil
+
+    from expertlib.demo.base import SHIPPED_DIGEST, SHIPPED_DIR, check_shipped_base, file_digest
+    from expertlib.errors import ModelLoadError
+
+    assert check_shipped_base() == SHIPPED_DIR
+    assert file_digest(SHIPPED_DIR / "model.safetensors") == SHIPPED_DIGEST
+    assert (SHIPPED_DIR / "model.safetensors").stat().st_size < 12 * 2**20  # a few MB
+
+    monkeypatch.setenv("EXPERTLIB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo_base, "pretrain", lambda *a, **k: pytest.fail("pretrained the shipped base"))
+    path = build_demo_base(progress=False)
+    assert (
+        path == demo_base_path(DemoBaseConfig()) and file_digest(path / "model.safetensors") == SHIPPED_DIGEST
+    )
+    assert build_demo_base(quick=True, progress=False) == path  # quick uses the same base
+    info = demo_base_info(path)
+    assert info["key"] == DemoBaseConfig().key() and info["threads"] == demo_base.PRETRAIN_THREADS
+    assert min(info["accuracy"].values()) >= 0.8, info["accuracy"]  # it really has the general skills
+
+    # one flipped byte in the weights is refused, with what to do
+    bad = tmp_path / "bad"
+    shutil.copytree(SHIPPED_DIR, bad)
+    raw = bytearray((bad / "model.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (bad / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ModelLoadError, match="sha256") as err:
+        check_shipped_base(bad)
+    assert "--rebuild" in str(err.value)

@@ -21,7 +21,10 @@ from expertlib.testing import make_tokenizer
 
 def test_groups_are_disjoint_and_named():
     assert set(GENERAL_TASKS) & set(SPECIALISED_TASKS) == set()
-    assert len(SPECIALISED_TASKS) >= 3 and len(GENERAL_TASKS) >= 5
+    from expertlib.demo.tasks import DOMAIN_TASKS, PRETRAIN_TASKS
+
+    assert len(SPECIALISED_TASKS) >= 3 and len(GENERAL_TASKS) >= 3 and len(DOMAIN_TASKS) >= 3
+    assert PRETRAIN_TASKS == GENERAL_TASKS + DOMAIN_TASKS and not set(PRETRAIN_TASKS) & set(SPECIALISED_TASKS)
     assert resolve_tasks(["specialised", "copy", "caesar"]) == [*SPECIALISED_TASKS, "copy"]
     with pytest.raises(KeyError, match="unknown task"):
         resolve_tasks(["nope"])
@@ -54,18 +57,32 @@ def test_samples_fit_the_character_tokenizer(name):
 def test_answers_are_right():
     ans = {ex.prompt: ex.answer for t in TASKS for ex in get_task(t).split(n_train=300, n_eval=10).train}
     for prompt, answer in ans.items():
+        if prompt.startswith("sum "):
+            _, x, _, y = prompt.split(" ")
+            assert answer == str(int(x) + int(y))
+            continue
+        if prompt.startswith(("end ", "close: ")):
+            arg = prompt.split(" ", 1)[1]
+            pairs = dict(zip("([{<", ")]}>", strict=True))
+            assert answer == "".join(pairs[c] for c in reversed(arg)), prompt
+            continue
         op, arg = prompt.split(": ", 1)
         if op == "copy":
             assert answer == arg
         elif op == "reverse":
             assert answer == arg[::-1]
-        elif op == "sort":
-            assert answer == "".join(sorted(arg))
-        elif op.startswith("count "):
-            assert answer == str(arg.count(op[-1]))
         elif op == "add":
             x, y = arg.split("+")
             assert answer == str(int(x) + int(y))
+        elif op == "sub":
+            x, y = arg.split("-")
+            assert answer == str(int(x) - int(y)) and int(answer) >= 0
+        elif op == "flip":
+            assert set(arg) <= {"#", "."} and answer == "".join("#" if c == "." else "." for c in arg)
+        elif op == "shout":
+            assert answer == arg[::-1].upper()
+        elif op == "mirror":
+            assert answer == arg[::-1] and set(arg) <= {"#", "."}
         elif op == "upper":
             assert answer == arg.upper()
         elif op == "caesar":
@@ -83,6 +100,31 @@ def test_answers_are_right():
 def test_closed_tasks_eval_the_whole_table():
     assert len(get_task("mul").split(n_train=10, n_eval=1000).eval) == 100
     assert len(get_task("bin").split(n_train=10, n_eval=1000).eval) == 64
+    assert len(get_task("add").split(n_train=10, n_eval=1000).eval) == 100
+    assert len(get_task("sum").split(n_train=10, n_eval=1000).eval) == 100
+    assert len(get_task("sub").split(n_train=10, n_eval=1000).eval) == 55
+
+
+def test_domains_have_their_own_vocabulary():
+    from expertlib.demo.tasks import DEMO_TASKS, TASKS
+
+    chars = {}
+    from expertlib.demo.tasks import PRETRAIN_TASKS
+
+    for t in PRETRAIN_TASKS:
+        task = get_task(t)
+        for ex in task.split(n_train=50, n_eval=5).train:
+            arg = ex.prompt.split(": ", 1)[1]
+            chars.setdefault(task.domain, set()).update(arg + ex.answer)
+    assert set(chars) == {"words", "numbers", "patterns", "brackets"}
+    names = sorted(chars)
+    for i, a in enumerate(names):  # the domains' contents share no character
+        for b in names[i + 1 :]:
+            assert not chars[a] & chars[b], (a, b, chars[a] & chars[b])
+    # each demo task adapts a pretrained domain that the general tasks do not use
+    assert {TASKS[t].domain for t in GENERAL_TASKS} == {"words"}
+    assert {TASKS[t].domain for t in DEMO_TASKS} == {"numbers", "patterns", "brackets"}
+    assert set(DEMO_TASKS) <= set(SPECIALISED_TASKS)
 
 
 def test_exact_match_scorer():

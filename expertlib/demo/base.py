@@ -7,9 +7,18 @@ masks prompt tokens in the loss (label -100), and is cached under `$EXPERTLIB_CA
 keyed by every setting, as a normal `save_pretrained` folder with the tokenizer and a
 `demo_base.json` report (settings, losses, wall time, accuracy per general task).
 
-    path = build_demo_base()                 # minutes the first time, then instant
-    path = build_demo_base(quick=True)       # reduced size for CI: well under a minute
+    path = build_demo_base()                 # the shipped base, digest-checked, copied to the cache
+    path = build_demo_base(quick=True)       # the same shipped base (CI trains less on it)
+    path = build_demo_base(TINY_CONFIG)      # any other config: pretrained here on first use
     info = demo_base_info(path)              # the report
+
+The default base ships with the package (`expertlib/demo/assets/base/`, float32 safetensors,
+~8 MB) so the demo starts in seconds and prints the same numbers everywhere. Its weights'
+sha256 (`SHIPPED_DIGEST`) is checked on every use. It is rebuilt bit for bit, on one thread
+(torch's float reductions depend on the thread count), by
+
+    python -m expertlib.demo.base --rebuild       # ~15-25 min on one core; prints the digest
+    python -m expertlib.demo.base --check         # rebuild into a temp folder, compare digests
 
 The specialised tasks (`expertlib.demo.tasks.SPECIALISED_TASKS`) are never shown to the base.
 """
@@ -29,10 +38,15 @@ from typing import Any
 import torch
 
 from expertlib.constants import CACHE_ENV, DEFAULT_CACHE_DIR
-from expertlib.demo.tasks import GENERAL_TASKS, Example, mixture
+from expertlib.demo.tasks import PRETRAIN_TASKS, Example, mixture
 
 #: Name of the report written beside the weights.
 DEMO_INFO_FILE = "demo_base.json"
+#: The shipped demo base (package data) and the sha256 of its model.safetensors.
+SHIPPED_DIR = Path(__file__).parent / "assets" / "base"
+SHIPPED_DIGEST = "df56b9b8b1d5ccee8aa328963a3daff78019005989a52f14c6822a5eda518abb"
+#: Torch threads of the reproducible pretraining (the result depends on the thread count).
+PRETRAIN_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -45,9 +59,9 @@ class DemoBaseConfig:
     num_experts: int = 32
     top_k: int = 4
     moe_intermediate_size: int = 32
-    shared_expert_intermediate_size: int = 64
-    router_aux_loss_coef: float = 0.01
-    tasks: tuple[str, ...] = tuple(GENERAL_TASKS)
+    shared_expert_intermediate_size: int = 32
+    router_aux_loss_coef: float = 0.02
+    tasks: tuple[str, ...] = tuple(PRETRAIN_TASKS)
     n_per_task: int = 4000
     steps: int = 1500
     batch_size: int = 48
@@ -277,14 +291,17 @@ def build_demo_base(
 ) -> Path:
     """The demo base's folder: pretrained and evaluated on first use, then reused from the cache.
 
-    `quick=True` uses `QUICK_CONFIG` (for CI). `path` overrides the cache location.
+    The default config (also with `quick=True`) is the shipped base: its digest is checked and
+    it is copied into the cache. `path` overrides the cache location. `force` pretrains anew.
     """
     from expertlib.demo.evaluate import evaluate_model
 
-    config = config or (QUICK_CONFIG if quick else DemoBaseConfig())
+    config = config or DemoBaseConfig()
     target = Path(path) if path is not None else demo_base_path(config)
     if (target / DEMO_INFO_FILE).is_file() and not force:
         return target
+    if config == DemoBaseConfig() and not force:
+        return install_shipped_base(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -309,6 +326,63 @@ def build_demo_base(
     return target
 
 
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_shipped_base(folder: str | Path = SHIPPED_DIR) -> Path:
+    """The shipped base's folder, after checking its weights against `SHIPPED_DIGEST`."""
+    from expertlib.errors import ModelLoadError
+
+    folder = Path(folder)
+    weights = folder / "model.safetensors"
+    hint = "reinstall expertlib, or rebuild the base: python -m expertlib.demo.base --rebuild"
+    if not weights.is_file() or not (folder / DEMO_INFO_FILE).is_file():
+        raise ModelLoadError(f"the shipped demo base is missing from {folder}", hint=hint)
+    got = file_digest(weights)
+    if got != SHIPPED_DIGEST:
+        raise ModelLoadError(
+            f"the shipped demo base {weights} has sha256 {got[:16]}..., expected {SHIPPED_DIGEST[:16]}...",
+            hint=hint,
+        )
+    info = demo_base_info(folder)
+    if info.get("key") != DemoBaseConfig().key():
+        raise ModelLoadError(
+            f"the shipped demo base was built with other settings (key {info.get('key')}, "
+            f"expected {DemoBaseConfig().key()})",
+            hint=hint,
+        )
+    return folder
+
+
+def install_shipped_base(target: str | Path) -> Path:
+    """Copy the digest-checked shipped base to `target` (atomically); returns `target`."""
+    src = check_shipped_base()
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(src, tmp)
+        if file_digest(tmp / "model.safetensors") != SHIPPED_DIGEST:
+            raise OSError(f"copying the demo base to {tmp} changed its bytes")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def rebuild_shipped_base(out: str | Path = SHIPPED_DIR, *, progress: bool = True) -> str:
+    """Pretrain the default base on `PRETRAIN_THREADS` thread(s) into `out`; returns its digest."""
+    build_demo_base(DemoBaseConfig(), path=out, force=True, progress=progress, threads=PRETRAIN_THREADS)
+    return file_digest(Path(out) / "model.safetensors")
+
+
 def demo_base_info(path: str | Path) -> dict[str, Any]:
     """The report written beside a demo base (settings, losses, time, general-task accuracy)."""
     return json.loads((Path(path) / DEMO_INFO_FILE).read_text())
@@ -316,3 +390,32 @@ def demo_base_info(path: str | Path) -> dict[str, Any]:
 
 def config_with(**overrides) -> DemoBaseConfig:
     return replace(DemoBaseConfig(), **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m expertlib.demo.base --rebuild | --check`: rebuild or verify the shipped base."""
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(description="Rebuild or verify the shipped demo base (one thread).")
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--rebuild", action="store_true", help="pretrain into --out (default: the package)")
+    group.add_argument("--check", action="store_true", help="pretrain into a temp folder, compare digests")
+    ap.add_argument("--out", default=str(SHIPPED_DIR))
+    args = ap.parse_args(argv)
+    if args.rebuild:
+        digest = rebuild_shipped_base(args.out)
+        print(f"{Path(args.out) / 'model.safetensors'}: sha256 {digest}")
+        print(
+            "ok: matches SHIPPED_DIGEST" if digest == SHIPPED_DIGEST else "set SHIPPED_DIGEST to this digest"
+        )
+        return 0
+    with tempfile.TemporaryDirectory() as d:
+        digest = rebuild_shipped_base(Path(d) / "base")
+    same = digest == SHIPPED_DIGEST
+    print(f"rebuilt sha256 {digest}: {'identical to' if same else 'DIFFERS from'} the shipped base")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

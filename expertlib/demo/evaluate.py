@@ -23,7 +23,7 @@ from expertlib.demo.tasks import Example, get_task, resolve_tasks
 
 @torch.no_grad()
 def generate_answers(
-    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 64, bar=None
+    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 128, bar=None
 ) -> list[str]:
     """Greedy answers to user prompts (chat template, left padding, stops at EOS)."""
     tokenizer.padding_side = "left"
@@ -123,7 +123,7 @@ class EvalResult:
         from expertlib.demo.tasks import TASKS
 
         out = {}
-        for k in ("general", "specialised"):
+        for k in ("general", "domain", "specialised"):
             vals = [self.accuracy[column][t] for t in self.tasks if TASKS[t].kind == k]
             if vals:
                 out[k] = round(sum(vals) / len(vals), 4)
@@ -133,7 +133,7 @@ class EvalResult:
         from expertlib.demo.tasks import TASKS
 
         rows = [[t, TASKS[t].kind, *(f"{self.accuracy[c][t]:.2f}" for c in self.columns)] for t in self.tasks]
-        for k in ("specialised", "general"):
+        for k in ("specialised", "general", "domain"):
             if any(TASKS[t].kind == k for t in self.tasks):
                 rows.append([f"mean {k}", "", *(f"{self.mean(c).get(k, 0):.2f}" for c in self.columns)])
         return rows
@@ -203,3 +203,58 @@ def evaluate(
         samples[label] = det
     n = {t: len(eval_examples(t, n_eval, seed, limit)) for t in names}
     return EvalResult(str(base), names, columns, accuracy, n, samples if keep_samples else {})
+
+
+def task_routing(model, tokenizer, tasks: Sequence[str], *, n: int = 100, seed: int = 1) -> dict[str, dict]:
+    """ESFT-Token routing shares of each task's eval prompts (with answers) on `model`, per layer."""
+    import tempfile
+
+    from expertlib.data import load_samples, pad_token_id
+    from expertlib.demo.tasks import write_jsonl
+    from expertlib.diagnostics import routing_shares
+
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        for t in resolve_tasks(tasks):
+            path = write_jsonl(eval_examples(t, n, seed), Path(d) / f"{t}.jsonl")
+            samples = load_samples(path, tokenizer)
+            out[t] = routing_shares(model, samples, pad_id=pad_token_id(tokenizer), token_budget=None)
+    return out
+
+
+def task_specialisation(base: str | Path, tasks: Sequence[str] | None = None, *, n: int = 100):
+    """`expertlib.diagnostics.Specialisation` of the demo tasks on BASE (top-k = the routing width)."""
+    from transformers import AutoTokenizer
+
+    from expertlib.diagnostics import specialisation
+    from expertlib.moe import load_model
+
+    model = load_model(base, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    return specialisation(task_routing(model, tok, tasks or [], n=n), k=model.config.num_experts_per_tok)
+
+
+@torch.no_grad()
+def forced_accuracy(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 128) -> float:
+    """Exact match under teacher forcing: every answer token (and EOS) is the argmax given the gold
+    prefix. Greedy decoding gives exactly the answer then EOS iff this holds, so it equals the
+    generated exact match except where greedy output is right but ends otherwise (a newline):
+    a lower bound, one forward pass per batch instead of one per token (for learning curves)."""
+    from expertlib.demo.base import collate, encode
+
+    was = model.training
+    model.eval()
+    enc = encode(tokenizer, list(examples))
+    correct = 0
+    try:
+        for i in range(0, len(enc), batch_size):
+            part = enc[i : i + batch_size]
+            batch = collate(part, tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            pred = logits[:, :-1].argmax(-1)
+            target = batch["labels"][:, 1:]
+            ok = ((pred == target) | (target == -100)).all(dim=1)
+            correct += int(ok.sum())
+    finally:
+        model.train(was)
+    return correct / max(1, len(enc))

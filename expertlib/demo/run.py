@@ -3,9 +3,11 @@
     report = run_demo(DemoSettings(quick=True))
 
 Steps, each printed as it happens:
-1. build (or reuse from the cache) the demo base, pretrained on the general tasks;
+1. install the shipped demo base (digest-checked; pretrained on the general tasks of three
+   domains) and measure how its experts specialise (`expertlib.diagnostics`);
 2. for each specialised task, write its training data (jsonl) and train an ESFT expert set
-   (`expertlib.training.train_esft`: score, select top-p, train only the selected experts);
+   (`expertlib.training.train_esft`: score, select top-p, train only the selected experts),
+   printing the retention risk of the selection against the built-in general set;
 3. publish the sets to the registry (default: `$EXPERTLIB_REGISTRY`) and draw the expert-overlap
    heatmap (`registry diff --plot`);
 4. measure exact-match accuracy of the base and of every set on every task, in process
@@ -30,10 +32,19 @@ from pathlib import Path
 from typing import Any
 
 from expertlib.demo.base import build_demo_base, cache_dir, demo_base_info, pick_threads
-from expertlib.demo.tasks import GENERAL_TASKS, SPECIALISED_TASKS, get_task, write_jsonl
+from expertlib.demo.tasks import (
+    DEMO_TASKS,
+    DOMAIN_TASKS,
+    GENERAL_TASKS,
+    SPECIALISED_TASKS,
+    get_task,
+    write_jsonl,
+)
 
 #: The name the demo base is served under.
 BASE_NAME = "demo-base"
+#: ESFT training of the demo sets (toy scale; see bench/RESULTS.md "ESFT sweep"): steps, quick steps, LR.
+STEPS, QUICK_STEPS, LR = 300, 100, 5e-3
 
 
 @dataclass
@@ -41,8 +52,11 @@ class DemoSettings:
     """Settings of one demo run (`quick` shrinks the base, the training and the evaluation)."""
 
     quick: bool = False
-    tasks: tuple[str, ...] = ("caesar", "mul", "bin")
+    tasks: tuple[str, ...] = DEMO_TASKS
     score: str = "token"
+    #: score experts on answer tokens only: the toy chat template is half of every sample, and its
+    #: tokens route alike for every task (what a real corpus's content would dominate)
+    answer_only: bool = True
     top_p: float | None = None
     steps: int | None = None
     lr: float | None = None
@@ -61,11 +75,11 @@ class DemoSettings:
 
     def __post_init__(self) -> None:
         if self.steps is None:
-            self.steps = 100 if self.quick else 300
+            self.steps = QUICK_STEPS if self.quick else STEPS
         if self.lr is None:
-            self.lr = 5e-3 if self.quick else 2e-3
+            self.lr = LR
         if self.n_eval is None:
-            self.n_eval = 30 if self.quick else 100
+            self.n_eval = 20 if self.quick else 50
         if self.ask is None:
             self.ask = 3 if self.quick else 5
         for t in self.tasks:
@@ -82,6 +96,7 @@ class DemoReport:
     served: list[dict[str, Any]] = field(default_factory=list)  # one row per question asked
     served_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> {set, base}
     heatmap: str | None = None
+    specialisation: dict[str, Any] | None = None  # expertlib.diagnostics.Specialisation
     port: int | None = None
     server_error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -106,6 +121,14 @@ def train_task_set(
     data = write_jsonl(split.train, workdir / "data" / f"{task}.jsonl")
     out = workdir / "sets" / f"{task}.safetensors"
     t0 = time.perf_counter()
+    risk: dict[str, Any] = {}
+
+    def check_risk(model, selection, _samples) -> None:
+        from expertlib.diagnostics import BUILTIN_GENERAL, check_retention
+        from expertlib.testing import make_tokenizer
+
+        risk["r"] = check_retention(model, make_tokenizer(), selection, BUILTIN_GENERAL)
+
     es = train_esft(
         base,
         data,
@@ -117,9 +140,10 @@ def train_task_set(
             lr=s.lr, steps=s.steps, batch_size=s.batch_size, warmup_steps=min(20, s.steps // 10), seed=s.seed
         ),
         token_budget=20_000,
-        count_prompt_tokens=True,
+        count_prompt_tokens=not s.answer_only,
         description=f"demo: {get_task(task).description}",
         progress=s.progress,
+        on_selection=check_risk,
     )
     m = es.manifest
     summary = {
@@ -129,11 +153,12 @@ def train_task_set(
         "size_bytes": out.stat().st_size,
         "train_time_s": round(time.perf_counter() - t0, 1),
         "final_train_loss": m.provenance.final_train_loss,
+        "retention_risk": risk["r"].summary(),
     }
     log(
         f"  {task}: {m.num_experts} experts over {len(m.experts)} layers "
         f"({', '.join(f'{len(v)}' for v in m.experts.values())} per layer), "
-        f"loss {summary['final_train_loss']:.3f}, {summary['train_time_s']:.0f} s"
+        f"loss {summary['final_train_loss']:.3f}, {summary['train_time_s']:.0f} s\n    {risk['r'].message()}"
     )
     return out, summary
 
@@ -265,14 +290,24 @@ def run_demo(
 
     torch.set_num_threads(pick_threads())
 
-    log(f"[1/5] demo base ({'quick' if s.quick else 'full'} size)")
+    log("[1/5] demo base (shipped with expertlib, digest-checked)")
     t0 = time.perf_counter()
-    base = build_demo_base(quick=s.quick, progress=s.progress)
+    base = build_demo_base(progress=s.progress)
     info = demo_base_info(base)
     report = DemoReport(base=str(base), base_info=info)
-    report.timings["base_s"] = round(time.perf_counter() - t0, 1)
     acc = ", ".join(f"{k} {v:.2f}" for k, v in info["accuracy"].items())
-    log(f"  {base}\n  pretrained in {info['train_time_s']:.0f} s; general-task accuracy: {acc}")
+    c = info["config"]
+    log(
+        f"  {base}\n  {c['num_layers']} MoE layers x {c['num_experts']} routed experts (top-{c['top_k']}) + 1 shared; "
+        f"pretrained {info['steps']} steps on {len(c['tasks'])} general tasks; accuracy: {acc}"
+    )
+    from expertlib.demo.evaluate import task_specialisation
+    from expertlib.diagnostics import format_specialisation
+
+    spec = task_specialisation(base, [*GENERAL_TASKS, *DOMAIN_TASKS, *s.tasks])
+    report.specialisation = spec.model_dump()
+    log("  " + format_specialisation(spec).replace("\n", "\n  "))
+    report.timings["base_s"] = round(time.perf_counter() - t0, 1)
 
     log(f"[2/5] training ESFT-{s.score} expert sets: {', '.join(s.tasks)}")
     t0 = time.perf_counter()
@@ -293,12 +328,12 @@ def run_demo(
         report.heatmap = str(heatmap)
         log(f"  expert-overlap heatmap: {report.heatmap}")
 
-    log("[4/5] exact-match accuracy, in process (base vs each set; specialised and general tasks)")
+    log("[4/5] exact-match accuracy, in process (base vs each set; specialised, general and domain tasks)")
     t0 = time.perf_counter()
     res = evaluate(
         base,
         [str(paths[t]) for t in s.tasks],
-        tasks=[*s.tasks, *GENERAL_TASKS],
+        tasks=[*s.tasks, *GENERAL_TASKS, *DOMAIN_TASKS],
         n_eval=s.n_eval,
         seed=s.seed,
         progress=s.progress,

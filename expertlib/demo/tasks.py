@@ -1,23 +1,33 @@
-"""The toy task suite: deterministic, seeded chat tasks with exact-match answers.
+"""The toy task suite: deterministic, seeded chat tasks with exact-match answers, in three domains.
 
 Strings are short (the demo tokenizer is character-level): every sample renders to roughly
-16-48 characters with the chat template. Two groups:
+16-48 characters with the chat template. The tasks come from three *domains*, each with its own
+vocabulary and format, so a small MoE pretrained on them routes each domain through its own
+experts (the premise of ESFT, measured by `expertlib.diagnostics`):
 
-- **general** tasks (copy, reverse, sort, count, add, upper) form the demo base model's
-  pretraining mix, so the base really has these skills;
-- **specialised** tasks (caesar, mul, bin) are held out from pretraining entirely: the base has
-  never seen their prompts, and ESFT expert sets are trained for them.
+- **words** (lowercase letters): copy, reverse, upper;
+- **numbers** (digits): add, sub;
+- **patterns** (`#` and `.`): flip.
 
-    task = get_task("caesar")
+Two groups:
+
+- **general** tasks (the six above) form the demo base model's pretraining mix, so the base
+  really has these skills; they also measure general-ability retention;
+- **specialised** tasks are held out from pretraining entirely. The demo's three (`DEMO_TASKS`)
+  adapt a pretrained domain, like the paper's math and code tasks: `sum` asks for addition in a
+  new format ("sum 3 and 4"), `shout` combines two word skills (reverse and upper-case),
+  `mirror` reverses a pattern. `caesar`, `mul` and `bin` need a skill the base never learnt.
+
+    task = get_task("sum")
     split = task.split(seed=0)              # TaskSplit(train=[...], eval=[...])
     split.train[0].messages()                # [{"role": "user", ...}, {"role": "assistant", ...}]
-    task.score("bcd", "bcd")                 # 1.0 (exact match after stripping whitespace)
-    write_jsonl(split.train, "caesar.jsonl") # the training data format
+    task.score("46", "46")                   # 1.0 (exact match after stripping whitespace)
+    write_jsonl(split.train, "sum.jsonl")    # the training data format
 
 Splits: for tasks with a large input space the eval prompts are disjoint from the train
-prompts. Two specialised tasks have a small, closed input space (the 10x10 multiplication table,
-the numbers 0..63 in binary); like a domain's facts, their eval split is the whole table and
-the train split samples the same table. Their `closed` flag says so.
+prompts. The arithmetic tasks have a small, closed input space (the 10x10 addition and
+multiplication tables, the numbers 0..63 in binary); like a domain's facts, their eval split is
+the whole table and the train split samples the same table. Their `closed` flag says so.
 """
 
 from __future__ import annotations
@@ -77,6 +87,8 @@ class Task:
     sample: Callable[[random.Random], tuple[str, str]]
     #: every possible (prompt, answer) when the input space is small; then eval = the whole space
     space: Callable[[], list[tuple[str, str]]] | None = None
+    #: the vocabulary family the task lives in ("words", "numbers", "patterns")
+    domain: str = "words"
 
     @property
     def closed(self) -> bool:
@@ -145,20 +157,75 @@ def _reverse(rng):
     return f"reverse: {w}", w[::-1]
 
 
-def _sort(rng):
-    w = _word(rng)
-    return f"sort: {w}", "".join(sorted(w))
-
-
-def _count(rng):
-    w = _word(rng, 4, 9, "abcde")
-    c = rng.choice("abcde")
-    return f"count {c}: {w}", str(w.count(c))
+def _add_space():
+    return [(f"add: {a}+{b}", str(a + b)) for a in range(10) for b in range(10)]
 
 
 def _add(rng):
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     return f"add: {a}+{b}", str(a + b)
+
+
+def _sub_space():
+    return [(f"sub: {a}-{b}", str(a - b)) for a in range(10) for b in range(a + 1)]
+
+
+def _sub(rng):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    a, b = max(a, b), min(a, b)
+    return f"sub: {a}-{b}", str(a - b)
+
+
+PIXELS = "#."
+
+
+def _pattern(rng: random.Random, lo: int = 4, hi: int = 10) -> str:
+    return "".join(rng.choice(PIXELS) for _ in range(rng.randint(lo, hi)))
+
+
+def _flip(rng):
+    w = _pattern(rng)
+    return f"flip: {w}", w.translate(str.maketrans("#.", ".#"))
+
+
+OPEN, CLOSE = "([{<", ")]}>"
+
+
+def _brackets(rng: random.Random, lo: int = 2, hi: int = 7) -> str:
+    return "".join(rng.choice(OPEN) for _ in range(rng.randint(lo, hi)))
+
+
+def _closing(w: str) -> str:
+    return "".join(CLOSE[OPEN.index(c)] for c in reversed(w))
+
+
+def _close(rng):
+    w = _brackets(rng)
+    return f"close: {w}", _closing(w)
+
+
+def _end(rng):
+    w = _brackets(rng)
+    return f"end {w}", _closing(w)
+
+
+def _sum_space():
+    return [(f"sum {a} and {b}", str(a + b)) for a in range(10) for b in range(10)]
+
+
+def _sum(rng):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"sum {a} and {b}", str(a + b)
+
+
+def _shout(rng):
+    w = _word(rng)
+    return f"shout: {w}", w[::-1].upper()
+
+
+def _mirror(rng):
+    w = _pattern(rng)
+    return f"mirror: {w}", w[::-1]
 
 
 def _upper(rng):
@@ -198,17 +265,30 @@ TASKS: dict[str, Task] = {
     for t in (
         Task("copy", "general", "repeat a word", _copy),
         Task("reverse", "general", "reverse a word", _reverse),
-        Task("sort", "general", "sort a word's letters", _sort),
-        Task("count", "general", "count one letter in a word", _count),
-        Task("add", "general", "add two numbers below 100", _add),
         Task("upper", "general", "upper-case a word", _upper),
+        Task("add", "domain", "the 10x10 addition table", _add, _add_space, domain="numbers"),
+        Task("sub", "domain", "subtract the smaller of two digits", _sub, _sub_space, domain="numbers"),
+        Task("flip", "domain", "swap # and . in a pattern", _flip, domain="patterns"),
+        Task("close", "domain", "close a run of open brackets", _close, domain="brackets"),
+        Task(
+            "sum", "specialised", "addition in a new format: sum 3 and 4", _sum, _sum_space, domain="numbers"
+        ),
+        Task("mirror", "specialised", "reverse a pattern of # and .", _mirror, domain="patterns"),
+        Task("end", "specialised", "close brackets in a new format: end ([", _end, domain="brackets"),
+        Task("shout", "specialised", "reverse a word and upper-case it", _shout),
         Task("caesar", "specialised", "shift each letter one place (a->b, z->a)", _caesar),
-        Task("mul", "specialised", "the 10x10 multiplication table", _mul, _mul_space),
-        Task("bin", "specialised", "write 0..63 in binary", _bin, _bin_space),
+        Task("mul", "specialised", "the 10x10 multiplication table", _mul, _mul_space, domain="numbers"),
+        Task("bin", "specialised", "write 0..63 in binary", _bin, _bin_space, domain="numbers"),
     )
 }
 
+#: The demo's specialised tasks: each adapts a domain the base was pretrained on.
+DEMO_TASKS = ("sum", "mirror", "end")
+
 GENERAL_TASKS = [n for n, t in TASKS.items() if t.kind == "general"]
+DOMAIN_TASKS = [n for n, t in TASKS.items() if t.kind == "domain"]
+#: The demo base's pretraining mix: the general skills and the domains.
+PRETRAIN_TASKS = GENERAL_TASKS + DOMAIN_TASKS
 SPECIALISED_TASKS = [n for n, t in TASKS.items() if t.kind == "specialised"]
 
 
@@ -225,7 +305,12 @@ def resolve_tasks(names: Sequence[str] | None) -> list[str]:
         return list(TASKS)
     out: list[str] = []
     for n in names:
-        group = {"general": GENERAL_TASKS, "specialised": SPECIALISED_TASKS, "all": list(TASKS)}.get(n, [n])
+        group = {
+            "general": GENERAL_TASKS,
+            "domain": DOMAIN_TASKS,
+            "specialised": SPECIALISED_TASKS,
+            "all": list(TASKS),
+        }.get(n, [n])
         for g in group:
             get_task(g)
             if g not in out:
