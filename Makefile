@@ -9,7 +9,7 @@ ENGINE ?= cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.expertlib-installed-$(ENGINE)
 
-.PHONY: install test test-fast lint format bench bench-train bench-composer bench-paper demo clean
+.PHONY: install test test-fast lint format bench bench-train bench-composer bench-paper bench-scale gpu-check demo clean
 
 install: $(STAMP)
 
@@ -50,6 +50,14 @@ bench-composer: install
 	$(BIN)/python bench/mixed_batch.py --compiled
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/hot_load.py
+
+# real per-layer shapes (DeepSeek-V2-Lite, Qwen3-30B-A3B, OLMoE-1B-7B) at truncated depth, on CPU
+bench-scale: install
+	nice -n 5 $(BIN)/python bench/scale.py
+
+# one NVIDIA GPU: installs ENGINE=gpu in .venv-gpu, engine tests, mixed-batch bench, ESFT steps
+gpu-check:
+	bash scripts/gpu_check.sh
 
 demo: install
 	$(BIN)/expertlib demo
