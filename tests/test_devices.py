@@ -50,3 +50,26 @@ def test_device_map_spreads_whole_layers_over_gpus():
     per_layer = layer_devices(dm, 6)
     assert list(per_layer.values()) == sorted(per_layer.values())  # first layers on GPU 0, then GPU 1
     assert per_layer[0] == 0 and per_layer[5] == 1
+
+
+def test_gpu_check_stops_with_a_clear_message_without_a_gpu(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    smi = fake / "nvidia-smi"  # a driver tool that lists no GPU
+    smi.write_text("#!/bin/sh\necho 'No devices were found' >&2\nexit 6\n")
+    smi.chmod(0o755)
+    # shadows any real nvidia-smi: the check stops before installing or running anything
+    res = subprocess.run(
+        ["bash", str(script)],
+        env={"PATH": f"{fake}:/usr/bin:/bin", "LOG": str(tmp_path / "log")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "no NVIDIA GPU here" in res.stderr and "make test" in res.stderr
+    assert res.stdout == "" and not (tmp_path / "log").exists()
