@@ -10,12 +10,12 @@
 # 4. trains a few ESFT steps on CUDA (bf16 base, fp32 master weights, memory plan printed)
 # and prints one summary line per step. Exits non-zero when a step fails, and at once (exit 2,
 # before installing anything) where there is no NVIDIA GPU.
-# SKIP_INSTALL=1 reuses the environment as it is; STEP_TIMEOUT (seconds, default 300) bounds each step.
+# SKIP_INSTALL=1 reuses the environment as it is; STEP_TIMEOUT (seconds, default 300) bounds each step;
+# LOG (default: a temporary file, named in the summary) receives every step's output.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-gpu}
 STEP_TIMEOUT=${STEP_TIMEOUT:-300}
-LOG=${LOG:-gpu_check.log}
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
     echo "gpu_check: no NVIDIA GPU here (nvidia-smi is missing or lists no device)." >&2
@@ -23,6 +23,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
     exit 2
 fi
 GPU=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1)
+LOG=${LOG:-$(mktemp -t gpu_check.XXXXXX.log)}
 : >"$LOG"
 declare -a SUMMARY=()
 FAILED=0
