@@ -59,8 +59,10 @@ def init(device: torch.device | None = None) -> DistContext:
     if not launched():
         return DistContext()
     if not dist.is_initialized():
-        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(device)  # NCCL's communicator and barrier use the current device
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     return context()
 
 
@@ -101,6 +103,8 @@ def all_reduce_sum(value: float, device: torch.device | None = None) -> float:
     ctx = context()
     if not ctx.enabled:
         return value
+    if device is None and dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device())
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item())

@@ -347,8 +347,8 @@ def score_task(
     from expertlib.moe import load_model
 
     dev = resolve_device(device)
-    model = load_model(base, dtype=torch_dtype(dtype) if dtype else None)
-    model.to(dev)
+    on_gpu = {"device_map": {"": str(dev)}} if dev.type != "cpu" else {}  # straight to the GPU
+    model = load_model(base, dtype=torch_dtype(dtype) if dtype else None, **on_gpu)
     tok = load_tokenizer(base)
     samples = LazySamples(data, tok, max_length=max_length, too_long=too_long)  # type: ignore[arg-type]
     return score_experts(
