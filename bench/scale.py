@@ -400,9 +400,8 @@ def report(rows: list[dict], args, wall_s: float) -> str:
         )
     lines += [
         "",
-        "Measured peaks exceed the plan by about one layer's routed-expert weights: on CPU, transformers' "
-        "grouped matmul copies a layer's fused expert tensor (transposed) on each call, a transient the "
-        "plan does not count (nor the weight-sized copy the plan leaves out for the base's experts).",
+        "On CPU, transformers' grouped matmul copies a layer's fused expert tensor (transposed) on each "
+        "call: the plan counts that transient as one layer's routed experts in the compute dtype.",
         "",
         *dominates(rows),
     ]

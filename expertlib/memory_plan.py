@@ -15,7 +15,7 @@ Parameter counts come from a weightless (meta) instance of the model, so they ar
 Activations are estimated per decoder layer from the shapes (tokens T = batch x length):
 attention projections and the attention matrix, the MoE block's gathered inputs and
 intermediates (T x K rows), shared experts, norms and residuals; the loss adds the logits
-and their float32 copy. With gradient checkpointing only each layer's input is kept, plus
+and their float32 copy; the grouped matmul may copy one layer's routed experts (CPU does). With gradient checkpointing only each layer's input is kept, plus
 one layer's full set during its recomputation. `tests/test_memory_plan.py` checks the
 figures against peaks measured on CPU with `PeakTracker`.
 """
@@ -264,6 +264,8 @@ def plan_training(
     acts += logits_bytes(shape, batch_size, seq_len, act) + backward_transient_bytes(
         shape, batch_size, seq_len
     )
+    # grouped-matmul workspace: the CPU path copies a layer's fused expert tensor (transposed) per call
+    acts += shape.num_experts * shape.params_per_expert * act
     if act != master:  # autocast keeps a compute-dtype copy of each trained weight for the backward
         acts += n_trained * act
     return MemoryPlan(
