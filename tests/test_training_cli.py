@@ -177,6 +177,7 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, tiny_model_dir, dat
     for cmd in (
         ["score", tiny_model_dir("qwen2_moe"), data, "--out", tmp_path / "s.json"],
         ["train", tiny_model_dir("qwen2_moe"), data, "--task", "x", "--out", tmp_path / "x.safetensors"],
+        ["eval", tiny_model_dir("qwen2_moe"), "--tasks", "mul", "--limit", 1],
     ):
         res = run(*cmd, "--device", "cuda:0")
         assert res.exit_code != 0
