@@ -322,6 +322,6 @@ def _open_set(ref: str | Path, base: str | Path, registry: str | Path | None):
     path = Path(ref).expanduser()
     if path.suffix == ".safetensors" or path.exists():
         return ExpertSet.open(path)
-    from expertlib.registry.local import Registry
+    from expertlib.registry import Registry
 
     return Registry(registry).open(str(ref), base=base)

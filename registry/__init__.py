@@ -10,9 +10,10 @@
 Storage only: the registry never loads a model (see DESIGN.md).
 """
 
-from .local import Registry, default_root
+from .local import RegistryStore, default_root
 from .models import Entry, GcReport, TransferReport, VerifyReport
 from .names import LATEST, Ref, RefSpec, parse_ref, validate_name, validate_tag
+from .registry import Registry
 
 __all__ = [
     "LATEST",
@@ -21,6 +22,7 @@ __all__ = [
     "Ref",
     "RefSpec",
     "Registry",
+    "RegistryStore",
     "TransferReport",
     "VerifyReport",
     "default_root",

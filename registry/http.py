@@ -1,8 +1,9 @@
 """HTTP routes of a registry (FastAPI), the server side of `expertlib.registry.client`.
 
 Mount `router` in any FastAPI app; the registry is found in `app.state.registry`, or
-`app.state.server.registry` (the expertlib server). `registry_app(reg)` is a standalone app.
-Routes raise expertlib errors; the app's error handler turns them into OpenAI-shaped bodies.
+`app.state.server.registry` (the expertlib server); `expertlib.server.registry_app(reg)` is a
+standalone app. Routes raise expertlib errors; the app's error handler turns them into OpenAI-shaped
+bodies.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from expertlib.errors import DigestMismatchError, IntegrityError, NotFoundError
 
-from .local import Registry, _storage_errors
+from .local import RegistryStore, _storage_errors
 from .models import Entry, EntryList, TagRequest
 from .names import DIGEST_PREFIX, validate_digest, validate_name, validate_tag
 
@@ -25,32 +26,32 @@ router = APIRouter(tags=["registry"])
 DIGEST_HEADER = "X-Expertlib-Digest"
 
 
-def get_registry(request: Request) -> Registry:
+def get_registry(request: Request) -> RegistryStore:
     state = request.app.state
     reg = getattr(state, "registry", None)
     if reg is None:
         reg = getattr(getattr(state, "server", None), "registry", None)
     if reg is None:
         raise NotFoundError("this server has no expert-set registry", hint="start it with --registry DIR")
-    return reg if isinstance(reg, Registry) else Registry(reg)
+    return reg if isinstance(reg, RegistryStore) else RegistryStore(reg)
 
 
 @router.get("/entries", response_model=EntryList)
 def list_entries(
-    name: str | None = None, base: str | None = None, reg: Registry = Depends(get_registry)
+    name: str | None = None, base: str | None = None, reg: RegistryStore = Depends(get_registry)
 ) -> EntryList:
     """Every published version, optionally of one name and/or base (name, folder or config digest)."""
     return EntryList(entries=reg.list(base=base, name=name))
 
 
 @router.get("/entries/{ref}", response_model=Entry)
-def show_entry(ref: str, base: str | None = None, reg: Registry = Depends(get_registry)) -> Entry:
+def show_entry(ref: str, base: str | None = None, reg: RegistryStore = Depends(get_registry)) -> Entry:
     """One entry with its manifest: `math`, `math@3`, `math@stable` or `math@sha256:...`."""
     return reg.show(ref, base=base)
 
 
 @router.get("/blobs/{digest}")
-def get_blob(digest: str, reg: Registry = Depends(get_registry)) -> FileResponse:
+def get_blob(digest: str, reg: RegistryStore = Depends(get_registry)) -> FileResponse:
     """The patch bytes of a published entry (unreferenced blobs are not served)."""
     validate_digest(digest)
     if not reg.has_digest(digest):
@@ -71,7 +72,7 @@ async def push_entry(
     version: int | None = Query(
         default=None, ge=1, description="preferred version number (mirrors the source)"
     ),
-    reg: Registry = Depends(get_registry),
+    reg: RegistryStore = Depends(get_registry),
 ) -> Entry:
     """Publish the patch in the body as the next version of `name`; refused unless it hashes to `digest`."""
     validate_name(name)
@@ -105,45 +106,6 @@ async def push_entry(
 
 
 @router.post("/tags", response_model=Entry)
-def set_tag(body: TagRequest, reg: Registry = Depends(get_registry)) -> Entry:
+def set_tag(body: TagRequest, reg: RegistryStore = Depends(get_registry)) -> Entry:
     """Point a tag at a version."""
     return reg.tag(body.ref, body.tag, base=body.base)
-
-
-def registry_app(registry: Registry, *, prefix: str = "/v1/registry", token: str | None = None) -> FastAPI:
-    """A standalone app serving `registry` under `prefix` (expertlib's server mounts `router` itself).
-
-    With `token`, every route needs `Authorization: Bearer <token>`; without, the app is open.
-    """
-    app = FastAPI(title="expertlib registry")
-    app.state.registry = registry
-    deps = [Depends(_bearer_check(token))] if token else []
-    app.include_router(router, prefix=prefix, dependencies=deps)
-    try:
-        from expertlib.server.errors import install_error_handlers
-    except ImportError:  # the server package is optional here
-        from fastapi.responses import JSONResponse
-
-        from expertlib.errors import ExpertlibError
-
-        @app.exception_handler(ExpertlibError)
-        async def _err(_: Request, exc: ExpertlibError) -> JSONResponse:
-            return JSONResponse(
-                {"error": {"message": str(exc), "type": type(exc).__name__}}, status_code=exc.http_status
-            )
-    else:
-        install_error_handlers(app)
-    return app
-
-
-def _bearer_check(token: str):
-    import hmac
-
-    from expertlib.errors import AuthenticationError
-
-    def check(request: Request) -> None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise AuthenticationError("missing or invalid token", hint="send 'Authorization: Bearer <token>'")
-
-    return check

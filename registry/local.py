@@ -1,4 +1,7 @@
-"""The local registry: a folder with content-addressed blobs and an SQLite index.
+"""The registry's storage: a folder with content-addressed blobs and an SQLite index.
+
+`RegistryStore` publishes, versions, tags, opens, verifies and collects garbage; `expertlib.registry.
+Registry` adds diff and transfers on top of it (dependencies run one way: remotes use the store).
 
     reg = Registry()                                  # $EXPERTLIB_REGISTRY or ~/.cache/expertlib/registry
     entry = reg.publish("math.safetensors", tags=["stable"])
@@ -64,7 +67,7 @@ def default_root() -> Path:
     return Path(os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY_DIR).expanduser()
 
 
-class Registry:
+class RegistryStore:
     """A local expert-set registry rooted at `root` (created on first use).
 
     `read_only` (default: detected, a read-only folder or mount) opens an existing registry without
@@ -283,7 +286,7 @@ class Registry:
         path = self.get_path(ref, base=base)
         if verify:
             entry = self.resolve(ref, base=base)
-            problem = self._check_blob(entry.digest)
+            problem = self.check_blob(entry.digest)
             if problem:
                 raise DigestMismatchError(
                     f"{entry.ref}: {problem}", path=str(path), hint="pull it again from a good copy, or rm it"
@@ -562,7 +565,7 @@ class Registry:
             con.close()
         return report
 
-    def _check_blob(self, digest: str) -> str | None:
+    def check_blob(self, digest: str) -> str | None:
         """None when the blob is intact, otherwise what is wrong with it."""
         path = self.blobs.path(digest)
         if not path.is_file():
@@ -593,36 +596,13 @@ class Registry:
         if integrity != "ok":
             report.problems.append(VerifyProblem(digest="-", refs=[], problem=f"index: {integrity}"))
         for digest, names in used.items():
-            problem = self._check_blob(digest)
+            problem = self.check_blob(digest)
             if problem:
                 report.problems.append(VerifyProblem(digest=digest, refs=names, problem=problem))
         if refs is None:
             report.unreferenced = sum(1 for d in self.blobs.iter_digests() if d not in used)
             report.stale_temps = len(self.blobs.stale_temps(3600.0))
         return report
-
-    # --- diff and remotes (implemented in their own modules) --------------------------------------
-
-    def diff(self, refs: Sequence[str], *, base: BaseArg = None, base_dir: str | Path | None = None):
-        """Compare expert sets of one base (see `expertlib.registry.diff.diff_expert_sets`)."""
-        from .diff import diff_expert_sets
-
-        entries = [self.resolve(r, base=base) for r in refs]
-        sets = [ExpertSet.open(self.blobs.path(e.digest)) for e in entries]
-        return diff_expert_sets(sets, [str(e.ref) for e in entries], base_dir=base_dir)
-
-    def push(self, ref: str, dest: str, **kw):
-        """Copy `ref` (a name: every version; `name@x`: one) to a folder, HTTP registry or `hf://repo`."""
-        from .remotes import push
-
-        return push(self, ref, dest, **kw)
-
-    def pull(self, source: str, refs: Sequence[str] = (), **kw):
-        """Copy expert sets from a folder, HTTP registry or `hf://repo[@revision]` into this registry."""
-        from .remotes import pull
-
-        self._writable()
-        return pull(self, source, refs, **kw)
 
 
 def _spec(ref: str | RefSpec | Ref) -> RefSpec:
@@ -693,7 +673,9 @@ def _storage_errors(root: Path):
         ) from None
 
 
-def _translated(fn):
+def translate_storage_errors(fn):
+    """Method decorator: a full disk or read-only filesystem becomes one clear registry error."""
+
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         with _storage_errors(self.root):
@@ -704,6 +686,6 @@ def _translated(fn):
 
 for _name in (
     "bases", "list", "resolve", "show", "get_path", "open", "publish", "tag", "untag", "rm",
-    "has_digest", "gc", "verify", "diff", "push", "pull",
+    "has_digest", "gc", "verify",
 ):  # fmt: skip
-    setattr(Registry, _name, _translated(getattr(Registry, _name)))
+    setattr(RegistryStore, _name, translate_storage_errors(getattr(RegistryStore, _name)))

@@ -19,7 +19,7 @@ from expertlib.errors import InvalidNameError, NotFoundError, RemoteError
 from expertlib.identity import BaseIdentity
 
 from .blobs import BlobStore
-from .local import BaseArg, Registry
+from .local import BaseArg, RegistryStore
 from .models import Entry, TransferReport
 from .names import LATEST, RefSpec, parse_ref
 
@@ -49,8 +49,10 @@ class Sink(Protocol):
 class FolderRemote:
     """Another registry folder, as a source and as a destination."""
 
-    def __init__(self, registry: Registry | str | Path, *, create: bool = True):
-        self.registry = registry if isinstance(registry, Registry) else _open_folder(registry, create=create)
+    def __init__(self, registry: RegistryStore | str | Path, *, create: bool = True):
+        self.registry = (
+            registry if isinstance(registry, RegistryStore) else _open_folder(registry, create=create)
+        )
         self.url = str(self.registry.root.resolve())
 
     def entries(self, spec: RefSpec | None, base: str | None) -> list[Entry]:
@@ -62,7 +64,7 @@ class FolderRemote:
 
     def fetch(self, entry: Entry, staging: BlobStore) -> tuple[Path, bool]:
         path = self.registry.blobs.path(entry.digest)
-        problem = self.registry._check_blob(entry.digest)
+        problem = self.registry.check_blob(entry.digest)
         if problem:
             from expertlib.errors import DigestMismatchError
 
@@ -95,7 +97,7 @@ class FolderRemote:
             self.registry.tag(entry.ref, t, base=entry.base)
 
 
-def _open_folder(path: str | Path, *, create: bool = True) -> Registry:
+def _open_folder(path: str | Path, *, create: bool = True) -> RegistryStore:
     """A registry folder; a source (`create=False`) must already be one and is never written."""
     p = Path(path).expanduser()
     if not (p / "index.db").is_file() and p.exists() and any(p.iterdir()):
@@ -107,7 +109,7 @@ def _open_folder(path: str | Path, *, create: bool = True) -> Registry:
             f"no expertlib registry at {p}" + ("" if p.exists() else " (no such folder)"),
             hint="check the path: pull reads an existing registry folder and never creates one",
         )
-    return Registry(p)
+    return RegistryStore(p)
 
 
 def open_remote(url: str, *, token: str | None = None, source: bool = False) -> Source | Sink:
@@ -186,7 +188,7 @@ def transfer(
 
 
 def pull(
-    reg: Registry,
+    reg: RegistryStore,
     source: str,
     refs: Sequence[str] = (),
     *,
@@ -206,7 +208,7 @@ def pull(
 
 
 def push(
-    reg: Registry,
+    reg: RegistryStore,
     ref: str,
     dest: str,
     *,

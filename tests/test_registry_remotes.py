@@ -119,7 +119,7 @@ def serve(app):
 @pytest.fixture
 def http_remote(tmp_path):
     """A registry served over HTTP on a real port; yields (registry, url)."""
-    from expertlib.registry.http import registry_app
+    from expertlib.server.registry_app import registry_app
 
     reg = Registry(tmp_path / "served")
     with serve(registry_app(reg)) as url:
@@ -127,7 +127,7 @@ def http_remote(tmp_path):
 
 
 def test_token_protected_registry_app(src, tmp_path):
-    from expertlib.registry.http import registry_app
+    from expertlib.server.registry_app import registry_app
 
     served = Registry(tmp_path / "served")
     with serve(registry_app(served, token="s3cret")) as url:
