@@ -211,7 +211,7 @@ def hot_load(model, patch_path: Path) -> tuple[float, float, int]:
 
 def registry_io(patch_path: Path, root: Path) -> dict[str, float]:
     """MB/s of publish (validate + hash + store), push to a folder and pull back, and of a plain copy."""
-    from expertlib.registry.local import Registry
+    from expertlib.registry import Registry
 
     size = patch_path.stat().st_size
     out = {}

@@ -147,7 +147,7 @@ def load_expert_set(ref: str | Path, *, base: str | Path | None = None, registry
     p = Path(ref).expanduser()
     if p.suffix == ".safetensors" or p.exists():
         return ExpertSet.open(p)
-    from expertlib.registry.local import Registry
+    from expertlib.registry import Registry
 
     return Registry(registry).open(str(ref), base=base)
 
