@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from expertlib.errors import ModelLoadError, PatchShapeError
 from expertlib.identity import BaseIdentity, base_identity
-from expertlib.moe import ArchSpec, ExpertWeights, _views, arch_spec, experts_module, moe_layer_indices
+from expertlib.moe import ArchSpec, ExpertWeights, arch_spec, expert_views, experts_module, moe_layer_indices
 
 
 class BaseCheckpoint:
@@ -112,7 +112,7 @@ class BaseCheckpoint:
             is_concatenated=not gpt_oss,
             has_bias=gpt_oss,
         )
-        return _views(ns, 0).map(lambda t: t.contiguous())
+        return expert_views(ns, 0).map(lambda t: t.contiguous())
 
     @cached_property
     def expert_shapes(self) -> dict[str, list[int]]:

@@ -68,8 +68,10 @@ def resolve_base(base: str | Path) -> Path:
 # --- accounting shared by both engines -----------------------------------------------------------------
 
 
-class _Book:
-    """Which sets are loaded where (SlotPool), their files, pins and requests in flight."""
+class _SetBook:
+    """The engine's ledger of expert sets, shared by the sync and async engines: which sets are loaded
+    in which slots and remap rows (a SlotPool), the file each came from, pins, and requests in flight
+    (a set serving requests is never evicted)."""
 
     def __init__(self, base: BaseCheckpoint, slots: int, max_sets: int):
         self.base = base
@@ -385,7 +387,7 @@ class ExpertEngine:
         from vllm import LLM
 
         self.base = BaseCheckpoint(resolve_base(base))
-        self._book = _Book(self.base, slots, max_sets)
+        self._book = _SetBook(self.base, slots, max_sets)
         host_cache = engine_kwargs.pop("host_cache", None)
         kwargs, self.memory = size_memory(self.base, slots, engine_kwargs)
         with _memory_errors(self.memory):
@@ -482,7 +484,7 @@ class AsyncExpertEngine:
         self.engine = engine
         self.base = base
         self._slots, self._max_sets = slots, max_sets
-        self._book = _Book(base, slots, max_sets)
+        self._book = _SetBook(base, slots, max_sets)
         self._lock = asyncio.Lock()
         self._drained: dict[str, asyncio.Event] = {}
         self._checked = False

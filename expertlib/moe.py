@@ -230,8 +230,10 @@ def describe(model: nn.Module) -> MoESpec:
 # --- reading and writing one expert -----------------------------------------------------------------
 
 
-def _views(ex: nn.Module, e: int) -> ExpertWeights:
-    """Views into the fused parameters for expert `e`, in canonical orientation."""
+def expert_views(ex: nn.Module, e: int) -> ExpertWeights:
+    """Views into the fused parameters for expert `e`, in canonical orientation (no copy: writing to
+    them writes the model; `read_expert` returns a copy). Used by the slots and the lazy checkpoint
+    reader, which hold tensors laid out like an experts module."""
     gu, dn = ex.gate_up_proj, ex.down_proj
     transposed = getattr(ex, "is_transposed", False)
     concatenated = getattr(ex, "is_concatenated", True)
@@ -265,14 +267,14 @@ def _check_index(model: nn.Module, layer: int, expert: int) -> nn.Module:
 def read_expert(model: nn.Module, layer: int, expert: int) -> ExpertWeights:
     """A copy of routed expert `expert` of layer `layer` in canonical form."""
     ex = _check_index(model, layer, expert)
-    return _views(ex, expert).map(lambda t: t.detach().clone().contiguous())
+    return expert_views(ex, expert).map(lambda t: t.detach().clone().contiguous())
 
 
 @torch.no_grad()
 def write_expert(model: nn.Module, layer: int, expert: int, weights: ExpertWeights) -> None:
     """Overwrite routed expert `expert` of layer `layer` in place (dtype cast to the model's)."""
     ex = _check_index(model, layer, expert)
-    views = _views(ex, expert)
+    views = expert_views(ex, expert)
     want = dict(views.items())
     got = dict(weights.items())
     if want.keys() != got.keys():

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from expertlib.errors import SlotError
-from expertlib.moe import ExpertWeights, _views, experts_module, moe_layer_indices
+from expertlib.moe import ExpertWeights, expert_views, experts_module, moe_layer_indices
 
 # --- accounting --------------------------------------------------------------------------------------
 
@@ -267,7 +267,7 @@ class _SlotState(nn.Module):
         self.active = active
 
     def views(self, slot: int) -> ExpertWeights:
-        return _views(self, slot)
+        return expert_views(self, slot)
 
 
 def install_slots(
