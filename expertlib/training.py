@@ -570,13 +570,23 @@ def train_esft(
         on_plan=on_plan,
         extra=train_shared_experts or train_non_expert_modules,
     )
+    tok = load_tokenizer(base)  # data before the model: bad data fails fast, the plan knows the lengths
+    pad = pad_token_id(tok)
+    digest = data_digest(data)
+    samples = load_samples(data, tok, max_length=max_length, too_long=too_long, pack=pack)
+    if eval_data is not None:
+        train_s = samples
+        eval_s = load_samples(eval_data, tok, max_length=max_length, too_long=too_long, pack=pack)
+    else:
+        train_s, eval_s = split_holdout(samples, holdout, config.seed)
+    longest = min(max_length, max(len(x) for x in train_s))  # a batch pads to its longest sample
     if guess is not None:
-        planned(guess.num_experts, max_length)
+        planned(guess.num_experts, longest)
     else:  # selection unknown until scoring: assume a quarter of each layer (ESFT trains 5-15%)
         per_layer = min(
             shape.num_experts, max_per_layer or max(shape.top_k, math.ceil(shape.num_experts / 4))
         )
-        planned(per_layer * len(shape.moe_layers), max_length)
+        planned(per_layer * len(shape.moe_layers), longest)
     patch_dtype = checkpoint_dtype(base_cfg)
     kw = (
         {"device_map": device_map}
@@ -586,15 +596,6 @@ def train_esft(
         else {}
     )
     model = load_model(base, dtype=torch_dtype(config.dtype), **kw)
-    tok = load_tokenizer(base)
-    pad = pad_token_id(tok)
-    digest = data_digest(data)
-    samples = load_samples(data, tok, max_length=max_length, too_long=too_long, pack=pack)
-    if eval_data is not None:
-        train_s = samples
-        eval_s = load_samples(eval_data, tok, max_length=max_length, too_long=too_long, pack=pack)
-    else:
-        train_s, eval_s = split_holdout(samples, holdout, config.seed)
     ident = base_identity(model, name=str(base))
     prov = Provenance(data_digest=digest, extra={"data_path": str(data)})
     if experts is None:
@@ -652,7 +653,7 @@ def train_esft(
     moe_sel = [layer for layer, ids in selection.experts.items() if ids]
     planned(
         selection.num_experts,
-        min(max_length, max(len(x) for x in train_s)),
+        longest,
         first_trained_layer=min(moe_sel) if moe_sel else None,
     )
     run_key = {
