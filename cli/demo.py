@@ -18,7 +18,7 @@ from expertlib.cli.output import emit_json, print_table
 @click.option(
     "--steps", type=int, default=None, help="ESFT training steps per task (default 300, quick 100)."
 )
-@click.option("--lr", type=float, default=None, help="ESFT learning rate (default 5e-3, toy scale).")
+@click.option("--lr", type=float, default=None, help="ESFT learning rate (default 3e-3, toy scale).")
 @click.option("--score", type=click.Choice(["token", "gate"]), default="token", show_default=True)
 @click.option(
     "--top-p", type=float, default=None, help="Selection threshold p (default: 0.2 token, 0.1 gate)."

@@ -292,7 +292,7 @@ def train_cmd(base, data, task, out, score, top_p, max_per_layer, experts, budge
 
     Picking the learning rate: the paper's 1e-5 is for a 16B model trained 500 steps of 32 x 4096
     tokens. Smaller models and shorter runs need more: try 1e-5..1e-4 for billion-parameter
-    bases and 1e-3..1e-2 for toy ones (the demo base uses 5e-3), hold data out (--holdout or
+    bases and 1e-3..1e-2 for toy ones (the demo uses 3e-3), hold data out (--holdout or
     --eval-data with --eval-every) and lower it when the held-out loss rises while the train
     loss falls; --early-stop stops there and keeps the best experts.
 

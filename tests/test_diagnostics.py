@@ -24,13 +24,14 @@ GENERAL = {0: [0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1], 1: [0.125] * 8}
 
 
 def test_retention_risk_is_the_general_mass_on_the_selected_experts():
-    risk = retention_risk(ExpertConfig(experts={0: [0, 1], 1: [0]}), GENERAL, task=MATH)
+    risk = retention_risk(ExpertConfig(experts={0: [0, 1], 1: [0]}), GENERAL, task=MATH, threshold=0.2)
     by = {r.layer: r for r in risk.layers}
     assert by[0].general_mass == pytest.approx(0.4) and by[1].general_mass == pytest.approx(0.125)
     assert by[0].task_mass == pytest.approx(0.8) and by[1].task_mass == pytest.approx(0.5)
     assert by[0].chance == pytest.approx(0.25) and by[1].chance == pytest.approx(0.125)
     assert risk.mean_general_mass == pytest.approx(0.2625) and risk.max_general_mass == pytest.approx(0.4)
-    assert risk.at_risk == [0]  # default threshold 0.2
+    assert risk.at_risk == [0]
+    assert retention_risk({0: [0, 1], 1: [0]}, GENERAL).at_risk == [0, 1]  # default threshold 0.1
     msg = risk.message()
     assert "layers 0 " in msg and all(a in msg for a in ADVICE)
     s = risk.summary()
@@ -91,6 +92,48 @@ def test_diff_reports_the_general_mass_of_each_set():
     report = SimpleNamespace(labels=["math", "text"], layers=layers, general=None)
     add_general_overlap(report, GENERAL)
     assert report.general["math"]["mean_general_mass"] == pytest.approx((0.4 + 0.125) / 2)
-    assert report.general["math"]["at_risk_layers"] == [0]
+    assert report.general["math"]["at_risk_layers"] == [0, 1]  # 0.4 and 0.125 > 0.1
     assert report.general["text"]["mean_general_mass"] == pytest.approx(0.1)
     assert list(report.general["text"]["per_layer"]) == ["0"]  # a layer the set does not touch is left out
+
+
+@pytest.mark.slow
+def test_score_and_train_report_the_retention_risk(tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from expertlib.cli.main import cli
+    from expertlib.demo.base import build_demo_base
+    from expertlib.demo.tasks import get_task, write_jsonl
+    from expertlib.diagnostics import DEFAULT_RISK_THRESHOLD
+
+    monkeypatch.setenv("EXPERTLIB_CACHE", str(tmp_path / "cache"))
+    base = str(build_demo_base(progress=False))
+    data = write_jsonl(get_task("mirror").split(n_train=64, n_eval=1).train, tmp_path / "mirror.jsonl")
+    res = CliRunner().invoke(
+        cli,
+        ["score", base, str(data), "--out", str(tmp_path / "s.json"), "--budget", "2000"]
+        + ["--general", "builtin", "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout[res.stdout.index("{") :])
+    risk = out["retention_risk"]["esft-token p=0.2"]
+    assert set(risk["per_layer"]) == {"0", "1", "2", "3"}
+    assert 0 < risk["mean_general_mass"] < 1 and risk["threshold"] == DEFAULT_RISK_THRESHOLD
+    spec = out["specialisation"]
+    assert set(spec["concentration"]) == {"task", "general"} and spec["k"] == 4
+
+    res = CliRunner().invoke(
+        cli,
+        ["train", base, str(data), "--task", "mirror", "--out", str(tmp_path / "m.safetensors")]
+        + ["--steps", "2", "--lr", "1e-3", "--budget", "2000", "--general", "builtin", "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout[res.stdout.index("{") :])
+    assert out["retention_risk"]["per_layer"]["0"]["experts"], out
+    assert "retention risk" in res.stderr
+
+    res = CliRunner().invoke(cli, ["inspect", base, "--data", str(data)])
+    assert res.exit_code == 0, res.output
+    assert "specialisation: share of routing mass" in res.output

@@ -44,7 +44,7 @@ from expertlib.demo.tasks import (
 #: The name the demo base is served under.
 BASE_NAME = "demo-base"
 #: ESFT training of the demo sets (toy scale; see bench/RESULTS.md "ESFT sweep"): steps, quick steps, LR.
-STEPS, QUICK_STEPS, LR = 300, 100, 5e-3
+STEPS, QUICK_STEPS, LR = 300, 100, 3e-3
 
 
 @dataclass
@@ -225,7 +225,11 @@ def ask_server(
     acc: dict[str, dict[str, float]] = {}
     for task in tasks:
         t = get_task(task)
-        exs = t.split(n_train=0, n_eval=s.n_eval, seed=s.seed).eval[: s.ask]
+        from expertlib.demo.evaluate import answer_budget
+
+        every = t.split(n_train=0, n_eval=s.n_eval, seed=s.seed).eval
+        exs = every[: s.ask]
+        budget = answer_budget(every)  # the in-process evaluation's token budget, so answers compare
         acc[task] = {}
         for model in (task, BASE_NAME):
             correct = 0
@@ -233,7 +237,7 @@ def ask_server(
                 resp = client.chat.completions.create(
                     model=model,
                     messages=[{"role": "user", "content": ex.prompt}],
-                    max_tokens=len(ex.answer) + 2,
+                    max_tokens=budget,
                     temperature=0.0,
                 )
                 got = resp.choices[0].message.content or ""
