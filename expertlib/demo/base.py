@@ -17,7 +17,7 @@ The default base ships with the package (`expertlib/demo/assets/base/`, float32 
 sha256 (`SHIPPED_DIGEST`) is checked on every use. It is rebuilt bit for bit, on one thread
 (torch's float reductions depend on the thread count), by
 
-    python -m expertlib.demo.base --rebuild       # ~15-25 min on one core; prints the digest
+    python -m expertlib.demo.base --rebuild       # 8-18 min on one shared core; prints the digest
     python -m expertlib.demo.base --check         # rebuild into a temp folder, compare digests
 
 The specialised tasks (`expertlib.demo.tasks.SPECIALISED_TASKS`) are never shown to the base.
