@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from expertlib.constants import CACHE_ENV, DEFAULT_CACHE_DIR
-from expertlib.demo.tasks import PRETRAIN_TASKS, Example, mixture
+from expertlib.demo.tasks import PRETRAIN_TASKS, collate, encode, mixture
 
 #: Name of the report written beside the weights.
 DEMO_INFO_FILE = "demo_base.json"
@@ -152,35 +152,6 @@ def make_config(config: DemoBaseConfig):
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
-
-
-def encode(tokenizer, examples: list[Example]) -> list[tuple[list[int], int]]:
-    """(token ids of the whole chat, prompt length) per example; the prompt ends with 'A: '."""
-    prompts, fulls = [], []
-    for ex in examples:
-        prompt = tokenizer.apply_chat_template(ex.messages(False), tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(ex.messages(True), tokenize=False)
-        assert full.startswith(prompt), (prompt, full)
-        prompts.append(prompt)
-        fulls.append(full)
-    if not examples:
-        return []
-    p_ids = tokenizer(prompts, add_special_tokens=False).input_ids
-    ids = tokenizer(fulls, add_special_tokens=False).input_ids
-    return [(i, len(p)) for i, p in zip(ids, p_ids, strict=True)]
-
-
-def collate(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input ids, attention mask and labels with prompt and padding masked (-100)."""
-    n = -(-max(len(ids) for ids, _ in batch) // 16) * 16  # a few distinct shapes: faster kernels warm up once
-    input_ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(batch), n), dtype=torch.long)
-    labels = torch.full((len(batch), n), -100, dtype=torch.long)
-    for i, (ids, plen) in enumerate(batch):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attn[i, : len(ids)] = 1
-        labels[i, plen : len(ids)] = torch.tensor(ids[plen:])
-    return {"input_ids": input_ids, "attention_mask": attn, "labels": labels}
 
 
 def pick_threads(threads: int | None = None) -> int:

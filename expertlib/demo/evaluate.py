@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from expertlib.demo.tasks import Example, get_task, resolve_tasks
+from expertlib.demo.tasks import Example, collate, encode, get_task, resolve_tasks
 
 
 @torch.no_grad()
@@ -240,8 +240,6 @@ def forced_accuracy(model, tokenizer, examples: Sequence[Example], *, batch_size
     prefix. Greedy decoding gives exactly the answer then EOS iff this holds, so it equals the
     generated exact match except where greedy output is right but ends otherwise (a newline):
     a lower bound, one forward pass per batch instead of one per token (for learning curves)."""
-    from expertlib.demo.base import collate, encode
-
     was = model.training
     model.eval()
     enc = encode(tokenizer, list(examples))

@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 LETTERS = string.ascii_lowercase
 
 
@@ -333,3 +335,32 @@ def write_jsonl(examples: Iterable[Example], path: str | Path) -> Path:
         for ex in examples:
             f.write(json.dumps(ex.to_json()) + "\n")
     return path
+
+
+def encode(tokenizer, examples: list[Example]) -> list[tuple[list[int], int]]:
+    """(token ids of the whole chat, prompt length) per example; the prompt ends with 'A: '."""
+    prompts, fulls = [], []
+    for ex in examples:
+        prompt = tokenizer.apply_chat_template(ex.messages(False), tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(ex.messages(True), tokenize=False)
+        assert full.startswith(prompt), (prompt, full)
+        prompts.append(prompt)
+        fulls.append(full)
+    if not examples:
+        return []
+    p_ids = tokenizer(prompts, add_special_tokens=False).input_ids
+    ids = tokenizer(fulls, add_special_tokens=False).input_ids
+    return [(i, len(p)) for i, p in zip(ids, p_ids, strict=True)]
+
+
+def collate(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask and labels with prompt and padding masked (-100)."""
+    n = -(-max(len(ids) for ids, _ in batch) // 16) * 16  # a few distinct shapes: faster kernels warm up once
+    input_ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(batch), n), dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    for i, (ids, plen) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attn[i, : len(ids)] = 1
+        labels[i, plen : len(ids)] = torch.tensor(ids[plen:])
+    return {"input_ids": input_ids, "attention_mask": attn, "labels": labels}
