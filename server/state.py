@@ -145,8 +145,8 @@ def plan_start(settings: ServerSettings, catalog: SetCatalog, names: list[str]) 
 
 def open_registry(root: str | None) -> Any:
     """The registry at `root`; without one, the default registry if it exists (else None)."""
-    from expertlib.registry.index import SERVING_BUSY_TIMEOUT_MS
     from expertlib.registry import Registry, default_root
+    from expertlib.registry.index import SERVING_BUSY_TIMEOUT_MS
 
     if root is None:
         if not (default_root() / "index.db").is_file():
