@@ -23,8 +23,8 @@ from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSetManifest
 
 from .blobs import BlobStore, sha256_file
-from .models import WIRE_VERSION, Entry, check_wire_version
-from .names import LATEST, MAX_VERSION, RefSpec, validate_digest, validate_name, validate_tag
+from .models import WIRE_VERSION, BlobDigest, Entry, SetName, Tags, check_wire_version
+from .names import MAX_VERSION, RefSpec
 
 PATCH_FILE = "expert_set.safetensors"
 MANIFEST_FILE = "expertlib.json"
@@ -36,11 +36,11 @@ class HubManifest(BaseModel):
     """`expertlib.json` in a Hub repo."""
 
     wire_version: StrictInt = WIRE_VERSION
-    name: str
+    name: SetName
     version: int = Field(ge=1, le=MAX_VERSION)
-    digest: str = Field(description="sha256 of expert_set.safetensors")
+    digest: BlobDigest = Field(description="sha256 of expert_set.safetensors")
     size: int = Field(ge=0)
-    tags: list[str] = Field(default_factory=list)
+    tags: Tags = Field(default_factory=list)
     base: BaseIdentity
     manifest: ExpertSetManifest
 
@@ -48,21 +48,6 @@ class HubManifest(BaseModel):
     @classmethod
     def _wire(cls, v: int) -> int:
         return check_wire_version(v)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return validate_name(v)
-
-    @field_validator("digest")
-    @classmethod
-    def _digest(cls, v: str) -> str:
-        return validate_digest(v)
-
-    @field_validator("tags")
-    @classmethod
-    def _tags(cls, v: list[str]) -> list[str]:
-        return [t if t == LATEST else validate_tag(t) for t in v]
 
 
 def parse_hub_url(url: str) -> tuple[str, str | None]:

@@ -7,14 +7,24 @@ the CLI's `--json` output and the HTTP bodies (`expertlib.registry.http`).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, StrictInt, field_validator
+from pydantic import AfterValidator, BaseModel, Field, StrictInt, field_validator
 
 from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSetManifest
 
 from .names import LATEST, MAX_VERSION, Ref, validate_digest, validate_name, validate_tag
+
+
+def _validate_tags(tags: list[str]) -> list[str]:
+    return [t if t == LATEST else validate_tag(t) for t in tags]
+
+
+# Field types for what arrives from remotes: names, digests and tags end up in paths and URLs.
+SetName = Annotated[str, AfterValidator(validate_name)]
+BlobDigest = Annotated[str, AfterValidator(validate_digest)]
+Tags = Annotated[list[str], AfterValidator(_validate_tags)]
 
 #: Version of the registry wire format (HTTP bodies, Hub manifest). Bumped on breaking changes.
 WIRE_VERSION = 1
@@ -28,11 +38,11 @@ def base_key(base: BaseIdentity) -> str:
 class Entry(BaseModel):
     """One published version of an expert set."""
 
-    name: str = Field(description="registry name of the set (the task)")
+    name: SetName = Field(description="registry name of the set (the task)")
     version: int = Field(ge=1, le=MAX_VERSION, description="version number, from 1, never reused")
-    digest: str = Field(description="sha256 of the patch file bytes; immutable address")
+    digest: BlobDigest = Field(description="sha256 of the patch file bytes; immutable address")
     base: BaseIdentity = Field(description="base model the set belongs to")
-    tags: list[str] = Field(default_factory=list, description="tags pointing at this version (incl. latest)")
+    tags: Tags = Field(default_factory=list, description="tags pointing at this version (incl. latest)")
     size: int = Field(ge=0, description="patch file size in bytes")
     content_digest: str = Field(description="the manifest's digest over the tensors")
     task: str = Field(description="task name recorded in the patch manifest")
@@ -44,22 +54,6 @@ class Entry(BaseModel):
     published_at: datetime
     source: str | None = Field(default=None, description="where the set was pulled from, if pulled")
     manifest: ExpertSetManifest | None = Field(default=None, description="full manifest (show only)")
-
-    # entries also arrive from remotes: names and digests end up in paths and URLs, so check them
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return validate_name(v)
-
-    @field_validator("digest")
-    @classmethod
-    def _digest(cls, v: str) -> str:
-        return validate_digest(v)
-
-    @field_validator("tags")
-    @classmethod
-    def _tags(cls, v: list[str]) -> list[str]:
-        return [t if t == LATEST else validate_tag(t) for t in v]
 
     @staticmethod
     def manifest_fields(m: ExpertSetManifest) -> dict[str, Any]:
