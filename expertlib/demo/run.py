@@ -176,7 +176,6 @@ def start_server(base: Path, registry: str | None, sets: Sequence[str], port: in
         cmd += ["--expert-set", name]
     env = dict(os.environ)
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     logf = open(log_path, "w")  # noqa: SIM115 - handed to the child, closed in stop_server
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
