@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from safetensors import safe_open
 
 from expertlib.errors import ModelLoadError, PatchShapeError
-from expertlib.identity import BaseIdentity, base_identity
+from expertlib.identity import BaseIdentity, base_identity, load_config
 from expertlib.moe import ArchSpec, ExpertWeights, arch_spec, expert_views, experts_module, moe_layer_indices
 
 
@@ -23,7 +23,6 @@ class BaseCheckpoint:
     """A base model folder (config.json + *.safetensors), read lazily; one open handle per shard."""
 
     def __init__(self, path: str | Path):
-        from transformers import AutoConfig
 
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
@@ -31,10 +30,7 @@ class BaseCheckpoint:
                 f"{self.path} has no config.json",
                 hint="pass a local model folder written by save_pretrained",
             )
-        try:
-            self.config = AutoConfig.from_pretrained(str(self.path))
-        except Exception as exc:  # transformers raises OSError/ValueError/... depending on the failure
-            raise ModelLoadError(f"cannot read a model config from {str(self.path)!r}: {exc}") from exc
+        self.config = load_config(self.path)
         self.spec: ArchSpec = arch_spec(self.config.model_type)
         self._handles: dict[Path, object] = {}
         self._digests: dict[tuple[int, int], str] = {}

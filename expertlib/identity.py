@@ -85,3 +85,18 @@ def base_identity(model_or_config: Any, name: str | Path | None = None) -> BaseI
     return BaseIdentity(
         model_type=config.model_type, config_digest=config_digest(config), name=str(name) if name else None
     )
+
+
+def load_config(base: str | Path):
+    """The transformers config of the base model at `base` (a folder or a hub id; no weights read)."""
+    from transformers import AutoConfig
+
+    from expertlib.errors import ModelLoadError
+
+    try:
+        return AutoConfig.from_pretrained(str(base))
+    except Exception as exc:  # transformers raises OSError/ValueError/... depending on the failure
+        raise ModelLoadError(
+            f"cannot load a model config from {str(base)!r}: {exc}",
+            hint="pass a folder written by save_pretrained (config.json + safetensors) or a reachable hub id",
+        ) from exc

@@ -37,7 +37,7 @@ from expertlib import training_state as ckpt
 from expertlib.data import IGNORE_INDEX, Sample, collate
 from expertlib.devices import input_device, resolve_device, torch_dtype
 from expertlib.errors import SelectionError
-from expertlib.identity import BaseIdentity
+from expertlib.identity import BaseIdentity, load_config
 from expertlib.memory_plan import MemoryPlan, ModelShape, plan_training
 from expertlib.moe import (
     ExpertWeights,
@@ -683,21 +683,6 @@ def train_esft(
         es.save(out)
     distributed.barrier()
     return es
-
-
-def load_config(base: str | Path):
-    """The base's transformers config (no weights)."""
-    from transformers import AutoConfig
-
-    from expertlib.errors import ModelLoadError
-
-    try:
-        return AutoConfig.from_pretrained(str(base))
-    except Exception as exc:  # transformers raises OSError/ValueError/... depending on the failure
-        raise ModelLoadError(
-            f"cannot load a model config from {str(base)!r}: {exc}",
-            hint="pass a folder written by save_pretrained (config.json + safetensors) or a reachable hub id",
-        ) from exc
 
 
 def checkpoint_dtype(config) -> torch.dtype:

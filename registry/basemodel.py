@@ -10,20 +10,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from expertlib.errors import ModelLoadError
-from expertlib.identity import BaseIdentity, base_identity
-
-
-def _config(folder: str | Path):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(folder))
-    except Exception as exc:  # transformers raises OSError/ValueError/... depending on the failure
-        raise ModelLoadError(
-            f"cannot read a model config from {str(folder)!r}: {exc}",
-            hint="pass a base model folder written by save_pretrained (with config.json)",
-        ) from exc
+from expertlib.identity import BaseIdentity, base_identity, load_config
 
 
 def folder_identity(folder: str | Path) -> BaseIdentity:
@@ -35,4 +22,4 @@ def folder_identity(folder: str | Path) -> BaseIdentity:
 
 @functools.lru_cache(maxsize=64)
 def _folder_identity(folder: str, mtime: int) -> BaseIdentity:
-    return base_identity(_config(folder), name=folder)
+    return base_identity(load_config(folder), name=folder)

@@ -224,9 +224,9 @@ def diff_expert_sets(
 
 def _moe_layers(base_dir) -> list[int]:
     """MoE layer indices of the base, from its config (the decoder-sparsity rules of each family)."""
-    from .basemodel import _config
+    from expertlib.identity import load_config
 
-    cfg = _config(base_dir)
+    cfg = load_config(base_dir)
     first = int(getattr(cfg, "first_k_dense_replace", 0) or 0)
     freq = int(getattr(cfg, "moe_layer_freq", 1) or 1)
     mlp_only = set(getattr(cfg, "mlp_only_layers", None) or [])
