@@ -32,3 +32,32 @@ def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequen
 def emit(as_json: bool, data: Any, render: Callable[[Any], None]) -> None:
     """Print `data` as JSON, or call `render(data)` for the human form."""
     emit_json(data) if as_json else render(data)
+
+
+def config_options(model: type, fields: Sequence[str]) -> Callable:
+    """Click options generated from fields of a pydantic config model: `--field-name`, with the
+    field's type (a `Literal` becomes a choice, a bool a flag), its default and its description as
+    help, so the CLI and the config that `expertlib` writes beside its results never disagree."""
+    import typing
+
+    def option(name: str) -> Callable:
+        info = model.model_fields[name]
+        annotation = info.annotation
+        flag = "--" + name.replace("_", "-")
+        kw: dict[str, Any] = {"default": info.default, "show_default": True}
+        if info.description:
+            kw["help"] = info.description[0].upper() + info.description[1:] + "."
+        if annotation is bool:
+            kw.update(is_flag=True, show_default=False)
+        elif typing.get_origin(annotation) is typing.Literal:
+            kw["type"] = click.Choice(list(typing.get_args(annotation)))
+        else:
+            kw["type"] = annotation
+        return click.option(flag, name, **kw)
+
+    def decorate(fn: Callable) -> Callable:
+        for name in reversed(fields):
+            fn = option(name)(fn)
+        return fn
+
+    return decorate

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from expertlib.cli.output import emit, json_option, print_table
+from expertlib.cli.output import config_options, emit, json_option, print_table
+from expertlib.training import TrainConfig
 
 _BUDGET_HELP = "Token budget of the scoring sample (paper: 131072); 0 scores every token."
 _GENERAL_HELP = (
@@ -225,35 +226,10 @@ def select_cmd(
 @click.option(
     "--train-non-expert-modules", is_flag=True, help="Also train attention/norms/embeddings (ablation)."
 )
-@click.option("--lr", type=float, default=1e-5, show_default=True)
-@click.option("--steps", type=int, default=500, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--warmup-steps", type=int, default=0, show_default=True)
-@click.option(
-    "--schedule",
-    type=click.Choice(["cosine", "linear", "constant"]),
-    default="cosine",
-    show_default=True,
-    help="LR decay after warm-up. The reference code (deepseek-ai/ESFT) trains with constant and no warm-up.",
-)
-@click.option("--weight-decay", type=float, default=0.1, show_default=True)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "bfloat16"]),
-    default="float32",
-    show_default=True,
-    help="Base weights and compute (bfloat16: half the memory, autocast).",
-)
-@click.option(
-    "--master-dtype",
-    type=click.Choice(["float32", "bfloat16"]),
-    default="float32",
-    show_default=True,
-    help="Trained experts, their gradients and AdamW state (float32 master weights over a bf16 base).",
-)
-@click.option(
-    "--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward (less memory)."
+@config_options(
+    TrainConfig,
+    ["lr", "steps", "batch_size", "grad_accum", "warmup_steps", "schedule", "weight_decay", "dtype"]
+    + ["master_dtype", "gradient_checkpointing", "seed"],
 )
 @click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
 @click.option(
@@ -261,26 +237,24 @@ def select_cmd(
     default=None,
     help="Spread the frozen base over all GPUs with accelerate (auto, balanced) instead of --device.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-length", type=int, default=2048, show_default=True)
 @click.option(
-    "--too-long", type=click.Choice(["error", "truncate", "skip"]), default="error", show_default=True
+    "--max-length", type=int, default=2048, show_default=True, help="Longer samples: see --too-long."
+)
+@click.option(
+    "--too-long",
+    type=click.Choice(["error", "truncate", "skip"]),
+    default="error",
+    show_default=True,
+    help="What to do with samples longer than --max-length.",
 )
 @click.option("--pack", is_flag=True, help="Pack samples into rows of --max-length tokens.")
 @click.option(
     "--holdout", type=float, default=0.0, show_default=True, help="Fraction held out for eval loss."
 )
 @click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), help="Held-out jsonl instead.")
-@click.option("--eval-every", type=int, default=0, show_default=True)
-@click.option(
-    "--early-stop",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Stop after N held-out evaluations (--eval-every) without improvement; keep the best experts.",
-)
+@config_options(TrainConfig, ["eval_every", "early_stop"])
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), help="Write resumable checkpoints here.")
-@click.option("--checkpoint-every", type=int, default=0, show_default=True)
+@config_options(TrainConfig, ["checkpoint_every"])
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
 @click.option("--general", default=None, help=_GENERAL_HELP)
 @json_option

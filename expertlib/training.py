@@ -105,7 +105,7 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         default=False, description="recompute each layer's activations in the backward pass (less memory)"
     )
-    seed: int = 0
+    seed: int = Field(default=0, description="seed of the sample order")
     eval_every: int = Field(default=0, ge=0, description="held-out loss every N steps (0: only at the end)")
     early_stop: int = Field(
         default=0,
