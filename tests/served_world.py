@@ -6,26 +6,15 @@ each module starts one server).
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
-import httpx
+from server_process import ServerProcess, free_port, serve_argv
 
 BASE_NAME = "tiny-moe"
 CTX = 256
 SETS = {"alpha": {0: [1, 3], 1: [0, 5]}, "beta": {0: [2], 1: [1, 6, 7]}}  # name -> experts replaced
 SCALE = 2.0  # perturbation of the replaced experts: large, so the sets change answers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build(root: Path) -> tuple[Path, dict]:
@@ -51,38 +40,14 @@ def build(root: Path) -> tuple[Path, dict]:
 def serve(root: Path, base_dir: Path, *extra: str):
     """`expertlib serve` with both sets loaded, float32, until the block ends; yields its URL."""
     port = free_port()
-    env = {
-        **os.environ,
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    argv = [sys.executable, "-m", "expertlib.cli.main", "serve", str(base_dir), "--served-name", BASE_NAME]
+    argv = serve_argv(str(base_dir), "--served-name", BASE_NAME)
     argv += ["--registry", str(root / "registry"), "--expert-set", "alpha", "--expert-set", "beta"]
     argv += ["--slots", "8", "--max-sets", "4", "--port", str(port), *extra]
     argv += ["--engine-arg", "enforce_eager=true", "--engine-arg", "dtype=float32"]
     argv += ["--engine-arg", f"max_model_len={CTX}", "--engine-arg", "max_num_seqs=16"]
-    log_path = root / f"server-{port}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 300
-            while True:
-                assert proc.poll() is None, "server exited:\n" + log_path.read_text()[-4000:]
-                assert time.time() < deadline, "server not ready in 300 s"
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(url + "/health", timeout=5).status_code == 200:
-                        break
-                time.sleep(0.5)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with ServerProcess(argv, port, root / f"server-{port}.log") as server:
+        server.wait_ready()
+        yield server.url
 
 
 class Reference:

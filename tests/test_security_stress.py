@@ -10,18 +10,15 @@ One server for the module (engine start ~20 s on 2 cores).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from server_process import ServerProcess, free_port, serve_argv
 
 pytest.importorskip("vllm")
 
@@ -36,14 +33,6 @@ BASE_NAME = "tiny-moe"
 MAX_TOKENS = 8
 SETS = {"alpha": {0: [1, 3], 1: [0, 5]}, "beta": {0: [2], 1: [1, 6]}, "gamma": {0: [4, 6], 1: [2]}}
 PROMPTS = ["Hello world", "2+2=", "The cat sat on", "def f(x):"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -97,41 +86,17 @@ def world(tmp_path_factory):
     }
     assert torch.isnan(ExpertSet.open(crafted["nanset"]).expert(0, 0).gate).any()
 
-    port = _free_port()
-    env = {
-        **os.environ,
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    argv = [sys.executable, "-m", "expertlib.cli.main", "serve", str(base_dir), "--served-name", BASE_NAME]
+    port = free_port()
+    argv = serve_argv(str(base_dir), "--served-name", BASE_NAME)
     argv += ["--registry", str(reg.root), "--expert-set", "alpha", "--expert-set", "beta"]
     argv += ["--slots", "8", "--max-sets", "4", "--port", str(port), "--max-queue", "64"]
     argv += ["--api-key", API_KEY, "--admin-key", ADMIN_KEY]
     argv += ["--engine-arg", "enforce_eager=true", "--engine-arg", "dtype=float32"]
     argv += ["--engine-arg", "max_model_len=256", "--engine-arg", "max_num_seqs=16"]
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        ref = Reference(base_dir, sets)
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, "server exited:\n" + (root / "server.log").read_text()[-4000:]
-            assert time.time() < deadline, "server not ready in 300 s"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            time.sleep(0.5)
-        yield dict(url=url, root=root, registry=reg, ref=ref, crafted=crafted, proc=proc)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with ServerProcess(argv, port, root / "server.log") as server:
+        ref = Reference(base_dir, sets)  # loads while the server starts
+        server.wait_ready()
+        yield dict(url=server.url, root=root, registry=reg, ref=ref, crafted=crafted, proc=server.proc)
 
 
 def complete(world, model: str, prompt: str) -> httpx.Response:

@@ -14,13 +14,11 @@ import os
 import re
 import shlex
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from server_process import ServerProcess, free_port, serve_argv
 
 pytest.importorskip("vllm")
 
@@ -53,12 +51,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from expertlib.moe import load_model
@@ -79,33 +71,13 @@ def server(tmp_path_factory):
     assert argv[:3] == ["expertlib", "serve", "./base"] and "--all" in argv and "reg" in argv
     port = int(argv[argv.index("--port") + 1])
     if not _port_free(port):  # another program holds README's port here: the one change made
-        port = _free_port()
+        port = free_port()
         argv[argv.index("--port") + 1] = str(port)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    exe = [sys.executable, "-m", "expertlib.cli.main"]  # the `expertlib` console script, from this venv
-    log = open(cwd / "server.log", "w")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen([*exe, *argv[1:]], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 420
-        while True:
-            assert proc.poll() is None, "server exited:\n" + (cwd / "server.log").read_text()[-4000:]
-            assert time.time() < deadline, "server not ready in 420 s"
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        yield dict(url=url, reg=reg, paths=paths, cwd=cwd, log=cwd / "server.log")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with ServerProcess(serve_argv(*argv[2:]), port, cwd / "server.log", env=env, cwd=cwd) as server:
+        server.wait_ready(timeout_s=420)  # compiled, as a user's would be
+        yield dict(url=server.url, reg=reg, paths=paths, cwd=cwd, log=cwd / "server.log")
 
 
 def complete(server, model: str) -> str:

@@ -7,10 +7,6 @@ One server for the whole module (engine start is ~20 s on 2 cores).
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from server_process import ServerProcess, free_port, serve_argv
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -37,12 +34,6 @@ SETS = {  # name -> expert map of a random set
     "delta": {1: [2, 4]},
 }
 PROMPTS = ["Hello world", "2+2=", "The cat sat on", "def f(x):"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Reference:
@@ -103,15 +94,8 @@ def world(tmp_path_factory):
     other = Registry(root / "other")  # a second registry, to push delta into the server's
     other.publish(paths["delta"], base=base_dir)
 
-    port = _free_port()
-    env = {
-        **os.environ,
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
-    argv = [sys.executable, "-m", "expertlib.cli.main", "serve", str(base_dir), "--served-name", BASE_NAME]
+    port = free_port()
+    argv = serve_argv(str(base_dir), "--served-name", BASE_NAME)
     argv += ["--registry", str(root / "registry"), "--expert-set", "alpha", "--expert-set", "beta@1"]
     argv += ["--slots", "8", "--max-sets", "4", "--port", str(port), "--load-on-demand", "--max-queue", "8"]
     argv += ["--api-key", API_KEY, "--admin-key", ADMIN_KEY]
@@ -120,42 +104,29 @@ def world(tmp_path_factory):
     argv += ["--engine-arg", "enable_log_requests=true"]  # the log shows aborted requests
     # a small step budget: long prompts are prefilled in chunks (see the seeded-sampling test)
     argv += ["--engine-arg", f"max_num_batched_tokens={CHUNK}"]
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     before_ready: list[int] = []
-    try:
+
+    def not_ready(status: int) -> None:
+        before_ready.append(status)
+        if len(before_ready) == 1:  # an inference request before ready: 503 too
+            r = httpx.post(
+                server.url + "/v1/completions",
+                json={"model": BASE_NAME, "prompt": "x"},
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            )
+            before_ready.append(r.status_code)
+
+    with ServerProcess(argv, port, root / "server.log") as server:
         ref = Reference(base_dir, sets)  # meanwhile, the reference model loads here
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, "server exited:\n" + (root / "server.log").read_text()[-4000:]
-            assert time.time() < deadline, "server not ready in 300 s"
-            try:
-                status = httpx.get(url + "/health", timeout=5).status_code
-            except httpx.TransportError:
-                status = None
-            if status == 200:
-                break
-            if status is not None:
-                before_ready.append(status)
-                if len(before_ready) == 1:  # an inference request before ready: 503 too
-                    r = httpx.post(
-                        url + "/v1/completions",
-                        json={"model": BASE_NAME, "prompt": "x"},
-                        headers={"Authorization": f"Bearer {API_KEY}"},
-                    )
-                    before_ready.append(r.status_code)
-            time.sleep(0.5)
+        server.wait_ready(on_status=not_ready)
         yield dict(
-            url=url, ref=ref, root=root, other=other, before_ready=before_ready, log=root / "server.log"
+            url=server.url,
+            ref=ref,
+            root=root,
+            other=other,
+            before_ready=before_ready,
+            log=root / "server.log",
         )
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def client(world, key=API_KEY) -> openai.OpenAI:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -19,6 +18,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from server_process import free_port
 
 from expertlib.errors import EngineError, NotLoadedError
 from expertlib.registry import Registry
@@ -123,12 +123,6 @@ class FakeEngine:
 
     def shutdown(self):
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerThread:

@@ -1,0 +1,82 @@
+"""`expertlib serve` as a real process for the end-to-end tests: start it, wait until /health says
+ready, stop it (terminate, then kill) when the block ends. One place for what every such test does."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+#: The tests' environment for a served tiny model: in-process engine core, 1 GiB of KV cache, offline.
+TEST_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_argv(*args: str) -> list[str]:
+    """`expertlib serve ARGS...` run with this interpreter (the venv's console script)."""
+    return [sys.executable, "-m", "expertlib.cli.main", "serve", *args]
+
+
+class ServerProcess:
+    """A started `expertlib serve` process logging to `log_path`; `wait_ready()` before using `url`."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        port: int,
+        log_path: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, **TEST_ENV} if env is None else env
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 300, on_status: Callable[[int], None] | None = None) -> None:
+        """Poll /health until it answers 200; `on_status` sees every other status it answers first."""
+        deadline = time.time() + timeout_s
+        while True:
+            assert self.proc.poll() is None, "server exited:\n" + self.log_path.read_text()[-4000:]
+            assert time.time() < deadline, f"server not ready in {timeout_s:.0f} s"
+            status = None
+            with contextlib.suppress(httpx.TransportError):
+                status = httpx.get(self.url + "/health", timeout=5).status_code
+            if status == 200:
+                return
+            if status is not None and on_status is not None:
+                on_status(status)
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
