@@ -2,11 +2,11 @@
 
 For each demo task (`expertlib.demo.tasks.DEMO_TASKS`): full fine-tuning (FFT), LoRA (PEFT,
 rank 8, attention, shared expert and routed experts), ESFT-Token (p=0.2) and ESFT-Gate (p=0.1),
-with the same data, the same number of steps, the same batches (expertlib.training's sampler and
+with the same data, the same number of steps, the same batches (expertlib.esft.training's sampler and
 loss), AdamW and cosine schedule. Reports per task and method: task accuracy, general-task
 accuracy with the result applied (ability retention), train time, output size, and for ESFT the
 experts each layer selected and the share of the general data's routing they carry
-(`expertlib.diagnostics.retention_risk`). Also the specialisation figures of the base: each
+(`expertlib.esft.diagnostics.retention_risk`). Also the specialisation figures of the base: each
 task's top-k routing share and the overlap of top-k experts between tasks. Learning curves (task
 and general accuracy every `--curve-every` steps) go to bench/curves_<task>.png, and the rows to
 bench/paper_table.json.
@@ -60,15 +60,15 @@ def run_method(
     import torch
     from baselines import trainable_baseline
 
-    from expertlib.data import collate
     from expertlib.demo.evaluate import evaluate_model
     from expertlib.demo.tasks import DOMAIN_TASKS
-    from expertlib.diagnostics import retention_risk
+    from expertlib.esft.data import collate
+    from expertlib.esft.diagnostics import retention_risk
+    from expertlib.esft.scoring import score_experts
+    from expertlib.esft.selection import select_experts
+    from expertlib.esft.training import TrainConfig, batch_indices, loss_sum, train_experts
     from expertlib.moe import load_model
-    from expertlib.scoring import score_experts
-    from expertlib.selection import select_experts
     from expertlib.testing import make_tokenizer
-    from expertlib.training import TrainConfig, batch_indices, loss_sum, train_experts
 
     tok = make_tokenizer()
     cfg = TrainConfig(
@@ -151,9 +151,9 @@ def specialisation_figures(base: Path, tasks, args):
     """(Specialisation over general + given tasks, general routing shares) on the base."""
     import torch
 
-    from expertlib.data import load_samples
     from expertlib.demo.tasks import DEMO_TASKS, GENERAL_TASKS, PRETRAIN_TASKS, get_task, write_jsonl
-    from expertlib.diagnostics import routing_shares, specialisation
+    from expertlib.esft.data import load_samples
+    from expertlib.esft.diagnostics import routing_shares, specialisation
     from expertlib.moe import load_model
     from expertlib.testing import make_tokenizer
 
@@ -263,7 +263,7 @@ def table(rows, base, tasks, args, base_path: Path, info: dict, spec) -> str:
         f"{len(GENERAL_TASKS)} general tasks ({args.n_general} each) with the result applied. Learning rates: "
         + ", ".join(f"{LABEL[m]} {LR[m]:g}" for m in METHODS)
         + f"; ESFT-Token p={TOP_P['esft-token']}, ESFT-Gate p={TOP_P['esft-gate']}. 'general mass' = share of the "
-        "general data's routing on the selected experts (mean over layers; `expertlib.diagnostics`). 'domain acc' "
+        "general data's routing on the selected experts (mean over layers; `expertlib.esft.diagnostics`). 'domain acc' "
         "= mean exact match over the pretraining-only domain tasks (add, sub, flip, close; the fine-tuned task's "
         "own domain among them). Train time "
         "excludes evaluation and includes ESFT's scoring pass; the machine was shared, so times are noisy. "
@@ -361,7 +361,7 @@ def sweep_text(rows, base, args) -> str:
 def merge(args) -> None:
     """The table (or sweep section) from the JSON files of runs made with the same settings."""
     from expertlib.demo.base import build_demo_base, demo_base_info
-    from expertlib.diagnostics import Specialisation
+    from expertlib.esft.diagnostics import Specialisation
 
     parts = [json.loads(Path(f).read_text()) for f in args.merge]
     first = parts[0]
@@ -448,9 +448,9 @@ def main() -> None:
 
     import torch
 
-    from expertlib.data import load_samples
     from expertlib.demo.base import PRETRAIN_THREADS, build_demo_base, demo_base_info
     from expertlib.demo.tasks import get_task, write_jsonl
+    from expertlib.esft.data import load_samples
     from expertlib.testing import make_tokenizer
 
     torch.set_num_threads(PRETRAIN_THREADS)

@@ -6,7 +6,7 @@ random bf16 weights, truncated depth, on CPU; measured figures extrapolated to t
 
 Per model, in one run: an ESFT step (1/8 of each layer's experts trained, AdamW) against a full
 fine-tuning step of the same model, both timed and with their peak tensor memory measured
-(`expertlib.memory_plan.PeakTracker`, exact on CPU) and set against the memory plan's arithmetic.
+(`expertlib.esft.memory_plan.PeakTracker`, exact on CPU) and set against the memory plan's arithmetic.
 The steps compute in float32: a CPU without AVX512-BF16/AMX multiplies bf16 matrices ~100x slower
 than float32 (both measured and printed), which would time the fallback kernel, not the method.
 Then, with the weights cast to bf16 (the checkpoints' dtype): the patch's bytes against the checkpoint's; hot load (patch file ->
@@ -126,9 +126,9 @@ def mb_s(nbytes: int, seconds: float) -> float:
 
 def esft_step(model, selection, batch: torch.Tensor, steps: int):
     """(median step seconds, peak bytes beyond the base, TrainResult) of ESFT (AdamW, float32)."""
-    from expertlib.data import Sample
-    from expertlib.memory_plan import PeakTracker
-    from expertlib.training import TrainConfig, train_experts
+    from expertlib.esft.data import Sample
+    from expertlib.esft.memory_plan import PeakTracker
+    from expertlib.esft.training import TrainConfig, train_experts
 
     samples = [Sample(tuple(r.tolist()), tuple(r.tolist()), 0) for r in batch]
     cfg = TrainConfig(lr=1e-5, steps=steps + 1, batch_size=len(samples))  # float32 (see the docstring)
@@ -151,7 +151,7 @@ def fft_step(model, batch: torch.Tensor, steps: int) -> tuple[float, int, float]
     experts would not fit next to the other engineers' jobs on this machine."""
     from baselines import trainable_baseline
 
-    from expertlib.memory_plan import PeakTracker
+    from expertlib.esft.memory_plan import PeakTracker
 
     model = trainable_baseline(model, "full")
     model.train()
@@ -227,10 +227,10 @@ def registry_io(patch_path: Path, root: Path) -> dict[str, float]:
 def bench_model(name: str, args, root: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
+    from expertlib.esft.memory_plan import ModelShape, plan_training
+    from expertlib.esft.selection import ExpertConfig
     from expertlib.identity import base_identity
-    from expertlib.memory_plan import ModelShape, plan_training
     from expertlib.moe import moe_layer_indices
-    from expertlib.selection import ExpertConfig
 
     cfg = make_config(name, moe_layers=args.moe_layers)
     t = time.perf_counter()
@@ -322,7 +322,7 @@ def bench_model(name: str, args, root: Path) -> dict:
 def full_ft_plan(cfg, shape, args, dtype: str = "bfloat16"):
     """Full FT as a memory plan: every parameter trained (grads and AdamW state in `dtype`: pure bf16
     is the cheapest full FT), activations kept from the embedding on."""
-    from expertlib.memory_plan import plan_training
+    from expertlib.esft.memory_plan import plan_training
 
     return plan_training(
         cfg, trained_experts=0, extra_trained_params=shape.total_params, batch_size=args.batch,

@@ -82,13 +82,13 @@ def worker(method: str, args) -> dict:
     import torch
 
     torch.set_num_threads(1)  # one core per method: comparable CPU time on a shared machine
-    from expertlib.data import collate, load_samples
+    from expertlib.esft.data import collate, load_samples
+    from expertlib.esft.scoring import score_experts
+    from expertlib.esft.selection import select_experts
+    from expertlib.esft.training import TrainConfig, batch_indices, loss_sum, n_labels, train_experts
     from expertlib.identity import base_identity
     from expertlib.patch import ExpertSet
-    from expertlib.scoring import score_experts
-    from expertlib.selection import select_experts
     from expertlib.testing import make_tiny_model, make_tokenizer
-    from expertlib.training import TrainConfig, batch_indices, loss_sum, n_labels, train_experts
 
     torch.manual_seed(0)
     tmp = Path(args.tmp)
@@ -139,7 +139,7 @@ def worker(method: str, args) -> dict:
         rss0 = _rss_kib("VmRSS")
         reset = _reset_peak()
         stamp()
-        for step in range(steps):  # the same step as expertlib.training.train_experts
+        for step in range(steps):  # the same step as expertlib.esft.training.train_experts
             batch = [samples[i] for i in batch_indices(step, 0, cfg, len(samples))]
             (loss_sum(trained, collate(batch, 0), cfg) / max(1, n_labels(batch))).backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

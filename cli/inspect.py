@@ -37,8 +37,8 @@ def inspect_cmd(base: str, datasets: tuple[str, ...], as_json: bool) -> None:
     if datasets:
         from pathlib import Path
 
-        from expertlib.data import load_samples, load_tokenizer, pad_token_id
-        from expertlib.diagnostics import routing_shares, specialisation
+        from expertlib.esft.data import load_samples, load_tokenizer, pad_token_id
+        from expertlib.esft.diagnostics import routing_shares, specialisation
 
         model.float()
         tok = load_tokenizer(base)
@@ -57,7 +57,7 @@ def inspect_cmd(base: str, datasets: tuple[str, ...], as_json: bool) -> None:
         rows = [(k, v) for k, v in rows if k != "specialisation"]
         print_table(f"MoE structure of {base}", ["field", "value"], rows)
         if special is not None:
-            from expertlib.diagnostics import format_specialisation
+            from expertlib.esft.diagnostics import format_specialisation
 
             click.echo(format_specialisation(special))
 

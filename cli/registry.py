@@ -195,8 +195,8 @@ def diff_cmd(
         raise click.UsageError("--general needs --base (the routing is measured on the base model)")
     report = reg.diff(list(refs), base=base_dir, base_dir=base_dir)
     if general:
-        from expertlib.data import load_tokenizer
-        from expertlib.diagnostics import general_routing
+        from expertlib.esft.data import load_tokenizer
+        from expertlib.esft.diagnostics import general_routing
         from expertlib.moe import load_model
         from expertlib.registry.diff import add_general_overlap
 
@@ -462,7 +462,7 @@ def import_esft_cmd(
     keys, or the per-rank folders of expert-parallel training (merged into one set).
     Example: expertlib import-esft out/last_checkpoint_ep0 out/last_checkpoint_ep1 --base ./base --task law
     """
-    from expertlib.esft_reference import INFERRED, import_esft
+    from expertlib.esft.reference import INFERRED, import_esft
 
     es = import_esft(list(folders), base, task=task, expert_config=expert_config)
     entry = reg.publish(es, task=task, tags=tags, base=base)
@@ -495,7 +495,7 @@ def export_esft_cmd(ref: str, out: str, base: str, reg, as_json: bool) -> None:
     """
     from pathlib import Path
 
-    from expertlib.esft_reference import export_esft
+    from expertlib.esft.reference import export_esft
     from expertlib.patch import ExpertSet
 
     es = ExpertSet.open(ref) if Path(ref).is_file() else reg.open(ref, base=base)

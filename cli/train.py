@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from expertlib.cli.output import config_options, emit, json_option, print_table
-from expertlib.training import TrainConfig
+from expertlib.esft.training import TrainConfig
 
 _BUDGET_HELP = "Token budget of the scoring sample (paper: 131072); 0 scores every token."
 _GENERAL_HELP = (
@@ -16,8 +16,8 @@ _DEVICE_HELP = "Where to run: auto (CUDA when present), cpu, cuda or cuda:N."
 
 
 def _print_plan(plan, capacity: int, where: str) -> None:
-    """The memory plan, on stderr, before the run starts (`expertlib.memory_plan`)."""
-    from expertlib.memory_plan import HEADROOM, human_bytes
+    """The memory plan, on stderr, before the run starts (`expertlib.esft.memory_plan`)."""
+    from expertlib.esft.memory_plan import HEADROOM, human_bytes
 
     click.echo(
         f"memory plan on {where} ({human_bytes(capacity)}, {HEADROOM:.0%} usable):\n{plan.render()}",
@@ -78,7 +78,7 @@ def score_cmd(
 
     Example: expertlib score ./base math.jsonl --out math.scores.json --budget 131072
     """
-    from expertlib.scoring import score_task
+    from expertlib.esft.scoring import score_task
 
     scores = score_task(
         base,
@@ -101,7 +101,7 @@ def score_cmd(
         "data_digest": scores.data_digest,
     }
     if general:
-        from expertlib.diagnostics import diagnose_scores, format_specialisation
+        from expertlib.esft.diagnostics import diagnose_scores, format_specialisation
 
         diag = diagnose_scores(base, scores, general)
         summary["specialisation"] = diag["specialisation"].model_dump()
@@ -160,9 +160,9 @@ def select_cmd(
     Example: expertlib select math.scores.json --score token --top-p 0.2 --out experts.json
     """
     from expertlib.errors import SelectionError
-    from expertlib.reference_logs import is_reference_log_dir, score_reference_logs
-    from expertlib.scoring import ExpertScores
-    from expertlib.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
+    from expertlib.esft.reference_logs import is_reference_log_dir, score_reference_logs
+    from expertlib.esft.scoring import ExpertScores
+    from expertlib.esft.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
 
     if is_reference_log_dir(scores_file):
         if top_k is None:
@@ -272,16 +272,16 @@ def train_cmd(base, data, task, out, score, top_p, max_per_layer, experts, budge
 
     Example: expertlib train ./base math.jsonl --task math --score gate --top-p 0.1 --steps 200
     """
-    from expertlib.training import TrainConfig, train_esft
+    from expertlib.esft.training import TrainConfig, train_esft
 
     as_json = kw.pop("as_json")
     general = kw.pop("general", None)
     risk = {}
     if general:
-        from expertlib.diagnostics import check_retention
+        from expertlib.esft.diagnostics import check_retention
 
         def on_selection(model, selection, _samples) -> None:
-            from expertlib.data import load_tokenizer
+            from expertlib.esft.data import load_tokenizer
 
             risk["r"] = check_retention(model, load_tokenizer(base), selection, general)
             click.echo(risk["r"].message(), err=True)
@@ -303,7 +303,7 @@ def train_cmd(base, data, task, out, score, top_p, max_per_layer, experts, budge
         config=config,
         **kw,
     )
-    from expertlib.distributed import context
+    from expertlib.esft.distributed import context
 
     if not context().is_main:
         return  # under torchrun / accelerate launch, rank 0 reports

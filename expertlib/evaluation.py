@@ -6,7 +6,7 @@ Per model (the base, then each set):
 - `exact_match`: the greedy answer equals the reference (whitespace-stripped);
 - `contains`: the greedy answer contains the reference;
 - `loss` / `perplexity`: mean negative log-likelihood (and its exp) of the answer tokens, the
-  tokens training learns (every assistant turn and its end-of-turn EOS, `expertlib.data`).
+  tokens training learns (every assistant turn and its end-of-turn EOS, `expertlib.esft.data`).
 
 In process (transformers, each set applied in place and reverted), or through a running
 `expertlib serve` (`url=`): the same token ids go to `/v1/completions` (greedy answers; `echo` +
@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from expertlib.data import IGNORE_INDEX, collate, encode_messages, pad_token_id, read_records
 from expertlib.errors import DataError, EngineError
+from expertlib.esft.data import IGNORE_INDEX, collate, encode_messages, pad_token_id, read_records
 
 METRICS = ("exact_match", "contains", "loss", "perplexity")
 #: Tokens generated beyond the longest reference answer (room for an EOS or a stray space).
@@ -144,7 +144,7 @@ class LocalScorer:
 
     @torch.no_grad()
     def answer_nll(self, items: Sequence[Item]) -> tuple[float, int]:
-        from expertlib.data import Sample
+        from expertlib.esft.data import Sample
 
         total, count = 0.0, 0
         for i in range(0, len(items), self.batch_size):
@@ -277,7 +277,7 @@ def evaluate_data(
     In process, `expert_sets` are patch paths or registry names (`task`, `task@3`); with `url`
     they are the server's model names (the base column is the server's base). BASE gives the
     tokenizer either way (a folder or a hub id in the local cache)."""
-    from expertlib.data import load_tokenizer
+    from expertlib.esft.data import load_tokenizer
 
     tok = load_tokenizer(base)
     items = load_items(data, tok, max_length=max_length, limit=limit)

@@ -81,13 +81,13 @@ class DiffReport(BaseModel):
     general: dict[str, dict] | None = Field(
         default=None,
         description="set label -> share of a general dataset's routing on its experts "
-        "(expertlib.diagnostics.RetentionRisk.summary; `add_general_overlap`)",
+        "(expertlib.esft.diagnostics.RetentionRisk.summary; `add_general_overlap`)",
     )
 
 
 def add_general_overlap(report: DiffReport, general_shares: dict[int, list[float]], **kw) -> DiffReport:
     """Fill `report.general`: per set, the general data's routing mass on the experts it retrained."""
-    from expertlib.diagnostics import retention_risk
+    from expertlib.esft.diagnostics import retention_risk
 
     report.general = {}
     for label in report.labels:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from expertlib.training import TrainConfig, train_esft
+from expertlib.esft.training import TrainConfig, train_esft
 
 
 def main(base: str, data: str, experts: str, out: str, batch: int) -> None:

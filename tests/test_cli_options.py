@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from expertlib.cli.main import cli
 from expertlib.cli.output import config_options
-from expertlib.training import TrainConfig
+from expertlib.esft.training import TrainConfig
 
 
 def test_train_options_come_from_train_config():

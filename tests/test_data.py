@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from expertlib.data import IGNORE_INDEX, collate, data_digest, load_samples, pack_samples, split_holdout
 from expertlib.errors import DataError
+from expertlib.esft.data import IGNORE_INDEX, collate, data_digest, load_samples, pack_samples, split_holdout
 from expertlib.testing import make_tokenizer
 
 

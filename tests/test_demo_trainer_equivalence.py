@@ -12,11 +12,11 @@ import copy
 
 import torch
 
-from expertlib.data import Sample
+from expertlib.esft.data import Sample
+from expertlib.esft.selection import ExpertConfig
+from expertlib.esft.training import TrainConfig, batch_indices, loss_sum, n_labels, train_experts
 from expertlib.moe import experts_module, moe_layer_indices, read_expert
-from expertlib.selection import ExpertConfig
 from expertlib.testing import make_tiny_model
-from expertlib.training import TrainConfig, batch_indices, loss_sum, n_labels, train_experts
 
 
 def _samples(n: int = 24, seed: int = 0) -> list[Sample]:
@@ -31,7 +31,7 @@ def _samples(n: int = 24, seed: int = 0) -> list[Sample]:
 
 
 def _plain_esft(model, samples, selection: ExpertConfig, cfg: TrainConfig, pad_id: int) -> list[float]:
-    from expertlib.data import collate
+    from expertlib.esft.data import collate
 
     torch.manual_seed(cfg.seed)
     for p in model.parameters():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from expertlib.diagnostics import (
+from expertlib.esft.diagnostics import (
     ADVICE,
     builtin_general_samples,
     concentration,
@@ -14,7 +14,7 @@ from expertlib.diagnostics import (
     top_experts,
     top_overlap,
 )
-from expertlib.selection import ExpertConfig
+from expertlib.esft.selection import ExpertConfig
 from expertlib.testing import make_tokenizer
 
 # two layers, 8 experts: "math" routes through 0-1, "text" through 6-7, general spreads over all
@@ -106,7 +106,7 @@ def test_score_and_train_report_the_retention_risk(tmp_path, monkeypatch):
     from expertlib.cli.main import cli
     from expertlib.demo.base import build_demo_base
     from expertlib.demo.tasks import get_task, write_jsonl
-    from expertlib.diagnostics import DEFAULT_RISK_THRESHOLD
+    from expertlib.esft.diagnostics import DEFAULT_RISK_THRESHOLD
 
     monkeypatch.setenv("EXPERTLIB_CACHE", str(tmp_path / "cache"))
     base = str(build_demo_base(progress=False))

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from expertlib.checkpoint import BaseCheckpoint
-from expertlib.distributed import DistContext, all_reduce_gradients
+from expertlib.esft.distributed import DistContext, all_reduce_gradients
+from expertlib.esft.selection import ExpertConfig
 from expertlib.patch import ExpertSet
-from expertlib.selection import ExpertConfig
 
 WORKER = Path(__file__).with_name("dp_worker.py")
 

@@ -16,15 +16,15 @@ from safetensors.torch import load_file, save_file
 from expertlib.apply import apply_expert_set, extract_expert_set
 from expertlib.checkpoint import BaseCheckpoint
 from expertlib.cli.main import cli
-from expertlib.data import load_samples
 from expertlib.errors import BaseMismatchError, PatchFormatError, PatchShapeError, SelectionError
-from expertlib.esft_reference import INFERRED, export_esft, import_esft
+from expertlib.esft.data import load_samples
+from expertlib.esft.reference import INFERRED, export_esft, import_esft
+from expertlib.esft.reference_logs import score_reference_logs
+from expertlib.esft.scoring import ExpertScores
+from expertlib.esft.selection import select_experts
 from expertlib.moe import load_model, moe_layer_indices, read_expert, tensor_digest, write_expert
 from expertlib.patch import ExpertSet, Provenance, pair_key
-from expertlib.reference_logs import score_reference_logs
 from expertlib.registry import Registry
-from expertlib.scoring import ExpertScores
-from expertlib.selection import select_experts
 from expertlib.testing import make_tokenizer
 
 

@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from expertlib.cli.main import cli
-from expertlib.data import collate, encode_messages
 from expertlib.errors import DataError
+from expertlib.esft.data import collate, encode_messages
 from expertlib.evaluation import evaluate_data, load_items
 
 PROMPTS = ["2+2=", "abc", "hello", "xyz", "The cat", "def f("]

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from expertlib.errors import DeviceError
-from expertlib.memory_plan import ModelShape, PeakTracker, plan_training
+from expertlib.esft.memory_plan import ModelShape, PeakTracker, plan_training
+from expertlib.esft.selection import ExpertConfig
+from expertlib.esft.training import TRAIN_SET, prepare_trainable
 from expertlib.moe import describe, moe_layer_indices
-from expertlib.selection import ExpertConfig
 from expertlib.slots import active_sets, remove_slots
 from expertlib.testing import make_tiny_model, tiny_config
-from expertlib.training import TRAIN_SET, prepare_trainable
 
 
 def test_tracker_counts_live_storages_once():

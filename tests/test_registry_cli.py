@@ -114,7 +114,7 @@ def test_verify_exit_code_and_friendly_errors(base, tmp_path):
 
 
 def test_import_esft(base, tmp_path):
-    from expertlib.esft_reference import export_esft
+    from expertlib.esft.reference import export_esft
 
     folder, _ = base
     es, _ = scaled_patch(base, tmp_path / "x.safetensors", "x", {0: [4, 5], 1: [0]}, 1.2)

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from expertlib.data import Sample, load_samples
 from expertlib.errors import SelectionError
+from expertlib.esft.data import Sample, load_samples
+from expertlib.esft.scoring import ExpertScores, RoutingRecorder, budget_samples, score_experts
 from expertlib.moe import experts_module, moe_layer_indices
-from expertlib.scoring import ExpertScores, RoutingRecorder, budget_samples, score_experts
 from expertlib.testing import make_tiny_model, make_tokenizer
 
 

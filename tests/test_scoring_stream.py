@@ -7,9 +7,9 @@ import tracemalloc
 
 import pytest
 
-from expertlib.data import LazySamples, load_samples
 from expertlib.errors import DataError
-from expertlib.scoring import score_experts
+from expertlib.esft.data import LazySamples, load_samples
+from expertlib.esft.scoring import score_experts
 from expertlib.testing import make_tiny_model, make_tokenizer
 
 

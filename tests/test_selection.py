@@ -7,7 +7,7 @@ import json
 import pytest
 
 from expertlib.errors import SelectionError
-from expertlib.selection import ExpertConfig, select_experts, top_p_layer
+from expertlib.esft.selection import ExpertConfig, select_experts, top_p_layer
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from expertlib.apply import apply_expert_set, changed_experts
-from expertlib.data import load_samples, split_holdout
 from expertlib.errors import DataError, SelectionError
+from expertlib.esft.data import load_samples, split_holdout
+from expertlib.esft.selection import ExpertConfig
+from expertlib.esft.training import TrainConfig, evaluate, routed_expert_param_names, train_experts
 from expertlib.identity import base_identity
 from expertlib.moe import describe, moe_layer_indices, read_expert
-from expertlib.selection import ExpertConfig
 from expertlib.testing import make_tiny_model, make_tokenizer
-from expertlib.training import TrainConfig, evaluate, routed_expert_param_names, train_experts
 
 WORDS = ["abc", "xyz", "hello", "qq", "mno", "zebra", "cat", "dog"]
 

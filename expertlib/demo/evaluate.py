@@ -209,9 +209,9 @@ def task_routing(model, tokenizer, tasks: Sequence[str], *, n: int = 100, seed: 
     """ESFT-Token routing shares of each task's eval prompts (with answers) on `model`, per layer."""
     import tempfile
 
-    from expertlib.data import load_samples, pad_token_id
     from expertlib.demo.tasks import write_jsonl
-    from expertlib.diagnostics import routing_shares
+    from expertlib.esft.data import load_samples, pad_token_id
+    from expertlib.esft.diagnostics import routing_shares
 
     out = {}
     with tempfile.TemporaryDirectory() as d:
@@ -223,10 +223,10 @@ def task_routing(model, tokenizer, tasks: Sequence[str], *, n: int = 100, seed: 
 
 
 def task_specialisation(base: str | Path, tasks: Sequence[str] | None = None, *, n: int = 100):
-    """`expertlib.diagnostics.Specialisation` of the demo tasks on BASE (top-k = the routing width)."""
+    """`expertlib.esft.diagnostics.Specialisation` of the demo tasks on BASE (top-k = the routing width)."""
     from transformers import AutoTokenizer
 
-    from expertlib.diagnostics import specialisation
+    from expertlib.esft.diagnostics import specialisation
     from expertlib.moe import load_model
 
     model = load_model(base, dtype=torch.float32)

@@ -4,9 +4,9 @@
 
 Steps, each printed as it happens:
 1. install the shipped demo base (digest-checked; pretrained on the general tasks of three
-   domains) and measure how its experts specialise (`expertlib.diagnostics`);
+   domains) and measure how its experts specialise (`expertlib.esft.diagnostics`);
 2. for each specialised task, write its training data (jsonl) and train an ESFT expert set
-   (`expertlib.training.train_esft`: score, select top-p, train only the selected experts),
+   (`expertlib.esft.training.train_esft`: score, select top-p, train only the selected experts),
    printing the retention risk of the selection against the built-in general set;
 3. publish the sets to the registry (default: `$EXPERTLIB_REGISTRY`) and draw the expert-overlap
    heatmap (`registry diff --plot`);
@@ -96,7 +96,7 @@ class DemoReport:
     served: list[dict[str, Any]] = field(default_factory=list)  # one row per question asked
     served_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> {set, base}
     heatmap: str | None = None
-    specialisation: dict[str, Any] | None = None  # expertlib.diagnostics.Specialisation
+    specialisation: dict[str, Any] | None = None  # expertlib.esft.diagnostics.Specialisation
     port: int | None = None
     server_error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -115,7 +115,7 @@ def train_task_set(
     base: str | Path, task: str, workdir: Path, s: DemoSettings, *, log: Callable[[str], None] = print
 ) -> tuple[Path, dict[str, Any]]:
     """Write `task`'s training data and train its ESFT expert set; returns (patch path, summary)."""
-    from expertlib.training import TrainConfig, train_esft
+    from expertlib.esft.training import TrainConfig, train_esft
 
     split = get_task(task).split(n_train=s.n_train, n_eval=s.n_eval, seed=s.seed)
     data = write_jsonl(split.train, workdir / "data" / f"{task}.jsonl")
@@ -124,7 +124,7 @@ def train_task_set(
     risk: dict[str, Any] = {}
 
     def check_risk(model, selection, _samples) -> None:
-        from expertlib.diagnostics import BUILTIN_GENERAL, check_retention
+        from expertlib.esft.diagnostics import BUILTIN_GENERAL, check_retention
         from expertlib.testing import make_tokenizer
 
         risk["r"] = check_retention(model, make_tokenizer(), selection, BUILTIN_GENERAL)
@@ -305,7 +305,7 @@ def run_demo(
         f"pretrained {info['steps']} steps on {len(c['tasks'])} general tasks; accuracy: {acc}"
     )
     from expertlib.demo.evaluate import task_specialisation
-    from expertlib.diagnostics import format_specialisation
+    from expertlib.esft.diagnostics import format_specialisation
 
     spec = task_specialisation(base, [*GENERAL_TASKS, *DOMAIN_TASKS, *s.tasks])
     report.specialisation = spec.model_dump()

@@ -3,7 +3,7 @@
 Strings are short (the demo tokenizer is character-level): every sample renders to roughly
 16-48 characters with the chat template. The tasks come from three *domains*, each with its own
 vocabulary and format, so a small MoE pretrained on them routes each domain through its own
-experts (the premise of ESFT, measured by `expertlib.diagnostics`):
+experts (the premise of ESFT, measured by `expertlib.esft.diagnostics`):
 
 - **words** (lowercase letters): copy, reverse, upper;
 - **numbers** (digits): add, sub;

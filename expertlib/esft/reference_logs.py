@@ -8,7 +8,7 @@ per forward pass (one sequence) to `expert_weights_<L>.txt` for each MoE layer L
 
 the token-by-token top-K expert ids, two tabs, then the matching gate weights (rounded to 4
 decimals). `score_reference_logs` turns such a folder into the same per-layer ESFT-Token and
-ESFT-Gate scores as `expertlib score`, with either weighting (`expertlib.scoring`); with
+ESFT-Gate scores as `expertlib score`, with either weighting (`expertlib.esft.scoring`); with
 `weighting="reference"` it reproduces the reference's `summary.json` exactly.
 
     logs = score_reference_logs("results/expert_scores/intent", top_k=6, weighting="reference")
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from expertlib.errors import SelectionError
-from expertlib.scoring import ScoreFunction, Weighting, check_weighting, finish_scores, token_weights
+from expertlib.esft.scoring import ScoreFunction, Weighting, check_weighting, finish_scores, token_weights
 
 #: File name of one layer's log; the number is the model's layer index.
 LOG_PATTERN = re.compile(r"^expert_weights_(\d+)\.txt$")

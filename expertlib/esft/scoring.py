@@ -48,8 +48,8 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from expertlib.data import IGNORE_INDEX, Sample, collate
 from expertlib.errors import SelectionError
+from expertlib.esft.data import IGNORE_INDEX, Sample, collate
 from expertlib.fsutil import atomic_write_text
 from expertlib.identity import BaseIdentity, base_identity
 from expertlib.moe import experts_module, moe_layer_indices
@@ -215,7 +215,7 @@ def iter_budget(
     samples: Sequence[Sample | None], budget: int | None, *, count_prompt_tokens: bool, seed: int
 ) -> Iterator[tuple[Sample, int]]:
     """`budget_samples` one pair at a time: touches only the samples it yields (lazy sequences,
-    `expertlib.data.LazySamples`, read them on demand; None items, skipped records, are passed over)."""
+    `expertlib.esft.data.LazySamples`, read them on demand; None items, skipped records, are passed over)."""
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
     left = budget if budget is not None else float("inf")
     for i in order.tolist():
@@ -342,8 +342,8 @@ def score_task(
     The data is read lazily (`LazySamples`): memory does not grow with the file. The model runs
     on `device` (auto: CUDA when present) in `dtype` (default: as stored).
     """
-    from expertlib.data import LazySamples, data_digest, load_tokenizer, pad_token_id
     from expertlib.devices import resolve_device, torch_dtype
+    from expertlib.esft.data import LazySamples, data_digest, load_tokenizer, pad_token_id
     from expertlib.moe import load_model
 
     dev = resolve_device(device)

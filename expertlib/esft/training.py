@@ -32,13 +32,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from expertlib import distributed
-from expertlib import training_state as ckpt
-from expertlib.data import IGNORE_INDEX, Sample, collate
 from expertlib.devices import input_device, resolve_device, torch_dtype
 from expertlib.errors import SelectionError
+from expertlib.esft import distributed
+from expertlib.esft import state as ckpt
+from expertlib.esft.data import IGNORE_INDEX, Sample, collate
+from expertlib.esft.memory_plan import MemoryPlan, ModelShape, plan_training
+from expertlib.esft.selection import ExpertConfig
 from expertlib.identity import BaseIdentity, load_config
-from expertlib.memory_plan import MemoryPlan, ModelShape, plan_training
 from expertlib.moe import (
     ExpertWeights,
     arch_spec,
@@ -49,7 +50,6 @@ from expertlib.moe import (
     tensor_digest,
 )
 from expertlib.patch import ExpertSet, Provenance
-from expertlib.selection import ExpertConfig
 from expertlib.slots import (
     active_sets,
     install_slots,
@@ -534,25 +534,25 @@ def train_esft(
     """Score, select and train one task's experts on a base model; return (and save) the patch.
 
     `on_selection(model, selection, train_samples)` runs after selection, before training (the
-    CLI's retention-risk check, `expertlib.diagnostics`); it must leave the model unchanged.
+    CLI's retention-risk check, `expertlib.esft.diagnostics`); it must leave the model unchanged.
 
     Without `experts`, the routed experts are scored on the training split (ESFT-`score`,
     `token_budget` tokens; None = all) and selected with the top-p rule (`top_p` defaults to
     the paper's 0.2 for token, 0.1 for gate). `weighting` is the scoring's ("paper" or the
-    reference code's pooled "reference", `expertlib.scoring`). The patch is written atomically to `out`.
+    reference code's pooled "reference", `expertlib.esft.scoring`). The patch is written atomically to `out`.
 
     `device` (auto, cpu, cuda, cuda:N) is where the model runs, loaded in `config.dtype`;
     `device_map` ("auto", "balanced", ...) spreads the frozen base over all GPUs with accelerate
     instead. Before loading, and again once the selection is known, the memory plan
-    (`expertlib.memory_plan`) is passed to `on_plan(plan, capacity_bytes, device)` and checked:
+    (`expertlib.esft.memory_plan`) is passed to `on_plan(plan, capacity_bytes, device)` and checked:
     a run that cannot fit raises DeviceError with suggestions. Under torchrun / accelerate
-    launch the processes train data-parallel (`expertlib.distributed`); rank 0 writes the patch.
+    launch the processes train data-parallel (`expertlib.esft.distributed`); rank 0 writes the patch.
     """
-    from expertlib.data import data_digest, load_samples, load_tokenizer, pad_token_id, split_holdout
+    from expertlib.esft.data import data_digest, load_samples, load_tokenizer, pad_token_id, split_holdout
+    from expertlib.esft.scoring import score_experts
+    from expertlib.esft.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
     from expertlib.identity import base_identity
     from expertlib.moe import load_model
-    from expertlib.scoring import score_experts
-    from expertlib.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
 
     config = config or TrainConfig()
     dev = resolve_device(device)

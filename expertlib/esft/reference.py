@@ -266,7 +266,7 @@ def export_esft(es: ExpertSet, folder: str | Path, base: str | Path | BaseCheckp
     strictly and expects the whole group.
     """
     from expertlib.apply import check_against_base
-    from expertlib.selection import ExpertConfig
+    from expertlib.esft.selection import ExpertConfig
 
     m = es.manifest
     spec = _spec_with_keys(m.base.model_type)

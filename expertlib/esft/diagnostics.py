@@ -3,7 +3,7 @@
 ESFT (ESFT.md) rests on one premise: in a fine-grained MoE, a task routes most of its tokens
 through a few experts, and different tasks through different ones. Then training only a task's
 experts teaches the task without touching what other abilities run through. Two measurements
-check the premise, both from the ESFT-Token routing shares (`expertlib.scoring`: per layer, the
+check the premise, both from the ESFT-Token routing shares (`expertlib.esft.scoring`: per layer, the
 share of routing slots each routed expert receives; they sum to 1 in every layer):
 
 - **specialisation** (the paper's Figures 2-3): the share of a task's routing mass held by its
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from expertlib.selection import ExpertConfig
+from expertlib.esft.selection import ExpertConfig
 
 #: A layer is at risk when the selected experts carry more than this share of the general
 #: data's routing mass. On the demo world (bench/RESULTS.md) the demo tasks' ESFT-Token
@@ -239,7 +239,7 @@ def routing_shares(
     seed: int = 0,
 ) -> dict[int, list[float]]:
     """ESFT-Token shares of `samples` per MoE layer (forward passes only; sums to 1 per layer)."""
-    from expertlib.scoring import score_experts
+    from expertlib.esft.scoring import score_experts
 
     scores = score_experts(
         model,
@@ -258,8 +258,8 @@ def builtin_general_samples(tokenizer, *, n_per_task: int = 40, seed: int = 0, m
     """A small general set: the demo's general tasks (eval prompts, never trained on), encoded."""
     import tempfile
 
-    from expertlib.data import load_samples
     from expertlib.demo.tasks import GENERAL_TASKS, get_task, write_jsonl
+    from expertlib.esft.data import load_samples
 
     exs = [
         ex for t in GENERAL_TASKS for ex in get_task(t).split(n_train=0, n_eval=n_per_task, seed=seed).eval
@@ -273,7 +273,7 @@ def general_samples(general: str | Path, tokenizer, *, max_length: int = 2048):
     """Samples of a general reference set: a jsonl path, or `builtin` (`builtin_general_samples`)."""
     if str(general) == BUILTIN_GENERAL:
         return builtin_general_samples(tokenizer, max_length=max_length)
-    from expertlib.data import load_samples
+    from expertlib.esft.data import load_samples
 
     return load_samples(general, tokenizer, max_length=max_length, too_long="truncate")
 
@@ -282,7 +282,7 @@ def general_routing(
     model, tokenizer, general: str | Path, *, token_budget: int | None = 20_000, max_length: int = 2048
 ) -> dict[int, list[float]]:
     """Routing shares of a general reference set (path or `builtin`) on `model`."""
-    from expertlib.data import pad_token_id
+    from expertlib.esft.data import pad_token_id
 
     samples = general_samples(general, tokenizer, max_length=max_length)
     return routing_shares(model, samples, pad_id=pad_token_id(tokenizer), token_budget=token_budget)
@@ -308,9 +308,9 @@ def diagnose_scores(
 ) -> dict:
     """For a task's `ExpertScores`: retention risk of the paper's default selections (ESFT-Token
     p=0.2, ESFT-Gate p=0.1) and the task's specialisation against the general set."""
-    from expertlib.data import load_tokenizer
+    from expertlib.esft.data import load_tokenizer
+    from expertlib.esft.selection import DEFAULT_TOP_P, select_experts
     from expertlib.moe import load_model
-    from expertlib.selection import DEFAULT_TOP_P, select_experts
 
     model = load_model(base)
     model.float()
