@@ -21,6 +21,7 @@ Private vLLM APIs touched (vllm==0.32.0 is pinned; tests/test_vllm_*.py fail if 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 #: extra_args key carrying a request's set row (an int; 0 or absent = the base model).
@@ -49,6 +50,9 @@ def slot_hf_overrides(model_type: str, *, slots: int, max_sets: int) -> dict[str
 
     if model_type not in SLOT_ARCHITECTURES:
         raise UnsupportedArchitectureError(model_type, sorted(SLOT_ARCHITECTURES))
+    # Per-request sets reach the routers through the V1 model runner (batch.py). vLLM 0.32 picks its
+    # V2 runner wherever Triton is installed (every CUDA install): keep V1 unless the user chose.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     return {
         "architectures": [SLOT_ARCHITECTURES[model_type][2]],
         SLOTS_FIELD: int(slots),

@@ -52,14 +52,21 @@ def runtime_layout(routed_experts, w13: torch.Tensor, w2: torch.Tensor) -> tuple
         return cpu_prepack_moe_weight(w13.contiguous(), impl.isa), cpu_prepack_moe_weight(
             w2.contiguous(), impl.isa
         )
+    # Only Triton reads w13/w2 in checkpoint layout; FlashInfer CUTLASS/TRT-LLM (picked on Blackwell)
+    # swap halves or block-permute in place with the same shapes, and the TRT-LLM monolithic kernel
+    # routes inside the kernel, skipping the slot remap: writing raw rows there would serve garbage.
+    from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+
     if (
-        w13.shape[1:] == routed_experts.w13_weight.shape[1:]
+        isinstance(impl, TritonExperts)
+        and w13.shape[1:] == routed_experts.w13_weight.shape[1:]
         and w2.shape[1:] == routed_experts.w2_weight.shape[1:]
     ):
         return w13, w2
     raise EngineError(
         f"cannot write expert slots for MoE kernel {type(impl).__name__} (weights {tuple(routed_experts.w13_weight.shape)})",
-        hint="expert slots support unquantized MoE weights on the CPU and Triton kernels",
+        hint="expert slots support unquantized MoE weights on the CPU and Triton kernels: "
+        "start the engine with moe_backend='triton' (vLLM's --moe-backend triton)",
     )
 
 
@@ -117,6 +124,21 @@ def write_slots(runner, physical_ids: list[int], weights: list[ExpertWeights]) -
             experts.w2_bias.data[phys].copy_(w.down_bias.to(experts.w2_bias.dtype))
 
 
+def check_set_hook(model_runner) -> None:
+    """Refuse a model runner that never calls the per-token set hook (batch.py): on it every request
+    would silently get the base model. vLLM 0.32's V2 runner (its default wherever Triton is
+    installed, so on every CUDA machine) has no `_init_model_kwargs`."""
+    hook = getattr(type(model_runner), "_init_model_kwargs", None)
+    if not getattr(hook, "_expertlib_hook", False):
+        from expertlib.errors import EngineError
+
+        cls = type(model_runner)
+        raise EngineError(
+            f"vLLM's model runner {cls.__module__}.{cls.__name__} does not pass per-request expert sets to the model",
+            hint="use vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0 before the engine starts",
+        )
+
+
 class SlotWorkerExtension:
     """Methods added to every vLLM worker; call them with `collective_rpc("expertlib_...")`."""
 
@@ -128,6 +150,7 @@ class SlotWorkerExtension:
 
     def expertlib_info(self) -> dict[str, Any]:
         ctx = self._expertlib_ctx()
+        check_set_hook(self.model_runner)
         first = next(iter(ctx.layers.values())).routed_experts
         return {
             "num_experts": ctx.num_experts,
