@@ -54,9 +54,8 @@ class ComposedModel:
         for layer, slot, e in placement.fills:
             write_slot(self.model, layer, slot, es.expert(layer, e))
         for layer, mapping in placement.remap.items():
-            E = experts_module(self.model, layer).num_experts
-            set_remap(self.model, placement.set_index, layer, {e: p - E for e, p in mapping.items()})
-        self._row_of[name] = placement.set_index
+            set_remap(self.model, placement.set_row, layer, mapping)
+        self._row_of[name] = placement.set_row
         return name
 
     def unload(self, name: str) -> None:
@@ -79,8 +78,8 @@ class ComposedModel:
 
     # --- running -----------------------------------------------------------------------------------
 
-    def set_ids(self, expert_sets: str | None | Sequence[str | None], batch: int) -> torch.Tensor:
-        """(B,) remap row per sequence; raises NotLoadedError for a name that is not resident."""
+    def set_rows(self, expert_sets: str | None | Sequence[str | None], batch: int) -> torch.Tensor:
+        """(B,) set row per sequence; raises NotLoadedError for a name that is not resident."""
         names = (
             [expert_sets] * batch
             if expert_sets is None or isinstance(expert_sets, str)
@@ -88,31 +87,31 @@ class ComposedModel:
         )
         if len(names) != batch:
             raise ValueError(f"{len(names)} expert sets for a batch of {batch} sequences")
-        ids = []
+        set_rows = []
         for n in names:
             if n is None:
-                ids.append(0)
+                set_rows.append(0)
                 continue
             if n not in self.pool:
                 raise NotLoadedError(
                     f"expert set {n!r} is not loaded", hint=f"loaded: {self.loaded() or 'none'}"
                 )
             self.pool.touch(n)
-            ids.append(self.pool.index_of(n))
-        return torch.tensor(ids, dtype=torch.long)
+            set_rows.append(self.pool.row_of(n))
+        return torch.tensor(set_rows, dtype=torch.long)
 
     def __call__(self, input_ids: torch.Tensor, *, expert_sets=None, **kwargs):
-        with active_sets(self.model, self.set_ids(expert_sets, input_ids.shape[0])):
+        with active_sets(self.model, self.set_rows(expert_sets, input_ids.shape[0])):
             return self.model(input_ids=input_ids, **kwargs)
 
     forward = __call__
 
     def generate(self, input_ids: torch.Tensor, *, expert_sets=None, **kwargs):
-        ids = self.set_ids(expert_sets, input_ids.shape[0])
+        set_rows = self.set_rows(expert_sets, input_ids.shape[0])
         n = int(kwargs.get("num_return_sequences", 1) or 1)
         if n > 1:
-            ids = ids.repeat_interleave(n)
-        with active_sets(self.model, ids):
+            set_rows = set_rows.repeat_interleave(n)
+        with active_sets(self.model, set_rows):
             return self.model.generate(input_ids=input_ids, **kwargs)
 
 

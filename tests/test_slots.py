@@ -21,8 +21,8 @@ def _digests(expert_map, tag):
 def test_pool_places_and_releases():
     pool = SlotPool([0, 1], num_experts=8, slots_per_layer=3, max_sets=2)
     a = pool.place("a", {0: [1, 2], 1: [5]}, _digests({0: [1, 2], 1: [5]}, "a"))
-    assert a.set_index == 1
-    assert a.remap == {0: {1: 8, 2: 9}, 1: {5: 8}}
+    assert a.set_row == 1
+    assert a.remap == {0: {1: 0, 2: 1}, 1: {5: 0}}  # expert -> slot
     assert sorted(a.fills) == [(0, 0, 1), (0, 1, 2), (1, 0, 5)]
     assert pool.status()["slots_used"] == {0: 2, 1: 1}
     freed = pool.release("a")
@@ -35,7 +35,7 @@ def test_pool_dedups_identical_experts():
     pool.place("a", {0: [1]}, {"0.1": "same"})
     b = pool.place("b", {0: [1, 3]}, {"0.1": "same", "0.3": "other"})
     assert b.fills == [(0, 1, 3)]  # expert 1 shares a's slot, only expert 3 is copied
-    assert b.remap == {0: {1: 8, 3: 9}}
+    assert b.remap == {0: {1: 0, 3: 1}}
     pool.release("a")
     assert pool.status()["slots_used"] == {0: 2}  # still referenced by b
     pool.release("b")
@@ -61,9 +61,9 @@ def test_pool_runs_out_of_rows():
     pool = SlotPool([0], num_experts=8, slots_per_layer=8, max_sets=1)
     pool.place("a", {0: [1]}, {"0.1": "a"})
     b = pool.place("b", {0: [2]}, {"0.2": "b"})
-    assert b.evicted == ["a"] and b.set_index == 1
+    assert b.evicted == ["a"] and b.set_row == 1
     with pytest.raises(NotLoadedError):
-        pool.index_of("a")
+        pool.row_of("a")
 
 
 def _sets(base, n, arch_layers, seed=0):

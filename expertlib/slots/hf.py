@@ -20,23 +20,23 @@ from expertlib.moe import ExpertWeights, expert_views, experts_module, moe_layer
 
 
 class _ActiveSets:
-    """Per-model holder of the set id of each sequence (or one id for all), read by every layer."""
+    """Per-model holder of the set row of each sequence (or one row for all), read by every layer."""
 
     def __init__(self):
-        self.ids: torch.Tensor | int | None = None
+        self.set_rows: torch.Tensor | int | None = None
 
     def per_token(self, num_tokens: int, device) -> torch.Tensor | None:
-        ids = self.ids
-        if ids is None or (isinstance(ids, int) and ids == 0):
+        set_rows = self.set_rows
+        if set_rows is None or (isinstance(set_rows, int) and set_rows == 0):
             return None
-        if isinstance(ids, int):
-            return torch.full((num_tokens,), ids, dtype=torch.long, device=device)
-        if num_tokens % ids.numel():
+        if isinstance(set_rows, int):
+            return torch.full((num_tokens,), set_rows, dtype=torch.long, device=device)
+        if num_tokens % set_rows.numel():
             raise SlotError(
-                f"{num_tokens} tokens cannot be split over {ids.numel()} sequences' expert-set ids",
+                f"{num_tokens} tokens cannot be split over {set_rows.numel()} sequences' set rows",
                 hint="pass one expert set per sequence of the batch (num_return_sequences expands them)",
             )
-        return ids.to(device).repeat_interleave(num_tokens // ids.numel())  # (T,)
+        return set_rows.to(device).repeat_interleave(num_tokens // set_rows.numel())  # (T,)
 
 
 class _SlotState(nn.Module):
@@ -113,33 +113,35 @@ def read_slot(model: nn.Module, layer: int, slot: int) -> ExpertWeights:
     return _state(model, layer).views(slot).map(lambda t: t.detach().clone().contiguous())
 
 
-def set_remap(model: nn.Module, set_index: int, layer: int, mapping: dict[int, int]) -> None:
-    """Row `set_index` of layer `layer`: identity, except expert e -> slot mapping[e]."""
+def set_remap(model: nn.Module, set_row: int, layer: int, mapping: dict[int, int]) -> None:
+    """Set row `set_row` of layer `layer`: identity, except expert e -> slot mapping[e] (a slot
+    index, as in `Placement.remap`; the table stores the physical id E + slot)."""
     st = _state(model, layer)
     E = st.remap.shape[1]
     row = torch.arange(E, device=st.remap.device)
     for e, slot in mapping.items():
         row[e] = E + slot
-    st.remap[set_index] = row
+    st.remap[set_row] = row
 
 
-def reset_remap(model: nn.Module, set_index: int) -> None:
+def reset_remap(model: nn.Module, set_row: int) -> None:
     for layer in moe_layer_indices(model):
         ex = experts_module(model, layer)
         if hasattr(ex, "expertlib_slots"):
-            set_remap(model, set_index, layer, {})
+            set_remap(model, set_row, layer, {})
 
 
 @contextlib.contextmanager
-def active_sets(model: nn.Module, set_ids: int | torch.Tensor | None):
-    """Run `model` with set `set_ids` (one int for all sequences, or a (B,) tensor; 0 = base)."""
+def active_sets(model: nn.Module, set_rows: int | torch.Tensor | None):
+    """Run `model` with set rows `set_rows` (one int for all sequences, or a (B,) tensor; 0 = base)."""
     active: _ActiveSets = model._expertlib_active
-    prev = active.ids
-    active.ids = set_ids if set_ids is None or isinstance(set_ids, int) else torch.as_tensor(set_ids).long()
+    prev = active.set_rows
+    rows = set_rows if set_rows is None or isinstance(set_rows, int) else torch.as_tensor(set_rows).long()
+    active.set_rows = rows
     try:
         yield
     finally:
-        active.ids = prev
+        active.set_rows = prev
 
 
 def slot_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -154,10 +156,10 @@ def slot_experts_forward(
 
     st: _SlotState = self.expertlib_slots
     base_forward = type(self).forward
-    set_ids = st.active.per_token(hidden_states.shape[0], hidden_states.device)  # (T,) | None
-    if set_ids is None:
+    set_rows = st.active.per_token(hidden_states.shape[0], hidden_states.device)  # (T,) | None
+    if set_rows is None:
         return base_forward(self, hidden_states, top_k_index, top_k_weights)
-    ids = st.remap[set_ids[:, None], top_k_index]  # (T, K) physical ids
+    ids = st.remap[set_rows[:, None], top_k_index]  # (T, K) physical ids
     E, K = self.num_experts, top_k_index.shape[-1]
     if not bool((ids >= E).any()):
         return base_forward(self, hidden_states, top_k_index, top_k_weights)

@@ -25,7 +25,7 @@ import os
 from typing import Any
 
 #: extra_args key carrying a request's set row (an int; 0 or absent = the base model).
-SET_ID_KEY = "expertlib_set"
+SET_ROW_KEY = "expertlib_set"
 #: hf_config fields the slot models read (set through hf_overrides).
 SLOTS_FIELD = "expertlib_slots"
 MAX_SETS_FIELD = "expertlib_max_sets"

@@ -1,10 +1,10 @@
 """Per-request expert sets under continuous batching: each token learns its request's set row.
 
-A request names its set row in `SamplingParams.extra_args[SET_ID_KEY]` (over HTTP: `vllm_xargs`).
+A request names its set row in `SamplingParams.extra_args[SET_ROW_KEY]` (over HTTP: `vllm_xargs`).
 vLLM has no public hook that hands per-request values to the model's forward, so we wrap the model
 runner's `_init_model_kwargs` (private API; vllm==0.32.0 is pinned), which every forward of the GPU
 runner and of the CPU runner (its subclass) calls after the batch layout is known. The wrapper writes
-the rows into the model's persistent per-token buffer (`SlotContext.token_offsets`) from
+the set rows into the model's persistent per-token buffer (`SlotContext.token_offsets`) from
 `input_batch.req_ids` and `query_start_loc`; warm-up and dummy runs (`num_reqs=0`) get all zeros.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from expertlib.vllm_plugin import SET_ID_KEY
+from expertlib.vllm_plugin import SET_ROW_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -23,13 +23,13 @@ def request_set_row(state, max_sets: int) -> int:
     extra = getattr(params, "extra_args", None) if params is not None else None
     if not extra:
         return 0
-    row = extra.get(SET_ID_KEY, 0)
-    if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row <= max_sets:
+    set_row = extra.get(SET_ROW_KEY, 0)
+    if isinstance(set_row, bool) or not isinstance(set_row, int) or not 0 <= set_row <= max_sets:
         logger.warning(
-            "expertlib: ignoring invalid %s=%r (0..%d); serving the base", SET_ID_KEY, row, max_sets
+            "expertlib: ignoring invalid %s=%r (0..%d); serving the base", SET_ROW_KEY, set_row, max_sets
         )
         return 0
-    return row
+    return set_row
 
 
 def fill_token_sets(runner, ctx, num_reqs: int | None) -> None:
@@ -43,8 +43,8 @@ def fill_token_sets(runner, ctx, num_reqs: int | None) -> None:
         return
     qsl = runner.query_start_loc.np[: n + 1]
     counts = (qsl[1:] - qsl[:-1]).tolist()
-    rows = [request_set_row(runner.requests.get(rid), ctx.max_sets) for rid in batch.req_ids[:n]]
-    ctx.set_tokens(rows, counts)
+    set_rows = [request_set_row(runner.requests.get(rid), ctx.max_sets) for rid in batch.req_ids[:n]]
+    ctx.set_tokens(set_rows, counts)
 
 
 def install_set_id_hook() -> None:

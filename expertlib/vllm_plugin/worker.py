@@ -185,22 +185,22 @@ class SlotWorkerExtension:
             write_slots(ctx.layers[layer], [p for p, _ in rows], [es.expert(layer, e) for _, e in rows])
         return len(fills)
 
-    def expertlib_set_row(self, row: int, remap: dict[Any, dict[Any, int]]) -> None:
-        """Make set row `row` the identity except remap[layer][expert] = physical id."""
+    def expertlib_set_row(self, set_row: int, remap: dict[Any, dict[Any, int]]) -> None:
+        """Make set row `set_row` the identity except remap[layer][expert] = slot (a slot index, as in
+        `Placement.remap`; the table the router reads holds the physical id E + slot)."""
         ctx = self._expertlib_ctx()
-        if not 1 <= row <= ctx.max_sets:
-            raise ValueError(f"set row {row} out of range (1..{ctx.max_sets})")
-        limit = ctx.num_experts + ctx.slots
+        if not 1 <= set_row <= ctx.max_sets:
+            raise ValueError(f"set row {set_row} out of range (1..{ctx.max_sets})")
         table = torch.arange(ctx.num_experts, dtype=ctx.remap.dtype).repeat(ctx.remap.shape[0], 1)  # (L, E)
         for layer, mapping in remap.items():
-            for expert, phys in mapping.items():
-                if not 0 <= int(phys) < limit:
-                    raise ValueError(f"physical expert {phys} out of range (0..{limit - 1})")
-                table[int(layer), int(expert)] = int(phys)
-        ctx.remap[:, row].copy_(table.to(ctx.remap.device))
+            for expert, slot in mapping.items():
+                if not 0 <= int(slot) < ctx.slots:
+                    raise ValueError(f"slot {slot} out of range (0..{ctx.slots - 1})")
+                table[int(layer), int(expert)] = ctx.num_experts + int(slot)
+        ctx.remap[:, set_row].copy_(table.to(ctx.remap.device))
 
-    def expertlib_clear_row(self, row: int) -> None:
-        self.expertlib_set_row(row, {})
+    def expertlib_clear_row(self, set_row: int) -> None:
+        self.expertlib_set_row(set_row, {})
 
     def expertlib_host_cache(self, budget: int | None = None) -> dict[str, Any]:
         """Resize this worker's host cache of recent sets (bytes) and report what it holds."""
@@ -215,7 +215,7 @@ class SlotWorkerExtension:
         clear_rows: list[int],
         path: str | None = None,
         fills: list[list[int]] | None = None,
-        row: int | None = None,
+        set_row: int | None = None,
         remap: dict[Any, dict[Any, int]] | None = None,
         content_digest: str | None = None,
     ) -> None:
@@ -227,5 +227,5 @@ class SlotWorkerExtension:
             self.expertlib_write_slots(path, fills, content_digest)
         for r in clear_rows:
             self.expertlib_clear_row(int(r))
-        if row is not None:
-            self.expertlib_set_row(int(row), remap or {})
+        if set_row is not None:
+            self.expertlib_set_row(int(set_row), remap or {})
