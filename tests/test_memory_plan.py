@@ -98,5 +98,7 @@ def test_refuses_what_does_not_fit_with_suggestions():
     msg = str(err.value)
     assert "cuda:0" in msg and "activations" in msg
     assert "--dtype bfloat16" in msg and "--gradient-checkpointing" in msg and "--batch-size" in msg
-    ckpt = plan_training(cfg, trained_experts=4, batch_size=64, seq_len=1024, gradient_checkpointing=True)
-    assert ckpt.activations < 0.5 * plan.activations
+    recompute = plan_training(
+        cfg, trained_experts=4, batch_size=64, seq_len=1024, gradient_checkpointing=True
+    )
+    assert recompute.activations < 0.5 * plan.activations

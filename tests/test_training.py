@@ -214,10 +214,15 @@ def test_bf16_base_trains_fp32_master_weights(samples, tmp_path):
 
 def test_gradient_checkpointing_trains_the_same_experts(samples):
     runs = []
-    for ckpt in (False, True):
+    for recompute in (False, True):
         model = make_tiny_model("olmoe")
         res = train_experts(
-            model, samples, selection_for(model), fast(gradient_checkpointing=ckpt), pad_id=0, progress=False
+            model,
+            samples,
+            selection_for(model),
+            fast(gradient_checkpointing=recompute),
+            pad_id=0,
+            progress=False,
         )
         assert not getattr(model, "is_gradient_checkpointing", False)  # switched off again
         runs.append(res)

@@ -1,9 +1,16 @@
-"""Training checkpoints: trainable tensors, AdamW state, RNG and loss history, written atomically.
+"""Resumable training state: trainable tensors, AdamW state, RNG and loss history, written atomically.
 
-A checkpoint is a folder with `state.safetensors` (tensors only; never pickled) and
+This is what `--checkpoint-dir` holds and `--resume` reads back, so that a resumed run ends
+exactly where an uninterrupted one would. (It is not the base model's checkpoint on disk:
+that is `expertlib.checkpoint.BaseCheckpoint`.)
+
+The saved state is a folder with `state.safetensors` (tensors only; never pickled) and
 `trainer.json` (step, losses, and the run key: selection, settings and data digest, which
 must match to resume). It is written to a temporary folder and swapped in, so a crash leaves
-the previous checkpoint intact.
+the previously saved state intact.
+
+    state = load_training_state(folder, params, opt, key) if has_training_state(folder) else TrainingState()
+    save_training_state(folder, params, opt, state, key)
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ _OPT_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
 @dataclass
-class TrainerState:
+class TrainingState:
+    """Where a run is: optimizer steps done, the losses so far, the time it has taken."""
+
     step: int = 0
     train_losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
@@ -34,22 +43,23 @@ class TrainerState:
 
 
 def _current(path: Path) -> Path | None:
-    """The complete checkpoint folder: `path`, or its `.old` twin if a swap was interrupted."""
+    """The complete saved-state folder: `path`, or its `.old` twin if a swap was interrupted."""
     for p in (path, path.with_name(path.name + ".old")):
         if (p / TRAINER_FILE).is_file() and (p / STATE_FILE).is_file():
             return p
     return None
 
 
-def exists(path: str | Path) -> bool:
+def has_training_state(path: str | Path) -> bool:
+    """Whether `path` holds a complete saved state to resume from."""
     return _current(Path(path)) is not None
 
 
-def save(
+def save_training_state(
     path: str | Path,
     params: list[tuple[str, nn.Parameter]],
     opt: torch.optim.Optimizer,
-    state: TrainerState,
+    state: TrainingState,
     key: dict,
 ) -> None:
     path = Path(path)
@@ -76,12 +86,12 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load(
+def load_training_state(
     path: str | Path,
     params: list[tuple[str, nn.Parameter]],
     opt: torch.optim.Optimizer,
     key: dict,
-) -> TrainerState:
+) -> TrainingState:
     """Restore tensors, optimizer and RNG in place; refuse a checkpoint of another run."""
     found = _current(Path(path))
     if found is None:
@@ -103,7 +113,7 @@ def load(
             if st:
                 opt.state[p] = st
     torch.set_rng_state(tensors["rng.torch"])
-    return TrainerState(
+    return TrainingState(
         step=meta["step"],
         train_losses=list(meta["train_losses"]),
         eval_losses=[(int(s), float(v)) for s, v in meta["eval_losses"]],

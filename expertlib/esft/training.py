@@ -35,10 +35,10 @@ from torch import nn
 from expertlib.devices import input_device, resolve_device, torch_dtype
 from expertlib.errors import SelectionError
 from expertlib.esft import distributed
-from expertlib.esft import state as ckpt
 from expertlib.esft.data import IGNORE_INDEX, Sample, collate
 from expertlib.esft.memory_plan import MemoryPlan, ModelShape, plan_training
 from expertlib.esft.selection import ExpertConfig
+from expertlib.esft.state import TrainingState, has_training_state, load_training_state, save_training_state
 from expertlib.identity import BaseIdentity, load_config
 from expertlib.moe import (
     ExpertWeights,
@@ -388,9 +388,9 @@ def train_experts(
         )
         n_trainable = sum(p.numel() for _, p in params)
         key = {"selection": selection.to_reference(), "config": _key_config(config), **(run_key or {})}
-        state = ckpt.TrainerState()
-        if resume and checkpoint_dir is not None and ckpt.exists(checkpoint_dir):
-            state = ckpt.load(checkpoint_dir, params, opt, key)
+        state = TrainingState()
+        if resume and checkpoint_dir is not None and has_training_state(checkpoint_dir):
+            state = load_training_state(checkpoint_dir, params, opt, key)
         t0 = time.perf_counter() - state.wall_time_s
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -445,7 +445,7 @@ def train_experts(
                     and state.step % config.checkpoint_every == 0
                 ):
                     state.wall_time_s = time.perf_counter() - t0
-                    ckpt.save(checkpoint_dir, params, opt, state, key)
+                    save_training_state(checkpoint_dir, params, opt, state, key)
                 if on_step is not None:
                     on_step(state.step, loss_value)
                 if config.early_stop and stale >= config.early_stop:
