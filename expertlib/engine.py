@@ -11,6 +11,11 @@
 RequestOutputs. Loads and unloads run on the workers through `collective_rpc` while requests are being
 served; a set with requests in flight is never evicted, and unloading it waits for them.
 
+A request's set is a `SetRef` (name, content digest, set row, registry version): `engine.ref(name)`
+resolves a name once (the server's catalog does it per request) and `generate` takes the value; a
+plain name is resolved the same way. Both engines run one load/unload transaction (`_SetBook.load`,
+`_SetBook.unload`), written once against an awaitable `rpc`.
+
 The slot accounting is `expertlib.slots.SlotPool`; the vLLM mechanics are `expertlib.vllm_plugin`.
 """
 
@@ -24,9 +29,10 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from expertlib.apply import check_against_base
 from expertlib.checkpoint import BaseCheckpoint
@@ -40,10 +46,14 @@ from expertlib.errors import (
 )
 from expertlib.patch import ExpertSet
 from expertlib.sizing import DEFAULT_MAX_SETS, DEFAULT_SLOTS
-from expertlib.slots import Placement, SlotPool
-from expertlib.vllm_plugin import SET_ID_KEY, WORKER_EXTENSION, slot_hf_overrides
+from expertlib.slots import Placement, SetRef, SlotPool
+from expertlib.vllm_plugin import SET_ROW_KEY, WORKER_EXTENSION, slot_hf_overrides
 
 log = logging.getLogger("expertlib.engine")
+
+#: collective_rpc as both engines call it: (method, args) -> one result per worker, awaitable
+Rpc = Callable[[str, tuple], Awaitable[list[Any]]]
+T = TypeVar("T")
 
 
 # --- the base checkpoint ------------------------------------------------------------------------------
@@ -167,28 +177,72 @@ class _SetBook:
 
     def apply_args(self, placement: Placement, evicted_rows: list[int], path: str) -> tuple:
         fills = [[layer, slot, e] for layer, slot, e in placement.fills]
-        remap = {layer: dict(m) for layer, m in placement.remap.items()}
+        remap = {layer: dict(m) for layer, m in placement.remap.items()}  # expert -> slot
         digest = self.sets[placement.name].manifest.content_digest  # the worker checks its copy against it
-        return (evicted_rows, path, fills, placement.set_index, remap, digest)
+        return (evicted_rows, path, fills, placement.set_row, remap, digest)
 
-    def row(self, expert_set: str | None) -> int:
-        """Remap row for a request naming `expert_set` (None or "" = the base)."""
+    def ref(self, expert_set: SetRef | str | None) -> SetRef | None:
+        """The SetRef a request runs with (None or "" = the base), and the set marked recently used.
+
+        A name is resolved here, the one place; a SetRef resolved earlier is checked (still resident,
+        the same tensors) and follows its set to a new row if it was evicted and loaded again."""
         if not expert_set:
-            return 0
-        if expert_set in self.unloading:
+            return None
+        name = expert_set if isinstance(expert_set, str) else expert_set.name
+        if name in self.unloading:
+            raise NotLoadedError(f"expert set {name!r} is being unloaded", hint="load it again to use it")
+        set_row = self.pool.row_of(name)  # NotLoadedError when it is not resident
+        digest = self.sets[name].manifest.content_digest
+        self.pool.touch(name)
+        if isinstance(expert_set, str):
+            return SetRef(name, digest, set_row)
+        if expert_set.digest != digest:
             raise NotLoadedError(
-                f"expert set {expert_set!r} is being unloaded", hint="load it again to use it"
+                f"expert set {name!r} was replaced by another set of that name after the request named it",
+                hint="send the request again",
             )
-        row = self.pool.index_of(expert_set)
-        self.pool.touch(expert_set)
-        return row
+        return expert_set if expert_set.set_row == set_row else replace(expert_set, set_row=set_row)
 
-    def salt(self, expert_set: str | None) -> str | None:
-        """Prefix-cache salt of a set: its content digest (identical sets may share cached blocks)."""
-        return f"expertlib:{self.sets[expert_set].manifest.content_digest}" if expert_set else None
+    # --- the transactions both engines run (rpc: the engine's collective_rpc, awaitable) ------------
+
+    async def start(self, rpc: Rpc, host_cache_budget: int | None) -> None:
+        """Check the workers' slot layout against this book and size their host cache (None: as is)."""
+        info = (await rpc("expertlib_info", ()))[0]
+        _check_worker(info, self.base, self.pool.slots_per_layer, self.pool.max_sets)
+        self.host_cache = (await rpc("expertlib_host_cache", (host_cache_budget,)))[0]
+
+    async def load(self, es: ExpertSet, name: str, path: str, pin: bool, rpc: Rpc) -> str:
+        """Reserve slots and a set row (evicting least recently used unpinned sets), have the workers
+        copy the set in and write its row in one call, book the load. If the workers fail, the
+        reservation is undone and the row cleared on them, so book and workers agree."""
+        evicted_rows = {n: self.pool.row_of(n) for n in self.pool.loaded()}
+        placement = self.place(es, name, pin)
+        if placement is None:  # already resident: touched (and pinned)
+            return name
+        start = time.perf_counter()
+        try:
+            rows = [evicted_rows[n] for n in placement.evicted]
+            await rpc("expertlib_apply", self.apply_args(placement, rows, path))
+        except Exception:
+            if name in self.pool:
+                self.pool.release(name)
+            self.forget(name)
+            with contextlib.suppress(Exception):  # the engine is failing already; the row stays unused
+                await rpc("expertlib_apply", ([placement.set_row],))
+            raise
+        cache = (await rpc("expertlib_host_cache", ()))[0]
+        self.loaded_from(name, path, time.perf_counter() - start, cache)
+        return name
+
+    async def unload(self, name: str, rpc: Rpc) -> None:
+        """Free a set's slots and row, and clear the row on the workers."""
+        set_row = self.pool.row_of(name)
+        self.pool.release(name)
+        self.forget(name)
+        await rpc("expertlib_apply", ([set_row],))
 
     def pin(self, name: str, pinned: bool = True) -> None:
-        self.pool.index_of(name)
+        self.pool.row_of(name)
         (self.user_pins.add if pinned else self.user_pins.discard)(name)
         self.pool.pin(name, pinned or self.in_flight[name] > 0)
 
@@ -327,21 +381,21 @@ def _memory_errors(plan: str):
         ) from exc
 
 
-def _with_set(params, row: int):
-    """A copy of SamplingParams `params` that carries the set row in extra_args."""
+def _with_set(params, ref: SetRef | None):
+    """A copy of SamplingParams `params` that carries the set row of `ref` (0: the base) in extra_args."""
     from vllm import SamplingParams
 
     sp = params.clone() if params is not None else SamplingParams()
-    sp.extra_args = {**(sp.extra_args or {}), SET_ID_KEY: row}
+    sp.extra_args = {**(sp.extra_args or {}), SET_ROW_KEY: ref.set_row if ref else 0}
     return sp
 
 
-def _salted(prompt: Any, salt: str | None) -> Any:
-    """The prompt with a prefix-cache salt: KV blocks computed under one expert set must never be
-    reused by a request for another (the experts change every MoE layer's output, hence later keys
-    and values). A salt the caller already set is kept."""
-    if salt is None:
+def _salted(prompt: Any, ref: SetRef | None) -> Any:
+    """The prompt with the set's prefix-cache salt (`SetRef.cache_salt`): KV blocks computed under one
+    expert set must never be reused by a request for another. A salt the caller already set is kept."""
+    if ref is None:
         return prompt
+    salt = ref.cache_salt
     if isinstance(prompt, str):
         return {"prompt": prompt, "cache_salt": salt}
     if isinstance(prompt, dict):
@@ -349,6 +403,17 @@ def _salted(prompt: Any, salt: str | None) -> Any:
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
         return {"prompt_token_ids": list(prompt), "cache_salt": salt}
     return prompt
+
+
+def _run_now(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (its awaits are synchronous calls) to its end, without an
+    event loop: how the offline engine runs the transactions it shares with the async engine."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("expertlib: a synchronous engine transaction suspended")
 
 
 def _cache_budget(budget: int | None) -> int:
@@ -392,33 +457,25 @@ class ExpertEngine:
         kwargs, self.memory = size_memory(self.base, slots, engine_kwargs)
         with _memory_errors(self.memory):
             self.llm = LLM(**_engine_kwargs(self.base, slots, max_sets, kwargs))
-        _check_worker(self.llm.collective_rpc("expertlib_info")[0], self.base, slots, max_sets)
-        self._book.host_cache = self.llm.collective_rpc(
-            "expertlib_host_cache", args=(_cache_budget(host_cache),)
-        )[0]
+        _run_now(self._book.start(self._rpc, _cache_budget(host_cache)))
+
+    async def _rpc(self, method: str, args: tuple = ()) -> list[Any]:
+        return self.llm.collective_rpc(method, args=args)  # synchronous: never suspends
 
     def load(self, es: ExpertSet | str | Path, name: str | None = None, pin: bool = False) -> str:
         """Load a set (file or ExpertSet) into free slots, evicting LRU unpinned sets; returns its name."""
         es, name, path = self._book.open(es, name)
-        evicted_rows = self._evicted_rows()
-        placement = self._book.place(es, name, pin)
-        if placement is not None:
-            rows = [evicted_rows[n] for n in placement.evicted if n != name]
-            start = time.perf_counter()
-            try:
-                self.llm.collective_rpc("expertlib_apply", args=self._book.apply_args(placement, rows, path))
-            except Exception:
-                self._rollback(name, placement.set_index)
-                raise
-            cache = self.llm.collective_rpc("expertlib_host_cache")[0]
-            self._book.loaded_from(name, path, time.perf_counter() - start, cache)
-        return name
+        return _run_now(self._book.load(es, name, path, pin, self._rpc))
 
     def unload(self, name: str) -> None:
-        row = self._book.pool.index_of(name)
-        self._book.pool.release(name)
-        self._book.forget(name)
-        self.llm.collective_rpc("expertlib_apply", args=([row],))
+        _run_now(self._book.unload(name, self._rpc))
+
+    def ref(self, name: str) -> SetRef:
+        """The SetRef of a loaded set (NotLoadedError otherwise); `generate` takes it or the name."""
+        ref = self._book.ref(name)
+        if ref is None:
+            raise NotLoadedError("the base model is not an expert set", hint="pass None for the base")
+        return ref
 
     def pin(self, name: str, pinned: bool = True) -> None:
         self._book.pin(name, pinned)
@@ -435,21 +492,24 @@ class ExpertEngine:
     def generate(
         self,
         prompts: str | Sequence[Any],
-        expert_set: str | None | Sequence[str | None] = None,
+        expert_set: SetRef | str | None | Sequence[SetRef | str | None] = None,
         sampling_params: Any = None,
         *,
         use_tqdm: bool = False,
     ) -> list[Any]:
-        """Generate for each prompt with its expert set (one name for all, or one per prompt; None = base)."""
+        """Generate for each prompt with its expert set (one for all, or one per prompt; a name or a
+        SetRef; None = base)."""
         single = isinstance(prompts, (str, dict))
         prompt_list = [prompts] if single else list(prompts)
         n = len(prompt_list)
-        sets = [expert_set] * n if expert_set is None or isinstance(expert_set, str) else list(expert_set)
+        one = expert_set is None or isinstance(expert_set, (str, SetRef))
+        sets = [expert_set] * n if one else list(expert_set)
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * n
         if len(sets) != n or len(params) != n:
             raise ValueError(f"{n} prompts, {len(sets)} expert sets and {len(params)} sampling params")
-        per_request = [_with_set(p, self._book.row(s)) for p, s in zip(params, sets, strict=True)]
-        salted = [_salted(p, self._book.salt(s)) for p, s in zip(prompt_list, sets, strict=True)]
+        refs = [self._book.ref(s) for s in sets]
+        per_request = [_with_set(p, r) for p, r in zip(params, refs, strict=True)]
+        salted = [_salted(p, r) for p, r in zip(prompt_list, refs, strict=True)]
         return self.llm.generate(salted, per_request, use_tqdm=use_tqdm)
 
     def shutdown(self) -> None:
@@ -462,17 +522,6 @@ class ExpertEngine:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def _evicted_rows(self) -> dict[str, int]:
-        return {n: self._book.pool.index_of(n) for n in self._book.pool.loaded()}
-
-    def _rollback(self, name: str, row: int) -> None:
-        if name in self._book.pool:
-            self._book.pool.release(name)
-        self._book.forget(name)
-        # the engine is already failing; the set stays unusable either way
-        with contextlib.suppress(Exception):
-            self.llm.collective_rpc("expertlib_apply", args=([row],))
-
 
 # --- async engine ----------------------------------------------------------------------------------------
 
@@ -483,7 +532,6 @@ class AsyncExpertEngine:
     def __init__(self, engine, base: BaseCheckpoint, slots: int, max_sets: int):
         self.engine = engine
         self.base = base
-        self._slots, self._max_sets = slots, max_sets
         self._book = _SetBook(base, slots, max_sets)
         self._lock = asyncio.Lock()
         self._drained: dict[str, asyncio.Event] = {}
@@ -523,45 +571,25 @@ class AsyncExpertEngine:
 
     async def _check(self) -> None:
         if not self._checked:
-            _check_worker((await self._rpc("expertlib_info"))[0], self.base, self._slots, self._max_sets)
-            budget = self.host_cache_budget
-            self._book.host_cache = (await self._rpc("expertlib_host_cache", (budget,)))[0]
+            await self._book.start(self._rpc, self.host_cache_budget)
             self._checked = True
 
     async def load(self, es: ExpertSet | str | Path, name: str | None = None, pin: bool = False) -> str:
         es, name, path = await asyncio.to_thread(self._book.open, es, name)
         async with self._lock:
             await self._check()
-            rows = {n: self._book.pool.index_of(n) for n in self._book.pool.loaded()}
-            placement = self._book.place(es, name, pin)
-            if placement is not None:
-                evicted = [rows[n] for n in placement.evicted]
-                start = time.perf_counter()
-                try:
-                    await self._rpc("expertlib_apply", self._book.apply_args(placement, evicted, path))
-                except Exception:
-                    if name in self._book.pool:
-                        self._book.pool.release(name)
-                    self._book.forget(name)
-                    await self._rpc("expertlib_apply", ([placement.set_index],))
-                    raise
-                cache = (await self._rpc("expertlib_host_cache"))[0]
-                self._book.loaded_from(name, path, time.perf_counter() - start, cache)
-        return name
+            return await self._book.load(es, name, path, pin, self._rpc)
 
     async def unload(self, name: str) -> None:
         """Unload a set; new requests for it are refused at once, requests in flight finish first."""
-        self._book.pool.index_of(name)
+        self._book.pool.row_of(name)
         self._book.unloading.add(name)
         try:
             while self._book.in_flight.get(name, 0) > 0:
                 event = self._drained.setdefault(name, asyncio.Event())
                 await event.wait()
             async with self._lock:
-                row = self._book.pool.index_of(name)
-                self._book.pool.release(name)
-                self._book.forget(name)
-                await self._rpc("expertlib_apply", ([row],))
+                await self._book.unload(name, self._rpc)
         finally:
             self._book.unloading.discard(name)
 
@@ -574,29 +602,38 @@ class AsyncExpertEngine:
     def status(self) -> dict[str, Any]:
         return self._book.status()
 
+    def ref(self, name: str) -> SetRef:
+        """The SetRef of a loaded set (NotLoadedError otherwise): what a request carries to `generate`."""
+        ref = self._book.ref(name)
+        if ref is None:
+            raise NotLoadedError("the base model is not an expert set", hint="pass None for the base")
+        return ref
+
     async def generate(
-        self, prompt: Any, sampling_params: Any, request_id: str, expert_set: str | None = None
+        self, prompt: Any, sampling_params: Any, request_id: str, expert_set: SetRef | str | None = None
     ) -> AsyncIterator[Any]:
-        """Stream RequestOutputs for one request served by `expert_set` (None = the base).
+        """Stream RequestOutputs for one request served by `expert_set` (a SetRef, a name; None = the base).
 
         A set evicted since the caller resolved it is reloaded through `on_missing` when set."""
         for attempt in range(3):
             try:
-                row = self._book.row(expert_set)  # raises NotLoadedError before anything is queued
+                ref = self._book.ref(expert_set)  # raises NotLoadedError before anything is queued
                 break
             except NotLoadedError:
-                if self.on_missing is None or expert_set in self._book.unloading or attempt == 2:
+                name = expert_set if isinstance(expert_set, str) else expert_set.name
+                if self.on_missing is None or name in self._book.unloading or attempt == 2:
                     raise
-                await self.on_missing(expert_set)
-        prompt = _salted(prompt, self._book.salt(expert_set))
-        self._book.acquire(expert_set)  # no await since row(): the set cannot be evicted in between
+                await self.on_missing(name)
+        prompt = _salted(prompt, ref)
+        name = ref.name if ref else None
+        self._book.acquire(name)  # no await since ref(): the set cannot be evicted in between
         try:
-            async for out in self.engine.generate(prompt, _with_set(sampling_params, row), request_id):
+            async for out in self.engine.generate(prompt, _with_set(sampling_params, ref), request_id):
                 yield out
         finally:
-            self._book.release(expert_set)
-            if expert_set and not self._book.in_flight.get(expert_set):
-                event = self._drained.pop(expert_set, None)
+            self._book.release(name)
+            if name and not self._book.in_flight.get(name):
+                event = self._drained.pop(name, None)
                 if event is not None:
                     event.set()
 
@@ -618,4 +655,4 @@ class AsyncExpertEngine:
         self.engine.shutdown()
 
 
-__all__ = ["AsyncExpertEngine", "BaseCheckpoint", "ExpertEngine", "NotLoadedError"]
+__all__ = ["AsyncExpertEngine", "BaseCheckpoint", "ExpertEngine", "NotLoadedError", "SetRef"]

@@ -17,15 +17,38 @@ FastAPI app (the engine starts in the background when the app starts; /health is
 
 Files: protocol.py (HTTP bodies), routes.py and admin.py (the routes), generation.py (completions
 over the engine), logprobs.py (vLLM logprobs in OpenAI's shapes), tools.py (tool calls through
-vLLM's parsers), tokens.py (/tokenize, /detokenize), sets.py (model names -> loaded sets, registry), state.py (settings, readiness,
-bounded queue), errors.py (the one place errors become OpenAI-shaped responses), auth.py,
-metrics.py, backend.py (the engine protocol the server is written against).
+vLLM's parsers), tokens.py (/tokenize, /detokenize), sets.py (model names -> SetRefs, loading sets
+from the registry), settings.py (ServerSettings, which `expertlib serve`'s options are built from),
+state.py (readiness, bounded queue), errors.py (the one place errors become OpenAI-shaped
+responses), auth.py, metrics.py, backend.py (the engine protocol the server is written against).
+
+`create_app` and `ServerState` are imported on first use, so `expertlib.server.settings` (what the
+CLI needs to build its options) loads without the web stack.
 """
 
-from expertlib.server.app import create_app
-from expertlib.server.state import ServerSettings, ServerState
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from expertlib.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from expertlib.server.app import create_app
+    from expertlib.server.state import ServerState
 
 __all__ = ["ServerSettings", "ServerState", "create_app", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "create_app":
+        from expertlib.server.app import create_app
+
+        return create_app
+    if name == "ServerState":
+        from expertlib.server.state import ServerState
+
+        return ServerState
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def serve(settings: ServerSettings, **app_kwargs) -> None:
@@ -33,6 +56,8 @@ def serve(settings: ServerSettings, **app_kwargs) -> None:
     import logging
 
     import uvicorn
+
+    from expertlib.server.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("expertlib.server")

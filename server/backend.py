@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from expertlib.slots import SetRef
+
 
 @runtime_checkable
 class ServingEngine(Protocol):
@@ -28,10 +30,14 @@ class ServingEngine(Protocol):
 
     def loaded_sets(self) -> list[str]: ...
 
+    def ref(self, name: str) -> SetRef:
+        """The SetRef of a loaded set (served name, content digest, set row); NotLoadedError otherwise."""
+
     def generate(
-        self, prompt: str | list[int], sampling_params: Any, request_id: str, expert_set: str | None
+        self, prompt: str | list[int], sampling_params: Any, request_id: str, expert_set: SetRef | None
     ) -> AsyncIterator[Any]:
-        """vLLM RequestOutputs (cumulative) for one prompt; unknown set -> NotLoadedError."""
+        """vLLM RequestOutputs (cumulative) for one prompt, salted for prefix caching with
+        `expert_set.cache_salt`; a set no longer resident -> NotLoadedError."""
 
     async def abort(self, request_id: str) -> None: ...
 

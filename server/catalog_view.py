@@ -37,11 +37,11 @@ def model_list(state: ServerState) -> ModelList:
         )
     loadable = [
         LoadableSet(
-            id=r.id,
-            task=r.task,
+            id=str(r),
+            task=r.name,
             version=r.version,
             digest=r.digest,
-            state="host" if history.get(r.id, {}).get("residency") == "host" else "disk",
+            state="host" if history.get(str(r), {}).get("residency") == "host" else "disk",
         )
         for r in catalog.loadable()
     ]

@@ -24,6 +24,7 @@ from expertlib.server import protocol as p
 from expertlib.server import tools
 from expertlib.server.logprobs import chat_logprobs, completion_logprobs
 from expertlib.server.state import ServerState
+from expertlib.slots import SetRef
 
 BASE_LABEL = "base"
 
@@ -35,13 +36,12 @@ class Job:
     request_id: str
     endpoint: str  # "completions" | "chat"
     model: str  # echoed back in responses
-    expert_set: str | None
+    expert_set: SetRef | None  # resolved once from `model`; the engine salts the prefix cache from it
     prompts: list[list[int]]
     params: Any  # vllm.SamplingParams
     stream: bool
     include_usage: bool
     release: Any = None  # the bounded queue's release, called once the job ends
-    cache_salt: str | None = None  # keeps vLLM's prefix cache from sharing KV across expert sets
     cached_tokens: dict[int, int] = field(default_factory=dict)  # prompt index -> prefix-cache hits
     started: float = field(default_factory=time.perf_counter)
     top_logprobs: int | None = None  # alternatives per position in `logprobs`; None: no logprobs
@@ -55,7 +55,7 @@ class Job:
 
     @property
     def label(self) -> str:
-        return self.expert_set or BASE_LABEL
+        return self.expert_set.name if self.expert_set else BASE_LABEL
 
 
 # --- preparing ------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ async def _prepare(
     try:
         _, catalog = state.require_ready()
         expert_set = await catalog.resolve(req.model)
-        label = expert_set or BASE_LABEL
+        label = expert_set.name if expert_set else BASE_LABEL
         sequences = _sequences(req)
         state.gate.check(sequences)  # before any work on an oversized request
         # tokenising a long prompt takes seconds: off the event loop, so /health and others answer
@@ -150,7 +150,6 @@ async def _prepare(
             params=params,
             stream=req.stream,
             include_usage=req.include_usage_in_stream,
-            cache_salt=catalog.cache_salt(expert_set),
             tokenizer=state.tokenizer,
             release=state.gate.enter(sequences),
         )
@@ -308,7 +307,8 @@ async def _merged(state: ServerState, job: Job) -> AsyncIterator[tuple[int, Any]
 
     async def pump(i: int) -> None:
         try:
-            async for out in engine.generate(_engine_prompt(job, i), job.params, ids[i], job.expert_set):
+            # the engine salts the prompt for vLLM's prefix cache with job.expert_set.cache_salt
+            async for out in engine.generate(job.prompts[i], job.params, ids[i], job.expert_set):
                 await queue.put((i, out))
         except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
             if not isinstance(exc, ExpertlibError) and _is_validation_error(exc):  # refused when added
@@ -357,14 +357,6 @@ def _record(state: ServerState, job: Job, status: int, prompt_tokens: int, compl
     m.latency.labels(model=job.label).observe(time.perf_counter() - job.started)
     m.prompt_tokens.labels(model=job.label).inc(prompt_tokens)
     m.completion_tokens.labels(model=job.label).inc(completion_tokens)
-
-
-def _engine_prompt(job: Job, i: int) -> list[int] | dict:
-    """Token ids, salted per expert set: the KV of a prompt prefix depends on the set's experts, so
-    vLLM's prefix cache (keyed by tokens) must never hand one set's cached blocks to another."""
-    if job.cache_salt is None:
-        return job.prompts[i]
-    return {"prompt_token_ids": job.prompts[i], "cache_salt": job.cache_salt}
 
 
 def _usage(job: Job, completions: dict[tuple[int, int], Any]) -> p.Usage:

@@ -156,5 +156,5 @@ def _history(state: Any) -> dict[str, dict]:
         out.setdefault(name, {"loads": 1})["residency"] = "slots"
     if catalog is not None:
         for reg in catalog.registered():
-            out.setdefault(reg.id, {"residency": "disk"})
+            out.setdefault(str(reg), {"residency": "disk"})
     return out

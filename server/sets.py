@@ -9,6 +9,11 @@ loaded version of that task, else the registry's latest). `task@version`, `task@
 loaded on its first request (evicting the least recently used unpinned sets) unless
 `load_on_demand` is off; concurrent requests for a set being loaded wait for that one load.
 
+`resolve` turns a request's `model` into a `SetRef` (served name, content digest, set row, registry
+version) once; that value travels with the request to the engine, which checks it rather than
+resolving the name again. Registry entries are named by the registry's own `Ref` (name, version,
+blob digest).
+
 Storage (the registry) and residency (the engine) stay separate: this module only connects them.
 """
 
@@ -17,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +35,11 @@ from expertlib.errors import (
     RegistryBusyError,
 )
 from expertlib.patch import ExpertSet
-from expertlib.registry.names import validate_name
+from expertlib.registry.names import Ref, validate_name
 from expertlib.server.backend import ServingEngine, maybe_await
+from expertlib.slots import SetRef
 
 log = logging.getLogger("expertlib.server")
-
-
-@dataclass(frozen=True)
-class Registered:
-    """A set the registry holds for this base."""
-
-    id: str
-    task: str
-    version: int | None
-    digest: str | None
 
 
 class SetCatalog:
@@ -67,7 +63,7 @@ class SetCatalog:
         self._aliases: dict[str, str] = {}  # task -> served name of its latest loaded version
         self._locks: dict[str, asyncio.Lock] = {}
         self.loaded_at: dict[str, int] = {}  # served name -> unix time it was loaded
-        self._digests: dict[str, str] = {}  # served name -> content digest of the set loaded under it
+        self._versions: dict[str, int | None] = {}  # served name -> registry version loaded under it
 
     # --- resolution ----------------------------------------------------------------------------
 
@@ -90,8 +86,18 @@ class SetCatalog:
             hint=f"use {self.base_name}:TASK, or TASK alone",
         )
 
-    async def resolve(self, model: str) -> str | None:
-        """The engine's set name for `model`, None for the base; loads on demand if enabled."""
+    async def resolve(self, model: str) -> SetRef | None:
+        """The SetRef a request for `model` runs with, None for the base; loads on demand if enabled."""
+        served = await self._resolve_name(model)
+        return None if served is None else self.ref(served)
+
+    def ref(self, served: str) -> SetRef:
+        """The engine's SetRef of a resident set, with the registry version it was loaded from."""
+        ref = self.engine.ref(served)
+        version = self._versions.get(served)
+        return ref if ref.version == version else replace(ref, version=version)
+
+    async def _resolve_name(self, model: str) -> str | None:
         if model in self.base_names:
             return None
         model = self.split_base(model)
@@ -104,12 +110,12 @@ class SetCatalog:
             return self._aliases[model]
         ref = await asyncio.to_thread(self._registry_resolve, model)  # SQLite off the event loop
         if ref is not None:
-            if ref.id in loaded:
-                return ref.id
+            if str(ref) in loaded:
+                return str(ref)
             if self.load_on_demand:
-                return await self.load(ref.id)
+                return await self.load(str(ref))
             raise NotLoadedError(
-                f"expert set {ref.id!r} is registered but not loaded",
+                f"expert set {str(ref)!r} is registered but not loaded",
                 hint="load it with the admin route POST /admin/sets/load, or start the server without --no-load-on-demand",
             )
         raise NotFoundError(
@@ -119,28 +125,18 @@ class SetCatalog:
 
     # --- registry --------------------------------------------------------------------------------
 
-    def _registry_resolve(self, text: str) -> Registered | None:
+    def _registry_resolve(self, text: str) -> Ref | None:
         if self.registry is None:
             return None
         try:
-            ref = self.registry.resolve(text, base=self.registry_base)
+            entry = self.registry.resolve(text, base=self.registry_base)
         except RegistryBusyError:
             raise  # 503 + Retry-After, not "no such model"
         except (NotFoundError, KeyError, ExpertlibError, ValueError):
             return None
-        return _registered(ref)
+        return entry.ref
 
-    def cache_salt(self, name: str | None) -> str | None:
-        """Prefix-cache salt of a set (its content digest); None for the base."""
-        if name is None:
-            return None
-        digest = self._digests.get(name)
-        if digest is None:
-            info = self.engine.status().get("sets", {}).get(name, {})
-            digest = info.get("content_digest") if isinstance(info, dict) else None
-        return f"expertlib:{digest or name}"
-
-    def registered(self) -> list[Registered]:
+    def registered(self) -> list[Ref]:
         """Every set the registry holds (latest version of each task first); empty without one."""
         if self.registry is None:
             return []
@@ -149,11 +145,11 @@ class SetCatalog:
         except ExpertlibError as exc:
             log.warning("registry listing failed: %s", exc)
             return []
-        return [_registered(e) for e in entries]
+        return [e.ref for e in entries]
 
-    def loadable(self) -> list[Registered]:
+    def loadable(self) -> list[Ref]:
         loaded = set(self.loaded())
-        return [r for r in self.registered() if r.id not in loaded]
+        return [r for r in self.registered() if str(r) not in loaded]
 
     # --- residency -------------------------------------------------------------------------------
 
@@ -161,7 +157,7 @@ class SetCatalog:
         """Load a registry reference or a patch file; return the name it is served under. Loads of
         one set are serialised: a second caller waits for the first load and then finds it resident."""
         # registry lookup and the blob's digest check read files: off the event loop
-        es, served, task = await asyncio.to_thread(self._open, self.split_base(name))
+        es, served, task, version = await asyncio.to_thread(self._open, self.split_base(name))
         lock = self._locks.setdefault(served, asyncio.Lock())
         async with lock:
             if served in set(self.loaded()):
@@ -180,7 +176,7 @@ class SetCatalog:
                 log.info("loaded expert set %s in %.3f s", served, seconds)
             self._aliases[task] = served
             self.loaded_at[served] = int(time.time())
-            self._digests[served] = es.manifest.content_digest
+            self._versions[served] = version
             return served
 
     async def reload(self, served: str) -> None:
@@ -199,7 +195,7 @@ class SetCatalog:
         served = self._served(model)
         await self.engine.unload(served)
         self._forget(served)
-        self._digests.pop(served, None)
+        self._versions.pop(served, None)
         return served
 
     async def pin(self, model: str, pinned: bool = True) -> str:
@@ -232,13 +228,15 @@ class SetCatalog:
         if self._aliases.get(model) in loaded:
             return self._aliases[model]
         ref = self._registry_resolve(model)
-        if ref is not None and ref.id in loaded:
-            return ref.id
+        if ref is not None and str(ref) in loaded:
+            return str(ref)
         raise NotLoadedError(
             f"expert set {model!r} is not loaded", hint="GET /admin/status lists the loaded sets"
         )
 
-    def _open(self, name: str) -> tuple[ExpertSet, str, str]:
+    def _open(self, name: str) -> tuple[ExpertSet, str, str, int | None]:
+        """The set `name` (a patch file or a registry reference) names, the name it is served under,
+        its task and its registry version (None for a file)."""
         path = Path(name)
         if name.endswith(PATCH_SUFFIX) and path.is_file():
             es = ExpertSet.open(path)
@@ -249,23 +247,11 @@ class SetCatalog:
                     f"the patch's task name {task!r} is the base model's name",
                     hint="publish it to the registry under another name (expertlib publish --task NAME)",
                 )
-            return es, task, task
+            return es, task, task, None
         if self.registry is None:
             raise NotFoundError(
                 f"{name!r} is not a patch file and the server has no registry",
                 hint="pass a .safetensors patch path, or start the server with --registry DIR",
             )
-        entry = self.registry.resolve(name, base=self.registry_base)
-        reg = _registered(entry)
-        return self.registry.open(reg.id, base=self.registry_base), reg.id, reg.task
-
-
-def _registered(ref: Any) -> Registered:
-    task = getattr(ref, "name", None) or getattr(ref, "task", None) or str(ref).partition("@")[0]
-    version = getattr(ref, "version", None)
-    return Registered(
-        id=f"{task}@{version}" if version is not None else task,
-        task=task,
-        version=version,
-        digest=getattr(ref, "digest", None),
-    )
+        ref = self.registry.resolve(name, base=self.registry_base).ref
+        return self.registry.open(ref, base=self.registry_base), str(ref), ref.name, ref.version

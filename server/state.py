@@ -1,5 +1,5 @@
-"""Server settings and the state one running server holds: engine, catalog of sets, admission
-gate (the bounded queue), tokenizer, readiness and metrics."""
+"""The state one running server holds: engine, catalog of sets, admission gate (the bounded queue),
+tokenizer, readiness and metrics. Its settings are `expertlib.server.settings.ServerSettings`."""
 
 from __future__ import annotations
 
@@ -8,96 +8,16 @@ import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, Field, model_validator
+from typing import Any
 
 from expertlib.checkpoint import BaseCheckpoint
 from expertlib.errors import ExpertlibError, InvalidRequestError, NotReadyError, QueueFullError, SlotError
 from expertlib.server.backend import ServingEngine, maybe_await
 from expertlib.server.metrics import ServerMetrics
 from expertlib.server.sets import SetCatalog
+from expertlib.server.settings import ServerSettings
 
 log = logging.getLogger("expertlib.server")
-
-
-class ServerSettings(BaseModel):
-    """Everything `expertlib serve` is started with."""
-
-    base: str = Field(description="base model folder or hub id")
-    served_name: str | None = Field(
-        default=None, description="the base's `model` name; default: BASE as given"
-    )
-    registry: str | None = Field(
-        default=None,
-        description="registry root folder (default: $EXPERTLIB_REGISTRY or the default, if it exists)",
-    )
-    expert_sets: list[str] = Field(
-        default_factory=list, description="sets to load before ready (refs or patch paths)"
-    )
-    all_sets: bool = Field(default=False, description="load every registered set of this base before ready")
-    slots: int | Literal["auto"] | None = Field(
-        default="auto",
-        description="extra expert slots per MoE layer; auto: the named sets' largest per-layer demand "
-        "plus one typical set, or --expert-memory / one slot's size (None: the engine's default)",
-    )
-    max_sets: int | None = Field(
-        default=None, ge=1, description="most expert sets resident at once (default: sized with the slots)"
-    )
-    expert_memory: int | None = Field(
-        default=None, ge=1, description="bytes for expert slots (all MoE layers); sets the slot count"
-    )
-    kv_cache_memory: int | None = Field(
-        default=None, ge=1, description="KV cache bytes (default on CPU: sized from the model and memory)"
-    )
-    host_cache_memory: int | None = Field(
-        default=None, ge=0, description="host memory for recently used sets (default: 10% of free, <= 4 GiB)"
-    )
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    api_key: str | None = Field(default=None, description="required on inference routes when set")
-    admin_key: str | None = Field(
-        default=None, description="required on admin routes; admin routes are off without it"
-    )
-    metrics_key: str | None = Field(
-        default=None, description="key for GET /metrics (the admin key works too); open without any key"
-    )
-    max_body_bytes: int = Field(
-        default=16 * 2**20, ge=1024, description="largest inference request body; larger ones get 413"
-    )
-    max_request_sequences: int = Field(
-        default=64, ge=1, description="most sequences (prompts x n) one request may ask for"
-    )
-    load_on_demand: bool = Field(
-        default=True, description="load a registered, not resident set on its first request"
-    )
-    max_queue: int = Field(
-        default=256, ge=1, description="most inference requests admitted at once; more get 429"
-    )
-    default_max_tokens: int = Field(default=256, ge=1, description="max_tokens when a request gives none")
-    max_model_len: int | None = Field(
-        default=None, ge=1, description="context length (default: the engine's)"
-    )
-    engine_args: dict[str, Any] = Field(
-        default_factory=dict, description="extra keyword arguments for the engine"
-    )
-
-    @model_validator(mode="after")
-    def _distinct_keys(self) -> ServerSettings:
-        keys = {"api_key": self.api_key, "admin_key": self.admin_key, "metrics_key": self.metrics_key}
-        given = [(n, k) for n, k in keys.items() if k is not None]
-        for i, (a, ka) in enumerate(given):
-            for b, kb in given[i + 1 :]:
-                if ka == kb:
-                    raise ValueError(
-                        f"{a} and {b} must differ (with equal keys, one grants the other's routes)"
-                    )
-        return self
-
-    @property
-    def model_name(self) -> str:
-        return self.served_name or self.base
-
 
 EngineFactory = Callable[[ServerSettings], Any]
 
@@ -239,7 +159,7 @@ class ServerState:
             catalog.base_names.add(self.settings.base)
             names = list(self.settings.expert_sets)
             if self.settings.all_sets:
-                names += [r.id for r in catalog.registered() if r.id not in names]
+                names += [str(r) for r in catalog.registered() if str(r) not in names]
             for name in names:  # fail fast, before the engine starts, on a name that cannot load
                 catalog.check(name)
             sized = await asyncio.to_thread(plan_start, self.settings, catalog, names)

@@ -131,11 +131,18 @@ class _Engine:
 
         self.settings = settings
         self.pool = SlotPool(base.moe_layers, base.num_experts, settings.slots, settings.max_sets)
+        self.digests: dict[str, str] = {}
 
     async def load(self, es, name=None, pin=False):
         m = es.manifest
         self.pool.place(name, m.experts, m.expert_digests, pinned=pin)
+        self.digests[name] = m.content_digest
         return name
+
+    def ref(self, name):
+        from expertlib.slots import SetRef
+
+        return SetRef(name, self.digests[name], self.pool.row_of(name))
 
     def pin(self, name, pinned=True):
         self.pool.pin(name, pinned)
@@ -216,12 +223,16 @@ def test_model_forms_task_version_tag_and_base_prefix(three_sets):
         got = [
             await catalog.resolve(m) for m in ("math", "math@1", "math@stable", "base:math", "./base:law@1")
         ]
-        assert got == ["math@1", "math@1", "math@1", "math@1", "law@1"]  # loaded on demand, once each
+        # loaded on demand, once each; one SetRef value per set (served name, registry version, set row)
+        assert [r.name for r in got] == ["math@1", "math@1", "math@1", "math@1", "law@1"]
+        assert got[0] == got[3] and got[0].version == 1 and got[4].set_row != got[0].set_row
+        assert got[0].digest == reg.resolve("math@1").content_digest
         assert await catalog.resolve("base") is None and await catalog.resolve("./base") is None
         with pytest.raises(NotFoundError, match="names the base 'other'"):
             await catalog.resolve("other:math")
         digest = reg.resolve("code@1").digest
-        assert await catalog.resolve(f"code@{digest[:15]}") == "code@1"  # a digest's colon is no base prefix
+        code = await catalog.resolve(f"code@{digest[:15]}")  # a digest's colon is no base prefix
+        assert code.name == "code@1"
 
     asyncio.run(run())
 
@@ -278,7 +289,7 @@ def test_requests_for_a_set_being_loaded_wait_for_that_one_load(three_sets):
         engine = Slow(type("S", (), {"slots": 20, "max_sets": 8})(), base)
         catalog = SetCatalog(engine, "./base", reg, registry_base=str(base_dir))
         got = await asyncio.gather(*(catalog.resolve(m) for m in ("math", "math@1", "math", "base:math")))
-        assert got == ["math@1"] * 4 and Slow.calls == 1
+        assert [r.name for r in got] == ["math@1"] * 4 and Slow.calls == 1
         off = SetCatalog(engine, "./base", reg, registry_base=str(base_dir), load_on_demand=False)
         with pytest.raises(Exception, match="registered but not loaded"):
             await off.resolve("code")

@@ -24,6 +24,7 @@ from expertlib.errors import EngineError, NotLoadedError
 from expertlib.registry import Registry
 from expertlib.server import ServerSettings, create_app
 from expertlib.server.backend import ServingEngine
+from expertlib.slots import SetRef
 from expertlib.testing import make_tokenizer
 
 API_KEY = "sk-test"
@@ -37,6 +38,7 @@ class FakeEngine:
     def __init__(self, delay: float = 0.0):
         self.tokenizer = make_tokenizer()
         self.sets: dict[str, bool] = {}  # name -> pinned
+        self.digests: dict[str, str] = {}  # name -> content digest of the set loaded under it
         self.aborted: list[str] = []
         self.salts: list[str | None] = []
         self.active: set[str] = set()
@@ -46,6 +48,7 @@ class FakeEngine:
     async def load(self, es, name=None, pin=False) -> str:
         name = name or es.manifest.task
         self.sets[name] = pin
+        self.digests[name] = es.manifest.content_digest
         return name
 
     async def unload(self, name):
@@ -68,20 +71,22 @@ class FakeEngine:
     def loaded_sets(self):
         return list(self.sets)
 
+    def ref(self, name):
+        if name not in self.sets:
+            raise NotLoadedError(f"{name} is not loaded")
+        return SetRef(name, self.digests[name], list(self.sets).index(name) + 1)
+
     @staticmethod
     def answer(prompt: list[int], expert_set: str | None, k: int, choice: int = 0) -> str:
         alphabet = "abcdefghijklmnopqrstuvwxyz"
         salt = sum(map(ord, expert_set or "base"))
         return alphabet[(sum(prompt) + salt + 7 * k + 3 * choice) % 26]
 
-    async def generate(self, prompt, sampling_params, request_id, expert_set):
-        if expert_set is not None and expert_set not in self.sets:
-            raise NotLoadedError(f"{expert_set} is not loaded")
-        if isinstance(prompt, dict):  # {"prompt_token_ids", "cache_salt"}: salted per expert set
-            self.salts.append(prompt.get("cache_salt"))
-            prompt = prompt["prompt_token_ids"]
-        else:
-            self.salts.append(None)
+    async def generate(self, prompt, sampling_params, request_id, expert_set: SetRef | None):
+        if expert_set is not None and self.digests.get(expert_set.name) != expert_set.digest:
+            raise NotLoadedError(f"{expert_set.name} is not loaded")
+        self.salts.append(expert_set.cache_salt if expert_set else None)  # the real engine salts with it
+        expert_set = expert_set.name if expert_set else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         sp = self.last_params = sampling_params
         texts = [""] * sp.n
@@ -602,7 +607,7 @@ def test_startup_loads_all_registered_sets_and_reports_failures(tmp_path):
 
     state = asyncio.run(start(ServerSettings(base="b", registry=str(tmp_path / "reg"), all_sets=True)))
     assert state.ready and sorted(state.engine.loaded_sets()) == ["code@1", "math@1", "math@2"]
-    assert asyncio.run(state.catalog.resolve("math")) == "math@2"  # a bare task: its latest loaded version
+    assert asyncio.run(state.catalog.resolve("math")).name == "math@2"  # a bare task: its latest loaded version
 
     state = asyncio.run(
         start(ServerSettings(base="b", registry=str(tmp_path / "reg"), expert_sets=["poetry"]))
@@ -620,7 +625,7 @@ def test_load_on_demand_loads_a_registered_set_on_first_use(tmp_path):
     reg.publish(_patch_file(tmp_path / "math.safetensors", "math"), tags=["stable"])
     engine = FakeEngine()
     catalog = SetCatalog(engine, "base", reg, load_on_demand=True)
-    assert asyncio.run(catalog.resolve("math@stable")) == "math@1"
+    assert asyncio.run(catalog.resolve("math@stable")).name == "math@1"
     assert engine.loaded_sets() == ["math@1"]
     assert asyncio.run(catalog.resolve("base")) is None
     with pytest.raises(NotFoundError):

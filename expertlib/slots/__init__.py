@@ -32,10 +32,11 @@ from expertlib.slots.hf import (
     slot_parameters,
     write_slot,
 )
-from expertlib.slots.pool import Placement, SlotPool
+from expertlib.slots.pool import Placement, SetRef, SlotPool
 
 __all__ = [
     "Placement",
+    "SetRef",
     "SlotPool",
     "active_sets",
     "install_slots",

@@ -1,7 +1,8 @@
 """The backend-neutral half of expert slots: which expert set occupies which slots and remap row.
 
 `SlotPool` is plain Python (no tensors): placement, dedup of identical experts by recomputed digest,
-LRU eviction and pinning. The transformers backend (`expertlib.slots.hf`, via `compose`) and the vLLM
+LRU eviction and pinning; `SetRef`, the value a request carries once its set is resolved. The
+transformers backend (`expertlib.slots.hf`, via `compose`) and the vLLM
 backend (`expertlib.vllm_plugin`, via `expertlib.engine`) both ask it where a set goes.
 """
 
@@ -20,15 +21,38 @@ class Placement:
     """Where `load` put an expert set."""
 
     name: str
-    set_index: int  # row of every layer's remap table
-    remap: dict[int, dict[int, int]]  # layer -> {expert: physical id (E + slot)}
+    set_row: int  # the set's row of every layer's remap table (0 is the base)
+    remap: dict[int, dict[int, int]]  # layer -> {expert: slot}
     fills: list[tuple[int, int, int]] = field(default_factory=list)  # (layer, slot, expert) to copy now
     evicted: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SetRef:
+    """One resident expert set as a request carries it, resolved once from the name the request gave
+    (vLLM's `LoRARequest` plays this part for adapters) and then passed as a value down to the engine,
+    which checks it (still resident, same tensors) instead of looking the name up again.
+
+    `digest` is the content digest of the tensors loaded under `name`, `set_row` the set's row of the
+    remap tables, `version` the registry version it was loaded from (None for a bare patch file or an
+    in-memory set)."""
+
+    name: str
+    digest: str
+    set_row: int
+    version: int | None = None
+
+    @property
+    def cache_salt(self) -> str:
+        """vLLM's prefix-cache salt for the set's requests: KV blocks computed under one set are never
+        reused by a request for another (the experts change every later key and value); sets with
+        identical tensors share blocks."""
+        return f"expertlib:{self.digest}"
+
+
 @dataclass
 class _Resident:
-    set_index: int
+    set_row: int
     slots: dict[int, dict[int, int]]  # layer -> {expert: slot}
     pinned: bool = False
 
@@ -56,17 +80,18 @@ class SlotPool:
     def __contains__(self, name: str) -> bool:
         return name in self._sets
 
-    def index_of(self, name: str) -> int:
+    def row_of(self, name: str) -> int:
+        """The set row of a resident set; NotLoadedError otherwise."""
         if name not in self._sets:
             raise NotLoadedError(
                 f"expert set {name!r} is not loaded", hint=f"loaded: {self.loaded() or 'none'}"
             )
-        return self._sets[name].set_index
+        return self._sets[name].set_row
 
     def remap_of(self, name: str) -> dict[int, dict[int, int]]:
-        self.index_of(name)
-        res = self._sets[name]
-        return {layer: {e: self.num_experts + s for e, s in m.items()} for layer, m in res.slots.items()}
+        """layer -> {expert: slot} of a resident set."""
+        self.row_of(name)
+        return {layer: dict(m) for layer, m in self._sets[name].slots.items()}
 
     def status(self) -> dict:
         used = {layer: self.slots_per_layer - len(free) for layer, free in self._free.items()}
@@ -78,7 +103,7 @@ class SlotPool:
             "slots_total": self.slots_per_layer * len(self.moe_layers),
             "sets": {
                 n: {
-                    "index": r.set_index,
+                    "set_row": r.set_row,
                     "pinned": r.pinned,
                     "experts": sum(len(m) for m in r.slots.values()),
                 }
@@ -93,7 +118,7 @@ class SlotPool:
             self._sets.move_to_end(name)
 
     def pin(self, name: str, pinned: bool = True) -> None:
-        self.index_of(name)
+        self.row_of(name)
         self._sets[name].pinned = pinned
 
     def place(
@@ -113,7 +138,7 @@ class SlotPool:
             self.touch(name)
             if pinned:
                 self._sets[name].pinned = True
-            return Placement(name, self._sets[name].set_index, self.remap_of(name))
+            return Placement(name, self._sets[name].set_row, self.remap_of(name))
         for layer, ids in expert_map.items():
             if layer not in self._free:
                 raise SlotError(f"expert set {name!r}: layer {layer} is not a MoE layer ({self.moe_layers})")
@@ -132,7 +157,7 @@ class SlotPool:
                 break
             victim = next((n for n, r in self._sets.items() if not r.pinned), None)
             if victim is None:
-                why = f"layers {sorted(short)} lack free slots" if short else "no free set index"
+                why = f"layers {sorted(short)} lack free slots" if short else "no free set row"
                 raise SlotError(
                     f"cannot load expert set {name!r}: {why} and every resident set is pinned",
                     hint="unpin or unload a set, or start with more --slots / --max-sets",
@@ -151,13 +176,13 @@ class SlotPool:
                     fills.append((layer, slot, e))
                 self._refs.setdefault((layer, slot), set()).add(name)
                 slots.setdefault(layer, {})[e] = slot
-        row = self._rows.pop(0)
-        self._sets[name] = _Resident(row, slots, pinned)
-        return Placement(name, row, self.remap_of(name), fills, evicted)
+        set_row = self._rows.pop(0)
+        self._sets[name] = _Resident(set_row, slots, pinned)
+        return Placement(name, set_row, self.remap_of(name), fills, evicted)
 
     def release(self, name: str) -> list[tuple[int, int]]:
         """Forget a set; returns the (layer, slot) pairs that became free."""
-        self.index_of(name)
+        self.row_of(name)
         res = self._sets.pop(name)
         freed = []
         for layer, m in res.slots.items():
@@ -170,7 +195,7 @@ class SlotPool:
                     self._free[layer].append(slot)
                     freed.append((layer, slot))
             self._free[layer].sort()
-        self._rows.append(res.set_index)
+        self._rows.append(res.set_row)
         self._rows.sort()
         return freed
 
@@ -199,4 +224,4 @@ class SlotPool:
         return short
 
 
-__all__ = ["Placement", "SlotPool"]
+__all__ = ["Placement", "SetRef", "SlotPool"]

@@ -1,0 +1,116 @@
+"""`ServerSettings`: everything a server is started with, described once. `expertlib serve` builds
+its options from these fields (type, bounds, default, description as help: `expertlib.cli.serve`),
+so the command line and the library never disagree. Sizes are bytes here; the command line also
+takes SIZE strings such as 4GiB."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class ServerSettings(BaseModel):
+    """Everything `expertlib serve` is started with."""
+
+    base: str = Field(description="base model folder or hub id")
+    served_name: str | None = Field(
+        default=None, description="the base model's `model` name (default: BASE as given)"
+    )
+    registry: str | None = Field(
+        default=None,
+        description="registry root to resolve expert sets in (default: $EXPERTLIB_REGISTRY or the "
+        "default registry, if it exists)",
+    )
+    expert_sets: list[str] = Field(
+        default_factory=list,
+        description="load this set before ready: task, task@version, task@tag or a .safetensors patch",
+    )
+    all_sets: bool = Field(default=False, description="load every registered set of this base before ready")
+    # None (library use only): the engine's default slot count
+    slots: int | Literal["auto"] | None = Field(
+        default="auto",
+        description="extra expert slots per MoE layer. auto: what the sets named at start need plus one "
+        "typical set, or --expert-memory divided by one slot's size. Start-up refuses (with the numbers) "
+        "sets that do not all fit",
+    )
+    expert_memory: int | None = Field(
+        default=None,
+        ge=1,
+        description="memory for expert slots, e.g. 4GiB (sets --slots auto to SIZE / one slot in every "
+        "MoE layer)",
+    )
+    max_sets: int | None = Field(
+        default=None, ge=1, description="most expert sets resident at once (default: sized)"
+    )
+    kv_cache_memory: int | None = Field(
+        default=None,
+        ge=1,
+        description="KV cache size, e.g. 2GiB (vLLM's kv_cache_memory_bytes). Default on CPU: room for "
+        "max-num-seqs sequences of max-model-len tokens, at most half the free memory after weights and "
+        "slots",
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=1,
+        description="context length in tokens (default: the model's, shortened on CPU if its KV cache "
+        "cannot fit)",
+    )
+    host_cache_memory: int | None = Field(
+        default=None,
+        ge=0,
+        description="host memory for recently used sets, so reloading an evicted set is a copy (default: "
+        "10% of free memory, at most 4GiB; 0 turns it off)",
+    )
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    api_key: str | None = Field(default=None, description="required on inference routes (Bearer)")
+    admin_key: str | None = Field(
+        default=None, description="enables admin routes and guards them (Bearer); they are off without it"
+    )
+    metrics_key: str | None = Field(
+        default=None,
+        description="key for GET /metrics (the admin key works too); /metrics is open only without any key",
+    )
+    max_request_sequences: int = Field(
+        default=64,
+        ge=1,
+        description="most sequences (prompts x n) one request may ask for; more get 400",
+    )
+    max_body_bytes: int = Field(
+        default=16 * 2**20,
+        ge=1024,
+        description="largest inference request body in bytes; larger ones get 413",
+    )
+    load_on_demand: bool = Field(
+        default=True,
+        description="load a registered set that is not resident when a request names it (evicting the "
+        "least recently used unpinned sets); requests for a set being loaded wait for it",
+    )
+    max_queue: int = Field(default=256, ge=1, description="requests admitted at once; more get 429")
+    default_max_tokens: int = Field(
+        default=256, ge=1, description="the max_tokens of a request that gives none"
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra vLLM engine argument, e.g. max_model_len=2048 or enforce_eager=true",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> ServerSettings:
+        keys = {"api_key": self.api_key, "admin_key": self.admin_key, "metrics_key": self.metrics_key}
+        given = [(n, k) for n, k in keys.items() if k is not None]
+        for i, (a, ka) in enumerate(given):
+            for b, kb in given[i + 1 :]:
+                if ka == kb:
+                    raise ValueError(
+                        f"{a} and {b} must differ (with equal keys, one grants the other's routes)"
+                    )
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_name or self.base
+
+
+__all__ = ["ServerSettings"]
