@@ -1,10 +1,22 @@
-"""`expertlib serve`: the OpenAI-compatible server over one base model and its expert sets."""
+"""`expertlib serve`: the OpenAI-compatible server over one base model and its expert sets.
+
+Every option is a field of `ServerSettings` (expertlib/server/settings.py): `setting(...)` takes the
+option's type, bounds, default and help from the field, as `config_options` does for `train`; what a
+field cannot say (a flag's spelling, SIZE strings, environment variables) is given beside it here.
+"""
 
 from __future__ import annotations
 
 import json
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
 
 import click
+from pydantic_core import PydanticUndefined
+
+from expertlib.server.settings import ServerSettings
 
 
 def _size(ctx, param, value: str | None) -> int | None:
@@ -39,98 +51,66 @@ def _engine_arg(ctx, param, values: tuple[str, ...]) -> dict:
     return out
 
 
+def setting(name: str, *decls: str, **overrides: Any) -> Callable:
+    """A click option for field `name` of ServerSettings: `--field-name` (or `decls`), the field's
+    type (bounds as an IntRange, a bool as a flag, a list as a repeatable option), its default and its
+    description as help; `overrides` are passed to click.option last."""
+    info = ServerSettings.model_fields[name]
+    annotation = info.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]  # `int | None` -> int
+    flag = decls[0] if decls else "--" + name.replace("_", "-")
+    default = None if info.default in (PydanticUndefined, None) else info.default
+    kw: dict[str, Any] = {"default": default, "show_default": default is not None}
+    if info.description:
+        kw["help"] = info.description[0].upper() + info.description[1:] + "."
+    if annotation is bool:
+        kw["show_default"] = default is True
+        if default is True:
+            flag = f"{flag}/--no-{flag[2:]}"
+        else:
+            kw["is_flag"] = True
+    elif typing.get_origin(annotation) is list:
+        kw.update(multiple=True, default=None, show_default=False)
+    elif annotation is int:
+        bounds = {k: getattr(m, k) for m in info.metadata for k in ("ge", "le") if hasattr(m, k)}
+        kw["type"] = click.IntRange(min=bounds.get("ge"), max=bounds.get("le")) if bounds else click.INT
+    elif annotation is str:
+        kw["type"] = click.STRING
+    kw.update(overrides)
+    if kw.get("multiple") and "help" in kw:
+        kw["help"] = kw["help"].rstrip(".") + " (repeatable)."
+    return click.option(flag, name, **kw)
+
+
+_SIZE = dict(callback=_size, metavar="SIZE", type=click.STRING)
+
+
 @click.command("serve")
 @click.argument("base")
-@click.option("--registry", "registry", metavar="DIR", help="Registry root to resolve expert sets in.")
-@click.option(
-    "--expert-set",
-    "expert_sets",
-    multiple=True,
-    metavar="NAME",
-    help="Load this set before ready: task, task@version, task@tag or a .safetensors patch (repeatable).",
-)
-@click.option("--all", "all_sets", is_flag=True, help="Load every registered set of this base before ready.")
-@click.option(
-    "--slots",
-    default="auto",
-    show_default=True,
-    callback=_slots,
-    metavar="auto|N",
-    help="Extra expert slots per MoE layer. auto: what the sets named at start need plus one typical "
-    "set, or --expert-memory divided by one slot's size. Start-up refuses (with the numbers) sets that "
-    "do not all fit.",
-)
-@click.option(
-    "--expert-memory",
-    callback=_size,
-    metavar="SIZE",
-    help="Memory for expert slots, e.g. 4GiB (sets --slots auto to SIZE / one slot in every MoE layer).",
-)
-@click.option(
-    "--max-sets", type=click.IntRange(min=1), help="Most expert sets resident at once (default: sized)."
-)
-@click.option(
-    "--kv-cache-memory",
-    callback=_size,
-    metavar="SIZE",
-    help="KV cache size, e.g. 2GiB (vLLM's kv_cache_memory_bytes). Default on CPU: room for max-num-seqs "
-    "sequences of max-model-len tokens, at most half the free memory after weights and slots.",
-)
-@click.option(
-    "--max-model-len",
-    type=click.IntRange(min=16),
-    help="Context length in tokens (default: the model's, shortened on CPU if its KV cache cannot fit).",
-)
-@click.option(
-    "--host-cache-memory",
-    callback=_size,
-    metavar="SIZE",
-    help="Host memory for recently used sets, so reloading an evicted set is a copy (default: 10% of "
-    "free memory, at most 4GiB; 0 turns it off).",
-)
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--api-key", envvar="EXPERTLIB_API_KEY", help="Required on inference routes (Bearer).")
-@click.option(
-    "--admin-key", envvar="EXPERTLIB_ADMIN_KEY", help="Enables admin routes and guards them (Bearer)."
-)
-@click.option(
-    "--metrics-key",
-    envvar="EXPERTLIB_METRICS_KEY",
-    help="Key for GET /metrics (the admin key works too); /metrics is open only without any key.",
-)
-@click.option(
-    "--max-request-sequences",
-    type=click.IntRange(min=1),
-    help="Most sequences (prompts x n) one request may ask for; more get 400 (default 64).",
-)
-@click.option(
-    "--max-body-bytes",
-    type=click.IntRange(min=1024),
-    help="Largest inference request body in bytes; larger ones get 413 (default 16 MiB).",
-)
-@click.option(
-    "--load-on-demand/--no-load-on-demand",
-    default=True,
-    show_default=True,
-    help="Load a registered set that is not resident when a request names it (evicting the least "
-    "recently used unpinned sets); requests for a set being loaded wait for it.",
-)
-@click.option(
-    "--max-queue",
-    default=256,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Requests admitted at once; more get 429.",
-)
-@click.option("--served-name", help="The base model's `model` name (default: BASE as given).")
-@click.option(
-    "--engine-arg",
-    "engine_args",
-    multiple=True,
-    callback=_engine_arg,
-    metavar="KEY=VALUE",
-    help="Extra vLLM engine argument, e.g. max_model_len=2048 or enforce_eager=true (repeatable).",
+@setting("registry", metavar="DIR")
+@setting("expert_sets", "--expert-set", metavar="NAME")
+@setting("all_sets", "--all")
+@setting("slots", callback=_slots, metavar="auto|N", type=click.STRING)
+@setting("expert_memory", **_SIZE)
+@setting("max_sets")
+@setting("kv_cache_memory", **_SIZE)
+@setting("max_model_len", type=click.IntRange(min=16))
+@setting("host_cache_memory", **_SIZE)
+@setting("host")
+@setting("port")
+@setting("api_key", envvar="EXPERTLIB_API_KEY")
+@setting("admin_key", envvar="EXPERTLIB_ADMIN_KEY")
+@setting("metrics_key", envvar="EXPERTLIB_METRICS_KEY")
+@setting("max_request_sequences")
+@setting("max_body_bytes")
+@setting("load_on_demand")
+@setting("max_queue")
+@setting("default_max_tokens")
+@setting("served_name")
+@setting(
+    "engine_args", "--engine-arg", callback=_engine_arg, metavar="KEY=VALUE", type=click.STRING, multiple=True
 )
 def serve_cmd(base: str, **opts) -> None:
     """Serve BASE and its expert sets with an OpenAI-compatible API.

@@ -68,3 +68,26 @@ def test_serve_exits_with_a_clear_error_when_a_set_cannot_load(tmp_path):
     res = CliRunner().invoke(cli, [*argv, "--port", "0"])
     assert res.exit_code == 2, res.output
     assert "no expert set named 'typo'" in res.output
+
+
+def test_every_setting_is_an_option_with_the_fields_default_and_help(monkeypatch):
+    """`expertlib serve`'s options are generated from ServerSettings: one per field, the field's
+    description as help, and with no options given the settings equal the model's own defaults."""
+    from expertlib.cli.serve import serve_cmd
+    from expertlib.server import ServerSettings
+
+    params = {p.name: p for p in serve_cmd.params}
+    for name, info in ServerSettings.model_fields.items():
+        assert name in params, f"ServerSettings.{name} has no `expertlib serve` option"
+        if name != "base":
+            assert params[name].help.lower().startswith(info.description.lower()[:30]), name
+    seen = {}
+    monkeypatch.setattr("expertlib.server.serve", lambda settings: seen.setdefault("s", settings))
+    res = CliRunner().invoke(cli, ["serve", "./base"], env={k: None for k in _KEY_ENV})
+    assert res.exit_code == 0, res.output
+    assert seen["s"] == ServerSettings(base="./base")
+    res = CliRunner().invoke(cli, ["serve", "./base", "--port", "70000"])
+    assert res.exit_code == 2 and "65535" in res.output  # the field's bounds (le=65535) reach the CLI
+
+
+_KEY_ENV = ("EXPERTLIB_API_KEY", "EXPERTLIB_ADMIN_KEY", "EXPERTLIB_METRICS_KEY")
