@@ -43,6 +43,9 @@ def config_options(model: type, fields: Sequence[str]) -> Callable:
     def option(name: str) -> Callable:
         info = model.model_fields[name]
         annotation = info.annotation
+        optional = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(optional) == 1 and len(typing.get_args(annotation)) == 2:  # `X | None`: an X or nothing
+            annotation = optional[0]
         flag = "--" + name.replace("_", "-")
         kw: dict[str, Any] = {"default": info.default, "show_default": True}
         if info.description:

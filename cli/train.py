@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from expertlib.cli.output import config_options, emit, json_option, print_table
+from expertlib.esft.pipeline import DataConfig, RuntimeConfig, SelectionConfig
 from expertlib.esft.training import TrainConfig
 
 _BUDGET_HELP = "Token budget of the scoring sample (paper: 131072); 0 scores every token."
@@ -25,11 +26,7 @@ def _print_plan(plan, capacity: int, where: str) -> None:
     )
 
 
-_WEIGHTING_HELP = (
-    "paper: every sequence weighs the same (1/L_j, the paper's formula); reference: all tokens "
-    "pooled, scores per layer divided by the token count and rounded to 4 decimals, as the "
-    "deepseek-ai/ESFT code (reproduces its expert configs)."
-)
+_WEIGHTING_HELP = SelectionConfig.model_fields["weighting"].description + "."
 
 
 @click.command("score")
@@ -209,56 +206,28 @@ def select_cmd(
 @click.argument("data", type=click.Path(dir_okay=False))
 @click.option("--task", required=True, help="Task name recorded in the patch.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Patch to write [TASK.safetensors].")
-@click.option("--score", type=click.Choice(["token", "gate"]), default="token", show_default=True)
-@click.option("--top-p", type=float, default=None, help="Selection threshold (default 0.2 token, 0.1 gate).")
-@click.option("--max-per-layer", type=int, default=None, help="Cap on selected experts per layer.")
+@config_options(SelectionConfig, ["score", "top_p", "max_per_layer"])
 @click.option("--experts", type=click.Path(exists=True, dir_okay=False), help="Use this expert_cfg.json.")
 @click.option("--budget", type=int, default=131072, show_default=True, help=_BUDGET_HELP)
 @click.option("--answer-only", is_flag=True, help="Score on answer tokens only.")
-@click.option(
-    "--weighting",
-    type=click.Choice(["paper", "reference"]),
-    default="paper",
-    show_default=True,
-    help=_WEIGHTING_HELP,
-)
-@click.option("--train-shared-experts", is_flag=True, help="Also train shared experts (ablation).")
-@click.option(
-    "--train-non-expert-modules", is_flag=True, help="Also train attention/norms/embeddings (ablation)."
-)
+@config_options(SelectionConfig, ["weighting", "train_shared_experts", "train_non_expert_modules"])
 @config_options(
     TrainConfig,
     ["lr", "steps", "batch_size", "grad_accum", "warmup_steps", "schedule", "weight_decay", "dtype"]
     + ["master_dtype", "gradient_checkpointing", "seed"],
 )
-@click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
-@click.option(
-    "--device-map",
-    default=None,
-    help="Spread the frozen base over all GPUs with accelerate (auto, balanced) instead of --device.",
-)
-@click.option(
-    "--max-length", type=int, default=2048, show_default=True, help="Longer samples: see --too-long."
-)
-@click.option(
-    "--too-long",
-    type=click.Choice(["error", "truncate", "skip"]),
-    default="error",
-    show_default=True,
-    help="What to do with samples longer than --max-length.",
-)
-@click.option("--pack", is_flag=True, help="Pack samples into rows of --max-length tokens.")
-@click.option(
-    "--holdout", type=float, default=0.0, show_default=True, help="Fraction held out for eval loss."
-)
+@config_options(RuntimeConfig, ["device", "device_map"])
+@config_options(DataConfig, ["max_length", "too_long", "pack", "holdout"])
 @click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), help="Held-out jsonl instead.")
 @config_options(TrainConfig, ["eval_every", "early_stop"])
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), help="Write resumable checkpoints here.")
 @config_options(TrainConfig, ["checkpoint_every"])
-@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
+@config_options(RuntimeConfig, ["resume"])
 @click.option("--general", default=None, help=_GENERAL_HELP)
 @json_option
-def train_cmd(base, data, task, out, score, top_p, max_per_layer, experts, budget, answer_only, **kw) -> None:
+def train_cmd(
+    base, data, task, out, experts, budget, answer_only, eval_data, checkpoint_dir, general, as_json, **kw
+):
     """Train only the task's experts of BASE on DATA (jsonl) and write an expert-set patch.
 
     Scores and selects the experts unless --experts gives a selection. With --general, reports
@@ -272,11 +241,13 @@ def train_cmd(base, data, task, out, score, top_p, max_per_layer, experts, budge
 
     Example: expertlib train ./base math.jsonl --task math --score gate --top-p 0.1 --steps 200
     """
-    from expertlib.esft.training import TrainConfig, train_esft
+    from expertlib.esft.pipeline import train_esft
 
-    as_json = kw.pop("as_json")
-    general = kw.pop("general", None)
+    def group(model):  # the options generated from `model`'s fields, as that model
+        return {k: kw.pop(k) for k in list(kw) if k in model.model_fields}
+
     risk = {}
+    on_selection = None
     if general:
         from expertlib.esft.diagnostics import check_retention
 
@@ -286,22 +257,27 @@ def train_cmd(base, data, task, out, score, top_p, max_per_layer, experts, budge
             risk["r"] = check_retention(model, load_tokenizer(base), selection, general)
             click.echo(risk["r"].message(), err=True)
 
-        kw["on_selection"] = on_selection
-    config = TrainConfig(**{k: kw.pop(k) for k in list(kw) if k in TrainConfig.model_fields})
-    kw["on_plan"] = _print_plan
+    selection = SelectionConfig(
+        experts=experts,
+        token_budget=budget or None,
+        count_prompt_tokens=not answer_only,
+        **group(SelectionConfig),
+    )
+    config = TrainConfig(**group(TrainConfig))
+    data_config = DataConfig(eval_data=eval_data, **group(DataConfig))
+    runtime = RuntimeConfig(checkpoint_dir=checkpoint_dir, **group(RuntimeConfig))
+    assert not kw, f"options without a config group: {sorted(kw)}"
     es = train_esft(
         base,
         data,
         task=task,
         out=out or f"{task}.safetensors",
-        score=score,
-        top_p=top_p,
-        max_per_layer=max_per_layer,
-        experts=experts,
-        token_budget=budget or None,
-        count_prompt_tokens=not answer_only,
+        selection=selection,
         config=config,
-        **kw,
+        data_config=data_config,
+        runtime=runtime,
+        on_selection=on_selection,
+        on_plan=_print_plan,
     )
     from expertlib.esft.distributed import context
 

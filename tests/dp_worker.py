@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import sys
 
-from expertlib.esft.training import TrainConfig, train_esft
+from expertlib.esft.pipeline import RuntimeConfig, SelectionConfig, train_esft
+from expertlib.esft.training import TrainConfig
 
 
 def main(base: str, data: str, experts: str, out: str, batch: int) -> None:
     config = TrainConfig(lr=3e-3, steps=3, batch_size=batch, grad_accum=2, max_grad_norm=1.0, seed=1)
-    train_esft(base, data, task="dp", out=out, experts=experts, config=config, device="cpu", progress=False)
+    train_esft(
+        base,
+        data,
+        task="dp",
+        out=out,
+        selection=SelectionConfig(experts=experts),
+        config=config,
+        runtime=RuntimeConfig(device="cpu", progress=False),
+    )
 
 
 if __name__ == "__main__":

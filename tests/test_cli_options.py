@@ -32,3 +32,20 @@ def test_generated_options_parse_into_the_config():
     assert (cfg.lr, cfg.schedule, cfg.gradient_checkpointing) == (0.003, "constant", True)
     bad = CliRunner().invoke(cmd, ["--schedule", "exponential"])
     assert bad.exit_code == 2 and "exponential" in bad.output
+
+
+def test_every_pipeline_setting_is_a_train_option():
+    """Each field of train_esft's setting groups reaches `expertlib train`: generated from the field
+    (same name, default and help) or one of the few hand-written options that read it differently."""
+    from expertlib.esft.pipeline import DataConfig, RuntimeConfig, SelectionConfig
+
+    by_hand = {"experts", "token_budget", "count_prompt_tokens", "eval_data", "checkpoint_dir", "progress"}
+    opts = {p.name: p for p in cli.commands["train"].params if isinstance(p, click.Option)}
+    for group in (SelectionConfig, DataConfig, RuntimeConfig):
+        for name, field in group.model_fields.items():
+            if name in by_hand:
+                continue
+            assert name in opts, f"{group.__name__}.{name} has no --{name.replace('_', '-')} option"
+            assert opts[name].default == field.default, name
+            assert field.description.split()[0].lower() in opts[name].help.lower(), name
+    assert opts["top_p"].type == click.FLOAT  # `float | None`: a float, or left out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from expertlib.apply import apply_expert_set, changed_experts
@@ -109,6 +110,47 @@ def test_train_scores_and_selects_itself(tmp_path, tiny_model_dir, data):
     assert (p.method, p.score_function, p.top_p) == ("esft-token", "token", 0.2)
     assert p.tokens_scored > 0 and p.count_prompt_tokens is True and p.final_eval_loss is not None
     assert p.trainable_params > 0 and set(p.extra["scores"]) == {"0", "1"}
+
+
+def test_python_api_trains_what_the_cli_trains(tmp_path, tiny_model_dir, data):
+    """`train_esft` with its grouped settings and `expertlib train` with the same options: the same patch."""
+    from expertlib.esft.pipeline import DataConfig, RuntimeConfig, SelectionConfig, train_esft
+    from expertlib.esft.training import TrainConfig
+
+    base = tiny_model_dir("qwen2_moe")
+    res = run(
+        "train", base, data, "--task", "say", "--score", "gate", "--top-p", 0.3, "--budget", 0, "--answer-only",
+        "--steps", 2, "--lr", 1e-3, "--batch-size", 4, "--holdout", 0.25, "--device", "cpu",
+        "--out", tmp_path / "cli.safetensors",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    es = train_esft(
+        base,
+        data,
+        task="say",
+        out=tmp_path / "api.safetensors",
+        selection=SelectionConfig(score="gate", top_p=0.3, count_prompt_tokens=False),
+        config=TrainConfig(steps=2, lr=1e-3, batch_size=4),
+        data_config=DataConfig(holdout=0.25),
+        runtime=RuntimeConfig(device="cpu", progress=False),
+    )
+    cli_es = ExpertSet.open(tmp_path / "cli.safetensors")
+    assert (
+        es.manifest.provenance.method == "esft-gate" and es.manifest.provenance.count_prompt_tokens is False
+    )
+    assert es.manifest.experts == cli_es.manifest.experts
+    for name, t in cli_es.tensors.items():  # equal up to the summation order of multithreaded kernels
+        torch.testing.assert_close(es.tensors[name], t, rtol=1e-5, atol=1e-6)
+
+
+def test_pipeline_settings_refuse_unknown_fields():
+    from pydantic import ValidationError
+
+    from expertlib.esft.pipeline import DataConfig, RuntimeConfig, SelectionConfig
+
+    for group, field in ((SelectionConfig, "topp"), (DataConfig, "max_len"), (RuntimeConfig, "gpu")):
+        with pytest.raises(ValidationError, match=field):
+            group(**{field: 1})
 
 
 def test_bad_data_fails_cleanly(tmp_path, tiny_model_dir):

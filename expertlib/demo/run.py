@@ -6,7 +6,7 @@ Steps, each printed as it happens:
 1. install the shipped demo base (digest-checked; pretrained on the general tasks of three
    domains) and measure how its experts specialise (`expertlib.esft.diagnostics`);
 2. for each specialised task, write its training data (jsonl) and train an ESFT expert set
-   (`expertlib.esft.training.train_esft`: score, select top-p, train only the selected experts),
+   (`expertlib.esft.pipeline.train_esft`: score, select top-p, train only the selected experts),
    printing the retention risk of the selection against the built-in general set;
 3. publish the sets to the registry (default: `$EXPERTLIB_REGISTRY`) and draw the expert-overlap
    heatmap (`registry diff --plot`);
@@ -115,7 +115,8 @@ def train_task_set(
     base: str | Path, task: str, workdir: Path, s: DemoSettings, *, log: Callable[[str], None] = print
 ) -> tuple[Path, dict[str, Any]]:
     """Write `task`'s training data and train its ESFT expert set; returns (patch path, summary)."""
-    from expertlib.esft.training import TrainConfig, train_esft
+    from expertlib.esft.pipeline import RuntimeConfig, SelectionConfig, train_esft
+    from expertlib.esft.training import TrainConfig
 
     split = get_task(task).split(n_train=s.n_train, n_eval=s.n_eval, seed=s.seed)
     data = write_jsonl(split.train, workdir / "data" / f"{task}.jsonl")
@@ -134,15 +135,14 @@ def train_task_set(
         data,
         task=task,
         out=out,
-        score=s.score,
-        top_p=s.top_p,
+        description=f"demo: {get_task(task).description}",
+        selection=SelectionConfig(
+            score=s.score, top_p=s.top_p, token_budget=20_000, count_prompt_tokens=not s.answer_only
+        ),
         config=TrainConfig(
             lr=s.lr, steps=s.steps, batch_size=s.batch_size, warmup_steps=min(20, s.steps // 10), seed=s.seed
         ),
-        token_budget=20_000,
-        count_prompt_tokens=not s.answer_only,
-        description=f"demo: {get_task(task).description}",
-        progress=s.progress,
+        runtime=RuntimeConfig(progress=s.progress),
         on_selection=check_risk,
     )
     m = es.manifest

@@ -15,6 +15,9 @@ selected ones to their slots.
 The paper's ablations (`ExpertConfig.shared_experts`, `.non_expert_modules`) make ordinary
 parameters trainable too; they travel in the patch as extra params. Those change `model`
 in place; routed experts of the base never do.
+
+The whole run from a base folder and a jsonl file (score, select, plan, train, write) is
+`expertlib.esft.pipeline.train_esft`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -32,14 +34,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from expertlib.devices import input_device, resolve_device, torch_dtype
+from expertlib.devices import input_device, torch_dtype
 from expertlib.errors import SelectionError
 from expertlib.esft import distributed
 from expertlib.esft.data import IGNORE_INDEX, Sample, collate
-from expertlib.esft.memory_plan import MemoryPlan, ModelShape, plan_training
 from expertlib.esft.selection import ExpertConfig
 from expertlib.esft.state import TrainingState, has_training_state, load_training_state, save_training_state
-from expertlib.identity import BaseIdentity, load_config
+from expertlib.identity import BaseIdentity
 from expertlib.moe import (
     ExpertWeights,
     arch_spec,
@@ -496,247 +497,3 @@ def _key_config(config: TrainConfig) -> dict:
     return config.model_dump(
         mode="json", exclude={"eval_every", "checkpoint_every", "gradient_checkpointing"}
     )
-
-
-# --- the whole pipeline (`expertlib train`) -----------------------------------------------------------
-
-
-def train_esft(
-    base: str | Path,
-    data: str | Path,
-    *,
-    task: str,
-    out: str | Path | None = None,
-    score: Literal["token", "gate"] = "token",
-    top_p: float | None = None,
-    max_per_layer: int | None = None,
-    experts: str | Path | ExpertConfig | None = None,
-    train_shared_experts: bool = False,
-    train_non_expert_modules: bool = False,
-    config: TrainConfig | None = None,
-    max_length: int = 2048,
-    too_long: Literal["error", "truncate", "skip"] = "error",
-    pack: bool = False,
-    holdout: float = 0.0,
-    eval_data: str | Path | None = None,
-    token_budget: int | None = None,
-    count_prompt_tokens: bool = True,
-    weighting: Literal["paper", "reference"] = "paper",
-    checkpoint_dir: str | Path | None = None,
-    resume: bool = False,
-    description: str = "",
-    progress: bool = True,
-    on_selection: Callable[[nn.Module, ExpertConfig, Sequence[Sample]], None] | None = None,
-    device: str = "auto",
-    device_map: str | None = None,
-    on_plan: Callable[[MemoryPlan, int, str], None] | None = None,
-) -> ExpertSet:
-    """Score, select and train one task's experts on a base model; return (and save) the patch.
-
-    `on_selection(model, selection, train_samples)` runs after selection, before training (the
-    CLI's retention-risk check, `expertlib.esft.diagnostics`); it must leave the model unchanged.
-
-    Without `experts`, the routed experts are scored on the training split (ESFT-`score`,
-    `token_budget` tokens; None = all) and selected with the top-p rule (`top_p` defaults to
-    the paper's 0.2 for token, 0.1 for gate). `weighting` is the scoring's ("paper" or the
-    reference code's pooled "reference", `expertlib.esft.scoring`). The patch is written atomically to `out`.
-
-    `device` (auto, cpu, cuda, cuda:N) is where the model runs, loaded in `config.dtype`;
-    `device_map` ("auto", "balanced", ...) spreads the frozen base over all GPUs with accelerate
-    instead. Before loading, and again once the selection is known, the memory plan
-    (`expertlib.esft.memory_plan`) is passed to `on_plan(plan, capacity_bytes, device)` and checked:
-    a run that cannot fit raises DeviceError with suggestions. Under torchrun / accelerate
-    launch the processes train data-parallel (`expertlib.esft.distributed`); rank 0 writes the patch.
-    """
-    from expertlib.esft.data import data_digest, load_samples, load_tokenizer, pad_token_id, split_holdout
-    from expertlib.esft.scoring import score_experts
-    from expertlib.esft.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
-    from expertlib.identity import base_identity
-    from expertlib.moe import load_model
-
-    config = config or TrainConfig()
-    dev = resolve_device(device)
-    dist = distributed.init(dev)
-    base_cfg = load_config(base)
-    shape = ModelShape.from_config(base_cfg)
-    guess = ExpertConfig.load(experts) if isinstance(experts, (str, Path)) else experts
-    planned = partial(
-        _check_plan,
-        base_cfg,
-        shape=shape,
-        config=config,
-        device=dev,
-        device_map=device_map,
-        on_plan=on_plan,
-        extra=train_shared_experts or train_non_expert_modules,
-    )
-    tok = load_tokenizer(base)  # data before the model: bad data fails fast, the plan knows the lengths
-    pad = pad_token_id(tok)
-    digest = data_digest(data)
-    samples = load_samples(data, tok, max_length=max_length, too_long=too_long, pack=pack)
-    if eval_data is not None:
-        train_s = samples
-        eval_s = load_samples(eval_data, tok, max_length=max_length, too_long=too_long, pack=pack)
-    else:
-        train_s, eval_s = split_holdout(samples, holdout, config.seed)
-    longest = min(max_length, max(len(x) for x in train_s))  # a batch pads to its longest sample
-    if guess is not None:
-        planned(guess.num_experts, longest)
-    else:  # selection unknown until scoring: assume a quarter of each layer (ESFT trains 5-15%)
-        per_layer = min(
-            shape.num_experts, max_per_layer or max(shape.top_k, math.ceil(shape.num_experts / 4))
-        )
-        planned(per_layer * len(shape.moe_layers), longest)
-    patch_dtype = checkpoint_dtype(base_cfg)
-    kw = (
-        {"device_map": device_map}
-        if device_map
-        else {"device_map": {"": str(dev)}}
-        if dev.type != "cpu"
-        else {}
-    )
-    model = load_model(base, dtype=torch_dtype(config.dtype), **kw)
-    ident = base_identity(model, name=str(base))
-    prov = Provenance(data_digest=digest, extra={"data_path": str(data)})
-    if experts is None:
-        p = top_p if top_p is not None else DEFAULT_TOP_P[score]
-        scores = score_experts(
-            model,
-            train_s,
-            pad_id=pad,
-            token_budget=token_budget,
-            batch_size=config.batch_size,
-            count_prompt_tokens=count_prompt_tokens,
-            seed=config.seed,
-            data_digest=digest,
-            base=ident,
-            progress=progress,
-            weighting=weighting,
-        )
-        selection = select_experts(
-            scores.of(score),
-            p,
-            max_per_layer=max_per_layer,
-            shared_experts=train_shared_experts,
-            non_expert_modules=train_non_expert_modules,
-            eps=0.0 if weighting == "reference" else DEFAULT_EPS,
-        )
-        prov = prov.model_copy(
-            update=dict(
-                method=f"esft-{score}",
-                score_function=score,
-                top_p=p,
-                max_experts_per_layer=max_per_layer,
-                token_budget=token_budget,
-                tokens_scored=scores.tokens_scored,
-                count_prompt_tokens=count_prompt_tokens,
-                extra={
-                    **prov.extra,
-                    "weighting": weighting,
-                    "scores": {str(k): [round(x, 6) for x in v] for k, v in scores.of(score).items()},
-                },
-            )
-        )
-    else:
-        selection = experts if isinstance(experts, ExpertConfig) else ExpertConfig.load(experts)
-        selection = selection.model_copy(
-            update=dict(
-                shared_experts=selection.shared_experts or train_shared_experts,
-                non_expert_modules=selection.non_expert_modules or train_non_expert_modules,
-            )
-        )
-        prov = prov.model_copy(
-            update=dict(method="esft", extra={**prov.extra, "selection_from": str(experts)})
-        )
-    if on_selection is not None:
-        on_selection(model, selection, train_s)
-    moe_sel = [layer for layer, ids in selection.experts.items() if ids]
-    planned(
-        selection.num_experts,
-        longest,
-        first_trained_layer=min(moe_sel) if moe_sel else None,
-    )
-    run_key = {
-        "data_digest": digest,
-        "eval_data": data_digest(eval_data) if eval_data is not None else holdout,
-        "base": ident.config_digest,
-        "max_length": max_length,
-        "pack": pack,
-    }
-    result = train_experts(
-        model,
-        train_s,
-        selection,
-        config,
-        pad_id=pad,
-        eval_samples=eval_s,
-        checkpoint_dir=checkpoint_dir,
-        resume=resume,
-        run_key=run_key,
-        progress=progress,
-    )
-    prov.extra["eval_losses"] = [[s, round(v, 6)] for s, v in result.eval_losses]
-    if next(model.parameters()).dtype != patch_dtype:
-        _digests_from_checkpoint(base, result.trainable)
-    es = result.expert_set(task=task, base=ident, provenance=prov, dtype=patch_dtype, description=description)
-    if out is not None and dist.is_main:
-        es.save(out)
-    distributed.barrier()
-    return es
-
-
-def checkpoint_dtype(config) -> torch.dtype:
-    """The dtype the base is stored in (the patch's dtype); float32 when the config names none."""
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(d, str):
-        d = getattr(torch, d, None)
-    return d if isinstance(d, torch.dtype) else torch.float32
-
-
-def _check_plan(
-    base_cfg,
-    trained_experts: int,
-    seq_len: int,
-    *,
-    shape: ModelShape,
-    config: TrainConfig,
-    device: torch.device,
-    device_map: str | None,
-    on_plan: Callable[[MemoryPlan, int, str], None] | None,
-    extra: bool,
-    first_trained_layer: int | None = None,
-) -> MemoryPlan:
-    """Plan the run's memory, report it, and refuse it when it cannot fit the device(s)."""
-    from expertlib.devices import device_capacity
-
-    plan = plan_training(
-        base_cfg,
-        trained_experts=trained_experts,
-        batch_size=config.batch_size,
-        seq_len=seq_len,
-        dtype=config.dtype,
-        master_dtype=config.master_dtype,
-        gradient_checkpointing=config.gradient_checkpointing,
-        first_trained_layer=0 if extra else first_trained_layer,
-        shape=shape,
-    )
-    if device_map and torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        capacity, where = sum(device_capacity(f"cuda:{i}") for i in range(n)), f"{n} GPUs"
-    else:
-        capacity, where = device_capacity(device), str(device)
-    if on_plan is not None:
-        on_plan(plan, capacity, where)
-    plan.check(capacity, device=where)
-    return plan
-
-
-def _digests_from_checkpoint(base: str | Path, trainable: Trainable) -> None:
-    """Base digests as stored on disk, when the base was loaded in another dtype (e.g. fp32 -> bf16)."""
-    from expertlib.checkpoint import BaseCheckpoint
-
-    if not Path(base).is_dir():
-        return  # a hub id: the digests of the loaded (cast) weights stand
-    ck = BaseCheckpoint(base)
-    trainable.base_digests = {key: ck.expert_digest(*key) for key in trainable.base_digests}
-    trainable.base_param_digests = {n: tensor_digest(ck.tensor(n)) for n in trainable.base_param_digests}

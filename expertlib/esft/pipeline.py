@@ -1,0 +1,324 @@
+"""The whole ESFT run (`expertlib train`): read the data, score, select, plan memory, train, write the patch.
+
+`train_esft` takes its settings in four groups, each a pydantic model with a description per
+field (the CLI's options are generated from them, as they are from `TrainConfig`):
+
+    DataConfig       how the task's jsonl becomes samples (length limit, packing, held-out data)
+    SelectionConfig  which experts train: scored (ESFT-Token / ESFT-Gate, top-p) or given
+    TrainConfig      the optimisation (`expertlib.esft.training`)
+    RuntimeConfig    where the run executes and how it can be resumed; not what it trains
+
+    es = train_esft(
+        "./base", "math.jsonl", task="math", out="math.safetensors",
+        selection=SelectionConfig(score="gate", top_p=0.1),
+        config=TrainConfig(lr=1e-4, steps=200),
+        data_config=DataConfig(max_length=1024, holdout=0.05),
+        runtime=RuntimeConfig(device="cuda", checkpoint_dir="ckpt"),
+    )
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from expertlib.devices import resolve_device, torch_dtype
+from expertlib.esft import distributed
+from expertlib.esft.data import Sample, TooLong
+from expertlib.esft.memory_plan import MemoryPlan, ModelShape, plan_training
+from expertlib.esft.selection import ExpertConfig
+from expertlib.esft.training import Trainable, TrainConfig, train_experts
+from expertlib.identity import load_config
+from expertlib.moe import tensor_digest
+from expertlib.patch import ExpertSet, Provenance
+
+
+class DataConfig(BaseModel):
+    """How the task's jsonl becomes training (and held-out) samples (`expertlib.esft.data`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_length: int = Field(default=2048, description="longer samples: see --too-long")
+    too_long: TooLong = Field(default="error", description="what to do with samples longer than --max-length")
+    pack: bool = Field(default=False, description="pack samples into rows of --max-length tokens")
+    holdout: float = Field(default=0.0, description="fraction of the data held out for the eval loss")
+    eval_data: Path | None = Field(default=None, description="held-out jsonl instead of --holdout")
+
+
+class SelectionConfig(BaseModel):
+    """Which experts train: scored on the training split and selected per layer with the top-p
+    rule (`expertlib.esft.scoring`, `expertlib.esft.selection`), or a given selection."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score: Literal["token", "gate"] = Field(default="token", description="ESFT-Token or ESFT-Gate scores")
+    top_p: float | None = Field(default=None, description="selection threshold (default 0.2 token, 0.1 gate)")
+    max_per_layer: int | None = Field(default=None, description="cap on selected experts per layer")
+    experts: Path | ExpertConfig | None = Field(
+        default=None, description="a selection (expert_cfg.json or ExpertConfig): no scoring"
+    )
+    token_budget: int | None = Field(default=None, description="tokens to score (None: all)")
+    count_prompt_tokens: bool = Field(default=True, description="prompt tokens count in the scores too")
+    weighting: Literal["paper", "reference"] = Field(
+        default="paper",
+        description="paper: every sequence weighs the same (1/L_j, the paper's formula); reference: all "
+        "tokens pooled, scores per layer divided by the token count and rounded to 4 decimals, as the "
+        "deepseek-ai/ESFT code (reproduces its expert configs)",
+    )
+    train_shared_experts: bool = Field(default=False, description="also train shared experts (ablation)")
+    train_non_expert_modules: bool = Field(
+        default=False, description="also train attention/norms/embeddings (ablation)"
+    )
+
+
+class RuntimeConfig(BaseModel):
+    """Where the run executes and how it can be resumed; none of it changes which tensors train
+    or the recipe that trains them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field(
+        default="auto", description="where to run: auto (CUDA when present), cpu, cuda or cuda:N"
+    )
+    device_map: str | None = Field(
+        default=None,
+        description="spread the frozen base over all GPUs with accelerate (auto, balanced) instead of --device",
+    )
+    checkpoint_dir: Path | None = Field(default=None, description="write resumable training state here")
+    resume: bool = Field(default=False, description="continue from the state in --checkpoint-dir")
+    progress: bool = Field(default=True, description="progress bars")
+
+
+def train_esft(
+    base: str | Path,
+    data: str | Path,
+    *,
+    task: str,
+    out: str | Path | None = None,
+    description: str = "",
+    selection: SelectionConfig | None = None,
+    config: TrainConfig | None = None,
+    data_config: DataConfig | None = None,
+    runtime: RuntimeConfig | None = None,
+    on_selection: Callable[[nn.Module, ExpertConfig, Sequence[Sample]], None] | None = None,
+    on_plan: Callable[[MemoryPlan, int, str], None] | None = None,
+) -> ExpertSet:
+    """Score, select and train one task's experts on a base model; return (and save) the patch.
+
+    `on_selection(model, experts, train_samples)` runs after selection, before training (the
+    CLI's retention-risk check, `expertlib.esft.diagnostics`); it must leave the model unchanged.
+
+    Without `selection.experts`, the routed experts are scored on the training split
+    (ESFT-`score`, `token_budget` tokens; None = all) and selected with the top-p rule (`top_p`
+    defaults to the paper's 0.2 for token, 0.1 for gate). `weighting` is the scoring's ("paper"
+    or the reference code's pooled "reference", `expertlib.esft.scoring`). The patch is written
+    atomically to `out`.
+
+    `runtime.device` (auto, cpu, cuda, cuda:N) is where the model runs, loaded in `config.dtype`;
+    `runtime.device_map` ("auto", "balanced", ...) spreads the frozen base over all GPUs with
+    accelerate instead. Before loading, and again once the selection is known, the memory plan
+    (`expertlib.esft.memory_plan`) is passed to `on_plan(plan, capacity_bytes, device)` and checked:
+    a run that cannot fit raises DeviceError with suggestions. Under torchrun / accelerate
+    launch the processes train data-parallel (`expertlib.esft.distributed`); rank 0 writes the patch.
+    """
+    from expertlib.esft.data import data_digest, load_samples, load_tokenizer, pad_token_id, split_holdout
+    from expertlib.esft.scoring import score_experts
+    from expertlib.esft.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
+    from expertlib.identity import base_identity
+    from expertlib.moe import load_model
+
+    sel = selection or SelectionConfig()
+    config = config or TrainConfig()
+    dc = data_config or DataConfig()
+    rt = runtime or RuntimeConfig()
+    dev = resolve_device(rt.device)
+    dist = distributed.init(dev)
+    base_cfg = load_config(base)
+    shape = ModelShape.from_config(base_cfg)
+    given = ExpertConfig.load(sel.experts) if isinstance(sel.experts, Path) else sel.experts
+    planned = partial(
+        _check_plan,
+        base_cfg,
+        shape=shape,
+        config=config,
+        device=dev,
+        device_map=rt.device_map,
+        on_plan=on_plan,
+        extra=sel.train_shared_experts or sel.train_non_expert_modules,
+    )
+    tok = load_tokenizer(base)  # data before the model: bad data fails fast, the plan knows the lengths
+    pad = pad_token_id(tok)
+    digest = data_digest(data)
+    read = partial(load_samples, tokenizer=tok, max_length=dc.max_length, too_long=dc.too_long, pack=dc.pack)
+    samples = read(data)
+    if dc.eval_data is not None:
+        train_s, eval_s = samples, read(dc.eval_data)
+    else:
+        train_s, eval_s = split_holdout(samples, dc.holdout, config.seed)
+    longest = min(dc.max_length, max(len(x) for x in train_s))  # a batch pads to its longest sample
+    if given is not None:
+        planned(given.num_experts, longest)
+    else:  # selection unknown until scoring: assume a quarter of each layer (ESFT trains 5-15%)
+        per_layer = min(
+            shape.num_experts, sel.max_per_layer or max(shape.top_k, math.ceil(shape.num_experts / 4))
+        )
+        planned(per_layer * len(shape.moe_layers), longest)
+    patch_dtype = checkpoint_dtype(base_cfg)
+    kw = (
+        {"device_map": rt.device_map}
+        if rt.device_map
+        else {"device_map": {"": str(dev)}}
+        if dev.type != "cpu"
+        else {}
+    )
+    model = load_model(base, dtype=torch_dtype(config.dtype), **kw)
+    ident = base_identity(model, name=str(base))
+    prov = Provenance(data_digest=digest, extra={"data_path": str(data)})
+    if given is None:
+        p = sel.top_p if sel.top_p is not None else DEFAULT_TOP_P[sel.score]
+        scores = score_experts(
+            model,
+            train_s,
+            pad_id=pad,
+            token_budget=sel.token_budget,
+            batch_size=config.batch_size,
+            count_prompt_tokens=sel.count_prompt_tokens,
+            seed=config.seed,
+            data_digest=digest,
+            base=ident,
+            progress=rt.progress,
+            weighting=sel.weighting,
+        )
+        experts = select_experts(
+            scores.of(sel.score),
+            p,
+            max_per_layer=sel.max_per_layer,
+            shared_experts=sel.train_shared_experts,
+            non_expert_modules=sel.train_non_expert_modules,
+            eps=0.0 if sel.weighting == "reference" else DEFAULT_EPS,
+        )
+        prov = prov.model_copy(
+            update=dict(
+                method=f"esft-{sel.score}",
+                score_function=sel.score,
+                top_p=p,
+                max_experts_per_layer=sel.max_per_layer,
+                token_budget=sel.token_budget,
+                tokens_scored=scores.tokens_scored,
+                count_prompt_tokens=sel.count_prompt_tokens,
+                extra={
+                    **prov.extra,
+                    "weighting": sel.weighting,
+                    "scores": {str(k): [round(x, 6) for x in v] for k, v in scores.of(sel.score).items()},
+                },
+            )
+        )
+    else:
+        experts = given.model_copy(
+            update=dict(
+                shared_experts=given.shared_experts or sel.train_shared_experts,
+                non_expert_modules=given.non_expert_modules or sel.train_non_expert_modules,
+            )
+        )
+        prov = prov.model_copy(
+            update=dict(method="esft", extra={**prov.extra, "selection_from": str(sel.experts)})
+        )
+    if on_selection is not None:
+        on_selection(model, experts, train_s)
+    moe_sel = [layer for layer, ids in experts.experts.items() if ids]
+    planned(
+        experts.num_experts,
+        longest,
+        first_trained_layer=min(moe_sel) if moe_sel else None,
+    )
+    run_key = {
+        "data_digest": digest,
+        "eval_data": data_digest(dc.eval_data) if dc.eval_data is not None else dc.holdout,
+        "base": ident.config_digest,
+        "max_length": dc.max_length,
+        "pack": dc.pack,
+    }
+    result = train_experts(
+        model,
+        train_s,
+        experts,
+        config,
+        pad_id=pad,
+        eval_samples=eval_s,
+        checkpoint_dir=rt.checkpoint_dir,
+        resume=rt.resume,
+        run_key=run_key,
+        progress=rt.progress,
+    )
+    prov.extra["eval_losses"] = [[s, round(v, 6)] for s, v in result.eval_losses]
+    if next(model.parameters()).dtype != patch_dtype:
+        _digests_from_checkpoint(base, result.trainable)
+    es = result.expert_set(task=task, base=ident, provenance=prov, dtype=patch_dtype, description=description)
+    if out is not None and dist.is_main:
+        es.save(out)
+    distributed.barrier()
+    return es
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype the base is stored in (the patch's dtype); float32 when the config names none."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else torch.float32
+
+
+def _check_plan(
+    base_cfg,
+    trained_experts: int,
+    seq_len: int,
+    *,
+    shape: ModelShape,
+    config: TrainConfig,
+    device: torch.device,
+    device_map: str | None,
+    on_plan: Callable[[MemoryPlan, int, str], None] | None,
+    extra: bool,
+    first_trained_layer: int | None = None,
+) -> MemoryPlan:
+    """Plan the run's memory, report it, and refuse it when it cannot fit the device(s)."""
+    from expertlib.devices import device_capacity
+
+    plan = plan_training(
+        base_cfg,
+        trained_experts=trained_experts,
+        batch_size=config.batch_size,
+        seq_len=seq_len,
+        dtype=config.dtype,
+        master_dtype=config.master_dtype,
+        gradient_checkpointing=config.gradient_checkpointing,
+        first_trained_layer=0 if extra else first_trained_layer,
+        shape=shape,
+    )
+    if device_map and torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        capacity, where = sum(device_capacity(f"cuda:{i}") for i in range(n)), f"{n} GPUs"
+    else:
+        capacity, where = device_capacity(device), str(device)
+    if on_plan is not None:
+        on_plan(plan, capacity, where)
+    plan.check(capacity, device=where)
+    return plan
+
+
+def _digests_from_checkpoint(base: str | Path, trainable: Trainable) -> None:
+    """Base digests as stored on disk, when the base was loaded in another dtype (e.g. fp32 -> bf16)."""
+    from expertlib.checkpoint import BaseCheckpoint
+
+    if not Path(base).is_dir():
+        return  # a hub id: the digests of the loaded (cast) weights stand
+    ck = BaseCheckpoint(base)
+    trainable.base_digests = {key: ck.expert_digest(*key) for key in trainable.base_digests}
+    trainable.base_param_digests = {n: tensor_digest(ck.tensor(n)) for n in trainable.base_param_digests}
