@@ -8,7 +8,7 @@ import torch
 from expertlib.errors import DeviceError
 from expertlib.esft.memory_plan import ModelShape, PeakTracker, plan_training
 from expertlib.esft.selection import ExpertConfig
-from expertlib.esft.training import TRAIN_SET, prepare_trainable
+from expertlib.esft.training import TRAIN_SET_ROW, prepare_trainable
 from expertlib.moe import describe, moe_layer_indices
 from expertlib.slots import active_sets, remove_slots
 from expertlib.testing import make_tiny_model, tiny_config
@@ -58,7 +58,7 @@ def measured_step_peak(model_type: str, batch: int, seq_len: int, dtype: str) ->
             p.data = p.data.float()
         opt = torch.optim.AdamW(params, lr=1e-3)
         model.train()
-        with active_sets(model, TRAIN_SET):
+        with active_sets(model, TRAIN_SET_ROW):
             for _ in range(2):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
                     logits = model(input_ids=ids).logits

@@ -62,7 +62,7 @@ from expertlib.slots import (
 )
 
 #: Row of the remap table that training uses (row 0 is the base).
-TRAIN_SET = 1
+TRAIN_SET_ROW = 1
 
 
 class TrainConfig(BaseModel):
@@ -225,7 +225,7 @@ def prepare_trainable(
         for layer, m in slot_of.items():
             for e, slot in m.items():
                 write_slot(model, layer, slot, read_expert(model, layer, e))
-            set_remap(model, TRAIN_SET, layer, m)
+            set_remap(model, TRAIN_SET_ROW, layer, m)
         if master_dtype is not None:
             for p in slot_parameters(model):
                 p.data = p.data.to(master_dtype)
@@ -331,7 +331,7 @@ def evaluate(model: nn.Module, samples: Sequence[Sample], *, pad_id: int, config
     model.eval()
     total, count = 0.0, 0
     try:
-        with active_sets(model, TRAIN_SET) if hasattr(model, "_expertlib_active") else nullcontext():
+        with active_sets(model, TRAIN_SET_ROW) if hasattr(model, "_expertlib_active") else nullcontext():
             for i in range(0, len(samples), config.batch_size):
                 part = samples[i : i + config.batch_size]
                 total += float(loss_sum(model, collate(part, pad_id), config))
@@ -399,7 +399,7 @@ def train_experts(
         stale = 0
         model.train()
         with (
-            active_sets(model, TRAIN_SET) if trainable.slot_of else nullcontext(),
+            active_sets(model, TRAIN_SET_ROW) if trainable.slot_of else nullcontext(),
             tqdm(total=config.steps, initial=state.step, desc="training", disable=not progress) as bar,
         ):
             for step in range(state.step, config.steps):
