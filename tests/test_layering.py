@@ -94,10 +94,35 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+#: the ESFT pipeline, one package (expertlib/esft/): data -> scores -> selection -> training -> patch
+ESFT_MODULES = [
+    "data",
+    "scoring",
+    "selection",
+    "memory_plan",
+    "training",
+    "state",
+    "distributed",
+    "pipeline",
+    "diagnostics",
+    "reference",
+    "reference_logs",
+]
+#: what serves sets; training never needs it
+SERVING = (
+    "expertlib.engine",
+    "expertlib.vllm_plugin",
+    "expertlib.server",
+    "expertlib.cli",
+    "expertlib.registry",
+)
+
+
 def test_graph_sees_the_code():
     graph = import_graph()
     assert "expertlib.patch" in graph["expertlib.apply"]
     assert "expertlib.server.state" in graph["expertlib.server.app"]
+    assert "expertlib.esft.training" in graph["expertlib.esft.pipeline"]
 
 
 def test_cycle_finder_finds_cycles():
@@ -116,5 +141,26 @@ def test_core_does_not_import_server_or_cli():
         if not m.startswith(lower) and not m.startswith("expertlib.demo")
         for d in deps
         if d.startswith(lower)
+    }
+    assert offenders == set()
+
+
+def test_esft_pipeline_lives_in_its_package():
+    mods = modules()
+    assert {m for m in mods if m.startswith("expertlib.esft.")} == {
+        f"expertlib.esft.{m}" for m in ESFT_MODULES
+    }
+    # moved, not copied: no module of the pipeline is left (or shimmed) at the package's top level
+    flat = {"expertlib.training_state", "expertlib.esft_reference"} | {f"expertlib.{m}" for m in ESFT_MODULES}
+    assert flat & set(mods) == set()
+
+
+def test_esft_does_not_import_the_serving_side():
+    offenders = {
+        (m, d)
+        for m, deps in import_graph().items()
+        if m.startswith("expertlib.esft")
+        for d in deps
+        if d.startswith(SERVING)
     }
     assert offenders == set()
