@@ -153,3 +153,33 @@ def test_slot_engines_keep_vllms_v1_model_runner(monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")  # a user's explicit choice stays
     slot_hf_overrides("qwen3_moe", slots=4, max_sets=2)
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+
+
+def _layers(**par):
+    cfg = dict(dp_size=1, pcp_size=1, sp_size=1, tp_size=2, use_ep=False)
+    runner = SimpleNamespace(
+        moe_config=SimpleNamespace(moe_parallel_config=SimpleNamespace(**{**cfg, **par}))
+    )
+    return SimpleNamespace(layers={0: runner, 1: runner})
+
+
+@pytest.mark.parametrize("par", [{"dp_size": 2}, {"pcp_size": 2}, {"sp_size": 2}])
+def test_layouts_that_gather_other_ranks_tokens_are_refused(par):
+    """Data/context/sequence-parallel MoE routes tokens of several ranks at once: the per-token set
+    buffer (this rank's step, in batch order) would be read against the wrong tokens."""
+    from expertlib.errors import EngineError
+    from expertlib.vllm_plugin.worker import check_token_layout
+
+    check_token_layout(_layers())  # tensor parallelism alone is fine (tests/test_vllm_tp.py)
+    with pytest.raises(EngineError, match="parallel MoE") as err:
+        check_token_layout(_layers(**par))
+    assert "tensor parallelism" in err.value.hint
+
+
+def test_micro_batching_is_refused():
+    from expertlib.errors import EngineError
+    from expertlib.vllm_plugin.worker import check_token_layout
+
+    check_token_layout(_layers(), SimpleNamespace(use_ubatching=False))
+    with pytest.raises(EngineError, match="micro-batching"):
+        check_token_layout(_layers(), SimpleNamespace(use_ubatching=True))

@@ -139,6 +139,27 @@ def check_set_hook(model_runner) -> None:
         )
 
 
+def check_token_layout(ctx, parallel_config=None) -> None:
+    """Refuse parallel layouts where a router's top-k rows are not this step's tokens in batch order,
+    which is what the per-token set buffer holds: data/context/sequence-parallel MoE gathers other
+    ranks' tokens before routing, micro-batching (DBO) routes a slice of the step at a time."""
+    from expertlib.errors import EngineError
+
+    for runner in ctx.layers.values():
+        par = runner.moe_config.moe_parallel_config
+        if par.dp_size > 1 or par.pcp_size > 1 or par.sp_size > 1:
+            raise EngineError(
+                f"expert slots do not support data/context/sequence-parallel MoE (dp {par.dp_size}, "
+                f"pcp {par.pcp_size}, sp {par.sp_size}): routers would see other ranks' tokens",
+                hint="serve with tensor parallelism only; run one engine per data-parallel replica",
+            )
+    if parallel_config is not None and getattr(parallel_config, "use_ubatching", False):
+        raise EngineError(
+            "expert slots do not support micro-batching (dual-batch overlap)",
+            hint="serve without --enable-dbo / ubatch_size",
+        )
+
+
 class SlotWorkerExtension:
     """Methods added to every vLLM worker; call them with `collective_rpc("expertlib_...")`."""
 
@@ -151,6 +172,7 @@ class SlotWorkerExtension:
     def expertlib_info(self) -> dict[str, Any]:
         ctx = self._expertlib_ctx()
         check_set_hook(self.model_runner)
+        check_token_layout(ctx, getattr(getattr(self, "vllm_config", None), "parallel_config", None))
         first = next(iter(ctx.layers.values())).routed_experts
         return {
             "num_experts": ctx.num_experts,
