@@ -9,7 +9,7 @@ ENGINE ?= cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.expertlib-installed-$(ENGINE)
 
-.PHONY: install test test-fast lint format bench bench-train bench-composer bench-paper bench-scale gpu-check demo clean
+.PHONY: install test test-fast lint format bench bench-train bench-composer bench-paper bench-scale bench-scale-serve gpu-check demo clean
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ bench-composer: install
 # real per-layer shapes (DeepSeek-V2-Lite, Qwen3-30B-A3B, OLMoE-1B-7B) at truncated depth, on CPU
 bench-scale: install
 	nice -n 5 $(BIN)/python bench/scale.py
+
+# serving at those shapes on CPU vLLM: mixed batch with 16/32 sets vs plain vLLM, engine memory per set
+# (~25 min on 2 CPUs: loading 32 sets per engine twice per model dominates, so not part of bench-scale)
+bench-scale-serve: install
+	nice -n 5 $(BIN)/python bench/serve_scale.py
 
 # one NVIDIA GPU: installs ENGINE=gpu in .venv-gpu, engine tests, mixed-batch bench, ESFT steps
 gpu-check:

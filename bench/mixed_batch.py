@@ -36,12 +36,17 @@ LABELS = {
 
 
 def engine_kw(args) -> dict:
-    return dict(
+    import torch
+
+    kw = dict(
         enforce_eager=not args.compiled,
         dtype="float32",
         max_model_len=512,
         max_num_seqs=args.max_num_seqs,
     )
+    if torch.cuda.is_available():  # two engines share the GPU (vLLM takes 0.9 of it by default)
+        kw["gpu_memory_utilization"] = 0.4
+    return kw
 
 
 def worker(kind: str, base_dir: str, set_paths: list[str], kw: dict, conn) -> None:

@@ -4,9 +4,12 @@
 #   bash scripts/gpu_check.sh            # from the repository root
 #
 # 1. installs the CUDA engine (ENGINE=gpu) into its own virtual environment (VENV, default .venv-gpu)
-# 2. runs the vLLM engine tests on CUDA (Triton fused MoE with expert slots, CUDA graphs with the
-#    remap table): tests/test_vllm_engine.py, test_vllm_routing.py, test_vllm_compiled.py
-# 3. runs a short mixed-batch bench on CUDA (8 sets vs plain vLLM, compiled mode)
+# 2. starts a slot engine on CUDA and checks it runs vLLM's V1 model runner and the Triton MoE kernel
+#    (the only ones expert slots work with, docs/GPU.md), then runs the vLLM engine tests on CUDA
+#    (Triton fused MoE with expert slots, CUDA graphs with the remap table): tests/test_vllm_engine.py,
+#    test_vllm_routing.py, test_vllm_compiled.py, test_gpu_paths.py
+# 3. runs a short mixed-batch bench on CUDA (8 sets vs plain vLLM, compiled mode) and the real-shape
+#    serving bench for Qwen3-30B-A3B's layer (16 and 32 sets vs plain vLLM, engine memory per set)
 # 4. trains a few ESFT steps on CUDA (bf16 base, fp32 master weights, memory plan printed)
 # and prints one summary line per step. Exits non-zero when a step fails, and at once (exit 2,
 # before installing anything) where there is no NVIDIA GPU.
@@ -47,9 +50,30 @@ if [ "${SKIP_INSTALL:-0}" != "1" ]; then
 fi
 PY="$VENV/bin/python"
 step "torch sees CUDA" "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch has no CUDA'; print(torch.cuda.get_device_name(0))"
+step "slot engine on CUDA: V1 model runner, Triton MoE kernel (docs/GPU.md)" "$PY" -c "
+import tempfile, pathlib
+from expertlib.engine import ExpertEngine
+from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set
+d = pathlib.Path(tempfile.mkdtemp())
+m = make_vllm_tiny_base('qwen2_moe', d / 'base')
+path = random_expert_set(m, 't', {0: [0, 1], 1: [2]}, scale=1.0).save(d / 't.safetensors')
+e = ExpertEngine(d / 'base', slots=4, max_sets=2, dtype='float32', max_model_len=128, max_num_seqs=4,
+                 gpu_memory_utilization=0.3)
+def probe(w):
+    ctx = w.model_runner.get_model().expertlib_slots
+    k = next(iter(ctx.layers.values())).routed_experts.quant_method.moe_kernel.fused_experts
+    return type(w.model_runner).__module__, type(k).__name__, str(ctx.remap.device)
+runner, kernel, device = e.llm.collective_rpc(probe)[0]
+print('model runner', runner, '| MoE kernel', kernel, '| remap on', device)
+assert runner == 'vllm.v1.worker.gpu_model_runner' and kernel == 'TritonExperts' and device.startswith('cuda')
+e.load(path)
+e.shutdown()
+"
 step "vLLM engine tests (CUDA)" "$PY" -m pytest -q -x -m vllm \
-    tests/test_vllm_engine.py tests/test_vllm_routing.py tests/test_vllm_compiled.py
+    tests/test_vllm_engine.py tests/test_vllm_routing.py tests/test_vllm_compiled.py tests/test_gpu_paths.py
 step "mixed-batch bench (CUDA, compiled)" "$PY" bench/mixed_batch.py --requests 64 --rounds 3 --compiled --no-write
+step "mixed batch at real shapes, 16/32 sets (CUDA)" "$PY" bench/serve_scale.py --models qwen3-30b-a3b \
+    --requests 64 --tokens 32 --max-num-seqs 64 --rounds 2 --no-write
 
 WORK=$(mktemp -d)
 step "tiny base for training" "$PY" -c "
