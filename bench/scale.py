@@ -16,9 +16,9 @@ memory plan for the real config (exact parameter counts from a weightless model)
 bytes scaled by the number of MoE layers. Writes its section of bench/RESULTS.md.
 
 The vocabulary is cut to 8192 in the measured models (embedding and head only; the full-depth
-figures use the real vocabulary). Mixed-batch throughput and engine memory at these shapes are
-not measured here (vLLM on a 2-core CPU at 1-2 GB per layer does not fit the 15 minutes): on
-CUDA, `scripts/gpu_check.sh` runs the mixed-batch bench.
+figures use the real vocabulary). Mixed-batch throughput with 16 and 32 sets and the vLLM engine's
+memory per set at these shapes are bench/serve_scale.py's (`make bench-scale-serve`, ~25 min on 2
+CPUs, too long to add to these 15 minutes).
 """
 
 from __future__ import annotations
@@ -407,10 +407,9 @@ def report(rows: list[dict], args, wall_s: float) -> str:
     ]
     lines += [
         "",
-        "Not measured here: mixed-batch throughput with 16 and 32 sets vs plain vLLM and the vLLM "
-        "engine's memory per loaded set at these shapes (CPU vLLM at 1-2 GB per layer does not fit the "
-        "15 minutes on 2 cores; the slot memory per set above is the HF slot pool's, which the vLLM slots "
-        "mirror). scripts/gpu_check.sh runs the mixed-batch bench on CUDA.",
+        "The slot memory per set above is the transformers slot pool's. Mixed-batch throughput with 16 "
+        "and 32 sets vs plain vLLM and the vLLM engine's memory per loaded set at these shapes: section "
+        "'Serving at real shapes' (`make bench-scale-serve`, too long to add to this run).",
     ]
     return "\n".join(lines) + "\n"
 
