@@ -166,10 +166,14 @@ def specialisation_figures(base: Path, tasks, args):
         for t in dict.fromkeys([*PRETRAIN_TASKS, *DEMO_TASKS, *tasks]):
             exs = get_task(t).split(n_train=0, n_eval=100, seed=1).eval
             samples = load_samples(write_jsonl(exs, Path(d) / f"{t}.jsonl"), tok)
-            shares[t] = routing_shares(model, samples, pad_id=0, token_budget=None)
+            shares[t] = routing_shares(model, samples, pad_id=0, token_budget=None, count_prompt_tokens=False)
         gen = [ex for t in GENERAL_TASKS for ex in get_task(t).split(n_train=0, n_eval=40, seed=0).eval]
         general = routing_shares(
-            model, load_samples(write_jsonl(gen, Path(d) / "g.jsonl"), tok), pad_id=0, token_budget=None
+            model,
+            load_samples(write_jsonl(gen, Path(d) / "g.jsonl"), tok),
+            pad_id=0,
+            token_budget=None,
+            count_prompt_tokens=False,
         )
     return specialisation(shares, k=model.config.num_experts_per_tok), general
 

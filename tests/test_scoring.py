@@ -9,7 +9,13 @@ import torch
 
 from expertlib.errors import SelectionError
 from expertlib.esft.data import Sample, load_samples
-from expertlib.esft.scoring import ExpertScores, RoutingRecorder, budget_samples, score_experts
+from expertlib.esft.scoring import (
+    ExpertScores,
+    RoutingRecorder,
+    budget_samples,
+    score_experts,
+    trained_positions,
+)
 from expertlib.moe import experts_module, moe_layer_indices
 from expertlib.testing import make_tiny_model, make_tokenizer
 
@@ -123,3 +129,18 @@ def test_every_architecture_scores(arch, samples):
     for layer in s.token:
         assert sum(s.token[layer]) == pytest.approx(1.0)
         assert min(s.gate[layer]) >= 0 and sum(s.gate[layer]) > 0
+
+
+def test_answer_only_counts_the_positions_the_loss_trains(qwen, samples):
+    # labels align with inputs: position t is trained when token t+1 is an answer token
+    assert trained_positions([-100, -100, 7, 8, 2]) == [False, True, True, True, False]
+    assert trained_positions([-100, 5, -100, 6]) == [True, False, True, False]
+    assert trained_positions([]) == []
+    # scoring counts exactly those positions: moving the counted window by one changes the scores
+    ans = score_experts(qwen, samples, pad_id=0, count_prompt_tokens=False, token_budget=None, progress=False)
+    shifted = [Sample(s.input_ids, (-100, *s.labels[:-1]), s.line) for s in samples]
+    later = score_experts(
+        qwen, shifted, pad_id=0, count_prompt_tokens=False, token_budget=None, progress=False
+    )
+    assert ans.tokens_scored == sum(sum(trained_positions(s.labels)) for s in samples)
+    assert ans.token != later.token

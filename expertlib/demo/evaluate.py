@@ -206,7 +206,11 @@ def evaluate(
 
 
 def task_routing(model, tokenizer, tasks: Sequence[str], *, n: int = 100, seed: int = 1) -> dict[str, dict]:
-    """ESFT-Token routing shares of each task's eval prompts (with answers) on `model`, per layer."""
+    """ESFT-Token routing shares of each task's eval prompts (with answers) on `model`, per layer.
+
+    Counted: the positions that produce the answers (`expertlib.esft.scoring.trained_positions`),
+    where the tasks differ; the chat template every task shares is left out.
+    """
     import tempfile
 
     from expertlib.demo.tasks import write_jsonl
@@ -218,7 +222,9 @@ def task_routing(model, tokenizer, tasks: Sequence[str], *, n: int = 100, seed: 
         for t in resolve_tasks(tasks):
             path = write_jsonl(eval_examples(t, n, seed), Path(d) / f"{t}.jsonl")
             samples = load_samples(path, tokenizer)
-            out[t] = routing_shares(model, samples, pad_id=pad_token_id(tokenizer), token_budget=None)
+            out[t] = routing_shares(
+                model, samples, pad_id=pad_token_id(tokenizer), token_budget=None, count_prompt_tokens=False
+            )
     return out
 
 

@@ -281,11 +281,19 @@ def general_samples(general: str | Path, tokenizer, *, max_length: int = 2048):
 def general_routing(
     model, tokenizer, general: str | Path, *, token_budget: int | None = 20_000, max_length: int = 2048
 ) -> dict[int, list[float]]:
-    """Routing shares of a general reference set (path or `builtin`) on `model`."""
+    """Routing shares of a general reference set (path or `builtin`) on `model`.
+
+    Only the positions that produce the general data's answers count (`trained_positions`):
+    general ability shows there, and the prompt and chat-template tokens every task shares would
+    otherwise dilute the figure (on the demo base they hid a 0.3 answer-position overlap behind a
+    0.07 all-token share).
+    """
     from expertlib.esft.data import pad_token_id
 
     samples = general_samples(general, tokenizer, max_length=max_length)
-    return routing_shares(model, samples, pad_id=pad_token_id(tokenizer), token_budget=token_budget)
+    return routing_shares(
+        model, samples, pad_id=pad_token_id(tokenizer), token_budget=token_budget, count_prompt_tokens=False
+    )
 
 
 def check_retention(

@@ -17,8 +17,10 @@ mass. The reference code's `generate_expert_config.py` instead divides by the su
 (numpy axis 0) — a known bug (deepseek-ai/ESFT issues #8 and #17) that makes the top-p rule
 select a different number of experts per layer; we follow the paper.
 
-Padding never counts. With `count_prompt_tokens=False` only answer tokens (label != -100)
-count, and L_j is the number of answer tokens of sequence j.
+Padding never counts. With `count_prompt_tokens=False` only the positions the loss trains count:
+those whose next token is an answer token (`trained_positions`: the last prompt token, which
+produces the first answer token, through the answer's second-to-last token), and L_j is their
+number in sequence j.
 
 Weighting (`weighting=`): "paper" (default) is the formulas above, every sequence weighing the
 same whatever its length. "reference" reproduces the reference code (deepseek-ai/ESFT
@@ -232,13 +234,24 @@ def iter_budget(
             break
 
 
+def trained_positions(labels: Sequence[int]) -> list[bool]:
+    """Positions whose output the loss trains: those followed by an answer token (label != -100).
+
+    Labels are aligned with the input ids (the model shifts them), so the position that reads the
+    last prompt token produces the first answer token and counts, while the answer's final token
+    (usually EOS, which predicts nothing that is trained) does not. Counting answer *inputs*
+    instead scored the end-of-sequence and template tokens every task shares.
+    """
+    return [y != IGNORE_INDEX for y in labels[1:]] + [False] if labels else []
+
+
 def _count_mask(
     batch: list[tuple[Sample, int]], width: int, count_prompt_tokens: bool
 ) -> tuple[list, torch.Tensor]:
     """Cut samples to their last counted token; (cut samples, (B, S) counted-token mask)."""
     cut, masks = [], torch.zeros((len(batch), width), dtype=torch.bool)
     for b, (s, take) in enumerate(batch):
-        counted = [True] * len(s) if count_prompt_tokens else [x != IGNORE_INDEX for x in s.labels]
+        counted = [True] * len(s) if count_prompt_tokens else trained_positions(s.labels)
         seen, end = 0, 0
         for t, c in enumerate(counted):
             if c:
