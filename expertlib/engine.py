@@ -288,6 +288,8 @@ def _engine_kwargs(base: BaseCheckpoint, slots: int, max_sets: int, kwargs: dict
     if kw.get("worker_extension_cls") not in (None, WORKER_EXTENSION):
         raise EngineError("worker_extension_cls is set by ExpertEngine", hint="do not pass it")
     kw.update(model=str(base.path), hf_overrides=overrides, worker_extension_cls=WORKER_EXTENSION)
+    if not _on_cpu():  # only Triton keeps checkpoint layout and calls the slot router (docs/GPU.md)
+        kw.setdefault("moe_backend", "triton")
     return kw
 
 

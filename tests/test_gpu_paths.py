@@ -145,7 +145,8 @@ def test_model_runner_without_the_set_hook_is_refused():
 def test_slot_engines_keep_vllms_v1_model_runner(monkeypatch):
     from expertlib.vllm_plugin import slot_hf_overrides
 
-    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "")  # records the session's value for the undo
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
     slot_hf_overrides("qwen3_moe", slots=4, max_sets=2)
     import os
 
@@ -183,3 +184,18 @@ def test_micro_batching_is_refused():
     check_token_layout(_layers(), SimpleNamespace(use_ubatching=False))
     with pytest.raises(EngineError, match="micro-batching"):
         check_token_layout(_layers(), SimpleNamespace(use_ubatching=True))
+
+
+def test_slot_engines_ask_vllm_for_the_triton_moe_kernel_on_gpus(monkeypatch):
+    """On CUDA vLLM would pick FlashInfer on Blackwell; slot engines ask for Triton unless told."""
+    from expertlib import engine
+
+    base = SimpleNamespace(config=SimpleNamespace(model_type="qwen3_moe"), path="/base")
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert "moe_backend" not in engine._engine_kwargs(base, 4, 2, {})  # CPU: vLLM's CPU kernel
+    monkeypatch.setattr(engine, "_on_cpu", lambda: False)
+    assert engine._engine_kwargs(base, 4, 2, {})["moe_backend"] == "triton"
+    assert (
+        engine._engine_kwargs(base, 4, 2, {"moe_backend": "batched_triton"})["moe_backend"]
+        == "batched_triton"
+    )
