@@ -111,3 +111,32 @@ def test_the_shipped_base_is_checked_and_installed_without_pretraining(tmp_path,
     with pytest.raises(ModelLoadError, match="sha256") as err:
         check_shipped_base(bad)
     assert "--rebuild" in str(err.value)
+
+
+def test_domain_prior_pulls_each_domain_towards_its_own_expert_group():
+    from expertlib.demo.base import domain_groups, domain_prior_loss
+
+    groups = domain_groups(DemoBaseConfig())
+    flat = sorted(e for g in groups.values() for e in g)
+    assert flat == list(range(DemoBaseConfig().num_experts))  # a partition of the routed experts
+    assert set(groups) == {"words", "numbers", "patterns", "brackets"}
+
+    # two samples of length 3 (the second padded after 2 tokens), 8 experts, groups {0-3}, {4-7}
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    group = torch.tensor([[1.0] * 4 + [0.0] * 4, [0.0] * 4 + [1.0] * 4])
+    uniform = [torch.zeros(6, 8)]
+    assert float(domain_prior_loss(uniform, mask, group)) == pytest.approx(
+        -torch.log(torch.tensor(0.5)).item()
+    )
+    own = torch.full((6, 8), -30.0)
+    own[:3, 0] = 30.0  # sample 0 routes into its group...
+    own[3:, 5] = 30.0  # ...and sample 1 into its own
+    assert float(domain_prior_loss([own], mask, group)) == pytest.approx(0.0, abs=1e-6)
+    swapped = own.clone()
+    swapped[3:5] = own[0]  # sample 1's real tokens go to sample 0's group: penalised
+    assert float(domain_prior_loss([swapped], mask, group)) > 5
+    both = float(domain_prior_loss([own, swapped], mask, group))  # averaged over layers
+    assert both == pytest.approx(float(domain_prior_loss([swapped], mask, group)) / 2)
+    padded = own.clone()
+    padded[5] = own[0]  # sample 1's padding position routes anywhere: not counted
+    assert float(domain_prior_loss([padded], mask, group)) == pytest.approx(0.0, abs=1e-6)

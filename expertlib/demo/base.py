@@ -3,7 +3,9 @@
 No weights can be downloaded, so the project makes its own: many small routed experts, top-k > 1,
 one shared expert, hidden size a multiple of 32 (vLLM's CPU kernels), the character-level
 tokenizer of `expertlib.testing`. Pretraining is deterministic (seeded), shows a progress bar,
-masks prompt tokens in the loss (label -100), and is cached under `$EXPERTLIB_CACHE/demo/`
+masks prompt tokens in the loss (label -100), nudges each domain's tokens towards its own group
+of routed experts (`domain_groups`: the premise of ESFT, built in at toy scale the way DEMix and
+Branch-Train-MiX build domain experts, then measured), and is cached under `$EXPERTLIB_CACHE/demo/`
 keyed by every setting, as a normal `save_pretrained` folder with the tokenizer and a
 `demo_base.json` report (settings, losses, wall time, accuracy per general task).
 
@@ -44,7 +46,7 @@ from expertlib.demo.tasks import PRETRAIN_TASKS, collate, encode, mixture
 DEMO_INFO_FILE = "demo_base.json"
 #: The shipped demo base (package data) and the sha256 of its model.safetensors.
 SHIPPED_DIR = Path(__file__).parent / "assets" / "base"
-SHIPPED_DIGEST = "df56b9b8b1d5ccee8aa328963a3daff78019005989a52f14c6822a5eda518abb"
+SHIPPED_DIGEST = "b4598f9060d9ea7d8513f3ae0dc559b78314ab65f38d9ba05cf2a4b3f57ea7ac"
 #: Torch threads of the reproducible pretraining (the result depends on the thread count).
 PRETRAIN_THREADS = 1
 
@@ -61,6 +63,8 @@ class DemoBaseConfig:
     moe_intermediate_size: int = 32
     shared_expert_intermediate_size: int = 32
     router_aux_loss_coef: float = 0.02
+    #: weight of the domain-routing prior (0 = free routing); see `domain_groups`
+    domain_routing: float = 0.1
     tasks: tuple[str, ...] = tuple(PRETRAIN_TASKS)
     n_per_task: int = 4000
     steps: int = 1500
@@ -117,6 +121,42 @@ TINY_CONFIG = DemoBaseConfig(
     warmup=5,
     n_eval=8,
 )
+
+
+def domain_groups(config: DemoBaseConfig) -> dict[str, list[int]]:
+    """The routed experts each pretraining domain is nudged towards: equal contiguous groups.
+
+    A small MoE pretrained briefly on a few tasks does not split its routed experts by domain by
+    itself (measured on the previous demo base: a domain's answer tokens and the general tasks'
+    answer tokens went through the same few experts in every layer). Large models get there
+    from data diversity; at toy scale the demo base gets a prior instead, the way DEMix layers
+    and Branch-Train-MiX build domain experts: during pretraining each token of a sample from
+    domain d adds `-log(router probability mass on d's group)` (weight `domain_routing`) to the
+    loss. Routing stays learned and soft (top-k over all experts, load balancing on), the held-out
+    specialised tasks get no prior at all, and how specialised the result is gets measured
+    (`expertlib.diagnostics`), not assumed.
+    """
+    from expertlib.demo.tasks import get_task
+
+    domains = sorted({get_task(t).domain for t in config.tasks})
+    size = config.num_experts // len(domains)
+    return {d: list(range(i * size, (i + 1) * size)) for i, d in enumerate(domains)}
+
+
+def domain_prior_loss(router_logits, attention_mask: torch.Tensor, group_masks: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and real tokens of -log(router mass on the token's domain group).
+
+    `group_masks` is [batch, experts] (1 on the sample's domain group); router logits are
+    [batch * length, experts] per layer, as transformers returns them.
+    """
+    b, n = attention_mask.shape
+    mask = attention_mask.reshape(-1).bool()
+    groups = group_masks.repeat_interleave(n, dim=0)[mask]
+    total = torch.zeros(())
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)[mask]
+        total = total - torch.log((probs * groups).sum(-1).clamp_min(1e-9)).mean()
+    return total / len(router_logits)
 
 
 def cache_dir() -> Path:
@@ -200,7 +240,15 @@ def _pretrain(config: DemoBaseConfig, out, *, progress: bool, steps: int) -> tup
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_config(make_config(config), dtype=torch.float32)
     model.train()
-    data = encode(tok, mixture(config.tasks, config.n_per_task, seed=config.seed))
+    examples = mixture(config.tasks, config.n_per_task, seed=config.seed)
+    data = encode(tok, examples)
+    groups = domain_groups(config)
+    group_of = {
+        d: torch.zeros(config.num_experts).index_fill_(0, torch.tensor(g), 1.0) for d, g in groups.items()
+    }
+    from expertlib.demo.tasks import get_task
+
+    sample_groups = [group_of[get_task(ex.task).domain] for ex in examples]
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
@@ -214,6 +262,7 @@ def _pretrain(config: DemoBaseConfig, out, *, progress: bool, steps: int) -> tup
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     losses: list[float] = []
+    priors: list[float] = []
     order = torch.randperm(len(data), generator=gen).tolist()
     pos = 0
     t0 = time.perf_counter()
@@ -221,10 +270,18 @@ def _pretrain(config: DemoBaseConfig, out, *, progress: bool, steps: int) -> tup
     for _ in bar:
         if pos + config.batch_size > len(order):
             order, pos = torch.randperm(len(data), generator=gen).tolist(), 0
-        batch = collate([data[i] for i in order[pos : pos + config.batch_size]], tok.pad_token_id)
+        idx = order[pos : pos + config.batch_size]
+        batch = collate([data[i] for i in idx], tok.pad_token_id)
         pos += config.batch_size
         out_ = model(**batch, output_router_logits=True)
-        out_.loss.backward()
+        loss = out_.loss
+        if config.domain_routing:
+            prior = domain_prior_loss(
+                out_.router_logits, batch["attention_mask"], torch.stack([sample_groups[i] for i in idx])
+            )
+            loss = loss + config.domain_routing * prior
+            priors.append(prior.item())
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -240,6 +297,8 @@ def _pretrain(config: DemoBaseConfig, out, *, progress: bool, steps: int) -> tup
         "train_time_s": round(wall, 1),
         "first_loss": round(sum(losses[:10]) / max(1, len(losses[:10])), 4),
         "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
+        "domain_groups": groups,
+        "final_domain_prior": round(sum(priors[-20:]) / max(1, len(priors[-20:])), 4),
         "loss_curve": [
             round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 4) for i in range(0, steps, 50)
         ],
