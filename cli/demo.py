@@ -13,7 +13,7 @@ from expertlib.cli.output import emit_json, print_table
     "--task",
     "tasks",
     multiple=True,
-    help="Specialised task to train an expert set for (repeatable; default sum, shout, mirror).",
+    help="Specialised task to train an expert set for (repeatable; default sum, fill, cross).",
 )
 @click.option(
     "--steps", type=int, default=None, help="ESFT training steps per task (default 300, quick 100)."

@@ -77,7 +77,7 @@ def eval_cmd(
     reference answer (exact match, contains) and all answer tokens give the loss and perplexity;
     with --url through a running server, exactly as it serves.
 
-    Example: expertlib eval ~/.cache/expertlib/demo/base-xxxx -e sum -e mirror --tasks sum --tasks general
+    Example: expertlib eval ~/.cache/expertlib/demo/base-xxxx -e sum -e fill --tasks sum --tasks general
 
     Example: expertlib eval ./base --data qa.jsonl -e qa --url http://127.0.0.1:8000 --json
     """

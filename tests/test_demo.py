@@ -30,7 +30,7 @@ def test_demo_refuses_a_general_task():
 def test_demo_quick_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("EXPERTLIB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("EXPERTLIB_REGISTRY", str(tmp_path / "registry"))
-    res = CliRunner().invoke(cli, ["demo", "--quick", "--task", "sum", "--task", "end", "--json"])
+    res = CliRunner().invoke(cli, ["demo", "--quick", "--task", "sum", "--task", "cross", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout[res.stdout.index("{\n") :])
 
@@ -40,14 +40,14 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
     assert info["final_loss"] < info["first_loss"]
     spec = report["specialisation"]
     assert spec["concentration"]["sum"] > 1.5 * spec["k"] / spec["num_experts"], spec
-    assert set(spec["overlap"]["sum"]) >= {"copy", "add", "end"}
+    assert set(spec["overlap"]["sum"]) >= {"copy", "add", "cross"}
 
     # expert sets: trained, published, small, and better than the base on their own task
     from expertlib.registry import Registry
 
     reg = Registry(tmp_path / "registry")
-    assert sorted(e.name for e in reg.list()) == ["end", "sum"]
-    for task in ("sum", "end"):
+    assert sorted(e.name for e in reg.list()) == ["cross", "sum"]
+    for task in ("sum", "cross"):
         s = report["sets"][task]
         assert s["ref"] == f"{task}@1" and s["num_experts"] >= 2
         assert 0 <= s["retention_risk"]["mean_general_mass"] <= 1
@@ -55,7 +55,7 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
             f.stat().st_size for f in (tmp_path / "cache").rglob("model.safetensors")
         )
     acc = report["accuracy"]
-    for task in ("sum", "end"):
+    for task in ("sum", "cross"):
         assert acc[task][task] > acc["base"][task], acc
 
     # heatmap drawn, server asked through the openai client, and stopped
@@ -65,8 +65,8 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
     assert {(r["task"], r["model"]) for r in asked} == {
         ("sum", "sum"),
         ("sum", "demo-base"),
-        ("end", "end"),
-        ("end", "demo-base"),
+        ("cross", "cross"),
+        ("cross", "demo-base"),
     }
     # what the server answers equals what transformers answers in process for the same set
     # (both float32, greedy, the same token budget). vLLM's compiled kernels may flip one near-tie

@@ -1,22 +1,29 @@
-"""The toy task suite: deterministic, seeded chat tasks with exact-match answers, in three domains.
+"""The toy task suite: deterministic, seeded chat tasks with exact-match answers, in four domains.
 
 Strings are short (the demo tokenizer is character-level): every sample renders to roughly
-16-48 characters with the chat template. The tasks come from three *domains*, each with its own
-vocabulary and format, so a small MoE pretrained on them routes each domain through its own
-experts (the premise of ESFT, measured by `expertlib.esft.diagnostics`):
+16-48 characters with the chat template. The tasks come from four *domains*, each with its own
+vocabulary and format; the demo base is pretrained so that each domain routes through its own
+experts (the premise of ESFT; `expertlib.demo.base.domain_groups`, measured by
+`expertlib.esft.diagnostics`):
 
 - **words** (lowercase letters): copy, reverse, upper;
 - **numbers** (digits): add, sub;
-- **patterns** (`#` and `.`): flip.
+- **patterns** (`#` and `.`): flip;
+- **brackets** (`([{<` and `)]}>`): close.
 
 Two groups:
 
-- **general** tasks (the six above) form the demo base model's pretraining mix, so the base
-  really has these skills; they also measure general-ability retention;
+- **general** tasks (copy, reverse, upper) and **domain** tasks (add, sub, flip, close) form the
+  demo base model's pretraining mix, so the base really has these skills; the general ones also
+  measure general-ability retention;
 - **specialised** tasks are held out from pretraining entirely. The demo's three (`DEMO_TASKS`)
-  adapt a pretrained domain, like the paper's math and code tasks: `sum` asks for addition in a
-  new format ("sum 3 and 4"), `shout` combines two word skills (reverse and upper-case),
-  `mirror` reverses a pattern. `caesar`, `mul` and `bin` need a skill the base never learnt.
+  adapt a pretrained domain, like the paper's math and code tasks, with a skill its experts can
+  hold: `sum` asks for addition in a new format ("sum 3 and 4"), `fill` turns every pixel of a
+  pattern on, `cross` closes brackets with a crossed pairing (`(` closes with `]`). The others
+  are there to show where ESFT is the wrong tool: `mirror` (reverse a pattern) needs attention,
+  which ESFT freezes, and learns little; `open` (the brackets a closing run needs) routes its
+  answers through the experts the general tasks use, and the retention check flags it; `end`,
+  `swap` are near formats the base already half solves; `shout`, `caesar`, `mul` and `bin` need skills the base never learnt.
 
     task = get_task("sum")
     split = task.split(seed=0)              # TaskSplit(train=[...], eval=[...])
@@ -230,6 +237,30 @@ def _mirror(rng):
     return f"mirror: {w}", w[::-1]
 
 
+def _fill(rng):
+    w = _pattern(rng)
+    return f"fill {w}", "#" * len(w)
+
+
+def _swap(rng):
+    w = _pattern(rng)
+    return f"swap {w}", w.translate(str.maketrans("#.", ".#"))
+
+
+#: `cross`'s pairing: ( closes with ], [ with ), { with >, < with }.
+CROSSED = "])>}"
+
+
+def _cross(rng):
+    w = _brackets(rng)
+    return f"cross {w}", "".join(CROSSED[OPEN.index(c)] for c in reversed(w))
+
+
+def _open(rng):
+    w = _brackets(rng)
+    return f"open {_closing(w)}", w
+
+
 def _upper(rng):
     w = _word(rng)
     return f"upper: {w}", w.upper()
@@ -275,8 +306,24 @@ TASKS: dict[str, Task] = {
         Task(
             "sum", "specialised", "addition in a new format: sum 3 and 4", _sum, _sum_space, domain="numbers"
         ),
+        Task(
+            "fill",
+            "specialised",
+            "turn every pixel of a pattern on: fill #..# -> ####",
+            _fill,
+            domain="patterns",
+        ),
+        Task("cross", "specialised", "close brackets crossed: cross ([ -> )]", _cross, domain="brackets"),
         Task("mirror", "specialised", "reverse a pattern of # and .", _mirror, domain="patterns"),
+        Task("swap", "specialised", "swap # and . in a new format: swap #..#", _swap, domain="patterns"),
         Task("end", "specialised", "close brackets in a new format: end ([", _end, domain="brackets"),
+        Task(
+            "open",
+            "specialised",
+            "the opening run a closing run needs: open ]) -> ([",
+            _open,
+            domain="brackets",
+        ),
         Task("shout", "specialised", "reverse a word and upper-case it", _shout),
         Task("caesar", "specialised", "shift each letter one place (a->b, z->a)", _caesar),
         Task("mul", "specialised", "the 10x10 multiplication table", _mul, _mul_space, domain="numbers"),
@@ -285,7 +332,7 @@ TASKS: dict[str, Task] = {
 }
 
 #: The demo's specialised tasks: each adapts a domain the base was pretrained on.
-DEMO_TASKS = ("sum", "mirror", "end")
+DEMO_TASKS = ("sum", "fill", "cross")
 
 GENERAL_TASKS = [n for n, t in TASKS.items() if t.kind == "general"]
 DOMAIN_TASKS = [n for n, t in TASKS.items() if t.kind == "domain"]
