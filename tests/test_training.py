@@ -230,3 +230,23 @@ def test_gradient_checkpointing_trains_the_same_experts(samples):
     assert a.train_losses == pytest.approx(b.train_losses, rel=1e-5)
     for key, w in a.experts.items():
         assert torch.allclose(w.gate, b.experts[key].gate, atol=1e-6)
+
+
+def test_default_learning_rate_follows_the_model_size():
+    from expertlib.esft.training import LR_ANCHORS, TrainConfig, suggest_lr
+
+    (small, lr_small), (large, lr_large) = LR_ANCHORS
+    assert suggest_lr(int(small)) == pytest.approx(lr_small) and suggest_lr(int(large)) == pytest.approx(
+        lr_large
+    )
+    assert suggest_lr(10) == pytest.approx(lr_small) and suggest_lr(10**13) == pytest.approx(
+        lr_large
+    )  # clamped
+    mid = [suggest_lr(n) for n in (10**7, 10**8, 10**9, 10**10)]
+    assert mid == sorted(mid, reverse=True) and lr_large < mid[-1] < mid[0] < lr_small
+    model = make_tiny_model("qwen2_moe")
+    n = sum(p.numel() for p in model.parameters())
+    assert TrainConfig().lr is None and TrainConfig().with_model(model).lr == pytest.approx(suggest_lr(n))
+    assert TrainConfig(lr=1e-4).with_model(model).lr == 1e-4  # a given rate is kept
+    with pytest.raises(ValueError, match="with_model"):
+        TrainConfig().lr_at(0)

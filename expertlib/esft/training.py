@@ -65,11 +65,31 @@ from expertlib.slots import (
 TRAIN_SET_ROW = 1
 
 
+#: (parameters, learning rate) that worked for ESFT: the paper's DeepSeek-V2-Lite (15.7B, 1e-5)
+#: and the demo base (1.9M, 3e-3: bench/RESULTS.md "ESFT sweep"). `suggest_lr` interpolates.
+LR_ANCHORS = ((1.9e6, 3e-3), (1.57e10, 1e-5))
+
+
+def suggest_lr(num_params: int) -> float:
+    """A starting learning rate for ESFT on a model of `num_params` parameters (log-linear, clamped).
+
+    Small models trained for a few hundred steps need far larger steps than the paper's 16B model;
+    between the two anchors `LR_ANCHORS` the rate falls log-linearly with the parameter count,
+    and outside them it stays at the nearer anchor's. A starting point, not a tuned value.
+    """
+    (n0, lr0), (n1, lr1) = LR_ANCHORS
+    t = (math.log(max(num_params, 1)) - math.log(n0)) / (math.log(n1) - math.log(n0))
+    t = min(1.0, max(0.0, t))
+    return float(math.exp(math.log(lr0) + t * (math.log(lr1) - math.log(lr0))))
+
+
 class TrainConfig(BaseModel):
     """Optimisation settings.
 
     Paper values (ESFT.md, "Training"): lr 1e-5, AdamW betas (0.9, 0.95), weight decay 0.1,
     500 steps. Defaults that differ, and why:
+    - `lr` unset: `suggest_lr` picks it from the model's size (1e-5 for the paper's 16B model, ~100x
+      more for a 2M-parameter toy trained a few hundred steps); give it to override.
     - `batch_size` 8 sequences, `grad_accum` 1 (paper: 32 x 4096 tokens): sized for one small
       machine; raise them (and `max_length` in the pipeline) to match the paper.
     - `dtype` float32 (paper: bf16): exact on CPU; bfloat16 autocast is one option away.
@@ -81,7 +101,13 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lr: float = Field(default=1e-5, gt=0, description="peak learning rate (paper: 1e-5 ESFT, 3e-5 full FT)")
+    lr: float | None = Field(
+        default=None,
+        gt=0,
+        description="peak learning rate; default: from the model's size (suggest_lr: the paper's 1e-5 at "
+        "16B parameters, 3e-3 at the 2M-parameter demo base, log-linear in between). To pick one: train "
+        "3 values ~3x apart with --eval-data and --early-stop and keep the lowest held-out loss",
+    )
     betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas")
     weight_decay: float = Field(default=0.1, ge=0, description="AdamW weight decay (trained tensors only)")
     eps: float = 1e-8
@@ -123,8 +149,16 @@ class TrainConfig(BaseModel):
             )
         return self
 
+    def with_model(self, model: nn.Module) -> TrainConfig:
+        """This config with `lr` filled in from `model`'s size when it was left to the default."""
+        if self.lr is not None:
+            return self
+        return self.model_copy(update={"lr": suggest_lr(sum(p.numel() for p in model.parameters()))})
+
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine/linear decay."""
+        if self.lr is None:
+            raise ValueError("lr is not set: call TrainConfig.with_model(model) first")
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         if self.schedule == "constant":
@@ -367,6 +401,7 @@ def train_experts(
 
     if not samples:
         raise SelectionError("no training samples")
+    config = config.with_model(model)
     torch.manual_seed(config.seed)
     dist = distributed.context()
     # each step's global batch: batch_size sequences per process (the same as one process with
