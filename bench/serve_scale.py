@@ -354,6 +354,16 @@ def report(rows: list[dict], args, wall_s: float) -> str:
             f"{n * full_set / r['full_bytes']:.2f} |"
         )
     lines += ["", *summary(rows, n)]
+    pairs = [("mixed16", "plain"), ("mixedN", "plain"), ("mixedN", "base"), ("base", "plain")]
+    walls = [x for r in rows for a, b in pairs for x in ratios(r["phases"], a, b, 0)[1]]
+    cpus = [ratios(r["phases"], a, b, 1)[0] for r in rows for a, b in pairs]
+    lines += [
+        "",
+        f"Per-phase wall-time ratios range from {min(walls):.2f} to {max(walls):.2f}: on this shared machine "
+        "the drift between and within phases is larger than any difference between the engines, so the wall "
+        f"figures bound nothing tighter than that. The CPU-time ratios range from {min(cpus):.3f} to "
+        f"{max(cpus):.3f}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
