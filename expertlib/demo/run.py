@@ -302,7 +302,7 @@ def run_demo(
     c = info["config"]
     log(
         f"  {base}\n  {c['num_layers']} MoE layers x {c['num_experts']} routed experts (top-{c['top_k']}) + 1 shared; "
-        f"pretrained {info['steps']} steps on {len(c['tasks'])} general tasks; accuracy: {acc}"
+        f"pretrained {info['steps']} steps on {len(c['tasks'])} tasks (general and domain); accuracy: {acc}"
     )
     from expertlib.demo.evaluate import task_specialisation
     from expertlib.esft.diagnostics import format_specialisation
