@@ -607,7 +607,9 @@ def test_startup_loads_all_registered_sets_and_reports_failures(tmp_path):
 
     state = asyncio.run(start(ServerSettings(base="b", registry=str(tmp_path / "reg"), all_sets=True)))
     assert state.ready and sorted(state.engine.loaded_sets()) == ["code@1", "math@1", "math@2"]
-    assert asyncio.run(state.catalog.resolve("math")).name == "math@2"  # a bare task: its latest loaded version
+    assert (
+        asyncio.run(state.catalog.resolve("math")).name == "math@2"
+    )  # a bare task: its latest loaded version
 
     state = asyncio.run(
         start(ServerSettings(base="b", registry=str(tmp_path / "reg"), expert_sets=["poetry"]))
