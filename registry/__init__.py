@@ -10,10 +10,10 @@
 Storage only: the registry never loads a model (see DESIGN.md).
 """
 
-from .local import RegistryStore, default_root
-from .models import Entry, GcReport, TransferReport, VerifyReport
-from .names import LATEST, Ref, RefSpec, parse_ref, validate_name, validate_tag
-from .registry import Registry
+from expertlib.registry.local import RegistryStore, default_root
+from expertlib.registry.models import Entry, GcReport, TransferReport, VerifyReport
+from expertlib.registry.names import LATEST, Ref, RefSpec, parse_ref, validate_name, validate_tag
+from expertlib.registry.registry import Registry
 
 __all__ = [
     "LATEST",

@@ -23,8 +23,7 @@ from typing import BinaryIO
 
 from expertlib.constants import PATCH_SUFFIX
 from expertlib.errors import DigestMismatchError
-
-from .names import DIGEST_PREFIX, validate_digest
+from expertlib.registry.names import DIGEST_PREFIX, validate_digest
 
 CHUNK = 1 << 20
 BLOBS_DIR = "blobs"

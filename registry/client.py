@@ -20,10 +20,9 @@ from urllib.parse import quote
 import httpx
 
 from expertlib.errors import NotFoundError, RemoteError
-
-from .blobs import CHUNK, BlobStore
-from .models import Entry, EntryList, TagRequest
-from .names import RefSpec, validate_digest, validate_name
+from expertlib.registry.blobs import CHUNK, BlobStore
+from expertlib.registry.models import Entry, EntryList, TagRequest
+from expertlib.registry.names import RefSpec, validate_digest, validate_name
 
 TOKEN_ENV = "EXPERTLIB_REMOTE_TOKEN"
 

@@ -16,10 +16,9 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from expertlib.errors import DigestMismatchError, IntegrityError, NotFoundError
-
-from .local import RegistryStore, _storage_errors
-from .models import Entry, EntryList, TagRequest
-from .names import DIGEST_PREFIX, validate_digest, validate_name, validate_tag
+from expertlib.registry.local import RegistryStore, _storage_errors
+from expertlib.registry.models import Entry, EntryList, TagRequest
+from expertlib.registry.names import DIGEST_PREFIX, validate_digest, validate_name, validate_tag
 
 router = APIRouter(tags=["registry"])
 

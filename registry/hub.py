@@ -21,10 +21,9 @@ from pydantic import BaseModel, Field, StrictInt, field_validator
 from expertlib.errors import DigestMismatchError, InvalidNameError, NotFoundError, RemoteError
 from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSetManifest
-
-from .blobs import BlobStore, sha256_file
-from .models import WIRE_VERSION, BlobDigest, Entry, SetName, Tags, check_wire_version
-from .names import MAX_VERSION, RefSpec
+from expertlib.registry.blobs import BlobStore, sha256_file
+from expertlib.registry.models import WIRE_VERSION, BlobDigest, Entry, SetName, Tags, check_wire_version
+from expertlib.registry.names import MAX_VERSION, RefSpec
 
 PATCH_FILE = "expert_set.safetensors"
 MANIFEST_FILE = "expertlib.json"

@@ -47,11 +47,10 @@ from expertlib.errors import (
 )
 from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSet, ExpertSetManifest
-
-from . import index
-from .blobs import BlobStore, TempBlob, sha256_file, test_hook
-from .models import Entry, GcReport, VerifyProblem, VerifyReport, base_key
-from .names import LATEST, Ref, RefSpec, parse_ref, validate_name, validate_tag
+from expertlib.registry import index
+from expertlib.registry.blobs import BlobStore, TempBlob, sha256_file, test_hook
+from expertlib.registry.models import Entry, GcReport, VerifyProblem, VerifyReport, base_key
+from expertlib.registry.names import LATEST, Ref, RefSpec, parse_ref, validate_name, validate_tag
 
 BaseArg = BaseIdentity | str | Path | None
 
@@ -137,7 +136,7 @@ class RegistryStore:
             return [base_key(base)]
         text = str(base)
         if Path(text, "config.json").is_file():
-            from .basemodel import folder_identity
+            from expertlib.registry.basemodel import folder_identity
 
             return [base_key(folder_identity(text))]
         digest = text if text.startswith("sha256:") else "sha256:" + text
@@ -614,7 +613,7 @@ def _spec(ref: str | RefSpec | Ref) -> RefSpec:
 
 
 def _folder_identity(base: str | Path) -> BaseIdentity:
-    from .basemodel import folder_identity
+    from expertlib.registry.basemodel import folder_identity
 
     return folder_identity(base)
 

@@ -13,8 +13,7 @@ from pydantic import AfterValidator, BaseModel, Field, StrictInt, field_validato
 
 from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSetManifest
-
-from .names import LATEST, MAX_VERSION, Ref, validate_digest, validate_name, validate_tag
+from expertlib.registry.names import LATEST, MAX_VERSION, Ref, validate_digest, validate_name, validate_tag
 
 
 def _validate_tags(tags: list[str]) -> list[str]:

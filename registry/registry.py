@@ -10,9 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from expertlib.patch import ExpertSet
-
-from .local import BaseArg, RegistryStore, translate_storage_errors
-from .remotes import pull, push
+from expertlib.registry.local import BaseArg, RegistryStore, translate_storage_errors
+from expertlib.registry.remotes import pull, push
 
 
 class Registry(RegistryStore):
@@ -22,7 +21,7 @@ class Registry(RegistryStore):
     @translate_storage_errors
     def diff(self, refs: Sequence[str], *, base: BaseArg = None, base_dir: str | Path | None = None):
         """Compare expert sets of one base (see `expertlib.registry.diff.diff_expert_sets`)."""
-        from .diff import diff_expert_sets  # imports torch: only when diffing
+        from expertlib.registry.diff import diff_expert_sets  # imports torch: only when diffing
 
         entries = [self.resolve(r, base=base) for r in refs]
         sets = [ExpertSet.open(self.blobs.path(e.digest)) for e in entries]

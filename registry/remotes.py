@@ -17,11 +17,10 @@ from typing import Protocol
 
 from expertlib.errors import InvalidNameError, NotFoundError, RemoteError
 from expertlib.identity import BaseIdentity
-
-from .blobs import BlobStore
-from .local import BaseArg, RegistryStore
-from .models import Entry, TransferReport
-from .names import LATEST, RefSpec, parse_ref
+from expertlib.registry.blobs import BlobStore
+from expertlib.registry.local import BaseArg, RegistryStore
+from expertlib.registry.models import Entry, TransferReport
+from expertlib.registry.names import LATEST, RefSpec, parse_ref
 
 HF_SCHEME = "hf://"
 
@@ -115,11 +114,11 @@ def _open_folder(path: str | Path, *, create: bool = True) -> RegistryStore:
 def open_remote(url: str, *, token: str | None = None, source: bool = False) -> Source | Sink:
     url = str(url)
     if url.startswith(HF_SCHEME):
-        from .hub import HubRemote
+        from expertlib.registry.hub import HubRemote
 
         return HubRemote.from_url(url, token=token)
     if url.startswith(("http://", "https://")):
-        from .client import HttpRemote
+        from expertlib.registry.client import HttpRemote
 
         return HttpRemote(url, token=token)
     if "://" in url:
@@ -136,7 +135,7 @@ def _wire_base(base: BaseArg) -> str | None:
     if isinstance(base, BaseIdentity):
         return base.config_digest
     if Path(str(base), "config.json").is_file():
-        from .basemodel import folder_identity
+        from expertlib.registry.basemodel import folder_identity
 
         return folder_identity(base).config_digest
     return str(base)
