@@ -66,6 +66,22 @@ def test_answers_are_right():
             pairs = dict(zip("([{<", ")]}>", strict=True))
             assert answer == "".join(pairs[c] for c in reversed(arg)), prompt
             continue
+        if prompt.startswith("cross "):  # ( closes with ], [ with ), { with >, < with }
+            arg = prompt.split(" ", 1)[1]
+            pairs = {"(": "]", "[": ")", "{": ">", "<": "}"}
+            assert answer == "".join(pairs[c] for c in reversed(arg)), prompt
+            continue
+        if prompt.startswith("open "):  # the opening run that the closing run closes
+            arg = prompt.split(" ", 1)[1]
+            closing = dict(zip(")]}>", "([{<", strict=True))
+            assert answer == "".join(closing[c] for c in reversed(arg)), prompt
+            continue
+        if prompt.startswith(("fill ", "swap ")):
+            arg = prompt.split(" ", 1)[1]
+            assert set(arg) <= {"#", "."}, prompt
+            want = "#" * len(arg) if prompt.startswith("fill") else arg.translate(str.maketrans("#.", ".#"))
+            assert answer == want, prompt
+            continue
         op, arg = prompt.split(": ", 1)
         if op == "copy":
             assert answer == arg
