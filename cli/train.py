@@ -233,8 +233,9 @@ def train_cmd(
     Scores and selects the experts unless --experts gives a selection. With --general, reports
     (before training) how much of the general data's routing the selected experts carry.
 
-    Picking the learning rate: the paper's 1e-5 is for a 16B model trained 500 steps of 32 x 4096
-    tokens. Smaller models and shorter runs need more: try 1e-5..1e-4 for billion-parameter
+    Picking the learning rate: without --lr it is picked from the model's size (3e-3 for the
+    1.9M-parameter demo base down to the paper's 1e-5 at 16B; recorded in the patch's provenance). The
+    paper's 1e-5 is for a 16B model trained 500 steps of 32 x 4096 tokens. Smaller models and shorter runs need more: try 1e-5..1e-4 for billion-parameter
     bases and 1e-3..1e-2 for toy ones (the demo uses 3e-3), hold data out (--holdout or
     --eval-data with --eval-every) and lower it when the held-out loss rises while the train
     loss falls; --early-stop stops there and keeps the best experts.
