@@ -36,7 +36,9 @@ _WEIGHTING_HELP = SelectionConfig.model_fields["weighting"].description + "."
 @click.option("--budget", type=int, default=131072, show_default=True, help=_BUDGET_HELP)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per forward pass.")
 @click.option(
-    "--answer-only", is_flag=True, help="Count only answer tokens (default: prompt tokens count too)."
+    "--answer-only",
+    is_flag=True,
+    help="Count only the positions that produce answer tokens, i.e. what the loss trains (default: every token).",
 )
 @click.option("--max-length", type=int, default=4096, show_default=True, help="Longer samples are cut.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample order.")
@@ -209,7 +211,11 @@ def select_cmd(
 @config_options(SelectionConfig, ["score", "top_p", "max_per_layer"])
 @click.option("--experts", type=click.Path(exists=True, dir_okay=False), help="Use this expert_cfg.json.")
 @click.option("--budget", type=int, default=131072, show_default=True, help=_BUDGET_HELP)
-@click.option("--answer-only", is_flag=True, help="Score on answer tokens only.")
+@click.option(
+    "--answer-only",
+    is_flag=True,
+    help="Score only the positions that produce answer tokens (what the loss trains).",
+)
 @config_options(SelectionConfig, ["weighting", "train_shared_experts", "train_non_expert_modules"])
 @config_options(
     TrainConfig,
