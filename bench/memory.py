@@ -18,24 +18,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from probes import rss, weight_bytes
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 ENGINE_KW = dict(enforce_eager=True, dtype="float32", max_model_len=512, max_num_seqs=8)
 MiB = 2**20
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def weight_bytes(worker) -> int:
-    model = worker.model_runner.get_model()
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def child(root: Path, n: int | None) -> dict:

@@ -32,24 +32,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from probes import rss, weight_bytes
+
 SECTION = "## Serving at real shapes (mixed batch with 16/32 sets vs plain vLLM; CPU, 1 MoE layer)"
 VOCAB = 8192
 KINDS = ("plain", "base", "mixed16", "mixedN")
 MiB = 2**20
 ROWS = Path(__file__).resolve().parent / "serve_scale.json"
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def weight_bytes(worker) -> int:
-    model = worker.model_runner.get_model()
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def make_base(name: str, path: Path, dtype: str):
