@@ -110,31 +110,29 @@ def test_score_and_train_report_the_retention_risk(tmp_path, monkeypatch):
 
     monkeypatch.setenv("EXPERTLIB_CACHE", str(tmp_path / "cache"))
     base = str(build_demo_base(progress=False))
-    data = write_jsonl(get_task("open").split(n_train=64, n_eval=1).train, tmp_path / "open.jsonl")
-    res = CliRunner().invoke(
-        cli,
-        ["score", base, str(data), "--out", str(tmp_path / "s.json"), "--budget", "2000"]
-        + ["--general", "builtin", "--json"],
-    )
-    assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout[res.stdout.index("{") :])
+
+    def score(task: str) -> tuple:
+        """`expertlib score --general builtin --json` on 64 samples of `task`: (data path, output)."""
+        data = write_jsonl(get_task(task).split(n_train=64, n_eval=1).train, tmp_path / f"{task}.jsonl")
+        res = CliRunner().invoke(
+            cli,
+            ["score", base, str(data), "--out", str(tmp_path / f"{task}.scores.json"), "--budget", "2000"]
+            + ["--general", "builtin", "--json"],
+        )
+        assert res.exit_code == 0, res.output
+        return data, json.loads(res.stdout[res.stdout.index("{") :])
+
+    data, out = score("open")
     risk = out["retention_risk"]["esft-token p=0.2"]
     assert set(risk["per_layer"]) == {"0", "1", "2", "3"}
     assert risk["at_risk_layers"], risk  # `open` answers through the general tasks' experts
-
-    # `sum` (numbers, its own experts on the demo base) is not flagged: the check separates the two
-    sum_data = write_jsonl(get_task("sum").split(n_train=64, n_eval=1).train, tmp_path / "sum.jsonl")
-    res = CliRunner().invoke(
-        cli,
-        ["score", base, str(sum_data), "--out", str(tmp_path / "t.json"), "--budget", "2000"]
-        + ["--general", "builtin", "--json"],
-    )
-    assert res.exit_code == 0, res.output
-    calm = json.loads(res.stdout[res.stdout.index("{") :])["retention_risk"]["esft-token p=0.2"]
-    assert not calm["at_risk_layers"] and calm["mean_general_mass"] < risk["mean_general_mass"] / 2, calm
     assert 0 < risk["mean_general_mass"] < 1 and risk["threshold"] == DEFAULT_RISK_THRESHOLD
     spec = out["specialisation"]
     assert set(spec["concentration"]) == {"task", "general"} and spec["k"] == 4
+
+    # `sum` (numbers, its own experts on the demo base) is not flagged: the check separates the two
+    calm = score("sum")[1]["retention_risk"]["esft-token p=0.2"]
+    assert not calm["at_risk_layers"] and calm["mean_general_mass"] < risk["mean_general_mass"] / 2, calm
 
     res = CliRunner().invoke(
         cli,
