@@ -144,3 +144,12 @@ def test_answer_only_counts_the_positions_the_loss_trains(qwen, samples):
     )
     assert ans.tokens_scored == sum(sum(trained_positions(s.labels)) for s in samples)
     assert ans.token != later.token
+
+
+def test_answer_only_budget_counts_what_the_mask_counts(qwen, samples):
+    # a packed row can start inside an answer (labels[0] trained): position 0 is never a trained
+    # position, so the budget must not count it either, or the whole row would be cut away
+    rows = [Sample(s.input_ids, (s.input_ids[0], *s.labels[1:]), s.line) for s in samples]
+    got = score_experts(qwen, rows, pad_id=0, count_prompt_tokens=False, token_budget=None, progress=False)
+    assert got.sequences == len(rows)
+    assert got.tokens_scored == sum(sum(trained_positions(s.labels)) for s in rows)

@@ -224,7 +224,7 @@ def iter_budget(
         s = samples[i]
         if s is None:
             continue
-        n = len(s) if count_prompt_tokens else s.num_answer_tokens
+        n = sum(counted_positions(s, count_prompt_tokens))
         if n == 0:
             continue
         take = int(min(n, left))
@@ -245,13 +245,18 @@ def trained_positions(labels: Sequence[int]) -> list[bool]:
     return [y != IGNORE_INDEX for y in labels[1:]] + [False] if labels else []
 
 
+def counted_positions(s: Sample, count_prompt_tokens: bool) -> list[bool]:
+    """Which positions of `s` the scores count: all of them, or only `trained_positions`."""
+    return [True] * len(s) if count_prompt_tokens else trained_positions(s.labels)
+
+
 def _count_mask(
     batch: list[tuple[Sample, int]], width: int, count_prompt_tokens: bool
 ) -> tuple[list, torch.Tensor]:
     """Cut samples to their last counted token; (cut samples, (B, S) counted-token mask)."""
     cut, masks = [], torch.zeros((len(batch), width), dtype=torch.bool)
     for b, (s, take) in enumerate(batch):
-        counted = [True] * len(s) if count_prompt_tokens else trained_positions(s.labels)
+        counted = counted_positions(s, count_prompt_tokens)
         seen, end = 0, 0
         for t, c in enumerate(counted):
             if c:
