@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from expertlib.constants import CACHE_ENV, DEFAULT_CACHE_DIR
-from expertlib.demo.tasks import PRETRAIN_TASKS, collate, encode, mixture
+from expertlib.demo.tasks import PRETRAIN_TASKS, collate, encode, get_task, mixture
 
 #: Name of the report written beside the weights.
 DEMO_INFO_FILE = "demo_base.json"
@@ -134,10 +134,8 @@ def domain_groups(config: DemoBaseConfig) -> dict[str, list[int]]:
     domain d adds `-log(router probability mass on d's group)` (weight `domain_routing`) to the
     loss. Routing stays learned and soft (top-k over all experts, load balancing on), the held-out
     specialised tasks get no prior at all, and how specialised the result is gets measured
-    (`expertlib.diagnostics`), not assumed.
+    (`expertlib.esft.diagnostics`), not assumed.
     """
-    from expertlib.demo.tasks import get_task
-
     domains = sorted({get_task(t).domain for t in config.tasks})
     size = config.num_experts // len(domains)
     return {d: list(range(i * size, (i + 1) * size)) for i, d in enumerate(domains)}
@@ -246,8 +244,6 @@ def _pretrain(config: DemoBaseConfig, out, *, progress: bool, steps: int) -> tup
     group_of = {
         d: torch.zeros(config.num_experts).index_fill_(0, torch.tensor(g), 1.0) for d, g in groups.items()
     }
-    from expertlib.demo.tasks import get_task
-
     sample_groups = [group_of[get_task(ex.task).domain] for ex in examples]
     gen = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(
