@@ -232,7 +232,7 @@ def test_gradient_checkpointing_trains_the_same_experts(samples):
         assert torch.allclose(w.gate, b.experts[key].gate, atol=1e-6)
 
 
-def test_default_learning_rate_follows_the_model_size():
+def test_default_learning_rate_follows_the_model_size(samples):
     from expertlib.esft.training import LR_ANCHORS, TrainConfig, suggest_lr
 
     (small, lr_small), (large, lr_large) = LR_ANCHORS
@@ -250,3 +250,9 @@ def test_default_learning_rate_follows_the_model_size():
     assert TrainConfig(lr=1e-4).with_model(model).lr == 1e-4  # a given rate is kept
     with pytest.raises(ValueError, match="with_model"):
         TrainConfig().lr_at(0)
+    # training without an lr uses the suggested one and records it in the patch's provenance
+    res = train_experts(
+        model, samples, selection_for(model), fast(lr=None, steps=1), pad_id=0, progress=False
+    )
+    es = res.expert_set(task="toy", base=base_identity(model))
+    assert es.manifest.provenance.training["lr"] == pytest.approx(suggest_lr(n))

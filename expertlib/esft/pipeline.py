@@ -179,7 +179,6 @@ def train_esft(
         else {}
     )
     model = load_model(base, dtype=torch_dtype(config.dtype), **kw)
-    config = config.with_model(model)  # the learning rate from the model's size unless given
     ident = base_identity(model, name=str(base))
     prov = Provenance(data_digest=digest, extra={"data_path": str(data)})
     if given is None:
