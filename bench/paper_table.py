@@ -151,30 +151,21 @@ def specialisation_figures(base: Path, tasks, args):
     """(Specialisation over general + given tasks, general routing shares) on the base."""
     import torch
 
-    from expertlib.demo.tasks import DEMO_TASKS, GENERAL_TASKS, PRETRAIN_TASKS, get_task, write_jsonl
-    from expertlib.esft.data import load_samples
-    from expertlib.esft.diagnostics import routing_shares, specialisation
+    from expertlib.demo.evaluate import task_routing
+    from expertlib.demo.tasks import DEMO_TASKS, PRETRAIN_TASKS
+    from expertlib.esft.diagnostics import builtin_general_samples, routing_shares, specialisation
     from expertlib.moe import load_model
     from expertlib.testing import make_tokenizer
 
     tok = make_tokenizer()
     model = load_model(base, dtype=torch.float32)
-    shares = {}
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        for t in dict.fromkeys([*PRETRAIN_TASKS, *DEMO_TASKS, *tasks]):
-            exs = get_task(t).split(n_train=0, n_eval=100, seed=1).eval
-            samples = load_samples(write_jsonl(exs, Path(d) / f"{t}.jsonl"), tok)
-            shares[t] = routing_shares(model, samples, pad_id=0, token_budget=None, count_prompt_tokens=False)
-        gen = [ex for t in GENERAL_TASKS for ex in get_task(t).split(n_train=0, n_eval=40, seed=0).eval]
-        general = routing_shares(
-            model,
-            load_samples(write_jsonl(gen, Path(d) / "g.jsonl"), tok),
-            pad_id=0,
-            token_budget=None,
-            count_prompt_tokens=False,
-        )
+    # the answer-producing positions of 100 eval prompts per task, and of the built-in general set
+    shares = task_routing(
+        model, tok, list(dict.fromkeys([*PRETRAIN_TASKS, *DEMO_TASKS, *tasks])), n=100, seed=1
+    )
+    general = routing_shares(
+        model, builtin_general_samples(tok), pad_id=0, token_budget=None, count_prompt_tokens=False
+    )
     return specialisation(shares, k=model.config.num_experts_per_tok), general
 
 
