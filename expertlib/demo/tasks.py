@@ -192,9 +192,13 @@ def _pattern(rng: random.Random, lo: int = 4, hi: int = 10) -> str:
     return "".join(rng.choice(PIXELS) for _ in range(rng.randint(lo, hi)))
 
 
+def _flipped(w: str) -> str:
+    return w.translate(str.maketrans("#.", ".#"))
+
+
 def _flip(rng):
     w = _pattern(rng)
-    return f"flip: {w}", w.translate(str.maketrans("#.", ".#"))
+    return f"flip: {w}", _flipped(w)
 
 
 OPEN, CLOSE = "([{<", ")]}>"
@@ -244,7 +248,7 @@ def _fill(rng):
 
 def _swap(rng):
     w = _pattern(rng)
-    return f"swap {w}", w.translate(str.maketrans("#.", ".#"))
+    return f"swap {w}", _flipped(w)
 
 
 #: `cross`'s pairing: ( closes with ], [ with ), { with >, < with }.
