@@ -148,7 +148,7 @@ def fft_step(model, batch: torch.Tensor, steps: int) -> tuple[float, int, float]
 
     AdamW's state (8 bytes a parameter in float32, exact: tests/test_memory_plan.py) is added by
     arithmetic and its update timed on a 32M-parameter slice: holding it for a whole layer of 64-128
-    experts would not fit next to the other engineers' jobs on this machine."""
+    experts would not fit next to other jobs on the shared benchmark machine."""
     from baselines import trainable_baseline
 
     from expertlib.esft.memory_plan import PeakTracker
