@@ -26,7 +26,7 @@ def _ctx(**kw) -> SlotContext:
 def _device_like(ctx: SlotContext) -> SlotContext:
     """Give `ctx` a token buffer separate from its host staging buffer, as on CUDA (the CPU
     SlotContext reads the host buffer directly), so set_tokens takes the device branch."""
-    ctx.token_offsets = torch.full_like(ctx._host, -1)
+    ctx.token_offsets = ctx._host.clone()  # a copy of the zeroed staging buffer, as on CUDA
     return ctx
 
 
@@ -46,6 +46,39 @@ def test_token_buffer_is_updated_in_place(device_like):
     assert captured.tolist() == [24, 24, 0, 0, 0, 0]
     ctx.clear_tokens()
     assert captured.tolist() == [0] * 6
+
+
+def test_unchanged_steps_copy_nothing_to_the_device():
+    """The per-step host-to-device copy happens only when the step's offsets differ from what the
+    device buffer holds: base-only steps after base-only steps, and a decode step of the same batch,
+    copy nothing; every step that changes something still lands on the device."""
+    ctx = _device_like(_ctx())
+    for _ in range(3):
+        ctx.set_tokens([0, 0], [4, 3])  # base-only
+    assert ctx.copies == 0
+    ctx.set_tokens([2, 0], [1, 1])
+    ctx.set_tokens([2, 0], [1, 1])  # the same batch decoding again
+    assert ctx.copies == 1 and ctx.token_offsets[:3].tolist() == [16, 0, 0]
+    ctx.set_tokens([0, 2], [1, 1])  # same size, other layout
+    assert ctx.copies == 2 and ctx.token_offsets[:3].tolist() == [0, 16, 0]
+    ctx.set_tokens([0], [5])  # back to the base: the stale row must go
+    assert ctx.copies == 3 and ctx.token_offsets[:5].tolist() == [0] * 5
+    ctx.set_tokens([0], [9])
+    ctx.clear_tokens()
+    assert ctx.copies == 3
+
+
+def test_dummy_runs_leave_the_set_buffer_alone():
+    """vLLM's _dummy_run (warm-up, profiling, graph capture; num_reqs=0) runs outside the input-prep
+    synchronisation that protects the pinned staging buffer: it must neither write nor copy it."""
+    from expertlib.vllm_plugin.batch import fill_token_sets
+
+    ctx = _device_like(_ctx())
+    ctx.set_tokens([1, 3], [2, 2])
+    copies, before = ctx.copies, ctx._host.clone()
+    fill_token_sets(SimpleNamespace(), ctx, 0)  # the runner is not even read
+    assert ctx.copies == copies and torch.equal(ctx._host, before)
+    assert ctx.token_offsets[:4].tolist() == [8, 8, 24, 24]
 
 
 def test_remap_table_rows_are_written_in_place():

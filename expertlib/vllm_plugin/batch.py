@@ -5,7 +5,7 @@ vLLM has no public hook that hands per-request values to the model's forward, so
 runner's `_init_model_kwargs` (private API; vllm==0.32.0 is pinned), which every forward of the GPU
 runner and of the CPU runner (its subclass) calls after the batch layout is known. The wrapper writes
 the set rows into the model's persistent per-token buffer (`SlotContext.token_offsets`) from
-`input_batch.req_ids` and `query_start_loc`; warm-up and dummy runs (`num_reqs=0`) get all zeros.
+`input_batch.req_ids` and `query_start_loc`; warm-up and dummy runs (`num_reqs=0`) leave it as it is.
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ def request_set_row(state, max_sets: int) -> int:
 
 
 def fill_token_sets(runner, ctx, num_reqs: int | None) -> None:
+    """Write this step's per-token set rows into `ctx` (copies nothing when they did not change)."""
     if num_reqs == 0:
-        ctx.clear_tokens()
+        # Warm-up, profiling and CUDA graph capture (`_dummy_run`) discard their outputs and run
+        # outside the runner's input-prep synchronisation: leave the buffer alone (no host write, no
+        # copy). Whatever it holds are valid set rows, and a graph records addresses, not values.
         return
     batch = runner.input_batch
     n = batch.num_reqs

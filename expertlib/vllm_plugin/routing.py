@@ -41,31 +41,50 @@ class SlotContext:
         self.remap = identity.repeat(num_layers, max_sets + 1, 1).contiguous()
         #: offset of every token's set row in a layer's flat remap table (row * E) for the current
         #: step; zero (the base row) beyond the step's tokens
-        self._host = torch.zeros(max_tokens, dtype=torch.int64)
+        # One pinned staging buffer on CUDA, like vLLM's own CpuGpuBuffer inputs: the hook writes it
+        # inside the runner's synchronize_input_prep(), after the previous step's copies finished, and
+        # `_copied` guards callers outside that protocol. On CPU the routers read it directly.
+        cuda = self.device.type == "cuda"
+        self._host = torch.zeros(max_tokens, dtype=torch.int64, pin_memory=cuda)
         self._host_np = self._host.numpy()  # shares memory with _host
-        # on CPU the per-token offsets are read straight from the host buffer
         self.token_offsets = self._host if self.device.type == "cpu" else self._host.to(self.device)
+        self._copied = torch.cuda.Event() if cuda else None
+        #: host-to-device copies of the offsets so far (steps that changed nothing copy nothing)
+        self.copies = 0
         self._filled = 0
         #: MoE layer index -> the MoERunner of that layer
         self.layers: dict[int, Any] = {}
 
     def set_tokens(self, set_rows: list[int], per_request_tokens: list[int]) -> None:
-        """Write each request's set row over its tokens of this step (requests in batch order)."""
+        """Write each request's set row over its tokens of this step (requests in batch order).
+
+        The buffer holds offsets for its first `_filled` tokens and zeros after them; a step whose
+        offsets equal what the buffer holds (base-only steps, an unchanged batch) writes and copies
+        nothing."""
         n = int(sum(per_request_tokens))
         if n > self._host.numel():
             raise RuntimeError(f"step has {n} tokens, slot buffer holds {self._host.numel()}")
         host = self._host_np
-        if self._filled > n:
-            host[n : self._filled] = 0
+        new = None
         if any(set_rows):
-            offsets = np.asarray(set_rows, dtype=np.int64) * self.num_experts
-            host[:n] = np.repeat(offsets, per_request_tokens)
-        elif self._filled:
-            host[: min(n, self._filled)] = 0
-        m = max(n, self._filled)
-        if m and self.token_offsets is not self._host:
+            new = np.repeat(np.asarray(set_rows, dtype=np.int64) * self.num_experts, per_request_tokens)
+            if n == self._filled and np.array_equal(host[:n], new):
+                return
+        elif not self._filled:
+            return
+        k = n if new is not None else 0
+        m = max(k, self._filled)
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous copy has read the staging buffer
+        host[k:m] = 0
+        if new is not None:
+            host[:n] = new
+        if self.token_offsets is not self._host:
             self.token_offsets[:m].copy_(self._host[:m], non_blocking=True)
-        self._filled = n if any(set_rows) else 0
+            if self._copied is not None:
+                self._copied.record()
+            self.copies += 1
+        self._filled = k
 
     def clear_tokens(self) -> None:
         self.set_tokens([], [])
