@@ -8,10 +8,19 @@ source: host cache or disk), evictions and load time. Scrape it with Prometheus:
     scrape_configs:
       - job_name: expertlib
         static_configs: [{targets: ["127.0.0.1:8000"]}]     # GET /metrics
+
+It also exports the routing signal Kubernetes inference gateways (Gateway API Inference Extension /
+llm-d, KServe) read from vLLM, `vllm:lora_requests_info`, with expert sets in place of LoRA
+adapters: labels `max_lora` (sets the slots hold at once), `running_lora_adapters` (the sets
+resident in the slots, comma-separated served names) and `waiting_lora_adapters` (the sets being
+loaded for waiting requests); the value is the time of the scrape (the gateway keeps the newest
+series). The model-server protocol defines `running` as "loaded and ready to serve", which is what
+a gateway's set affinity needs: a pod holding an idle set answers it without a load.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prometheus_client import (
@@ -27,6 +36,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 RESIDENCY = ("slots", "host", "disk")
+#: vLLM's LoRA gauge and its label names (vllm/v1/metrics/loggers.py), read by inference gateways.
+LORA_INFO = "vllm:lora_requests_info"
+LORA_LABELS = ("max_lora", "waiting_lora_adapters", "running_lora_adapters")
 
 
 class ServerMetrics:
@@ -139,6 +151,30 @@ class _SetCollector:
             evictions.add_metric([name], float(h.get("evictions", 0)))
             seconds.add_metric([name], float(h.get("load_seconds", 0.0)))
         yield from (residency, loads, evictions, seconds)
+        info = lora_info(self.state)
+        if info is not None:
+            lora = GaugeMetricFamily(LORA_INFO, "Running stats on lora requests.", labels=list(LORA_LABELS))
+            max_sets, waiting, running = info
+            lora.add_metric([str(max_sets), ",".join(waiting), ",".join(running)], time.time())
+            yield lora
+
+
+def lora_info(state: Any) -> tuple[int, list[str], list[str]] | None:
+    """(max_lora, waiting, running) as vLLM's `vllm:lora_requests_info` labels them: the sets the
+    slots hold at once, the sets being loaded, the sets resident (served names); None before the
+    engine runs."""
+    engine = getattr(state, "engine", None)
+    catalog = getattr(state, "catalog", None)
+    if engine is None or catalog is None:
+        return None
+    try:
+        status = dict(engine.status())
+        running = list(catalog.loaded())
+        waiting = catalog.loading()
+    except Exception:  # noqa: BLE001 - a scrape never fails on engine trouble
+        return None
+    max_sets = status.get("max_sets")
+    return (max_sets if isinstance(max_sets, int) else len(running)), waiting, running
 
 
 def _history(state: Any) -> dict[str, dict]:

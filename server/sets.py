@@ -70,6 +70,11 @@ class SetCatalog:
     def loaded(self) -> list[str]:
         return list(self.engine.loaded_sets())
 
+    def loading(self) -> list[str]:
+        """Sets being loaded now (the requests that named them wait for the load)."""
+        loaded = set(self.loaded())
+        return [n for n, lock in self._locks.items() if lock.locked() and n not in loaded]
+
     def aliases_of(self, name: str) -> list[str]:
         return sorted(a for a, n in self._aliases.items() if n == name and a != name)
 
