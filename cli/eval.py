@@ -52,6 +52,12 @@ from expertlib.cli.output import emit, json_option, print_table
 @click.option(
     "--max-length", type=int, default=2048, show_default=True, help="With --data: longest record in tokens."
 )
+@click.option(
+    "--record",
+    is_flag=True,
+    help="Keep each expert set's scores with its registry version (task, metric, value, data digest, "
+    "date): `expertlib list`, `show` and the web view show them. The sets must be registry names.",
+)
 @json_option
 def eval_cmd(
     base,
@@ -66,6 +72,7 @@ def eval_cmd(
     api_key,
     max_new_tokens,
     max_length,
+    record,
     as_json,
 ) -> None:
     """Exact-match accuracy of BASE and of each expert set on each toy task's eval split.
@@ -80,7 +87,12 @@ def eval_cmd(
     Example: expertlib eval ~/.cache/expertlib/demo/base-xxxx -e sum -e fill --tasks sum --tasks general
 
     Example: expertlib eval ./base --data qa.jsonl -e qa --url http://127.0.0.1:8000 --json
+
+    Example: expertlib eval ./base -e sum@2 -e sum@3 --tasks sum --record   # then: expertlib show sum
     """
+    reg = None
+    if record:  # the exact versions, named before evaluating: the scores go where they were measured
+        reg, expert_sets = _registry_versions(registry, base, expert_sets)
     if data is not None:
         return _eval_data(
             base,
@@ -94,6 +106,7 @@ def eval_cmd(
             max_new_tokens,
             max_length,
             as_json,
+            reg,
         )
     from expertlib.demo.evaluate import evaluate
 
@@ -107,7 +120,15 @@ def eval_cmd(
         registry=registry,
         progress=not as_json,
         device=device,
+        keep_samples=record,
     )
+    if reg is not None:
+        from expertlib.registry.evals import accuracy_records
+
+        for ref in expert_sets:
+            records = accuracy_records(result.accuracy[ref], result.samples[ref], source="expertlib eval")
+            reg.record_evals(ref, records, base=base)
+        _say_recorded(expert_sets, as_json)
     emit(
         as_json,
         result.to_dict(),
@@ -118,7 +139,7 @@ def eval_cmd(
 
 
 def _eval_data(
-    base, data, expert_sets, url, api_key, registry, device, limit, max_new_tokens, max_length, as_json
+    base, data, expert_sets, url, api_key, registry, device, limit, max_new_tokens, max_length, as_json, reg
 ):
     from expertlib.evaluation import evaluate_data
 
@@ -138,7 +159,56 @@ def _eval_data(
     title = f"{data}: {result.n_samples} samples, {result.answer_tokens} answer tokens" + (
         f" via {url}" if url else ""
     )
+    if reg is not None:
+        from pathlib import Path
+
+        from expertlib.esft.data import data_digest
+        from expertlib.registry.evals import make_records
+
+        task = Path(data).stem
+        for ref in expert_sets:
+            records = make_records(
+                {task: result.metrics[ref]},
+                data_digests={task: data_digest(data)},
+                n={task: result.n_samples},
+                source="expertlib eval --data" + (f" via {url}" if url else ""),
+            )
+            reg.record_evals(ref, records, base=_base_filter(base))
+        _say_recorded(expert_sets, as_json)
     emit(as_json, result.to_dict(), lambda _: print_table(title, ["metric", *result.columns], result.rows()))
+
+
+def _base_filter(base: str):
+    """BASE as a registry base filter: a model folder; anything else (a hub id) filters nothing."""
+    from pathlib import Path
+
+    return base if Path(base, "config.json").is_file() else None
+
+
+def _registry_versions(registry, base, expert_sets):
+    """(registry, each set as the exact name@version it resolves to now); a file path is refused."""
+    from pathlib import Path
+
+    from expertlib.errors import InvalidNameError
+    from expertlib.registry import Registry
+
+    reg = Registry(registry)
+    refs = []
+    for ref in expert_sets:
+        if Path(ref).suffix == ".safetensors" or Path(ref).exists():
+            raise InvalidNameError(
+                f"--record keeps scores with registry versions; {ref!r} is a file",
+                hint="publish it (expertlib publish FILE) and evaluate it by its registry name",
+            )
+        refs.append(str(reg.resolve(ref, base=_base_filter(base)).ref))
+    if not refs:
+        raise InvalidNameError("--record needs expert sets to record", hint="name them with -e NAME")
+    return reg, tuple(refs)
+
+
+def _say_recorded(refs, as_json: bool) -> None:
+    if not as_json:
+        click.echo(f"recorded the scores of {', '.join(refs)} in the registry", err=True)
 
 
 COMMANDS = [eval_cmd]

@@ -94,7 +94,10 @@ def list_cmd(base: str | None, name: str | None, reg, as_json: bool) -> None:
 
     Example: expertlib list --base ./models/tiny-qwen2-moe --json
     """
+    from expertlib.registry.evals import brief
+
     entries = reg.list(base=base, name=name)
+    evals = reg.evals(entries=entries)
 
     def render(_):
         if not entries:
@@ -110,16 +113,18 @@ def list_cmd(base: str | None, name: str | None, reg, as_json: bool) -> None:
                 len(e.experts),
                 _size(e.size),
                 e.published_at.strftime("%Y-%m-%d %H:%M"),
+                brief(evals[e.ref]) or "-",
             )
             for e in entries
         ]
         print_table(
             f"Expert sets in {reg.root}",
-            ["set", "tags", "digest", "base", "experts", "layers", "size", "published"],
+            ["set", "tags", "digest", "base", "experts", "layers", "size", "published", "scores"],
             rows,
         )
 
-    emit(as_json, [e.summary() for e in entries], render)
+    data = [{**e.summary(), "evals": [r.model_dump(mode="json") for r in evals[e.ref]]} for e in entries]
+    emit(as_json, data, render)
 
 
 @click.command("show")
@@ -133,6 +138,7 @@ def show_cmd(ref: str, base: str | None, reg, as_json: bool) -> None:
     Example: expertlib show math@2 --json
     """
     e = reg.show(ref, base=base)
+    versions = reg.evals(entries=reg.list(base=e.base, name=e.name))
 
     def render(_):
         m = e.manifest
@@ -154,8 +160,32 @@ def show_cmd(ref: str, base: str | None, reg, as_json: bool) -> None:
         ]
         rows += [(f"layer {layer}", ", ".join(map(str, ids))) for layer, ids in m.experts.items()]
         print_table(f"Expert set {e.ref}", ["field", "value"], rows)
+        _render_scores(e, versions)
 
-    emit(as_json, e.model_dump(mode="json"), render)
+    data = {**e.model_dump(mode="json"), "evals": [r.model_dump(mode="json") for r in versions[e.ref]]}
+    emit(as_json, data, render)
+
+
+def _render_scores(e, versions) -> None:
+    """The scores of `e` beside those of the other versions of its name (where any were recorded)."""
+    from expertlib.registry.evals import score_table
+
+    shown = {ref: recs for ref, recs in versions.items() if recs}
+    if not shown.get(e.ref):
+        click.echo(f"no evaluation results recorded for {e.ref} (expertlib eval ... --record)")
+        return
+    rows, values = score_table(shown)
+    refs = sorted(shown, key=lambda r: r.version)
+    table = [
+        (task, metric, digest[:19] or "-", *(_score(values[r].get((task, metric, digest))) for r in refs))
+        for task, metric, digest in rows
+    ]
+    heads = [f"{r.name}@{r.version}" + (" (this)" if r == e.ref else "") for r in refs]
+    print_table(f"Evaluation results of {e.name}", ["task", "metric", "data", *heads], table)
+
+
+def _score(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
 
 
 @click.command("diff")

@@ -19,7 +19,8 @@ INDEX_FILE = "index.db"
 #: "delete" selects SQLite's rollback journal instead of WAL, for a registry folder that several
 #: hosts share over a network filesystem (WAL needs shared memory, which such filesystems lack).
 JOURNAL_ENV = "EXPERTLIB_REGISTRY_JOURNAL"
-SCHEMA_VERSION = 1
+#: 2 added the `evals` table (expertlib.registry.evals); an index of version 1 gains it on first write.
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 60_000
 #: Busy timeout on a server's request path: a locked index answers 503 + Retry-After quickly.
 SERVING_BUSY_TIMEOUT_MS = 1_000
@@ -58,6 +59,20 @@ CREATE TABLE IF NOT EXISTS tags (
     tag TEXT NOT NULL,
     version INTEGER NOT NULL,
     PRIMARY KEY (base_key, name, tag),
+    FOREIGN KEY (base_key, name, version) REFERENCES versions(base_key, name, version) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS evals (
+    base_key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    task TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    data_digest TEXT NOT NULL DEFAULT '',
+    value REAL NOT NULL,
+    n INTEGER,
+    recorded_at TEXT NOT NULL,
+    source TEXT,
+    PRIMARY KEY (base_key, name, version, task, metric, data_digest),
     FOREIGN KEY (base_key, name, version) REFERENCES versions(base_key, name, version) ON DELETE CASCADE
 );
 """
@@ -121,7 +136,11 @@ def init(root: Path) -> None:
             for stmt in SCHEMA.split(";"):
                 if stmt.strip():
                     con.execute(stmt)
-            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            con.execute(  # a new index, or an older one migrated (never lowers a newer version)
+                "INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT(key) DO UPDATE "
+                "SET value = excluded.value WHERE CAST(value AS INTEGER) < CAST(excluded.value AS INTEGER)",
+                (str(SCHEMA_VERSION),),
+            )
     finally:
         con.close()
 

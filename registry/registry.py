@@ -11,6 +11,7 @@ from pathlib import Path
 
 from expertlib.patch import ExpertSet
 from expertlib.registry.local import BaseArg, RegistryStore, translate_storage_errors
+from expertlib.registry.names import parse_ref
 from expertlib.registry.remotes import pull, push
 
 
@@ -26,6 +27,27 @@ class Registry(RegistryStore):
         entries = [self.resolve(r, base=base) for r in refs]
         sets = [ExpertSet.open(self.blobs.path(e.digest)) for e in entries]
         return diff_expert_sets(sets, [str(e.ref) for e in entries], base_dir=base_dir)
+
+    @translate_storage_errors
+    def record_evals(self, ref: str, records, *, base: BaseArg = None):
+        """Keep evaluation results with the version `ref` names (see `expertlib.registry.evals`)."""
+        from expertlib.registry.evals import record_evals
+
+        return record_evals(self, ref, records, base=base)
+
+    @translate_storage_errors
+    def evals(self, ref: str | None = None, *, base: BaseArg = None, entries=None):
+        """Stored evaluation results per version: of `ref` (a bare name: every version), or of `entries`."""
+        from expertlib.registry.evals import evals_of
+
+        if entries is None:
+            spec = parse_ref(ref)
+            entries = (
+                self.list(base=base, name=spec.name)
+                if spec.selector is None
+                else [self.resolve(spec, base=base)]
+            )
+        return evals_of(self, entries)
 
     @translate_storage_errors
     def push(self, ref: str, dest: str, **kw):
