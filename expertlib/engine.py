@@ -288,9 +288,37 @@ def _engine_kwargs(base: BaseCheckpoint, slots: int, max_sets: int, kwargs: dict
     if kw.get("worker_extension_cls") not in (None, WORKER_EXTENSION):
         raise EngineError("worker_extension_cls is set by ExpertEngine", hint="do not pass it")
     kw.update(model=str(base.path), hf_overrides=overrides, worker_extension_cls=WORKER_EXTENSION)
+    _refuse_unsupported_layouts(kw)
     if not _on_cpu():  # only Triton keeps checkpoint layout and calls the slot router (docs/GPU.md)
         kw.setdefault("moe_backend", "triton")
+        from expertlib.vllm_plugin.moe_configs import use_tuned_configs
+
+        text = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        inter = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
+        use_tuned_configs(
+            base.num_experts,
+            slots,
+            int(inter),
+            tensor_parallel_size=int(kw.get("tensor_parallel_size") or 1),
+            dtype=kw.get("dtype"),
+        )
     return kw
+
+
+def _refuse_unsupported_layouts(kw: dict[str, Any]) -> None:
+    """Pipeline stages hold only their own layers (the workers' slot layouts would disagree), and vLLM's
+    routing simulator picks experts itself (tokens would land in empty slots): refuse both up front."""
+    if int(kw.get("pipeline_parallel_size") or 1) > 1:
+        raise EngineError(
+            "expert slots do not support pipeline parallelism (each stage holds only its own MoE layers)",
+            hint="serve with --engine-arg tensor_parallel_size=N instead of pipeline_parallel_size",
+        )
+    if os.environ.get("VLLM_MOE_ROUTING_SIMULATION_STRATEGY"):
+        raise EngineError(
+            "VLLM_MOE_ROUTING_SIMULATION_STRATEGY is set: vLLM's routing simulator would send tokens to "
+            "random experts, empty slots included",
+            hint="unset VLLM_MOE_ROUTING_SIMULATION_STRATEGY to serve expert sets",
+        )
 
 
 #: Sequences the CPU KV cache is sized for when max_num_seqs is not given (vLLM's server default on CPU).
@@ -317,13 +345,21 @@ def size_memory(base: BaseCheckpoint, slots: int, kwargs: dict[str, Any]) -> tup
     dims = sizing.ModelDims.of(base, kw.get("dtype"))
     slot_bytes = slots * dims.slot_row_bytes
     if not _on_cpu():
-        import torch
-
-        free, total = torch.cuda.mem_get_info()
+        tp, pp = int(kw.get("tensor_parallel_size") or 1), int(kw.get("pipeline_parallel_size") or 1)
+        devices = sizing.gpu_memory(tp * pp)  # NVML: no CUDA context in this (the API) process
         util = float(kw.get("gpu_memory_utilization", 0.9))
-        sizing.check_gpu_fit(dims, slot_bytes=slot_bytes, total=total, utilization=util, free=free)
-        line = f"GPU memory: {util} of {sizing.gib(total)}; weights {sizing.gib(dims.weights_bytes)}, "
-        return kw, line + f"expert slots {sizing.gib(slot_bytes)}, the rest is KV cache"
+        sizing.check_gpu_fit(
+            dims,
+            slot_bytes=slot_bytes,
+            devices=devices,
+            utilization=util,
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+        )
+        total = devices[0][1]
+        ranks = f" on each of {tp * pp} GPUs" if tp * pp > 1 else ""
+        line = f"GPU memory: {util} of {sizing.gib(total)}{ranks}; weights {sizing.gib(dims.weights_bytes)}, "
+        return kw, line + f"expert slots {sizing.gib(slot_bytes)} in all, the rest is KV cache"
     if sizing.cpu_kv_env_set():
         kw.pop("kv_cache_memory_bytes", None)  # vLLM replaces it by the variable anyway
         value = os.environ[sizing.CPU_KV_ENV]

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -335,23 +335,95 @@ def fit_max_model_len(dims: ModelDims, want: int, *, slot_bytes: int, available:
 
 
 def check_gpu_fit(
-    dims: ModelDims, *, slot_bytes: int, total: int, utilization: float, free: int | None = None
+    dims: ModelDims,
+    *,
+    slot_bytes: int,
+    utilization: float,
+    devices: Sequence[tuple[int, int]] | None = None,
+    total: int | None = None,
+    free: int | None = None,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
 ) -> None:
-    """On a GPU vLLM sizes the KV cache itself within `utilization` of the device; the weights and
-    the slots must leave room for it. MemoryBudgetError (one line) otherwise."""
-    budget = int(total * utilization)
-    used = dims.weights_bytes + slot_bytes
-    if used >= budget:
+    """On GPUs vLLM sizes the KV cache itself within `utilization` of each device; every rank's share
+    of the weights and the slots must leave room for it there. `devices` are (free, total) bytes of
+    the visible GPUs in order (rank r runs on device r); `total`/`free` describe a single GPU.
+    Tensor parallelism splits every weight and slot row, pipeline parallelism splits the layers, so
+    each of the tp x pp ranks holds 1/(tp x pp) of both (embeddings too: vLLM shards the vocabulary).
+    MemoryBudgetError (one line, naming the GPU) otherwise."""
+    if devices is None:
+        if total is None:
+            raise ValueError("check_gpu_fit needs devices or total")
+        devices = [(total if free is None else free, total)]
+        free_known = free is not None
+    else:
+        free_known = True
+    ranks = max(int(tensor_parallel_size), 1) * max(int(pipeline_parallel_size), 1)
+    if len(devices) < ranks:
         raise MemoryBudgetError(
-            f"weights {gib(dims.weights_bytes)} plus expert slots {gib(slot_bytes)} leave no KV cache within "
-            f"gpu_memory_utilization {utilization} of {gib(total)}",
-            hint="pass fewer --slots / a smaller --expert-memory, or --engine-arg gpu_memory_utilization=0.95",
+            f"tensor_parallel_size {tensor_parallel_size} x pipeline_parallel_size {pipeline_parallel_size} "
+            f"needs {ranks} GPUs but {len(devices)} are visible",
+            hint="make more GPUs visible (CUDA_VISIBLE_DEVICES) or pass a smaller tensor_parallel_size",
         )
-    if free is not None and budget > free:
-        raise MemoryBudgetError(
-            f"gpu_memory_utilization {utilization} asks for {gib(budget)} but only {gib(free)} of {gib(total)} is free",
-            hint=f"pass --engine-arg gpu_memory_utilization={max(free / total - 0.02, 0.05):.2f}",
+    weights, slots = -(-dims.weights_bytes // ranks), -(-slot_bytes // ranks)
+    per_rank = f" per GPU ({ranks} ranks)" if ranks > 1 else ""
+    for index, (dev_free, dev_total) in enumerate(devices[:ranks]):
+        budget = int(dev_total * utilization)
+        gpu = f"GPU {index}" if len(devices) > 1 or ranks > 1 else "the GPU"
+        if weights + slots >= budget:
+            hint = (
+                "pass fewer --slots / a smaller --expert-memory, or --engine-arg gpu_memory_utilization=0.95"
+            )
+            if ranks == 1 and len(devices) > 1:
+                hint += f", or spread the model with --engine-arg tensor_parallel_size={len(devices)}"
+            raise MemoryBudgetError(
+                f"weights {gib(weights)} plus expert slots {gib(slots)}{per_rank} leave no KV cache within "
+                f"gpu_memory_utilization {utilization} of {gpu} ({gib(dev_total)})",
+                hint=hint,
+            )
+        if free_known and budget > dev_free:
+            raise MemoryBudgetError(
+                f"gpu_memory_utilization {utilization} asks for {gib(budget)} but only {gib(dev_free)} of "
+                f"{gib(dev_total)} is free on {gpu}",
+                hint=f"pass --engine-arg gpu_memory_utilization={max(dev_free / dev_total - 0.02, 0.05):.2f}",
+            )
+
+
+def gpu_memory(count: int) -> list[tuple[int, int]]:
+    """(free, total) bytes of the first `count` visible GPUs, without creating a CUDA context in this
+    process (one would take ~0.5 GiB of GPU 0 and make vLLM spawn its workers): through NVML (the
+    module vLLM ships), else from a short-lived child process."""
+    try:
+        from vllm.platforms import current_platform
+        from vllm.utils.import_utils import import_pynvml
+
+        nvml = import_pynvml()
+        nvml.nvmlInit()
+        try:
+            out = []
+            for i in range(count):
+                handle = nvml.nvmlDeviceGetHandleByIndex(current_platform.device_id_to_physical_device_id(i))
+                info = nvml.nvmlDeviceGetMemoryInfo(handle)
+                out.append((int(info.free), int(info.total)))
+            return out
+        finally:
+            nvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML (another vendor, no driver library): ask a child process
+        import json
+        import subprocess
+        import sys
+
+        code = (
+            f"import json, torch; n = min({int(count)}, torch.cuda.device_count()); "
+            "print(json.dumps([list(torch.cuda.mem_get_info(i)) for i in range(n)]))"
         )
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise MemoryBudgetError(
+                f"could not read the GPUs' memory: {res.stderr.strip().splitlines()[-1:] or res.returncode}",
+                hint="check that the NVIDIA driver works (nvidia-smi)",
+            ) from None
+        return [(int(f), int(t)) for f, t in json.loads(res.stdout.strip().splitlines()[-1])]
 
 
 # --- host memory --------------------------------------------------------------------------------------
@@ -387,6 +459,7 @@ __all__ = [
     "check_gpu_fit",
     "fit_max_model_len",
     "gib",
+    "gpu_memory",
     "host_cache_budget",
     "parse_size",
     "per_layer_demand",

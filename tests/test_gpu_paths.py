@@ -219,16 +219,206 @@ def test_micro_batching_is_refused():
         check_token_layout(_layers(), SimpleNamespace(use_ubatching=True))
 
 
-def test_slot_engines_ask_vllm_for_the_triton_moe_kernel_on_gpus(monkeypatch):
-    """On CUDA vLLM would pick FlashInfer on Blackwell; slot engines ask for Triton unless told."""
+def test_slot_engines_ask_vllm_for_the_triton_moe_kernel_on_gpus(monkeypatch, tmp_path):
+    """On CUDA vLLM would pick FlashInfer on Blackwell; slot engines ask for Triton unless told, and
+    point vLLM at its tuned Triton config for the slot layers' E + S experts."""
+    import os
+
+    from vllm.model_executor.layers.fused_moe import fused_moe
+
     from expertlib import engine
 
-    base = SimpleNamespace(config=SimpleNamespace(model_type="qwen3_moe"), path="/base")
+    config = SimpleNamespace(model_type="qwen3_moe", moe_intermediate_size=768)
+    base = SimpleNamespace(config=config, path="/base", num_experts=128)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
     assert "moe_backend" not in engine._engine_kwargs(base, 4, 2, {})  # CPU: vLLM's CPU kernel
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in os.environ  # nor tuned Triton configs
     monkeypatch.setattr(engine, "_on_cpu", lambda: False)
+    monkeypatch.setattr(fused_moe, "get_device_name_as_file_name", lambda: "NVIDIA_H200")
     assert engine._engine_kwargs(base, 4, 2, {})["moe_backend"] == "triton"
     assert (
         engine._engine_kwargs(base, 4, 2, {"moe_backend": "batched_triton"})["moe_backend"]
         == "batched_triton"
     )
+    folder = os.environ["VLLM_TUNED_CONFIG_FOLDER"]  # GPUs: vLLM finds a tuned config for E + S
+    assert os.path.isfile(os.path.join(folder, "E=132,N=768,device_name=NVIDIA_H200.json"))
+
+
+# --- sizing per rank, without a CUDA context in the API process ----------------------------------
+
+GiB = 1024**3
+
+
+def _dims(weights_gib: float):
+    from expertlib.sizing import ModelDims
+
+    return ModelDims(
+        kv_bytes_per_token=1024,
+        expert_bytes=3 * 4096 * 1536 * 2,
+        moe_layers=94,
+        num_experts=128,
+        weights_bytes=int(weights_gib * GiB),
+        max_position=32768,
+    )
+
+
+def test_gpu_fit_is_checked_per_rank_on_every_device():
+    """A 440 GiB model on 8 x 80 GiB GPUs with tensor parallelism fits (55 GiB a rank); the old check
+    compared the whole model with GPU 0 alone and refused every model larger than one GPU."""
+    from expertlib.errors import MemoryBudgetError
+    from expertlib.sizing import check_gpu_fit
+
+    eight = [(79 * GiB, 80 * GiB)] * 8
+    check_gpu_fit(_dims(440), slot_bytes=16 * GiB, devices=eight, utilization=0.9, tensor_parallel_size=8)
+    check_gpu_fit(
+        _dims(440),
+        slot_bytes=16 * GiB,
+        devices=eight,
+        utilization=0.9,
+        tensor_parallel_size=4,
+        pipeline_parallel_size=2,
+    )
+    with pytest.raises(MemoryBudgetError, match="GPU 0") as err:
+        check_gpu_fit(_dims(440), slot_bytes=16 * GiB, devices=eight, utilization=0.9)
+    assert "tensor_parallel_size=8" in err.value.hint
+    busy = [*eight[:5], (30 * GiB, 80 * GiB), *eight[6:]]  # another job holds most of GPU 5
+    with pytest.raises(MemoryBudgetError, match="free on GPU 5"):
+        check_gpu_fit(_dims(440), slot_bytes=16 * GiB, devices=busy, utilization=0.9, tensor_parallel_size=8)
+    with pytest.raises(MemoryBudgetError, match="needs 8 GPUs but 4 are visible"):
+        check_gpu_fit(_dims(100), slot_bytes=GiB, devices=eight[:4], utilization=0.9, tensor_parallel_size=8)
+
+
+def test_gpu_sizing_reads_every_rank_and_never_starts_cuda_here(tmp_path, monkeypatch):
+    """The API process sizes the engine from NVML (sizing.gpu_memory) for all tp ranks: calling
+    torch.cuda here would create a CUDA context on GPU 0 (~0.5 GiB) and make vLLM spawn its workers."""
+    from expertlib import engine, sizing
+    from expertlib.checkpoint import BaseCheckpoint
+    from expertlib.testing import make_tiny_model
+
+    make_tiny_model("qwen3_moe", tmp_path / "base")
+    base = BaseCheckpoint(tmp_path / "base")
+
+    def no_cuda(*a, **k):
+        raise AssertionError("torch.cuda called in the API process")
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_cuda)
+    monkeypatch.setattr(torch.cuda, "init", no_cuda)
+    monkeypatch.setattr(engine, "_on_cpu", lambda: False)
+    monkeypatch.setattr(sizing, "gpu_memory", lambda n: asked.append(n) or [(79 * GiB, 80 * GiB)] * n)
+    kw, line = engine.size_memory(base, 4, {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8})
+    assert asked == [2] and "each of 2 GPUs" in line and kw["tensor_parallel_size"] == 2
+
+
+def test_pipeline_parallelism_and_the_routing_simulator_are_refused(monkeypatch):
+    from expertlib import engine
+    from expertlib.errors import EngineError
+
+    base = SimpleNamespace(config=SimpleNamespace(model_type="qwen3_moe"), path="/base")
+    monkeypatch.delenv("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", raising=False)
+    with pytest.raises(EngineError, match="pipeline parallelism") as err:
+        engine._engine_kwargs(base, 4, 2, {"pipeline_parallel_size": 2})
+    assert "tensor_parallel_size" in err.value.hint
+    monkeypatch.setenv("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", "uniform_random")
+    with pytest.raises(EngineError, match="routing simulator"):
+        engine._engine_kwargs(base, 4, 2, {})
+
+
+def test_the_moe_kernel_is_checked_at_engine_start(monkeypatch):
+    """expertlib_info (every engine start) refuses a GPU kernel slots cannot write, before any load."""
+    from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from expertlib.errors import EngineError
+    from expertlib.vllm_plugin.batch import install_set_id_hook
+    from expertlib.vllm_plugin.worker import SlotWorkerExtension
+
+    install_set_id_hook()
+
+    def worker_with(impl):
+        experts = _experts(impl)
+        experts.w13_weight, experts.w2_weight = experts.w13_weight.to("meta"), experts.w2_weight.to("meta")
+        runner = _layers().layers[0]
+        runner.routed_experts = experts
+        ctx = SimpleNamespace(layers={0: runner}, num_experts=3, slots=2, max_sets=2)
+        worker = SlotWorkerExtension()
+        worker.model_runner = object.__new__(GPUModelRunner)
+        worker._expertlib_ctx = lambda: ctx
+        return worker
+
+    assert worker_with(object.__new__(TritonExperts)).expertlib_info()["device"] == "meta"
+
+    class FlashInferLikeExperts:
+        pass
+
+    with pytest.raises(EngineError, match="FlashInferLikeExperts"):
+        worker_with(FlashInferLikeExperts()).expertlib_info()
+
+
+# --- vLLM's tuned Triton MoE configs for E + S experts -------------------------------------------
+
+
+@pytest.fixture
+def on_h200(monkeypatch, tmp_path):
+    """vLLM's config naming as on an H200 (it reads the device name through NVML), a fresh cache."""
+    from vllm.model_executor.layers.fused_moe import fused_moe
+
+    monkeypatch.setattr(fused_moe, "get_device_name_as_file_name", lambda: "NVIDIA_H200_NVL")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
+    return tmp_path
+
+
+def test_tuned_moe_config_is_copied_under_the_slot_layers_expert_count(on_h200, monkeypatch):
+    """Qwen3-30B-A3B (E=128, N=768) with 16 slots: vLLM looks for E=144, which it does not ship."""
+    import os
+
+    from expertlib.vllm_plugin.moe_configs import shipped_configs_dir, use_tuned_configs
+
+    shipped = shipped_configs_dir() / "E=128,N=768,device_name=NVIDIA_H200.json"
+    assert shipped.is_file() and not (shipped.parent / "E=144,N=768,device_name=NVIDIA_H200.json").exists()
+    written = use_tuned_configs(128, 16, 768, dtype="bfloat16")
+    assert written.name == "E=144,N=768,device_name=NVIDIA_H200.json"
+    assert written.read_bytes() == shipped.read_bytes()
+    assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(written.parent)
+    again = use_tuned_configs(128, 16, 768, dtype="bfloat16")  # a second engine: same folder
+    assert again == written and os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(written.parent)
+    # tensor parallelism: each rank's N is I / tp
+    assert use_tuned_configs(128, 16, 768, tensor_parallel_size=2).name == (
+        "E=144,N=384,device_name=NVIDIA_H200.json"
+    )
+    # float32 has its own names; none is shipped: vLLM's default stays, said in the log
+    assert use_tuned_configs(128, 16, 768, dtype="float32") is None
+
+
+def test_a_users_tuned_config_folder_still_wins(on_h200, monkeypatch):
+    import os
+
+    from expertlib.vllm_plugin.moe_configs import use_tuned_configs
+
+    user = on_h200 / "mine"
+    user.mkdir()
+    (user / "E=128,N=768,device_name=NVIDIA_H200.json").write_text('{"1": {"BLOCK_SIZE_M": 16}}')
+    (user / "E=8,N=14336,device_name=NVIDIA_H200.json").write_text("{}")
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(user))
+    written = use_tuned_configs(128, 8, 768)
+    folder = written.parent
+    assert folder != user and os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(folder)
+    assert written.read_text() == '{"1": {"BLOCK_SIZE_M": 16}}'  # theirs, renamed for E + S
+    assert (folder / "E=8,N=14336,device_name=NVIDIA_H200.json").is_file()  # their other files too
+    assert sorted(p.name for p in user.iterdir()) == [  # their folder is never written
+        "E=128,N=768,device_name=NVIDIA_H200.json",
+        "E=8,N=14336,device_name=NVIDIA_H200.json",
+    ]
+
+
+def test_too_many_slots_for_the_triton_kernel_are_refused_up_front():
+    from expertlib.errors import SlotError
+    from expertlib.vllm_plugin.moe_configs import check_expert_count
+
+    check_expert_count(512, 480)  # 992 padded: below 1024
+    with pytest.raises(SlotError, match="993 once padded|1024 once padded") as err:
+        check_expert_count(512, 481)
+    assert "--slots 480" in err.value.hint

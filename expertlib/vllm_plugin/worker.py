@@ -174,6 +174,8 @@ class SlotWorkerExtension:
         check_set_hook(self.model_runner)
         check_token_layout(ctx, getattr(getattr(self, "vllm_config", None), "parallel_config", None))
         first = next(iter(ctx.layers.values())).routed_experts
+        if first.w13_weight.device.type != "cpu":  # refuse a kernel slots cannot write now, not at a load
+            runtime_layout(first, first.w13_weight[:1], first.w2_weight[:1])
         return {
             "num_experts": ctx.num_experts,
             "slots": ctx.slots,
