@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 #: Version of the expert-set patch format this code writes. Readers refuse newer majors.
-PATCH_FORMAT_VERSION = 1
+#: 2: digests are trees of per-tensor sha256 leaves (expertlib.verify); format 1 patches still open.
+PATCH_FORMAT_VERSION = 2
 
 #: File suffix of an expert-set patch (a safetensors file).
 PATCH_SUFFIX = ".safetensors"

@@ -6,7 +6,7 @@ lives in the safetensors metadata, so listing and validating a patch never loads
 
     es = ExpertSet.open("math.safetensors")      # header + manifest only, validated
     es.manifest.experts                           # {layer: [expert ids]}
-    es.verify()                                   # recompute digests, refuse NaN/inf
+    es.verify()                                   # recompute digests, refuse NaN/inf (once per file)
     es.expert(3, 17)                              # ExpertWeights, loaded lazily
 
 Files are never unpickled: anything that is not a safetensors file is refused up front.
@@ -15,7 +15,6 @@ Files are never unpickled: anything that is not a safetensors file is refused up
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
@@ -23,14 +22,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from expertlib import jsonsafe
 from expertlib.constants import EXPERT_KEY, EXTRA_PARAM_PREFIX, MANIFEST_METADATA_KEY, PATCH_FORMAT_VERSION
 from expertlib.errors import (
-    DigestMismatchError,
-    NonFiniteWeightsError,
     PatchCorruptError,
     PatchFormatError,
     PatchShapeError,
@@ -39,6 +37,16 @@ from expertlib.errors import (
 from expertlib.fsutil import atomic_path
 from expertlib.identity import BaseIdentity
 from expertlib.moe import BIAS_PARTS, EXPERT_PARTS, ExpertWeights
+from expertlib.verify import (
+    Scan,
+    VerifiedRecord,
+    check_scan,
+    digests_of,
+    recall,
+    remember,
+    scan_file,
+    scan_tensors,
+)
 
 ExpertMap = dict[int, list[int]]
 
@@ -80,7 +88,9 @@ class ExpertSetManifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format_version: int = Field(default=PATCH_FORMAT_VERSION, description="patch format version")
+    format_version: StrictInt = Field(
+        default=PATCH_FORMAT_VERSION, ge=1, description="patch format version (an integer, never a string)"
+    )
     task: str = Field(description="task name the experts were trained for")
     description: str = ""
     base: BaseIdentity
@@ -128,7 +138,8 @@ def pair_key(layer: int, expert: int) -> str:
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """Content digest: sha256 over (name, dtype, shape, raw bytes) in sorted name order."""
+    """Content digest of patch format 1: sha256 over (name, dtype, shape, raw bytes) in sorted name
+    order. Format 2 digests are trees of per-tensor leaves (`expertlib.verify`)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
@@ -155,6 +166,9 @@ class ExpertSet:
         self._tensors = tensors
         self.path = Path(path) if path is not None else None
         self._verified: dict[str, str] | None = None  # per-expert digests recomputed by verify()
+        self.scan: Scan | None = None  # what verify() found (digests, per-tensor max |w|)
+        self.checked: VerifiedRecord | None = None  # the file's state when verify() last read it in full
+        self._trusted: VerifiedRecord | None = None  # a record handed in by a store that checked the file
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -204,6 +218,7 @@ class ExpertSet:
                 tensors[expert_key(layer, e, part)] = t
         for name, t in (extra_params or {}).items():
             tensors[EXTRA_PARAM_PREFIX + name] = t.detach().to("cpu", dtype).contiguous()
+        digests = digests_of(tensors, expert_map, PATCH_FORMAT_VERSION)
         manifest = ExpertSetManifest(
             task=task,
             description=description,
@@ -212,10 +227,10 @@ class ExpertSet:
             dtype=_dtype_name(dtype),
             expert_shapes=shapes,
             extra_params={n: list(t.shape) for n, t in (extra_params or {}).items()},
-            expert_digests={pair_key(*k): w.digest() for k, w in experts.items()},
+            expert_digests=digests.expert_digests,
             base_expert_digests={pair_key(*k): base_digests[k] for k in experts},
             base_param_digests=dict(base_param_digests or {}),
-            content_digest=tensors_digest(tensors),
+            content_digest=digests.content_digest,
             provenance=provenance or Provenance(),
         )
         return cls(manifest, tensors)
@@ -256,51 +271,59 @@ class ExpertSet:
                 f"cannot read tensors: {exc}", path=str(self.path), hint=_REPUBLISH
             ) from exc
 
-    def verify(self) -> dict[str, str]:
+    def verify(self, *, always: bool = False) -> dict[str, str]:
         """Check the tensors against the manifest; return the per-expert digests recomputed from them.
 
         Recomputes the content digest (any changed byte), every expert's digest (a manifest that
         claims another set's digests), and refuses NaN or infinite values (one such expert blanks
-        every answer of a batch it shares). Raises DigestMismatchError or NonFiniteWeightsError.
-        The result is cached: slot sharing trusts only these recomputed digests."""
-        if self._verified is not None:
+        every answer of a batch it shares), in one threaded pass (`expertlib.verify`). Raises
+        DigestMismatchError or NonFiniteWeightsError. Slot sharing trusts only these recomputed digests.
+
+        A file is read in full once: while it stays unchanged (device, inode, size, mtime, ctime),
+        a check this process made, or a record handed in with `trust` (the registry's, made at
+        ingest), stands. `always=True` reads and hashes the file again regardless."""
+        if self._verified is not None and not always:
             return self._verified
         m = self.manifest
         where = str(self.path) if self.path else None
-        key = _file_key(self.path, m.content_digest) if self._tensors is None else None
-        if key is not None and key in _VERIFIED_FILES:  # this very file, unchanged since its check
-            self._verified = dict(_VERIFIED_FILES[key])
-            return self._verified
-        # a lazily opened set stays lazy: its tensors are read for the check and dropped again
-        tensors = self._tensors if self._tensors is not None else self._read_tensors()
-        got = tensors_digest(tensors)
-        if got != m.content_digest:
-            raise DigestMismatchError(
-                f"content digest {got[:19]}... does not match the manifest's {m.content_digest[:19]}...",
-                path=where,
-                hint="the file was altered or damaged after it was written; pull or re-export it",
-            )
-        for name, t in tensors.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise NonFiniteWeightsError(
-                    f"tensor {name} holds NaN or infinite values",
-                    path=where,
-                    hint="the training run diverged; retrain (lower the learning rate) and export again",
-                )
-        digests = {pair_key(layer, e): _expert_of(tensors, layer, e).digest() for layer, e in m.pairs()}
-        forged = sorted(k for k, d in digests.items() if m.expert_digests.get(k) != d)
-        if forged:
-            raise DigestMismatchError(
-                f"the manifest's digests of experts {forged[:5]} do not match their tensors",
-                path=where,
-                hint="the manifest was edited by hand or forged; do not use this file, re-export the set",
-            )
-        self._verified = digests
-        if key is not None:
-            _VERIFIED_FILES[key] = dict(digests)
-            while len(_VERIFIED_FILES) > _VERIFIED_FILES_MAX:
-                _VERIFIED_FILES.pop(next(iter(_VERIFIED_FILES)))
-        return digests
+        if self._tensors is not None:
+            scan = scan_tensors(self._tensors, m)
+            check_scan(scan, m, where)
+        else:
+            assert self.path is not None
+            scan = None if always else self._known_scan()
+            if scan is None:
+                scan, key = scan_file(self.path, m, self._expected())
+                check_scan(scan, m, where)
+                if key is not None:
+                    remember(self.path, key, scan)
+                    self.checked = VerifiedRecord(path=str(self.path.resolve()), key=list(key), scan=scan)
+        self.scan = scan
+        self._verified = dict(scan.expert_digests)
+        return self._verified
+
+    def trust(self, record: VerifiedRecord) -> ExpertSet:
+        """Accept `record` (a full check of this file made elsewhere) while the file still matches it."""
+        self._trusted = record
+        return self
+
+    def _known_scan(self) -> Scan | None:
+        m = self.manifest
+        if self._trusted is not None and self._trusted.matches(self.path, m.content_digest):
+            return self._trusted.scan
+        return recall(self.path, m.content_digest)
+
+    def _expected(self) -> dict[str, tuple[torch.dtype, list[int]]]:
+        """Tensor name -> (dtype, shape), as the manifest promises them."""
+        m = self.manifest
+        dtype = getattr(torch, m.dtype)
+        out = {}
+        for layer, e in m.pairs():
+            for part, shape in m.expert_shapes.items():
+                out[expert_key(layer, e, part)] = (dtype, shape)
+        for name, shape in m.extra_params.items():
+            out[EXTRA_PARAM_PREFIX + name] = (dtype, shape)
+        return out
 
     # --- access --------------------------------------------------------------------------------
 
@@ -327,21 +350,6 @@ class ExpertSet:
 
 
 _REPUBLISH = "the file is damaged: re-export or pull the expert set again"
-
-#: Files `verify` passed, by identity (path, inode, size, mtime, content digest): a set reloaded
-#: from the same unchanged file (an evicted set coming back) is not hashed again.
-_VERIFIED_FILES: dict[tuple, dict[str, str]] = {}
-_VERIFIED_FILES_MAX = 1024
-
-
-def _file_key(path: Path | None, content_digest: str) -> tuple | None:
-    if path is None:
-        return None
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, content_digest)
 
 
 def _expert_of(tensors: Mapping[str, torch.Tensor], layer: int, expert: int) -> ExpertWeights:
@@ -387,11 +395,11 @@ def read_header(path: str | Path) -> tuple[ExpertSetManifest, dict[str, Any]]:
             "not a safetensors file", path=str(path), hint="pass an expert-set .safetensors file"
         )
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = jsonsafe.loads(raw)
+    except ValueError as exc:  # invalid JSON, bad UTF-8, or nested too deeply
         raise PatchCorruptError(
             f"unreadable safetensors header: {exc}", path=str(path), hint=_REPUBLISH
-        ) from exc
+        ) from None
     if not isinstance(header, dict):
         raise PatchCorruptError(
             "the safetensors header is not a JSON object", path=str(path), hint=_REPUBLISH
@@ -417,9 +425,9 @@ def read_header(path: str | Path) -> tuple[ExpertSetManifest, dict[str, Any]]:
             hint="a reference ESFT adapter folder enters with `expertlib import-esft DIR --base BASE`",
         )
     try:
-        raw_manifest = json.loads(meta[MANIFEST_METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise PatchCorruptError(f"manifest is not JSON: {exc}", path=str(path), hint=_REPUBLISH) from exc
+        raw_manifest = jsonsafe.loads(meta[MANIFEST_METADATA_KEY])
+    except ValueError as exc:
+        raise PatchCorruptError(f"unreadable manifest: {exc}", path=str(path), hint=_REPUBLISH) from None
     version = raw_manifest.get("format_version") if isinstance(raw_manifest, dict) else None
     if isinstance(version, int) and version > PATCH_FORMAT_VERSION:
         raise PatchVersionError(

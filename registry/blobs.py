@@ -7,6 +7,10 @@ A blob enters in two steps so that no reader ever sees a partial file:
 
 A writer killed before `commit` leaves only a file in tmp/ (named with host and pid, so `gc`
 knows when it is stale); a writer killed after it leaves a complete, valid, unreferenced blob.
+
+A blob checked in full (at publish, pull or import, or by `expertlib verify`) gets a verified record
+in `verified/<64 hex>.json`: the blob's file state then (`expertlib.verify.FileKey`) and what the
+check found. Loads trust the record while the blob's file still matches it and check in full otherwise.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from typing import BinaryIO
 
 from expertlib.constants import PATCH_SUFFIX
 from expertlib.errors import DigestMismatchError
+from expertlib.fsutil import atomic_path
 from expertlib.registry.names import DIGEST_PREFIX, validate_digest
+from expertlib.verify import FileKey, VerifiedRecord
 
 CHUNK = 1 << 20
 BLOBS_DIR = "blobs"
 TMP_DIR = "tmp"
+RECORDS_DIR = "verified"
 TMP_SUFFIX = ".part"
 
 #: Test hook: "<stage>:<marker file>" makes a writer create the marker and sleep at that stage,
@@ -89,6 +96,41 @@ class BlobStore:
 
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
+
+    # --- verified records ----------------------------------------------------------------------
+
+    def record_path(self, digest: str) -> Path:
+        return self.root / RECORDS_DIR / (validate_digest(digest)[len(DIGEST_PREFIX) :] + ".json")
+
+    def record(self, digest: str, content_digest: str) -> VerifiedRecord | None:
+        """The blob's verified record, if the blob file is unchanged since that check."""
+        try:
+            record = VerifiedRecord.model_validate_json(self.record_path(digest).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return record if record.matches(self.path(digest), content_digest) else None
+
+    def keep_record(self, digest: str, checked: VerifiedRecord | None) -> None:
+        """Store the record of a full check of the blob file itself, or of the temp file that was
+        renamed into place (same inode, size and mtime; the rename and chmod moved its ctime only)."""
+        if checked is None:
+            return
+        path = self.path(digest)
+        key = FileKey.of(path)
+        was = checked.key
+        if key is None or list(key)[:4] != was[:4]:
+            return  # not the file that was checked, or written since: no record
+        record = checked.model_copy(update={"path": str(path.resolve()), "key": list(key)})
+        target = self.record_path(digest)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp:
+                Path(tmp).write_text(record.model_dump_json())
+        except OSError:  # a read-only registry: loads check in full
+            pass
+
+    def forget_record(self, digest: str) -> None:
+        self.record_path(digest).unlink(missing_ok=True)
 
     # --- writing -------------------------------------------------------------------------------
 

@@ -1,0 +1,338 @@
+"""Checking an expert set's tensors: one threaded pass over the bytes, then trusted while unchanged.
+
+One pass computes everything a load needs: the content digest, every expert's digest, and each
+tensor's largest magnitude (max |w|, which is NaN or inf when the tensor holds such values; the
+weight-bound check reads it too). Tensors are hashed on a thread pool (hashlib and torch release
+the GIL), straight from a memory map of the file, so reading overlaps hashing.
+
+    scan = scan_tensors(tensors, manifest)         # a Scan: content_digest, expert_digests, absmax
+    check_scan(scan, manifest, where)              # DigestMismatchError / NonFiniteWeightsError
+
+A file that passed is trusted while its `FileKey` (device, inode, size, mtime_ns, ctime_ns) stays
+the same: a process remembers the files it checked (`remember`, `recall`), and the registry keeps a
+`VerifiedRecord` per blob it checked at ingest. Any change to the file (its ctime cannot be set back
+by hand) means a full check again.
+
+Digest schemes, by patch format version:
+  1  content digest: one sha256 over (name, dtype, shape, bytes) of every tensor in name order;
+     expert digest: sha256 of the expert's parts as float32 bytes (`expertlib.moe.expert_digest`).
+  2  a tree: every tensor's bytes get their own sha256 (a leaf, computed in parallel); the content
+     digest is the sha256 of the lines "name|dtype|shape|leaf" in name order, an expert's digest the
+     sha256 of the lines "part|dtype|shape|leaf" of its parts in canonical order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from pydantic import BaseModel, Field
+
+from expertlib.constants import EXPERT_KEY
+from expertlib.errors import DigestMismatchError, NonFiniteWeightsError, PatchCorruptError
+from expertlib.moe import BIAS_PARTS, EXPERT_PARTS, expert_digest
+
+if TYPE_CHECKING:
+    from expertlib.patch import ExpertSetManifest
+
+#: Patch format whose digests are trees of per-tensor sha256 leaves (see the module docstring).
+TREE_FORMAT = 2
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+}
+
+
+class FileKey(NamedTuple):
+    """What identifies one unchanged file: any write moves mtime and ctime, a rename or a copy the
+    inode, and ctime cannot be set back by hand (os.utime sets mtime only, and moves ctime)."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: str | Path) -> FileKey | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class Scan(BaseModel):
+    """What one pass over a set's tensors found."""
+
+    content_digest: str = Field(description="recomputed content digest")
+    expert_digests: dict[str, str] = Field(description="'l.e' -> recomputed digest of that expert")
+    absmax: dict[str, float] = Field(
+        description="tensor name -> max |w| (NaN or inf if it holds such values)"
+    )
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in self.absmax.values())
+
+
+class VerifiedRecord(BaseModel):
+    """A file that passed a full check, and the state it was in then."""
+
+    path: str = Field(description="the file's resolved path")
+    key: list[int] = Field(description="FileKey fields when it was checked")
+    scan: Scan
+
+    def matches(self, path: str | Path, content_digest: str) -> bool:
+        key = FileKey.of(path)
+        return (
+            key is not None
+            and list(key) == self.key
+            and self.path == str(Path(path).resolve())
+            and self.scan.content_digest == content_digest
+        )
+
+
+def threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+# --- the pass ----------------------------------------------------------------------------------------
+
+
+def _bytes_of(t: torch.Tensor):
+    """The tensor's raw bytes without a copy (a copy only when it is not contiguous)."""
+    t = t.detach().to("cpu").contiguous()
+    return t.view(torch.uint8).numpy() if t.numel() else b""
+
+
+def _absmax(t: torch.Tensor) -> float:
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0.0
+    lo, hi = (float(v) for v in torch.aminmax(t))  # NaN when the tensor holds a NaN; inf shows as such
+    return math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _leaf(name: str, t: torch.Tensor) -> tuple[str, str, float]:
+    return name, hashlib.sha256(_bytes_of(t)).hexdigest(), _absmax(t)
+
+
+def _line(name: str, t: torch.Tensor, leaf: str) -> bytes:
+    return f"{name}|{_dtype_name(t)}|{tuple(t.shape)}|{leaf}\n".encode()
+
+
+def _expert_names(layer: int, expert: int, tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, str]]:
+    names = [(p, EXPERT_KEY.format(layer=layer, expert=expert, part=p)) for p in (*EXPERT_PARTS, *BIAS_PARTS)]
+    return [(p, n) for p, n in names if n in tensors]
+
+
+def scan_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    manifest: ExpertSetManifest,
+    *,
+    pool: ThreadPoolExecutor | None = None,
+) -> Scan:
+    """One pass over `tensors` in the digest scheme of `manifest`'s format version."""
+    own = pool is None
+    pool = pool or ThreadPoolExecutor(threads(), thread_name_prefix="expertlib-verify")
+    try:
+        if manifest.format_version >= TREE_FORMAT:
+            return _scan_tree(tensors, manifest, pool)
+        return _scan_flat(tensors, manifest, pool)
+    finally:
+        if own:
+            pool.shutdown()
+
+
+def _scan_tree(tensors: Mapping[str, torch.Tensor], m: ExpertSetManifest, pool: ThreadPoolExecutor) -> Scan:
+    leaves, absmax = {}, {}
+    for name, leaf, amax in pool.map(lambda kv: _leaf(*kv), tensors.items()):
+        leaves[name], absmax[name] = leaf, amax
+    content = hashlib.sha256(b"".join(_line(n, tensors[n], leaves[n]) for n in sorted(tensors)))
+    experts = {}
+    for layer, e in m.pairs():
+        parts = _expert_names(layer, e, tensors)
+        h = hashlib.sha256(b"".join(_line(p, tensors[n], leaves[n]) for p, n in parts))
+        experts[f"{layer}.{e}"] = "sha256:" + h.hexdigest()
+    return Scan(content_digest="sha256:" + content.hexdigest(), expert_digests=experts, absmax=absmax)
+
+
+def _scan_flat(tensors: Mapping[str, torch.Tensor], m: ExpertSetManifest, pool: ThreadPoolExecutor) -> Scan:
+    """Format 1: the one serial content hash runs beside the float32 expert digests and the maxima."""
+    from expertlib.moe import ExpertWeights
+
+    def content() -> str:
+        h = hashlib.sha256()
+        for name in sorted(tensors):
+            t = tensors[name]
+            h.update(f"{name}|{_dtype_name(t)}|{tuple(t.shape)}\n".encode())
+            h.update(_bytes_of(t))
+        return "sha256:" + h.hexdigest()
+
+    def expert(pair: tuple[int, int]) -> tuple[str, str]:
+        w = ExpertWeights(**{p: tensors[n] for p, n in _expert_names(*pair, tensors)})
+        return f"{pair[0]}.{pair[1]}", expert_digest(w)
+
+    whole = pool.submit(content)
+    absmax = dict(zip(tensors, pool.map(_absmax, tensors.values()), strict=True))
+    experts = dict(pool.map(expert, m.pairs()))
+    return Scan(content_digest=whole.result(), expert_digests=experts, absmax=absmax)
+
+
+def digests_of(
+    tensors: Mapping[str, torch.Tensor], experts: Mapping[int, list[int]], format_version: int
+) -> Scan:
+    """The digests `ExpertSet.build` writes into a manifest of `format_version`, in one pass."""
+    from expertlib.patch import ExpertSetManifest
+
+    m = ExpertSetManifest.model_construct(format_version=format_version, experts=dict(experts))
+    return scan_tensors(tensors, m)
+
+
+def check_scan(scan: Scan, m: ExpertSetManifest, where: str | None) -> None:
+    """Refuse a set whose bytes disagree with its manifest or hold NaN/inf."""
+    if scan.content_digest != m.content_digest:
+        raise DigestMismatchError(
+            f"content digest {scan.content_digest[:19]}... does not match the manifest's {m.content_digest[:19]}...",
+            path=where,
+            hint="the file was altered or damaged after it was written; pull or re-export it",
+        )
+    for name, v in scan.absmax.items():
+        if not math.isfinite(v):
+            raise NonFiniteWeightsError(
+                f"tensor {name} holds NaN or infinite values",
+                path=where,
+                hint="the training run diverged; retrain (lower the learning rate) and export again",
+            )
+    forged = sorted(k for k, d in scan.expert_digests.items() if m.expert_digests.get(k) != d)
+    if forged:
+        raise DigestMismatchError(
+            f"the manifest's digests of experts {forged[:5]} do not match their tensors",
+            path=where,
+            hint="the manifest was edited by hand or forged; do not use this file, re-export the set",
+        )
+
+
+# --- reading a file without copying -------------------------------------------------------------------
+
+_REPUBLISH = "the file is damaged: re-export or pull the expert set again"
+
+
+def map_tensors(
+    path: str | Path, expected: Mapping[str, tuple[torch.dtype, list[int]]]
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views on a (private, read-only-in-practice) memory map.
+
+    `expected` (name -> dtype, shape) is what the manifest promises; the header found in the file
+    must say exactly that, so a file swapped after it was opened cannot smuggle other tensors in."""
+    with open(path, "rb") as f:
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except ValueError as exc:  # an empty file
+            raise PatchCorruptError("empty file", path=str(path), hint=_REPUBLISH) from exc
+    if hasattr(mmap, "MADV_WILLNEED"):
+        mm.madvise(mmap.MADV_WILLNEED)  # the kernel reads ahead while the first tensors are hashed
+    n = struct.unpack("<Q", mm[:8])[0] if len(mm) >= 8 else -1
+    try:
+        header = json.loads(mm[8 : 8 + n]) if 0 < n <= len(mm) - 8 else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise PatchCorruptError("unreadable safetensors header", path=str(path), hint=_REPUBLISH)
+    header.pop("__metadata__", None)
+    if set(header) != set(expected):
+        raise PatchCorruptError(
+            "the file's tensors changed after it was opened", path=str(path), hint=_REPUBLISH
+        )
+    start, out = 8 + n, {}
+    for name, (dtype, shape) in expected.items():
+        info = header[name]
+        a, b = info.get("data_offsets", (0, -1))
+        size = math.prod(shape) * dtype.itemsize
+        if (
+            _DTYPES.get(info.get("dtype")) != dtype
+            or list(info.get("shape", ())) != list(shape)
+            or b - a != size
+        ):
+            raise PatchCorruptError(
+                f"{name}: header disagrees with the manifest", path=str(path), hint=_REPUBLISH
+            )
+        if start + b > len(mm) or a < 0:
+            raise PatchCorruptError(
+                f"{name}: data beyond the end of the file", path=str(path), hint=_REPUBLISH
+            )
+        flat = (
+            torch.frombuffer(mm, dtype=torch.uint8, count=size, offset=start + a)
+            if size
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        out[name] = flat.view(dtype).reshape(shape)
+    return out
+
+
+# --- files checked in this process ---------------------------------------------------------------------
+
+#: Files that passed a full check here, by (resolved path, FileKey, content digest).
+_CHECKED: OrderedDict[tuple, Scan] = OrderedDict()
+_CHECKED_MAX = 1024
+
+
+def _memo_key(path: str | Path, key: FileKey, content: str) -> tuple:
+    return (str(Path(path).resolve()), *key, content)
+
+
+def recall(path: str | Path, content: str) -> Scan | None:
+    """The scan of a file this process checked, if the file is unchanged since (same FileKey)."""
+    key = FileKey.of(path)
+    if key is None:
+        return None
+    scan = _CHECKED.get(_memo_key(path, key, content))
+    if scan is not None:
+        _CHECKED.move_to_end(_memo_key(path, key, content))
+    return scan
+
+
+def remember(path: str | Path, key: FileKey, scan: Scan) -> None:
+    _CHECKED[_memo_key(path, key, scan.content_digest)] = scan
+    while len(_CHECKED) > _CHECKED_MAX:
+        _CHECKED.popitem(last=False)
+
+
+def scan_file(
+    path: str | Path,
+    manifest: ExpertSetManifest,
+    expected: Mapping[str, tuple[torch.dtype, list[int]]],
+    *,
+    on_tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> tuple[Scan, FileKey | None]:
+    """A full pass over the file at `path`; returns the scan and the FileKey the file had throughout
+    (None when it changed during the pass: then nothing may be remembered about it)."""
+    before = FileKey.of(path)
+    tensors = map_tensors(path, expected)
+    scan = scan_tensors(tensors, manifest)
+    if on_tensors is not None:
+        on_tensors(tensors)
+    after = FileKey.of(path)
+    return scan, (before if before == after else None)

@@ -1,0 +1,232 @@
+"""Verify once, trust by content, re-check on change: the paths that let loads skip hashing.
+
+A set file is hashed in full once; afterwards a load trusts that check only while the file is the
+same file in the same state (device, inode, size, mtime_ns, ctime_ns). These tests change the file
+in every way a user or an attacker could and check that the change is caught.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import expertlib.verify as verify_mod
+from expertlib.errors import DigestMismatchError, NonFiniteWeightsError
+from expertlib.identity import BaseIdentity
+from expertlib.moe import ExpertWeights
+from expertlib.patch import ExpertSet, tensors_digest
+from expertlib.registry import Registry
+from expertlib.verify import VerifiedRecord
+
+BASE = BaseIdentity(model_type="qwen2_moe", config_digest="sha256:" + "0" * 64, name="tiny")
+
+
+def make_set(
+    task: str = "math", seed: int = 0, dtype=torch.bfloat16, value: float | None = None
+) -> ExpertSet:
+    g = torch.Generator().manual_seed(seed)
+    experts = {}
+    for layer, e in [(0, 1), (0, 3), (1, 2)]:
+        experts[(layer, e)] = ExpertWeights(
+            gate=torch.randn(16, 32, generator=g),
+            up=torch.randn(16, 32, generator=g),
+            down=torch.randn(32, 16, generator=g),
+        )
+    if value is not None:
+        experts[(1, 2)].down[3, 4] = value
+    return ExpertSet.build(
+        task=task,
+        base=BASE,
+        experts=experts,
+        base_digests={k: "sha256:" + "1" * 64 for k in experts},
+        dtype=dtype,
+    )
+
+
+@pytest.fixture(autouse=True)
+def fresh_memory():
+    """Each test starts with a process that has checked nothing."""
+    verify_mod._CHECKED.clear()
+    yield
+    verify_mod._CHECKED.clear()
+
+
+def count_scans(monkeypatch) -> list[str]:
+    """Record every full pass over a file."""
+    seen: list[str] = []
+    real = verify_mod.scan_file
+
+    def counting(path, *a, **kw):
+        seen.append(str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr("expertlib.patch.scan_file", counting)
+    return seen
+
+
+def flip_byte_in_place(path: Path, offset_from_end: int = 3) -> None:
+    """Change one tensor byte without replacing the file (same inode), as an in-place editor would."""
+    path.chmod(0o644)
+    with open(path, "r+b") as f:
+        f.seek(-offset_from_end, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-offset_from_end, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0x55]))
+
+
+def later() -> None:
+    """Let the clock move past the file system's timestamp granularity."""
+    time.sleep(0.02)
+
+
+# --- one process, a file outside the registry -----------------------------------------------------
+
+
+def test_a_file_is_hashed_once_per_unchanged_state(tmp_path, monkeypatch):
+    path = make_set().save(tmp_path / "math.safetensors")
+    scans = count_scans(monkeypatch)
+    first = ExpertSet.open(path).verify()
+    again = ExpertSet.open(path).verify()
+    assert first == again and len(scans) == 1  # the second load trusted the first check
+    ExpertSet.open(path).verify(always=True)  # --verify-loads always
+    assert len(scans) == 2
+
+
+def test_bytes_changed_in_place_are_refused(tmp_path, monkeypatch):
+    path = make_set().save(tmp_path / "math.safetensors")
+    ExpertSet.open(path).verify()
+    later()
+    flip_byte_in_place(path)
+    with pytest.raises(DigestMismatchError, match="altered or damaged"):
+        ExpertSet.open(path).verify()
+
+
+def test_bytes_changed_with_mtime_set_back_are_refused(tmp_path):
+    path = make_set().save(tmp_path / "math.safetensors")
+    st = path.stat()
+    ExpertSet.open(path).verify()
+    later()
+    flip_byte_in_place(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime back; ctime cannot be set back
+    assert path.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(DigestMismatchError):
+        ExpertSet.open(path).verify()
+
+
+def test_another_file_renamed_into_place_is_checked(tmp_path):
+    """A verified file replaced by another one under the same name (a new inode) is never trusted,
+    even when the newcomer claims the same content digest in its manifest."""
+    path = make_set().save(tmp_path / "math.safetensors")
+    good = ExpertSet.open(path)
+    good.verify()
+    other = make_set(seed=1)
+    claims = other.manifest.model_copy(
+        update={
+            "content_digest": good.manifest.content_digest,
+            "expert_digests": good.manifest.expert_digests,
+        }
+    )
+    ExpertSet(claims, dict(other.tensors)).save(tmp_path / "swap")
+    os.replace(tmp_path / "swap", path)
+    with pytest.raises(DigestMismatchError):
+        ExpertSet.open(path).verify()
+
+
+def test_a_record_never_vouches_for_another_file(tmp_path):
+    """A record of one file handed to another file (a copy with equal bytes included) is not used."""
+    a = make_set().save(tmp_path / "a.safetensors")
+    es = ExpertSet.open(a)
+    es.verify()
+    record = es.checked
+    assert record is not None and record.matches(a, es.manifest.content_digest)
+    b = tmp_path / "b.safetensors"
+    b.write_bytes(a.read_bytes())
+    assert not record.matches(b, es.manifest.content_digest)
+    bad = make_set(value=float("nan"))
+    c = bad.save(tmp_path / "c.safetensors")
+    poisoned = ExpertSet.open(c).trust(record.model_copy(update={"path": str(c.resolve())}))
+    with pytest.raises(NonFiniteWeightsError):
+        poisoned.verify()
+
+
+# --- what one pass finds -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_refused_from_file_and_memory(tmp_path, value):
+    bad = make_set(value=value)
+    with pytest.raises(NonFiniteWeightsError):
+        bad.verify()
+    path = bad.save(tmp_path / "bad.safetensors")
+    with pytest.raises(NonFiniteWeightsError):
+        ExpertSet.open(path).verify()
+
+
+def test_scan_reports_max_abs_per_tensor(tmp_path):
+    es = make_set(dtype=torch.float32)
+    path = es.save(tmp_path / "m.safetensors")
+    opened = ExpertSet.open(path)
+    opened.verify()
+    for name, t in es.tensors.items():
+        assert opened.scan.absmax[name] == pytest.approx(float(t.abs().max()))
+
+
+def test_format_1_patches_still_open(tmp_path):
+    """A patch written before the tree digests (format 1: flat content digest, float32 expert
+    digests) verifies, and a changed byte in it is still refused."""
+    es = make_set(dtype=torch.float32)
+    old = es.manifest.model_copy(
+        update={
+            "format_version": 1,
+            "content_digest": tensors_digest(es.tensors),
+            "expert_digests": {f"{layer}.{e}": w.digest() for (layer, e), w in es.experts()},
+        }
+    )
+    path = ExpertSet(old, dict(es.tensors)).save(tmp_path / "v1.safetensors")
+    opened = ExpertSet.open(path)
+    assert opened.manifest.format_version == 1
+    assert opened.verify() == old.expert_digests
+    later()
+    flip_byte_in_place(path)
+    with pytest.raises(DigestMismatchError):
+        ExpertSet.open(path).verify()
+
+
+# --- the registry's records ----------------------------------------------------------------------------
+
+
+def test_registry_blob_verified_at_ingest_is_not_hashed_again(tmp_path, monkeypatch):
+    reg = Registry(tmp_path / "reg")
+    src = make_set().save(tmp_path / "math.safetensors")
+    reg.publish(src)
+    verify_mod._CHECKED.clear()  # a new process (the server) knows only the registry's record
+    scans = count_scans(monkeypatch)
+    monkeypatch.setattr(
+        "expertlib.registry.local.sha256_file", lambda p: pytest.fail("a recorded blob was hashed")
+    )
+    es = reg.open("math")
+    es.verify()
+    assert scans == []
+    assert es.scan is not None and es.scan.finite
+
+
+@pytest.mark.parametrize("set_mtime_back", [False, True])
+def test_registry_blob_altered_after_ingest_is_refused(tmp_path, set_mtime_back):
+    reg = Registry(tmp_path / "reg")
+    entry = reg.publish(make_set().save(tmp_path / "math.safetensors"))
+    blob = reg.blobs.path(entry.digest)
+    st = blob.stat()
+    verify_mod._CHECKED.clear()
+    later()
+    flip_byte_in_place(blob)
+    if set_mtime_back:
+        os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(DigestMismatchError):
+        reg.open("math")
+    stale = VerifiedRecord.model_validate_json(reg.blobs.record_path(entry.digest).read_bytes())
+    with pytest.raises(DigestMismatchError):  # the ingest record does not vouch for the changed blob
+        reg.open("math", verify=False).trust(stale).verify()
