@@ -127,6 +127,18 @@ class AlreadyExistsError(RegistryError, FileExistsError):
     http_status = 409
 
 
+class VersionLimitError(RegistryError, ValueError):
+    """A name whose version numbers are used up to the highest one (`registry.names.MAX_VERSION`)."""
+
+    http_status = 409
+
+
+class RegistrySchemaError(RegistryError):
+    """A registry index written by a newer expertlib (or with an unreadable schema version)."""
+
+    http_status = 409
+
+
 class IntegrityError(RegistryError):
     """A stored blob no longer matches its digest."""
 

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import httpx
 
+from expertlib import jsonsafe
 from expertlib.errors import NotFoundError, RemoteError
 from expertlib.registry.blobs import CHUNK, BlobStore
 from expertlib.registry.models import Entry, EntryList, TagRequest
@@ -105,7 +106,7 @@ class HttpRemote:
             content=body(),
             headers={"Content-Type": "application/octet-stream"},
         )
-        return Entry.model_validate(r.json())
+        return _parse(Entry, r, self.url)
 
     def set_tags(self, entry: Entry, tags: list[str]) -> None:
         for t in tags:
@@ -130,8 +131,8 @@ def _at_most(chunks: Iterator[bytes], size: int, what: str) -> Iterator[bytes]:
 def _parse(model, r: httpx.Response, url: str):
     """A response body as `model`; a RemoteError (not a traceback) for anything else."""
     try:
-        return model.model_validate(r.json())
-    except ValueError as exc:  # JSON errors and pydantic's ValidationError
+        return model.model_validate(jsonsafe.loads(r.content))
+    except ValueError as exc:  # JSON errors (nesting bounded) and pydantic's ValidationError
         first = str(exc).splitlines()[:3]
         raise RemoteError(
             f"{url} answered with an invalid {model.__name__}: {' '.join(first)}",
@@ -143,7 +144,7 @@ def _raise_for(r: httpx.Response, url: str) -> None:
     if r.status_code < 400:
         return
     try:
-        err = r.json()
+        err = jsonsafe.loads(r.content)
         err = err.get("error", err)
         message = err.get("message") or err.get("detail") or r.text
     except (ValueError, AttributeError):

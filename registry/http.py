@@ -12,17 +12,22 @@ import hashlib
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from expertlib.errors import DigestMismatchError, IntegrityError, NotFoundError
+from expertlib import jsonsafe
+from expertlib.errors import DigestMismatchError, IntegrityError, InvalidRequestError, NotFoundError
 from expertlib.registry.local import RegistryStore, _storage_errors
 from expertlib.registry.models import Entry, EntryList, TagRequest
-from expertlib.registry.names import DIGEST_PREFIX, validate_digest, validate_name, validate_tag
+from expertlib.registry.names import DIGEST_PREFIX, MAX_VERSION, validate_digest, validate_name, validate_tag
 
 router = APIRouter(tags=["registry"])
 
 DIGEST_HEADER = "X-Expertlib-Digest"
+#: Largest JSON body a registry route reads (a tag request is a few hundred bytes).
+MAX_JSON_BODY = 64 * 1024
 
 
 def get_registry(request: Request) -> RegistryStore:
@@ -69,7 +74,7 @@ async def push_entry(
     tag: list[str] = Query(default=[]),
     source: str | None = None,
     version: int | None = Query(
-        default=None, ge=1, description="preferred version number (mirrors the source)"
+        default=None, ge=1, le=MAX_VERSION, description="preferred version number (mirrors the source)"
     ),
     reg: RegistryStore = Depends(get_registry),
 ) -> Entry:
@@ -104,7 +109,35 @@ async def push_entry(
         Path(tmp).unlink(missing_ok=True)
 
 
-@router.post("/tags", response_model=Entry)
-def set_tag(body: TagRequest, reg: RegistryStore = Depends(get_registry)) -> Entry:
-    """Point a tag at a version."""
-    return reg.tag(body.ref, body.tag, base=body.base)
+@router.post(
+    "/tags",
+    response_model=Entry,
+    openapi_extra={  # the body is read by json_body (bounded), so FastAPI does not describe it itself
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": TagRequest.model_json_schema()}},
+        }
+    },
+)
+async def set_tag(request: Request, reg: RegistryStore = Depends(get_registry)) -> Entry:
+    """Point a tag at a version: the body is a TagRequest."""
+    body = await json_body(request, TagRequest)
+    return await run_in_threadpool(reg.tag, body.ref, body.tag, base=body.base)
+
+
+async def json_body(request: Request, model):
+    """The request's JSON body as `model`: bounded in size and nesting (`expertlib.jsonsafe`), 400s
+    with a one-line message otherwise."""
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_JSON_BODY:
+            raise InvalidRequestError(f"the request body is over {MAX_JSON_BODY} bytes")
+    try:
+        data = jsonsafe.loads(bytes(raw))
+    except ValueError as exc:
+        raise InvalidRequestError(f"the request body is not usable JSON: {exc}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None

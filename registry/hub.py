@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, StrictInt, field_validator
 
+from expertlib import jsonsafe
 from expertlib.errors import DigestMismatchError, InvalidNameError, NotFoundError, RemoteError
 from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSetManifest
@@ -105,7 +106,7 @@ class HubRemote:
     def manifest(self) -> HubManifest:
         path = self._download(MANIFEST_FILE)
         try:
-            return HubManifest.model_validate_json(path.read_text())
+            return HubManifest.model_validate(jsonsafe.loads(path.read_bytes()))
         except ValueError as exc:
             raise RemoteError(
                 f"{self.url}: invalid {MANIFEST_FILE}: {exc}", hint="re-push the expert set"

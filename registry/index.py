@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
+from expertlib.errors import RegistryError, RegistrySchemaError
+
 INDEX_FILE = "index.db"
 #: "delete" selects SQLite's rollback journal instead of WAL, for a registry folder that several
 #: hosts share over a network filesystem (WAL needs shared memory, which such filesystems lack).
@@ -116,17 +118,13 @@ def init(root: Path) -> None:
     """Create the index if needed (idempotent, safe under concurrency)."""
     con = connect(root)
     try:
+        version = check_schema(con, root)  # before anything is written to an index of a newer expertlib
         wanted = os.environ.get(JOURNAL_ENV, "").lower()
         if wanted:
             if wanted not in ("wal", "delete"):
-                from expertlib.errors import RegistryError
-
                 raise RegistryError(f"{JOURNAL_ENV} must be 'wal' or 'delete', not {wanted!r}")
             con.execute(f"PRAGMA journal_mode = {wanted.upper()}")
-        has_meta = con.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-        ).fetchone()
-        if has_meta and schema_version(con) == SCHEMA_VERSION:
+        if version == SCHEMA_VERSION:
             return  # already set up: take no write lock
         if not wanted:
             mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -158,6 +156,28 @@ def transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 def schema_version(con: sqlite3.Connection) -> int:
-    """Schema version of an index (0 when new)."""
-    row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    return int(row[0]) if row else 0
+    """Schema version of an index (0 when new); RegistrySchemaError when it is not a number."""
+    has_meta = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+    row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if has_meta else None
+    if row is None:
+        return 0
+    text = str(row[0])
+    if not (text.isascii() and text.isdigit() and len(text) <= 9):
+        raise RegistrySchemaError(
+            f"the registry index has an unreadable schema version {text[:20]!r}",
+            hint="the index was damaged or not written by expertlib; pull its sets into a new registry",
+        )
+    return int(text)
+
+
+def check_schema(con: sqlite3.Connection, root: Path) -> int:
+    """The index's schema version; RegistrySchemaError when a newer expertlib wrote it (reading it
+    as this version could misread it, and writing could damage it)."""
+    version = schema_version(con)
+    if version > SCHEMA_VERSION:
+        raise RegistrySchemaError(
+            f"the registry at {root} was written by a newer expertlib (schema {version}); "
+            f"this one reads schema {SCHEMA_VERSION}",
+            hint="upgrade expertlib (pip install -U expertlib) to use this registry",
+        )
+    return version

@@ -44,13 +44,23 @@ from expertlib.errors import (
     ReadOnlyRegistryError,
     RegistryBusyError,
     StorageFullError,
+    VersionLimitError,
 )
 from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSet, ExpertSetManifest
 from expertlib.registry import index
 from expertlib.registry.blobs import BlobStore, TempBlob, sha256_file, test_hook
 from expertlib.registry.models import Entry, GcReport, VerifyProblem, VerifyReport, base_key
-from expertlib.registry.names import LATEST, Ref, RefSpec, parse_ref, validate_name, validate_tag
+from expertlib.registry.names import (
+    LATEST,
+    MAX_VERSION,
+    Ref,
+    RefSpec,
+    parse_ref,
+    validate_name,
+    validate_tag,
+    validate_version,
+)
 from expertlib.verify import FileKey
 
 BaseArg = BaseIdentity | str | Path | None
@@ -98,6 +108,11 @@ class RegistryStore:
                     f"no expertlib registry at {self.root} (no {index.INDEX_FILE})",
                     hint="a read-only folder must already hold a registry",
                 )
+            con = self._con()
+            try:
+                index.check_schema(con, self.root)
+            finally:
+                con.close()
             return
         with _storage_errors(self.root):
             self.root.mkdir(parents=True, exist_ok=True)
@@ -142,8 +157,9 @@ class RegistryStore:
             return [base_key(folder_identity(text))]
         digest = text if text.startswith("sha256:") else "sha256:" + text
         rows = con.execute(
-            "SELECT base_key FROM bases WHERE name = ? OR model_type = ? OR (length(?) >= 15 AND config_digest LIKE ?)",
-            (text, text, digest, digest + "%"),
+            "SELECT base_key FROM bases WHERE name = ? OR model_type = ? "
+            "OR (length(?) >= 15 AND substr(config_digest, 1, length(?)) = ?)",  # a prefix, no wildcards
+            (text, text, digest, digest, digest),
         ).fetchall()
         if not rows:
             known = [f"{r[0]} ({r[1][:19]}...)" for r in con.execute("SELECT name, config_digest FROM bases")]
@@ -209,7 +225,10 @@ class RegistryStore:
             keys = self._base_keys(con, base)
             if spec.digest is not None:
                 hits = self._entries(
-                    con, "v.name = ? AND v.digest LIKE ?", (spec.name, spec.digest + "%"), keys
+                    con,
+                    "v.name = ? AND substr(v.digest, 1, length(?)) = ?",
+                    (spec.name, spec.digest, spec.digest),
+                    keys,
                 )
             elif spec.version is not None:
                 hits = self._entries(con, "v.name = ? AND v.version = ?", (spec.name, spec.version), keys)
@@ -249,6 +268,8 @@ class RegistryStore:
                     _SELECT + " WHERE v.base_key = ? AND v.name = ? AND v.version = ?",
                     (hit.base_key, hit.name, hit.version),
                 ).fetchone()
+                if row is None:  # removed since the lookup above
+                    raise self._not_found(con, spec, keys)
                 hit = self._entry(con, row, full=True)
             return hit
         finally:
@@ -318,6 +339,8 @@ class RegistryStore:
         the next free version; otherwise the next free version is used.
         """
         self._writable()
+        if version is not None:
+            validate_version(version)
         if isinstance(patch, ExpertSet):
             return self._publish_in_memory(
                 patch, task=task, tags=tags, base=base, source=source, version=version
@@ -429,16 +452,10 @@ class RegistryStore:
                     "SELECT version FROM versions WHERE base_key = ? AND name = ? AND digest = ?",
                     (key, name, tmp.digest),
                 ).fetchone()
+                version = row[0] if row is not None else self._next_version(con, key, name, wanted)
                 self.blobs.commit(tmp)  # under the write lock: gc cannot remove it before the row exists
                 test_hook("commit")
-                if row is not None:
-                    version = row[0]
-                else:
-                    version = con.execute(
-                        "SELECT next_version FROM names WHERE base_key = ? AND name = ?", (key, name)
-                    ).fetchone()[0]
-                    if wanted is not None and wanted > version:
-                        version = int(wanted)
+                if row is None:
                     con.execute(
                         "UPDATE names SET next_version = ? WHERE base_key = ? AND name = ?",
                         (version + 1, key, name),
@@ -458,12 +475,36 @@ class RegistryStore:
                     )
                 for tag in tags:
                     con.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?)", (key, name, tag, version))
-            row = con.execute(
-                _SELECT + " WHERE v.base_key = ? AND v.name = ? AND v.version = ?", (key, name, version)
-            )
-            return self._entry(con, row.fetchone())
+                return self._stored_entry(con, key, name, version)  # inside: no rm in between
         finally:
             con.close()
+
+    @staticmethod
+    def _next_version(con: sqlite3.Connection, key: str, name: str, wanted: int | None) -> int:
+        """The version a new entry of `name` gets: the next free one, or `wanted` when it is higher
+        (pull and push mirror the source's numbers); VersionLimitError past MAX_VERSION."""
+        version = con.execute(
+            "SELECT next_version FROM names WHERE base_key = ? AND name = ?", (key, name)
+        ).fetchone()[0]
+        if wanted is not None and wanted > version:
+            version = int(wanted)
+        if version > MAX_VERSION:
+            raise VersionLimitError(
+                f"{name} has used every version number up to the highest version, {MAX_VERSION}",
+                hint="versions are never reused: publish the set under another name",
+            )
+        return version
+
+    def _stored_entry(self, con: sqlite3.Connection, key: str, name: str, version: int) -> Entry:
+        row = con.execute(
+            _SELECT + " WHERE v.base_key = ? AND v.name = ? AND v.version = ?", (key, name, version)
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(
+                f"{name}@{version} was removed while it was being changed",
+                hint="`expertlib list` shows the versions there are",
+            )
+        return self._entry(con, row)
 
     # --- tags, removal, cleaning ------------------------------------------------------------------
 
@@ -472,16 +513,21 @@ class RegistryStore:
         self._writable()
         validate_tag(tag)
         entry = self.resolve(ref, base=base)
+        where = (entry.base_key, entry.name, entry.version)
         con = self._con()
         try:
-            with index.transaction(con):
-                con.execute(
-                    "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?)",
-                    (entry.base_key, entry.name, tag, entry.version),
-                )
+            with index.transaction(con):  # an `rm` since the lookup is seen here, not as a foreign-key error
+                if not con.execute(
+                    "SELECT 1 FROM versions WHERE base_key = ? AND name = ? AND version = ?", where
+                ).fetchone():
+                    raise NotFoundError(
+                        f"{entry.ref} was removed while it was being tagged",
+                        hint="`expertlib list` shows the versions there are",
+                    )
+                con.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?)", (*where[:2], tag, where[2]))
+                return self._stored_entry(con, *where)
         finally:
             con.close()
-        return self.resolve(entry.ref, base=entry.base)
 
     def untag(self, name: str, tag: str, *, base: BaseArg = None) -> None:
         self._writable()

@@ -13,7 +13,15 @@ from pydantic import AfterValidator, BaseModel, Field, StrictInt, field_validato
 
 from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSetManifest
-from expertlib.registry.names import LATEST, MAX_VERSION, Ref, validate_digest, validate_name, validate_tag
+from expertlib.registry.names import (
+    LATEST,
+    MAX_STORED_VERSION,
+    MAX_VERSION,
+    Ref,
+    validate_digest,
+    validate_name,
+    validate_tag,
+)
 
 
 def _validate_tags(tags: list[str]) -> list[str]:
@@ -38,7 +46,9 @@ class Entry(BaseModel):
     """One published version of an expert set."""
 
     name: SetName = Field(description="registry name of the set (the task)")
-    version: int = Field(ge=1, le=MAX_VERSION, description="version number, from 1, never reused")
+    version: int = Field(
+        ge=1, le=MAX_STORED_VERSION, description=f"version number, 1 to {MAX_VERSION} (never reused)"
+    )
     digest: BlobDigest = Field(description="sha256 of the patch file bytes; immutable address")
     base: BaseIdentity = Field(description="base model the set belongs to")
     tags: Tags = Field(default_factory=list, description="tags pointing at this version (incl. latest)")

@@ -1,7 +1,7 @@
 """Names and references of expert sets in a registry.
 
     math            the latest version of task `math`
-    math@3          version 3 (versions count from 1 and are never reused)
+    math@3          version 3 (versions count from 1 to MAX_VERSION and are never reused)
     math@stable     whatever the movable tag `stable` points at (`latest` is automatic)
     math@sha256:ab  the immutable blob digest (a unique prefix of >= 8 hex digits is enough)
 
@@ -24,8 +24,13 @@ LATEST = "latest"
 DIGEST_PREFIX = "sha256:"
 #: Shortest digest prefix accepted in a reference.
 MIN_DIGEST_PREFIX = 8
-#: Highest version number accepted (SQLite stores 64-bit integers; nobody publishes 2 billion).
+#: Highest version number a registry writes (publish, push, pull, import, the HTTP routes). A name
+#: whose next version would pass it takes no new versions (they are never reused): publish under
+#: another name.
 MAX_VERSION = 2**31 - 1
+#: Highest version number read back and accepted in references: SQLite's largest integer, so that
+#: entries an older expertlib stored past MAX_VERSION can still be listed, shown and removed.
+MAX_STORED_VERSION = 2**63 - 1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
@@ -70,6 +75,17 @@ def validate_tag(tag: str) -> str:
             "tag 'latest' is automatic (the highest version)", hint="pick another tag name"
         )
     return tag
+
+
+def validate_version(version: object) -> int:
+    """`version` if a registry may store it (an int from 1 to MAX_VERSION); InvalidNameError otherwise."""
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        shown = repr(version) if len(repr(version)) <= 24 else repr(version)[:24] + "..."
+        raise InvalidNameError(
+            f"version {shown} is out of range: versions are 1 to {MAX_VERSION}",
+            hint="leave the version out to take the next free one",
+        )
+    return version
 
 
 def validate_digest(digest: str, *, prefix_ok: bool = False) -> str:
@@ -142,7 +158,7 @@ def parse_ref(text: str) -> RefSpec:
     if sel.startswith(DIGEST_PREFIX):
         return RefSpec(name, digest=validate_digest(sel, prefix_ok=True))
     if sel.isdigit() and sel.isascii():
-        if len(sel) > len(str(MAX_VERSION)) or int(sel) > MAX_VERSION:
+        if len(sel) > len(str(MAX_STORED_VERSION)) or int(sel) > MAX_STORED_VERSION:
             raise InvalidNameError(
                 f"version {sel[:20]}{'...' if len(sel) > 20 else ''} in the reference is too large",
                 hint=f"versions are 1 to {MAX_VERSION}; `expertlib list` shows the ones that exist",
