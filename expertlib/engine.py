@@ -96,6 +96,7 @@ class _SetBook:
         self._tmp = tempfile.TemporaryDirectory(prefix="expertlib-engine-")
 
     def open(self, es: ExpertSet | str | Path, name: str | None) -> tuple[ExpertSet, str, str]:
+        self.verify_always = False  # hash every load in full (--verify-loads always), not once per file
         """The set, its name and a file the workers can read; refuses sets for another base."""
         if not isinstance(es, ExpertSet):
             es = ExpertSet.open(es)
@@ -107,7 +108,7 @@ class _SetBook:
                 hint="apply such a set in place (expertlib.apply) or serve a merged checkpoint",
             )
         self.check_base(es)
-        es.verify()  # digests recomputed from the tensors, NaN/inf refused: before any eviction
+        es.verify(always=self.verify_always)  # digests recomputed, NaN/inf refused: before any eviction
         if es.path is None:
             es.save(Path(self._tmp.name) / f"{abs(hash((name, m.content_digest)))}.safetensors")
         return es, name, str(es.path)
@@ -178,8 +179,10 @@ class _SetBook:
     def apply_args(self, placement: Placement, evicted_rows: list[int], path: str) -> tuple:
         fills = [[layer, slot, e] for layer, slot, e in placement.fills]
         remap = {layer: dict(m) for layer, m in placement.remap.items()}  # expert -> slot
-        digest = self.sets[placement.name].manifest.content_digest  # the worker checks its copy against it
-        return (evicted_rows, path, fills, placement.set_row, remap, digest)
+        es = self.sets[placement.name]
+        digest = es.manifest.content_digest  # the worker checks its copy against it
+        checked = es.checked.model_dump_json() if es.checked is not None else None  # it trusts this check
+        return (evicted_rows, path, fills, placement.set_row, remap, digest, checked)
 
     def ref(self, expert_set: SetRef | str | None) -> SetRef | None:
         """The SetRef a request runs with (None or "" = the base), and the set marked recently used.
@@ -468,6 +471,15 @@ def _check_worker(info: dict[str, Any], base: BaseCheckpoint, slots: int, max_se
         "max_sets": max_sets,
         "moe_layers": base.moe_layers,
     }
+def _verify_always(mode: str) -> bool:
+    """`verify_loads`: "once" (hash a set file once, trust it while unchanged) or "always"."""
+    if mode not in ("once", "always"):
+        raise EngineError(
+            f"verify_loads must be 'once' or 'always', not {mode!r}", hint="pass once or always"
+        )
+    return mode == "always"
+
+
     got = {k: info.get(k) for k in want}
     if got != want:
         raise EngineError(f"the vLLM workers report slot layout {got}, expected {want}")
@@ -501,6 +513,7 @@ class ExpertEngine:
         return self.llm.collective_rpc(method, args=args)  # synchronous: never suspends
 
     def load(self, es: ExpertSet | str | Path, name: str | None = None, pin: bool = False) -> str:
+        self._book.verify_always = _verify_always(engine_kwargs.pop("verify_loads", "once"))
         """Load a set (file or ExpertSet) into free slots, evicting LRU unpinned sets; returns its name."""
         es, name, path = self._book.open(es, name)
         return _run_now(self._book.load(es, name, path, pin, self._rpc))
@@ -608,6 +621,7 @@ class AsyncExpertEngine:
         return await self.engine.collective_rpc(method, args=args)
 
     async def _check(self) -> None:
+        verify_always = _verify_always(engine_kwargs.pop("verify_loads", "once"))
         if not self._checked:
             await self._book.start(self._rpc, self.host_cache_budget)
             self._checked = True
@@ -615,6 +629,7 @@ class AsyncExpertEngine:
     async def load(self, es: ExpertSet | str | Path, name: str | None = None, pin: bool = False) -> str:
         es, name, path = await asyncio.to_thread(self._book.open, es, name)
         async with self._lock:
+        engine._book.verify_always = verify_always
             await self._check()
             return await self._book.load(es, name, path, pin, self._rpc)
 

@@ -38,10 +38,12 @@ from expertlib.fsutil import atomic_path
 from expertlib.identity import BaseIdentity
 from expertlib.moe import BIAS_PARTS, EXPERT_PARTS, ExpertWeights
 from expertlib.verify import (
+    FileKey,
     Scan,
     VerifiedRecord,
     check_scan,
     digests_of,
+    read_tensors,
     recall,
     remember,
     scan_file,
@@ -291,13 +293,14 @@ class ExpertSet:
             check_scan(scan, m, where)
         else:
             assert self.path is not None
-            scan = None if always else self._known_scan()
-            if scan is None:
+            standing = None if always else self._standing_record()
+            if standing is not None:
+                scan, self.checked = standing.scan, standing
+            else:
                 scan, key = scan_file(self.path, m, self._expected())
                 check_scan(scan, m, where)
                 if key is not None:
-                    remember(self.path, key, scan)
-                    self.checked = VerifiedRecord(path=str(self.path.resolve()), key=list(key), scan=scan)
+                    self._checked_now(key, scan)
         self.scan = scan
         self._verified = dict(scan.expert_digests)
         return self._verified
@@ -307,11 +310,42 @@ class ExpertSet:
         self._trusted = record
         return self
 
-    def _known_scan(self) -> Scan | None:
+    def read_verified(self, *, always: bool = False) -> ExpertSet:
+        """Read a lazily opened set's file into host memory, each byte once, and check those very
+        bytes, unless a check of the unchanged file stands (as in `verify`); the tensors are then
+        views on that one buffer. What the engine's workers copy into slots."""
+        if self._tensors is not None or self.path is None:
+            self.verify(always=always)
+            return self
+        m = self.manifest
+        before = FileKey.of(self.path)
+        tensors = read_tensors(self.path, self._expected())
+        same = before is not None and before == FileKey.of(self.path)
+        standing = None if always or not same else self._standing_record()
+        if standing is not None:
+            scan, self.checked = standing.scan, standing
+        else:
+            scan = scan_tensors(tensors, m)
+            check_scan(scan, m, str(self.path))
+            if same:
+                self._checked_now(before, scan)
+        self._tensors, self.scan, self._verified = tensors, scan, dict(scan.expert_digests)
+        return self
+
+    def _standing_record(self) -> VerifiedRecord | None:
+        """A full check of this file in its present state: handed in with `trust`, or made here."""
         m = self.manifest
         if self._trusted is not None and self._trusted.matches(self.path, m.content_digest):
-            return self._trusted.scan
-        return recall(self.path, m.content_digest)
+            return self._trusted
+        key = FileKey.of(self.path)
+        scan = recall(self.path, m.content_digest)
+        if scan is None or key is None:
+            return None
+        return VerifiedRecord(path=str(self.path.resolve()), key=list(key), scan=scan)
+
+    def _checked_now(self, key: FileKey, scan: Scan) -> None:
+        remember(self.path, key, scan)
+        self.checked = VerifiedRecord(path=str(self.path.resolve()), key=list(key), scan=scan)
 
     def _expected(self) -> dict[str, tuple[torch.dtype, list[int]]]:
         """Tensor name -> (dtype, shape), as the manifest promises them."""

@@ -243,7 +243,7 @@ _REPUBLISH = "the file is damaged: re-export or pull the expert set again"
 def map_tensors(
     path: str | Path, expected: Mapping[str, tuple[torch.dtype, list[int]]]
 ) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file as views on a (private, read-only-in-practice) memory map.
+    """The tensors of a safetensors file as views on a private memory map of it (no copy).
 
     `expected` (name -> dtype, shape) is what the manifest promises; the header found in the file
     must say exactly that, so a file swapped after it was opened cannot smuggle other tensors in."""
@@ -254,37 +254,61 @@ def map_tensors(
             raise PatchCorruptError("empty file", path=str(path), hint=_REPUBLISH) from exc
     if hasattr(mmap, "MADV_WILLNEED"):
         mm.madvise(mmap.MADV_WILLNEED)  # the kernel reads ahead while the first tensors are hashed
-    n = struct.unpack("<Q", mm[:8])[0] if len(mm) >= 8 else -1
+    return tensor_views(mm, expected, str(path))
+
+
+def read_tensors(
+    path: str | Path, expected: Mapping[str, tuple[torch.dtype, list[int]]]
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file read into one buffer in host memory (each byte read once),
+    as views on it; checked against `expected` like `map_tensors`."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = bytearray(size)
+        view, done = memoryview(buf), 0
+        while done < size:
+            n = f.readinto(view[done : done + (64 << 20)])
+            if not n:
+                raise PatchCorruptError("the file shrank while it was read", path=str(path), hint=_REPUBLISH)
+            done += n
+    return tensor_views(buf, expected, str(path))
+
+
+def tensor_views(
+    buf, expected: Mapping[str, tuple[torch.dtype, list[int]]], where: str
+) -> dict[str, torch.Tensor]:
+    """Views of the tensors in the safetensors bytes `buf` (a writable buffer), after checking its
+    header against `expected`."""
+    total = len(buf)
+    n = struct.unpack("<Q", bytes(buf[:8]))[0] if total >= 8 else -1
     try:
-        header = json.loads(mm[8 : 8 + n]) if 0 < n <= len(mm) - 8 else None
+        header = json.loads(bytes(buf[8 : 8 + n])) if 0 < n <= total - 8 else None
     except (UnicodeDecodeError, json.JSONDecodeError):
         header = None
     if not isinstance(header, dict):
-        raise PatchCorruptError("unreadable safetensors header", path=str(path), hint=_REPUBLISH)
+        raise PatchCorruptError("unreadable safetensors header", path=where, hint=_REPUBLISH)
     header.pop("__metadata__", None)
     if set(header) != set(expected):
-        raise PatchCorruptError(
-            "the file's tensors changed after it was opened", path=str(path), hint=_REPUBLISH
-        )
+        raise PatchCorruptError("the file's tensors changed after it was opened", path=where, hint=_REPUBLISH)
     start, out = 8 + n, {}
     for name, (dtype, shape) in expected.items():
         info = header[name]
-        a, b = info.get("data_offsets", (0, -1))
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        a, b = offsets if isinstance(offsets, list) and len(offsets) == 2 else (0, -1)
         size = math.prod(shape) * dtype.itemsize
         if (
-            _DTYPES.get(info.get("dtype")) != dtype
+            not isinstance(info, dict)
+            or _DTYPES.get(info.get("dtype")) != dtype
             or list(info.get("shape", ())) != list(shape)
             or b - a != size
+            or a < 0
+            or start + b > total
         ):
             raise PatchCorruptError(
-                f"{name}: header disagrees with the manifest", path=str(path), hint=_REPUBLISH
-            )
-        if start + b > len(mm) or a < 0:
-            raise PatchCorruptError(
-                f"{name}: data beyond the end of the file", path=str(path), hint=_REPUBLISH
+                f"{name}: header disagrees with the manifest", path=where, hint=_REPUBLISH
             )
         flat = (
-            torch.frombuffer(mm, dtype=torch.uint8, count=size, offset=start + a)
+            torch.frombuffer(buf, dtype=torch.uint8, count=size, offset=start + a)
             if size
             else torch.empty(0, dtype=torch.uint8)
         )

@@ -62,6 +62,11 @@ class ServerSettings(BaseModel):
         description="host memory for recently used sets, so reloading an evicted set is a copy (default: "
         "10% of free memory, at most 4GiB; 0 turns it off)",
     )
+    verify_loads: Literal["once", "always"] = Field(
+        default="once",
+        description="once: hash a set file in full once (at registry ingest or first load) and trust it "
+        "while it is unchanged (device, inode, size, mtime, ctime); always: hash every load",
+    )
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     api_key: str | None = Field(default=None, description="required on inference routes (Bearer)")

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import pytest
 
@@ -56,12 +58,13 @@ def test_load_and_unload_send_one_apply_each_in_slot_indices(world):
     base, sets = world
     book, rpc = _SetBook(base, 4, 2), Workers()
     assert _load(book, rpc, sets["a"], "a") == "a"
-    method, (clear, path, fills, set_row, remap, digest) = rpc.calls[0]
+    method, (clear, path, fills, set_row, remap, digest, checked) = rpc.calls[0]
     assert method == "expertlib_apply" and clear == [] and path == str(sets["a"]) and set_row == 1
     layer = base.moe_layers[0]
     assert remap[layer] == {0: 0, 1: 1}  # expert -> slot index, as Placement.remap
     assert sorted(f[2] for f in fills if f[0] == layer) == [0, 1]
     assert digest == book.sets["a"].manifest.content_digest
+    assert json.loads(checked)["path"] == str(Path(sets["a"]).resolve())  # the workers trust this check
     assert book.history["a"]["loads"] == 1
     rpc.calls.clear()
     _run_now(book.unload("a", rpc))

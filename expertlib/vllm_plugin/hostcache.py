@@ -2,8 +2,10 @@
 
 Like vLLM's CPU LoRA cache, it holds the tensors of the sets most recently written into slots
 (resident ones included), bounded in bytes, so that reloading a set that was evicted from the slots
-is a copy from host memory instead of a file read. Keyed by the set file's path (registry blobs are
-content-addressed, so a path names one immutable set); one cache per worker process.
+is a copy from host memory instead of a file read. It holds verified bytes: a set enters as one
+buffer read from its file once and checked (or covered by the front end's check of the unchanged
+file, `expertlib.verify`). Keyed by the set file's path and content digest; one cache per worker
+process.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections import OrderedDict
 from typing import Any
 
 from expertlib.patch import ExpertSet
+from expertlib.verify import VerifiedRecord
 
 
 class HostCache:
@@ -26,15 +29,26 @@ class HostCache:
     def nbytes(self) -> int:
         return sum(self._bytes.values())
 
-    def open(self, path: str) -> tuple[ExpertSet, bool]:
-        """The set at `path` with its tensors in memory, and whether it came from the cache."""
+    def open(
+        self, path: str, content_digest: str | None = None, checked: VerifiedRecord | None = None
+    ) -> tuple[ExpertSet, bool]:
+        """The set at `path` with its verified tensors in memory, and whether it came from the cache.
+
+        `checked`: a full check of the file made elsewhere (the engine's front end), trusted while the
+        file is unchanged since; otherwise the bytes read are checked here."""
         path = str(path)
-        if path in self._sets:
+        cached = self._sets.get(path)
+        if cached is not None and content_digest in (None, cached.manifest.content_digest):
             self._sets.move_to_end(path)
             self.hits += 1
-            return self._sets[path], True
+            return cached, True
+        if cached is not None:  # the file now holds another set
+            self._sets.pop(path)
+            self._bytes.pop(path, None)
         es = ExpertSet.open(path)
-        es.tensors  # noqa: B018 - read the file once, here
+        if checked is not None:
+            es.trust(checked)
+        es.read_verified()  # each byte read once, into the buffer the slots are filled from
         self.misses += 1
         self._put(path, es)
         return es, False

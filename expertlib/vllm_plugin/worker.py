@@ -186,20 +186,23 @@ class SlotWorkerExtension:
         }
 
     def expertlib_write_slots(
-        self, path: str, fills: list[list[int]], content_digest: str | None = None
+        self, path: str, fills: list[list[int]], content_digest: str | None = None, checked: str | None = None
     ) -> int:
         """Copy experts of the set file at `path` into slots: fills = [[layer, slot, expert], ...].
 
-        The set is checked here too, on the bytes this worker copies, before any slot is written:
-        `content_digest` (what the front end checked), per-expert digests and finiteness."""
+        The bytes this worker copies are the ones checked, before any slot is written: read once and
+        checked here (content digest, per-expert digests, finiteness), unless `checked` (the front
+        end's VerifiedRecord, JSON) covers the file and it is unchanged since."""
         from expertlib.errors import DigestMismatchError
         from expertlib.vllm_plugin.hostcache import HOST_CACHE
+        from expertlib.verify import VerifiedRecord
 
         ctx = self._expertlib_ctx()
-        es, _cached = HOST_CACHE.open(path)  # a set used recently comes from host memory
+        record = VerifiedRecord.model_validate_json(checked) if checked else None
+        es, _cached = HOST_CACHE.open(path, content_digest, record)  # a recent set comes from host memory
         if content_digest is not None and es.manifest.content_digest != content_digest:
             raise DigestMismatchError("the set file changed after it was checked", path=path)
-        es.verify()  # cached on the host cache's copy
+        es.verify()  # done on the buffer read above (or cached with it)
         by_layer: dict[int, list[tuple[int, int]]] = {}
         for layer, slot, expert in fills:
             if not 0 <= int(slot) < ctx.slots:
@@ -243,12 +246,13 @@ class SlotWorkerExtension:
         remap: dict[Any, dict[Any, int]] | None = None,
         content_digest: str | None = None,
     ) -> None:
+        checked: str | None = None,
         """One placement in one call (so between two forward steps): copy the new set's experts into
         their slots (checked first: a refused set changes nothing), clear the rows of evicted or
         unloaded sets, then write its remap row."""
         if fills:
             assert path is not None
-            self.expertlib_write_slots(path, fills, content_digest)
+            self.expertlib_write_slots(path, fills, content_digest, checked)
         for r in clear_rows:
             self.expertlib_clear_row(int(r))
         if set_row is not None:
