@@ -93,10 +93,10 @@ class _SetBook:
         self.history: dict[str, dict[str, float]] = {}  # per set: loads, cache_loads, evictions, load_seconds
         self.paths: dict[str, str] = {}  # every set ever loaded -> its file (names the host cache's entries)
         self.host_cache: dict[str, Any] = {}  # the workers' host cache, as last reported
+        self.verify_always = False  # hash every load in full (--verify-loads always), not once per file
         self._tmp = tempfile.TemporaryDirectory(prefix="expertlib-engine-")
 
     def open(self, es: ExpertSet | str | Path, name: str | None) -> tuple[ExpertSet, str, str]:
-        self.verify_always = False  # hash every load in full (--verify-loads always), not once per file
         """The set, its name and a file the workers can read; refuses sets for another base."""
         if not isinstance(es, ExpertSet):
             es = ExpertSet.open(es)
@@ -464,13 +464,6 @@ def _cache_budget(budget: int | None) -> int:
     return int(budget) if budget is not None else sizing.host_cache_budget(sizing.available_memory())
 
 
-def _check_worker(info: dict[str, Any], base: BaseCheckpoint, slots: int, max_sets: int) -> None:
-    want = {
-        "num_experts": base.num_experts,
-        "slots": slots,
-        "max_sets": max_sets,
-        "moe_layers": base.moe_layers,
-    }
 def _verify_always(mode: str) -> bool:
     """`verify_loads`: "once" (hash a set file once, trust it while unchanged) or "always"."""
     if mode not in ("once", "always"):
@@ -480,6 +473,13 @@ def _verify_always(mode: str) -> bool:
     return mode == "always"
 
 
+def _check_worker(info: dict[str, Any], base: BaseCheckpoint, slots: int, max_sets: int) -> None:
+    want = {
+        "num_experts": base.num_experts,
+        "slots": slots,
+        "max_sets": max_sets,
+        "moe_layers": base.moe_layers,
+    }
     got = {k: info.get(k) for k in want}
     if got != want:
         raise EngineError(f"the vLLM workers report slot layout {got}, expected {want}")
@@ -504,6 +504,7 @@ class ExpertEngine:
         self.base = BaseCheckpoint(resolve_base(base))
         self._book = _SetBook(self.base, slots, max_sets)
         host_cache = engine_kwargs.pop("host_cache", None)
+        self._book.verify_always = _verify_always(engine_kwargs.pop("verify_loads", "once"))
         kwargs, self.memory = size_memory(self.base, slots, engine_kwargs)
         with _memory_errors(self.memory):
             self.llm = LLM(**_engine_kwargs(self.base, slots, max_sets, kwargs))
@@ -513,7 +514,6 @@ class ExpertEngine:
         return self.llm.collective_rpc(method, args=args)  # synchronous: never suspends
 
     def load(self, es: ExpertSet | str | Path, name: str | None = None, pin: bool = False) -> str:
-        self._book.verify_always = _verify_always(engine_kwargs.pop("verify_loads", "once"))
         """Load a set (file or ExpertSet) into free slots, evicting LRU unpinned sets; returns its name."""
         es, name, path = self._book.open(es, name)
         return _run_now(self._book.load(es, name, path, pin, self._rpc))
@@ -608,6 +608,7 @@ class AsyncExpertEngine:
         ckpt = BaseCheckpoint(resolve_base(base))
         engine_kwargs.setdefault("disable_log_stats", True)
         host_cache = engine_kwargs.pop("host_cache", None)
+        verify_always = _verify_always(engine_kwargs.pop("verify_loads", "once"))
         kwargs, memory = size_memory(ckpt, slots, engine_kwargs)
         log.info("%s", memory)
         with _memory_errors(memory):
@@ -615,13 +616,13 @@ class AsyncExpertEngine:
             engine = cls(AsyncLLM.from_engine_args(args), ckpt, slots, max_sets)
         engine.memory = memory
         engine.host_cache_budget = _cache_budget(host_cache)
+        engine._book.verify_always = verify_always
         return engine
 
     async def _rpc(self, method: str, args: tuple = ()) -> list[Any]:
         return await self.engine.collective_rpc(method, args=args)
 
     async def _check(self) -> None:
-        verify_always = _verify_always(engine_kwargs.pop("verify_loads", "once"))
         if not self._checked:
             await self._book.start(self._rpc, self.host_cache_budget)
             self._checked = True
@@ -629,7 +630,6 @@ class AsyncExpertEngine:
     async def load(self, es: ExpertSet | str | Path, name: str | None = None, pin: bool = False) -> str:
         es, name, path = await asyncio.to_thread(self._book.open, es, name)
         async with self._lock:
-        engine._book.verify_always = verify_always
             await self._check()
             return await self._book.load(es, name, path, pin, self._rpc)
 

@@ -194,8 +194,8 @@ class SlotWorkerExtension:
         checked here (content digest, per-expert digests, finiteness), unless `checked` (the front
         end's VerifiedRecord, JSON) covers the file and it is unchanged since."""
         from expertlib.errors import DigestMismatchError
-        from expertlib.vllm_plugin.hostcache import HOST_CACHE
         from expertlib.verify import VerifiedRecord
+        from expertlib.vllm_plugin.hostcache import HOST_CACHE
 
         ctx = self._expertlib_ctx()
         record = VerifiedRecord.model_validate_json(checked) if checked else None
@@ -245,8 +245,8 @@ class SlotWorkerExtension:
         set_row: int | None = None,
         remap: dict[Any, dict[Any, int]] | None = None,
         content_digest: str | None = None,
-    ) -> None:
         checked: str | None = None,
+    ) -> None:
         """One placement in one call (so between two forward steps): copy the new set's experts into
         their slots (checked first: a refused set changes nothing), clear the rows of evicted or
         unloaded sets, then write its remap row."""
