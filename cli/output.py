@@ -50,8 +50,13 @@ def config_options(model: type, fields: Sequence[str]) -> Callable:
         kw: dict[str, Any] = {"default": info.default, "show_default": True}
         if info.description:
             kw["help"] = info.description[0].upper() + info.description[1:] + "."
-        if annotation is bool:
+        if annotation is bool and info.default is True:  # on by default: `--x/--no-x`
+            flag = f"{flag}/--no-{flag[2:]}"
             kw.update(is_flag=True, show_default=False)
+        elif annotation is bool:
+            kw.update(is_flag=True, show_default=False)
+        elif typing.get_origin(annotation) is tuple and typing.get_args(annotation)[1:] == (Ellipsis,):
+            kw.update(type=typing.get_args(annotation)[0], multiple=True)  # repeatable
         elif typing.get_origin(annotation) is typing.Literal:
             kw["type"] = click.Choice(list(typing.get_args(annotation)))
         else:

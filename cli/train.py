@@ -36,9 +36,10 @@ _WEIGHTING_HELP = SelectionConfig.model_fields["weighting"].description + "."
 @click.option("--budget", type=int, default=131072, show_default=True, help=_BUDGET_HELP)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per forward pass.")
 @click.option(
-    "--answer-only",
-    is_flag=True,
-    help="Count only the positions that produce answer tokens, i.e. what the loss trains (default: every token).",
+    "--answer-only/--all-tokens",
+    default=True,
+    show_default=True,
+    help="Count only the positions that produce answer tokens, i.e. what the loss trains, or every token.",
 )
 @click.option("--max-length", type=int, default=4096, show_default=True, help="Longer samples are cut.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample order.")
@@ -212,10 +213,12 @@ def select_cmd(
 @click.option("--experts", type=click.Path(exists=True, dir_okay=False), help="Use this expert_cfg.json.")
 @click.option("--budget", type=int, default=131072, show_default=True, help=_BUDGET_HELP)
 @click.option(
-    "--answer-only",
-    is_flag=True,
-    help="Score only the positions that produce answer tokens (what the loss trains).",
+    "--answer-only/--all-tokens",
+    default=True,
+    show_default=True,
+    help="Score only the positions that produce answer tokens (what the loss trains), or every token.",
 )
+@config_options(SelectionConfig, ["keep", "keep_mode", "keep_share"])
 @config_options(SelectionConfig, ["weighting", "train_shared_experts", "train_non_expert_modules"])
 @config_options(
     TrainConfig,
@@ -223,21 +226,42 @@ def select_cmd(
     + ["master_dtype", "gradient_checkpointing", "seed"],
 )
 @config_options(RuntimeConfig, ["device", "device_map"])
-@config_options(DataConfig, ["max_length", "too_long", "pack", "holdout"])
+@config_options(DataConfig, ["max_length", "too_long", "pack", "holdout", "keep_mix"])
+@config_options(TrainConfig, ["mix_share", "mix_weight"])
 @click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), help="Held-out jsonl instead.")
 @config_options(TrainConfig, ["eval_every", "early_stop"])
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), help="Write resumable checkpoints here.")
 @config_options(TrainConfig, ["checkpoint_every"])
-@config_options(RuntimeConfig, ["resume"])
+@config_options(RuntimeConfig, ["resume", "fit_check"])
 @click.option("--general", default=None, help=_GENERAL_HELP)
 @json_option
+@click.pass_context
 def train_cmd(
-    base, data, task, out, experts, budget, answer_only, eval_data, checkpoint_dir, general, as_json, **kw
+    ctx,
+    base,
+    data,
+    task,
+    out,
+    experts,
+    budget,
+    answer_only,
+    eval_data,
+    checkpoint_dir,
+    general,
+    as_json,
+    **kw,
 ):
     """Train only the task's experts of BASE on DATA (jsonl) and write an expert-set patch.
 
-    Scores and selects the experts unless --experts gives a selection. With --general, reports
-    (before training) how much of the general data's routing the selected experts carry.
+    Scores and selects the experts unless --experts gives a selection. The defaults are one recipe
+    (the demo's): answer-only scores, ESFT-Token top-p 0.2, and retention-aware selection: experts
+    that carry more than --keep-share of the kept data's routing in a layer are not trained
+    (--keep auto: the demo's general tasks on the demo base; on any other base prompts and
+    answers sampled from the base itself, once, cached). --keep-mix DATA also trains on the
+    skills the set must keep doing (e.g. its domain's pretrained tasks). With --general, reports
+    (before training) how much of the general data's routing the selected experts carry. After
+    training, says whether the set answers the data (teacher-forced, on held-out data when some
+    is held out) and, when it falls short, why.
 
     Picking the learning rate: without --lr it is picked from the model's size (3e-3 for the
     1.9M-parameter demo base down to the paper's 1e-5 at 16B; recorded in the patch's provenance). The
@@ -255,6 +279,7 @@ def train_cmd(
 
     risk = {}
     on_selection = None
+    kept_nothing = experts is not None or "none" in kw["keep"]  # the selection ignores kept data
     if general:
         from expertlib.esft.diagnostics import check_retention
 
@@ -263,6 +288,9 @@ def train_cmd(
 
             risk["r"] = check_retention(model, load_tokenizer(base), selection, general)
             click.echo(risk["r"].message(), err=True)
+            if risk["r"].at_risk and kept_nothing:
+                cmd = rerun_command(ctx, drop=("keep", "experts"), add=("--keep", general))
+                click.echo(f"to leave the experts of {general} alone, train with:\n  {cmd}", err=True)
 
     selection = SelectionConfig(
         experts=experts,
@@ -291,6 +319,7 @@ def train_cmd(
     if not context().is_main:
         return  # under torchrun / accelerate launch, rank 0 reports
     m, p = es.manifest, es.manifest.provenance
+    _report_keep_and_fit(ctx, p)
     data_out = {
         "out": str(es.path),
         "task": m.task,
@@ -306,7 +335,70 @@ def train_cmd(
     }
     if risk:
         data_out["retention_risk"] = risk["r"].summary()
+    for key in ("keep", "fit"):
+        if p.extra.get(key):
+            data_out[key] = p.extra[key]
     emit(as_json, data_out, lambda d: print_table(f"trained {task}", ["field", "value"], list(d.items())))
+
+
+def rerun_command(ctx: click.Context, *, drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> str:
+    """The `expertlib train` command line the user gave (options they set, in order), without the
+    options named in `drop`, with `add` appended: what to run instead."""
+    import shlex
+
+    from click.core import ParameterSource
+
+    parts = ["expertlib", ctx.info_name or "train"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            parts.append(shlex.quote(str(value)))
+            continue
+        if param.name in drop or ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            continue
+        if param.is_flag:
+            opts = param.opts if value else param.secondary_opts
+            if opts:
+                parts.append(opts[0])
+            continue
+        for v in value if param.multiple else (value,):
+            parts += [param.opts[0], shlex.quote(str(v))]
+    return " ".join(parts + [shlex.quote(a) for a in add])
+
+
+def _report_keep_and_fit(ctx: click.Context, p) -> None:
+    """On stderr, after training: what the keep constraint did and the fit verdict (`FitReport`)."""
+    from expertlib.esft.keep import FitReport
+
+    keep = p.extra.get("keep")
+    if keep:
+        for i, src in enumerate(keep["sources"]):
+            now = max(v[i] for v in keep["kept_share"].values())
+            paper = max(v[i] for v in keep["paper_kept_share"].values())
+            click.echo(
+                f"kept {src['name']} ({src['kind']}, {src['samples']} samples): the trained experts carry at most "
+                f"{now:.2f} of its routing per layer (the paper's selection: {paper:.2f})",
+                err=True,
+            )
+        if keep["dropped"]:
+            click.echo(
+                "  not trained, to keep it: "
+                + "; ".join(
+                    f"layer {layer}: experts {', '.join(map(str, ids))} ({keep['dropped_task_share'][layer]:.2f} of "
+                    "the task's routing)"
+                    for layer, ids in keep["dropped"].items()
+                ),
+                err=True,
+            )
+        if keep["fallback"]:
+            click.echo(
+                "  every expert the task uses carries kept routing: trained the paper's selection anyway "
+                "(general ability is at risk; check it with --eval-data)",
+                err=True,
+            )
+    if p.extra.get("fit"):
+        hint = f"`{rerun_command(ctx, drop=('keep',), add=('--keep', 'none'))}`" if keep else None
+        click.echo(FitReport(**p.extra["fit"]).message(keep_hint=hint), err=True)
 
 
 COMMANDS = [score_cmd, select_cmd, train_cmd]

@@ -42,6 +42,7 @@ DEFAULT_RISK_THRESHOLD = 0.1
 BUILTIN_GENERAL = "builtin"
 
 ADVICE = (
+    "train with --keep GENERAL_DATA (retention-aware selection: the experts it routes through stay frozen)",
     "raise --top-p only if the task's own mass is spread thin; otherwise lower it so fewer shared experts train",
     "cap experts per layer (--max-per-layer) so the busiest general experts stay frozen",
     "score with --score gate (it selects fewer, more task-specific experts)",

@@ -32,8 +32,9 @@ from torch import nn
 from expertlib.devices import resolve_device, torch_dtype
 from expertlib.esft import distributed
 from expertlib.esft.data import Sample, TooLong
+from expertlib.esft.keep import AUTO
 from expertlib.esft.memory_plan import MemoryPlan, ModelShape, plan_training
-from expertlib.esft.selection import ExpertConfig
+from expertlib.esft.selection import DEFAULT_KEEP_SHARE, ExpertConfig, KeepMode
 from expertlib.esft.training import Trainable, TrainConfig, train_experts
 from expertlib.identity import load_config
 from expertlib.moe import tensor_digest
@@ -50,6 +51,11 @@ class DataConfig(BaseModel):
     pack: bool = Field(default=False, description="pack samples into rows of --max-length tokens")
     holdout: float = Field(default=0.0, description="fraction of the data held out for the eval loss")
     eval_data: Path | None = Field(default=None, description="held-out jsonl instead of --holdout")
+    keep_mix: tuple[Path, ...] = Field(
+        default=(),
+        description="data of skills the set must keep doing (e.g. its domain's pretrained tasks), mixed "
+        "into every step (--mix-share of the batch, loss weight --mix-weight); repeatable",
+    )
 
 
 class SelectionConfig(BaseModel):
@@ -65,7 +71,27 @@ class SelectionConfig(BaseModel):
         default=None, description="a selection (expert_cfg.json or ExpertConfig): no scoring"
     )
     token_budget: int | None = Field(default=None, description="tokens to score (None: all)")
-    count_prompt_tokens: bool = Field(default=True, description="prompt tokens count in the scores too")
+    count_prompt_tokens: bool = Field(
+        default=False,
+        description="prompt tokens count in the scores too (default: only the positions that produce answers)",
+    )
+    keep: tuple[str, ...] = Field(
+        default=(AUTO,),
+        description="data whose routing the selection must leave alone: a jsonl, 'builtin' (the demo's "
+        "general tasks), 'self' (prompts and answers sampled from the base, cached), 'auto' (builtin on the "
+        "demo base, else self) or 'none' (the paper's selection); repeatable",
+    )
+    keep_mode: KeepMode = Field(
+        default="budget",
+        description="budget: drop selected experts until they carry at most --keep-share of each kept "
+        "dataset's routing per layer; contrast: rank experts by task share minus kept share",
+    )
+    keep_share: float = Field(
+        default=DEFAULT_KEEP_SHARE,
+        gt=0,
+        le=1,
+        description="most of a kept dataset's routing per layer to train",
+    )
     weighting: Literal["paper", "reference"] = Field(
         default="paper",
         description="paper: every sequence weighs the same (1/L_j, the paper's formula); reference: all "
@@ -94,6 +120,11 @@ class RuntimeConfig(BaseModel):
     checkpoint_dir: Path | None = Field(default=None, description="write resumable training state here")
     resume: bool = Field(default=False, description="continue from the state in --checkpoint-dir")
     progress: bool = Field(default=True, description="progress bars")
+    fit_check: bool = Field(
+        default=True,
+        description="after training, measure how many training and held-out answers the set gets right and "
+        "record it (says when the set falls short, and why)",
+    )
 
 
 def train_esft(
@@ -162,6 +193,7 @@ def train_esft(
         train_s, eval_s = samples, read(dc.eval_data)
     else:
         train_s, eval_s = split_holdout(samples, dc.holdout, config.seed)
+    mix_s = [x for path in dc.keep_mix for x in read(path, too_long="truncate")]
     longest = min(dc.max_length, max(len(x) for x in train_s))  # a batch pads to its longest sample
     if given is not None:
         planned(given.num_experts, longest)
@@ -196,7 +228,8 @@ def train_esft(
             progress=rt.progress,
             weighting=sel.weighting,
         )
-        experts = select_experts(
+        rule = partial(
+            select_experts,
             scores.of(sel.score),
             p,
             max_per_layer=sel.max_per_layer,
@@ -204,6 +237,7 @@ def train_esft(
             non_expert_modules=sel.train_non_expert_modules,
             eps=0.0 if sel.weighting == "reference" else DEFAULT_EPS,
         )
+        experts, keep_record = _keep_aware(rule, sel, base, model, tok, pad, scores.token)
         prov = prov.model_copy(
             update=dict(
                 method=f"esft-{sel.score}",
@@ -215,6 +249,7 @@ def train_esft(
                 count_prompt_tokens=sel.count_prompt_tokens,
                 extra={
                     **prov.extra,
+                    "keep": keep_record,
                     "weighting": sel.weighting,
                     "scores": {str(k): [round(x, 6) for x in v] for k, v in scores.of(sel.score).items()},
                 },
@@ -244,6 +279,7 @@ def train_esft(
         "base": ident.config_digest,
         "max_length": dc.max_length,
         "pack": dc.pack,
+        "keep_mix": [data_digest(x) for x in dc.keep_mix],
     }
     result = train_experts(
         model,
@@ -256,15 +292,76 @@ def train_esft(
         resume=rt.resume,
         run_key=run_key,
         progress=rt.progress,
+        mix_samples=mix_s,
     )
     prov.extra["eval_losses"] = [[s, round(v, 6)] for s, v in result.eval_losses]
+    if mix_s:
+        prov.extra["keep_mix"] = [{"path": str(x), "digest": data_digest(x)} for x in dc.keep_mix]
     if next(model.parameters()).dtype != patch_dtype:
         _digests_from_checkpoint(base, result.trainable)
     es = result.expert_set(task=task, base=ident, provenance=prov, dtype=patch_dtype, description=description)
+    if rt.fit_check and not result.extra_params:  # ablations change the model itself: no base to compare
+        from expertlib.esft.keep import fit_check
+
+        dropped = (prov.extra.get("keep") or {}).get("dropped_task_share", {})
+        fit = fit_check(model, es, train_s, eval_s, pad_id=pad, dropped=dropped)
+        prov.extra["fit"] = fit.model_dump()
+        es = result.expert_set(
+            task=task, base=ident, provenance=prov, dtype=patch_dtype, description=description
+        )
     if out is not None and dist.is_main:
         es.save(out)
     distributed.barrier()
     return es
+
+
+def _keep_aware(
+    rule: Callable[..., ExpertConfig],
+    sel: SelectionConfig,
+    base: str | Path,
+    model: nn.Module,
+    tokenizer,
+    pad: int,
+    task: dict[int, list[float]],
+) -> tuple[ExpertConfig, dict | None]:
+    """The selection under `sel.keep` (`expertlib.esft.keep`) and what the manifest records of it:
+    each kept source, the share of its routing the selection carries per layer, and the experts
+    (and task routing share) the keep constraint dropped. With nothing kept: the paper's rule."""
+    from expertlib.esft.keep import kept_routing, resolve_keep
+
+    kept = resolve_keep(sel.keep, base, model, tokenizer)
+    if not kept:
+        return rule(), None
+    shares = [kept_routing(model, k.samples, pad_id=pad) for k in kept]
+    paper = rule()
+    experts = rule(keep=shares, keep_mode=sel.keep_mode, keep_share=sel.keep_share)
+    fallback = experts.num_experts == 0
+    if fallback:  # every expert the task uses carries kept routing: train the paper's set, say so
+        experts = paper
+
+    def carried(layer: int, ids: list[int], s: dict[int, list[float]]) -> float:
+        return round(sum(s[layer][e] for e in ids) / (sum(s[layer]) or 1.0), 4)
+
+    dropped = {layer: sorted(set(ids) - set(experts.experts[layer])) for layer, ids in paper.experts.items()}
+    record = {
+        "sources": [
+            {"name": k.name, "kind": k.kind, "digest": k.digest, "samples": len(k.samples)} for k in kept
+        ],
+        "mode": sel.keep_mode,
+        "share": sel.keep_share,
+        "fallback": fallback,
+        "kept_share": {
+            str(layer): [carried(layer, ids, s) for s in shares] for layer, ids in experts.experts.items()
+        },
+        "paper_kept_share": {
+            str(layer): [carried(layer, ids, s) for s in shares] for layer, ids in paper.experts.items()
+        },
+        "dropped": {str(layer): ids for layer, ids in dropped.items() if ids},
+        "dropped_task_share": {
+            str(layer): carried(layer, ids, task) for layer, ids in dropped.items() if ids
+        },
+    }
+    return experts, record
 
 
 def checkpoint_dtype(config) -> torch.dtype:

@@ -6,6 +6,17 @@ the layer's set, at least one expert, optionally capped at `max_per_layer`.
 
     cfg = select_experts(scores.token, top_p=0.2)          # ExpertConfig
     cfg.save("experts.json")                                # the reference expert_cfg.json shape
+
+Retention-aware selection (`keep`): given the routing shares of data whose skills must stay
+(the same per-layer ESFT-Token shares the retention check uses, `expertlib.esft.diagnostics`),
+
+- `keep_mode="budget"` (the default): take the paper's top-p set, then walk it in score order
+  and keep an expert only while the selected experts of the layer carry at most `keep_share` of
+  every kept dataset's routing; a layer may end up empty (nothing trains there);
+- `keep_mode="contrast"`: rank experts by task relevance against kept relevance,
+  max(0, task share - kept share) per expert, and apply the top-p rule to that.
+
+    cfg = select_experts(scores.token, 0.2, keep=[general_shares], keep_share=0.1)
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
@@ -24,6 +36,11 @@ DEFAULT_TOP_P = {"token": 0.2, "gate": 0.1}
 #: Slack on the running-sum comparison, so 0.7 + 0.2 + 0.1 reaches p = 1.0 despite rounding.
 #: The reference code compares without slack; `select_experts(..., eps=0.0)` does the same.
 DEFAULT_EPS = 1e-9
+#: Most of a kept dataset's routing (per layer) the selected experts may carry: the retention
+#: check's threshold (`expertlib.esft.diagnostics.DEFAULT_RISK_THRESHOLD`).
+DEFAULT_KEEP_SHARE = 0.1
+
+KeepMode = Literal["budget", "contrast"]
 
 
 class ExpertConfig(BaseModel):
@@ -111,6 +128,47 @@ def top_p_layer(
     return sorted(chosen)
 
 
+def _shares(values: Sequence[float]) -> list[float]:
+    total = sum(values) or 1.0
+    return [v / total for v in values]
+
+
+def keep_layer(
+    scores: Sequence[float],
+    top_p: float,
+    kept: Sequence[Sequence[float]],
+    *,
+    mode: KeepMode = "budget",
+    keep_share: float = DEFAULT_KEEP_SHARE,
+    max_experts: int | None = None,
+    eps: float = DEFAULT_EPS,
+) -> list[int]:
+    """Expert ids of one layer chosen with the kept datasets' routing shares `kept` in mind
+    (module docstring); may be empty. Without `kept` it is `top_p_layer`."""
+    if not kept:
+        return top_p_layer(scores, top_p, max_experts=max_experts, eps=eps)
+    if any(len(k) != len(scores) for k in kept):
+        raise SelectionError(f"kept routing has {[len(k) for k in kept]} experts, the scores {len(scores)}")
+    kept = [_shares(k) for k in kept]
+    if mode == "contrast":
+        task = _shares(scores)
+        contrast = [max(0.0, t - max(k[i] for k in kept)) for i, t in enumerate(task)]
+        if not any(contrast):
+            return []
+        return top_p_layer(_shares(contrast), top_p, max_experts=max_experts, eps=eps)
+    if mode != "budget":
+        raise SelectionError(f"unknown keep mode {mode!r}", hint="budget or contrast")
+    carried = [0.0] * len(kept)
+    chosen = []
+    for e in sorted(
+        top_p_layer(scores, top_p, max_experts=max_experts, eps=eps), key=lambda i: (-scores[i], i)
+    ):
+        if all(c + k[e] <= keep_share + eps for c, k in zip(carried, kept, strict=True)):
+            chosen.append(e)
+            carried = [c + k[e] for c, k in zip(carried, kept, strict=True)]
+    return sorted(chosen)
+
+
 def select_experts(
     scores: Mapping[int, Sequence[float]],
     top_p: float,
@@ -119,11 +177,27 @@ def select_experts(
     shared_experts: bool = False,
     non_expert_modules: bool = False,
     eps: float = DEFAULT_EPS,
+    keep: Sequence[Mapping[int, Sequence[float]]] = (),
+    keep_mode: KeepMode = "budget",
+    keep_share: float = DEFAULT_KEEP_SHARE,
 ) -> ExpertConfig:
-    """Apply the top-p rule to every layer's scores (see module docstring)."""
+    """Apply the top-p rule to every layer's scores (see module docstring); with `keep` (routing
+    shares per layer of each dataset to keep), retention-aware (`keep_layer`)."""
+    kept = [{int(k): v for k, v in shares.items()} for shares in keep]
+    for layer in scores:
+        if any(int(layer) not in k for k in kept):
+            raise SelectionError(f"no kept routing for MoE layer {layer}")
     return ExpertConfig(
         experts={
-            int(layer): top_p_layer(s, top_p, max_experts=max_per_layer, eps=eps)
+            int(layer): keep_layer(
+                s,
+                top_p,
+                [k[int(layer)] for k in kept],
+                mode=keep_mode,
+                keep_share=keep_share,
+                max_experts=max_per_layer,
+                eps=eps,
+            )
             for layer, s in scores.items()
         },
         shared_experts=shared_experts,

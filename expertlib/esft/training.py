@@ -140,6 +140,15 @@ class TrainConfig(BaseModel):
         description="stop after N held-out evaluations without improvement and keep the best weights (0: off)",
     )
     checkpoint_every: int = Field(default=0, ge=0, description="checkpoint every N steps (0: never)")
+    mix_share: float = Field(
+        default=0.25,
+        ge=0,
+        le=4,
+        description="with --keep-mix data: kept samples added to each step, as a share of --batch-size",
+    )
+    mix_weight: float = Field(
+        default=1.0, ge=0, description="with --keep-mix data: weight of the kept samples' mean loss"
+    )
 
     @model_validator(mode="after")
     def _master_not_below_compute(self) -> TrainConfig:
@@ -340,6 +349,13 @@ def batch_indices(step: int, micro: int, config: TrainConfig, n: int) -> list[in
     return out
 
 
+def mix_batch(step: int, config: TrainConfig, samples: Sequence[Sample], world_size: int = 1) -> list[Sample]:
+    """Kept samples of step `step` (`--keep-mix`): round(mix_share x batch_size) per process, seeded epochs."""
+    per = max(1, round(config.mix_share * config.batch_size)) * world_size
+    cfg = config.model_copy(update={"batch_size": per, "grad_accum": 1, "seed": config.seed + 7919})
+    return [samples[i] for i in batch_indices(step, 0, cfg, len(samples))]
+
+
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], config: TrainConfig) -> torch.Tensor:
     """Summed next-token cross-entropy over trained labels of one batch."""
     device = input_device(model)
@@ -388,6 +404,7 @@ def train_experts(
     run_key: dict | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    mix_samples: Sequence[Sample] = (),
 ) -> TrainResult:
     """Train the selected experts of `model` on `samples`; returns the trained tensors and the record.
 
@@ -396,6 +413,10 @@ def train_experts(
     checkpoint and gives exactly the result of an uninterrupted run. `run_key` (data digest,
     base identity, ...) must match the checkpoint's. On return the slots are removed from
     `model` and every parameter's `requires_grad` is as it was.
+
+    With `mix_samples` (skills to keep, `--keep-mix`), every step also trains on
+    round(`mix_share` x batch_size) of them: loss = task mean loss + `mix_weight` x their mean
+    loss, so the task's own signal keeps its scale and the kept answers pull the experts back.
     """
     from tqdm.auto import tqdm
 
@@ -451,6 +472,10 @@ def train_experts(
                     loss = loss_sum(model, collate(dist.shard(mb), pad_id), config) / n_tokens
                     loss.backward()
                     loss_value += float(loss.detach())
+                if mix_samples and config.mix_share and config.mix_weight:
+                    mixed = mix_batch(step, config, mix_samples, dist.world_size)
+                    mix_loss = loss_sum(model, collate(dist.shard(mixed), pad_id), config)
+                    (mix_loss * (config.mix_weight / max(1, n_labels(mixed)))).backward()
                 if dist.enabled:
                     distributed.all_reduce_gradients([p for _, p in params])
                     loss_value = distributed.all_reduce_sum(loss_value)
