@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml scripts/install.sh
 	ENGINE=$(ENGINE) PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install.sh
 	touch $(STAMP)
 
+# the browser test uses the distribution's Chromium: installed once (as root), a no-op afterwards
 test: install
+	bash scripts/install_browser.sh
 	$(BIN)/python -m pytest -q
 
 test-fast: install

@@ -27,6 +27,10 @@ from expertlib.registry.local import BaseArg, RegistryStore
 from expertlib.registry.models import Entry
 from expertlib.registry.names import Ref
 
+#: The task name under which a set's retention risk is kept (`expertlib.esft.diagnostics.RetentionRisk`:
+#: the share of a general dataset's routing its experts carry; metrics mean_general_mass, max_general_mass).
+RETENTION_TASK = "retention"
+
 #: Task and metric names: short printable labels (they end up in tables, the web view, Hub cards).
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/+()-]{0,99}$")
 _LABEL_HINT = "use letters, digits, spaces and . _ : / + ( ) - (at most 100 characters)"
@@ -114,6 +118,13 @@ def accuracy_records(
         data_digests={t: examples_digest((d["prompt"], d["answer"]) for d in samples[t]) for t in accuracy},
         n={t: len(samples[t]) for t in accuracy},
         source=source,
+    )
+
+
+def retention_records(summary: dict, *, source: str | None = None) -> list[EvalRecord]:
+    """Records of a retention-risk check (`RetentionRisk.summary()`): mean and max general mass."""
+    return make_records(
+        {RETENTION_TASK: {k: summary[k] for k in ("mean_general_mass", "max_general_mass")}}, source=source
     )
 
 

@@ -217,11 +217,14 @@ def push(
     **hub_options,
 ) -> TransferReport:
     """Copy `ref` from `reg` to `dest` (a bare name: every version; to the Hub: the latest)."""
+    from expertlib.registry.evals import evals_of
+
     sink = open_remote(dest, token=token)
     src = FolderRemote(reg)
     if dest.startswith(HF_SCHEME):
         entries = [reg.resolve(ref, base=base)]
         sink.options.update(hub_options)
+        sink.options["evals"] = evals_of(reg, entries)[entries[0].ref]  # for the model card
     else:
         if hub_options:
             raise InvalidNameError(f"options {sorted(hub_options)} only apply to hf:// destinations")

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 
 from expertlib import __version__
 from expertlib.errors import ExpertlibError, RequestTooLargeError
-from expertlib.server import admin, routes
+from expertlib.server import admin, routes, ui
 from expertlib.server.auth import check_route
 from expertlib.server.errors import expertlib_error_body, install_error_handlers, retry_headers
 from expertlib.server.state import EngineFactory, ServerSettings, ServerState
@@ -50,6 +50,8 @@ def create_app(
     reg = admin.registry_router()
     if reg is not None:
         app.include_router(reg)
+    web = ui.UiSource(registry=lambda: state.registry, keys=ui.serve_keys(settings), live=lambda: state)
+    ui.mount(app, web)  # the web view, /ui
     return app
 
 

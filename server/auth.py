@@ -90,6 +90,8 @@ DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
 def check_route(request: Request) -> None:
     """The key check of the route `request` goes to, by path (runs before its body is read)."""
     path = request.url.path
+    if path == "/ui" or path.startswith("/ui/"):
+        return  # the web view applies these rules itself, to a bearer key or its login cookie (server/ui.py)
     if path.startswith("/v1/") or path == "/v1":
         check_api_key(request)
     elif path.startswith("/admin/") or path == "/admin":

@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Request
 from expertlib.errors import AuthenticationError
 from expertlib.registry.http import router
 from expertlib.registry.local import RegistryStore
+from expertlib.server import ui
 from expertlib.server.auth import bearer
 from expertlib.server.errors import install_error_handlers
 
@@ -31,6 +32,7 @@ def registry_app(
     app.state.registry = registry
     deps = [Depends(_token_check(token))] if token else []
     app.include_router(router, prefix=prefix, dependencies=deps)
+    ui.mount(app, ui.UiSource(registry=lambda: registry, keys=ui.token_keys(token)))  # the web view, /ui
     install_error_handlers(app)
     return app
 

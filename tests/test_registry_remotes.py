@@ -247,7 +247,7 @@ def test_hub_push_writes_patch_manifest_and_card(src, fake_hub):
     assert (meta["name"], meta["version"], meta["digest"]) == ("math", 3, src.resolve("math@3").digest)
     assert meta["manifest"]["task"] == "math" and meta["base"]["config_digest"] == BASE.config_digest
     card = (repo / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: expertlib\n") and meta["digest"] in card
+    assert card.startswith("---\n") and "library_name: expertlib\n" in card and meta["digest"] in card
     assert "expertlib pull hf://me/tiny-math" in card and "| 0 | 3 |" in card
     assert "math@3" in fake_hub.commits[0][1]
     src.push("math@stable", "hf://me/tiny-math")  # a second commit updates the repo
@@ -273,3 +273,34 @@ def test_hub_pull_verifies_digest_before_import(src, fake_hub, tmp_path):
     (fake_hub.root / "me/plain").mkdir(parents=True)
     with pytest.raises(NotFoundError, match="expertlib.json"):
         dest.pull("hf://me/plain")
+
+
+def test_hub_card_has_the_hub_metadata_and_the_recorded_scores(tmp_path, fake_hub):
+    from huggingface_hub import ModelCard
+
+    from expertlib.registry.evals import make_records, retention_records
+
+    reg = Registry(tmp_path / "hubcard")
+    base = tiny_base_identity(name="someone/tiny-moe")  # a Hub id: the card links it as base_model
+    reg.publish(write_expert_set(tmp_path / "s.safetensors", "sum", base, {0: [1, 4], 2: [3]}, seed=7))
+    digest = "sha256:" + "cd" * 32
+    reg.record_evals("sum", make_records({"sum": {"exact_match": 0.96}}, data_digests={"sum": digest}))
+    reg.record_evals("sum", retention_records({"mean_general_mass": 0.02, "max_general_mass": 0.05}))
+    reg.push("sum", "hf://me/tiny-sum")
+
+    card = ModelCard.load(fake_hub.root / "me/tiny-sum/README.md", ignore_metadata_errors=False)
+    data = card.data
+    assert data.library_name == "expertlib" and data.base_model == "someone/tiny-moe"
+    assert {"expertlib", "esft", "mixture-of-experts"} <= set(data.tags)
+    (result,) = data.eval_results  # model-index: the scores, not the retention check
+    assert (result.dataset_name, result.metric_type, result.metric_value) == ("sum", "exact_match", 0.96)
+    block = data.to_dict()["expertlib"]
+    assert block["experts_replaced"] == {0: [1, 4], 2: [3]} and block["num_experts"] == 3
+    assert block["digest"] == reg.resolve("sum").digest
+    assert [e["data_digest"] for e in block["evaluations"] if e["task"] == "sum"] == [digest]
+    assert "| sum | exact_match | 0.96 |" in card.text and "mean_general_mass" in card.text
+
+    dest = Registry(tmp_path / "back")
+    dest.pull("hf://me/tiny-sum")  # the set comes back unchanged
+    assert dest.get_path("sum").read_bytes() == reg.get_path("sum").read_bytes()
+    assert dest.show("sum").manifest == reg.show("sum").manifest
