@@ -29,6 +29,7 @@ from expertlib.errors import (
 from expertlib.patch import ExpertSet
 from expertlib.registry import Registry
 from expertlib.registry.client import HttpRemote
+from expertlib.registry.hub import HubRemote
 from expertlib.registry.index import SCHEMA_VERSION
 from expertlib.registry.names import MAX_VERSION, parse_ref
 from expertlib.registry.remotes import FolderRemote, transfer
@@ -157,6 +158,8 @@ def test_version_past_the_maximum_is_refused_on_pull_and_push(reg, tmp_path):
         legacy.push("math", str(tmp_path / "dest"))
     with pytest.raises(RemoteError, match="400"):
         transfer(FolderRemote(legacy), http_remote(reg), legacy.list(), legacy.blobs)
+    with pytest.raises(InvalidNameError, match=f"1 to {MAX_VERSION}"):  # checked before any upload
+        HubRemote("me/math").put(legacy.resolve("math"), legacy.get_path("math"), [])
     assert reg.list() == [] and blobs(reg) == []
 
 
