@@ -3,7 +3,8 @@
 A pushed repo holds
     expert_set.safetensors   the patch, byte for byte as stored in the registry
     expertlib.json           HubManifest: registry name, version, digest, size, tags, base, manifest
-    README.md                a generated model card
+    README.md                a model card with the Hub's metadata (base_model, library_name, tags,
+                             model-index of the recorded evaluation results, the experts replaced)
 and each push is one commit (the revision history mirrors the versions pushed). Pulling
 downloads `expertlib.json` and the patch at a revision, and checks the patch's sha256 against
 the announced digest before the set enters the registry.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from expertlib.errors import DigestMismatchError, InvalidNameError, NotFoundErro
 from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSetManifest
 from expertlib.registry.blobs import BlobStore, sha256_file
+from expertlib.registry.evals import RETENTION_TASK, EvalRecord
 from expertlib.registry.models import WIRE_VERSION, BlobDigest, Entry, SetName, Tags, check_wire_version
 from expertlib.registry.names import MAX_VERSION, RefSpec, validate_version
 
@@ -177,7 +180,8 @@ class HubRemote:
                 path_in_repo=MANIFEST_FILE, path_or_fileobj=hm.model_dump_json(indent=2).encode()
             ),
             hfh.CommitOperationAdd(
-                path_in_repo=CARD_FILE, path_or_fileobj=model_card(hm, self.repo_id).encode()
+                path_in_repo=CARD_FILE,
+                path_or_fileobj=model_card(hm, self.repo_id, self.options.get("evals", ())).encode(),
             ),
         ]
         try:
@@ -205,30 +209,55 @@ def _manifest_of(path: Path) -> ExpertSetManifest:
     return read_header(path)[0]
 
 
-def model_card(hm: HubManifest, repo_id: str) -> str:
-    """README.md of a pushed expert set: front matter for the Hub, then what the set is and how to use it."""
+def model_card(hm: HubManifest, repo_id: str, evals: Sequence[EvalRecord] = ()) -> str:
+    """README.md of a pushed expert set: the Hub's metadata (`huggingface_hub.ModelCardData`: base_model,
+    library_name, tags, evaluation results as model-index) plus an `expertlib` block (the experts
+    replaced, training data digest, digests), then what the set is and how to use it."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
     m = hm.manifest
     base_name = hm.base.name or hm.base.model_type
-    front = [
-        "---",
-        "library_name: expertlib",
-        "tags:",
-        "- expertlib",
-        "- esft",
-        "- mixture-of-experts",
-        "- expert-set",
-    ]
-    if hm.base.name and re.match(r"^[\w.-]+/[\w.-]+$", hm.base.name) and not Path(hm.base.name).exists():
-        front.append(f"base_model: {hm.base.name}")
-    front.append("---")
+    scores = [r for r in evals if r.task != RETENTION_TASK]
+    data = ModelCardData(
+        library_name="expertlib",
+        tags=["expertlib", "esft", "mixture-of-experts", "expert-set", hm.base.model_type],
+        base_model=hm.base.name if _hub_id(hm.base.name) else None,
+        model_name=f"{hm.name}@{hm.version}",
+        eval_results=[
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=r.task,
+                dataset_name=r.task,
+                metric_type=r.metric,
+                metric_value=r.value,
+            )
+            for r in scores
+        ]
+        or None,
+        expertlib={
+            "name": hm.name,
+            "version": hm.version,
+            "task": m.task,
+            "digest": hm.digest,
+            "content_digest": m.content_digest,
+            "base": hm.base.model_dump(mode="json"),
+            "experts_replaced": {int(layer): list(ids) for layer, ids in sorted(m.experts.items())},
+            "num_experts": m.num_experts,
+            "method": m.provenance.method,
+            "training_data_digest": m.provenance.data_digest,
+            "evaluations": [r.model_dump(mode="json", exclude_none=True) for r in evals],
+        },
+    )
     layers = "\n".join(
         f"| {layer} | {', '.join(map(str, ids))} |" for layer, ids in sorted(m.experts.items())
     )
+    results = "\n".join(
+        f"| {r.task} | {r.metric} | {r.value:.4g} | `{r.data_digest or '-'}` | {r.recorded_at:%Y-%m-%d} |"
+        for r in evals
+    )
     training = json.dumps(m.provenance.model_dump(exclude_defaults=True), indent=2, default=str)
-    return "\n".join(
+    body = "\n".join(
         [
-            *front,
-            "",
             f"# {hm.name}@{hm.version}: ESFT expert set for {base_name}",
             "",
             m.description
@@ -241,6 +270,7 @@ def model_card(hm: HubManifest, repo_id: str) -> str:
             f"| base model | `{base_name}` ({hm.base.model_type}) |",
             f"| base config digest | `{hm.base.config_digest}` |",
             f"| experts replaced | {m.num_experts} in {len(m.experts)} layers |",
+            f"| training data digest | `{m.provenance.data_digest or '-'}` |",
             f"| dtype | {m.dtype} |",
             f"| method | {m.provenance.method} |",
             f"| file | `{PATCH_FILE}`, {hm.size} bytes |",
@@ -252,6 +282,12 @@ def model_card(hm: HubManifest, repo_id: str) -> str:
             f"expertlib pull hf://{repo_id}   # checks the sha256 above before importing",
             f"expertlib show {hm.name}",
             "```",
+            "",
+            "## Evaluation results",
+            "",
+            "| task | metric | value | data | date |\n|---|---|---|---|---|\n" + results
+            if evals
+            else "None recorded (`expertlib eval ... --record`).",
             "",
             "## Experts per layer",
             "",
@@ -267,3 +303,9 @@ def model_card(hm: HubManifest, repo_id: str) -> str:
             "",
         ]
     )
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def _hub_id(name: str | None) -> bool:
+    """Whether a base's name is a Hub repo id (owner/name) rather than a local folder."""
+    return bool(name and re.match(r"^[\w.-]+/[\w.-]+$", name) and not Path(name).exists())
