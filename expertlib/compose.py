@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from expertlib.apply import check_compatible
+from expertlib.bounds import DEFAULT_FACTOR, WeightBounds, check_bounds, model_absmax, set_absmax
 from expertlib.errors import NotLoadedError
 from expertlib.moe import experts_module, moe_layer_indices
 from expertlib.patch import ExpertSet
@@ -26,9 +27,13 @@ from expertlib.slots import SlotPool, active_sets, install_slots, reset_remap, s
 class ComposedModel:
     """A base MoE model with an expert-slot pool; see `compose`."""
 
-    def __init__(self, model: nn.Module, *, slots: int = 16, max_sets: int = 8):
+    def __init__(
+        self, model: nn.Module, *, slots: int = 16, max_sets: int = 8, weight_bound: float = DEFAULT_FACTOR
+    ):
         layers = moe_layer_indices(model)
         self.model = model
+        # from the base's own experts, before slots exist (expertlib.bounds)
+        self.bounds = WeightBounds(model_absmax(model) if weight_bound != float("inf") else {}, weight_bound)
         self.pool = SlotPool(layers, experts_module(model, layers[0]).num_experts, slots, max_sets)
         install_slots(model, slots, max_sets)
         self._row_of: dict[str, int] = {}  # set name -> remap row currently written
@@ -48,7 +53,9 @@ class ComposedModel:
         check_compatible(self.model, es)
         m = es.manifest
         # digests recomputed from the tensors (NaN/inf refused): slots are shared only on those
-        placement = self.pool.place(name, m.experts, es.verify(), pinned=pin)
+        digests = es.verify()
+        check_bounds(set_absmax(es), self.bounds, name=name)  # before anything is evicted
+        placement = self.pool.place(name, m.experts, digests, pinned=pin)
         for victim in placement.evicted:
             self._clear_row_of(victim)
         for layer, slot, e in placement.fills:
@@ -121,9 +128,11 @@ def compose(
     *,
     slots: int = 16,
     max_sets: int = 8,
+    weight_bound: float = DEFAULT_FACTOR,
 ) -> ComposedModel:
-    """Make `model` serve several expert sets at once; loads `expert_sets` (files or ExpertSets)."""
-    composed = ComposedModel(model, slots=slots, max_sets=max_sets)
+    """Make `model` serve several expert sets at once; loads `expert_sets` (files or ExpertSets).
+    Sets whose weights exceed `weight_bound` x the base experts' max |w| are refused (inf: no check)."""
+    composed = ComposedModel(model, slots=slots, max_sets=max_sets, weight_bound=weight_bound)
     for es in expert_sets:
         composed.load(es)
     return composed

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from expertlib.apply import check_against_base
+from expertlib.bounds import DEFAULT_FACTOR, WeightBounds, check_bounds, merge_absmax, set_absmax
 from expertlib.checkpoint import BaseCheckpoint
 from expertlib.errors import (
     EngineError,
@@ -83,8 +84,10 @@ class _SetBook:
     in which slots and remap rows (a SlotPool), the file each came from, pins, and requests in flight
     (a set serving requests is never evicted)."""
 
-    def __init__(self, base: BaseCheckpoint, slots: int, max_sets: int):
+    def __init__(self, base: BaseCheckpoint, slots: int, max_sets: int, weight_bound: float = DEFAULT_FACTOR):
         self.base = base
+        #: the weight bound (expertlib.bounds); its base statistics come from the workers at start()
+        self.bounds = WeightBounds({}, weight_bound)
         self.pool = SlotPool(base.moe_layers, base.num_experts, slots, max_sets)
         self.sets: dict[str, ExpertSet] = {}
         self.user_pins: set[str] = set()
@@ -210,14 +213,19 @@ class _SetBook:
 
     async def start(self, rpc: Rpc, host_cache_budget: int | None) -> None:
         """Check the workers' slot layout against this book and size their host cache (None: as is)."""
-        info = (await rpc("expertlib_info", ()))[0]
-        _check_worker(info, self.base, self.pool.slots_per_layer, self.pool.max_sets)
+        infos = await rpc("expertlib_info", ())
+        _check_worker(infos[0], self.base, self.pool.slots_per_layer, self.pool.max_sets)
+        shards = [{(int(layer), str(part)): v for layer, part, v in i["weight_absmax"]} for i in infos]
+        # the largest over tensor-parallel shards
+        self.bounds = WeightBounds(merge_absmax(shards), self.bounds.factor)
         self.host_cache = (await rpc("expertlib_host_cache", (host_cache_budget,)))[0]
 
     async def load(self, es: ExpertSet, name: str, path: str, pin: bool, rpc: Rpc) -> str:
         """Reserve slots and a set row (evicting least recently used unpinned sets), have the workers
         copy the set in and write its row in one call, book the load. If the workers fail, the
-        reservation is undone and the row cleared on them, so book and workers agree."""
+        reservation is undone and the row cleared on them, so book and workers agree. A set whose
+        weights exceed the weight bound is refused first, before anything is evicted."""
+        check_bounds(set_absmax(es), self.bounds, name=name)
         evicted_rows = {n: self.pool.row_of(n) for n in self.pool.loaded()}
         placement = self.place(es, name, pin)
         if placement is None:  # already resident: touched (and pinned)
@@ -489,7 +497,8 @@ def _check_worker(info: dict[str, Any], base: BaseCheckpoint, slots: int, max_se
 
 
 class ExpertEngine:
-    """vLLM's offline `LLM` on one base model, with expert sets loaded into its slots."""
+    """vLLM's offline `LLM` on one base model, with expert sets loaded into its slots. A set whose
+    weights exceed `weight_bound` x the base experts' max |w| is refused (`expertlib.bounds`)."""
 
     def __init__(
         self,
@@ -497,12 +506,13 @@ class ExpertEngine:
         *,
         slots: int = DEFAULT_SLOTS,
         max_sets: int = DEFAULT_MAX_SETS,
+        weight_bound: float = DEFAULT_FACTOR,
         **engine_kwargs: Any,
     ):
         from vllm import LLM
 
         self.base = BaseCheckpoint(resolve_base(base))
-        self._book = _SetBook(self.base, slots, max_sets)
+        self._book = _SetBook(self.base, slots, max_sets, weight_bound)
         host_cache = engine_kwargs.pop("host_cache", None)
         self._book.verify_always = _verify_always(engine_kwargs.pop("verify_loads", "once"))
         kwargs, self.memory = size_memory(self.base, slots, engine_kwargs)
@@ -580,10 +590,12 @@ class ExpertEngine:
 class AsyncExpertEngine:
     """vLLM's `AsyncLLM` on one base model; sets load and unload while requests stream."""
 
-    def __init__(self, engine, base: BaseCheckpoint, slots: int, max_sets: int):
+    def __init__(
+        self, engine, base: BaseCheckpoint, slots: int, max_sets: int, weight_bound: float = DEFAULT_FACTOR
+    ):
         self.engine = engine
         self.base = base
-        self._book = _SetBook(base, slots, max_sets)
+        self._book = _SetBook(base, slots, max_sets, weight_bound)
         self._lock = asyncio.Lock()
         self._drained: dict[str, asyncio.Event] = {}
         self._checked = False
@@ -599,9 +611,11 @@ class AsyncExpertEngine:
         *,
         slots: int = DEFAULT_SLOTS,
         max_sets: int = DEFAULT_MAX_SETS,
+        weight_bound: float = DEFAULT_FACTOR,
         **engine_kwargs: Any,
     ) -> AsyncExpertEngine:
-        """Start vLLM's async engine on `base` with `slots` expert slots per MoE layer."""
+        """Start vLLM's async engine on `base` with `slots` expert slots per MoE layer; sets beyond
+        `weight_bound` x the base experts' max |w| are refused (`expertlib.bounds`)."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -613,7 +627,7 @@ class AsyncExpertEngine:
         log.info("%s", memory)
         with _memory_errors(memory):
             args = AsyncEngineArgs(**_engine_kwargs(ckpt, slots, max_sets, kwargs))
-            engine = cls(AsyncLLM.from_engine_args(args), ckpt, slots, max_sets)
+            engine = cls(AsyncLLM.from_engine_args(args), ckpt, slots, max_sets, weight_bound)
         engine.memory = memory
         engine.host_cache_budget = _cache_budget(host_cache)
         engine._book.verify_always = verify_always

@@ -78,6 +78,11 @@ class NonFiniteWeightsError(PatchError):
     """A tensor holds NaN or infinite values (it would blank every answer of a shared batch)."""
 
 
+class WeightBoundError(PatchError):
+    """Expert weights far outside the base experts' own range (`expertlib.bounds`): finite, but they
+    would overflow to inf/NaN once a token is routed to them."""
+
+
 class BaseMismatchError(PatchError):
     """The patch was made for another base model."""
 

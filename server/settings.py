@@ -67,6 +67,12 @@ class ServerSettings(BaseModel):
         description="once: hash a set file in full once (at registry ingest or first load) and trust it "
         "while it is unchanged (device, inode, size, mtime, ctime); always: hash every load",
     )
+    weight_bound: float = Field(
+        default=256.0,  # expertlib.bounds.DEFAULT_FACTOR (not imported: parsing options needs no torch)
+        gt=0,
+        description="refuse a set whose expert weights exceed FACTOR x the largest |w| of the base's experts "
+        "in the same layer and part (gate/up, down); inf turns the check off (expertlib.bounds)",
+    )
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     api_key: str | None = Field(default=None, description="required on inference routes (Bearer)")

@@ -37,6 +37,7 @@ def default_engine_factory(settings: ServerSettings) -> ServingEngine:
     if settings.host_cache_memory is not None:
         kwargs["host_cache"] = settings.host_cache_memory
     if settings.verify_loads != "once":
+    kwargs["weight_bound"] = settings.weight_bound
         kwargs["verify_loads"] = settings.verify_loads
     return AsyncExpertEngine.from_base(settings.base, **kwargs)
 

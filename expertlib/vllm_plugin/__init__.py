@@ -62,7 +62,7 @@ def slot_hf_overrides(model_type: str, *, slots: int, max_sets: int) -> dict[str
 
 def register() -> None:
     """Entry point: register the slot architectures, the per-token set-id hook and the CPU seeded-sampling
-    fix (idempotent)."""
+    fix, and make vLLM's child processes die with their parent (`lifeline`) (idempotent)."""
     from vllm import ModelRegistry
 
     for _module, _cls, ours in SLOT_ARCHITECTURES.values():
@@ -70,6 +70,8 @@ def register() -> None:
             ModelRegistry.register_model(ours, f"expertlib.vllm_plugin.models:{ours}")
     from expertlib.vllm_plugin.batch import install_set_id_hook
     from expertlib.vllm_plugin.fixes import install_cpu_seed_fix
+    from expertlib.vllm_plugin.lifeline import install as install_lifeline
 
     install_set_id_hook()
     install_cpu_seed_fix()
+    install_lifeline()

@@ -21,6 +21,25 @@ import numpy as np
 import torch
 
 
+def output_limit(dtype: torch.dtype) -> float:
+    """The largest |value| a set-served token's MoE output keeps (`SlotContext.contain`): 2^16, and a
+    64th of the largest float16 (1023.98) in float16, so a residual stream summing one such output per
+    layer stays finite. A trained set's MoE outputs are orders of magnitude below it."""
+    return min(OUTPUT_LIMIT, torch.finfo(dtype).max / 64) if dtype.is_floating_point else OUTPUT_LIMIT
+
+
+#: Bound of a set-served token's MoE output in float32 and bfloat16 (see `output_limit`).
+OUTPUT_LIMIT = 2.0**16
+
+#: (part group of `expertlib.bounds`, the fused MoE layer's parameter holding it)
+_WEIGHT_PARTS = (
+    ("gate_up", "w13_weight"),
+    ("down", "w2_weight"),
+    ("gate_up_bias", "w13_bias"),
+    ("down_bias", "w2_bias"),
+)
+
+
 class SlotContext:
     """Per-model state shared by every slot router: per-token set rows and the remap tables."""
 
@@ -89,6 +108,35 @@ class SlotContext:
     def clear_tokens(self) -> None:
         self.set_tokens([], [])
 
+    def contain(self, out: torch.Tensor) -> torch.Tensor:
+        """A MoE layer's (T, H) output with every row of a token served by an expert set made finite:
+        NaN -> 0, then clamped to +-`output_limit` (inf included). Base tokens' rows are untouched.
+
+        A set's tokens would otherwise carry inf/NaN into their KV cache blocks, which outlive the
+        request: vLLM hands freed blocks to later requests without clearing them, and attention
+        kernels read whole tiles of a block under a masked softmax (0 x NaN = NaN), so a stale NaN
+        blanks whoever gets the block next (tests/test_attack_sets.py). Like `remap_ids`, no Python
+        branch on the data and fixed shapes, so it stays valid under compilation and CUDA graphs."""
+        rows = (self.token_offsets[: out.shape[0]] != 0).unsqueeze(1)  # (T, 1) served by a set
+        limit = output_limit(out.dtype)
+        clean = torch.nan_to_num(out, nan=0.0, posinf=limit, neginf=-limit).clamp_(-limit, limit)  # (T, H)
+        return torch.where(rows, clean, out)
+
+    def expert_absmax(self) -> list[list]:
+        """[[layer, part group, max |w|], ...] over the base experts' rows of every MoE layer (this
+        rank's shard): the statistics of the weight bound (`expertlib.bounds`). The kernel's layout
+        (CPU prepacking, padding with zeros) moves values, never changes them, so any layout will do."""
+        from expertlib.bounds import absmax
+
+        out: list[list] = []
+        for layer, runner in sorted(self.layers.items()):
+            experts = runner.routed_experts
+            for group, name in _WEIGHT_PARTS:
+                t = getattr(experts, name, None)
+                if isinstance(t, torch.Tensor):
+                    out.append([layer, group, absmax(t[: self.num_experts])])
+        return out
+
     def remap_ids(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """(T, K) logical expert ids -> (T, K) physical ids for each token's set."""
         # Always gather, even on base-only steps: a Python branch here would be frozen by vLLM's
@@ -115,6 +163,27 @@ def slot_router_class(base: type) -> type:
     return _ROUTER_CLASSES[base]
 
 
+_RUNNER_CLASSES: dict[type, type] = {}
+
+
+def slot_runner_class(base: type) -> type:
+    """A subclass of vLLM MoE runner class `base` whose routed output is contained per token
+    (`SlotContext.contain`). `_forward_impl` is what the fused MoE custom op runs, so on a GPU the
+    containment sits inside the op, as the remap does, and is captured with it in CUDA graphs."""
+    if base not in _RUNNER_CLASSES:
+
+        def _forward_impl(self, hidden_states, router_logits, shared_experts_input, input_ids=None):
+            result = base._forward_impl(self, hidden_states, router_logits, shared_experts_input, input_ids)
+            contain = self.router.expertlib_ctx.contain
+            if isinstance(result, tuple):  # (shared experts' output, routed output)
+                shared, routed = result
+                return shared, contain(routed) if isinstance(routed, torch.Tensor) else routed
+            return contain(result) if isinstance(result, torch.Tensor) else result
+
+        _RUNNER_CLASSES[base] = type(f"Slot{base.__name__}", (base,), {"_forward_impl": _forward_impl})
+    return _RUNNER_CLASSES[base]
+
+
 @contextlib.contextmanager
 def slot_moe_layers(module: Any, ctx_holder: dict[str, Any], slots: int) -> Iterator[None]:
     """While building a vLLM model, make `module.FusedMoEFactory` build layers with `slots` extra experts.
@@ -134,6 +203,7 @@ def slot_moe_layers(module: Any, ctx_holder: dict[str, Any], slots: int) -> Iter
         runner = original(**kwargs)
         router = runner.router
         router.__class__ = slot_router_class(type(router))
+        runner.__class__ = slot_runner_class(type(runner))
         layer = extract_layer_index(kwargs.get("prefix", ""))
         ctx_holder.setdefault("layers", []).append((layer, runner, num_experts))
         return runner

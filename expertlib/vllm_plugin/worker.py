@@ -183,6 +183,7 @@ class SlotWorkerExtension:
             "moe_layers": sorted(ctx.layers),
             "dtype": str(first.w13_weight.dtype).removeprefix("torch."),
             "device": str(first.w13_weight.device),
+            "weight_absmax": ctx.expert_absmax(),  # the weight bound's base statistics (expertlib.bounds)
         }
 
     def expertlib_write_slots(
