@@ -4,6 +4,7 @@ against the registry and /metrics (in process), and a real headless Chromium cli
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import re
@@ -212,81 +213,137 @@ def artefacts(tmp_path: Path) -> Path:
     return out
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-def test_browser_clicks_from_the_list_to_a_set_a_diff_and_the_live_state(tmp_path):
+def playwright_or_skip():
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no Chromium at {CHROMIUM}: run scripts/install_browser.sh as root (make test does)")
+    return sync_api
+
+
+def click_through(sync_api, url: str, reg: Registry, a: str, b: str, requests: dict[str, int], shots: Path):
+    """Log in with the admin key, click from the list to set `a`, compare `a` and `b`, open the live
+    state; check names against the registry and numbers against /metrics; screenshots at 1280 and 390 px."""
+    import httpx
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.goto(url + "/ui")
+        assert page.locator("#key").is_visible() and page.locator("a.set-link").count() == 0
+        page.fill("#key", "admin-key")
+        page.click("#login")
+        page.wait_for_url(url + "/ui")
+        names = page.locator("a.set-link").all_inner_texts()
+        assert sorted(names) == sorted(f"{e.name}@{e.version}" for e in reg.list())
+        assert "0.75" in page.locator(f'.set-group[data-name="{a.split("@")[0]}"]').inner_text()
+        page.screenshot(path=str(shots / "sets-1280.png"), full_page=True)
+
+        page.click(f"a.set-link:text-is('{a}')")
+        assert page.locator("#set-title").inner_text() == a
+        entry = reg.show(a)
+        assert entry.digest in page.locator("#summary").inner_text()
+        assert page.locator("#experts tr").count() == len(entry.manifest.experts) + 1
+        page.screenshot(path=str(shots / "set-1280.png"), full_page=True)
+
+        page.goto(url + "/ui")  # tick two sets, compare
+        page.check(f'input[value="{a}"]')
+        page.check(f'input[value="{b}"]')
+        page.click("#compare")
+        labels = page.locator("#diff-title").inner_text().split(" vs ")
+        assert sorted(labels) == sorted([a, b])  # in the list's order
+        report = reg.diff(labels)
+        assert f"{report.pairs[0].jaccard:.4f}" in page.locator("#pairs").inner_text()
+        assert page.locator("#heatmap").evaluate("img => img.naturalWidth") > 100  # the SVG drew
+        page.screenshot(path=str(shots / "diff-1280.png"), full_page=True)
+
+        page.click("#nav-live")
+        text = httpx.get(url + "/metrics", headers={"Authorization": "Bearer metrics-key"}).text
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        for name, expected in requests.items():
+            shown = page.locator(f'tr[data-set="{name}"] td[data-col="requests"]').inner_text()
+            counted = sum(
+                s.value
+                for s in samples
+                if s.name == "expertlib_requests_total" and s.labels.get("model") == name
+            )
+            assert int(shown) == counted == expected
+        loaded = next(s.value for s in samples if s.name == "expertlib_sets_loaded")
+        assert int(page.locator("#sets-loaded").inner_text()) == loaded
+        page.screenshot(path=str(shots / "live-1280.png"), full_page=True)
+
+        phone = context.new_page()  # the same cookie jar
+        phone.set_viewport_size({"width": 390, "height": 844})
+        for path in ("/ui", f"/ui/sets/{a}", f"/ui/diff?ref={a}&ref={b}", "/ui/live"):
+            phone.goto(url + path)
+            assert phone.locator("#key").count() == 0  # still logged in
+            overflow = phone.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, f"{path} is {overflow} px wider than a phone"
+            phone.screenshot(path=str(shots / (path.strip("/").split("?")[0].replace("/", "-") + "-390.png")))
+        browser.close()
+
+
+KEYS = {"api_key": "api-key", "admin_key": "admin-key", "metrics_key": "metrics-key"}
+
+
+@contextlib.contextmanager
+def uvicorn_thread(app, port: int):
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.mark.slow
+def test_browser_on_a_server_with_a_stand_in_engine(reg, tmp_path):
+    """The pages through Chromium on a real port, the engine a stand-in (seconds, no vLLM)."""
+    import httpx
+    from server_process import free_port
+
+    sync_api = playwright_or_skip()
+    reg.record_evals("sum@1", make_records({"sum": {"exact_match": 0.75}}))
+    settings = ServerSettings(base="tiny-base", registry=str(reg.root), max_model_len=64, **KEYS)
+    app = create_app(settings, engine_factory=lambda s: FakeEngine(), registry=reg)
+    with uvicorn_thread(app, free_port()) as url:
+        deadline = time.time() + 30
+        while httpx.get(url + "/health").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        app.state.server.metrics.requests.labels(model="sum@2", endpoint="completions", status="200").inc(3)
+        click_through(sync_api, url, reg, "sum@1", "sum@2", {"sum@2": 3, "sum@1": 0}, artefacts(tmp_path))
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_browser_on_expertlib_serve(tmp_path):
+    """The same through a real `expertlib serve` (vLLM engine), after real requests for each set."""
     import httpx
     import served_world
 
+    sync_api = playwright_or_skip()
     base_dir, _ = served_world.build(tmp_path)
     reg = Registry(tmp_path / "registry")
     reg.record_evals("alpha", make_records({"alpha": {"exact_match": 0.75}}))
-    keys = ["--api-key", "api-key", "--admin-key", "admin-key", "--metrics-key", "metrics-key"]
-    shots = artefacts(tmp_path)
+    keys = [x for k, v in KEYS.items() for x in ("--" + k.replace("_", "-"), v)]
     with served_world.serve(tmp_path, base_dir, *keys) as url:
         for model in ("alpha", "alpha", "beta"):
             r = httpx.post(
                 url + "/v1/completions",
                 json={"model": model, "prompt": "hi", "max_tokens": 2},
                 headers={"Authorization": "Bearer api-key"},
-                timeout=60,
+                timeout=120,
             )
             assert r.status_code == 200, r.text
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(url + "/ui")
-            assert page.locator("#key").is_visible()  # the login form, nothing else
-            page.fill("#key", "admin-key")
-            page.click("#login")
-            page.wait_for_url(url + "/ui")
-            names = page.locator("a.set-link").all_inner_texts()
-            assert sorted(names) == sorted(f"{e.name}@{e.version}" for e in reg.list())
-            assert "0.75" in page.locator('.set-group[data-name="alpha"]').inner_text()
-            page.screenshot(path=str(shots / "sets-1280.png"), full_page=True)
-
-            page.click("text=alpha@1")
-            assert page.locator("#set-title").inner_text() == "alpha@1"
-            entry = reg.show("alpha@1")
-            assert entry.digest in page.locator("#summary").inner_text()
-            assert page.locator("#experts").inner_text().count("\n") >= len(entry.manifest.experts)
-            page.screenshot(path=str(shots / "set-1280.png"), full_page=True)
-
-            page.goto(url + "/ui")  # tick both sets, compare
-            page.check('input[value="alpha@1"]')
-            page.check('input[value="beta@1"]')
-            page.click("#compare")
-            assert page.locator("#diff-title").inner_text() == "alpha@1 vs beta@1"
-            report = reg.diff(["alpha@1", "beta@1"])
-            assert f"{report.pairs[0].jaccard:.4f}" in page.locator("#pairs").inner_text()
-            assert page.locator("#heatmap").evaluate("img => img.naturalWidth") > 100  # the SVG drew
-            page.screenshot(path=str(shots / "diff-1280.png"), full_page=True)
-
-            page.click("#nav-live")
-            text = httpx.get(url + "/metrics", headers={"Authorization": "Bearer metrics-key"}).text
-            samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
-            for name, expected in (("alpha", 2), ("beta", 1)):
-                shown = page.locator(f'tr[data-set="{name}"] td[data-col="requests"]').inner_text()
-                counted = sum(
-                    s.value
-                    for s in samples
-                    if s.name == "expertlib_requests_total" and s.labels.get("model") == name
-                )
-                assert int(shown) == counted == expected
-            loaded = next(s.value for s in samples if s.name == "expertlib_sets_loaded")
-            assert int(page.locator("#sets-loaded").inner_text()) == loaded == 2
-            page.screenshot(path=str(shots / "live-1280.png"), full_page=True)
-
-            phone = browser.new_page(viewport={"width": 390, "height": 844})
-            phone.context.add_cookies(page.context.cookies())
-            for path in ("/ui", "/ui/sets/alpha@1", "/ui/diff?ref=alpha@1&ref=beta@1", "/ui/live"):
-                phone.goto(url + path)
-                overflow = phone.evaluate("document.documentElement.scrollWidth - window.innerWidth")
-                assert overflow <= 0, f"{path} is {overflow} px wider than a phone"
-                phone.screenshot(
-                    path=str(shots / (path.strip("/").split("?")[0].replace("/", "-") + "-390.png"))
-                )
-            browser.close()
+        click_through(sync_api, url, reg, "alpha@1", "beta@1", {"alpha": 2, "beta": 1}, artefacts(tmp_path))
