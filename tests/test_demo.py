@@ -57,6 +57,14 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
     acc = report["accuracy"]
     for task in ("sum", "cross"):
         assert acc[task][task] > acc["base"][task], acc
+    # each set's scores and retention risk are kept with its version (list, show, the web view)
+    kept = reg.evals(entries=reg.list())
+    for task in ("sum", "cross"):
+        recs = {(r.task, r.metric): r.value for r in kept[reg.resolve(task).ref]}
+        assert recs[(task, "exact_match")] == acc[task][task]
+        assert recs[("copy", "exact_match")] == acc[task]["copy"]  # general ability, kept too
+        risk = report["sets"][task]["retention_risk"]["mean_general_mass"]
+        assert recs[("retention", "mean_general_mass")] == risk
 
     # heatmap drawn, server asked through the openai client, and stopped
     assert Path(report["heatmap"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

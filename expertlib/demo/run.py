@@ -344,6 +344,13 @@ def run_demo(
     )
     report.accuracy = {("base" if c == "base" else Path(c).stem): v for c, v in res.accuracy.items()}
     report.timings["eval_s"] = round(time.perf_counter() - t0, 1)
+    from expertlib.registry.evals import accuracy_records, retention_records
+
+    for t in s.tasks:  # scores and retention risk, kept with each set's version (list, show, /ui)
+        column = str(paths[t])
+        records = accuracy_records(res.accuracy[column], res.samples[column], source="expertlib demo")
+        records += retention_records(report.sets[t]["retention_risk"], source="expertlib demo")
+        reg.record_evals(report.sets[t]["ref"], records, base=base)
 
     if s.server:
         log("[5/5] serving: `expertlib serve` with every set, asked through the openai client")
@@ -355,7 +362,7 @@ def run_demo(
         )
         try:
             wait_ready(proc, url, s.server_timeout_s, log_path)
-            log(f"  ready at {url} after {time.perf_counter() - t0:.0f} s")
+            log(f"  ready at {url} after {time.perf_counter() - t0:.0f} s; web view: {url}/ui")
             report.served, report.served_accuracy = ask_server(url, s.tasks, s)
             for row in report.served:  # the same question answered in process (transformers)
                 column = "base" if row["model"] == BASE_NAME else str(paths[row["task"]])
