@@ -6,7 +6,9 @@
       hf://owner/repo[@revision]  a Hugging Face Hub model repo holding one expert set
 
 Every transfer checks digests: bytes are hashed while they are received and refused unless
-they match the digest the source announced, before anything enters the destination.
+they match the digest the source announced, before anything enters the destination. The hashing
+rides along with the copy (`BlobStore.write_temp`): a set crosses into a registry in one pass over
+its bytes, and a download lands in the destination's tmp/ once and is published from there.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Protocol
 
 from expertlib.errors import InvalidNameError, NotFoundError, RemoteError
 from expertlib.identity import BaseIdentity
-from expertlib.registry.blobs import BlobStore
+from expertlib.registry.blobs import BlobStore, TempBlob
 from expertlib.registry.local import BaseArg, RegistryStore
 from expertlib.registry.models import Entry, TransferReport
 from expertlib.registry.names import LATEST, RefSpec, parse_ref
 
 HF_SCHEME = "hf://"
+#: object storage through fsspec (`expertlib.registry.objectstore`); any other fsspec URL as `fsspec::URL`
+OBJECT_SCHEMES = ("s3://", "s3a://", "gs://", "gcs://", "az://", "abfs://", "memory://", "file://")
 
 
 class Source(Protocol):
@@ -30,8 +34,9 @@ class Source(Protocol):
 
     def entries(self, spec: RefSpec | None, base: str | None) -> list[Entry]: ...
 
-    def fetch(self, entry: Entry, staging: BlobStore) -> tuple[Path, bool]:
-        """A local file with the entry's bytes (digest checked), and whether it is a temp file to delete."""
+    def fetch(self, entry: Entry, staging: BlobStore) -> tuple[Path | TempBlob, bool]:
+        """A local file with the entry's bytes (digest checked), and whether it is a temp file to
+        delete; a TempBlob when the bytes were written into `staging` (hashed on the way)."""
         ...
 
 
@@ -63,7 +68,9 @@ class FolderRemote:
 
     def fetch(self, entry: Entry, staging: BlobStore) -> tuple[Path, bool]:
         path = self.registry.blobs.path(entry.digest)
-        problem = self.registry.check_blob(entry.digest)
+        # a blob unchanged since its last full check is not read twice: the copy hashes it anyway
+        unchanged = self.registry.blobs.record(entry.digest, entry.content_digest) is not None
+        problem = None if unchanged else self.registry.check_blob(entry.digest)
         if problem:
             from expertlib.errors import DigestMismatchError
 
