@@ -128,9 +128,14 @@ def open_remote(url: str, *, token: str | None = None, source: bool = False) -> 
         from expertlib.registry.client import HttpRemote
 
         return HttpRemote(url, token=token)
+    if url.startswith(("fsspec::", *OBJECT_SCHEMES)):
+        from expertlib.registry.objectstore import ObjectStoreRemote
+
+        return ObjectStoreRemote(url)
     if "://" in url:
         raise InvalidNameError(
-            f"unknown remote {url!r}", hint="use a folder, http(s)://host/prefix or hf://owner/repo"
+            f"unknown remote {url!r}",
+            hint="use a folder, http(s)://host/prefix, hf://owner/repo, s3:// gs:// az:// or fsspec::URL",
         )
     return FolderRemote(url, create=not source)
 
