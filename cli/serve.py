@@ -114,7 +114,20 @@ _SIZE = dict(callback=_size, metavar="SIZE", type=click.STRING)
 @setting(
     "engine_args", "--engine-arg", callback=_engine_arg, metavar="KEY=VALUE", type=click.STRING, multiple=True
 )
-def serve_cmd(base: str, **opts) -> None:
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Run N engine replicas under Ray Serve, a request routed to a replica holding its set "
+    '(needs expertlib[ray]; see "Serving past one machine" in README).',
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDR",
+    default=None,
+    help="With --replicas: the Ray cluster to join (default: start a local one).",
+)
+def serve_cmd(base: str, replicas: int | None, ray_address: str | None, **opts) -> None:
     """Serve BASE and its expert sets with an OpenAI-compatible API.
 
     `model` in a request selects the expert set (task, task@version, task@tag, BASE:task) or
@@ -135,6 +148,7 @@ def serve_cmd(base: str, **opts) -> None:
 
     \b
     Example: expertlib serve ./base --registry ./reg --expert-set math --expert-set code@2
+    Replicas: expertlib serve ./base --registry ./reg --replicas 2
     """
     from expertlib.server import ServerSettings, serve
 
@@ -148,7 +162,15 @@ def serve_cmd(base: str, **opts) -> None:
                     f"--{a.replace('_', '-')} and --{b.replace('_', '-')} must differ: "
                     "with equal keys one would grant the other's routes"
                 )
-    serve(ServerSettings(base=base, **{k: v for k, v in opts.items() if v is not None}))
+    settings = ServerSettings(base=base, **{k: v for k, v in opts.items() if v is not None})
+    if replicas is None:
+        if ray_address is not None:
+            raise click.UsageError("--ray-address needs --replicas N")
+        serve(settings)
+    else:
+        from expertlib.server.replicas import serve_replicated
+
+        serve_replicated(settings, replicas, ray_address=ray_address)
 
 
 COMMANDS = [serve_cmd]
