@@ -18,7 +18,13 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from expertlib import jsonsafe
-from expertlib.errors import DigestMismatchError, IntegrityError, InvalidRequestError, NotFoundError
+from expertlib.errors import (
+    DigestMismatchError,
+    IntegrityError,
+    InvalidRequestError,
+    NotFoundError,
+    PatchError,
+)
 from expertlib.registry.local import RegistryStore, _storage_errors
 from expertlib.registry.models import Entry, EntryList, TagRequest
 from expertlib.registry.names import DIGEST_PREFIX, MAX_VERSION, validate_digest, validate_name, validate_tag
@@ -96,15 +102,19 @@ async def push_entry(
             raise DigestMismatchError(
                 f"uploaded bytes hash to {got[:19]}..., not {digest[:19]}...", hint="retry the push"
             )
-        return await run_in_threadpool(
-            reg.publish,
-            tmp,
-            task=name,
-            tags=tags,
-            expected_digest=digest,
-            source=source,
-            version=version,
-        )
+        try:
+            return await run_in_threadpool(
+                reg.publish,
+                tmp,
+                task=name,
+                tags=tags,
+                expected_digest=digest,
+                source=source,
+                version=version,
+            )
+        except PatchError as exc:  # named after the upload, not the server's temp file
+            what = f"the pushed body of {name}"
+            raise type(exc)(exc.message.removeprefix(f"{tmp}: "), path=what, hint=exc.hint) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 
