@@ -305,6 +305,21 @@ class ExpertSet:
         self._verified = dict(scan.expert_digests)
         return self._verified
 
+    def verify_streamed(self, scan: Scan | None, key: FileKey | None) -> dict[str, str]:
+        """`verify`, from a scan of this file's bytes made while they were written (a copy into the
+        registry: `expertlib.verify.StreamScan`) instead of a second read. `key`: the file's state
+        right after that write; the check is remembered only while the file is still in it. Without
+        a usable scan (format 1, other tensors than the manifest's) the file is read and checked."""
+        m = self.manifest
+        expected = self._expected()
+        if scan is None or self.path is None or set(scan.absmax) != set(expected):
+            return self.verify(always=True)
+        check_scan(scan, m, str(self.path))
+        if key is not None and key == FileKey.of(self.path):
+            self._checked_now(key, scan)
+        self.scan, self._verified = scan, dict(scan.expert_digests)
+        return self._verified
+
     def trust(self, record: VerifiedRecord) -> ExpertSet:
         """Accept `record` (a full check of this file made elsewhere) while the file still matches it."""
         self._trusted = record

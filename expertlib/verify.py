@@ -24,6 +24,7 @@ Digest schemes, by patch format version:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import mmap
@@ -35,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
@@ -139,11 +141,7 @@ def _leaf(name: str, t: torch.Tensor) -> tuple[str, str, float]:
     return name, hashlib.sha256(_bytes_of(t)).hexdigest(), _absmax(t)
 
 
-def _line(name: str, t: torch.Tensor, leaf: str) -> bytes:
-    return f"{name}|{_dtype_name(t)}|{tuple(t.shape)}|{leaf}\n".encode()
-
-
-def _expert_names(layer: int, expert: int, tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, str]]:
+def _expert_names(layer: int, expert: int, tensors: Mapping[str, object]) -> list[tuple[str, str]]:
     names = [(p, EXPERT_KEY.format(layer=layer, expert=expert, part=p)) for p in (*EXPERT_PARTS, *BIAS_PARTS)]
     return [(p, n) for p, n in names if n in tensors]
 
@@ -170,13 +168,29 @@ def _scan_tree(tensors: Mapping[str, torch.Tensor], m: ExpertSetManifest, pool: 
     leaves, absmax = {}, {}
     for name, leaf, amax in pool.map(lambda kv: _leaf(*kv), tensors.items()):
         leaves[name], absmax[name] = leaf, amax
-    content = hashlib.sha256(b"".join(_line(n, tensors[n], leaves[n]) for n in sorted(tensors)))
+    meta = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    return tree_scan(leaves, meta, absmax, m)
+
+
+def tree_scan(
+    leaves: Mapping[str, str],
+    meta: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+    absmax: Mapping[str, float],
+    m: ExpertSetManifest,
+) -> Scan:
+    """The format-2 digests from each tensor's leaf (sha256 of its bytes) and (dtype, shape)."""
+
+    def line(name: str, label: str) -> bytes:
+        dtype, shape = meta[name]
+        return f"{label}|{str(dtype).removeprefix('torch.')}|{tuple(shape)}|{leaves[name]}\n".encode()
+
+    content = hashlib.sha256(b"".join(line(n, n) for n in sorted(leaves)))
     experts = {}
     for layer, e in m.pairs():
-        parts = _expert_names(layer, e, tensors)
-        h = hashlib.sha256(b"".join(_line(p, tensors[n], leaves[n]) for p, n in parts))
+        parts = _expert_names(layer, e, leaves)
+        h = hashlib.sha256(b"".join(line(n, p) for p, n in parts))
         experts[f"{layer}.{e}"] = "sha256:" + h.hexdigest()
-    return Scan(content_digest="sha256:" + content.hexdigest(), expert_digests=experts, absmax=absmax)
+    return Scan(content_digest="sha256:" + content.hexdigest(), expert_digests=experts, absmax=dict(absmax))
 
 
 def _scan_flat(tensors: Mapping[str, torch.Tensor], m: ExpertSetManifest, pool: ThreadPoolExecutor) -> Scan:
@@ -360,3 +374,179 @@ def scan_file(
         on_tensors(tensors)
     after = FileKey.of(path)
     return scan, (before if before == after else None)
+
+
+# --- checking bytes while they stream past (a copy into the registry, a download) ------------------------
+
+#: dtype -> (unsigned view, sign mask, bit pattern of inf, signed view): for IEEE floats a larger
+#: pattern without the sign bit is a larger magnitude, and every pattern above inf's is a NaN
+_BITS = {
+    torch.float64: (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000, torch.int64),
+    torch.float32: (np.uint32, 0x7FFF_FFFF, 0x7F80_0000, torch.int32),
+    torch.float16: (np.uint16, 0x7FFF, 0x7C00, torch.int16),
+    torch.bfloat16: (np.uint16, 0x7FFF, 0x7F80, torch.int16),
+}
+
+#: chunks a stream may run ahead of its hashing threads (bounds the memory held)
+_AHEAD = 8
+
+
+def _peak_bits(data, dtype: torch.dtype) -> int:
+    """The largest magnitude's bit pattern among the whole elements of `data` (bytes-like)."""
+    view, mask, _, _ = _BITS[dtype]
+    a = np.frombuffer(data, dtype=view)
+    return int(np.max(a & view(mask))) if a.size else 0
+
+
+def _bits_value(bits: int, dtype: torch.dtype) -> float:
+    _, _, inf, signed = _BITS[dtype]
+    if bits > inf:
+        return math.nan
+    return float(torch.tensor([bits], dtype=signed).view(dtype)[0])
+
+
+class StreamScan:
+    """What a check needs, computed while a safetensors file's bytes stream past once: the whole
+    file's sha256 (a registry blob's address) and, per tensor, its leaf (sha256 of its bytes) and
+    max |w|, i.e. a format-2 `Scan`. The whole-file hash and the tensor pass each run on their own
+    thread (hashlib and numpy release the GIL), so both overlap the copy that feeds them.
+
+        stream = StreamScan()
+        for chunk in chunks:
+            stream.update(chunk)                # then write the chunk
+        digest = stream.digest()                # "sha256:..." of every byte
+        scan = stream.scan(manifest)            # None when the bytes were no format-2 patch
+    """
+
+    def __init__(self) -> None:
+        self._whole = hashlib.sha256()
+        self._pos = 0
+        self._head = bytearray()
+        self._spans: list[tuple[int, int, str]] | None = None  # (start, end, name) in the file, by start
+        self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._leaves: dict[str, object] = {}
+        self._peaks: dict[str, int] = {}
+        self._carry: dict[str, bytes] = {}
+        self._bad = False
+        self._pools = [ThreadPoolExecutor(1, thread_name_prefix="expertlib-stream") for _ in range(2)]
+        self._pending: list = []
+        self._done = False
+
+    def update(self, chunk) -> None:
+        """Take the next bytes of the file (a bytes-like object the caller no longer changes)."""
+        offset, self._pos = self._pos, self._pos + len(chunk)
+        self._pending.append(self._pools[0].submit(self._whole.update, chunk))
+        self._pending.append(self._pools[1].submit(self._tensors, chunk, offset))
+        while len(self._pending) > 2 * _AHEAD:
+            self._pending.pop(0).result()
+
+    def _finish(self) -> None:
+        if not self._done:
+            for f in self._pending:
+                f.result()
+            for p in self._pools:
+                p.shutdown()
+            self._pending, self._done = [], True
+
+    @property
+    def size(self) -> int:
+        return self._pos
+
+    def digest(self) -> str:
+        self._finish()
+        return "sha256:" + self._whole.hexdigest()
+
+    def scan(self, manifest: ExpertSetManifest) -> Scan | None:
+        """The format-2 scan of the bytes seen, or None (another format, or bytes that are no
+        well-formed safetensors file: then the file must be checked the ordinary way)."""
+        self._finish()
+        if self._bad or self._spans is None or manifest.format_version < TREE_FORMAT:
+            return None
+        if self._spans and self._pos < self._spans[-1][1]:
+            return None
+        leaves = {n: h.hexdigest() for n, h in self._leaves.items()}
+        absmax = {
+            n: _bits_value(self._peaks[n], dtype) if dtype in _BITS else 0.0
+            for n, (dtype, _) in self._meta.items()
+        }
+        return tree_scan(leaves, self._meta, absmax, manifest)
+
+    # --- on the tensor thread ---
+
+    def _tensors(self, chunk, offset: int) -> None:
+        if self._bad:
+            return
+        try:
+            if self._spans is None:
+                self._head += chunk
+                if not self._parse_header():
+                    return
+                chunk, offset = bytes(self._head), 0  # every byte so far, the header included
+                self._head = bytearray()
+            view = memoryview(chunk)
+            end = offset + len(chunk)
+            for a, b, name in self._spans:
+                if b <= offset:
+                    continue
+                if a >= end:
+                    break
+                piece = view[max(a, offset) - offset : min(b, end) - offset]
+                self._leaves[name].update(piece)
+                dtype = self._meta[name][0]
+                if dtype in _BITS and len(piece):
+                    self._peak(name, piece, dtype)
+        except Exception:  # malformed bytes: the caller checks the file the ordinary way
+            self._bad = True
+
+    def _peak(self, name: str, piece: memoryview, dtype: torch.dtype) -> None:
+        size = dtype.itemsize
+        carry = self._carry.pop(name, b"")
+        if carry:  # an element cut by the previous chunk's end
+            k = min(size - len(carry), len(piece))
+            carry += bytes(piece[:k])
+            piece = piece[k:]
+            if len(carry) < size:
+                self._carry[name] = carry
+                return
+            self._peaks[name] = max(self._peaks[name], _peak_bits(carry, dtype))
+        whole = len(piece) - len(piece) % size
+        if whole:
+            self._peaks[name] = max(self._peaks[name], _peak_bits(piece[:whole], dtype))
+        if whole < len(piece):
+            self._carry[name] = bytes(piece[whole:])
+
+    def _parse_header(self) -> bool:
+        """Once the header has arrived: the tensors' byte spans. False while it is still incomplete."""
+        if len(self._head) < 8:
+            return False
+        n = struct.unpack("<Q", bytes(self._head[:8]))[0]
+        if n > _MAX_HEADER:
+            raise ValueError("header too large")
+        if len(self._head) < 8 + n:
+            return False
+        from expertlib import jsonsafe
+
+        header = jsonsafe.loads(bytes(self._head[8 : 8 + n]))
+        if not isinstance(header, dict):
+            raise ValueError("no header")
+        header.pop("__metadata__", None)
+        spans = []
+        for name, info in header.items():
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            a, b = (int(x) for x in info["data_offsets"])
+            if not 0 <= a <= b or b - a != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"bad offsets for {name}")
+            spans.append((8 + n + a, 8 + n + b, name))
+            self._meta[name] = (dtype, shape)
+            self._leaves[name] = hashlib.sha256()
+            self._peaks[name] = 0
+        spans.sort()
+        if any(p[1] > q[0] for p, q in itertools.pairwise(spans)):
+            raise ValueError("overlapping tensors")
+        self._spans = spans
+        return True
+
+
+#: the largest safetensors header a stream accepts (the format's own limit)
+_MAX_HEADER = 100_000_000

@@ -8,6 +8,12 @@ A blob enters in two steps so that no reader ever sees a partial file:
 A writer killed before `commit` leaves only a file in tmp/ (named with host and pid, so `gc`
 knows when it is stale); a writer killed after it leaves a complete, valid, unreferenced blob.
 
+A copy into the store is one pass over the bytes: each chunk is written while two threads hash it,
+once as the whole file (the blob's address) and once per tensor (`expertlib.verify.StreamScan`: the
+patch's own digests and max |w|), so publish, push and pull need no second read. Where the
+filesystem can clone a file (a reflink: btrfs, XFS, APFS-like copy-on-write) the copy is a clone and
+only the hashing reads the bytes; never a hard link, which an edit of the source would change.
+
 A blob checked in full (at publish, pull or import, or by `expertlib verify`) gets a verified record
 in `verified/<64 hex>.json`: the blob's file state then (`expertlib.verify.FileKey`) and what the
 check found. Loads trust the record while the blob's file still matches it and check in full otherwise.
@@ -15,12 +21,14 @@ check found. Loads trust the record while the blob's file still matches it and c
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -29,9 +37,13 @@ from expertlib.constants import PATCH_SUFFIX
 from expertlib.errors import DigestMismatchError
 from expertlib.fsutil import atomic_path
 from expertlib.registry.names import DIGEST_PREFIX, validate_digest
-from expertlib.verify import FileKey, VerifiedRecord
+from expertlib.verify import FileKey, StreamScan, VerifiedRecord
 
 CHUNK = 1 << 20
+#: chunk of a copy into the store (large enough that per-chunk overhead vanishes at GB sizes)
+COPY_CHUNK = 4 << 20
+#: Linux's FICLONE ioctl: make `dst` a copy-on-write clone of `src` (btrfs, XFS, bcachefs, ...)
+FICLONE = 0x40049409
 BLOBS_DIR = "blobs"
 TMP_DIR = "tmp"
 RECORDS_DIR = "verified"
@@ -78,6 +90,10 @@ class TempBlob:
     path: Path
     digest: str
     size: int
+    #: what hashing the bytes on their way in found (per-tensor digests, max |w|), and the temp
+    #: file's state right after it was written: a check of exactly those bytes
+    stream: StreamScan | None = None
+    key: FileKey | None = None
 
 
 class BlobStore:
@@ -138,34 +154,49 @@ class BlobStore:
         return self.tmp_dir / f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}{TMP_SUFFIX}"
 
     def write_temp(
-        self, src: str | Path | BinaryIO | Iterator[bytes], *, expected_digest: str | None = None
+        self,
+        src: str | Path | BinaryIO | Iterator[bytes],
+        *,
+        expected_digest: str | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> TempBlob:
-        """Copy `src` (a path, a binary file or an iterator of chunks) into tmp/, hashing and fsyncing."""
+        """Copy `src` (a path, a binary file or an iterator of chunks) into tmp/, hashing on the way
+        (whole file and per tensor, see the module docstring) and fsyncing; `progress(n)` is called
+        with the bytes of each chunk."""
         self.ensure()
         tmp = self.temp_path()
-        h = hashlib.sha256()
-        size = 0
+        stream = StreamScan()
         try:
-            with open(tmp, "wb") as out:
-                for i, chunk in enumerate(_chunks(src)):
-                    out.write(chunk)
-                    h.update(chunk)
-                    size += len(chunk)
-                    if i == 0:
+            if isinstance(src, (str, Path)) and _reflink(src, tmp):
+                chunks = _chunks(tmp)  # the clone is ours alone: hash what it holds
+                out = None
+            else:
+                chunks = _chunks(src)
+                out = open(tmp, "wb")  # noqa: SIM115 - closed below, also on errors
+            with out or contextlib.nullcontext():
+                for i, chunk in enumerate(chunks):
+                    stream.update(chunk)
+                    if out is not None:
+                        out.write(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+                    if i == 0 and out is not None:
                         out.flush()
                         test_hook("write")
-                out.flush()
-                os.fsync(out.fileno())
-            digest = DIGEST_PREFIX + h.hexdigest()
+                if out is not None:
+                    out.flush()
+                    os.fsync(out.fileno())
+            digest = stream.digest()
             if expected_digest is not None and digest != expected_digest:
                 raise DigestMismatchError(
                     f"received bytes have digest {digest[:19]}..., expected {expected_digest[:19]}...",
                     hint="the transfer was damaged or the source is corrupt; run `expertlib verify` there and retry",
                 )
         except BaseException:
+            stream.digest()  # stop its threads
             tmp.unlink(missing_ok=True)
             raise
-        return TempBlob(tmp, digest, size)
+        return TempBlob(tmp, digest, stream.size, stream, FileKey.of(tmp))
 
     def commit(self, tmp: TempBlob) -> Path:
         """Move a verified temp blob into place (a no-op when the blob already exists)."""
@@ -221,13 +252,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _reflink(src: str | Path, dst: Path) -> bool:
+    """Make `dst` a copy-on-write clone of `src` where the filesystem supports it."""
+    try:
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+            os.fsync(fout.fileno())
+        return True
+    except OSError:
+        with contextlib.suppress(OSError):
+            dst.unlink()
+        return False
+
+
 def _chunks(src) -> Iterator[bytes]:
     if isinstance(src, (str, Path)):
         with open(src, "rb") as f:
-            while chunk := f.read(CHUNK):
+            while chunk := f.read(COPY_CHUNK):
                 yield chunk
     elif hasattr(src, "read"):
-        while chunk := src.read(CHUNK):
+        while chunk := src.read(COPY_CHUNK):
             yield chunk
     else:
         for chunk in src:

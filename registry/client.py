@@ -4,7 +4,7 @@ Wire format (JSON bodies are the pydantic models of `expertlib.registry.models`)
 
     GET  {url}/entries?name=&base=        -> EntryList
     GET  {url}/entries/{ref}?base=        -> Entry (with manifest)     ref: math, math@3, math@sha256:...
-    GET  {url}/blobs/{digest}             -> the patch bytes (application/octet-stream)
+    GET  {url}/blobs/{digest}             -> the patch bytes (application/octet-stream; Range: resumes)
     POST {url}/entries?name=&digest=&version=&tag=&source=   body: patch bytes  -> Entry (201)
     POST {url}/tags                       TagRequest -> Entry
 Errors come back in OpenAI's shape, {"error": {"message": ..., "type": ..., "code": ...}}.
@@ -21,11 +21,13 @@ import httpx
 
 from expertlib import jsonsafe
 from expertlib.errors import NotFoundError, RemoteError
-from expertlib.registry.blobs import CHUNK, BlobStore
+from expertlib.registry.blobs import CHUNK, BlobStore, TempBlob
 from expertlib.registry.models import Entry, EntryList, TagRequest
 from expertlib.registry.names import RefSpec, validate_digest, validate_name
 
 TOKEN_ENV = "EXPERTLIB_REMOTE_TOKEN"
+#: how often a broken download is resumed before the pull fails
+RESUME_TRIES = 5
 
 
 class HttpRemote:
@@ -62,22 +64,49 @@ class HttpRemote:
             params["name"] = spec.name
         return _parse(EntryList, self._request("GET", "/entries", params=params), self.url).entries
 
-    def fetch(self, entry: Entry, staging: BlobStore) -> tuple[Path, bool]:
+    def fetch(self, entry: Entry, staging: BlobStore) -> tuple[TempBlob, bool]:
+        """The entry's bytes streamed into `staging` (hashed on the way, refused unless they match
+        its digest); a dropped connection resumes where it broke (HTTP Range), so a GB-sized
+        download survives a flaky network without starting over."""
         # the entry came from the remote: check what goes into the URL, and stop at its announced size
         validate_name(entry.name)
         digest = validate_digest(entry.digest)
-        try:
-            with self.client.stream("GET", f"/blobs/{quote(digest, safe=':')}") as r:
-                if r.status_code >= 400:
-                    r.read()
-                    _raise_for(r, self.url)
-                body = _at_most(r.iter_bytes(CHUNK), entry.size, f"{entry.ref} from {self.url}")
-                tmp = staging.write_temp(body, expected_digest=digest)
-        except httpx.HTTPError as exc:
-            raise RemoteError(
-                f"download of {entry.ref} from {self.url} failed: {exc}", hint="retry the pull"
-            ) from exc
-        return tmp.path, True
+        what = f"{entry.ref} from {self.url}"
+        body = _at_most(
+            self._download(f"/blobs/{quote(digest, safe=':')}", entry.size, what), entry.size, what
+        )
+        return staging.write_temp(body, expected_digest=digest), True
+
+    def _download(self, path: str, size: int, what: str) -> Iterator[bytes]:
+        """The bytes at `path`, resumed with a Range request after each break (RESUME_TRIES at most)."""
+        got, breaks = 0, 0
+        while True:
+            headers = {"Range": f"bytes={got}-"} if got else {}
+            try:
+                with self.client.stream("GET", path, headers=headers) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        _raise_for(r, self.url)
+                    if got and not _resumes_at(r, got):
+                        raise RemoteError(
+                            f"download of {what} broke at byte {got} and the remote cannot resume it",
+                            hint="retry the pull (the remote does not answer Range requests)",
+                        )
+                    for chunk in r.iter_bytes():  # as they arrive: a break loses nothing received
+                        got += len(chunk)
+                        yield chunk
+                if got >= size:
+                    return
+                reason = f"the connection closed after {got} of {size} bytes"
+            except httpx.TransportError as exc:
+                reason = str(exc) or type(exc).__name__
+            except httpx.HTTPError as exc:
+                raise RemoteError(f"download of {what} failed: {exc}", hint="retry the pull") from exc
+            breaks += 1
+            if breaks > RESUME_TRIES:
+                raise RemoteError(
+                    f"download of {what} failed {breaks} times, last: {reason}", hint="retry the pull"
+                )
 
     # --- sink -----------------------------------------------------------------------------------
 
@@ -112,6 +141,12 @@ class HttpRemote:
         for t in tags:
             body = TagRequest(ref=str(entry.ref), tag=t, base=entry.base.config_digest)
             self._request("POST", "/tags", json=body.model_dump())
+
+
+def _resumes_at(r: httpx.Response, offset: int) -> bool:
+    """Whether `r` answers a Range request from `offset` with exactly those bytes."""
+    cr = r.headers.get("content-range", "")
+    return r.status_code == 206 and cr.startswith(f"bytes {offset}-")
 
 
 def _at_most(chunks: Iterator[bytes], size: int, what: str) -> Iterator[bytes]:

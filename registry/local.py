@@ -27,7 +27,7 @@ import errno
 import functools
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -330,8 +330,14 @@ class RegistryStore:
         expected_digest: str | None = None,
         source: str | None = None,
         version: int | None = None,
+        staged: TempBlob | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Entry:
         """Validate a patch and store it as the next version of `task` (default: its manifest's task).
+
+        The file is copied into the store in one pass that also hashes it (`BlobStore.write_temp`);
+        `staged`: bytes a transfer already wrote into this store's tmp/ that way (then `patch` is that
+        file). `progress(n)` is called per chunk copied (a CLI's progress bar).
 
         `base`, when given (an identity or a base model folder), must be the patch's base. Publishing
         bytes that this name already holds returns the existing version (tags still apply).
@@ -366,13 +372,21 @@ class RegistryStore:
                     hint="publish it under the base it was trained on",
                 )
         self._check_shapes(es, base, str(path))
-        tmp = self.blobs.write_temp(path, expected_digest=expected_digest)
+        if staged is None:  # one pass: copy, whole-file hash and the patch's own digests together
+            staged = self.blobs.write_temp(path, expected_digest=expected_digest, progress=progress)
+        elif expected_digest is not None and staged.digest != expected_digest:
+            staged.path.unlink(missing_ok=True)
+            raise DigestMismatchError(
+                f"received bytes have digest {staged.digest[:19]}..., expected {expected_digest[:19]}...",
+                hint="the transfer was damaged or the source is corrupt; run `expertlib verify` there and retry",
+            )
+        tmp = staged
         try:
             stored = ExpertSet.open(tmp.path)
             if stored.manifest.content_digest != m.content_digest:
                 raise DigestMismatchError("the file changed while it was being published", path=str(path))
             try:
-                stored.verify()
+                stored.verify_streamed(tmp.stream.scan(stored.manifest) if tmp.stream else None, tmp.key)
             except PatchError as exc:
                 raise type(exc)(exc.message.split(": ", 1)[-1], path=str(path), hint=exc.hint) from None
             entry = self._commit(tmp, name, m, tags, source, version)

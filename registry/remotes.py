@@ -87,9 +87,11 @@ class FolderRemote:
             return None
         return next((e for e in have if e.digest == entry.digest), None)
 
-    def put(self, entry: Entry, path: Path, tags: list[str]) -> Entry:
+    def put(self, entry: Entry, path: Path, tags: list[str], staged: TempBlob | None = None) -> Entry:
+        """Publish the entry's file here (`staged`: already written into this registry's tmp/)."""
         return self.registry.publish(
             path,
+            staged=staged,
             task=entry.name,
             tags=tags,
             base=entry.base,
@@ -184,10 +186,19 @@ def transfer(
                     sink.set_tags(have, missing)
                 report.present.append(str(have.ref))
             else:
-                path, is_temp = src.fetch(e, staging)  # digest checked by every source
+                got, is_temp = src.fetch(e, staging)  # digest checked by every source
+                staged = got if isinstance(got, TempBlob) else None
+                path = got.path if staged is not None else got
                 try:
                     e = e.model_copy(update={"source": e.source or f"{src.url}#{e.ref}"})
-                    new = sink.put(e, path, tags)  # and checked again on the way in
+                    if (
+                        staged is not None
+                        and isinstance(sink, FolderRemote)
+                        and sink.registry.blobs.root == staging.root
+                    ):
+                        new = sink.put(e, path, tags, staged=staged)  # checked as it was written
+                    else:
+                        new = sink.put(e, path, tags)  # and checked again on the way in
                 finally:
                     if is_temp:
                         path.unlink(missing_ok=True)

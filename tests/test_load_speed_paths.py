@@ -230,3 +230,154 @@ def test_registry_blob_altered_after_ingest_is_refused(tmp_path, set_mtime_back)
     stale = VerifiedRecord.model_validate_json(reg.blobs.record_path(entry.digest).read_bytes())
     with pytest.raises(DigestMismatchError):  # the ingest record does not vouch for the changed blob
         reg.open("math", verify=False).trust(stale).verify()
+
+
+# --- publish, push and pull: one pass over the bytes -----------------------------------------------------
+
+
+def no_second_read(monkeypatch) -> None:
+    """Fail on any read of a set file beyond the copy that hashes it on the way."""
+    monkeypatch.setattr("expertlib.patch.scan_file", lambda *a, **kw: pytest.fail("a file was read twice"))
+    monkeypatch.setattr(
+        "expertlib.registry.local.sha256_file", lambda p: pytest.fail("a blob was hashed again")
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("chunk", [1, 5, 4096, 1 << 22])
+def test_stream_scan_equals_a_full_scan(dtype, chunk):
+    """The scan made while bytes stream past (chunks cut anywhere, mid-element included) equals the
+    scan of the same file read whole: digests and every tensor's max |w|, NaN included."""
+    import hashlib
+    import math
+
+    from expertlib.verify import StreamScan, scan_tensors
+
+    for value in (None, float("nan"), float("-inf"), -7.5):
+        es = make_set(dtype=dtype, value=value)
+        data = _file_bytes(es)
+        stream = StreamScan()
+        for i in range(0, len(data), chunk):
+            stream.update(data[i : i + chunk])
+        got, want = stream.scan(es.manifest), scan_tensors(es.tensors, es.manifest)
+        assert stream.digest() == "sha256:" + hashlib.sha256(data).hexdigest()
+        assert (got.content_digest, got.expert_digests) == (want.content_digest, want.expert_digests)
+        for name, v in want.absmax.items():
+            assert got.absmax[name] == v or (math.isnan(v) and math.isnan(got.absmax[name]))
+
+
+def _file_bytes(es: ExpertSet) -> bytes:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        return es.save(Path(d) / "x.safetensors").read_bytes()
+
+
+def test_publish_hashes_while_copying_and_loads_trust_it(tmp_path, monkeypatch):
+    """Publish reads the file once (copy, blob digest and the patch's own digests in one pass) and
+    keeps a record that loads trust; the scan it keeps is the one a full read finds."""
+    src = make_set().save(tmp_path / "math.safetensors")
+    full = ExpertSet.open(src)
+    full.verify(always=True)
+    verify_mod._CHECKED.clear()
+    no_second_read(monkeypatch)
+    reg = Registry(tmp_path / "reg")
+    entry = reg.publish(src)
+    es = reg.open("math")
+    es.verify()
+    assert es.scan == full.scan
+    assert reg.blobs.record(entry.digest, entry.content_digest) is not None
+
+
+@pytest.mark.parametrize("problem", ["nan", "forged"])
+def test_publish_still_refuses_bad_sets(tmp_path, problem):
+    """The one-pass check keeps every guarantee: NaN/inf and forged expert digests are refused."""
+    if problem == "nan":
+        path = make_set(value=float("nan")).save(tmp_path / "bad.safetensors")
+        err = NonFiniteWeightsError
+    else:
+        good, other = make_set(), make_set(seed=1)
+        forged = other.manifest.model_copy(update={"expert_digests": good.manifest.expert_digests})
+        path = ExpertSet(forged, dict(other.tensors)).save(tmp_path / "bad.safetensors")
+        err = DigestMismatchError
+    reg = Registry(tmp_path / "reg")
+    with pytest.raises(err):
+        reg.publish(path)
+    assert reg.list() == [] and list(reg.blobs.iter_digests()) == []
+
+
+def test_folder_pull_reads_each_blob_once(tmp_path, monkeypatch):
+    """A pull from a folder whose blobs are unchanged since their check copies each one in one
+    hashing pass: no separate check of the source, no second read of the copy."""
+    src = Registry(tmp_path / "src")
+    src.publish(make_set().save(tmp_path / "math.safetensors"))
+    verify_mod._CHECKED.clear()
+    no_second_read(monkeypatch)
+    dst = Registry(tmp_path / "dst")
+    assert dst.pull(str(tmp_path / "src")).copied == ["math@1"]
+    e = dst.resolve("math")
+    assert dst.blobs.record(e.digest, e.content_digest) is not None
+
+
+# --- HTTP pulls resume where they broke ------------------------------------------------------------------
+
+
+def _flaky_remote(data: bytes, *, break_at: list[int], ranges: bool = True):
+    """An HttpRemote over a transport that serves `data` and drops the connection after each offset
+    in `break_at` (one per request), answering Range requests with 206 when `ranges`."""
+    import httpx
+
+    from expertlib.registry.client import HttpRemote
+
+    seen: list[str | None] = []
+
+    class Broken(httpx.SyncByteStream):
+        def __init__(self, body: bytes, cut: int | None):
+            self.body, self.cut = body, cut
+
+        def __iter__(self):
+            if self.cut is None:
+                yield self.body
+                return
+            yield self.body[: self.cut]
+            raise httpx.ReadError("connection reset by peer")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        rng = request.headers.get("range")
+        seen.append(rng)
+        start = int(rng.removeprefix("bytes=").rstrip("-")) if rng and ranges else 0
+        cut = break_at.pop(0) - start if break_at else None
+        body = data[start:]
+        if rng and ranges:
+            headers = {"content-range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+            return httpx.Response(206, headers=headers, stream=Broken(body, cut))
+        return httpx.Response(200, stream=Broken(body, cut))
+
+    client = httpx.Client(base_url="http://remote/reg", transport=httpx.MockTransport(handler))
+    return HttpRemote("http://remote/reg", client=client), seen
+
+
+def test_http_pull_resumes_a_broken_download(tmp_path):
+    reg = Registry(tmp_path / "src")
+    entry = reg.publish(make_set().save(tmp_path / "math.safetensors"))
+    data = reg.blobs.path(entry.digest).read_bytes()
+    remote, seen = _flaky_remote(data, break_at=[len(data) // 3, 2 * len(data) // 3])
+    dst = Registry(tmp_path / "dst")
+    tmp, _ = remote.fetch(entry, dst.blobs)
+    assert tmp.digest == entry.digest and tmp.path.read_bytes() == data
+    assert seen == [None, f"bytes={len(data) // 3}-", f"bytes={2 * len(data) // 3}-"]
+    got = dst.publish(tmp.path, staged=tmp, expected_digest=entry.digest)
+    assert got.digest == entry.digest
+
+
+def test_http_pull_without_range_support_fails_cleanly(tmp_path):
+    from expertlib.errors import RemoteError
+
+    reg = Registry(tmp_path / "src")
+    entry = reg.publish(make_set().save(tmp_path / "math.safetensors"))
+    data = reg.blobs.path(entry.digest).read_bytes()
+    remote, _ = _flaky_remote(data, break_at=[len(data) // 2], ranges=False)
+    dst = Registry(tmp_path / "dst")
+    with pytest.raises(RemoteError, match="cannot resume"):
+        remote.fetch(entry, dst.blobs)
+    assert list(dst.blobs.tmp_dir.iterdir()) == []  # nothing half-written stays behind
