@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import click
 
@@ -80,7 +81,12 @@ def publish_cmd(
 
     Example: expertlib publish math.safetensors --tag stable --registry ./reg
     """
-    entry = reg.publish(patch, task=task, tags=tags, base=base)
+    from tqdm import tqdm
+
+    size = Path(patch).stat().st_size
+    # shown once the copy has taken a second (delay), on stderr; never with --json
+    with tqdm(total=size, unit="B", unit_scale=True, delay=1, disable=as_json, leave=False) as bar:
+        entry = reg.publish(patch, task=task, tags=tags, base=base, progress=bar.update)
     emit(as_json, entry.summary(), lambda _: click.echo(f"published {_entry_line(entry)}"))
 
 
