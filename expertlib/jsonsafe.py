@@ -17,6 +17,9 @@ from typing import Any
 #: Deepest nesting of arrays and objects accepted. Manifests need about 5 levels (provenance ->
 #: training settings -> ...); pydantic stops serialising somewhere past 100.
 MAX_JSON_DEPTH = 64
+#: Deepest nesting of a patch manifest: half of the above, so that the registry's wire forms that
+#: carry a manifest (an entry in a listing, a Hub manifest) stay well within MAX_JSON_DEPTH.
+MAX_MANIFEST_DEPTH = 32
 
 
 class JSONDepthError(ValueError):

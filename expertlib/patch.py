@@ -474,7 +474,7 @@ def read_header(path: str | Path) -> tuple[ExpertSetManifest, dict[str, Any]]:
             hint="a reference ESFT adapter folder enters with `expertlib import-esft DIR --base BASE`",
         )
     try:
-        raw_manifest = jsonsafe.loads(meta[MANIFEST_METADATA_KEY])
+        raw_manifest = jsonsafe.loads(meta[MANIFEST_METADATA_KEY], max_depth=jsonsafe.MAX_MANIFEST_DEPTH)
     except ValueError as exc:
         raise PatchCorruptError(f"unreadable manifest: {exc}", path=str(path), hint=_REPUBLISH) from None
     version = raw_manifest.get("format_version") if isinstance(raw_manifest, dict) else None

@@ -26,6 +26,7 @@ from expertlib.errors import (
     RegistryError,
     RemoteError,
 )
+from expertlib.jsonsafe import MAX_MANIFEST_DEPTH
 from expertlib.patch import ExpertSet
 from expertlib.registry import Registry
 from expertlib.registry.client import HttpRemote
@@ -268,12 +269,7 @@ def test_deeply_nested_json_in_a_patch_header_is_a_patch_error(depth, reg, tmp_p
 def test_deeply_nested_json_in_a_manifest_is_a_patch_error(depth, reg, tmp_path):
     """Provenance nested 100 deep was opened, then failed to serialise at publish (a 500 on push);
     100,000 deep was a RecursionError."""
-
-    def deep_provenance(m: dict) -> str:
-        m["provenance"]["extra"] = {"x": 0}
-        return json.dumps(m).replace('{"x": 0}', '{"x": ' + nested(depth) + "}")
-
-    bad = with_manifest(patch(tmp_path, 0), tmp_path / "deep.safetensors", deep_provenance)
+    bad = with_manifest(patch(tmp_path, 0), tmp_path / "deep.safetensors", deep_provenance(depth))
     with pytest.raises(PatchCorruptError, match="manifest.*nested deeper than") as exc:
         ExpertSet.open(bad)
     assert "deep.safetensors" in str(exc.value)
@@ -282,13 +278,26 @@ def test_deeply_nested_json_in_a_manifest_is_a_patch_error(depth, reg, tmp_path)
     r = http_push(client(reg), bad, "math")
     assert r.status_code == 400 and "nested deeper than" in r.json()["error"]["message"]
     assert reg.list() == [] and blobs(reg) == []
-    # a provenance nested a few levels (training settings) is fine
-    ok = with_manifest(
-        patch(tmp_path, 0), tmp_path / "ok.safetensors", lambda m: json.dumps(m | {"provenance": m["provenance"] | {"extra": {"a": {"b": [[1]]}}}})
-    )  # fmt: skip
-    assert reg.publish(ok).manifest is None and reg.show("math@1").manifest.provenance.extra == {
-        "a": {"b": [[1]]}
-    }
+    # the deepest manifest accepted opens, and still travels in the registry's wire forms
+    deepest = deep_provenance(MAX_MANIFEST_DEPTH - 3)  # manifest -> provenance -> extra {"x": ...}
+    ok = with_manifest(patch(tmp_path, 0), tmp_path / "ok.safetensors", deepest)
+    assert reg.publish(ok).version == 1
+    assert http_remote(reg).entries(parse_ref("math@1"), None)[0].manifest.provenance.extra["x"]
+    too_deep = with_manifest(
+        patch(tmp_path, 0), tmp_path / "deeper.safetensors", deep_provenance(MAX_MANIFEST_DEPTH - 2)
+    )
+    with pytest.raises(PatchCorruptError, match="nested deeper than"):
+        ExpertSet.open(too_deep)
+
+
+def deep_provenance(depth: int):
+    """A manifest edit: `provenance.extra` = {"x": arrays nested `depth` deep}."""
+
+    def change(m: dict) -> str:
+        m["provenance"]["extra"] = {"x": 0}
+        return json.dumps(m).replace('{"x": 0}', '{"x": ' + nested(depth) + "}")
+
+    return change
 
 
 def test_deeply_nested_json_in_a_remote_listing_is_a_remote_error(tmp_path):
