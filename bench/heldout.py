@@ -1,0 +1,338 @@
+"""Held-out tasks: `expertlib train`'s defaults against every alternative, on tasks never used to choose them.
+
+Each task (`expertlib.demo.tasks.HELDOUT`, none seen while choosing the defaults; `--tuning` runs
+the separate tuning set the defaults were chosen on) is trained on the shipped demo base with:
+
+    fft       full fine-tuning          (bench/paper_table.py's run_method)
+    lora      LoRA r=8                  (the same)
+    paper     ESFT-Token p=0.2 as the paper does it: every token scored, nothing kept
+    defaults  `expertlib train`'s defaults: answer-only scores, --keep auto (retention-aware, budget mode)
+    contrast  the defaults with --keep-mode contrast (task share minus kept share)
+    mix       the defaults with --keep-mix (the task's own domain's pretrained tasks rehearsed)
+
+ESFT runs go through `expertlib.esft.pipeline.train_esft`, the code `expertlib train` runs.
+Reported per task and method: task accuracy (exact match, greedy), x FFT, general accuracy (the
+demo's general tasks), own-domain accuracy (the pretrained tasks of the task's domain), the
+retention check's verdict on the paper's selection against the measured general drop, and
+the fit verdict `train` printed. Rows are appended to a JSON file as they finish (`--json`),
+so a long run can be stopped and its rows merged into the table (`--merge`).
+
+    nice python bench/heldout.py                         # held-out tasks, every method
+    nice python bench/heldout.py --tuning --methods paper defaults contrast mix --json bench/tuning.json
+    python bench/heldout.py --merge bench/heldout.json bench/tuning.json      # the RESULTS.md section
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+METHODS = ("fft", "lora", "paper", "defaults", "contrast", "mix")
+LABEL = {
+    "fft": "FFT",
+    "lora": "LoRA (r=8)",
+    "paper": "ESFT paper",
+    "defaults": "ESFT defaults (keep)",
+    "contrast": "ESFT keep contrast",
+    "mix": "ESFT defaults + keep-mix",
+}
+#: The tasks the defaults were chosen on (none of them is in HELDOUT).
+TUNING_TASKS = ("sum", "open", "swap", "cross")
+SECTION = "## Held-out tasks: train's defaults vs every alternative (toy scale)"
+#: General accuracy may fall this much; a task counts as >= this x FFT.
+GENERAL_SLACK, DOMAIN_SLACK, FFT_RATIO = 0.05, 0.10, 0.95
+
+
+def domain_tasks(task: str) -> list[str]:
+    """The pretrained tasks of `task`'s domain (for words: the general tasks)."""
+    from expertlib.demo.tasks import DOMAIN_TASKS, GENERAL_TASKS, get_task
+
+    d = get_task(task).domain
+    return [t for t in DOMAIN_TASKS if get_task(t).domain == d] or list(GENERAL_TASKS)
+
+
+def measure(model, tok, task: str, args) -> dict:
+    from expertlib.demo.evaluate import evaluate_model
+    from expertlib.demo.tasks import GENERAL_TASKS
+
+    acc = evaluate_model(model, tok, [task], n_eval=args.n_eval, progress=False)[task]
+    gen = evaluate_model(model, tok, GENERAL_TASKS, n_eval=args.n_general, progress=False)
+    dom = evaluate_model(model, tok, domain_tasks(task), n_eval=args.n_general, progress=False)
+    return {
+        "task_acc": acc,
+        "general_acc": sum(gen.values()) / len(gen),
+        "domain_acc": sum(dom.values()) / len(dom),
+        "general": gen,
+        "domain": dom,
+    }
+
+
+def run_esft(base: Path, task: str, method: str, data: Path, mix: Path, args, model, tok, general) -> dict:
+    """One ESFT variant through train_esft; the set is applied to `model` for the evaluation."""
+    from expertlib.apply import apply_expert_set
+    from expertlib.esft.diagnostics import retention_risk
+    from expertlib.esft.keep import FitReport
+    from expertlib.esft.pipeline import DataConfig, RuntimeConfig, SelectionConfig, train_esft
+    from expertlib.esft.training import TrainConfig
+
+    selection = {
+        "paper": SelectionConfig(keep=("none",), count_prompt_tokens=True),
+        "defaults": SelectionConfig(),
+        "contrast": SelectionConfig(keep_mode="contrast"),
+        "mix": SelectionConfig(),
+    }[method]
+    t0 = time.perf_counter()
+    es = train_esft(
+        base,
+        data,
+        task=task,
+        selection=selection.model_copy(update={"token_budget": 20_000}),
+        config=TrainConfig(
+            steps=args.steps, batch_size=args.batch_size, warmup_steps=min(20, args.steps // 10)
+        ),
+        data_config=DataConfig(holdout=0.05, keep_mix=(mix,) if method == "mix" else ()),
+        runtime=RuntimeConfig(progress=False),
+    )
+    row = {"train_time_s": time.perf_counter() - t0}
+    with apply_expert_set(model, es):
+        row.update(measure(model, tok, task, args))
+    p = es.manifest.provenance
+    risk = retention_risk(es.manifest.experts, general)
+    row.update(
+        experts_per_layer=[len(es.manifest.experts[k]) for k in sorted(es.manifest.experts)],
+        general_mass=round(risk.mean_general_mass, 4),
+        flagged=bool(risk.at_risk),
+        output_bytes=es.nbytes,
+        fit=p.extra.get("fit"),
+        fit_message=FitReport(**p.extra["fit"]).message() if p.extra.get("fit") else None,
+        keep=p.extra.get("keep"),
+    )
+    return row
+
+
+def run_task(base: Path, task: str, args, general, base_row: dict) -> list[dict]:
+    import torch
+    from paper_table import LR, run_method
+
+    from expertlib.demo.tasks import get_task, write_jsonl
+    from expertlib.esft.data import load_samples
+    from expertlib.moe import load_model
+    from expertlib.testing import make_tokenizer
+
+    tok = make_tokenizer()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        split = get_task(task).split(n_train=args.n_train, n_eval=args.n_eval)
+        data = write_jsonl(split.train, Path(d) / f"{task}.jsonl")
+        mix_ex = [
+            ex
+            for t in domain_tasks(task)
+            for ex in get_task(t).split(n_train=args.n_mix, n_eval=args.n_general).train
+        ]
+        mix = write_jsonl(mix_ex, Path(d) / "mix.jsonl")
+        samples = load_samples(data, tok)
+        for m in args.methods:
+            if m in ("fft", "lora"):
+                method = "full" if m == "fft" else "lora"
+                ns = argparse.Namespace(**{**vars(args), "curve_every": 0, "answer_only": True})
+                r = run_method(
+                    base, task, method, samples, ns, lr=LR[method], top_p=None, general_shares=general
+                )
+                own = domain_tasks(task)
+                src = r["domain"] if all(t in r["domain"] for t in own) else r["general"]
+                row = {
+                    k: r[k] for k in ("task_acc", "general_acc", "general", "train_time_s", "output_bytes")
+                }
+                row["domain"] = {t: src[t] for t in own}
+                row["domain_acc"] = sum(row["domain"].values()) / len(own)
+            else:
+                model = load_model(base, dtype=torch.float32)
+                row = run_esft(base, task, m, data, mix, args, model, tok, general)
+            row.update(task=task, method=m, base=base_row)
+            rows.append(row)
+            print(
+                f"{task:7s} {LABEL[m]:24s} task {row['task_acc']:.2f} general {row['general_acc']:.2f} "
+                f"domain {row['domain_acc']:.2f} {row['train_time_s']:.0f} s {row.get('experts_per_layer', '')} "
+                f"{row.get('fit_message') or ''}",
+                file=sys.stderr,
+                flush=True,
+            )
+            if args.json:
+                path = Path(args.json)
+                old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+                old["args"] = {k: v for k, v in vars(args).items() if k not in ("merge",)}
+                old["rows"] = [x for x in old["rows"] if (x["task"], x["method"]) != (task, m)] + [row]
+                path.write_text(json.dumps(old, indent=1) + "\n")
+    return rows
+
+
+def table(rows: list[dict], args) -> str:
+    from expertlib.demo.tasks import ATTENTION_TASKS, HELDOUT
+
+    def f(x) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    lines = [
+        SECTION,
+        "",
+        f"`nice python bench/heldout.py` ({time.strftime('%Y-%m-%d')}; shipped demo base, {args['steps']} steps of batch "
+        f"{args['batch_size']}, {args['n_train']} training samples per task, one torch thread on a shared 2-core "
+        f"machine). Task accuracy: greedy exact match on {args['n_eval']} eval prompts; general: mean over the 3 "
+        f"general tasks ({args['n_general']} each); domain: mean over the pretrained tasks of the task's own domain "
+        "(numbers: add, sub; patterns: flip; brackets: close; words: the general tasks). FFT lr 1e-3, LoRA 5e-3 "
+        "(bench/paper_table.py), ESFT the size-based default (3e-3). 'ESFT paper' = ESFT-Token p=0.2, every token "
+        "scored, nothing kept (train's old default); 'ESFT defaults' = `expertlib train`'s defaults now (answer-only "
+        "scores, --keep auto = the demo's general tasks, budget mode, --keep-share 0.1); 'keep-mix' adds the task "
+        "domain's pretrained tasks (--keep-mix, 0.25 of the batch, weight 1). 'flagged' = the retention check "
+        "(threshold 0.1) on the paper's selection; 'fit' = what `train` printed after training.",
+        "",
+        "| task | set | method | task acc | x FFT | general | - base | domain | - base | experts/layer | general mass | flagged | fit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in tasks:
+        by = {r["method"]: r for r in rows if r["task"] == t}
+        b = next(iter(by.values()))["base"]
+        kind = "held-out" if t in HELDOUT else "tuning"
+        kind += ", attention" if t in ATTENTION_TASKS else ""
+        fft = by.get("fft", {}).get("task_acc")
+        lines.append(
+            f"| {t} | {kind} | untuned base | {f(b['task_acc'])} | - | {f(b['general_acc'])} | - | {f(b['domain_acc'])} | - | - | - | - | - |"
+        )
+        for m in METHODS:
+            r = by.get(m)
+            if r is None:
+                continue
+            fit = r.get("fit")
+            verdict = (
+                "-" if not fit else ("short" if r["fit_message"].startswith("the set falls short") else "ok")
+            )
+            lines.append(
+                f"| {t} | {kind} | {LABEL[m]} | {f(r['task_acc'])} | {f(r['task_acc'] / fft) if fft else '-'} | "
+                f"{f(r['general_acc'])} | {r['general_acc'] - b['general_acc']:+.2f} | {f(r['domain_acc'])} | "
+                f"{r['domain_acc'] - b['domain_acc']:+.2f} | {','.join(map(str, r.get('experts_per_layer', []))) or '-'} | "
+                f"{r.get('general_mass', '-')} | {('yes' if r['flagged'] else 'no') if 'flagged' in r else '-'} | {verdict} |"
+            )
+    lines += ["", *targets(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets on the held-out tasks, with the defaults."""
+    from expertlib.demo.tasks import ATTENTION_TASKS, HELDOUT
+
+    out = ["Targets on the held-out tasks (ESFT defaults unless named):", ""]
+    held = [t for t in dict.fromkeys(r["task"] for r in rows) if t in HELDOUT]
+    by = {(r["task"], r["method"]): r for r in rows}
+
+    def has(t, m):
+        return (t, m) in by
+
+    expert = [t for t in held if t not in ATTENTION_TASKS and has(t, "defaults") and has(t, "fft")]
+    ok = [t for t in expert if by[t, "defaults"]["task_acc"] >= FFT_RATIO * by[t, "fft"]["task_acc"]]
+    out.append(
+        f"- task acc >= {FFT_RATIO}x FFT (tasks the experts can hold): {len(ok)}/{len(expert)}"
+        + (f"; missed: {', '.join(sorted(set(expert) - set(ok)))}" if len(ok) < len(expert) else "")
+    )
+    att = [t for t in held if t in ATTENTION_TASKS and has(t, "defaults")]
+    said = [t for t in att if (by[t, "defaults"].get("fit_message") or "").startswith("the set falls short")]
+    out.append(f"- attention tasks where `train` said the set falls short and why: {len(said)}/{len(att)}")
+    d = [t for t in held if has(t, "defaults")]
+    gen_ok = [
+        t
+        for t in d
+        if by[t, "defaults"]["general_acc"] >= by[t, "defaults"]["base"]["general_acc"] - GENERAL_SLACK
+    ]
+    out.append(
+        f"- general acc >= base - {GENERAL_SLACK}: {len(gen_ok)}/{len(d)}"
+        + (f"; missed: {', '.join(sorted(set(d) - set(gen_ok)))}" if len(gen_ok) < len(d) else "")
+    )
+    mx = [t for t in held if has(t, "mix")]
+    dom_ok = [
+        t for t in mx if by[t, "mix"]["domain_acc"] >= by[t, "mix"]["base"]["domain_acc"] - DOMAIN_SLACK
+    ]
+    out.append(
+        f"- own-domain acc >= base - {DOMAIN_SLACK} with --keep-mix: {len(dom_ok)}/{len(mx)}"
+        + (f"; missed: {', '.join(sorted(set(mx) - set(dom_ok)))}" if len(dom_ok) < len(mx) else "")
+    )
+    if mx:
+        cost = [by[t, "mix"]["task_acc"] - by[t, "defaults"]["task_acc"] for t in mx if has(t, "defaults")]
+        out.append(
+            f"  (what --keep-mix costs the task: mean {sum(cost) / max(1, len(cost)):+.2f}, worst {min(cost, default=0):+.2f})"
+        )
+    p = [t for t in held if has(t, "paper")]
+    agree = [
+        t
+        for t in p
+        if by[t, "paper"]["flagged"]
+        == (by[t, "paper"]["general_acc"] < by[t, "paper"]["base"]["general_acc"] - GENERAL_SLACK)
+    ]
+    out.append(
+        f"- retention check's verdict (paper selection) agrees with the measured general drop (> {GENERAL_SLACK}): "
+        f"{len(agree)}/{len(p)}"
+        + (f"; disagree: {', '.join(sorted(set(p) - set(agree)))}" if len(agree) < len(p) else "")
+    )
+    return out
+
+
+def main() -> None:
+    from expertlib.demo.tasks import HELDOUT_TASKS
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--tasks", nargs="+", default=None, help="default: the held-out tasks (--tuning: the tuning set)"
+    )
+    ap.add_argument("--tuning", action="store_true", help="run the tuning set the defaults were chosen on")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--n-train", type=int, default=2000)
+    ap.add_argument(
+        "--n-mix", type=int, default=500, help="samples per pretrained domain task for --keep-mix"
+    )
+    ap.add_argument("--n-eval", type=int, default=50)
+    ap.add_argument("--n-general", type=int, default=30)
+    ap.add_argument(
+        "--json", default=str(HERE / "heldout.json"), help="rows are appended here as they finish"
+    )
+    ap.add_argument(
+        "--merge", nargs="+", default=None, metavar="JSON", help="write the table from these rows"
+    )
+    ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        text = table([r for p in parts for r in p["rows"]], parts[0]["args"])
+        print(text)
+        if not args.no_write:
+            from results import write_section
+
+            write_section(SECTION, text)
+        return
+
+    import torch
+
+    from expertlib.demo.base import PRETRAIN_THREADS, build_demo_base
+    from expertlib.esft.diagnostics import general_routing
+    from expertlib.moe import load_model
+    from expertlib.testing import make_tokenizer
+
+    torch.set_num_threads(PRETRAIN_THREADS)
+    tasks = args.tasks or list(TUNING_TASKS if args.tuning else HELDOUT_TASKS)
+    base = build_demo_base(progress=False)
+    model, tok = load_model(base, dtype=torch.float32), make_tokenizer()
+    general = general_routing(model, tok, "builtin")
+    for t in tasks:
+        base_row = measure(model, tok, t, args)
+        run_task(base, t, args, general, base_row)
+    if args.json and not args.no_write:
+        print(f"rows in {args.json}; table: python bench/heldout.py --merge {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""What an ESFT run keeps: --keep selection end to end, the manifest record, the base's own samples,
+the --keep suggestion, --keep-mix training and the after-training fit verdict."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from expertlib.cli.main import cli
+from expertlib.esft.data import load_samples, load_tokenizer
+from expertlib.esft.keep import FitReport, resolve_keep, self_samples
+from expertlib.esft.pipeline import DataConfig, RuntimeConfig, SelectionConfig, train_esft
+from expertlib.esft.selection import ExpertConfig
+from expertlib.esft.training import TrainConfig, mix_batch, train_experts
+from expertlib.moe import load_model
+
+
+def _rows(words, fmt="say {w}"):
+    return [
+        {"messages": [{"role": "user", "content": fmt.format(w=w)}, {"role": "assistant", "content": w}]}
+        for w in words
+    ]
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch):
+    monkeypatch.setenv("EXPERTLIB_CACHE", str(tmp_path / "cache"))
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in _rows("abcdefgh")))
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("".join(json.dumps(r) + "\n" for r in _rows(["12", "345", "67", "890"], "n {w}")))
+    return task, kept
+
+
+def _train(base, task, out, **selection):
+    return train_esft(
+        base,
+        task,
+        task="say",
+        out=out,
+        selection=SelectionConfig(top_p=0.5, **selection),
+        config=TrainConfig(steps=1, lr=1e-3, batch_size=4),
+        runtime=RuntimeConfig(device="cpu", progress=False),
+    )
+
+
+def test_keep_selection_is_recorded_and_stays_under_the_share(tmp_path, tiny_model_dir, data):
+    base, (task, _) = tiny_model_dir("qwen2_moe"), data
+    paper = _train(base, task, tmp_path / "paper.safetensors", keep=("none",))
+    assert "keep" not in paper.manifest.provenance.extra or paper.manifest.provenance.extra["keep"] is None
+    # keeping the task's own data: the budget keeps at most 0.3 of it per layer
+    es = _train(base, task, tmp_path / "kept.safetensors", keep=(str(task),), keep_share=0.3)
+    rec = es.manifest.provenance.extra["keep"]
+    assert rec["sources"][0]["name"] == str(task) and rec["sources"][0]["kind"] == "file"
+    assert (
+        rec["sources"][0]["digest"].startswith("sha256:") and rec["mode"] == "budget" and rec["share"] == 0.3
+    )
+    assert not rec["fallback"] and all(v[0] <= 0.3 + 1e-6 for v in rec["kept_share"].values()), rec
+    assert max(v[0] for v in rec["paper_kept_share"].values()) >= 0.5 - 1e-6  # top-p 0.5 of its own routing
+    assert rec["dropped"] and set(rec["dropped"]) == set(rec["dropped_task_share"])
+    trained = {int(k): v for k, v in es.manifest.experts.items()}
+    for layer, ids in rec["dropped"].items():
+        assert not set(ids) & set(trained.get(int(layer), []))  # what was dropped did not train
+    assert es.manifest.num_experts < paper.manifest.num_experts or rec["fallback"]
+
+
+def test_auto_keeps_the_base_own_samples_cached(tmp_path, tiny_model_dir, data, monkeypatch):
+    base = tiny_model_dir("qwen2_moe")
+    model, tok = load_model(base), load_tokenizer(base)
+    kept = resolve_keep(["auto"], base, model, tok)
+    assert [k.kind for k in kept] == ["self"] and kept[0].samples
+    path = self_samples(model, tok)
+    assert path.is_relative_to(tmp_path / "cache")
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert rows and all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in rows)
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated again: the cache was not used")
+
+    monkeypatch.setattr(model, "generate", no_generation)
+    assert resolve_keep(["self"], base, model, tok)[0].digest == kept[0].digest
+    assert resolve_keep(["none"], base, model, tok) == []
+    with pytest.raises(Exception, match="cannot be combined"):
+        resolve_keep(["none", "auto"], base, model, tok)
+
+
+def test_train_suggests_the_keep_command_when_the_check_flags_a_risk(tmp_path, tiny_model_dir, data):
+    base, (task, _) = tiny_model_dir("qwen2_moe"), data
+    args = [
+        "train",
+        str(base),
+        str(task),
+        "--task",
+        "say",
+        "--steps",
+        "1",
+        "--lr",
+        "0.001",
+        "--batch-size",
+        "4",
+    ]
+    args += ["--out", str(tmp_path / "s.safetensors"), "--general", str(task)]
+    res = CliRunner().invoke(cli, [*args, "--keep", "none"])
+    assert res.exit_code == 0, res.output
+    assert "retention risk: in layers" in res.stderr  # the task's experts carry all of its own routing
+    suggested = res.stderr.split("train with:\n  ", 1)[1].splitlines()[0]
+    argv = shlex.split(suggested)
+    assert argv[:2] == ["expertlib", "train"] and argv[-2:] == ["--keep", str(task)] and "none" not in argv
+    assert all(a in argv for a in args[1:])  # every option the user gave, then the --keep that avoids it
+    # the suggested command keeps the general data: it runs, and the selection no longer carries it
+    res = CliRunner().invoke(cli, argv[1:])
+    assert res.exit_code == 0, res.output
+    assert "train with:" not in res.stderr and f"kept {task} (file" in res.stderr
+
+
+def test_keep_mix_trains_on_the_kept_samples(tmp_path, tiny_model_dir, data):
+    base, (task, kept) = tiny_model_dir("qwen2_moe"), data
+    tok = load_tokenizer(base)
+    samples, mix = load_samples(task, tok), load_samples(kept, tok)
+    cfg = TrainConfig(steps=3, lr=1e-2, batch_size=4, mix_share=0.5)
+    assert len(mix_batch(0, cfg, mix)) == 2 and mix_batch(1, cfg, mix) == mix_batch(1, cfg, mix)
+    selection = ExpertConfig(experts={0: [0, 1], 1: [2]})
+
+    def experts(**kw):
+        model = load_model(base)
+        r = train_experts(model, samples, selection, kw.pop("config", cfg), pad_id=0, progress=False, **kw)
+        return torch.cat([w.gate.flatten() for _, w in sorted(r.experts.items())])
+
+    plain = experts()
+    assert not torch.equal(experts(mix_samples=mix), plain)  # the kept samples pull the experts
+    assert torch.equal(experts(mix_samples=mix, config=cfg.model_copy(update={"mix_weight": 0.0})), plain)
+    es = train_esft(
+        base,
+        task,
+        task="say",
+        selection=SelectionConfig(top_p=0.5, keep=("none",)),
+        config=TrainConfig(steps=1, lr=1e-3, batch_size=4),
+        data_config=DataConfig(keep_mix=(kept,)),
+        runtime=RuntimeConfig(device="cpu", progress=False),
+    )
+    rec = es.manifest.provenance
+    assert rec.extra["keep_mix"][0]["path"] == str(kept) and rec.training["mix_share"] == 0.25
+
+
+def test_fit_report_says_why_a_set_falls_short():
+    attention = FitReport(
+        train_exact=0.1, eval_exact=0.05, train_token_acc=0.5, base_eval_exact=0.0, answer_tokens=6
+    )
+    assert attention.short and "falls short" in attention.message() and "attention" in attention.message()
+    memorised = FitReport(train_exact=1.0, eval_exact=0.3, train_token_acc=1.0, answer_tokens=6)
+    assert memorised.short and "memorised" in memorised.message()
+    kept = FitReport(train_exact=0.4, train_token_acc=0.7, answer_tokens=3, dropped={"0": 0.4, "2": 0.2})
+    msg = kept.message(keep_hint="`expertlib train b d --keep none`")
+    assert "trade-off" in msg and "--keep none" in msg and "layers 0, 2" in msg and "0.30" in msg
+    ok = FitReport(
+        train_exact=1.0, eval_exact=0.97, train_token_acc=1.0, base_eval_exact=0.1, answer_tokens=2
+    )
+    assert not ok.short and ok.message().startswith("fit: the set answers")
+    long = FitReport(train_exact=0.0, train_token_acc=0.8, answer_tokens=200)
+    assert not long.short and "token accuracy" in long.message()
