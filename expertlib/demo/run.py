@@ -6,8 +6,9 @@ Steps, each printed as it happens:
 1. install the shipped demo base (digest-checked; pretrained on the general tasks of three
    domains) and measure how its experts specialise (`expertlib.esft.diagnostics`);
 2. for each specialised task, write its training data (jsonl) and train an ESFT expert set
-   (`expertlib.esft.pipeline.train_esft`: score, select top-p, train only the selected experts),
-   printing the retention risk of the selection against the built-in general set;
+   (`expertlib.esft.pipeline.train_esft` with `expertlib train`'s defaults: answer-only scores,
+   top-p, retention-aware selection keeping the built-in general set, the size-based learning
+   rate), printing what the selection kept and its retention risk against the general set;
 3. publish the sets to the registry (default: `$EXPERTLIB_REGISTRY`) and draw the expert-overlap
    heatmap (`registry diff --plot`);
 4. measure exact-match accuracy of the base and of every set on every task, in process
@@ -43,8 +44,9 @@ from expertlib.demo.tasks import (
 
 #: The name the demo base is served under.
 BASE_NAME = "demo-base"
-#: ESFT training of the demo sets (toy scale; see bench/RESULTS.md "ESFT sweep"): steps, quick steps, LR.
-STEPS, QUICK_STEPS, LR = 300, 100, 3e-3
+#: ESFT training of the demo sets: steps and quick steps (toy scale; see bench/RESULTS.md "ESFT sweep").
+#: Everything else is `expertlib train`'s defaults (the learning rate: 3e-3 from the base's size).
+STEPS, QUICK_STEPS = 300, 100
 
 
 @dataclass
@@ -76,8 +78,6 @@ class DemoSettings:
     def __post_init__(self) -> None:
         if self.steps is None:
             self.steps = QUICK_STEPS if self.quick else STEPS
-        if self.lr is None:
-            self.lr = LR
         if self.n_eval is None:
             self.n_eval = 20 if self.quick else 50
         if self.ask is None:
@@ -136,7 +136,7 @@ def train_task_set(
         task=task,
         out=out,
         description=f"demo: {get_task(task).description}",
-        selection=SelectionConfig(
+        selection=SelectionConfig(  # train's defaults, but for the scoring budget (a toy's data is small)
             score=s.score, top_p=s.top_p, token_budget=20_000, count_prompt_tokens=not s.answer_only
         ),
         config=TrainConfig(
@@ -154,11 +154,18 @@ def train_task_set(
         "train_time_s": round(time.perf_counter() - t0, 1),
         "final_train_loss": m.provenance.final_train_loss,
         "retention_risk": risk["r"].summary(),
+        "keep": m.provenance.extra.get("keep"),
+        "fit": m.provenance.extra.get("fit"),
     }
+    kept = summary["keep"] or {}
+    dropped = "; ".join(
+        f"layer {k}: {', '.join(map(str, v))}" for k, v in (kept.get("dropped") or {}).items()
+    )
     log(
         f"  {task}: {m.num_experts} experts over {len(m.experts)} layers "
         f"({', '.join(f'{len(v)}' for v in m.experts.values())} per layer), "
         f"loss {summary['final_train_loss']:.3f}, {summary['train_time_s']:.0f} s\n    {risk['r'].message()}"
+        + (f"\n    kept the general tasks' experts untrained ({dropped})" if dropped else "")
     )
     return out, summary
 
