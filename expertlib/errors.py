@@ -194,6 +194,10 @@ class SlotError(ExpertlibError, RuntimeError):
     http_status = 409
 
 
+class SlotsBusyError(SlotError):
+    """No resident set can be evicted to make room: every one is pinned or serving requests."""
+
+
 class NotLoadedError(ExpertlibError, KeyError):
     """An expert set is registered but not resident."""
 
@@ -260,6 +264,12 @@ class QueueFullError(ExpertlibError, RuntimeError):
 
 class NotReadyError(EngineError):
     """The server is still starting (engine or expert sets loading)."""
+
+
+class ServerBusyError(EngineError):
+    """A state that passes with time (an on-demand load while no slot can be freed): 503 + Retry-After."""
+
+    retry_after: int = 1
 
 
 class MemoryBudgetError(EngineError, MemoryError):

@@ -8,17 +8,19 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
 
 from expertlib import __version__
 from expertlib.errors import ExpertlibError, RequestTooLargeError
 from expertlib.server import admin, routes, ui
 from expertlib.server.auth import check_route
 from expertlib.server.errors import expertlib_error_body, install_error_handlers, retry_headers
+from expertlib.server.limits import check_json_depth
 from expertlib.server.state import EngineFactory, ServerSettings, ServerState
 
 #: Routes whose body is an expert-set file (admin key, checked first): not bound by --max-body-bytes.
 UPLOAD_PATHS = ("/admin/registry/entries",)
+#: Bodies up to this many bytes have their JSON nesting checked on the event loop (larger: a thread).
+BODY_CHECK_INLINE = 256 * 1024
 
 
 def create_app(
@@ -56,9 +58,10 @@ def create_app(
 
 
 class RequestGuard:
-    """ASGI middleware that runs before any request body is read or parsed: the route's key check
-    (an unauthenticated client cannot make the server read its body), then the body size limit,
-    from Content-Length up front and by counting the bytes as they arrive (413 either way)."""
+    """ASGI middleware that runs before any request body is parsed: the route's key check (an
+    unauthenticated client cannot make the server read its body), then the body size limit, from
+    Content-Length up front and by counting the bytes as they arrive (413 either way), then the JSON
+    nesting cap on the bytes (400), before FastAPI or pydantic parse anything."""
 
     def __init__(self, app, max_body_bytes: int):
         self.app = app
@@ -68,30 +71,46 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request = Request(scope)
-        limit = None if scope["path"].startswith(UPLOAD_PATHS) else self.max_body_bytes
         try:
             check_route(request)
-            length = request.headers.get("content-length")
-            if limit is not None and length is not None and (not length.isdigit() or int(length) > limit):
-                raise self._too_large()
+            if not scope["path"].startswith(UPLOAD_PATHS):
+                length = request.headers.get("content-length")
+                if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                    raise self._too_large()
+                receive = await self._checked_body(receive)
         except ExpertlibError as exc:
             status, body = expertlib_error_body(exc)
             response = JSONResponse(body, status_code=status, headers=retry_headers(exc))
             return await response(scope, receive, send)
-        if limit is None:
-            return await self.app(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    async def _checked_body(self, receive):
+        """Read the whole body (at most max_body_bytes), check its nesting, and return a `receive`
+        that hands it to the app, then passes on what the client sends next (a disconnect)."""
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:  # inside the app's body read: its HTTP error handler answers 413
-                    raise HTTPException(413, detail=self._too_large().message)
-            return message
+            if message["type"] != "http.request":  # the client went away: the app sees that
+                replay = [message]
+                break
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_body_bytes:
+                raise self._too_large()
+            if not message.get("more_body", False):
+                body = b"".join(chunks)
+                if len(body) > BODY_CHECK_INLINE:  # tens of ms per MB: off the event loop
+                    await asyncio.to_thread(check_json_depth, body)
+                else:
+                    check_json_depth(body)
+                replay = [{"type": "http.request", "body": body, "more_body": False}]
+                break
 
-        return await self.app(scope, limited_receive, send)
+        async def replayed():
+            return replay.pop(0) if replay else await receive()
+
+        return replayed
 
     def _too_large(self) -> RequestTooLargeError:
         return RequestTooLargeError(

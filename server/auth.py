@@ -87,16 +87,24 @@ def check_docs_key(request: Request) -> None:
 DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
 
 
+#: The one route open without a key (load balancers probe it).
+OPEN_PATHS = ("/health",)
+
+
 def check_route(request: Request) -> None:
-    """The key check of the route `request` goes to, by path (runs before its body is read)."""
+    """The key check of the route `request` goes to, by path (runs before its body is read). Every
+    path but /health needs a key: the admin routes the admin key, /metrics and the API docs theirs,
+    everything else (/v1/*, /tokenize, /detokenize, and any path no route serves) the API key."""
     path = request.url.path
     if path == "/ui" or path.startswith("/ui/"):
         return  # the web view applies these rules itself, to a bearer key or its login cookie (server/ui.py)
-    if path.startswith("/v1/") or path == "/v1":
-        check_api_key(request)
-    elif path.startswith("/admin/") or path == "/admin":
+    if path in OPEN_PATHS:
+        return
+    if path.startswith("/admin/") or path == "/admin":
         check_admin_key(request)
     elif path == "/metrics":
         check_metrics_key(request)
     elif path.startswith(DOCS_PATHS):
         check_docs_key(request)
+    else:
+        check_api_key(request)

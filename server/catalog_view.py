@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from expertlib.errors import NotFoundError
@@ -16,8 +17,11 @@ def public_name(name: str) -> str:
     return path.name if path.is_absolute() or len(path.parts) > 1 or path.exists() else name
 
 
-def model_list(state: ServerState) -> ModelList:
+async def model_list(state: ServerState) -> ModelList:
+    """The base, the resident sets and the registered ones; the registry is read in a thread (a locked
+    index: 503 with Retry-After after the serving busy timeout, while the event loop answers others)."""
     engine, catalog = state.require_ready()
+    registered = await asyncio.to_thread(catalog.registered, strict=True)
     base = public_name(state.settings.model_name)
     status = engine.status()
     pinned = set(_pinned(status))
@@ -43,14 +47,14 @@ def model_list(state: ServerState) -> ModelList:
             digest=r.digest,
             state="host" if history.get(str(r), {}).get("residency") == "host" else "disk",
         )
-        for r in catalog.loadable()
+        for r in catalog.not_loaded(registered)
     ]
     return ModelList(data=cards, loadable=loadable)
 
 
-def model_card(state: ServerState, model_id: str) -> ModelCard:
+async def model_card(state: ServerState, model_id: str) -> ModelCard:
     """One entry of the model list, by id or alias; NotFoundError otherwise."""
-    for card in model_list(state).data:
+    for card in (await model_list(state)).data:
         if model_id == card.id or model_id in card.aliases:
             return card
     raise NotFoundError(

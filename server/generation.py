@@ -22,6 +22,7 @@ from fastapi import Request
 from expertlib.errors import EngineError, ExpertlibError, InvalidRequestError, PromptTooLongError
 from expertlib.server import protocol as p
 from expertlib.server import tools
+from expertlib.server.limits import check_prompt_chars, text_chars
 from expertlib.server.logprobs import chat_logprobs, completion_logprobs
 from expertlib.server.state import ServerState
 from expertlib.slots import SetRef
@@ -125,22 +126,31 @@ async def _prepare(
     label = None
     try:
         _, catalog = state.require_ready()
-        expert_set = await catalog.resolve(req.model)
-        label = expert_set.name if expert_set else BASE_LABEL
+        texts = _prompt_texts(req)
+        check_prompt_chars(texts, state.prompt_char_limit, prompt_param)  # before any tokenizing
         sequences = _sequences(req)
-        state.gate.check(sequences)  # before any work on an oversized request
-        # tokenising a long prompt takes seconds: off the event loop, so /health and others answer
-        prompts = await asyncio.to_thread(_tokenized, to_prompts, state.tokenizer, req, prompt_param)
-        vocab = _vocab_size(state.tokenizer)
-        for ids in prompts:
-            if not ids:
-                raise InvalidRequestError("the prompt is empty", param=prompt_param)
-            if vocab is not None and any(not 0 <= t < vocab for t in ids):
-                raise InvalidRequestError(f"token ids must lie in [0, {vocab})", param=prompt_param)
-        limit = _check_length(state, prompts, max_tokens, prompt_param)
-        params = _sampling_params(req, limit, stream=req.stream)
-        if params.structured_outputs is not None:  # compiling a schema can take a while: off the loop
-            await asyncio.to_thread(_verify, state.engine, params)
+        release = state.gate.enter(sequences)  # admission first: a full queue tokenizes nothing
+        try:
+            expert_set = await catalog.resolve(req.model)
+            label = expert_set.name if expert_set else BASE_LABEL
+            # off the event loop, in the bounded tokenizer pool (short prompts never wait behind long)
+            chars = sum(text_chars(t) for t in texts)
+            prompts = await state.tokenize_pool.run(
+                chars, _tokenized, to_prompts, state.tokenizer, req, prompt_param
+            )
+            vocab = _vocab_size(state.tokenizer)
+            for ids in prompts:
+                if not ids:
+                    raise InvalidRequestError("the prompt is empty", param=prompt_param)
+                if vocab is not None and any(not 0 <= t < vocab for t in ids):
+                    raise InvalidRequestError(f"token ids must lie in [0, {vocab})", param=prompt_param)
+            limit = _check_length(state, prompts, max_tokens, prompt_param)
+            params = _sampling_params(req, limit, stream=req.stream)
+            if params.structured_outputs is not None:  # compiling a schema can take a while: off the loop
+                await asyncio.to_thread(_verify, state.engine, params)
+        except BaseException:
+            release()
+            raise
         return Job(
             request_id=p.new_id("cmpl" if endpoint == "completions" else "chatcmpl"),
             endpoint=endpoint,
@@ -151,13 +161,21 @@ async def _prepare(
             stream=req.stream,
             include_usage=req.include_usage_in_stream,
             tokenizer=state.tokenizer,
-            release=state.gate.enter(sequences),
+            release=release,
         )
     except ExpertlibError as exc:
         state.metrics.requests.labels(
             model=label or "unknown", endpoint=endpoint, status=str(exc.http_status)
         ).inc()
         raise
+
+
+def _prompt_texts(req) -> list[Any]:
+    """The texts a request's prompts are tokenized from (one entry per prompt; token ids: none)."""
+    if isinstance(req, p.ChatCompletionRequest):
+        return [[req.messages, req.tools or []]]
+    prompt = req.prompt
+    return [prompt] if isinstance(prompt, str) else [x for x in prompt if isinstance(x, str)]
 
 
 def _sequences(req) -> int:
@@ -187,7 +205,7 @@ def _verify(engine, params) -> None:
     try:
         verify(params)
     except Exception as exc:
-        refused = isinstance(exc, (ValueError, TypeError)) or _is_validation_error(exc)
+        refused = isinstance(exc, (ValueError, TypeError, RecursionError)) or _is_validation_error(exc)
         if isinstance(exc, ExpertlibError) or not refused:
             raise
         raise InvalidRequestError(_engine_refusal(exc), param=_refused_param(exc, params)) from None
@@ -287,6 +305,8 @@ def _sampling_params(req, max_tokens: int, *, stream: bool):
         ) from None
     except (ValueError, TypeError, VLLMValidationError) as exc:  # vLLM's is no ValueError
         raise InvalidRequestError(str(exc), param=getattr(exc, "parameter", None)) from None
+    except RecursionError:
+        raise InvalidRequestError("a parameter is nested too deeply", param="response_format") from None
     params.output_kind = RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY
     return params
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,6 +21,10 @@ MAX_N = 16
 MAX_STOP = 4
 #: Most alternatives per position in `logprobs` / `top_logprobs` (OpenAI's limit).
 MAX_LOGPROBS = 20
+#: Largest `top_k` (vLLM keeps it as a 32-bit integer; any k at or above the vocabulary means all).
+MAX_TOP_K = 2**31 - 1
+#: Largest magnitude of a `logit_bias` value (OpenAI's limit).
+MAX_LOGIT_BIAS = 100.0
 
 
 def new_id(prefix: str) -> str:
@@ -107,6 +111,8 @@ class JsonSchemaFormat(BaseModel):
             validators.validator_for(v).check_schema(v)
         except exceptions.SchemaError as exc:
             raise ValueError(f"not a valid JSON schema: {exc.message}") from None
+        except RecursionError:
+            raise ValueError("the JSON schema is nested too deeply to check") from None
         return v
 
 
@@ -174,11 +180,11 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = Field(
         default=False, description="vLLM extension: keep generating past end-of-sequence"
     )
-    logit_bias: dict[str, float] | None = Field(
-        default=None, description="token id (as a string) -> bias added to its logit (-100..100)"
-    )
+    logit_bias: (
+        dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS, allow_inf_nan=False)]] | None
+    ) = Field(default=None, description="token id (as a string) -> bias added to its logit (-100..100)")
     top_k: int | None = Field(
-        default=None, ge=-1, description="vLLM extension: sample among the k most likely"
+        default=None, ge=-1, le=MAX_TOP_K, description="vLLM extension: sample among the k most likely"
     )
     min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="vLLM extension")
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0, description="vLLM extension")
@@ -447,6 +453,13 @@ class TokenizeRequest(BaseModel):
     )
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data):
+        """Every string must be encodable (JSON allows lone UTF-16 surrogates, tokenizers do not)."""
+        _check_text(data)
+        return data
 
     @model_validator(mode="after")
     def _one_input(self):

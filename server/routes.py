@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -47,17 +49,18 @@ async def health(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = state_of(request)
     state.refresh_metrics()
-    return Response(state.metrics.render(), media_type=state.metrics.content_type)
+    body = await asyncio.to_thread(state.metrics.render)  # lists the registry: off the event loop
+    return Response(body, media_type=state.metrics.content_type)
 
 
 @v1.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    return model_list(state_of(request))
+    return await model_list(state_of(request))
 
 
 @v1.get("/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    return model_card(state_of(request), model_id)
+    return await model_card(state_of(request), model_id)
 
 
 @v1.post("/completions")

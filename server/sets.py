@@ -33,6 +33,9 @@ from expertlib.errors import (
     NotFoundError,
     NotLoadedError,
     RegistryBusyError,
+    ServerBusyError,
+    SlotError,
+    SlotsBusyError,
 )
 from expertlib.patch import ExpertSet
 from expertlib.registry.names import Ref, validate_name
@@ -118,7 +121,7 @@ class SetCatalog:
             if str(ref) in loaded:
                 return str(ref)
             if self.load_on_demand:
-                return await self.load(str(ref))
+                return await self._load_on_demand(str(ref))
             raise NotLoadedError(
                 f"expert set {str(ref)!r} is registered but not loaded",
                 hint="load it with the admin route POST /admin/sets/load, or start the server without --no-load-on-demand",
@@ -141,20 +144,29 @@ class SetCatalog:
             return None
         return entry.ref
 
-    def registered(self) -> list[Ref]:
-        """Every set the registry holds (latest version of each task first); empty without one."""
+    def registered(self, *, strict: bool = False) -> list[Ref]:
+        """Every set the registry holds (latest version of each task first); empty without one.
+        `strict`: a locked index raises RegistryBusyError (503) instead of listing nothing."""
         if self.registry is None:
             return []
         try:
             entries = list(self.registry.list(base=self.registry_base))
+        except RegistryBusyError:
+            if strict:
+                raise
+            log.warning("registry listing failed: the index is locked")
+            return []
         except ExpertlibError as exc:
             log.warning("registry listing failed: %s", exc)
             return []
         return [e.ref for e in entries]
 
     def loadable(self) -> list[Ref]:
+        return self.not_loaded(self.registered())
+
+    def not_loaded(self, refs: list[Ref]) -> list[Ref]:
         loaded = set(self.loaded())
-        return [r for r in self.registered() if str(r) not in loaded]
+        return [r for r in refs if str(r) not in loaded]
 
     # --- residency -------------------------------------------------------------------------------
 
@@ -166,6 +178,7 @@ class SetCatalog:
         lock = self._locks.setdefault(served, asyncio.Lock())
         async with lock:
             if served in set(self.loaded()):
+                self._check_same(served, es)
                 if pin:
                     await maybe_await(self.engine.pin(served, True))
             else:
@@ -190,7 +203,29 @@ class SetCatalog:
             raise NotLoadedError(
                 f"expert set {served!r} was evicted", hint="retry, or load it with POST /admin/sets/load"
             )
-        await self.load(served)
+        await self._load_on_demand(served)
+
+    async def _load_on_demand(self, name: str) -> str:
+        """`load` for a request: no set can be evicted while every resident one is pinned or serving
+        requests, a state that passes, so the client is told to retry (503 + Retry-After), not 409."""
+        try:
+            return await self.load(name)
+        except SlotsBusyError as exc:
+            raise ServerBusyError(
+                f"expert set {name!r} cannot be loaded right now: {exc.message}",
+                hint="retry after a short wait",
+            ) from None
+
+    def _check_same(self, served: str, es: ExpertSet) -> None:
+        """SlotError (409) when `served` is resident with other tensors than `es` (another file of
+        the same task): a load never keeps the old set while answering as if it had loaded the new."""
+        resident = self.engine.ref(served).digest
+        if resident != es.manifest.content_digest:
+            raise SlotError(
+                f"another expert set is loaded as {served!r} (content {resident}); this file holds "
+                f"{es.manifest.content_digest}",
+                hint=f"unload {served!r} first (POST /admin/sets/unload), then load this file",
+            )
 
     def _forget(self, served: str) -> None:
         self._aliases = {a: n for a, n in self._aliases.items() if n != served}

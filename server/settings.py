@@ -93,6 +93,12 @@ class ServerSettings(BaseModel):
         ge=1024,
         description="largest inference request body in bytes; larger ones get 413",
     )
+    max_prompt_chars: int | None = Field(
+        default=None,
+        ge=1,
+        description="longest prompt in characters; longer ones get 400 before they are tokenized "
+        "(default: 32 x the context length in tokens)",
+    )
     load_on_demand: bool = Field(
         default=True,
         description="load a registered set that is not resident when a request names it (evicting the "

@@ -13,6 +13,7 @@ from typing import Any
 from expertlib.checkpoint import BaseCheckpoint
 from expertlib.errors import ExpertlibError, InvalidRequestError, NotReadyError, QueueFullError, SlotError
 from expertlib.server.backend import ServingEngine, maybe_await
+from expertlib.server.limits import TokenizerPool, prompt_char_limit
 from expertlib.server.metrics import ServerMetrics
 from expertlib.server.sets import SetCatalog
 from expertlib.server.settings import ServerSettings
@@ -135,6 +136,7 @@ class ServerState:
         self.engine: ServingEngine | None = None
         self.catalog: SetCatalog | None = None
         self.tokenizer: Any = None
+        self.tokenize_pool = TokenizerPool()
         self.max_model_len: int | None = settings.max_model_len
         self.ready = False
         self.startup_error: BaseException | None = None
@@ -203,12 +205,18 @@ class ServerState:
             raise SlotError(f"expert sets {missing} were evicted during start-up", hint="pass more --slots")
 
     def shutdown(self) -> None:
+        self.tokenize_pool.shutdown()
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
         self.ready = False
 
     # --- helpers for routes ---------------------------------------------------------------------
+
+    @property
+    def prompt_char_limit(self) -> int | None:
+        """The most characters one prompt may have (checked before tokenizing)."""
+        return prompt_char_limit(self.max_model_len, self.settings.max_prompt_chars)
 
     def require_ready(self) -> tuple[ServingEngine, SetCatalog]:
         if not self.ready or self.engine is None or self.catalog is None:

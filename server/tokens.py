@@ -1,10 +1,12 @@
-"""/tokenize and /detokenize (vLLM's shapes): every served name shares the base's tokenizer."""
+"""/tokenize and /detokenize (vLLM's shapes): every served name shares the base's tokenizer. Prompts
+are bounded in characters before tokenizing, which runs in the server's tokenizer pool."""
 
 from __future__ import annotations
 
 from expertlib.errors import InvalidRequestError
 from expertlib.server import protocol as p
 from expertlib.server.generation import chat_message
+from expertlib.server.limits import check_prompt_chars, text_chars
 from expertlib.server.state import ServerState
 
 
@@ -16,7 +18,13 @@ async def _tokenizer(state: ServerState, model: str | None):
 
 
 async def tokenize(state: ServerState, req: p.TokenizeRequest) -> p.TokenizeResponse:
+    text = req.prompt if req.prompt is not None else req.messages
+    check_prompt_chars([text], state.prompt_char_limit, "prompt" if req.prompt is not None else "messages")
     tok = await _tokenizer(state, req.model)
+    return await state.tokenize_pool.run(text_chars(text), _tokenize, state, tok, req)
+
+
+def _tokenize(state: ServerState, tok, req: p.TokenizeRequest) -> p.TokenizeResponse:
     if req.prompt is not None:
         ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
     else:
@@ -41,4 +49,5 @@ async def detokenize(state: ServerState, req: p.DetokenizeRequest) -> p.Detokeni
     vocab = len(tok)
     if any(not 0 <= t < vocab for t in req.tokens):
         raise InvalidRequestError(f"token ids must lie in [0, {vocab})", param="tokens")
-    return p.DetokenizeResponse(prompt=tok.decode(req.tokens))
+    text = await state.tokenize_pool.run(len(req.tokens), tok.decode, req.tokens)
+    return p.DetokenizeResponse(prompt=text)

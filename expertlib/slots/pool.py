@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from expertlib.errors import NotLoadedError, SlotError
+from expertlib.errors import NotLoadedError, SlotError, SlotsBusyError
 
 # --- accounting --------------------------------------------------------------------------------------
 
@@ -158,8 +158,8 @@ class SlotPool:
             victim = next((n for n, r in self._sets.items() if not r.pinned), None)
             if victim is None:
                 why = f"layers {sorted(short)} lack free slots" if short else "no free set row"
-                raise SlotError(
-                    f"cannot load expert set {name!r}: {why} and every resident set is pinned",
+                raise SlotsBusyError(
+                    f"cannot load expert set {name!r}: {why} and every resident set is pinned or serving requests",
                     hint="unpin or unload a set, or start with more --slots / --max-sets",
                 )
             self.release(victim)
