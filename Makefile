@@ -9,7 +9,7 @@ ENGINE ?= cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.expertlib-installed-$(ENGINE)
 
-.PHONY: install test test-fast lint format bench bench-train bench-composer bench-paper bench-scale bench-scale-serve gpu-check demo clean
+.PHONY: install test test-fast lint format bench bench-train bench-composer bench-paper bench-scale bench-scale-serve gpu-check gpu-check-vllm demo clean
 
 install: $(STAMP)
 
@@ -62,9 +62,15 @@ bench-scale: install
 bench-scale-serve: install
 	nice -n 5 $(BIN)/python bench/serve_scale.py
 
-# one NVIDIA GPU: installs ENGINE=gpu in .venv-gpu, engine tests, mixed-batch bench, ESFT steps
+# one NVIDIA GPU, no vLLM needed (a bare offline machine works; docs/GPU.md): ESFT, slot pool, remap
+# op in a CUDA graph; results under $$OUT. `bash scripts/gpu_check.sh --dry-run` is its CPU mode.
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# one NVIDIA GPU with this project installed with vLLM (make install ENGINE=gpu): GPU-path tests,
+# production settings (bf16, compiled, CUDA graphs, mixed sets) against merged-checkpoint vLLM
+gpu-check-vllm:
+	$(BIN)/python scripts/gpu_check_vllm.py
 
 demo: install
 	$(BIN)/expertlib demo

@@ -16,6 +16,19 @@ from expertlib.testing import TINY_CONFIGS, make_tiny_model  # noqa: E402
 ARCHS = sorted(TINY_CONFIGS)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """`-m EXPR` may name registered markers only (pyproject.toml): a misspelt or unregistered one
+    would deselect every test silently (`-m vllm` once skipped whole GPU test files)."""
+    import re
+
+    known = {line.split(":")[0].split("(")[0].strip() for line in config.getini("markers")}
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", config.getoption("markexpr", "") or ""))
+    unknown = sorted(words - known - {"and", "or", "not"})
+    if unknown:
+        raise pytest.UsageError(f"-m names unregistered markers {unknown}; registered: {sorted(known)}")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """tiny_model_dir(model_type, seed=0) -> folder with config, weights and tokenizer (cached per session)."""
