@@ -396,3 +396,33 @@ def test_base_filter_is_not_a_like_pattern(pattern, reg, tmp_path):
     # a real digest prefix still selects the base
     assert [str(e.ref) for e in reg.list(base=BASE.config_digest[:20])] == ["math@1"]
     assert [str(e.ref) for e in reg.list(base=BASE.config_digest.removeprefix("sha256:")[:12])] == ["math@1"]
+
+
+def test_json_nesting_is_measured_on_the_text_and_strings_do_not_count():
+    """The depth check runs on the raw text before parsing: brackets, quotes and backslashes inside
+    strings must not count, and it must agree with the parsed value's nesting."""
+    import random
+
+    from expertlib.jsonsafe import nesting
+
+    def value(rng: random.Random, depth: int):
+        r = rng.random()
+        if depth > 6 or r < 0.3:
+            return rng.choice([1, None, 2.5, 'a[\\"{]"}\\', "\\", '"', "[[[", "]", "é[ü"])
+        if r < 0.65:
+            return [value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+        return {
+            rng.choice(["k", "[", '\\"', "}"]) + str(i): value(rng, depth + 1)
+            for i in range(rng.randint(0, 3))
+        }
+
+    def depth_of(v) -> int:
+        if not isinstance(v, (dict, list)):
+            return 0
+        return 1 + max((depth_of(c) for c in (v.values() if isinstance(v, dict) else v)), default=0)
+
+    rng = random.Random(0)
+    for _ in range(500):
+        v = value(rng, 0)
+        text = json.dumps(v, ensure_ascii=rng.random() < 0.5)
+        assert nesting(text.encode()) == depth_of(v), text
