@@ -39,7 +39,8 @@ CHECK_TIMEOUT=${CHECK_TIMEOUT:-540}
 say() { echo "gpu_check: $*" | tee -a "$LOG"; }
 
 if [ "$DRY" = 0 ] && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$LOG"; then
-    say "torch sees no CUDA GPU here ($PYTHON); run with --dry-run for the CPU mode"
+    echo "gpu_check: no CUDA GPU here (torch in $PYTHON sees none); --dry-run is the CPU mode, 'make test' the CPU suite" |
+        tee -a "$LOG" >&2
     exit 2
 fi
 

@@ -62,14 +62,14 @@ def test_gpu_check_stops_with_a_clear_message_without_a_gpu(tmp_path):
     smi = fake / "nvidia-smi"  # a driver tool that lists no GPU
     smi.write_text("#!/bin/sh\necho 'No devices were found' >&2\nexit 6\n")
     smi.chmod(0o755)
-    # shadows any real nvidia-smi: the check stops before installing or running anything
+    # shadows any real nvidia-smi: the check stops before running anything, its log under $OUT
     res = subprocess.run(
         ["bash", str(script)],
-        env={"PATH": f"{fake}:/usr/bin:/bin", "LOG": str(tmp_path / "log")},
+        env={"PATH": f"{fake}:/usr/bin:/bin", "OUT": str(tmp_path / "out")},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert res.returncode == 2, res.stderr
-    assert "no NVIDIA GPU here" in res.stderr and "make test" in res.stderr
-    assert res.stdout == "" and not (tmp_path / "log").exists()
+    assert "no CUDA GPU here" in res.stderr and "make test" in res.stderr
+    assert res.stdout == "" and [p.name for p in (tmp_path / "out").iterdir()] == ["gpu_check.log"]
