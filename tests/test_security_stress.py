@@ -224,3 +224,41 @@ def test_stress_mixed_traffic_loads_refusals_and_a_locked_index(world):
     assert admin_log and all(s in (200, 404, 503) for s in admin_log), admin_log
     assert admin_log.count(200) >= 2  # gamma did load and unload during the run
     assert world["proc"].poll() is None
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_stress_concurrent_large_prompts_refused_untokenized(world):
+    """6 concurrent 3 MB prompts (before: tokenized ahead of the length check, a 2-token request
+    waited 34 s and the server grew by 5 GiB) and 6 just under the character cap, with short
+    requests among them: every long one is a 400 or 429, every short one answers its own answer at
+    once, and the server's peak memory barely moves."""
+    huge = {"model": "alpha", "prompt": "z" * 3_000_000, "max_tokens": 2}
+    near = {"model": "beta", "prompt": "y" * 8_000, "max_tokens": 2}  # the cap: 256 tokens x 32
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    peak = _peak_rss(world["proc"].pid)
+
+    def post(body: dict) -> httpx.Response:
+        return httpx.post(world["url"] + "/v1/completions", json=body, headers=headers, timeout=120)
+
+    with ThreadPoolExecutor(12) as pool:
+        longs = [pool.submit(post, huge) for _ in range(6)] + [pool.submit(post, near) for _ in range(6)]
+        time.sleep(0.5)
+        start = time.perf_counter()
+        short = text(world, "alpha", PROMPTS[1])
+        took = time.perf_counter() - start
+        answers = [f.result() for f in longs]
+    assert short == want(world, "alpha", PROMPTS[1])
+    assert took < 10, f"a short request took {took:.1f} s among the long prompts"
+    for r in answers:
+        assert r.status_code in (400, 429), r.text[:300]
+        if r.status_code == 400:
+            assert r.json()["error"]["code"] == "context_length_exceeded"
+    grown = _peak_rss(world["proc"].pid) - peak
+    assert grown < 512 * 2**20, f"peak memory grew by {grown / 2**20:.0f} MiB"
+    assert world["proc"].poll() is None
