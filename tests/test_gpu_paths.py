@@ -342,7 +342,7 @@ def test_the_moe_kernel_is_checked_at_engine_start(monkeypatch):
         experts.w13_weight, experts.w2_weight = experts.w13_weight.to("meta"), experts.w2_weight.to("meta")
         runner = _layers().layers[0]
         runner.routed_experts = experts
-        ctx = SimpleNamespace(layers={0: runner}, num_experts=3, slots=2, max_sets=2)
+        ctx = SimpleNamespace(layers={0: runner}, num_experts=3, slots=2, max_sets=2, expert_absmax=list)
         worker = SlotWorkerExtension()
         worker.model_runner = object.__new__(GPUModelRunner)
         worker._expertlib_ctx = lambda: ctx
