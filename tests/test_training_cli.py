@@ -108,7 +108,8 @@ def test_train_scores_and_selects_itself(tmp_path, tiny_model_dir, data):
     assert res.exit_code == 0, res.output
     p = ExpertSet.open(out).manifest.provenance
     assert (p.method, p.score_function, p.top_p) == ("esft-token", "token", 0.2)
-    assert p.tokens_scored > 0 and p.count_prompt_tokens is True and p.final_eval_loss is not None
+    # train scores the positions that produce answers by default
+    assert p.tokens_scored > 0 and p.count_prompt_tokens is False and p.final_eval_loss is not None
     assert p.trainable_params > 0 and set(p.extra["scores"]) == {"0", "1"}
 
 

@@ -316,7 +316,7 @@ def fit_check(
     model.eval()
     try:
         base_eval = _forced(model, eval_s, pad_id)[0] if eval_s else None
-        with apply_expert_set(model, expert_set, verify=False):
+        with apply_expert_set(model, expert_set, check_base=False, verify=False):  # the model it trained on
             tr = _forced(model, train_s, pad_id)
             ev = _forced(model, eval_s, pad_id) if eval_s else None
     finally:
