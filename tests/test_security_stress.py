@@ -1,9 +1,10 @@
 """Security against the real engine: `expertlib serve` as a process over vLLM, attacked through its
 admin and inference routes with crafted sets (cases 1, 2, 3 and 10 of the attack report: forged
-per-expert digests, NaN weights, altered files and blobs, shapes that do not fit the base), then a
-stress run: concurrent mixed traffic while sets load and unload, poisoned and NaN sets are refused
-and the registry index is locked for a while. Every answer is checked against the set applied in
-place in transformers (greedy): 0 failed well-formed requests, 0 changed answers.
+per-expert digests, NaN weights, altered files and blobs, shapes that do not fit the base; and the
+second pass's huge finite weights), then a stress run: concurrent mixed traffic while sets load and
+unload, poisoned, NaN and huge-weight sets are refused and the registry index is locked for a while.
+Every answer is checked against the set applied in place in transformers (greedy): 0 failed
+well-formed requests, 0 changed answers.
 
 One server for the module (engine start ~20 s on 2 cores).
 """
@@ -70,6 +71,9 @@ def world(tmp_path_factory):
     weights[(0, 0)].gate[0, 0] = float("nan")
     nan = build("nanset", weights)
     w = read_expert(model, 0, 5)
+    huge = build(
+        "huge", {k: read_expert(model, *k).map(lambda t: torch.full_like(t, 1e30)) for k in [(0, 0), (1, 7)]}
+    )
     misshapen = build(
         "misshapen",
         {(0, 5): type(w)(gate=w.gate[:16].clone(), up=w.up[:16].clone(), down=w.down[:, :16].clone())},
@@ -81,10 +85,12 @@ def world(tmp_path_factory):
     crafted = {
         "forged": forged.save(root / "forged.safetensors"),
         "nanset": nan.save(root / "nanset.safetensors"),
+        "huge": huge.save(root / "huge.safetensors"),
         "misshapen": misshapen.save(root / "misshapen.safetensors"),
         "altered": altered,
     }
     assert torch.isnan(ExpertSet.open(crafted["nanset"]).expert(0, 0).gate).any()
+    reg.publish(crafted["huge"], base=base_dir)  # finite, honest digests: the registry takes it
 
     port = free_port()
     argv = serve_argv(str(base_dir), "--served-name", BASE_NAME)
@@ -147,6 +153,22 @@ def test_2_nan_set_refused_and_answers_unchanged(world):
     assert text(world, "alpha", PROMPTS[1]) == want(world, "alpha", PROMPTS[1])
 
 
+def test_huge_finite_weights_refused_and_answers_unchanged(world):
+    """Second pass, high: 1e30 weights with honest digests passed every check and, once served in a
+    shared batch, blanked every answer until restart. Now refused by the weight bound (the default)."""
+    before = loaded(world)
+    r = admin(world, "/admin/sets/load", {"name": str(world["crafted"]["huge"])})
+    assert r.status_code == 400, r.text
+    msg = r.json()["error"]["message"]
+    assert "above its bound" in msg and "1e+30" in msg and "--weight-bound" in msg
+    assert loaded(world) == before
+    r = complete(world, "huge@1", PROMPTS[0])  # what an inference key holder can do: load on demand
+    assert r.status_code == 400 and "above its bound" in r.json()["error"]["message"], r.text
+    assert loaded(world) == before
+    for model, name in ((BASE_NAME, None), ("alpha", "alpha")):
+        assert text(world, model, PROMPTS[0]) == want(world, name, PROMPTS[0])
+
+
 def test_3_altered_file_and_blob_refused(world):
     r = admin(world, "/admin/sets/load", {"name": str(world["crafted"]["altered"])})
     assert r.status_code == 400 and "altered or damaged" in r.json()["error"]["message"]
@@ -172,7 +194,7 @@ def test_10_misshapen_set_refused_before_any_eviction(world):
 
 def test_stress_mixed_traffic_loads_refusals_and_a_locked_index(world):
     """Clients: greedy requests for the base, alpha and beta, compared with the offline answers.
-    Meanwhile an admin loads and unloads gamma, tries the poisoned and the NaN set, and another
+    Meanwhile an admin loads and unloads gamma, tries the poisoned, NaN and huge sets, and another
     process holds the registry index locked for 3 s."""
     models = {BASE_NAME: None, "alpha": "alpha", "beta": "beta"}
     expected = {(m, p): want(world, s, p) for m, s in models.items() for p in PROMPTS}
@@ -199,7 +221,7 @@ def test_stress_mixed_traffic_loads_refusals_and_a_locked_index(world):
         crafted = world["crafted"]
         while not stop.is_set():
             admin_log.append(admin(world, "/admin/sets/load", {"name": "gamma@1"}).status_code)
-            for bad in ("forged", "nanset"):
+            for bad in ("forged", "nanset", "huge"):
                 assert admin(world, "/admin/sets/load", {"name": str(crafted[bad])}).status_code == 400
             admin_log.append(admin(world, "/admin/sets/unload", {"name": "gamma@1"}).status_code)
 

@@ -10,7 +10,8 @@ Private vLLM APIs touched (vllm==0.32.0 is pinned; tests/test_vllm_*.py fail if 
 - `GPUModelRunner._init_model_kwargs` (wrapped), `.requests[req_id].sampling_params`,
   `.input_batch.req_ids/num_reqs`, `.query_start_loc.np`, `.get_model()`  (batch.py);
 - the module-level name `FusedMoEFactory` in each vLLM model module (swapped while the model is built),
-  its keyword-only call, `MoERunner.router`, `BaseRouter._compute_routing` (routing.py);
+  its keyword-only call, `MoERunner.router`, `BaseRouter._compute_routing`, `MoERunner._forward_impl`
+  (subclassed: the routed output of set-served tokens is made finite) (routing.py);
 - `MoERunner.routed_experts.w13_weight/w2_weight`, `.quant_method.moe_kernel.fused_experts`,
   `UnquantizedFusedMoEMethod`, `CPUUnquantizedExperts.isa/_padded_intermediate_size/_use_zentorch`,
   `cpu_prepack_moe_weight`, `MoERunner.moe_config.moe_parallel_config` (worker.py);
