@@ -53,9 +53,12 @@ bench-composer: install
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/hot_load.py
 
-# real per-layer shapes (DeepSeek-V2-Lite, Qwen3-30B-A3B, OLMoE-1B-7B) at truncated depth, on CPU
+# real per-layer shapes (DeepSeek-V2-Lite, Qwen3-30B-A3B, OLMoE-1B-7B) at truncated depth, on CPU;
+# then moving a real-size set: verify, publish, push/pull (folder, HTTP), engine loads, decode during
+# loads and the 1000-cycle load/unload/evict soak (issue 21's ratios, side by side)
 bench-scale: install
 	nice -n 5 $(BIN)/python bench/scale.py
+	nice -n 5 $(BIN)/python bench/load_speed.py --engine --soak 1000
 
 # serving at those shapes on CPU vLLM: mixed batch with 16/32 sets vs plain vLLM, engine memory per set
 # (~25 min on 2 CPUs: loading 32 sets per engine twice per model dominates, so not part of bench-scale)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import tempfile
@@ -97,6 +98,7 @@ class _SetBook:
         self.paths: dict[str, str] = {}  # every set ever loaded -> its file (names the host cache's entries)
         self.host_cache: dict[str, Any] = {}  # the workers' host cache, as last reported
         self.verify_always = False  # hash every load in full (--verify-loads always), not once per file
+        self.loading: set[str] = set()  # placed, slots being written: requests wait for the load
         self._tmp = tempfile.TemporaryDirectory(prefix="expertlib-engine-")
 
     def open(self, es: ExpertSet | str | Path, name: str | None) -> tuple[ExpertSet, str, str]:
@@ -179,13 +181,20 @@ class _SetBook:
             return "host"
         return "disk"
 
-    def apply_args(self, placement: Placement, evicted_rows: list[int], path: str) -> tuple:
-        fills = [[layer, slot, e] for layer, slot, e in placement.fills]
-        remap = {layer: dict(m) for layer, m in placement.remap.items()}  # expert -> slot
-        es = self.sets[placement.name]
+    def stage_args(self, name: str, path: str) -> tuple[str, str, str | None]:
+        es = self.sets[name]
         digest = es.manifest.content_digest  # the worker checks its copy against it
         checked = es.checked.model_dump_json() if es.checked is not None else None  # it trusts this check
-        return (evicted_rows, path, fills, placement.set_row, remap, digest, checked)
+        return (path, digest, checked)
+
+    def fill_chunks(self, placement: Placement) -> list[list[list[int]]]:
+        """The placement's slot writes cut into calls of about `LOAD_CHUNK_BYTES` each, so that each
+        call (run between two forward steps) delays the other sets' next step by one short copy."""
+        m = self.sets[placement.name].manifest
+        per_expert = max(1, sum(math.prod(s) for s in m.expert_shapes.values()) * _itemsize(m.dtype))
+        n = max(1, LOAD_CHUNK_BYTES // per_expert)
+        fills = [[layer, slot, e] for layer, slot, e in placement.fills]
+        return [fills[i : i + n] for i in range(0, len(fills), n)]
 
     def ref(self, expert_set: SetRef | str | None) -> SetRef | None:
         """The SetRef a request runs with (None or "" = the base), and the set marked recently used.
@@ -195,6 +204,8 @@ class _SetBook:
         if not expert_set:
             return None
         name = expert_set if isinstance(expert_set, str) else expert_set.name
+        if name in self.loading:
+            raise NotLoadedError(f"expert set {name!r} is being loaded", hint="retry once the load finished")
         if name in self.unloading:
             raise NotLoadedError(f"expert set {name!r} is being unloaded", hint="load it again to use it")
         set_row = self.pool.row_of(name)  # NotLoadedError when it is not resident
@@ -220,10 +231,11 @@ class _SetBook:
         self.bounds = WeightBounds(merge_absmax(shards), self.bounds.factor)
         self.host_cache = (await rpc("expertlib_host_cache", (host_cache_budget,)))[0]
 
-    async def load(self, es: ExpertSet, name: str, path: str, pin: bool, rpc: Rpc) -> str:
+    async def load(self, es: ExpertSet, name: str, path: str, pin: bool, rpc: Rpc, pause=None) -> str:
         """Reserve slots and a set row (evicting least recently used unpinned sets), have the workers
-        copy the set in and write its row in one call, book the load. If the workers fail, the
-        reservation is undone and the row cleared on them, so book and workers agree. A set whose
+        copy the set in (`_write`) and write its row last, book the load. If the workers fail, the
+        reservation is undone and the row cleared on them, so book and workers agree. `pause`: an
+        awaitable that lets requests run while the workers read the set (the async engine). A set whose
         weights exceed the weight bound is refused first, before anything is evicted."""
         check_bounds(set_absmax(es), self.bounds, name=name)
         evicted_rows = {n: self.pool.row_of(n) for n in self.pool.loaded()}
@@ -231,9 +243,9 @@ class _SetBook:
         if placement is None:  # already resident: touched (and pinned)
             return name
         start = time.perf_counter()
+        self.loading.add(name)
         try:
-            rows = [evicted_rows[n] for n in placement.evicted]
-            await rpc("expertlib_apply", self.apply_args(placement, rows, path))
+            await self._write(placement, [evicted_rows[n] for n in placement.evicted], path, rpc, pause)
         except Exception:
             if name in self.pool:
                 self.pool.release(name)
@@ -241,9 +253,29 @@ class _SetBook:
             with contextlib.suppress(Exception):  # the engine is failing already; the row stays unused
                 await rpc("expertlib_apply", ([placement.set_row],))
             raise
+        finally:
+            self.loading.discard(name)
+            with contextlib.suppress(Exception):
+                await rpc("expertlib_unstage", (path,))
         cache = (await rpc("expertlib_host_cache", ()))[0]
         self.loaded_from(name, path, time.perf_counter() - start, cache)
         return name
+
+    async def _write(self, placement: Placement, evicted_rows: list[int], path: str, rpc: Rpc, pause) -> None:
+        """The workers' side of a load, in calls that each hold up a forward step only briefly: read
+        and check the set into host memory (on a worker thread while steps run, when `pause` is
+        given), clear the evicted sets' rows, copy the experts into their slots a chunk per call,
+        and only then write the set's row, so that no step sees it half written."""
+        args = self.stage_args(placement.name, path)
+        background = pause is not None
+        while not all(await rpc("expertlib_stage", (*args, background))):
+            await pause()
+        if evicted_rows:
+            await rpc("expertlib_apply", (evicted_rows,))  # before their slots are overwritten
+        for fills in self.fill_chunks(placement):
+            await rpc("expertlib_write_slots", (path, fills, *args[1:]))
+        remap = {layer: dict(m) for layer, m in placement.remap.items()}  # expert -> slot
+        await rpc("expertlib_apply", ([], None, None, placement.set_row, remap))
 
     async def unload(self, name: str, rpc: Rpc) -> None:
         """Free a set's slots and row, and clear the row on the workers."""
@@ -481,6 +513,16 @@ def _verify_always(mode: str) -> bool:
     return mode == "always"
 
 
+#: Bytes of experts copied into slots per worker call (each call runs between two forward steps).
+LOAD_CHUNK_BYTES = 32 << 20
+
+
+def _itemsize(dtype: str) -> int:
+    import torch
+
+    return getattr(torch, dtype).itemsize
+
+
 def _check_worker(info: dict[str, Any], base: BaseCheckpoint, slots: int, max_sets: int) -> None:
     want = {
         "num_experts": base.num_experts,
@@ -587,6 +629,11 @@ class ExpertEngine:
 # --- async engine ----------------------------------------------------------------------------------------
 
 
+async def _load_poll() -> None:
+    """How the async engine waits for the workers' background read of a set: requests run meanwhile."""
+    await asyncio.sleep(0.005)
+
+
 class AsyncExpertEngine:
     """vLLM's `AsyncLLM` on one base model; sets load and unload while requests stream."""
 
@@ -603,6 +650,7 @@ class AsyncExpertEngine:
         self.host_cache_budget: int | None = None
         #: called with a set's name when a request names a set that is not resident (load on demand)
         self.on_missing: Any = None
+        self._freed = asyncio.Event()  # set (and replaced) whenever a resident set may become evictable
 
     @classmethod
     def from_base(
@@ -645,7 +693,21 @@ class AsyncExpertEngine:
         es, name, path = await asyncio.to_thread(self._book.open, es, name)
         async with self._lock:
             await self._check()
-            return await self._book.load(es, name, path, pin, self._rpc)
+            return await self._book.load(es, name, path, pin, self._rpc, _load_poll)
+
+    def _slots_freed(self) -> None:
+        event, self._freed = self._freed, asyncio.Event()
+        event.set()
+
+    async def wait_for_slots(self, timeout: float) -> bool:
+        """Wait until a resident set may have become evictable (a set's last request finished, a
+        set was unpinned or unloaded); False when `timeout` seconds passed first. For a load that
+        found every resident set pinned or busy (SlotsBusyError): retry it after this."""
+        try:
+            await asyncio.wait_for(self._freed.wait(), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def unload(self, name: str) -> None:
         """Unload a set; new requests for it are refused at once, requests in flight finish first."""
@@ -659,9 +721,12 @@ class AsyncExpertEngine:
                 await self._book.unload(name, self._rpc)
         finally:
             self._book.unloading.discard(name)
+            self._slots_freed()
 
     def pin(self, name: str, pinned: bool = True) -> None:
         self._book.pin(name, pinned)
+        if not pinned:
+            self._slots_freed()
 
     def loaded_sets(self) -> list[str]:
         return self._book.pool.loaded()
@@ -688,6 +753,9 @@ class AsyncExpertEngine:
                 break
             except NotLoadedError:
                 name = expert_set if isinstance(expert_set, str) else expert_set.name
+                if name in self._book.loading and attempt < 2:
+                    async with self._lock:  # its load runs under the lock: done once we hold it
+                        continue
                 if self.on_missing is None or name in self._book.unloading or attempt == 2:
                     raise
                 await self.on_missing(name)
@@ -703,6 +771,7 @@ class AsyncExpertEngine:
                 event = self._drained.pop(name, None)
                 if event is not None:
                     event.set()
+                self._slots_freed()
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)

@@ -42,10 +42,16 @@ from expertlib.registry.names import Ref, validate_name
 from expertlib.server.backend import ServingEngine, maybe_await
 from expertlib.slots import SetRef
 
+#: A request waits this long for a slot when every resident set is pinned or busy, then gets 503.
+SLOT_WAIT_S = 30.0
+
 log = logging.getLogger("expertlib.server")
 
 
 class SetCatalog:
+    #: how long a request for a set that cannot be made resident now waits for a slot (seconds)
+    slot_wait_s: float = SLOT_WAIT_S
+
     def __init__(
         self,
         engine: ServingEngine | None,
@@ -207,14 +213,21 @@ class SetCatalog:
 
     async def _load_on_demand(self, name: str) -> str:
         """`load` for a request: no set can be evicted while every resident one is pinned or serving
-        requests, a state that passes, so the client is told to retry (503 + Retry-After), not 409."""
-        try:
-            return await self.load(name)
-        except SlotsBusyError as exc:
-            raise ServerBusyError(
-                f"expert set {name!r} cannot be loaded right now: {exc.message}",
-                hint="retry after a short wait",
-            ) from None
+        requests, a state that passes. The request waits for it, holding its place in the bounded
+        queue, until a resident set can go (the engine's `wait_for_slots`), for `slot_wait_s` at
+        most; then the client is told to retry (503 + Retry-After), not 409."""
+        deadline = time.monotonic() + self.slot_wait_s
+        while True:
+            try:
+                return await self.load(name)
+            except SlotsBusyError as exc:
+                wait = getattr(self.engine, "wait_for_slots", None)
+                left = deadline - time.monotonic()
+                if wait is None or left <= 0 or not await wait(left):
+                    raise ServerBusyError(
+                        f"expert set {name!r} cannot be loaded right now: {exc.message}",
+                        hint="retry after a short wait",
+                    ) from None
 
     def _check_same(self, served: str, es: ExpertSet) -> None:
         """SlotError (409) when `served` is resident with other tensors than `es` (another file of

@@ -15,18 +15,28 @@ from expertlib.slots import SetRef
 
 
 class Workers:
-    """Records the collective_rpc calls; `fail` makes the next expertlib_apply with fills raise."""
+    """Records the collective_rpc calls; `fail` makes the next slot write raise; `busy` is how many
+    times a background read answers "not done yet" before it is."""
 
-    def __init__(self):
+    def __init__(self, busy: int = 0):
         self.calls: list[tuple[str, tuple]] = []
         self.fail = False
+        self.busy = busy
 
     async def __call__(self, method: str, args: tuple = ()) -> list:
         self.calls.append((method, args))
-        if method == "expertlib_apply" and self.fail and len(args) > 1:
+        if method == "expertlib_write_slots" and self.fail:
             self.fail = False
             raise RuntimeError("worker died")
+        if method == "expertlib_stage":
+            if self.busy > 0:
+                self.busy -= 1
+                return [False]
+            return [True]
         return [{"hits": 0, "paths": []}]
+
+    def methods(self) -> list[str]:
+        return [m for m, _ in self.calls]
 
 
 @pytest.fixture(scope="module")
@@ -54,42 +64,82 @@ def _load(book: _SetBook, rpc: Workers, path, name: str, pin: bool = False) -> s
     return _run_now(book.load(es, name, file, pin, rpc))
 
 
-def test_load_and_unload_send_one_apply_each_in_slot_indices(world):
+def test_load_stages_writes_then_sets_the_row_in_slot_indices(world):
     base, sets = world
     book, rpc = _SetBook(base, 4, 2), Workers()
     assert _load(book, rpc, sets["a"], "a") == "a"
-    method, (clear, path, fills, set_row, remap, digest, checked) = rpc.calls[0]
-    assert method == "expertlib_apply" and clear == [] and path == str(sets["a"]) and set_row == 1
-    layer = base.moe_layers[0]
-    assert remap[layer] == {0: 0, 1: 1}  # expert -> slot index, as Placement.remap
-    assert sorted(f[2] for f in fills if f[0] == layer) == [0, 1]
+    assert rpc.methods() == [
+        "expertlib_stage",
+        "expertlib_write_slots",
+        "expertlib_apply",
+        "expertlib_unstage",
+        "expertlib_host_cache",
+    ]
+    path, digest, checked, background = rpc.calls[0][1]
+    assert path == str(sets["a"]) and background is False  # the offline engine reads inline
     assert digest == book.sets["a"].manifest.content_digest
     assert json.loads(checked)["path"] == str(Path(sets["a"]).resolve())  # the workers trust this check
+    _, fills, *_ = rpc.calls[1][1]
+    layer = base.moe_layers[0]
+    assert sorted(f[2] for f in fills if f[0] == layer) == [0, 1]
+    clear, _, _, set_row, remap = rpc.calls[2][1]
+    assert clear == [] and set_row == 1
+    assert remap[layer] == {0: 0, 1: 1}  # expert -> slot index, as Placement.remap
     assert book.history["a"]["loads"] == 1
     rpc.calls.clear()
     _run_now(book.unload("a", rpc))
     assert rpc.calls == [("expertlib_apply", ([1],))] and "a" not in book.pool
 
 
-def test_a_failed_apply_rolls_back_the_book_and_clears_the_row(world):
+def test_a_failed_write_rolls_back_the_book_and_clears_the_row(world):
     base, sets = world
     book, rpc = _SetBook(base, 4, 2), Workers()
     rpc.fail = True
     with pytest.raises(RuntimeError, match="worker died"):
         _load(book, rpc, sets["a"], "a")
-    assert "a" not in book.pool and "a" not in book.sets
-    assert rpc.calls[-1] == ("expertlib_apply", ([1],))  # the row is cleared on the workers too
+    assert "a" not in book.pool and "a" not in book.sets and not book.loading
+    assert ("expertlib_apply", ([1],)) in rpc.calls  # the row is cleared on the workers too
+    assert rpc.methods()[-1] == "expertlib_unstage"  # and the staged bytes let go
     assert _load(book, rpc, sets["a"], "a") == "a" and book.pool.row_of("a") == 1  # nothing leaked
 
 
-def test_eviction_clears_the_evicted_row_in_the_same_apply(world):
+def test_eviction_clears_the_evicted_row_before_its_slots_are_written(world):
     base, sets = world
     book, rpc = _SetBook(base, 4, 2), Workers()
     _load(book, rpc, sets["a"], "a")
     _load(book, rpc, sets["b"], "b")
+    rpc.calls.clear()
     _load(book, rpc, sets["c"], "c")  # 4 slots per layer: a (least recently used) goes
-    clear, *_rest = rpc.calls[-2][1]
-    assert clear == [1] and book.pool.loaded() == ["b", "c"] and book.history["a"]["evictions"] == 1
+    assert rpc.methods()[:3] == ["expertlib_stage", "expertlib_apply", "expertlib_write_slots"]
+    assert rpc.calls[1][1] == ([1],)
+    assert book.pool.loaded() == ["b", "c"] and book.history["a"]["evictions"] == 1
+
+
+def test_a_load_is_written_in_chunks_and_serves_only_when_whole(world, monkeypatch):
+    """Slot writes go in calls of LOAD_CHUNK_BYTES (each between two forward steps: other sets'
+    requests wait one short copy at most), the row is written last, and until then a request for
+    the set is told it is being loaded rather than served with a half-written set."""
+    import expertlib.engine as engine_mod
+
+    base, sets = world
+    monkeypatch.setattr(engine_mod, "LOAD_CHUNK_BYTES", 1)  # one expert per call
+    book = _SetBook(base, 4, 2)
+    seen: list[str] = []
+
+    class Probe(Workers):
+        async def __call__(self, method, args=()):
+            if method == "expertlib_write_slots":
+                with pytest.raises(NotLoadedError, match="being loaded"):
+                    book.ref("a")
+                seen.append(method)
+            return await super().__call__(method, args)
+
+    rpc = Probe()
+    _load(book, rpc, sets["a"], "a")
+    writes = [a for m, a in rpc.calls if m == "expertlib_write_slots"]
+    assert len(writes) == 2 * len(base.moe_layers) and all(len(a[1]) == 1 for a in writes)
+    assert rpc.methods().index("expertlib_apply") > rpc.methods().index("expertlib_write_slots")
+    assert book.ref("a").set_row == 1
 
 
 def test_a_set_ref_is_resolved_once_and_checked_later(world):
@@ -120,10 +170,20 @@ def test_the_async_engine_runs_the_same_transaction(world):
     base, sets = world
     rpc = Workers()
 
+    rpc.busy = 3  # the workers' background read answers "not yet" three times
+
     class Core:  # the part of vLLM's AsyncLLM the engine calls for loads
         async def collective_rpc(self, method, args=()):
             if method == "expertlib_info":
-                return [dict(num_experts=base.num_experts, slots=4, max_sets=2, moe_layers=base.moe_layers)]
+                return [
+                    dict(
+                        num_experts=base.num_experts,
+                        slots=4,
+                        max_sets=2,
+                        moe_layers=base.moe_layers,
+                        weight_absmax=[],
+                    )
+                ]
             return await rpc(method, args)
 
     async def run():
@@ -131,7 +191,55 @@ def test_the_async_engine_runs_the_same_transaction(world):
         assert await engine.load(sets["a"]) == "a"
         assert engine.ref("a").set_row == 1
         await engine.unload("a")
-        return [m for m, _ in rpc.calls]
+        return rpc.methods()
 
     calls = asyncio.run(run())
-    assert calls == ["expertlib_host_cache", "expertlib_apply", "expertlib_host_cache", "expertlib_apply"]
+    assert calls == ["expertlib_host_cache"] + ["expertlib_stage"] * 4 + [
+        "expertlib_write_slots",
+        "expertlib_apply",
+        "expertlib_unstage",
+        "expertlib_host_cache",
+        "expertlib_apply",
+    ]
+    assert all(args[-1] is True for m, args in rpc.calls if m == "expertlib_stage")  # in the background
+
+
+def _async_engine(base, rpc: Workers, max_sets: int):
+    from expertlib.engine import AsyncExpertEngine
+
+    class Core:  # the part of vLLM's AsyncLLM the engine calls for loads
+        async def collective_rpc(self, method, args=()):
+            if method == "expertlib_info":
+                info = dict(num_experts=base.num_experts, slots=4, max_sets=max_sets)
+                return [dict(info, moe_layers=base.moe_layers, weight_absmax=[])]
+            return await rpc(method, args)
+
+    return AsyncExpertEngine(Core(), base, 4, max_sets)
+
+
+def test_a_request_waits_for_a_slot_instead_of_failing(world):
+    """Every resident set pinned: a request's on-demand load waits in the queue until one is
+    unpinned (or its last request ends), then evicts it and loads; past its wait, 503."""
+    from expertlib.errors import ServerBusyError
+    from expertlib.server.sets import SetCatalog
+
+    base, sets = world
+
+    async def run():
+        engine = _async_engine(base, Workers(), max_sets=1)
+        catalog = SetCatalog(engine, "tiny")
+        await engine.load(sets["a"], pin=True)
+        waiting = asyncio.create_task(catalog._load_on_demand(str(sets["b"])))
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and engine.loaded_sets() == ["a"]  # waiting, not refused
+        engine.pin("a", False)
+        assert await asyncio.wait_for(waiting, 10) == "b" and engine.loaded_sets() == ["b"]
+
+        catalog.slot_wait_s = 0.3
+        engine.pin("b", True)
+        t = asyncio.get_running_loop().time()
+        with pytest.raises(ServerBusyError, match="cannot be loaded right now"):
+            await catalog._load_on_demand(str(sets["c"]))
+        assert asyncio.get_running_loop().time() - t >= 0.3
+
+    asyncio.run(run())

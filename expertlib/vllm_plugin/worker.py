@@ -15,13 +15,24 @@ import torch
 from expertlib.moe import ExpertWeights
 
 
-def runtime_layout(routed_experts, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bring rows in checkpoint layout, w13 (n, 2I, H) and w2 (n, H, I), into the kernel's layout.
+class _Prepack:
+    """The CPU kernel's layout of expert rows: the intermediate size padded, every expert prepacked
+    (independently of the others) for its grouped GEMM."""
 
-    vLLM post-processes MoE weights after loading; on CPU the unquantized kernel pads the
-    intermediate size and prepacks every expert (independently of the others) for its grouped GEMM,
-    so a slot row written at run time must go through the same steps.
-    """
+    def __init__(self, impl, inter: int):
+        self.impl, self.inter = impl, inter
+        self.padded = impl._padded_intermediate_size(impl.moe_config)
+
+    def pack(self, w: torch.Tensor) -> torch.Tensor:
+        from vllm._custom_ops import cpu_prepack_moe_weight
+
+        return cpu_prepack_moe_weight(w.contiguous(), self.impl.isa)
+
+
+def kernel_layout(routed_experts, w13_shape, w2_shape) -> _Prepack | None:
+    """How slot rows in checkpoint layout, w13 (n, 2I, H) and w2 (n, H, I), reach the kernel: None
+    when it reads that layout (rows are copied in place), a `_Prepack` on the CPU kernel. Refuses
+    kernels whose layout slots cannot write."""
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
@@ -37,21 +48,8 @@ def runtime_layout(routed_experts, w13: torch.Tensor, w2: torch.Tensor) -> tuple
     impl = getattr(kernel, "fused_experts", None)
     if isinstance(impl, CPUUnquantizedExperts):
         if getattr(impl, "_use_zentorch", False):
-            return w13, w2
-        from vllm._custom_ops import cpu_prepack_moe_weight
-
-        n, two_i, hidden = w13.shape
-        inter = two_i // 2
-        padded = impl._padded_intermediate_size(impl.moe_config)
-        if padded != inter:
-            p13 = w13.new_zeros(n, 2 * padded, hidden)
-            p13[:, :inter], p13[:, padded : padded + inter] = w13[:, :inter], w13[:, inter:]
-            p2 = w2.new_zeros(n, hidden, padded)
-            p2[:, :, :inter] = w2
-            w13, w2 = p13, p2
-        return cpu_prepack_moe_weight(w13.contiguous(), impl.isa), cpu_prepack_moe_weight(
-            w2.contiguous(), impl.isa
-        )
+            return None
+        return _Prepack(impl, w13_shape[1] // 2)
     # Only Triton reads w13/w2 in checkpoint layout; FlashInfer CUTLASS/TRT-LLM (picked on Blackwell)
     # swap halves or block-permute in place with the same shapes, and the TRT-LLM monolithic kernel
     # routes inside the kernel, skipping the slot remap: writing raw rows there would serve garbage.
@@ -59,15 +57,36 @@ def runtime_layout(routed_experts, w13: torch.Tensor, w2: torch.Tensor) -> tuple
 
     if (
         isinstance(impl, TritonExperts)
-        and w13.shape[1:] == routed_experts.w13_weight.shape[1:]
-        and w2.shape[1:] == routed_experts.w2_weight.shape[1:]
+        and tuple(w13_shape[1:]) == tuple(routed_experts.w13_weight.shape[1:])
+        and tuple(w2_shape[1:]) == tuple(routed_experts.w2_weight.shape[1:])
     ):
-        return w13, w2
+        return None
     raise EngineError(
         f"cannot write expert slots for MoE kernel {type(impl).__name__} (weights {tuple(routed_experts.w13_weight.shape)})",
         hint="expert slots support unquantized MoE weights on the CPU and Triton kernels: "
         "start the engine with moe_backend='triton' (vLLM's --moe-backend triton)",
     )
+
+
+def runtime_layout(routed_experts, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring rows in checkpoint layout, w13 (n, 2I, H) and w2 (n, H, I), into the kernel's layout.
+
+    vLLM post-processes MoE weights after loading; on CPU the unquantized kernel pads the
+    intermediate size and prepacks every expert (independently of the others) for its grouped GEMM,
+    so a slot row written at run time must go through the same steps.
+    """
+    packer = kernel_layout(routed_experts, w13.shape, w2.shape)
+    if packer is None:
+        return w13, w2
+    n, two_i, hidden = w13.shape
+    inter, padded = two_i // 2, packer.padded
+    if padded != inter:
+        p13 = w13.new_zeros(n, 2 * padded, hidden)
+        p13[:, :inter], p13[:, padded : padded + inter] = w13[:, :inter], w13[:, inter:]
+        p2 = w2.new_zeros(n, hidden, padded)
+        p2[:, :, :inter] = w2
+        w13, w2 = p13, p2
+    return packer.pack(w13), packer.pack(w2)
 
 
 def _tp_shard(runner, w: ExpertWeights) -> ExpertWeights:
@@ -99,20 +118,32 @@ def _tp_shard(runner, w: ExpertWeights) -> ExpertWeights:
 def write_slots(runner, physical_ids: list[int], weights: list[ExpertWeights]) -> None:
     """Copy canonical experts (gate (I,H), up (I,H), down (H,I)) into physical expert rows of one layer.
 
-    All rows of a layer go through the kernel's layout transform (CPU: pad + prepack) in one call.
+    Each part is copied once, from the set's verified bytes straight into the slot row (vLLM's w13
+    row is [w1; w3] = [gate; up]), with no stacked temporary. The CPU kernel needs its own layout:
+    there the rows are assembled in one padded buffer, prepacked, and copied into place.
     """
     experts = runner.routed_experts
     dst13, dst2 = experts.w13_weight, experts.w2_weight
     weights = [_tp_shard(runner, w) for w in weights]
-    # vLLM's w13 row is [w1; w3] = [gate; up]
-    w13 = torch.stack([torch.cat([w.gate, w.up], dim=0) for w in weights]).to(
-        dst13.device, dst13.dtype
-    )  # (n, 2I, H)
-    w2 = torch.stack([w.down for w in weights]).to(dst2.device, dst2.dtype)  # (n, H, I)
-    w13, w2 = runtime_layout(experts, w13, w2)
-    index = torch.tensor(physical_ids, dtype=torch.long, device=dst13.device)
-    dst13.data.index_copy_(0, index, w13)
-    dst2.data.index_copy_(0, index, w2)
+    n, (inter, hidden) = len(weights), weights[0].gate.shape
+    packer = kernel_layout(experts, (n, 2 * inter, hidden), (n, hidden, inter))
+    if packer is None:
+        for phys, w in zip(physical_ids, weights, strict=True):
+            dst13.data[phys, :inter].copy_(w.gate)
+            dst13.data[phys, inter : 2 * inter].copy_(w.up)
+            dst2.data[phys].copy_(w.down)
+    else:
+        padded = packer.padded
+        make = torch.zeros if padded != inter else torch.empty
+        w13 = make(n, 2 * padded, hidden, dtype=dst13.dtype)  # (n, 2P, H)
+        w2 = make(n, hidden, padded, dtype=dst2.dtype)  # (n, H, P)
+        for i, w in enumerate(weights):
+            w13[i, :inter].copy_(w.gate)
+            w13[i, padded : padded + inter].copy_(w.up)
+            w2[i, :, :inter].copy_(w.down)
+        index = torch.tensor(physical_ids, dtype=torch.long, device=dst13.device)
+        dst13.data.index_copy_(0, index, packer.pack(w13))
+        dst2.data.index_copy_(0, index, packer.pack(w2))
     bias13 = getattr(experts, "w13_bias", None)
     if weights[0].gate_bias is not None and isinstance(bias13, torch.Tensor):
         padded = bias13.shape[-1] // 2
@@ -212,6 +243,23 @@ class SlotWorkerExtension:
         for layer, rows in by_layer.items():
             write_slots(ctx.layers[layer], [p for p, _ in rows], [es.expert(layer, e) for _, e in rows])
         return len(fills)
+
+    def expertlib_stage(
+        self, path: str, content_digest: str | None = None, checked: str | None = None, background: bool = False
+    ) -> bool:
+        """Read and check the set file at `path` into host memory for the slot writes that follow
+        (as `expertlib_write_slots` would); `background`: on a thread while forward steps go on,
+        False until it is done (poll again). See `HostCache.stage`."""
+        from expertlib.verify import VerifiedRecord
+        from expertlib.vllm_plugin.hostcache import HOST_CACHE
+
+        record = VerifiedRecord.model_validate_json(checked) if checked else None
+        return HOST_CACHE.stage(path, content_digest, record, bool(background))
+
+    def expertlib_unstage(self, path: str) -> None:
+        from expertlib.vllm_plugin.hostcache import HOST_CACHE
+
+        HOST_CACHE.unstage(path)
 
     def expertlib_set_row(self, set_row: int, remap: dict[Any, dict[Any, int]]) -> None:
         """Make set row `set_row` the identity except remap[layer][expert] = slot (a slot index, as in
