@@ -304,3 +304,50 @@ def _running(proc) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+_PARENT = """
+import multiprocessing as mp, sys, time
+from expertlib.vllm_plugin import lifeline
+
+def child():
+    from expertlib.vllm_plugin import lifeline  # a spawned child loads the plugin again, as vLLM's do
+    lifeline.install()
+    time.sleep(120)
+
+if __name__ == "__main__":
+    lifeline.install()  # what the plugin does in the server process
+    p = mp.get_context(sys.argv[1]).Process(target=child)
+    p.start()
+    print(p.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_children_die_with_their_parent(tmp_path, method):
+    """The lifeline without vLLM: a forked child (vLLM's default) and a spawned one stop within a few
+    seconds of their parent's SIGKILL."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = tmp_path / "parent.py"
+    script.write_text(_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), method], stdout=subprocess.PIPE, text=True)
+    try:
+        child = psutil.Process(int(parent.stdout.readline()))
+        time.sleep(1.0)  # the child is up and watching
+        assert _running(child)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.time() + 10
+        while _running(child) and time.time() < deadline:
+            time.sleep(0.1)
+        alive = _running(child)
+        if alive:
+            child.kill()
+        assert not alive
+    finally:
+        parent.kill()
