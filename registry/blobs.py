@@ -273,7 +273,12 @@ def _chunks(src) -> Iterator[bytes]:
     elif hasattr(src, "read"):
         while chunk := src.read(COPY_CHUNK):
             yield chunk
-    else:
+    else:  # a network stream's chunks are small: gathered into COPY_CHUNK pieces for the hash threads
+        buf = bytearray()
         for chunk in src:
-            if chunk:
-                yield bytes(chunk)
+            buf += chunk
+            if len(buf) >= COPY_CHUNK:
+                yield buf  # never changed after this: the hash threads may still be reading it
+                buf = bytearray()
+        if buf:
+            yield buf
