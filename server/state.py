@@ -37,8 +37,8 @@ def default_engine_factory(settings: ServerSettings) -> ServingEngine:
         kwargs.setdefault("max_model_len", settings.max_model_len)
     if settings.host_cache_memory is not None:
         kwargs["host_cache"] = settings.host_cache_memory
-    if settings.verify_loads != "once":
     kwargs["weight_bound"] = settings.weight_bound
+    if settings.verify_loads != "once":
         kwargs["verify_loads"] = settings.verify_loads
     return AsyncExpertEngine.from_base(settings.base, **kwargs)
 
