@@ -75,10 +75,10 @@ def measure(model, tok, task: str, args) -> dict:
 def run_esft(base: Path, task: str, method: str, data: Path, mix: Path, args, model, tok, general) -> dict:
     """One ESFT variant through train_esft; the set is applied to `model` for the evaluation."""
     from expertlib.apply import apply_expert_set
+    from expertlib.errors import SelectionError
     from expertlib.esft.diagnostics import retention_risk
     from expertlib.esft.keep import FitReport
-    from expertlib.esft.pipeline import DataConfig, RuntimeConfig, SelectionConfig, train_esft
-    from expertlib.esft.training import TrainConfig
+    from expertlib.esft.pipeline import SelectionConfig
 
     selection = {
         "paper": SelectionConfig(keep=("none",), count_prompt_tokens=True),
@@ -87,17 +87,11 @@ def run_esft(base: Path, task: str, method: str, data: Path, mix: Path, args, mo
         "mix": SelectionConfig(),
     }[method]
     t0 = time.perf_counter()
-    es = train_esft(
-        base,
-        data,
-        task=task,
-        selection=selection.model_copy(update={"token_budget": 20_000}),
-        config=TrainConfig(
-            steps=args.steps, batch_size=args.batch_size, warmup_steps=min(20, args.steps // 10)
-        ),
-        data_config=DataConfig(holdout=0.05, keep_mix=(mix,) if method == "mix" else ()),
-        runtime=RuntimeConfig(progress=False),
-    )
+    try:
+        es = _train(base, data, task, method, selection, mix, args)
+    except SelectionError as exc:  # train refuses: the task routes only through kept experts
+        row = {"train_time_s": time.perf_counter() - t0, **measure(model, tok, task, args)}
+        return {**row, "refused": f"{exc} (hint: {exc.hint})", "flagged": None, "experts_per_layer": []}
     row = {"train_time_s": time.perf_counter() - t0}
     with apply_expert_set(model, es):
         row.update(measure(model, tok, task, args))
@@ -113,6 +107,23 @@ def run_esft(base: Path, task: str, method: str, data: Path, mix: Path, args, mo
         keep=p.extra.get("keep"),
     )
     return row
+
+
+def _train(base: Path, data: Path, task: str, method: str, selection, mix: Path, args):
+    from expertlib.esft.pipeline import DataConfig, RuntimeConfig, train_esft
+    from expertlib.esft.training import TrainConfig
+
+    return train_esft(
+        base,
+        data,
+        task=task,
+        selection=selection.model_copy(update={"token_budget": 20_000}),
+        config=TrainConfig(
+            steps=args.steps, batch_size=args.batch_size, warmup_steps=min(20, args.steps // 10)
+        ),
+        data_config=DataConfig(holdout=0.05, keep_mix=(mix,) if method == "mix" else ()),
+        runtime=RuntimeConfig(progress=False),
+    )
 
 
 def run_task(base: Path, task: str, args, general, base_row: dict) -> list[dict]:
@@ -240,7 +251,12 @@ def targets(rows: list[dict]) -> list[str]:
         + (f"; missed: {', '.join(sorted(set(expert) - set(ok)))}" if len(ok) < len(expert) else "")
     )
     att = [t for t in held if t in ATTENTION_TASKS and has(t, "defaults")]
-    said = [t for t in att if (by[t, "defaults"].get("fit_message") or "").startswith("the set falls short")]
+    said = [
+        t
+        for t in att
+        if (by[t, "defaults"].get("fit_message") or "").startswith("the set falls short")
+        or by[t, "defaults"].get("refused")
+    ]
     out.append(f"- attention tasks where `train` said the set falls short and why: {len(said)}/{len(att)}")
     d = [t for t in held if has(t, "defaults")]
     gen_ok = [

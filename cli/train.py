@@ -390,12 +390,6 @@ def _report_keep_and_fit(ctx: click.Context, p) -> None:
                 ),
                 err=True,
             )
-        if keep["fallback"]:
-            click.echo(
-                "  every expert the task uses carries kept routing: trained the paper's selection anyway "
-                "(general ability is at risk; check it with --eval-data)",
-                err=True,
-            )
     if p.extra.get("fit"):
         hint = f"`{rerun_command(ctx, drop=('keep',), add=('--keep', 'none'))}`" if keep else None
         click.echo(FitReport(**p.extra["fit"]).message(keep_hint=hint), err=True)

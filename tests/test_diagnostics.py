@@ -117,7 +117,7 @@ def test_score_and_train_report_the_retention_risk(tmp_path, monkeypatch):
         res = CliRunner().invoke(
             cli,
             ["score", base, str(data), "--out", str(tmp_path / f"{task}.scores.json"), "--budget", "2000"]
-            + ["--general", "builtin", "--json"],
+            + ["--all-tokens", "--general", "builtin", "--json"],
         )
         assert res.exit_code == 0, res.output
         return data, json.loads(res.stdout[res.stdout.index("{") :])
@@ -137,12 +137,13 @@ def test_score_and_train_report_the_retention_risk(tmp_path, monkeypatch):
     res = CliRunner().invoke(
         cli,
         ["train", base, str(data), "--task", "open", "--out", str(tmp_path / "m.safetensors")]
-        + ["--steps", "2", "--lr", "1e-3", "--budget", "2000", "--general", "builtin", "--json"],
+        + ["--steps", "2", "--lr", "1e-3", "--budget", "2000", "--all-tokens", "--general", "builtin"]
+        + ["--keep", "none", "--json"],
     )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout[res.stdout.index("{") :])
     assert out["retention_risk"]["per_layer"]["0"]["experts"], out
-    assert "retention risk" in res.stderr
+    assert "retention risk" in res.stderr and "--keep builtin" in res.stderr.split("train with:")[1]
 
     res = CliRunner().invoke(cli, ["inspect", base, "--data", str(data)])
     assert res.exit_code == 0, res.output

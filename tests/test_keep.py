@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from expertlib.cli.main import cli
+from expertlib.errors import SelectionError
 from expertlib.esft.data import load_samples, load_tokenizer
 from expertlib.esft.keep import FitReport, resolve_keep, self_samples
 from expertlib.esft.pipeline import DataConfig, RuntimeConfig, SelectionConfig, train_esft
@@ -59,13 +60,19 @@ def test_keep_selection_is_recorded_and_stays_under_the_share(tmp_path, tiny_mod
     assert (
         rec["sources"][0]["digest"].startswith("sha256:") and rec["mode"] == "budget" and rec["share"] == 0.3
     )
-    assert not rec["fallback"] and all(v[0] <= 0.3 + 1e-6 for v in rec["kept_share"].values()), rec
+    assert all(v[0] <= 0.3 + 1e-6 for v in rec["kept_share"].values()), rec
     assert max(v[0] for v in rec["paper_kept_share"].values()) >= 0.5 - 1e-6  # top-p 0.5 of its own routing
     assert rec["dropped"] and set(rec["dropped"]) == set(rec["dropped_task_share"])
     trained = {int(k): v for k, v in es.manifest.experts.items()}
     for layer, ids in rec["dropped"].items():
         assert not set(ids) & set(trained.get(int(layer), []))  # what was dropped did not train
-    assert es.manifest.num_experts < paper.manifest.num_experts or rec["fallback"]
+    assert es.manifest.num_experts < paper.manifest.num_experts
+    # a budget nothing fits: refused, naming the trade-off (nothing is written)
+    with pytest.raises(
+        SelectionError, match="every expert the task routes through carries kept routing"
+    ) as e:
+        _train(base, task, tmp_path / "none.safetensors", keep=(str(task),), keep_share=0.01)
+    assert "--keep none" in e.value.hint and not (tmp_path / "none.safetensors").exists()
 
 
 def test_auto_keeps_the_base_own_samples_cached(tmp_path, tiny_model_dir, data, monkeypatch):

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from expertlib.devices import resolve_device, torch_dtype
+from expertlib.errors import SelectionError
 from expertlib.esft import distributed
 from expertlib.esft.data import Sample, TooLong
 from expertlib.esft.keep import AUTO
@@ -335,9 +336,19 @@ def _keep_aware(
     shares = [kept_routing(model, k.samples, pad_id=pad) for k in kept]
     paper = rule()
     experts = rule(keep=shares, keep_mode=sel.keep_mode, keep_share=sel.keep_share)
-    fallback = experts.num_experts == 0
-    if fallback:  # every expert the task uses carries kept routing: train the paper's set, say so
-        experts = paper
+    if experts.num_experts == 0:  # the task routes only through what the kept data uses
+        mass = max(
+            sum(sh[layer][e] for e in ids) / (sum(sh[layer]) or 1.0)
+            for sh in shares
+            for layer, ids in paper.experts.items()
+        )
+        raise SelectionError(
+            f"every expert the task routes through carries kept routing: the paper's selection would retrain "
+            f"up to {mass:.2f} of {', '.join(k.name for k in kept)}'s routing in a layer, and no expert stays "
+            f"under --keep-share {sel.keep_share}. ESFT cannot learn this task here without costing the kept skills",
+            hint="the trade-off is yours: --keep none trains the paper's selection (the kept skills will suffer), "
+            "--keep-share raises the budget, --keep-mix DATA rehearses the kept skills while training",
+        )
 
     def carried(layer: int, ids: list[int], s: dict[int, list[float]]) -> float:
         return round(sum(s[layer][e] for e in ids) / (sum(s[layer]) or 1.0), 4)
@@ -349,7 +360,6 @@ def _keep_aware(
         ],
         "mode": sel.keep_mode,
         "share": sel.keep_share,
-        "fallback": fallback,
         "kept_share": {
             str(layer): [carried(layer, ids, s) for s in shares] for layer, ids in experts.experts.items()
         },
