@@ -55,6 +55,7 @@ for sub in registry server cli; do
 done
 cat >"$SITE/sitecustomize.py" <<'PY'
 """gpu_check: make the modules the GPU machine lacks unimportable, so a dry run proves nothing needs them."""
+import os
 import sys
 
 BLOCKED = ("vllm", "fastapi", "uvicorn", "starlette", "prometheus_client", "openai", "lm_eval", "matplotlib")
@@ -62,8 +63,13 @@ BLOCKED = ("vllm", "fastapi", "uvicorn", "starlette", "prometheus_client", "open
 
 class _Blocker:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked by gpu_check (the GPU machine has no {name.split('.')[0]})")
+        top = name.split(".")[0]
+        if top in BLOCKED:
+            log = os.environ.get("GPU_CHECK_BLOCKED_LOG")
+            if log:  # what the code tried (and, if the step still passed, did without)
+                with open(log, "a") as f:
+                    f.write(top + "\n")
+            raise ImportError(f"{name} is blocked by gpu_check (the GPU machine has no {top})")
         return None
 
 
@@ -91,7 +97,7 @@ cd "$OUT"  # not the checkout: its expertlib/ folder (without cli/, server/, reg
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export XDG_CACHE_HOME="$OUT/cache" HF_HOME="$OUT/cache/huggingface" TRITON_CACHE_DIR="$OUT/cache/triton"
-export EXPERTLIB_REGISTRY="$OUT/cache/registry"
+export EXPERTLIB_REGISTRY="$OUT/cache/registry" GPU_CHECK_BLOCKED_LOG="$SITE/blocked.txt"
 if ! "$PYTHON" -c "
 import expertlib, expertlib.cli.main, expertlib.patch, sys
 assert expertlib.__file__.startswith(sys.argv[1]), expertlib.__file__

@@ -20,6 +20,7 @@ GPU_STEPS = [
     "CLI score + train",
     "same selection as CPU",
     "slot pool (transformers)",
+    "slot pool throughput, hot load",
     "vLLM remap op in a CUDA graph",
     "set-buffer copy",
 ]
@@ -52,7 +53,7 @@ def test_gpu_check_dry_run_runs_every_step_without_vllm(tmp_path):
     assert rows["expertlib imported from"]["value"].startswith(str(out))
     # CUDA-only figures are skipped and say so; nothing else is
     skipped = sorted(r["what"] for r in result["rows"] if r["value"] == "skipped")
-    assert all(rows[w]["note"] == "needs CUDA" for w in skipped) and len(skipped) == 4
+    assert all(rows[w]["note"] == "needs CUDA" for w in skipped) and len(skipped) == 3
     assert "exact" in rows["remap replays after buffer and table changes"]["value"]
     assert "exit 0" in (out / "gpu_check.log").read_text()
 
