@@ -513,8 +513,10 @@ def _verify_always(mode: str) -> bool:
     return mode == "always"
 
 
-#: Bytes of experts copied into slots per worker call (each call runs between two forward steps).
-LOAD_CHUNK_BYTES = 32 << 20
+#: Bytes of experts copied into slots per worker call (each call runs between two forward steps, so
+#: it delays the next step by this much copying: on CPU a copy, the kernel's prepack and a copy in;
+#: at least one expert per call, 9 MiB at Qwen3-30B-A3B's shape).
+LOAD_CHUNK_BYTES = 16 << 20
 
 
 def _itemsize(dtype: str) -> int:
