@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "expertlib.cli.registry",
     "expertlib.cli.serve",
     "expertlib.cli.demo",
+    "expertlib.cli.compose",
 ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -136,3 +137,86 @@ def compose(
     for es in expert_sets:
         composed.load(es)
     return composed
+
+
+# --- many sets as one ----------------------------------------------------------------------------------
+
+#: What `compose_sets` does with an expert that several sets replace: refuse, or take the first set's.
+Overlap = Literal["refuse", "first"]
+
+
+def compose_sets(
+    sets: Sequence[ExpertSet],
+    *,
+    task: str | None = None,
+    names: Sequence[str] | None = None,
+    overlap: Overlap = "refuse",
+) -> ExpertSet:
+    """One expert set holding the experts of every set in `sets` (their union), as one remap row
+    serves them: `model="a+b"` on the server, `expertlib compose` on disk. The experts keep their
+    tensors (and digests), so a server holding the parts shares their slots.
+
+    Sets that replace the same (layer, expert) are refused with a CompositionError naming the
+    experts, unless `overlap="first"`: the earlier set's expert wins (`model="a>b"`). `names` (default:
+    each set's task) name the parts in errors and provenance; `task` defaults to them joined by "+"."""
+    from expertlib.errors import CompositionError
+    from expertlib.patch import Provenance, pair_key
+
+    if len(sets) < 2:
+        raise CompositionError("a composition needs at least two expert sets", hint="name them as a+b")
+    names = list(names or [es.manifest.task for es in sets])
+    seen: dict[str, str] = {}
+    for name, es in zip(names, sets, strict=True):
+        m = es.manifest
+        if m.content_digest in seen:
+            raise CompositionError(
+                f"{name!r} and {seen[m.content_digest]!r} are the same expert set: a set composed with itself",
+                hint="name each set once",
+            )
+        seen[m.content_digest] = name
+        if m.extra_params:
+            raise CompositionError(
+                f"{name!r} carries full parameters {sorted(m.extra_params)[:3]}; only routed experts compose",
+                hint="compose sets that replace routed experts only",
+            )
+        if not m.base.same_base(sets[0].manifest.base):
+            raise CompositionError(
+                f"{name!r} was trained on another base ({m.base.name}) than {names[0]!r} ({sets[0].manifest.base.name})",
+                hint="compose sets of one base",
+            )
+    owners: dict[tuple[int, int], list[str]] = {}
+    for name, es in zip(names, sets, strict=True):
+        for pair in es.manifest.pairs():
+            owners.setdefault(pair, []).append(name)
+    conflicts = [(layer, e, who) for (layer, e), who in sorted(owners.items()) if len(who) > 1]
+    if conflicts and overlap != "first":
+        shown = ", ".join(
+            f"layer {layer} expert {e} ({' and '.join(who)})" for layer, e, who in conflicts[:8]
+        )
+        more = f" and {len(conflicts) - 8} more" if len(conflicts) > 8 else ""
+        raise CompositionError(
+            f"the sets replace the same experts: {shown}{more}",
+            conflicts=conflicts,
+            hint="compose sets that replace different experts, or give an order with '>' (a>b: a's experts win)",
+        )
+    experts, base_digests = {}, {}
+    for name, es in zip(names, sets, strict=True):
+        m = es.manifest
+        for pair in m.pairs():
+            if owners[pair][0] == name and pair not in experts:
+                experts[pair] = es.expert(*pair)
+                base_digests[pair] = m.base_expert_digests[pair_key(*pair)]
+    first = sets[0].manifest
+    parts = [
+        {"task": es.manifest.task, "name": n, "content_digest": es.manifest.content_digest}
+        for n, es in zip(names, sets, strict=True)
+    ]
+    return ExpertSet.build(
+        task=task or "+".join(names),
+        base=first.base,
+        experts=experts,
+        base_digests=base_digests,
+        provenance=Provenance(method="composed", extra={"parts": parts, "overlap": overlap}),
+        description="composition of " + ", ".join(names),
+        dtype=getattr(torch, first.dtype),
+    )

@@ -213,6 +213,15 @@ class EngineError(ExpertlibError, RuntimeError):
     http_status = 503
 
 
+class CompositionError(ExpertlibError, ValueError):
+    """Expert sets that cannot be composed into one: the same set twice, other bases, or sets that
+    replace the same experts (`conflicts`: [(layer, expert, [set names])])."""
+
+    def __init__(self, message: str, *, conflicts: list | None = None, hint: str | None = None):
+        self.conflicts = conflicts or []
+        super().__init__(message, hint=hint)
+
+
 # --- HTTP requests (the server translates these in `expertlib.server.errors`) --------------------
 
 

@@ -37,6 +37,7 @@ from expertlib.errors import (
 from expertlib.fsutil import atomic_path
 from expertlib.identity import BaseIdentity
 from expertlib.moe import BIAS_PARTS, EXPERT_PARTS, ExpertWeights
+from expertlib.profile import RoutingProfile
 from expertlib.verify import (
     FileKey,
     Scan,
@@ -82,6 +83,9 @@ class Provenance(BaseModel):
     final_eval_loss: float | None = None
     wall_time_s: float | None = None
     trainable_params: int | None = None
+    routing_profile: RoutingProfile | None = Field(
+        default=None, description="the task's prompt routing under the base, for model=auto"
+    )
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -30,6 +30,7 @@ from expertlib.constants import PATCH_SUFFIX
 from expertlib.errors import (
     ExpertlibError,
     InvalidNameError,
+    InvalidRequestError,
     NotFoundError,
     NotLoadedError,
     RegistryBusyError,
@@ -132,10 +133,52 @@ class SetCatalog:
                 f"expert set {str(ref)!r} is registered but not loaded",
                 hint="load it with the admin route POST /admin/sets/load, or start the server without --no-load-on-demand",
             )
+        if composition_parts(model) is not None:
+            return await self._compose(model)
         raise NotFoundError(
             f"the model {model!r} does not exist on this server",
             hint="GET /v1/models lists the base and the loaded expert sets",
         )
+
+    # --- compositions: `a+b` (sets replacing the same expert refused), `a>b` (a's experts win) -----
+
+    async def _compose(self, model: str) -> str:
+        """Serve the union of the named sets' experts as one set (`expertlib.compose.compose_sets`),
+        under the parts' served names joined by '+' or '>'; resident compositions are reused."""
+        parts, op = composition_parts(model) or ([], "+")
+        opened = [await asyncio.to_thread(self._open_part, part, model) for part in parts]
+        served = op.join(name for _, name in opened)
+        if served in set(self.loaded()):
+            self._aliases[model] = served
+            return served
+        from expertlib.compose import compose_sets
+
+        es = await asyncio.to_thread(
+            compose_sets,
+            [e for e, _ in opened],
+            task=served,
+            names=[n for _, n in opened],
+            overlap="first" if op == ">" else "refuse",
+        )
+        served = await self._load_on_demand(served, opened=(es, served, served, None))
+        self._aliases[model] = served
+        return served
+
+    def _open_part(self, part: str, model: str) -> tuple[ExpertSet, str]:
+        """One set named inside a composition: (the set, its served name), resident or registered."""
+        name = self.split_base(part)
+        served = name if name in set(self.loaded()) else self._aliases.get(name)
+        if served in set(self.loaded()):
+            path = self.engine.status()["sets"].get(served, {}).get("path")
+            if path:
+                return ExpertSet.open(path), served
+        ref = self._registry_resolve(name)
+        if ref is None:
+            raise NotFoundError(
+                f"the composition {model!r} names {part!r}, which does not exist on this server",
+                hint="GET /v1/models lists the base and the loaded expert sets",
+            )
+        return self._open(str(ref))[0], str(ref)
 
     # --- registry --------------------------------------------------------------------------------
 
@@ -176,11 +219,12 @@ class SetCatalog:
 
     # --- residency -------------------------------------------------------------------------------
 
-    async def load(self, name: str, *, pin: bool = False) -> str:
+    async def load(self, name: str, *, pin: bool = False, opened: tuple | None = None) -> str:
         """Load a registry reference or a patch file; return the name it is served under. Loads of
-        one set are serialised: a second caller waits for the first load and then finds it resident."""
+        one set are serialised: a second caller waits for the first load and then finds it resident.
+        `opened`: the (set, served name, task, version) `_open` would return (a composition)."""
         # registry lookup and the blob's digest check read files: off the event loop
-        es, served, task, version = await asyncio.to_thread(self._open, self.split_base(name))
+        es, served, task, version = opened or await asyncio.to_thread(self._open, self.split_base(name))
         lock = self._locks.setdefault(served, asyncio.Lock())
         async with lock:
             if served in set(self.loaded()):
@@ -209,9 +253,12 @@ class SetCatalog:
             raise NotLoadedError(
                 f"expert set {served!r} was evicted", hint="retry, or load it with POST /admin/sets/load"
             )
+        if composition_parts(served) is not None and self._registry_resolve(served) is None:
+            await self._compose(served)
+            return
         await self._load_on_demand(served)
 
-    async def _load_on_demand(self, name: str) -> str:
+    async def _load_on_demand(self, name: str, *, opened: tuple | None = None) -> str:
         """`load` for a request: no set can be evicted while every resident one is pinned or serving
         requests, a state that passes. The request waits for it, holding its place in the bounded
         queue, until a resident set can go (the engine's `wait_for_slots`), for `slot_wait_s` at
@@ -219,7 +266,7 @@ class SetCatalog:
         deadline = time.monotonic() + self.slot_wait_s
         while True:
             try:
-                return await self.load(name)
+                return await self.load(name, opened=opened)
             except SlotsBusyError as exc:
                 wait = getattr(self.engine, "wait_for_slots", None)
                 left = deadline - time.monotonic()
@@ -308,3 +355,24 @@ class SetCatalog:
             )
         ref = self.registry.resolve(name, base=self.registry_base).ref
         return self.registry.open(ref, base=self.registry_base), str(ref), ref.name, ref.version
+
+
+def composition_parts(model: str) -> tuple[list[str], str] | None:
+    """`a+b` -> (["a", "b"], "+"), `a>b` -> (["a", "b"], ">"); None for a name that is no composition.
+    A name may hold '+' (a task name can): the catalog tries it as one set first. Mixing '+' and '>',
+    or an empty part, is a 400."""
+    ops = [op for op in ("+", ">") if op in model]
+    if not ops:
+        return None
+    if len(ops) > 1:
+        raise InvalidRequestError(
+            f"the model {model!r} mixes '+' and '>'",
+            param="model",
+            hint="use a+b, or a>b to order an overlap",
+        )
+    parts = model.split(ops[0])
+    if any(not p.strip() for p in parts):
+        raise InvalidRequestError(
+            f"the composition {model!r} has an empty part", param="model", hint="name sets as a+b"
+        )
+    return parts, ops[0]

@@ -165,6 +165,7 @@ def train_esft(
     from expertlib.esft.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
     from expertlib.identity import base_identity
     from expertlib.moe import load_model
+    from expertlib.profile import prompt_profile
 
     sel = selection or SelectionConfig()
     config = config or TrainConfig()
@@ -266,6 +267,8 @@ def train_esft(
         prov = prov.model_copy(
             update=dict(method="esft", extra={**prov.extra, "selection_from": str(sel.experts)})
         )
+    # the prompts' routing under the base, for the server's model="auto" (expertlib.profile)
+    prov = prov.model_copy(update={"routing_profile": prompt_profile(model, train_s, pad_id=pad)})
     if on_selection is not None:
         on_selection(model, experts, train_s)
     moe_sel = [layer for layer, ids in experts.experts.items() if ids]
