@@ -390,6 +390,13 @@ def _report_keep_and_fit(ctx: click.Context, p) -> None:
                 ),
                 err=True,
             )
+        if keep.get("fallback"):
+            click.echo(
+                "  no expert the task uses stays under --keep-share: trained the paper's selection anyway, and "
+                "the kept skills are at risk. The trade-off: --keep-share 0.3 keeps some experts frozen, "
+                "--keep-mix DATA rehearses the kept skills, --keep none accepts the loss",
+                err=True,
+            )
     if p.extra.get("fit"):
         hint = f"`{rerun_command(ctx, drop=('keep',), add=('--keep', 'none'))}`" if keep else None
         click.echo(FitReport(**p.extra["fit"]).message(keep_hint=hint), err=True)

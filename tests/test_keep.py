@@ -73,6 +73,10 @@ def test_keep_selection_is_recorded_and_stays_under_the_share(tmp_path, tiny_mod
     ) as e:
         _train(base, task, tmp_path / "none.safetensors", keep=(str(task),), keep_share=0.01)
     assert "--keep none" in e.value.hint and not (tmp_path / "none.safetensors").exists()
+    # kept by default (auto): trained anyway, and recorded
+    auto = _train(base, task, tmp_path / "auto.safetensors", keep=("auto",), keep_share=0.001)
+    assert auto.manifest.provenance.extra["keep"]["fallback"] is True
+    assert auto.manifest.experts == paper.manifest.experts
 
 
 def test_auto_keeps_the_base_own_samples_cached(tmp_path, tiny_model_dir, data, monkeypatch):

@@ -339,7 +339,10 @@ def _keep_aware(
     shares = [kept_routing(model, k.samples, pad_id=pad) for k in kept]
     paper = rule()
     experts = rule(keep=shares, keep_mode=sel.keep_mode, keep_share=sel.keep_share)
-    if experts.num_experts == 0:  # the task routes only through what the kept data uses
+    fallback = experts.num_experts == 0 and all(str(name) == AUTO for name in sel.keep)
+    if fallback:  # kept by default, not by request: train the paper's set, and the record says so
+        experts = paper
+    elif experts.num_experts == 0:  # the task routes only through what the kept data uses
         mass = max(
             sum(sh[layer][e] for e in ids) / (sum(sh[layer]) or 1.0)
             for sh in shares
@@ -363,6 +366,7 @@ def _keep_aware(
         ],
         "mode": sel.keep_mode,
         "share": sel.keep_share,
+        "fallback": fallback,
         "kept_share": {
             str(layer): [carried(layer, ids, s) for s in shares] for layer, ids in experts.experts.items()
         },
