@@ -51,13 +51,9 @@ PART_GROUPS = {
     "down_bias": "down_bias",
 }
 
+#: An expert tensor's name (`EXPERT_KEY`) -> layer, expert, part (fullmatch)
 _EXPERT_NAME = re.compile(
-    "^"
-    + re.escape(EXPERT_KEY)
-    .replace(r"\{layer\}", r"(\d+)")
-    .replace(r"\{expert\}", r"(\d+)")
-    .replace(r"\{part\}", r"(\w+)")
-    + "$"
+    EXPERT_KEY.replace(".", r"\.").format(layer=r"(\d+)", expert=r"(\d+)", part=r"(\w+)")
 )
 
 #: (layer, part group) -> max |w| over the base's routed experts of that layer
@@ -148,7 +144,7 @@ def check_bounds(absmax: Mapping[str, float], bounds: WeightBounds, *, name: str
     worst: tuple[float, str, float, float, int, str] | None = None
     over = 0
     for tensor, value in absmax.items():
-        m = _EXPERT_NAME.match(tensor)
+        m = _EXPERT_NAME.fullmatch(tensor)
         if m is None:
             continue
         layer, part = int(m.group(1)), m.group(3)
