@@ -193,10 +193,8 @@ def library_rows(args, root: Path, rows: Rows) -> dict:
     )
     rows.add("pull from a folder remote", s, "file copy", r, 0.5)
 
-    # HTTP pull over loopback (a real uvicorn on 127.0.0.1)
-    from expertlib.server.registry_app import registry_app
-
-    with _serve(registry_app(reg)) as url:
+    # HTTP pull over loopback (a registry server in another process, on 127.0.0.1)
+    with _serve(reg.root) as url:
         s, _, r = paired(
             lambda: Registry(root / "http").pull(url + "/v1/registry", [task]),
             fcopy,
@@ -207,30 +205,48 @@ def library_rows(args, root: Path, rows: Rows) -> dict:
     return dict(ingest_s=ingest_s, slot_s=slot_s, extra=extra)
 
 
-def _serve(app):
-    import contextlib
-    import socket
-    import threading
-
+def _serve_registry(root: Path, port: int) -> None:
+    """A registry server (its own process, as a remote registry is)."""
     import uvicorn
+
+    from expertlib.registry import Registry
+    from expertlib.server.registry_app import registry_app
+
+    uvicorn.run(
+        registry_app(Registry(root)), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+    )
+
+
+def _serve(root: Path):
+    """Serve the registry at `root` over HTTP on 127.0.0.1 from another process; yields its URL."""
+    import contextlib
+    import multiprocessing as mp
+    import socket
+
+    import httpx
 
     @contextlib.contextmanager
     def run():
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.02)
+        proc = mp.get_context("spawn").Process(target=_serve_registry, args=(root, port), daemon=True)
+        proc.start()
+        url = f"http://127.0.0.1:{port}"
         try:
-            yield f"http://127.0.0.1:{port}"
+            deadline = time.time() + 120
+            while True:
+                try:
+                    httpx.get(url + "/v1/registry/entries", timeout=2)
+                    break
+                except httpx.HTTPError:
+                    if time.time() > deadline or not proc.is_alive():
+                        raise
+                    time.sleep(0.2)
+            yield url
         finally:
-            server.should_exit = True
-            thread.join(timeout=10)
+            proc.terminate()
+            proc.join(10)
 
     return run()
 

@@ -40,8 +40,9 @@ from expertlib.registry.names import DIGEST_PREFIX, validate_digest
 from expertlib.verify import FileKey, StreamScan, VerifiedRecord
 
 CHUNK = 1 << 20
-#: chunk of a copy into the store (large enough that per-chunk overhead vanishes at GB sizes)
-COPY_CHUNK = 4 << 20
+#: chunk of a copy into the store: small enough to stay in the CPU cache between the read, the write
+#: and the two hash threads, large enough that the per-chunk overhead is small
+COPY_CHUNK = 1 << 20
 #: Linux's FICLONE ioctl: make `dst` a copy-on-write clone of `src` (btrfs, XFS, bcachefs, ...)
 FICLONE = 0x40049409
 BLOBS_DIR = "blobs"
