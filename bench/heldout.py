@@ -6,9 +6,10 @@ the separate tuning set the defaults were chosen on) is trained on the shipped d
     fft       full fine-tuning          (bench/paper_table.py's run_method)
     lora      LoRA r=8                  (the same)
     paper     ESFT-Token p=0.2 as the paper does it: every token scored, nothing kept
-    defaults  `expertlib train`'s defaults: answer-only scores, --keep auto (retention-aware, budget mode)
-    contrast  the defaults with --keep-mode contrast (task share minus kept share)
+    defaults  `expertlib train`'s defaults: answer-only scores, --keep auto (retention-aware, contrast mode)
+    budget    the defaults with --keep-mode budget (drop experts past --keep-share of the kept routing)
     mix       the defaults with --keep-mix (the task's own domain's pretrained tasks rehearsed)
+    mix-budget  budget mode with --keep-mix
 
 ESFT runs go through `expertlib.esft.pipeline.train_esft`, the code `expertlib train` runs.
 Reported per task and method: task accuracy (exact match, greedy), x FFT, general accuracy (the
@@ -32,14 +33,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("fft", "lora", "paper", "defaults", "contrast", "mix")
+METHODS = ("fft", "lora", "paper", "budget", "defaults", "mix", "mix-budget")
 LABEL = {
     "fft": "FFT",
     "lora": "LoRA (r=8)",
     "paper": "ESFT paper",
-    "defaults": "ESFT defaults (keep)",
-    "contrast": "ESFT keep contrast",
+    "budget": "ESFT keep, budget mode",
+    "defaults": "ESFT defaults (keep, contrast)",
     "mix": "ESFT defaults + keep-mix",
+    "mix-budget": "ESFT keep budget + keep-mix",
 }
 #: The tasks the defaults were chosen on (none of them is in HELDOUT).
 TUNING_TASKS = ("sum", "open", "swap", "cross")
@@ -83,8 +85,9 @@ def run_esft(base: Path, task: str, method: str, data: Path, mix: Path, args, mo
     selection = {
         "paper": SelectionConfig(keep=("none",), count_prompt_tokens=True),
         "defaults": SelectionConfig(),
-        "contrast": SelectionConfig(keep_mode="contrast"),
+        "budget": SelectionConfig(keep_mode="budget"),
         "mix": SelectionConfig(),
+        "mix-budget": SelectionConfig(keep_mode="budget"),
     }[method]
     t0 = time.perf_counter()
     try:
@@ -121,7 +124,7 @@ def _train(base: Path, data: Path, task: str, method: str, selection, mix: Path,
         config=TrainConfig(
             steps=args.steps, batch_size=args.batch_size, warmup_steps=min(20, args.steps // 10)
         ),
-        data_config=DataConfig(holdout=0.05, keep_mix=(mix,) if method == "mix" else ()),
+        data_config=DataConfig(holdout=0.05, keep_mix=(mix,) if method.startswith("mix") else ()),
         runtime=RuntimeConfig(progress=False),
     )
 
@@ -199,7 +202,8 @@ def table(rows: list[dict], args) -> str:
         "(numbers: add, sub; patterns: flip; brackets: close; words: the general tasks). FFT lr 1e-3, LoRA 5e-3 "
         "(bench/paper_table.py), ESFT the size-based default (3e-3). 'ESFT paper' = ESFT-Token p=0.2, every token "
         "scored, nothing kept (train's old default); 'ESFT defaults' = `expertlib train`'s defaults now (answer-only "
-        "scores, --keep auto = the demo's general tasks, budget mode, --keep-share 0.1); 'keep-mix' adds the task "
+        "scores, --keep auto = the demo's general tasks, contrast mode); 'budget mode' = the same with --keep-mode "
+        "budget (--keep-share 0.1); 'keep-mix' adds the task "
         "domain's pretrained tasks (--keep-mix, 0.25 of the batch, weight 1). 'flagged' = the retention check "
         "(threshold 0.1) on the paper's selection; 'fit' = what `train` printed after training.",
         "",

@@ -54,7 +54,9 @@ def test_keep_selection_is_recorded_and_stays_under_the_share(tmp_path, tiny_mod
     paper = _train(base, task, tmp_path / "paper.safetensors", keep=("none",))
     assert "keep" not in paper.manifest.provenance.extra or paper.manifest.provenance.extra["keep"] is None
     # keeping the task's own data: the budget keeps at most 0.3 of it per layer
-    es = _train(base, task, tmp_path / "kept.safetensors", keep=(str(task),), keep_share=0.3)
+    es = _train(
+        base, task, tmp_path / "kept.safetensors", keep=(str(task),), keep_mode="budget", keep_share=0.3
+    )
     rec = es.manifest.provenance.extra["keep"]
     assert rec["sources"][0]["name"] == str(task) and rec["sources"][0]["kind"] == "file"
     assert (
@@ -74,7 +76,9 @@ def test_keep_selection_is_recorded_and_stays_under_the_share(tmp_path, tiny_mod
         _train(base, task, tmp_path / "none.safetensors", keep=(str(task),), keep_share=0.01)
     assert "--keep none" in e.value.hint and not (tmp_path / "none.safetensors").exists()
     # kept by default (auto): trained anyway, and recorded
-    auto = _train(base, task, tmp_path / "auto.safetensors", keep=("auto",), keep_share=0.001)
+    auto = _train(
+        base, task, tmp_path / "auto.safetensors", keep=("auto",), keep_mode="budget", keep_share=0.001
+    )
     assert auto.manifest.provenance.extra["keep"]["fallback"] is True
     assert auto.manifest.experts == paper.manifest.experts
 

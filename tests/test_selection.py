@@ -78,18 +78,21 @@ KEPT = [0.3, 0.05, 0.05, 0.6]  # the kept data routes through expert 0 (and 3, w
 
 def test_keep_budget_drops_the_experts_the_kept_data_routes_through():
     assert top_p_layer(TASK, 0.7) == [0, 1]  # the paper's set carries 0.35 of the kept routing
-    assert keep_layer(TASK, 0.7, [KEPT], keep_share=0.1) == [1]  # expert 0 alone carries 0.3
-    assert keep_layer(TASK, 0.7, [KEPT], keep_share=0.35) == [0, 1]  # within the budget: the paper's set
+    assert keep_layer(TASK, 0.7, [KEPT], mode="budget", keep_share=0.1) == [1]  # expert 0 alone carries 0.3
+    assert keep_layer(TASK, 0.7, [KEPT], mode="budget", keep_share=0.35) == [
+        0,
+        1,
+    ]  # within the budget: the paper's set
     assert keep_layer(TASK, 0.7, []) == [0, 1]  # nothing kept: the paper's rule
     # every kept dataset must stay under the budget; a layer may end up empty
-    assert keep_layer(TASK, 0.7, [KEPT, [0.0, 0.5, 0.25, 0.25]], keep_share=0.1) == []
+    assert keep_layer(TASK, 0.7, [KEPT, [0.0, 0.5, 0.25, 0.25]], mode="budget", keep_share=0.1) == []
     # shares are normalised: raw counts give the same answer
-    assert keep_layer(TASK, 0.7, [[6, 1, 1, 12]], keep_share=0.1) == [1]
+    assert keep_layer(TASK, 0.7, [[6, 1, 1, 12]], mode="budget", keep_share=0.1) == [1]
 
 
 def test_keep_contrast_ranks_task_against_kept_relevance():
     # task - kept: [0.2, 0.25, 0.05, 0] -> normalised [0.4, 0.5, 0.1, 0]: p 0.7 takes 1 then 0
-    assert keep_layer(TASK, 0.7, [KEPT], mode="contrast") == [0, 1]
+    assert keep_layer(TASK, 0.7, [KEPT]) == [0, 1]  # contrast is the default mode
     assert keep_layer(TASK, 0.4, [KEPT], mode="contrast") == [1]
     assert keep_layer(TASK, 0.7, [TASK], mode="contrast") == []  # the task is all kept routing
 
@@ -98,8 +101,11 @@ def test_select_experts_with_keep_per_layer():
     scores = {0: TASK, 1: [0.1, 0.1, 0.1, 0.7]}
     kept = {0: KEPT, 1: [0.25, 0.25, 0.25, 0.25]}
     assert select_experts(scores, 0.7).experts == {0: [0, 1], 1: [3]}
-    assert select_experts(scores, 0.7, keep=[kept]).experts == {0: [1], 1: []}
-    assert select_experts(scores, 0.7, keep=[kept], keep_share=0.25).experts == {0: [1], 1: [3]}
+    budget = {"keep_mode": "budget"}
+    assert select_experts(scores, 0.7, keep=[kept], **budget).experts == {0: [1], 1: []}
+    assert select_experts(scores, 0.7, keep=[kept], keep_share=0.25, **budget).experts == {0: [1], 1: [3]}
+    # contrast (the default): layer 1's task - kept = [0, 0, 0, 0.45]: expert 3 alone
+    assert select_experts(scores, 0.7, keep=[kept]).experts == {0: [0, 1], 1: [3]}
     with pytest.raises(SelectionError, match="no kept routing for MoE layer 1"):
         select_experts(scores, 0.7, keep=[{0: KEPT}])
     with pytest.raises(SelectionError, match="experts"):

@@ -83,9 +83,10 @@ class SelectionConfig(BaseModel):
         "demo base, else self) or 'none' (the paper's selection); repeatable",
     )
     keep_mode: KeepMode = Field(
-        default="budget",
-        description="budget: drop selected experts until they carry at most --keep-share of each kept "
-        "dataset's routing per layer; contrast: rank experts by task share minus kept share",
+        default="contrast",
+        description="contrast: rank experts by task share minus kept share (the most kept share counts) "
+        "and apply top-p to that; budget: drop selected experts until they carry at most --keep-share of each "
+        "kept dataset's routing per layer",
     )
     keep_share: float = Field(
         default=DEFAULT_KEEP_SHARE,
@@ -161,11 +162,11 @@ def train_esft(
     launch the processes train data-parallel (`expertlib.esft.distributed`); rank 0 writes the patch.
     """
     from expertlib.esft.data import data_digest, load_samples, load_tokenizer, pad_token_id, split_holdout
+    from expertlib.esft.profile import prompt_profile
     from expertlib.esft.scoring import score_experts
     from expertlib.esft.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
     from expertlib.identity import base_identity
     from expertlib.moe import load_model
-    from expertlib.profile import prompt_profile
 
     sel = selection or SelectionConfig()
     config = config or TrainConfig()

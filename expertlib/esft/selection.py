@@ -10,11 +10,13 @@ the layer's set, at least one expert, optionally capped at `max_per_layer`.
 Retention-aware selection (`keep`): given the routing shares of data whose skills must stay
 (the same per-layer ESFT-Token shares the retention check uses, `expertlib.esft.diagnostics`),
 
-- `keep_mode="budget"` (the default): take the paper's top-p set, then walk it in score order
-  and keep an expert only while the selected experts of the layer carry at most `keep_share` of
-  every kept dataset's routing; a layer may end up empty (nothing trains there);
-- `keep_mode="contrast"`: rank experts by task relevance against kept relevance,
-  max(0, task share - kept share) per expert, and apply the top-p rule to that.
+- `keep_mode="contrast"` (the default; better on the tuning tasks, bench/RESULTS.md): rank
+  experts by task relevance against kept relevance, max(0, task share - kept share) per expert
+  (the largest kept share when several datasets are kept), and apply the top-p rule to that;
+  an expert the kept data uses as much as the task never trains, a layer may end up empty;
+- `keep_mode="budget"`: take the paper's top-p set, then walk it in score order and keep an
+  expert only while the selected experts of the layer carry at most `keep_share` of every kept
+  dataset's routing (the retention check's statistic, bounded exactly).
 
     cfg = select_experts(scores.token, 0.2, keep=[general_shares], keep_share=0.1)
 """
@@ -138,7 +140,7 @@ def keep_layer(
     top_p: float,
     kept: Sequence[Sequence[float]],
     *,
-    mode: KeepMode = "budget",
+    mode: KeepMode = "contrast",
     keep_share: float = DEFAULT_KEEP_SHARE,
     max_experts: int | None = None,
     eps: float = DEFAULT_EPS,
@@ -178,7 +180,7 @@ def select_experts(
     non_expert_modules: bool = False,
     eps: float = DEFAULT_EPS,
     keep: Sequence[Mapping[int, Sequence[float]]] = (),
-    keep_mode: KeepMode = "budget",
+    keep_mode: KeepMode = "contrast",
     keep_share: float = DEFAULT_KEEP_SHARE,
 ) -> ExpertConfig:
     """Apply the top-p rule to every layer's scores (see module docstring); with `keep` (routing
