@@ -778,6 +778,34 @@ class AsyncExpertEngine:
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 
+    async def routing_of(self, prompt_ids: list[int]) -> dict[int, list[float]]:
+        """The prompt's routing under the base: MoE layer -> top-k picks per routed expert, counted
+        in the workers during one base prefill (a max_tokens=1 request with a capture row and a salt
+        of its own, so no cached prefix hides tokens). What `model="auto"` matches profiles against."""
+        import uuid
+
+        from vllm import SamplingParams
+
+        from expertlib.vllm_plugin import CAPTURE_KEY, CAPTURE_ROWS
+
+        if getattr(self, "_capture_rows", None) is None:
+            self._capture_rows: asyncio.Queue[int] = asyncio.Queue()
+            for row in range(1, CAPTURE_ROWS + 1):
+                self._capture_rows.put_nowait(row)
+        row = await self._capture_rows.get()
+        tag = uuid.uuid4().hex
+        try:
+            params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={CAPTURE_KEY: row})
+            prompt = {"prompt_token_ids": list(prompt_ids), "cache_salt": f"expertlib-route-{tag}"}
+            async for _ in self.engine.generate(prompt, _with_set(params, None), f"route-{tag}"):
+                pass
+        finally:
+            try:  # read and zeroed even when the request failed: the row goes back clean
+                counts = (await self._rpc("expertlib_take_routing", (row,)))[0]
+            finally:
+                self._capture_rows.put_nowait(row)
+        return {int(layer): v for layer, v in counts.items()}
+
     def verify_params(self, sampling_params: Any) -> None:
         """Raise the validation error vLLM would raise when the request is added (e.g. a JSON
         schema its structured-output backend cannot compile), before anything is streamed."""

@@ -13,23 +13,19 @@ its tokens) with each set's profile by cosine similarity, averaged over layers (
 Stored compactly: per layer the shares as little-endian float16, base64 (~2.7 characters per
 expert; a 48-layer, 128-expert base takes ~16 KB of manifest).
 
-    prof = prompt_profile(model, samples, pad_id=tok.pad_token_id)
-    similarity(prompt_shares, prof)          # in [0, 1]
+    prof = prompt_profile(model, samples, pad_id=pad)   # expertlib.esft.profile
+    similarity(prompt_shares, prof.arrays())            # in [0, 1]
 """
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from expertlib.errors import DataError, PatchShapeError
-
-#: Prompt tokens a profile is measured on by default (a few hundred prompts).
-PROFILE_TOKEN_BUDGET = 32_768
 
 
 class RoutingProfile(BaseModel):
@@ -85,69 +81,3 @@ def similarity(shares: Mapping[int, np.ndarray], profile: Mapping[int, np.ndarra
         na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
         total += float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0
     return total / len(layers)
-
-
-def prompt_part(sample):
-    """The prompt of a training sample: its tokens before the first answer token."""
-    from expertlib.esft.data import IGNORE_INDEX, Sample
-
-    n = next((i for i, y in enumerate(sample.labels) if y != IGNORE_INDEX), len(sample.labels))
-    return Sample(sample.input_ids[:n], sample.labels[:n], sample.line)
-
-
-def prompt_profile(
-    model,
-    samples: Sequence,
-    *,
-    pad_id: int,
-    token_budget: int | None = PROFILE_TOKEN_BUDGET,
-    batch_size: int = 8,
-    seed: int = 0,
-) -> RoutingProfile:
-    """The routing profile of `samples`' prompts under `model` (forward passes only)."""
-    from expertlib.esft.scoring import score_experts
-
-    prompts = [p for p in (prompt_part(s) for s in samples if s is not None) if len(p)]
-    if not prompts:
-        raise DataError("no prompt tokens to profile", hint="pass chat or prompt/completion records")
-    scores = score_experts(
-        model,
-        prompts,
-        pad_id=pad_id,
-        token_budget=token_budget,
-        batch_size=batch_size,
-        count_prompt_tokens=True,
-        seed=seed,
-        progress=False,
-    )
-    return RoutingProfile.from_shares(scores.token, tokens=scores.tokens_scored)
-
-
-def profile_file(
-    patch: str | Path,
-    base: str | Path,
-    data: str | Path,
-    *,
-    output: str | Path | None = None,
-    token_budget: int | None = PROFILE_TOKEN_BUDGET,
-    max_length: int = 4096,
-) -> tuple[Path, RoutingProfile]:
-    """`expertlib profile`: measure `data`'s prompt routing under `base` and write the patch again
-    (to `output`, default in place) with the profile in its manifest. The tensors, and so the
-    content digest, are unchanged."""
-    from expertlib.apply import check_compatible
-    from expertlib.esft.data import load_samples, load_tokenizer, pad_token_id
-    from expertlib.moe import load_model
-    from expertlib.patch import ExpertSet
-
-    es = ExpertSet.open(patch)
-    es.verify()
-    model = load_model(base)
-    check_compatible(model, es)
-    tok = load_tokenizer(base)
-    samples = load_samples(data, tok, max_length=max_length, too_long="truncate")
-    prof = prompt_profile(model, samples, pad_id=pad_token_id(tok), token_budget=token_budget)
-    m = es.manifest
-    manifest = m.model_copy(update={"provenance": m.provenance.model_copy(update={"routing_profile": prof})})
-    out = ExpertSet(manifest, dict(es.tensors)).save(output or patch)
-    return out, prof

@@ -27,6 +27,8 @@ async def model_list(state: ServerState) -> ModelList:
     pinned = set(_pinned(status))
     history = status.get("history") or {}
     cards = [ModelCard(id=base, created=state.created, root=base)]
+    # the server chooses the set from the prompt's routing (expertlib.server.sets.resolve_auto)
+    cards.append(ModelCard(id="auto", created=state.created, parent=base, root=base, state="auto"))
     for name in catalog.loaded():
         cards.append(
             ModelCard(

@@ -22,12 +22,15 @@ from fastapi import Request
 from expertlib.errors import EngineError, ExpertlibError, InvalidRequestError, PromptTooLongError
 from expertlib.server import protocol as p
 from expertlib.server import tools
+from expertlib.server.catalog_view import public_name
 from expertlib.server.limits import check_prompt_chars, text_chars
 from expertlib.server.logprobs import chat_logprobs, completion_logprobs
 from expertlib.server.state import ServerState
 from expertlib.slots import SetRef
 
 BASE_LABEL = "base"
+#: The `model` that lets the server choose the set from the prompt's own routing.
+AUTO_MODEL = "auto"
 
 
 @dataclass
@@ -131,7 +134,8 @@ async def _prepare(
         sequences = _sequences(req)
         release = state.gate.enter(sequences)  # admission first: a full queue tokenizes nothing
         try:
-            expert_set = await catalog.resolve(req.model)
+            auto = req.model == AUTO_MODEL  # the set is chosen from the prompt's routing, below
+            expert_set = None if auto else await catalog.resolve(req.model)
             label = expert_set.name if expert_set else BASE_LABEL
             # off the event loop, in the bounded tokenizer pool (short prompts never wait behind long)
             chars = sum(text_chars(t) for t in texts)
@@ -144,6 +148,10 @@ async def _prepare(
                     raise InvalidRequestError("the prompt is empty", param=prompt_param)
                 if vocab is not None and any(not 0 <= t < vocab for t in ids):
                     raise InvalidRequestError(f"token ids must lie in [0, {vocab})", param=prompt_param)
+            if auto:  # the first prompt decides for the request (expertlib.server.sets.resolve_auto)
+                expert_set, _ = await catalog.resolve_auto(prompts[0], state.settings.auto_threshold)
+                label = expert_set.name if expert_set else BASE_LABEL
+                state.metrics.auto_decisions.labels(model=label).inc()
             limit = _check_length(state, prompts, max_tokens, prompt_param)
             params = _sampling_params(req, limit, stream=req.stream)
             if params.structured_outputs is not None:  # compiling a schema can take a while: off the loop
@@ -151,10 +159,13 @@ async def _prepare(
         except BaseException:
             release()
             raise
+        shown = req.model  # echoed back; for auto, what served: the set's name or the base's
+        if auto:
+            shown = expert_set.name if expert_set else public_name(state.settings.model_name)
         return Job(
             request_id=p.new_id("cmpl" if endpoint == "completions" else "chatcmpl"),
             endpoint=endpoint,
-            model=req.model,
+            model=shown,
             expert_set=expert_set,
             prompts=prompts,
             params=params,

@@ -54,6 +54,12 @@ class ServerMetrics:
             ["model", "endpoint", "status"],
             registry=r,
         )
+        self.auto_decisions = Counter(
+            "expertlib_auto_decisions",
+            'model="auto" requests by the set chosen to serve them (the base: its name)',
+            ["model"],
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "expertlib_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from expertlib.server import generation, tokens
@@ -30,6 +31,8 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 CLIENT_CLOSED = 499
 #: Response header naming the request (engine request ids are `{id}-{prompt index}`).
 REQUEST_ID = "X-Request-Id"
+#: which expert set served a request (its served name, or "base"): what `model="auto"` chose
+SET_HEADER = "x-expertlib-set"
 
 
 def state_of(request: Request) -> ServerState:
@@ -93,7 +96,9 @@ async def _respond(state: ServerState, job: generation.Job, request: Request):
         return StreamingResponse(
             generation.stream_events(state, job),
             media_type="text/event-stream",
-            headers={REQUEST_ID: job.request_id},
+            headers={REQUEST_ID: job.request_id, SET_HEADER: job.label},
         )
     result = await generation.run_to_end(state, job, request)
-    return Response(status_code=CLIENT_CLOSED) if result is None else result
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(jsonable_encoder(result), headers={SET_HEADER: job.label})

@@ -180,6 +180,61 @@ class SetCatalog:
             )
         return self._open(str(ref))[0], str(ref)
 
+    # --- model="auto": the set whose routing profile matches the prompt's routing -------------------
+
+    async def resolve_auto(
+        self, prompt_ids: list[int], threshold: float
+    ) -> tuple[SetRef | None, dict[str, float]]:
+        """The set to serve a `model="auto"` request: the prompt's routing under the base (one base
+        prefill in the engine, `routing_of`) against the routing profile of every set this server
+        may serve (resident or registered; sets without a profile never match), by mean cosine over
+        layers (`expertlib.profile.similarity`). The best set at or above `threshold` serves, else the
+        base (None). Also returns every candidate's similarity. No candidate: no prefill at all."""
+        from expertlib.profile import similarity
+
+        profiles = await asyncio.to_thread(self._profiles)
+        if not profiles:
+            return None, {}
+        shares = await self.engine.routing_of(prompt_ids)
+        scores = {name: similarity(shares, prof) for name, prof in profiles.items()}
+        best = max(scores, key=lambda n: (scores[n], n))
+        if scores[best] < threshold:
+            return None, scores
+        return await self.resolve(best), scores
+
+    def _profiles(self) -> dict[str, dict]:
+        """Served name or registry reference -> routing profile (layer -> (E,) shares) of every set
+        this server may serve that has one; manifests are read once per content digest."""
+        cache = self.__dict__.setdefault("_profile_cache", {})
+        named: dict[str, tuple[str, Any]] = {}  # name -> (content digest, how to open it)
+        status = self.engine.status().get("sets", {})
+        for name in self.loaded():
+            info = status.get(name, {})
+            if composition_parts(name) is None and info.get("path") and info.get("content_digest"):
+                named[name] = (info["content_digest"], info["path"])
+        loaded_tasks = {n.split("@")[0] for n in named}
+        for ref in self.registered():
+            # one candidate per task: the resident version, else the registry's latest (listed first)
+            if ref.name not in loaded_tasks and not any(n.split("@")[0] == ref.name for n in named):
+                named[str(ref)] = (ref.digest, ref)
+        out = {}
+        for name, (digest, where) in named.items():
+            if digest not in cache:
+                try:
+                    es = (
+                        ExpertSet.open(where)
+                        if isinstance(where, str)
+                        else self.registry.open(where, base=self.registry_base)
+                    )
+                    prof = es.manifest.provenance.routing_profile
+                    cache[digest] = prof.arrays() if prof is not None else None
+                except ExpertlibError as exc:
+                    log.warning("no routing profile for %s: %s", name, exc.message)
+                    cache[digest] = None
+            if cache[digest] is not None:
+                out[name] = cache[digest]
+        return out
+
     # --- registry --------------------------------------------------------------------------------
 
     def _registry_resolve(self, text: str) -> Ref | None:

@@ -73,6 +73,13 @@ class ServerSettings(BaseModel):
         description="refuse a set whose expert weights exceed FACTOR x the largest |w| of the base's experts "
         "in the same layer and part (gate/up, down); inf turns the check off (expertlib.bounds)",
     )
+    auto_threshold: float = Field(
+        default=0.6,
+        ge=0,
+        le=1,
+        description='model="auto": serve the set whose routing profile is most similar to the prompt\'s '
+        "routing under the base (mean cosine over layers) when the similarity reaches this, else the base",
+    )
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     api_key: str | None = Field(default=None, description="required on inference routes (Bearer)")

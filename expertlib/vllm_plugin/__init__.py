@@ -27,6 +27,10 @@ from typing import Any
 
 #: extra_args key carrying a request's set row (an int; 0 or absent = the base model).
 SET_ROW_KEY = "expertlib_set"
+#: extra_args key of a request whose prompt routing is counted (`model="auto"`): its capture row,
+#: 1..CAPTURE_ROWS, read back with the workers' `expertlib_take_routing`.
+CAPTURE_KEY = "expertlib_capture"
+CAPTURE_ROWS = 8
 #: hf_config fields the slot models read (set through hf_overrides).
 SLOTS_FIELD = "expertlib_slots"
 MAX_SETS_FIELD = "expertlib_max_sets"

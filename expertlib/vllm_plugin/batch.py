@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from expertlib.vllm_plugin import SET_ROW_KEY
+from expertlib.vllm_plugin import CAPTURE_KEY, CAPTURE_ROWS, SET_ROW_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +43,21 @@ def fill_token_sets(runner, ctx, num_reqs: int | None) -> None:
     n = batch.num_reqs
     if n == 0:
         ctx.clear_tokens()
+        ctx.set_capture([], [])
         return
     qsl = runner.query_start_loc.np[: n + 1]
     counts = (qsl[1:] - qsl[:-1]).tolist()
     set_rows = [request_set_row(runner.requests.get(rid), ctx.max_sets) for rid in batch.req_ids[:n]]
     ctx.set_tokens(set_rows, counts)
+    states = [runner.requests.get(rid) for rid in batch.req_ids[:n]]
+    ctx.set_capture([request_capture_row(s) for s in states], counts)
+
+
+def request_capture_row(state) -> int:
+    """The capture row of a request whose prompt routing is counted (`model="auto"`), else 0."""
+    extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
+    row = extra.get(CAPTURE_KEY, 0)
+    return row if isinstance(row, int) and not isinstance(row, bool) and 0 <= row <= CAPTURE_ROWS else 0
 
 
 def install_set_id_hook() -> None:

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from expertlib.vllm_plugin import CAPTURE_ROWS
+
 
 def output_limit(dtype: torch.dtype) -> float:
     """The largest |value| a set-served token's MoE output keeps (`SlotContext.contain`): 2^16, and a
@@ -71,6 +73,16 @@ class SlotContext:
         #: host-to-device copies of the offsets so far (steps that changed nothing copy nothing)
         self.copies = 0
         self._filled = 0
+        #: (L, CAPTURE_ROWS + 1, E) top-k picks per expert of each captured request (`model="auto"`,
+        #: `count_routing`); row 0 counts every other token and is never read
+        self.routing_counts = torch.zeros(
+            num_layers, CAPTURE_ROWS + 1, num_experts, dtype=torch.float32, device=self.device
+        )
+        self._capture_host = torch.zeros(max_tokens, dtype=torch.int64)
+        self.capture_rows = (
+            self._capture_host if self.device.type == "cpu" else self._capture_host.to(self.device)
+        )
+        self._captured = 0
         #: MoE layer index -> the MoERunner of that layer
         self.layers: dict[int, Any] = {}
 
@@ -107,6 +119,36 @@ class SlotContext:
 
     def clear_tokens(self) -> None:
         self.set_tokens([], [])
+
+    def set_capture(self, capture_rows: list[int], per_request_tokens: list[int]) -> None:
+        """Write each request's capture row (0: not captured) over its tokens of this step; steps
+        without a captured request after one without write nothing."""
+        if not any(capture_rows) and not self._captured:
+            return
+        n = int(sum(per_request_tokens))
+        host = self._capture_host.numpy()
+        host[: max(n, self._captured)] = 0
+        if any(capture_rows):
+            host[:n] = np.repeat(np.asarray(capture_rows, dtype=np.int64), per_request_tokens)
+        if self.capture_rows is not self._capture_host:
+            self.capture_rows[: max(n, self._captured)].copy_(self._capture_host[: max(n, self._captured)])
+        self._captured = n if any(capture_rows) else 0
+
+    def count_routing(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """Add this step's (T, K) logical top-k ids to each token's capture row of `layer`. Always
+        runs (no branch on the data, as `remap_ids`): one small scatter-add per layer."""
+        rows = self.capture_rows[: topk_ids.shape[0]].unsqueeze(1).expand(topk_ids.shape)  # (T, K)
+        ones = torch.ones(topk_ids.numel(), dtype=self.routing_counts.dtype, device=topk_ids.device)
+        self.routing_counts[layer].index_put_(
+            (rows.reshape(-1), topk_ids.reshape(-1).long()), ones, accumulate=True
+        )
+
+    def take_routing(self, row: int) -> dict[int, list[float]]:
+        """MoE layer -> (E,) top-k picks counted in capture row `row` since it was last taken; the row
+        is zeroed."""
+        counts = self.routing_counts[:, row].to("cpu", copy=True)  # (L, E), before the row is zeroed
+        self.routing_counts[:, row].zero_()
+        return {layer: counts[layer].tolist() for layer in sorted(self.layers)}
 
     def contain(self, out: torch.Tensor) -> torch.Tensor:
         """A MoE layer's (T, H) output with every row of a token served by an expert set made finite:
@@ -156,6 +198,7 @@ def slot_router_class(base: type) -> type:
             weights, ids = base._compute_routing(
                 self, hidden_states, router_logits, indices_type, input_ids=input_ids
             )
+            self.expertlib_ctx.count_routing(self.expertlib_layer, ids)  # model="auto"
             ids = self.expertlib_ctx.remap_ids(self.expertlib_layer, ids)  # (T, K)
             return weights, ids.contiguous()
 

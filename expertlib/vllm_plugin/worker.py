@@ -275,6 +275,14 @@ class SlotWorkerExtension:
                 table[int(layer), int(expert)] = ctx.num_experts + int(slot)
         ctx.remap[:, set_row].copy_(table.to(ctx.remap.device))
 
+    def expertlib_take_routing(self, row: int) -> dict[int, list[float]]:
+        """The prompt routing counted for capture row `row` (`model="auto"`), zeroed after reading."""
+        from expertlib.vllm_plugin import CAPTURE_ROWS
+
+        if not 1 <= row <= CAPTURE_ROWS:
+            raise ValueError(f"capture row {row} out of range (1..{CAPTURE_ROWS})")
+        return self._expertlib_ctx().take_routing(row)
+
     def expertlib_clear_row(self, set_row: int) -> None:
         self.expertlib_set_row(set_row, {})
 

@@ -1,0 +1,171 @@
+"""`model="auto"`: the server picks the expert set whose routing profile matches the prompt's own
+routing under the base (captured in the vLLM plugin during one base prefill).
+
+On a tiny random base the sets' profiles are made unambiguous: each set's profile is the routing,
+measured in transformers, of one prompt, so that prompt must choose that set, and a third prompt,
+whose similarity to both stays below the threshold, the base.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+
+from expertlib.esft.profile import prompt_profile
+from expertlib.profile import RoutingProfile, similarity
+
+PROMPTS = {
+    "alpha": "The cat sat on the mat and looked at the bird in the tree",
+    "beta": "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15",
+}
+OTHER = "zzz qqq xxx"
+THRESHOLD = 0.97
+
+
+def test_profile_round_trips_compactly_and_refuses_damage():
+    shares = {0: [0.5, 0.25, 0.25, 0.0], 3: [0.1, 0.2, 0.3, 0.4]}
+    prof = RoutingProfile.from_shares(shares, tokens=12)
+    back = RoutingProfile.model_validate_json(prof.model_dump_json()).arrays()
+    assert sorted(back) == [0, 3]
+    assert np.allclose(back[3], shares[3], atol=1e-3)
+    assert len(prof.shares[0]) == 12  # 4 float16 = 8 bytes of base64
+    assert similarity(back, back) == pytest.approx(1.0, abs=1e-6)
+    assert similarity({0: np.array([0, 0, 0, 1.0])}, back) == 0.0
+    assert similarity({9: np.ones(4)}, back) == 0.0  # no layer in common
+    bad = prof.model_copy(update={"shares": {0: prof.shares[3][:8]}})
+    with pytest.raises(ValueError, match="shares for 4 experts"):
+        bad.arrays()
+
+
+class _NoEngine:
+    """An engine with no sets, whose prefill must never run."""
+
+    def loaded_sets(self):
+        return []
+
+    def status(self):
+        return {"sets": {}}
+
+    async def routing_of(self, prompt_ids):
+        raise AssertionError("no candidate: no prefill")
+
+
+def test_auto_with_no_sets_serves_the_base_without_a_prefill():
+    from expertlib.server.sets import SetCatalog
+
+    catalog = SetCatalog(_NoEngine(), "tiny-moe")
+    assert asyncio.run(catalog.resolve_auto([1, 2, 3], THRESHOLD)) == (None, {})
+
+
+def _profile_of(model, tok, text):
+    from expertlib.esft.data import Sample
+
+    ids = tuple(tok(text).input_ids)
+    return prompt_profile(model, [Sample(ids, (-100,) * len(ids))], pad_id=tok.pad_token_id or 0)
+
+
+def test_training_records_the_prompts_routing_profile(tiny_model_dir, tmp_path):
+    """`expertlib train` writes the profile of the training prompts into the manifest."""
+    import json
+
+    from expertlib.esft.pipeline import RuntimeConfig, SelectionConfig, train_esft
+    from expertlib.esft.training import TrainConfig
+
+    data = tmp_path / "t.jsonl"
+    lines = [json.dumps({"prompt": f"add {i} and {i + 1}", "completion": f" {2 * i + 1}"}) for i in range(8)]
+    data.write_text("\n".join(lines) + "\n")
+    es = train_esft(
+        tiny_model_dir("qwen2_moe"),
+        data,
+        task="t",
+        out=tmp_path / "t.safetensors",
+        selection=SelectionConfig(top_p=0.3),
+        config=TrainConfig(steps=1, batch_size=4),
+        runtime=RuntimeConfig(device="cpu", progress=False),
+    )
+    prof = es.manifest.provenance.routing_profile
+    assert prof is not None and prof.tokens > 0
+    arrays = prof.arrays()
+    assert all(abs(float(v.sum()) - 1) < 1e-2 for v in arrays.values())
+
+
+# --- served ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    pytest.importorskip("vllm")
+    from served_world import SCALE, SETS, serve
+    from transformers import AutoTokenizer
+
+    from expertlib.moe import load_model
+    from expertlib.patch import ExpertSet
+    from expertlib.registry import Registry
+    from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set
+
+    root = tmp_path_factory.mktemp("auto")
+    base_dir = root / "base"
+    make_vllm_tiny_base("qwen2_moe", base_dir)
+    model = load_model(base_dir)
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    profiles = {name: _profile_of(model, tok, text) for name, text in PROMPTS.items()}
+    other = _profile_of(model, tok, OTHER).arrays()
+    sims = {n: similarity(other, p.arrays()) for n, p in profiles.items()}
+    assert max(sims.values()) < THRESHOLD, sims  # the premise: OTHER matches neither set
+    assert similarity(profiles["alpha"].arrays(), profiles["beta"].arrays()) < THRESHOLD
+    reg = Registry(root / "registry")
+    for i, (name, experts) in enumerate(SETS.items()):
+        es = random_expert_set(model, name, experts, seed=i + 1, scale=SCALE)
+        m = es.manifest
+        prov = m.provenance.model_copy(update={"routing_profile": profiles[name]})
+        es = ExpertSet(m.model_copy(update={"provenance": prov}), dict(es.tensors))
+        reg.publish(es.save(root / f"{name}.safetensors"), base=base_dir)
+    with serve(root, base_dir, "--auto-threshold", str(THRESHOLD)) as url:
+        yield dict(url=url)
+
+
+def _post(world, body, path="/v1/completions"):
+    return httpx.post(world["url"] + path, json=body, timeout=120)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_auto_picks_the_set_whose_profile_matches_the_prompt(world):
+    for name, prompt in PROMPTS.items():
+        body = dict(prompt=prompt, max_tokens=6, temperature=0)
+        r = _post(world, {**body, "model": "auto"})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == f"{name}@1"
+        assert r.headers["x-expertlib-set"] == f"{name}@1"
+        explicit = _post(world, {**body, "model": name}).json()
+        assert r.json()["choices"][0]["text"] == explicit["choices"][0]["text"]
+    r = _post(world, dict(model="auto", prompt=OTHER, max_tokens=4, temperature=0))
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "tiny-moe" and r.headers["x-expertlib-set"] == "base"
+    # the capture rows are read and zeroed: the same prompt again decides the same
+    again = _post(world, dict(model="auto", prompt=PROMPTS["beta"], max_tokens=2, temperature=0))
+    assert again.json()["model"] == "beta@1"
+    ids = [m["id"] for m in httpx.get(world["url"] + "/v1/models", timeout=30).json()["data"]]
+    assert "auto" in ids
+    metrics = httpx.get(world["url"] + "/metrics", timeout=30).text
+    assert 'expertlib_auto_decisions_total{model="beta@1"} 2.0' in metrics
+    assert 'expertlib_auto_decisions_total{model="base"} 1.0' in metrics
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_auto_on_chat_and_concurrently(world):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [
+        dict(model="auto", prompt=PROMPTS[n], max_tokens=3, temperature=0) for n in ["alpha", "beta"] * 6
+    ]
+    with ThreadPoolExecutor(12) as pool:
+        got = [r.json()["model"] for r in pool.map(lambda b: _post(world, b), bodies)]
+    assert got == ["alpha@1", "beta@1"] * 6  # more requests than capture rows, none mixed up
+    chat = dict(model="auto", messages=[{"role": "user", "content": "hello"}], max_tokens=2)
+    r = _post(world, chat, "/v1/chat/completions")
+    assert r.status_code == 200 and r.headers["x-expertlib-set"] in ("alpha@1", "beta@1", "base")
