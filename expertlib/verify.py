@@ -278,7 +278,7 @@ def read_tensors(
     as views on it; checked against `expected` like `map_tensors`."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        buf = bytearray(size)
+        buf = np.empty(size, dtype=np.uint8)  # not zero-filled first: the read is the one pass
         view, done = memoryview(buf), 0
         while done < size:
             n = f.readinto(view[done : done + (64 << 20)])
