@@ -158,8 +158,9 @@ def test_served_composition_equals_the_merged_patch(world):
         assert r.status_code == 200, r.text
         assert r.json()["model"] == model
         assert r.json()["choices"][0]["text"] == ref.tok.decode(want)
-    st = httpx.get(world["url"] + "/admin/status", timeout=30).json()
-    assert "alpha@1+beta@1" in str(st)
+    cards = {c["id"]: c for c in httpx.get(world["url"] + "/v1/models", timeout=30).json()["data"]}
+    assert cards["alpha@1+beta@1"]["state"] == "resident"  # one set, under the parts' served names
+    assert "alpha+beta" in cards["alpha@1+beta@1"]["aliases"]
     # an order resolves an overlap: alpha's expert 3 of layer 0 wins over gamma's
     r = _complete(world, "alpha>gamma", prompt)
     assert r.status_code == 200, r.text
