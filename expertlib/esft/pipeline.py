@@ -351,8 +351,13 @@ def _keep_aware(
         )
         raise SelectionError(
             f"every expert the task routes through carries kept routing: the paper's selection would retrain "
-            f"up to {mass:.2f} of {', '.join(k.name for k in kept)}'s routing in a layer, and no expert stays "
-            f"under --keep-share {sel.keep_share}. ESFT cannot learn this task here without costing the kept skills",
+            f"up to {mass:.2f} of {', '.join(k.name for k in kept)}'s routing in a layer, and "
+            + (
+                f"no expert stays under --keep-share {sel.keep_share}"
+                if sel.keep_mode == "budget"
+                else "the kept data uses every expert the task uses at least as much as the task does"
+            )
+            + ". ESFT cannot learn this task here without costing the kept skills",
             hint="the trade-off is yours: --keep none trains the paper's selection (the kept skills will suffer), "
             "--keep-share raises the budget, --keep-mix DATA rehearses the kept skills while training",
         )
