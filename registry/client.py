@@ -13,7 +13,7 @@ Errors come back in OpenAI's shape, {"error": {"message": ..., "type": ..., "cod
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -42,6 +42,8 @@ class HttpRemote:
         token = token or os.environ.get(TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.client = client or httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        #: called with the size of each piece of a download as it is written (a progress bar)
+        self.on_bytes: Callable[[int], None] | None = None
 
     def _request(self, method: str, path: str, **kw) -> httpx.Response:
         try:
@@ -75,7 +77,7 @@ class HttpRemote:
         body = _at_most(
             self._download(f"/blobs/{quote(digest, safe=':')}", entry.size, what), entry.size, what
         )
-        return staging.write_temp(body, expected_digest=digest), True
+        return staging.write_temp(body, expected_digest=digest, progress=self.on_bytes), True
 
     def _download(self, path: str, size: int, what: str) -> Iterator[bytes]:
         """The bytes at `path`, resumed with a Range request after each break (RESUME_TRIES at most)."""

@@ -175,6 +175,9 @@ def transfer(
     bar = tqdm(
         total=sum(e.size for e in entries), unit="B", unit_scale=True, disable=not progress, leave=False
     )
+    streamed = hasattr(src, "on_bytes")  # a download reports its bytes as they arrive
+    if streamed:
+        src.on_bytes = bar.update
     with bar:
         for e in entries:
             bar.set_description(str(e.ref))
@@ -205,7 +208,8 @@ def transfer(
                 report.copied.append(str(new.ref))
                 report.url = getattr(sink, "last_url", None) or report.url
             report.tags += [f"{e.name}@{t}" for t in tags]
-            bar.update(e.size)
+            if not streamed or have is not None:
+                bar.update(e.size)
     return report
 
 
