@@ -245,7 +245,11 @@ class SlotWorkerExtension:
         return len(fills)
 
     def expertlib_stage(
-        self, path: str, content_digest: str | None = None, checked: str | None = None, background: bool = False
+        self,
+        path: str,
+        content_digest: str | None = None,
+        checked: str | None = None,
+        background: bool = False,
     ) -> bool:
         """Read and check the set file at `path` into host memory for the slot writes that follow
         (as `expertlib_write_slots` would); `background`: on a thread while forward steps go on,
