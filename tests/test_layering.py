@@ -107,6 +107,8 @@ ESFT_MODULES = [
     "diagnostics",
     "reference",
     "reference_logs",
+    "keep",
+    "profile",
 ]
 #: what serves sets; training never needs it
 SERVING = (
