@@ -66,7 +66,7 @@ def profile_cmd(patch: str, base: str, data: str, output: str | None, as_json: b
 
     Example: expertlib profile math.safetensors --base ./models/base --data math.jsonl
     """
-    from expertlib.esft.profile import profile_file
+    from expertlib.esft.profiling import profile_file
 
     path, prof = profile_file(patch, base, data, output=output)
     data_out = {"path": str(path), "layers": len(prof.shares), "tokens": prof.tokens}

@@ -13,7 +13,7 @@ its tokens) with each set's profile by cosine similarity, averaged over layers (
 Stored compactly: per layer the shares as little-endian float16, base64 (~2.7 characters per
 expert; a 48-layer, 128-expert base takes ~16 KB of manifest).
 
-    prof = prompt_profile(model, samples, pad_id=pad)   # expertlib.esft.profile
+    prof = prompt_profile(model, samples, pad_id=pad)   # expertlib.esft.profiling
     similarity(prompt_shares, prof.arrays())            # in [0, 1]
 """
 

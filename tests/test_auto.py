@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from expertlib.esft.profile import prompt_profile
+from expertlib.esft.profiling import prompt_profile
 from expertlib.profile import RoutingProfile, similarity
 
 PROMPTS = {

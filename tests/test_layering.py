@@ -108,7 +108,7 @@ ESFT_MODULES = [
     "reference",
     "reference_logs",
     "keep",
-    "profile",
+    "profiling",
 ]
 #: what serves sets; training never needs it
 SERVING = (

@@ -162,7 +162,7 @@ def train_esft(
     launch the processes train data-parallel (`expertlib.esft.distributed`); rank 0 writes the patch.
     """
     from expertlib.esft.data import data_digest, load_samples, load_tokenizer, pad_token_id, split_holdout
-    from expertlib.esft.profile import prompt_profile
+    from expertlib.esft.profiling import prompt_profile
     from expertlib.esft.scoring import score_experts
     from expertlib.esft.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
     from expertlib.identity import base_identity
