@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -44,8 +44,27 @@ from expertlib.constants import EXPERT_KEY
 from expertlib.errors import DigestMismatchError, NonFiniteWeightsError, PatchCorruptError
 from expertlib.moe import BIAS_PARTS, EXPERT_PARTS, expert_digest
 
-if TYPE_CHECKING:
-    from expertlib.patch import ExpertSetManifest
+
+class ExpertSetManifest(Protocol):
+    """What a scan reads of a manifest (`expertlib.patch.ExpertSetManifest`, which imports this
+    module: named here by its shape, so the import runs one way)."""
+
+    format_version: int
+    content_digest: str
+    expert_digests: dict[str, str]
+
+    def pairs(self) -> list[tuple[int, int]]: ...
+
+
+class _Layout(NamedTuple):
+    """The part of a manifest `digests_of` needs before the manifest exists."""
+
+    format_version: int
+    experts: Mapping[int, list[int]]
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(layer, e) for layer, ids in sorted(self.experts.items()) for e in ids]
+
 
 #: Patch format whose digests are trees of per-tensor sha256 leaves (see the module docstring).
 TREE_FORMAT = 2
@@ -219,10 +238,7 @@ def digests_of(
     tensors: Mapping[str, torch.Tensor], experts: Mapping[int, list[int]], format_version: int
 ) -> Scan:
     """The digests `ExpertSet.build` writes into a manifest of `format_version`, in one pass."""
-    from expertlib.patch import ExpertSetManifest
-
-    m = ExpertSetManifest.model_construct(format_version=format_version, experts=dict(experts))
-    return scan_tensors(tensors, m)
+    return scan_tensors(tensors, _Layout(format_version, dict(experts)))
 
 
 def check_scan(scan: Scan, m: ExpertSetManifest, where: str | None) -> None:
