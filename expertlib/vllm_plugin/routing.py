@@ -14,6 +14,7 @@ host, so each MoE layer adds one add and one gather (about 9 us on CPU for 32 to
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -189,6 +190,10 @@ class SlotContext:
 
 _ROUTER_CLASSES: dict[type, type] = {}
 
+#: EXPERTLIB_ROUTING_CAPTURE=0 leaves the routing capture out of the routers (bench/auto_route.py
+#: measures its cost with it; `model="auto"` then sees no routing and always picks the base).
+ROUTING_CAPTURE = os.environ.get("EXPERTLIB_ROUTING_CAPTURE", "1") != "0"
+
 
 def slot_router_class(base: type) -> type:
     """A subclass of vLLM router class `base` whose top-k ids go through the slot remap table."""
@@ -198,7 +203,8 @@ def slot_router_class(base: type) -> type:
             weights, ids = base._compute_routing(
                 self, hidden_states, router_logits, indices_type, input_ids=input_ids
             )
-            self.expertlib_ctx.count_routing(self.expertlib_layer, ids)  # model="auto"
+            if ROUTING_CAPTURE:
+                self.expertlib_ctx.count_routing(self.expertlib_layer, ids)  # model="auto"
             ids = self.expertlib_ctx.remap_ids(self.expertlib_layer, ids)  # (T, K)
             return weights, ids.contiguous()
 

@@ -1,0 +1,411 @@
+"""`model="auto"` and `model="a+b"` on the demo world, measured side by side in one run (issue 24).
+
+    python bench/auto_route.py                  # train's defaults (300 steps per set), ~10 min on 2 CPUs
+    python bench/auto_route.py --steps 100 --n 30
+
+1. The demo base and its sum/fill/cross sets, trained as `expertlib demo` trains them
+   (`expertlib.demo.run.train_task_set`: train's defaults; training records each set's routing
+   profile). Sets already trained with the same steps in the work folder are reused.
+2. Offline, in transformers: every held-out prompt's routing under the base (chat template applied,
+   as the server tokenizes it) scored against each set's profile (`expertlib.profile.similarity`,
+   what the server computes): the similarity of the intended set, of the best other candidate, and
+   the pick at every threshold, from which `--auto-threshold` is calibrated.
+3. Served: one `expertlib serve` with the three sets (float32, eager); every held-out prompt of the
+   demo tasks and of the base's pretraining tasks (general and domain) asked with `model="auto"` and with the set
+   (or the base) named; `sum+fill` asked the sum and fill prompts. Picks are the response's `model`.
+4. Latency: the same prompts streamed one at a time, auto and explicit alternating: time to first
+   token and decode tokens/s (a fixed number of tokens, `ignore_eos`).
+5. The routing capture's cost: a base-only batch decoded on that server and on a second one started
+   with the capture switched off (`EXPERTLIB_ROUTING_CAPTURE=0`), rounds alternating.
+
+Prints a table and writes bench/auto_route.json. Nothing is downloaded; servers listen on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+THRESHOLDS = [round(x, 2) for x in np.arange(0.30, 1.0001, 0.05)]
+
+
+def train_sets(base: Path, workdir: Path, steps: int, log) -> dict[str, Path]:
+    """The demo's sets, trained as `expertlib demo` does (reused when trained with the same steps)."""
+    from expertlib.demo.run import DemoSettings, train_task_set
+    from expertlib.demo.tasks import DEMO_TASKS
+    from expertlib.patch import ExpertSet
+
+    s = DemoSettings(steps=steps, server=False, progress=False, workdir=str(workdir))
+    stamp = workdir / "trained.json"
+    done = json.loads(stamp.read_text()) if stamp.exists() else {}
+    paths = {}
+    for task in DEMO_TASKS:
+        out = workdir / "sets" / f"{task}.safetensors"
+        fresh = done.get(task) == steps and out.exists()
+        if fresh and ExpertSet.open(out).manifest.provenance.routing_profile is not None:
+            paths[task] = out
+            log(f"  {task}: reusing {out}")
+            continue
+        t0 = time.perf_counter()
+        paths[task], _ = train_task_set(base, task, workdir, s, log=log)
+        done[task] = steps
+        stamp.write_text(json.dumps(done))
+        log(f"  {task}: trained in {time.perf_counter() - t0:.0f} s")
+    return paths
+
+
+def heldout(tasks: list[str], n: int) -> dict[str, list]:
+    """Each task's first `n` eval prompts (the demo's held-out split) and its answer budget."""
+    from expertlib.demo.tasks import get_task
+
+    return {t: get_task(t).split(n_train=0, n_eval=n, seed=0).eval for t in tasks}
+
+
+def offline_scores(base: Path, sets: dict[str, Path], prompts: dict[str, list]) -> dict[str, list[dict]]:
+    """task -> per prompt {set: similarity} of its routing under the base to each set's profile."""
+    from expertlib.esft.data import Sample, load_tokenizer, pad_token_id
+    from expertlib.esft.profiling import prompt_profile
+    from expertlib.moe import load_model
+    from expertlib.patch import ExpertSet
+    from expertlib.profile import similarity
+
+    model = load_model(base)
+    tok = load_tokenizer(base)
+    profiles = {t: ExpertSet.open(p).manifest.provenance.routing_profile.arrays() for t, p in sets.items()}
+    out: dict[str, list[dict]] = {}
+    for task, exs in prompts.items():
+        rows = []
+        for ex in exs:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": ex.prompt}], add_generation_prompt=True, tokenize=False
+            )
+            ids = tok.encode(text, add_special_tokens=False)  # as the server tokenizes a chat request
+            prof = prompt_profile(model, [Sample(tuple(ids), (-100,) * len(ids))], pad_id=pad_token_id(tok))
+            rows.append({s: similarity(prof.arrays(), p) for s, p in profiles.items()})
+        out[task] = rows
+    return out
+
+
+def pick(scores: dict[str, float], threshold: float) -> str | None:
+    best = max(scores, key=lambda n: (scores[n], n))
+    return best if scores[best] >= threshold else None
+
+
+def calibrate(
+    scores: dict[str, list[dict]], intended: dict[str, str | None]
+) -> dict[float, dict[str, float]]:
+    """threshold -> task -> share of prompts picked as intended (offline)."""
+    return {
+        th: {t: float(np.mean([pick(r, th) == intended[t] for r in rows])) for t, rows in scores.items()}
+        for th in THRESHOLDS
+    }
+
+
+# --- served ---------------------------------------------------------------------------------------
+
+
+def start(base: Path, sets: list[Path], log_path: Path, *, capture: bool, threshold: float):
+    """`expertlib serve` on the demo base with `sets` (float32 and eager, for a short start), as its
+    own process group; the routing capture off with `capture=False`. Returns (process, url)."""
+    import subprocess
+
+    from expertlib.demo.run import BASE_NAME, _free_port
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "expertlib.cli.main", "serve", str(base), "--served-name", BASE_NAME]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--max-sets", "6", "--auto-threshold", str(threshold)]
+    for p in sets:
+        cmd += ["--expert-set", str(p)]
+    cmd += ["--engine-arg", "dtype=float32", "--engine-arg", "enforce_eager=true"]
+    cmd += ["--engine-arg", "max_num_seqs=32"]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env["EXPERTLIB_ROUTING_CAPTURE"] = "1" if capture else "0"
+    logf = open(log_path, "w")  # noqa: SIM115 - the child's log, closed by stop_server
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc._expertlib_log = logf  # type: ignore[attr-defined]
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def ask(client, url: str, model: str, prompt: str, budget: int) -> tuple[str, str]:
+    r = await client.post(
+        url + "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": budget,
+            "temperature": 0.0,
+        },
+    )
+    r.raise_for_status()
+    body = r.json()
+    return body["choices"][0]["message"]["content"] or "", body["model"]
+
+
+async def accuracy_phase(
+    url: str, base_name: str, prompts: dict[str, list], demo: list[str], concurrency: int
+):
+    """Per task and model ('auto', the set or base named, 'sum+fill'): answers correct and picks."""
+    import httpx
+
+    from expertlib.demo.evaluate import answer_budget
+    from expertlib.demo.tasks import get_task
+
+    sem = asyncio.Semaphore(concurrency)
+    results: dict[str, dict[str, list]] = {}
+
+    async with httpx.AsyncClient(timeout=300) as client:
+
+        async def one(task, model, ex, budget):
+            async with sem:
+                text, served = await ask(client, url, model, ex.prompt, budget)
+            ok = bool(get_task(task).score(text, ex.answer))
+            results.setdefault(task, {}).setdefault(
+                model if model in ("auto", "sum+fill") else "explicit", []
+            ).append((ok, served))
+
+        jobs = []
+        for task, exs in prompts.items():
+            budget = answer_budget(exs)
+            models = ["auto", task if task in demo else base_name]
+            if task in ("sum", "fill"):
+                models.append("sum+fill")
+            jobs += [one(task, m, ex, budget) for ex in exs for m in models]
+        await asyncio.gather(*jobs)
+    return results
+
+
+async def stream_one(client, url: str, model: str, prompt: str, tokens: int) -> tuple[float, float, int]:
+    """(time to first token s, decode tokens/s after it, tokens) of one streamed request."""
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    async with client.stream(
+        "POST",
+        url + "/v1/completions",
+        json={
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+        },
+    ) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if not chunk.get("choices") or not chunk["choices"][0].get("text"):
+                continue
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            n += 1
+    ttft = (first or time.perf_counter()) - t0
+    rate = (n - 1) / (last - first) if n > 1 and last > first else float("nan")
+    return ttft, rate, n
+
+
+async def latency_phase(url: str, prompts: dict[str, list], demo: list[str], per_task: int, tokens: int):
+    """auto vs the set named, alternating, one request at a time: TTFT and decode tokens/s."""
+    import httpx
+
+    out = {"auto": [], "explicit": []}
+    async with httpx.AsyncClient(timeout=300) as client:
+        for task in demo:
+            for ex in prompts[task][:per_task]:
+                for model, key in (("auto", "auto"), (task, "explicit")):
+                    out[key].append(await stream_one(client, url, model, ex.prompt, tokens))
+    return out
+
+
+async def batch_rate(url: str, model: str, prompts: list[str], tokens: int) -> float:
+    """Completion tokens/s of `prompts` decoded as one concurrent batch."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        t0 = time.perf_counter()
+        rs = await asyncio.gather(
+            *[
+                client.post(
+                    url + "/v1/completions",
+                    json={
+                        "model": model,
+                        "prompt": p,
+                        "max_tokens": tokens,
+                        "temperature": 0.0,
+                        "ignore_eos": True,
+                    },
+                )
+                for p in prompts
+            ]
+        )
+        wall = time.perf_counter() - t0
+    return sum(r.json()["usage"]["completion_tokens"] for r in rs) / wall
+
+
+def _share(rows, want) -> float:
+    return float(np.mean([x == want for x in rows])) if rows else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from expertlib.demo.base import build_demo_base, cache_dir, pick_threads
+    from expertlib.demo.run import STEPS, stop_server, wait_ready
+    from expertlib.demo.tasks import DEMO_TASKS, PRETRAIN_TASKS
+    from expertlib.server.settings import ServerSettings
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--steps", type=int, default=STEPS, help="training steps per set (the demo's: %(default)s)"
+    )
+    ap.add_argument("--n", type=int, default=40, help="held-out prompts per task")
+    ap.add_argument(
+        "--threshold", type=float, default=None, help="--auto-threshold served (default: the server's)"
+    )
+    ap.add_argument("--latency-prompts", type=int, default=4, help="streamed prompts per demo task and model")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens decoded per streamed request")
+    ap.add_argument("--batch", type=int, default=16, help="base-only batch of the capture-cost rows")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the capture-cost rows")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--workdir", default=None, help="default: the cache's demo/auto-bench folder")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "auto_route.json"))
+    a = ap.parse_args(argv)
+    threshold = (
+        a.threshold if a.threshold is not None else ServerSettings.model_fields["auto_threshold"].default
+    )
+    workdir = Path(a.workdir) if a.workdir else cache_dir() / "demo" / "auto-bench"
+    workdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(pick_threads())
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    demo, general = list(DEMO_TASKS), list(PRETRAIN_TASKS)
+    intended = {**{t: t for t in demo}, **{t: None for t in general}}
+    report: dict = {"steps": a.steps, "n": a.n, "threshold": threshold, "load_before": os.getloadavg()}
+
+    log(f"[1/5] demo base and sets ({a.steps} steps each)")
+    base = build_demo_base(progress=False)
+    sets = train_sets(base, workdir, a.steps, log)
+    report["train_s"] = round(time.perf_counter() - t_start, 1)
+
+    log("[2/5] servers starting (with and without the routing capture); offline routing scores meanwhile")
+    proc, url = start(base, list(sets.values()), workdir / "server.log", capture=True, threshold=threshold)
+    proc_off, url_off = start(base, [], workdir / "server-nocapture.log", capture=False, threshold=threshold)
+    try:
+        prompts = heldout(demo + general, a.n)
+        t0 = time.perf_counter()
+        scores = offline_scores(base, sets, prompts)
+        cal = calibrate(scores, intended)
+        report["offline_s"] = round(time.perf_counter() - t0, 1)
+        report["calibration"] = {str(th): v for th, v in cal.items()}
+        report["similarity"] = {
+            t: {
+                "intended_mean": float(np.mean([r[t] for r in rows])) if t in demo else None,
+                "best_min": float(min(max(r.values()) for r in rows)),
+                "best_max": float(max(max(r.values()) for r in rows)),
+            }
+            for t, rows in scores.items()
+        }
+        t0 = time.perf_counter()
+        wait_ready(proc, url, 900, workdir / "server.log")
+        wait_ready(proc_off, url_off, 900, workdir / "server-nocapture.log")
+        report["ready_wait_s"] = round(time.perf_counter() - t0, 1)
+
+        log("[3/5] served accuracy and picks: auto vs named, sum+fill")
+        t0 = time.perf_counter()
+        from expertlib.demo.run import BASE_NAME
+
+        res = asyncio.run(accuracy_phase(url, BASE_NAME, prompts, demo, a.concurrency))
+        report["accuracy_s"] = round(time.perf_counter() - t0, 1)
+        rows = {}
+        for t in demo + general:
+            r = res[t]
+            want = t if t in demo else BASE_NAME
+            rows[t] = {
+                "auto_pick": _share([served.split("@")[0] for _, served in r["auto"]], want),
+                "offline_pick": _share([pick(s, threshold) for s in scores[t]], intended[t]),
+                "auto_acc": _share([ok for ok, _ in r["auto"]], True),
+                "explicit_acc": _share([ok for ok, _ in r["explicit"]], True),
+                "picked": sorted({served for _, served in r["auto"]}),
+            }
+            if "sum+fill" in r:
+                rows[t]["sum+fill_acc"] = _share([ok for ok, _ in r["sum+fill"]], True)
+        report["rows"] = rows
+
+        log("[4/5] time to first token and decode, auto vs named (one request at a time)")
+        lat = asyncio.run(latency_phase(url, prompts, demo, a.latency_prompts, a.tokens))
+        report["latency"] = {
+            k: {
+                "ttft_ms": float(np.median([x[0] for x in v]) * 1e3),
+                "decode_tok_s": float(np.nanmedian([x[1] for x in v])),
+                "requests": len(v),
+            }
+            for k, v in lat.items()
+        }
+
+        log("[5/5] the routing capture's cost: a base-only batch with and without it")
+        batch = [ex.prompt for t in general for ex in prompts[t]][: a.batch]
+        on, off = [], []
+        asyncio.run(batch_rate(url, BASE_NAME, batch[:2], 4))  # warm both
+        asyncio.run(batch_rate(url_off, BASE_NAME, batch[:2], 4))
+        for i in range(a.rounds):
+            pair = [(url, on), (url_off, off)]
+            for u, acc in pair if i % 2 == 0 else pair[::-1]:
+                acc.append(asyncio.run(batch_rate(u, BASE_NAME, batch, a.tokens)))
+        report["capture"] = {"on_tok_s": on, "off_tok_s": off, "ratio": float(np.median(on) / np.median(off))}
+    finally:
+        stop_server(proc)
+        stop_server(proc_off)
+    report["load_after"] = os.getloadavg()
+    report["total_s"] = round(time.perf_counter() - t_start, 1)
+    Path(a.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print_report(report, demo, general)
+    return 0
+
+
+def print_report(r: dict, demo: list[str], general: list[str]) -> None:
+    print(
+        f"\nthreshold {r['threshold']}, {r['n']} held-out prompts per task, sets trained {r['steps']} steps"
+    )
+    print(
+        f"{'task':8} {'auto picks':>10} {'offline':>8} {'auto acc':>8} {'named':>6} {'ratio':>6} "
+        f"{'sum+fill':>8}  picked"
+    )
+    for t in demo + general:
+        x = r["rows"][t]
+        ratio = x["auto_acc"] / x["explicit_acc"] if x["explicit_acc"] else float("nan")
+        sf = f"{x['sum+fill_acc']:.2f}" if "sum+fill_acc" in x else ""
+        print(
+            f"{t:8} {x['auto_pick']:10.2f} {x['offline_pick']:8.2f} {x['auto_acc']:8.2f} "
+            f"{x['explicit_acc']:6.2f} {ratio:6.2f} {sf:>8}  {', '.join(x['picked'])}"
+        )
+    la = r["latency"]
+    print(
+        f"TTFT ms (median): auto {la['auto']['ttft_ms']:.1f}, named {la['explicit']['ttft_ms']:.1f} "
+        f"(x{la['auto']['ttft_ms'] / la['explicit']['ttft_ms']:.2f}); decode tok/s: auto "
+        f"{la['auto']['decode_tok_s']:.1f}, named {la['explicit']['decode_tok_s']:.1f}"
+    )
+    c = r["capture"]
+    print(
+        f"base-only batch tok/s: capture on {np.median(c['on_tok_s']):.1f}, off {np.median(c['off_tok_s']):.1f} "
+        f"(x{c['ratio']:.3f})"
+    )
+    print("offline pick rate per threshold (min over demo tasks / min over general tasks):")
+    for th, v in r["calibration"].items():
+        print(f"  {th}: {min(v[t] for t in demo):.2f} / {min(v[t] for t in general):.2f}")
+    print(f"load average before {r['load_before']}, after {r['load_after']}; total {r['total_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
