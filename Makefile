@@ -9,7 +9,7 @@ ENGINE ?= cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.expertlib-installed-$(ENGINE)
 
-.PHONY: install test test-fast lint format bench bench-train bench-composer bench-paper bench-scale bench-scale-serve gpu-check gpu-check-vllm demo clean
+.PHONY: install test test-fast lint format bench bench-train bench-composer bench-paper bench-scale bench-scale-serve bench-auto gpu-check gpu-check-vllm demo clean
 
 install: $(STAMP)
 
@@ -64,6 +64,11 @@ bench-scale: install
 # (~25 min on 2 CPUs: loading 32 sets per engine twice per model dominates, so not part of bench-scale)
 bench-scale-serve: install
 	nice -n 5 $(BIN)/python bench/serve_scale.py
+
+# model="auto" and model="a+b" on the demo world (issue 24): picks, accuracy vs the set named, sum+fill,
+# TTFT, the routing capture's cost, the threshold's calibration (~10 min on 2 CPUs, training included)
+bench-auto: install
+	nice -n 5 $(BIN)/python bench/auto_route.py
 
 # one NVIDIA GPU, no vLLM needed (a bare offline machine works; docs/GPU.md): ESFT, slot pool, remap
 # op in a CUDA graph; results under $$OUT. `bash scripts/gpu_check.sh --dry-run` is its CPU mode.
