@@ -257,7 +257,9 @@ class FitReport(BaseModel):
                 f"experts that carry {lost / max(1, len(self.dropped)):.2f} of the task's routing (layers "
                 f"{', '.join(self.dropped)}). The trade-off: "
                 + (keep_hint or "`--keep none` trains them")
-                + " and learns more of the task at the cost of the kept skills (check both with --eval-data)"
+                + " and learns more of the task at the cost of the kept skills (check both with --eval-data). "
+                "If that does not fit the training data either, the skill needs what ESFT freezes (attention, "
+                "which moves information between positions): use full fine-tuning or LoRA"
             )
         elif self.cannot_fit:
             why = (
