@@ -272,10 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threshold", type=float, default=None, help="--auto-threshold served (default: the server's)"
     )
-    ap.add_argument("--latency-prompts", type=int, default=4, help="streamed prompts per demo task and model")
+    ap.add_argument("--latency-prompts", type=int, default=8, help="streamed prompts per demo task and model")
     ap.add_argument("--tokens", type=int, default=32, help="tokens decoded per streamed request")
+    ap.add_argument(
+        "--batch-tokens", type=int, default=64, help="tokens per request of the capture-cost rows"
+    )
     ap.add_argument("--batch", type=int, default=16, help="base-only batch of the capture-cost rows")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the capture-cost rows")
+    ap.add_argument("--rounds", type=int, default=8, help="alternating rounds of the capture-cost rows")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--workdir", default=None, help="default: the cache's demo/auto-bench folder")
     ap.add_argument("--out", default=str(ROOT / "bench" / "auto_route.json"))
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(a.rounds):
             pair = [(url, on), (url_off, off)]
             for u, acc in pair if i % 2 == 0 else pair[::-1]:
-                acc.append(asyncio.run(batch_rate(u, BASE_NAME, batch, a.tokens)))
+                acc.append(asyncio.run(batch_rate(u, BASE_NAME, batch, a.batch_tokens)))
         report["capture"] = {"on_tok_s": on, "off_tok_s": off, "ratio": float(np.median(on) / np.median(off))}
     finally:
         stop_server(proc)
