@@ -117,7 +117,8 @@ def test_readme_command_starts_without_vllm_variables_and_sizes_itself(server):
     log = server["log"].read_text()
     assert "KV cache:" in log and "sized from the model" in log, log[-3000:]
     assert "expert slots: 5 per MoE layer" in log  # math and code need 3 per layer, +1 typical set (2)
-    assert models(server)["resident"] == {"base", "math@1", "code@1"}  # the base by its folder name
+    # the base by its folder name; auto: the set chosen from each prompt's routing
+    assert models(server)["resident"] == {"base", "math@1", "code@1", "auto"}
 
 
 def test_sets_answer_and_an_evicted_set_is_reloaded_transparently(server):

@@ -154,7 +154,8 @@ def test_health_was_503_until_ready_and_models_lists_sets(world):
     assert world["before_ready"] and set(world["before_ready"]) == {503}
     models = client(world).models.list()
     cards = {m.id: m for m in models.data}
-    assert set(cards) == {BASE_NAME, "alpha@1", "beta@1"}
+    assert set(cards) == {BASE_NAME, "alpha@1", "beta@1", "auto"}  # auto: the set chosen from the prompt
+    assert cards["auto"].parent == BASE_NAME
     assert cards["alpha@1"].parent == BASE_NAME and cards["alpha@1"].owned_by == "expertlib"
     assert cards["alpha@1"].created > 0 and cards[BASE_NAME].parent is None
     loadable = {x["id"] for x in models.model_extra["loadable"]}
