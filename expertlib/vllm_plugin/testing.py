@@ -78,7 +78,9 @@ def random_expert_set(
                 else:
                     new = w.map(
                         lambda t: (
-                            t + scale * torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.device, t.dtype)
+                            t
+                            + scale
+                            * torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.device, t.dtype)
                         )
                     )
                 write_expert(base_model, layer, e, new)
