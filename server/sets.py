@@ -119,13 +119,14 @@ class SetCatalog:
         if model in self.base_names:
             return None
         loaded = set(self.loaded())
-        if model in loaded:
+        if model in loaded and await self._settled(model):
             return model
-        if self._aliases.get(model) in loaded:
-            return self._aliases[model]
+        alias = self._aliases.get(model)
+        if alias in loaded and await self._settled(alias):
+            return alias
         ref = await asyncio.to_thread(self._registry_resolve, model)  # SQLite off the event loop
         if ref is not None:
-            if str(ref) in loaded:
+            if str(ref) in set(self.loaded()) and await self._settled(str(ref)):
                 return str(ref)
             if self.load_on_demand:
                 return await self._load_on_demand(str(ref))
@@ -148,7 +149,7 @@ class SetCatalog:
         parts, op = composition_parts(model) or ([], "+")
         opened = [await asyncio.to_thread(self._open_part, part, model) for part in parts]
         served = op.join(name for _, name in opened)
-        if served in set(self.loaded()):
+        if served in set(self.loaded()) and await self._settled(served):
             self._aliases[model] = served
             return served
         from expertlib.compose import compose_sets
@@ -163,6 +164,17 @@ class SetCatalog:
         served = await self._load_on_demand(served, opened=(es, served, served, None))
         self._aliases[model] = served
         return served
+
+    async def _settled(self, served: str) -> bool:
+        """Whether `served`, which the engine lists, is resident, after waiting for a load of it in
+        progress: the engine lists a set from the moment its load reserved slots but refuses its
+        SetRef until the load is done (404 "being loaded"), so a request that finds a set listed while
+        another request loads it waits for that load, as one that found it unlisted would."""
+        lock = self._locks.get(served)
+        if lock is not None and lock.locked():
+            async with lock:
+                pass
+        return served in set(self.loaded())
 
     def _open_part(self, part: str, model: str) -> tuple[ExpertSet, str]:
         """One set named inside a composition: (the set, its served name), resident or registered."""

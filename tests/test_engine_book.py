@@ -243,3 +243,36 @@ def test_a_request_waits_for_a_slot_instead_of_failing(world):
         assert asyncio.get_running_loop().time() - t >= 0.3
 
     asyncio.run(run())
+
+
+def test_concurrent_first_requests_for_a_composition_all_get_it(world, tiny_model_dir, tmp_path):
+    """Two sets registered, not resident, loaded on demand: concurrent first requests for `a+b` (and
+    the same composition spelled `a@1+b@1`, or `b+a` beside it) all resolve. The engine lists a set
+    from the moment its load reserved slots (`loaded_sets`) but refuses its SetRef until the load is
+    done (`ref`: "being loaded", a 404), so a request that found the composition "resident" while
+    another request was still loading it must wait for that load, not answer 404."""
+    from expertlib.registry import Registry
+    from expertlib.server.sets import SetCatalog
+
+    base, sets = world
+    reg = Registry(tmp_path / "reg")
+    for name in ("a", "b"):
+        reg.publish(sets[name], base=tiny_model_dir("qwen2_moe"))
+
+    async def run(models):
+        engine = _async_engine(base, Workers(busy=100), max_sets=4)  # a load takes ~100 polls
+        catalog = SetCatalog(engine, "tiny", reg, registry_base=str(tiny_model_dir("qwen2_moe")))
+        first = asyncio.create_task(catalog.resolve(models[0]))
+        while not engine._book.loading:  # the first request's load has reserved its slots
+            assert not first.done()
+            await asyncio.sleep(0.001)
+        assert catalog.loaded()  # listed while it is being loaded: what the others find
+        refs = await asyncio.gather(first, *(catalog.resolve(m) for m in models[1:]))
+        return [r.name for r in refs], catalog
+
+    names, _ = asyncio.run(run(["a+b", "a+b", "a+b"]))
+    assert names == ["a@1+b@1"] * 3
+    names, _ = asyncio.run(run(["a+b", "a@1+b@1", "b+a", "a+b"]))
+    assert names == ["a@1+b@1", "a@1+b@1", "b@1+a@1", "a@1+b@1"]
+    names, _ = asyncio.run(run(["a", "a@1", "a"]))  # one set, the same way
+    assert names == ["a@1"] * 3
