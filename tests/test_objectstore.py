@@ -6,8 +6,13 @@ clear not-found.
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+import time
 import uuid
 
+import httpx
 import pytest
 from server_process import free_port
 from test_registry_remotes import BASE, refs_digests, src  # noqa: F401 - the fixture
@@ -21,13 +26,29 @@ from expertlib.registry.remotes import open_remote
 def s3_url():
     """A bucket on moto's S3 server, on a free local port; s3fs pointed at it through the environment."""
     pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
+    if importlib.util.find_spec("moto") is None:
+        pytest.skip("moto[server] is not installed")
     import boto3
 
+    # its own process: moto's server is a Flask app, and Flask's context proxies in this process's
+    # modules make torch/vLLM's module walks in later tests fail ("Working outside of application context")
     port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(endpoint, timeout=2)
+            break
+        except httpx.TransportError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto's S3 server did not start on {endpoint}") from None
+            time.sleep(0.2)
     env = {
         "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test",
@@ -42,7 +63,8 @@ def s3_url():
         yield "s3://sets/registry"
     finally:
         mp.undo()
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture(params=["memory", "file", "s3"])
