@@ -241,7 +241,7 @@ def test_models_lists_base_and_loaded_sets(fake_server):
     _ready(fake_server)
     models = client(fake_server).models.list()
     ids = {m.id: m for m in models.data}
-    assert set(ids) == {"tiny-base", "math@1"}
+    assert set(ids) == {"tiny-base", "math@1", "auto"}  # auto: the set chosen from the prompt's routing
     assert ids["math@1"].aliases == ["math"]
     assert [x["id"] for x in models.model_extra["loadable"]] == []
     assert client(fake_server).models.retrieve("math").id == "math@1"
