@@ -658,7 +658,8 @@ def test_1_2_sets_published_before_the_checks_are_caught(world, tmp_path, monkey
     """A registry filled by an older expertlib (no digest recompute, no finiteness check): `verify`
     reports the forged and the NaN set, and opening them for use refuses them."""
     reg = Registry(tmp_path / "reg")
-    monkeypatch.setattr(ExpertSet, "verify", lambda self: {})
+    monkeypatch.setattr(ExpertSet, "verify", lambda self, **kw: {})
+    monkeypatch.setattr(ExpertSet, "verify_streamed", lambda self, scan, key: {})  # publish's one-pass check
     reg.publish(forged(world.model, world.genuine), task="forged")
     reg.publish(poisoned(world.model, float("nan")), task="nan")
     monkeypatch.undo()
