@@ -74,7 +74,7 @@ class HttpRemote:
         validate_name(entry.name)
         digest = validate_digest(entry.digest)
         what = f"{entry.ref} from {self.url}"
-        body = _at_most(
+        body = at_most(
             self._download(f"/blobs/{quote(digest, safe=':')}", entry.size, what), entry.size, what
         )
         return staging.write_temp(body, expected_digest=digest, progress=self.on_bytes), True
@@ -151,7 +151,7 @@ def _resumes_at(r: httpx.Response, offset: int) -> bool:
     return r.status_code == 206 and cr.startswith(f"bytes {offset}-")
 
 
-def _at_most(chunks: Iterator[bytes], size: int, what: str) -> Iterator[bytes]:
+def at_most(chunks: Iterator[bytes], size: int, what: str) -> Iterator[bytes]:
     """The chunks, refused as soon as they go past `size` bytes (a remote that sends more than it
     announced is not trusted with the disk)."""
     got = 0

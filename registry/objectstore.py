@@ -22,6 +22,7 @@ from typing import Any
 
 from expertlib.errors import AlreadyExistsError, NotFoundError, RemoteError
 from expertlib.registry.blobs import BlobStore
+from expertlib.registry.client import at_most
 from expertlib.registry.models import Entry
 from expertlib.registry.names import LATEST, RefSpec, validate_digest, validate_name
 
@@ -94,7 +95,7 @@ class ObjectStoreRemote:
         digest = validate_digest(entry.digest)
         try:
             with self.fs.open(self._blob(digest), "rb") as f:
-                body = _at_most(iter(lambda: f.read(CHUNK), b""), entry.size, f"{entry.ref} from {self.url}")
+                body = at_most(iter(lambda: f.read(CHUNK), b""), entry.size, f"{entry.ref} from {self.url}")
                 tmp = staging.write_temp(body, expected_digest=digest)
         except FileNotFoundError:
             raise NotFoundError(
@@ -175,15 +176,3 @@ def _with_latest(entries: list[Entry]) -> list[Entry]:
         else e
         for e in entries
     ]
-
-
-def _at_most(chunks, size: int, what: str):
-    got = 0
-    for chunk in chunks:
-        got += len(chunk)
-        if got > size:
-            raise RemoteError(
-                f"{what}: the store holds more than the {size} bytes its entry announces",
-                hint="the remote registry is broken or hostile; nothing was imported",
-            )
-        yield chunk
