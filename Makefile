@@ -9,7 +9,7 @@ ENGINE ?= cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.expertlib-installed-$(ENGINE)
 
-.PHONY: install test test-fast lint format bench bench-train bench-composer bench-paper bench-scale bench-scale-serve bench-auto gpu-check gpu-check-vllm demo clean
+.PHONY: install test test-fast lint format bench bench-train bench-composer bench-paper bench-scale bench-scale-serve bench-auto gpu-check gpu-check-vllm demo demo-stop clean
 
 install: $(STAMP)
 
@@ -82,6 +82,10 @@ gpu-check-vllm:
 
 demo: install
 	$(BIN)/expertlib demo
+
+# the server `make demo` leaves running for its web view
+demo-stop:
+	$(BIN)/expertlib demo --stop
 
 # the ESFT paper's table at toy scale on the shipped demo base (FFT, LoRA, ESFT-Token, ESFT-Gate)
 bench-paper: install

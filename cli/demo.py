@@ -26,12 +26,19 @@ from expertlib.cli.output import emit_json, print_table
 @click.option(
     "--registry", default=None, help="Registry folder to publish to (default: $EXPERTLIB_REGISTRY)."
 )
-@click.option("--serve", "serve_forever", is_flag=True, help="Keep serving after the demo (Ctrl-C stops).")
+@click.option(
+    "--keep-serving/--no-keep-serving",
+    default=True,
+    show_default=True,
+    help="Leave the server running after the demo, for the web view (`expertlib demo --stop` stops it; "
+    "the next demo replaces it).",
+)
+@click.option("--stop", is_flag=True, help="Stop the server a demo left running, and do nothing else.")
 @click.option("--port", type=int, default=0, help="Server port (default: a free one).")
 @click.option("--no-server", is_flag=True, help="Skip the serving step (evaluate in process only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON at the end.")
 def demo_cmd(
-    quick, tasks, steps, lr, score, top_p, registry, serve_forever, port, no_server, as_json
+    quick, tasks, steps, lr, score, top_p, registry, keep_serving, stop, port, no_server, as_json
 ) -> None:
     """Build a small MoE, train ESFT expert sets for toy tasks, publish, serve and ask them.
 
@@ -39,12 +46,19 @@ def demo_cmd(
     three domains; digest-checked) and shows how its experts specialise, trains an ESFT expert
     set for each specialised task (printing its retention risk), publishes them to the
     registry, draws their expert overlap, measures every set against the base, then starts
-    `expertlib serve` and asks each task through the OpenAI client by naming its expert set (and
-    the base, for contrast).
+    `expertlib serve` and asks each task through the OpenAI client: naming its expert set, with
+    model="auto" (the server picks the set from the prompt's routing), and naming the base; the
+    first two tasks also composed (model="sum+fill"). The server is left running for its web
+    view at the printed URL until `expertlib demo --stop` (or the next demo).
 
     Example: expertlib demo --quick
     """
     from expertlib.demo.run import DemoSettings, run_demo
+    from expertlib.demo.serving import print_kept, stop_kept
+
+    if stop:
+        print_kept(stop_kept(), log=click.echo)
+        return
 
     settings = DemoSettings(
         quick=quick,
@@ -53,22 +67,13 @@ def demo_cmd(
         steps=steps,
         lr=lr,
         registry=registry,
-        serve_forever=serve_forever,
+        keep_serving=keep_serving,
         port=port,
         server=not no_server,
         **({"tasks": tuple(tasks)} if tasks else {}),
     )
-    shown = []
-
-    def show(report) -> None:
-        shown.append(True)
-        emit_json(report.to_dict()) if as_json else _render(report)
-
-    report = run_demo(settings, log=lambda msg: click.echo(msg, err=as_json), on_served=show)
-    if not shown:
-        show(report)
-    elif not as_json:
-        click.echo(f"total time: {report.timings['total_s']:.0f} s")
+    report = run_demo(settings, log=lambda msg: click.echo(msg, err=as_json))
+    emit_json(report.to_dict()) if as_json else _render(report)
     if report.server_error:
         raise SystemExit(1)
 
@@ -82,6 +87,7 @@ def _render(report) -> None:
             [
                 r["task"],
                 r["model"],
+                r["served_by"],
                 r["prompt"],
                 r["expected"],
                 r["answer"],
@@ -92,13 +98,17 @@ def _render(report) -> None:
         ]
         print_table(
             "asked through the server (openai client)",
-            ["task", "model", "prompt", "expected", "answer", "ok", "in process"],
+            ["task", "model", "served by", "prompt", "expected", "answer", "ok", "in process"],
             rows,
         )
-        acc = report.served_accuracy
-        click.echo(
-            "served accuracy: "
-            + "; ".join(f"{t}: set {a['set']:.2f} vs base {a['base']:.2f}" for t, a in acc.items())
+        ways = list(dict.fromkeys(w for a in report.served_accuracy.values() for w in a))
+        rows = [
+            [t, *(f"{a[w]:.2f}" if w in a else "" for w in ways)] for t, a in report.served_accuracy.items()
+        ]
+        print_table(
+            "served accuracy: the set named, model=auto (and how often it picked the set), the base, composed",
+            ["task", *ways],
+            rows,
         )
     if report.server_error:
         click.secho(f"server step failed: {report.server_error}", fg="red", err=True)
@@ -123,10 +133,12 @@ def _render(report) -> None:
     if report.heatmap:
         click.echo(f"expert-overlap heatmap: {report.heatmap}")
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in report.timings.items() if k != "total_s")
-    if "total_s" in report.timings:
-        click.echo(f"total time: {report.timings['total_s']:.0f} s  ({steps})")
-    else:
-        click.echo(f"time so far: {steps}")
+    click.echo(f"total time: {report.timings['total_s']:.0f} s  ({steps})")
+    if report.kept:
+        click.echo(f"\nthe server keeps running at {report.url}/v1 (models: demo-base, auto, the sets, a+b)")
+        for what, link in report.ui.items():
+            click.echo(f"  {what}: {link}")
+        click.echo("stop it with `expertlib demo --stop` (or `make demo-stop`); the next demo replaces it")
 
 
 COMMANDS = [demo_cmd]

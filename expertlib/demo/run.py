@@ -10,29 +10,38 @@ Steps, each printed as it happens:
    top-p, retention-aware selection keeping the built-in general set, the size-based learning
    rate), printing what the selection kept and its retention risk against the general set;
 3. publish the sets to the registry (default: `$EXPERTLIB_REGISTRY`) and draw the expert-overlap
-   heatmap (`registry diff --plot`);
+   heatmap (`registry diff --plot`); start `expertlib serve` on the base with the sets (it gets
+   ready while step 4 runs);
 4. measure exact-match accuracy of the base and of every set on every task, in process
-   (`expertlib.demo.evaluate`): the specialised tasks and general-ability retention;
-5. start `expertlib serve` on the base with the sets and ask each task's questions through the
-   official `openai` client, naming the task's expert set, and the base for contrast;
-6. stop the server (or keep it running with `serve_forever=True`) and print the total time.
+   (`expertlib.demo.evaluate`): the specialised tasks and general-ability retention, and keep the
+   scores with each set's version;
+5. ask each task's questions through the official `openai` client: naming the task's expert set,
+   with `model="auto"` (the server picks the set from the prompt's routing), and naming the base
+   for contrast; the first two tasks' questions also of their composition `a+b`;
+6. leave the server running for the web view (`keep_serving`, the default: recorded for
+   `expertlib.demo.serving.stop_kept`, which the next demo run calls first) or stop it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from expertlib.demo.base import build_demo_base, cache_dir, demo_base_info, pick_threads
+from expertlib.demo.serving import (  # noqa: F401 - BASE_NAME, stop_server: bench/auto_route.py imports them here
+    BASE_NAME,
+    keep_serving,
+    start_server,
+    stop_kept,
+    stop_server,
+    ui_links,
+    wait_ready,
+)
+from expertlib.demo.serving import free_port as _free_port
 from expertlib.demo.tasks import (
     DEMO_TASKS,
     DOMAIN_TASKS,
@@ -42,8 +51,6 @@ from expertlib.demo.tasks import (
     write_jsonl,
 )
 
-#: The name the demo base is served under.
-BASE_NAME = "demo-base"
 #: ESFT training of the demo sets: steps and quick steps (toy scale; see bench/RESULTS.md "ESFT sweep").
 #: Everything else is `expertlib train`'s defaults (the learning rate: 3e-3 from the base's size).
 STEPS, QUICK_STEPS = 300, 100
@@ -68,7 +75,8 @@ class DemoSettings:
     registry: str | None = None
     workdir: str | None = None
     server: bool = True
-    serve_forever: bool = False
+    #: leave the server running after the demo returns (for the web view); `stop_kept` stops it
+    keep_serving: bool = True
     port: int = 0
     ask: int | None = None
     server_timeout_s: float = 600.0
@@ -98,17 +106,14 @@ class DemoReport:
     heatmap: str | None = None
     specialisation: dict[str, Any] | None = None  # expertlib.esft.diagnostics.Specialisation
     port: int | None = None
+    url: str | None = None
+    ui: dict[str, str] = field(default_factory=dict)  # the web view's pages (while the server runs)
+    kept: bool = False  # the server was left running
     server_error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_task_set(
@@ -170,124 +175,10 @@ def train_task_set(
     return out, summary
 
 
-def start_server(base: Path, registry: str | None, sets: Sequence[str], port: int, log_path: Path):
-    """`expertlib serve` as a child process (its own process group); returns (process, url)."""
-    cmd = [sys.executable, "-m", "expertlib.cli.main", "serve", str(base), "--served-name", BASE_NAME]
-    cmd += ["--port", str(port), "--host", "127.0.0.1"]
-    # float32 like the in-process evaluation (vLLM's CPU default is bfloat16), so served answers
-    # can be compared token for token with in-process ones.
-    cmd += ["--engine-arg", "dtype=float32"]
-    if registry:
-        cmd += ["--registry", registry]
-    for name in sets:
-        cmd += ["--expert-set", name]
-    env = dict(os.environ)
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logf = open(log_path, "w")  # noqa: SIM115 - handed to the child, closed in stop_server
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    proc._expertlib_log = logf  # type: ignore[attr-defined]
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(proc, url: str, timeout_s: float, log_path: Path) -> None:
-    import httpx
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if proc.poll() is not None:
-            tail = log_path.read_text()[-3000:]
-            raise RuntimeError(f"the server exited with code {proc.returncode}:\n{tail}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(f"the server was not ready after {timeout_s:.0f} s (log: {log_path})")
-
-
-def stop_server(proc, timeout_s: float = 30.0) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    log = getattr(proc, "_expertlib_log", None)
-    if log is not None:
-        log.close()
-
-
-def ask_server(
-    url: str, tasks: Sequence[str], s: DemoSettings
-) -> tuple[list[dict], dict[str, dict[str, float]]]:
-    """Ask each task's first `s.ask` eval questions through the openai client, per set and base."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=url + "/v1", api_key="not-needed")
-    rows: list[dict] = []
-    acc: dict[str, dict[str, float]] = {}
-    for task in tasks:
-        t = get_task(task)
-        from expertlib.demo.evaluate import answer_budget
-
-        every = t.split(n_train=0, n_eval=s.n_eval, seed=s.seed).eval
-        exs = every[: s.ask]
-        budget = answer_budget(every)  # the in-process evaluation's token budget, so answers compare
-        acc[task] = {}
-        for model in (task, BASE_NAME):
-            correct = 0
-            for ex in exs:
-                resp = client.chat.completions.create(
-                    model=model,
-                    messages=[{"role": "user", "content": ex.prompt}],
-                    max_tokens=budget,
-                    temperature=0.0,
-                )
-                got = resp.choices[0].message.content or ""
-                ok = bool(t.score(got, ex.answer))
-                correct += ok
-                rows.append(
-                    {
-                        "task": task,
-                        "model": model,
-                        "prompt": ex.prompt,
-                        "expected": ex.answer,
-                        "answer": got.strip(),
-                        "correct": ok,
-                    }
-                )
-            acc[task]["set" if model == task else "base"] = round(correct / max(1, len(exs)), 4)
-    return rows, acc
-
-
-def _wait_interruptible(proc) -> None:
-    """Wait for the server child until SIGINT or SIGTERM (even where the shell ignored SIGINT)."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def run_demo(
-    s: DemoSettings | None = None,
-    *,
-    log: Callable[[str], None] = print,
-    on_served: Callable[[DemoReport], None] | None = None,
-) -> DemoReport:
-    """Run the whole demo (see the module docstring); returns what it measured.
-
-    With `serve_forever`, `on_served(report)` is called once the questions are answered, before
-    the server is left running until SIGINT/SIGTERM.
-    """
+def run_demo(s: DemoSettings | None = None, *, log: Callable[[str], None] = print) -> DemoReport:
+    """Run the whole demo (see the module docstring); returns what it measured. A demo server left
+    running by an earlier run is stopped first; with `keep_serving` this run's server is left
+    running when this returns (`report.url`, `report.ui`)."""
     from expertlib.demo.evaluate import evaluate
     from expertlib.registry import Registry
     from expertlib.registry.diff import plot_diff
@@ -296,6 +187,9 @@ def run_demo(
     t_start = time.perf_counter()
     workdir = Path(s.workdir) if s.workdir else cache_dir() / "demo" / ("quick" if s.quick else "full")
     workdir.mkdir(parents=True, exist_ok=True)
+    old = stop_kept()
+    if old is not None:
+        log(f"stopped the demo server an earlier run left at {old['url']}")
     import torch
 
     torch.set_num_threads(pick_threads())
@@ -326,70 +220,89 @@ def run_demo(
         paths[task], report.sets[task] = train_task_set(base, task, workdir, s, log=log)
     report.timings["train_s"] = round(time.perf_counter() - t0, 1)
 
-    log("[3/5] publishing to the registry")
+    log("[3/5] publishing to the registry" + (", starting the server" if s.server else ""))
     reg = Registry(s.registry)
     for task, p in paths.items():
         entry = reg.publish(p, tags=["demo"], base=base)
         report.sets[task]["ref"] = str(entry.ref)
         log(f"  {entry.ref}  ({report.sets[task]['size_bytes'] / 1024:.0f} KiB) in {reg.root}")
+    refs = [report.sets[t]["ref"] for t in s.tasks]
     if len(s.tasks) >= 2:  # a diff needs two sets
-        diff = reg.diff([report.sets[t]["ref"] for t in s.tasks], base=base, base_dir=base)
+        diff = reg.diff(refs, base=base, base_dir=base)
         heatmap = plot_diff(diff, workdir / "expert_overlap.png", num_experts=info["config"]["num_experts"])
         report.heatmap = str(heatmap)
         log(f"  expert-overlap heatmap: {report.heatmap}")
-
-    log("[4/5] exact-match accuracy, in process (base vs each set; specialised, general and domain tasks)")
-    t0 = time.perf_counter()
-    res = evaluate(
-        base,
-        [str(paths[t]) for t in s.tasks],
-        tasks=[*s.tasks, *GENERAL_TASKS, *DOMAIN_TASKS],
-        n_eval=s.n_eval,
-        seed=s.seed,
-        progress=s.progress,
-        keep_samples=True,
-    )
-    report.accuracy = {("base" if c == "base" else Path(c).stem): v for c, v in res.accuracy.items()}
-    report.timings["eval_s"] = round(time.perf_counter() - t0, 1)
-    from expertlib.registry.evals import accuracy_records, retention_records
-
-    for t in s.tasks:  # scores and retention risk, kept with each set's version (list, show, /ui)
-        column = str(paths[t])
-        records = accuracy_records(res.accuracy[column], res.samples[column], source="expertlib demo")
-        records += retention_records(report.sets[t]["retention_risk"], source="expertlib demo")
-        reg.record_evals(report.sets[t]["ref"], records, base=base)
-
-    if s.server:
-        log("[5/5] serving: `expertlib serve` with every set, asked through the openai client")
-        t0 = time.perf_counter()
-        port = report.port = s.port or _free_port()
+    proc = None
+    if s.server:  # the engine starts while the evaluation runs
+        t_server = time.perf_counter()
+        report.port = s.port or _free_port()
         log_path = workdir / "server.log"
-        proc, url = start_server(
-            base, str(reg.root), [report.sets[t]["ref"] for t in s.tasks], port, log_path
+        proc, report.url = start_server(base, str(reg.root), refs, report.port, log_path)
+        log(f"  `expertlib serve` starting at {report.url} (log: {log_path})")
+    try:
+        log(
+            "[4/5] exact-match accuracy, in process (base vs each set; specialised, general and domain tasks)"
         )
-        try:
-            wait_ready(proc, url, s.server_timeout_s, log_path)
-            log(f"  ready at {url} after {time.perf_counter() - t0:.0f} s; web view: {url}/ui")
-            report.served, report.served_accuracy = ask_server(url, s.tasks, s)
-            for row in report.served:  # the same question answered in process (transformers)
-                column = "base" if row["model"] == BASE_NAME else str(paths[row["task"]])
-                local = {d["prompt"]: d["prediction"] for d in res.samples[column][row["task"]]}
-                row["in_process"] = local.get(row["prompt"], "").strip()
-            if s.serve_forever:
-                if on_served is not None:
-                    on_served(report)
-                log(f"  serving at {url}/v1 (models: {BASE_NAME}, {', '.join(s.tasks)}); Ctrl-C stops")
-                _wait_interruptible(proc)
-        except KeyboardInterrupt:
-            pass
-        except Exception as exc:  # reported, not hidden: the in-process numbers above still stand
-            report.server_error = f"{type(exc).__name__}: {exc}"
-            log(f"  server step failed: {report.server_error}")
-        finally:
+        t0 = time.perf_counter()
+        res = evaluate(
+            base,
+            [str(paths[t]) for t in s.tasks],
+            tasks=[*s.tasks, *GENERAL_TASKS, *DOMAIN_TASKS],
+            n_eval=s.n_eval,
+            seed=s.seed,
+            progress=s.progress,
+            keep_samples=True,
+        )
+        report.accuracy = {("base" if c == "base" else Path(c).stem): v for c, v in res.accuracy.items()}
+        report.timings["eval_s"] = round(time.perf_counter() - t0, 1)
+        from expertlib.registry.evals import accuracy_records, retention_records
+
+        for t in s.tasks:  # scores and retention risk, kept with each set's version (list, show, /ui)
+            column = str(paths[t])
+            records = accuracy_records(res.accuracy[column], res.samples[column], source="expertlib demo")
+            records += retention_records(report.sets[t]["retention_risk"], source="expertlib demo")
+            reg.record_evals(report.sets[t]["ref"], records, base=base)
+        if proc is not None:
+            _serve_step(proc, log_path, report, res, paths, s, t_server, log)
+    finally:
+        if proc is not None and not report.kept:
             stop_server(proc)
-        report.timings["serve_s"] = round(time.perf_counter() - t0, 1)
-    else:
-        log("[5/5] serving skipped (--no-server)")
     report.timings["total_s"] = round(time.perf_counter() - t_start, 1)
     (workdir / "demo_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     return report
+
+
+def _serve_step(
+    proc, log_path: Path, report: DemoReport, res, paths: dict, s: DemoSettings, t_server: float, log
+) -> None:
+    """Step 5: wait for the server, ask it, then leave it running (keep_serving) or let it be stopped.
+    A failure is reported, not raised: the in-process numbers above still stand."""
+    from expertlib.demo.serving import ask_server
+
+    url = report.url
+    assert url is not None
+    log("[5/5] serving: asked through the openai client, naming each set, with model=auto, and the base")
+    t0 = time.perf_counter()
+    try:
+        wait_ready(proc, url, s.server_timeout_s, log_path)
+        report.timings["server_ready_s"] = round(time.perf_counter() - t_server, 1)
+        log(f"  ready at {url} ({report.timings['server_ready_s']:.0f} s after it was started)")
+        report.served, report.served_accuracy = ask_server(
+            url, s.tasks, s.ask, s.n_eval, s.seed, compose=s.tasks[:2]
+        )
+        for row in report.served:  # the same question answered in process (transformers)
+            task = row["served_by"].split("@", 1)[0]
+            column = "base" if task not in paths else str(paths[task])
+            if "+" not in row["served_by"]:
+                local = {d["prompt"]: d["prediction"] for d in res.samples[column][row["task"]]}
+                row["in_process"] = local.get(row["prompt"], "").strip()
+    except Exception as exc:
+        report.server_error = f"{type(exc).__name__}: {exc}"
+        log(f"  server step failed: {report.server_error}")
+        return
+    finally:
+        report.timings["serve_s"] = round(time.perf_counter() - t0, 1)
+    if s.keep_serving:
+        report.ui = ui_links(url, [report.sets[t]["ref"] for t in s.tasks])
+        keep_serving(proc, url, log_path, port=report.port)
+        report.kept = True
