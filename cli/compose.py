@@ -53,28 +53,43 @@ def compose_cmd(
 @click.argument("patch", type=click.Path(exists=True, dir_okay=False))
 @click.option("--base", required=True, help="The base model folder the set belongs to.")
 @click.option(
-    "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="jsonl of the set's task."
+    "--data",
+    type=click.Path(exists=True, dir_okay=False),
+    help="jsonl of the set's task (may be left out when the set has a profile and --anchor is given).",
+)
+@click.option(
+    "--anchor",
+    "anchors",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="jsonl of something the base already does well, recorded as a base anchor: model=auto keeps "
+    "prompts like it on the base. Repeatable.",
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of in place.")
 @json_option
-def profile_cmd(patch: str, base: str, data: str, output: str | None, as_json: bool) -> None:
+def profile_cmd(
+    patch: str, base: str, data: str | None, anchors: tuple[str, ...], output: str | None, as_json: bool
+) -> None:
     """Record the routing profile of a set's task in its manifest (for `model="auto"`).
 
     Trained sets carry one; sets imported with `import-esft` or made by older versions get it
     here: DATA's prompts run through BASE and each MoE layer's share of top-k picks per expert is
-    stored. The tensors (and the content digest) stay as they are; publish the file again.
+    stored. Each --anchor is profiled the same way and stored as a base anchor (a prompt nearest it
+    is served by the base). The tensors (and the content digest) stay as they are; publish the file
+    again.
 
-    Example: expertlib profile math.safetensors --base ./models/base --data math.jsonl
+    Example: expertlib profile math.safetensors --base ./models/base --data math.jsonl --anchor chat.jsonl
     """
     from expertlib.esft.profiling import profile_file
 
-    path, prof = profile_file(patch, base, data, output=output)
-    data_out = {"path": str(path), "layers": len(prof.shares), "tokens": prof.tokens}
+    path, prof = profile_file(patch, base, data, anchors=anchors, output=output)
+    data_out = {"path": str(path), "layers": len(prof.shares), "tokens": prof.tokens, "anchors": len(anchors)}
     emit(
         as_json,
         data_out,
         lambda d: click.echo(
-            f"wrote {d['path']}: routing profile of {d['layers']} layers, {d['tokens']} tokens"
+            f"wrote {d['path']}: routing profile of {d['layers']} layers, {d['tokens']} tokens, "
+            f"{d['anchors']} base anchors added"
         ),
     )
 

@@ -216,7 +216,23 @@ def compose_sets(
         base=first.base,
         experts=experts,
         base_digests=base_digests,
-        provenance=Provenance(method="composed", extra={"parts": parts, "overlap": overlap}),
+        provenance=Provenance(
+            method="composed",
+            extra={"parts": parts, "overlap": overlap},
+            **_composed_profile([es.manifest.provenance for es in sets]),
+        ),
         description="composition of " + ", ".join(names),
         dtype=getattr(torch, first.dtype),
     )
+
+
+def _composed_profile(parts: Sequence) -> dict:
+    """A composition's routing profile for `model="auto"`: the token-weighted mixture of its parts'
+    (`expertlib.profile.mixture`), when every part has one; and the union of their base anchors."""
+    from expertlib.profile import mixture
+
+    anchors = {name: prof for p in parts for name, prof in p.base_anchors.items()}
+    profiles = [p.routing_profile for p in parts]
+    if any(prof is None for prof in profiles):
+        return {"base_anchors": anchors}
+    return {"routing_profile": mixture(profiles), "base_anchors": anchors}

@@ -86,6 +86,11 @@ class Provenance(BaseModel):
     routing_profile: RoutingProfile | None = Field(
         default=None, description="the task's prompt routing under the base, for model=auto"
     )
+    base_anchors: dict[str, RoutingProfile] = Field(
+        default_factory=dict,
+        description="routing profiles of what the base already does (name -> profile): model=auto "
+        "serves the base when a prompt is nearest one of them (expertlib.profile)",
+    )
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -7,14 +7,26 @@ matched on its prompt alone, before anything is generated):
 
 i.e. ESFT-Token over prompt tokens (`expertlib.esft.scoring`). Training records it in the set's
 manifest (`Provenance.routing_profile`); `expertlib profile` adds it to sets made elsewhere. The
-server's `model="auto"` compares a prompt's own routing under the base (the same statistic over
-its tokens) with each set's profile by cosine similarity, averaged over layers (`similarity`).
+server's `model="auto"` scores a prompt's own routing under the base (its top-k picks counted per
+expert, x_{l,i} as shares) against each candidate profile as the likelihood of those picks:
+
+    similarity(x, P) = exp(-1/|L| * sum_l KL(x_l || P~_l)),   P~_l = (P_l + eps) / (1 + E eps)
+
+the geometric mean, per pick, of P's probability over the prompt's own: 1 = the same routing,
+towards 0 as the picks land where P rarely routes. Unlike a cosine of the mean shares, it weighs
+the experts the few task-specific tokens (an instruction word) go to, which tells a task from
+another of the same domain (bench/RESULTS.md, `model="auto"`).
+
+Base anchors: profiles of what the base already does (its own data: the data `train` kept, the
+demo base's pretraining tasks, or data given to `expertlib profile --anchor`), recorded beside a
+set's profile (`Provenance.base_anchors`). They compete with the sets as candidates; when one wins,
+the base serves. A composed set's profile is the token-weighted mixture of its parts' (`mixture`).
 
 Stored compactly: per layer the shares as little-endian float16, base64 (~2.7 characters per
 expert; a 48-layer, 128-expert base takes ~16 KB of manifest).
 
     prof = prompt_profile(model, samples, pad_id=pad)   # expertlib.esft.profiling
-    similarity(prompt_shares, prof.arrays())            # in [0, 1]
+    similarity(prompt_counts, prof.arrays())            # in (0, 1]
 """
 
 from __future__ import annotations
@@ -68,16 +80,45 @@ class RoutingProfile(BaseModel):
         return out
 
 
+#: Share added to every expert of a profile before scoring (`similarity`): a prompt's pick on an
+#: expert its candidate never routes to costs a bounded amount instead of ruling the candidate out.
+SMOOTHING = 1e-3
+
+
 def similarity(shares: Mapping[int, np.ndarray], profile: Mapping[int, np.ndarray]) -> float:
-    """Mean over the layers both have of cos(shares_l, profile_l): 1 = the same routing, 0 = disjoint
-    experts. `shares`: MoE layer -> (E,) counts or shares of a prompt's top-k picks."""
-    layers = sorted(set(shares) & set(profile))
+    """exp(-mean over the layers both have of KL(shares_l || profile_l)), in (0, 1] (module docstring).
+    `shares`: MoE layer -> (E,) counts or shares of a prompt's top-k picks; `profile`: a candidate's
+    (E,) shares per layer. 0 when they have no layer in common or the prompt has no picks."""
+    layers = [layer for layer in sorted(set(shares) & set(profile)) if float(np.sum(shares[layer])) > 0]
     if not layers:
         return 0.0
     total = 0.0
     for layer in layers:
-        a = np.asarray(shares[layer], dtype=np.float64)  # (E,)
-        b = np.asarray(profile[layer], dtype=np.float64)  # (E,)
-        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-        total += float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0
-    return total / len(layers)
+        x = np.asarray(shares[layer], dtype=np.float64)  # (E,)
+        x = x / x.sum()
+        p = np.clip(np.asarray(profile[layer], dtype=np.float64), 0.0, None) + SMOOTHING  # (E,)
+        p = p / p.sum()
+        picked = x > 0
+        total += float(np.sum(x[picked] * np.log(x[picked] / p[picked])))  # KL(x || p) >= 0
+    return float(np.exp(-total / len(layers)))
+
+
+def mixture(profiles: Sequence[RoutingProfile]) -> RoutingProfile:
+    """The profile of a composition of sets: each layer's shares averaged over the parts, weighted by
+    the prompt tokens each part's profile measured (as if their prompts were profiled together)."""
+    if not profiles:
+        raise DataError("a mixture needs at least one routing profile", hint="profile the parts first")
+    if len({p.num_experts for p in profiles}) != 1:
+        raise PatchShapeError(
+            "the profiles disagree on the number of experts", hint="compose sets of one base"
+        )
+    weights = [max(p.tokens, 1) for p in profiles]
+    arrays = [p.arrays() for p in profiles]
+    layers = sorted(set.intersection(*(set(a) for a in arrays)))
+    if not layers:
+        raise PatchShapeError("the profiles have no MoE layer in common", hint="compose sets of one base")
+    total = float(sum(weights))
+    shares = {
+        layer: sum(w * a[layer] for w, a in zip(weights, arrays, strict=True)) / total for layer in layers
+    }
+    return RoutingProfile.from_shares(shares, tokens=sum(p.tokens for p in profiles))

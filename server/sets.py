@@ -45,6 +45,8 @@ from expertlib.slots import SetRef
 
 #: A request waits this long for a slot when every resident set is pinned or busy, then gets 503.
 SLOT_WAIT_S = 30.0
+#: How `resolve_auto` names a base anchor among the candidates' similarities.
+ANCHOR_PREFIX = "base:"
 
 log = logging.getLogger("expertlib.server")
 
@@ -199,24 +201,28 @@ class SetCatalog:
     ) -> tuple[SetRef | None, dict[str, float]]:
         """The set to serve a `model="auto"` request: the prompt's routing under the base (one base
         prefill in the engine, `routing_of`) against the routing profile of every set this server
-        may serve (resident or registered; sets without a profile never match), by mean cosine over
-        layers (`expertlib.profile.similarity`). The best set at or above `threshold` serves, else the
-        base (None). Also returns every candidate's similarity. No candidate: no prefill at all."""
+        may serve (resident or registered; sets without a profile never match) and against the base
+        anchors those sets carry (profiles of what the base already does), by
+        `expertlib.profile.similarity`. The best candidate at or above `threshold` serves when it is a
+        set; an anchor, or nothing that close, means the base (None). Also returns every candidate's
+        similarity (anchors as `ANCHOR_PREFIX + name`). No set: no prefill at all."""
         from expertlib.profile import similarity
 
-        profiles = await asyncio.to_thread(self._profiles)
+        profiles, anchors = await asyncio.to_thread(self._profiles)
         if not profiles:
             return None, {}
         shares = await self.engine.routing_of(prompt_ids)
         scores = {name: similarity(shares, prof) for name, prof in profiles.items()}
+        scores |= {ANCHOR_PREFIX + name: similarity(shares, prof) for name, prof in anchors.items()}
         best = max(scores, key=lambda n: (scores[n], n))
-        if scores[best] < threshold:
+        if scores[best] < threshold or best not in profiles:
             return None, scores
         return await self.resolve(best), scores
 
-    def _profiles(self) -> dict[str, dict]:
-        """Served name or registry reference -> routing profile (layer -> (E,) shares) of every set
-        this server may serve that has one; manifests are read once per content digest."""
+    def _profiles(self) -> tuple[dict[str, dict], dict[str, dict]]:
+        """(served name or registry reference -> routing profile (layer -> (E,) shares) of every set
+        this server may serve that has one, base anchor name -> profile of every anchor those sets
+        carry); manifests are read once per content digest."""
         cache = self.__dict__.setdefault("_profile_cache", {})
         named: dict[str, tuple[str, Any]] = {}  # name -> (content digest, how to open it)
         status = self.engine.status().get("sets", {})
@@ -229,7 +235,8 @@ class SetCatalog:
             # one candidate per task: the resident version, else the registry's latest (listed first)
             if ref.name not in loaded_tasks and not any(n.split("@")[0] == ref.name for n in named):
                 named[str(ref)] = (ref.digest, ref)
-        out = {}
+        out: dict[str, dict] = {}
+        anchors: dict[str, dict] = {}
         for name, (digest, where) in named.items():
             if digest not in cache:
                 try:
@@ -238,14 +245,18 @@ class SetCatalog:
                         if isinstance(where, str)
                         else self.registry.open(where, base=self.registry_base)
                     )
-                    prof = es.manifest.provenance.routing_profile
-                    cache[digest] = prof.arrays() if prof is not None else None
+                    prov = es.manifest.provenance
+                    prof = prov.routing_profile.arrays() if prov.routing_profile is not None else None
+                    cache[digest] = (prof, {a: p.arrays() for a, p in prov.base_anchors.items()})
                 except ExpertlibError as exc:
                     log.warning("no routing profile for %s: %s", name, exc.message)
-                    cache[digest] = None
-            if cache[digest] is not None:
-                out[name] = cache[digest]
-        return out
+                    cache[digest] = (None, {})
+            prof, carried = cache[digest]
+            if prof is not None:
+                out[name] = prof
+                for a, p in carried.items():
+                    anchors.setdefault(a, p)
+        return out, anchors
 
     # --- registry --------------------------------------------------------------------------------
 

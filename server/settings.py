@@ -74,11 +74,12 @@ class ServerSettings(BaseModel):
         "in the same layer and part (gate/up, down); inf turns the check off (expertlib.bounds)",
     )
     auto_threshold: float = Field(
-        default=0.7,  # bench/RESULTS.md, model="auto" on the demo world: between 0.52 (base tasks) and 0.92
+        default=0.55,  # bench/RESULTS.md, model="auto" on the demo world: between 0.37 (base tasks) and 0.77
         ge=0,
         le=1,
         description='model="auto": serve the set whose routing profile is most similar to the prompt\'s '
-        "routing under the base (mean cosine over layers) when the similarity reaches this, else the base",
+        "routing under the base (expertlib.profile.similarity: the likelihood of the prompt's top-k picks) "
+        "when the similarity reaches this and no base anchor is closer, else the base",
     )
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on (0: any free port)")

@@ -22,7 +22,7 @@ PROMPTS = {
     "beta": "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15",
 }
 OTHER = "zzz qqq xxx"
-THRESHOLD = 0.97
+THRESHOLD = 0.9
 
 
 def test_profile_round_trips_compactly_and_refuses_damage():
@@ -32,8 +32,8 @@ def test_profile_round_trips_compactly_and_refuses_damage():
     assert sorted(back) == [0, 3]
     assert np.allclose(back[3], shares[3], atol=1e-3)
     assert len(prof.shares[0]) == 12  # 4 float16 = 8 bytes of base64
-    assert similarity(back, back) == pytest.approx(1.0, abs=1e-6)
-    assert similarity({0: np.array([0, 0, 0, 1.0])}, back) == 0.0
+    assert similarity(back, back) == pytest.approx(1.0, abs=1e-2)  # the smoothing costs a little
+    assert similarity({0: np.array([0, 0, 0, 1.0])}, back) < 0.01  # where the profile never routes
     assert similarity({9: np.ones(4)}, back) == 0.0  # no layer in common
     bad = prof.model_copy(update={"shares": {0: prof.shares[3][:8]}})
     with pytest.raises(ValueError, match="shares for 4 experts"):
@@ -58,6 +58,170 @@ def test_auto_with_no_sets_serves_the_base_without_a_prefill():
 
     catalog = SetCatalog(_NoEngine(), "tiny-moe")
     assert asyncio.run(catalog.resolve_auto([1, 2, 3], THRESHOLD)) == (None, {})
+
+
+# --- base anchors, the similarity, compositions (no engine) ---------------------------------------
+
+E = 8
+#: one MoE layer; experts 0-3 carry a domain's shared tokens (digits), 4 the set's instruction word,
+#: 5 the base task's: two tasks of one domain, as the demo's sum (a set) and add (the base's own)
+SUM = {0: [0.2, 0.2, 0.2, 0.2, 0.2, 0.0, 0.0, 0.0]}
+ADD = {0: [0.2, 0.2, 0.2, 0.2, 0.0, 0.2, 0.0, 0.0]}
+WORDS = {0: [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.5]}
+
+
+def _counts(shares, picks=40):
+    return {layer: np.asarray(v) * picks for layer, v in shares.items()}
+
+
+def test_similarity_is_the_likelihood_of_the_prompts_picks():
+    same = similarity(_counts(SUM), RoutingProfile.from_shares(SUM, tokens=10).arrays())
+    assert same == pytest.approx(1.0, abs=0.01)  # float16 storage and smoothing cost a little
+    # an add prompt against sum's profile: a fifth of its picks land where sum never routes
+    add_vs_sum = similarity(_counts(ADD), RoutingProfile.from_shares(SUM, tokens=10).arrays())
+    assert 0.2 < add_vs_sum < 0.5
+    assert similarity(_counts(WORDS), SUM) < 0.01  # disjoint experts
+    assert similarity({0: np.zeros(E)}, SUM) == 0.0  # no picks
+    assert similarity({1: np.ones(E)}, SUM) == 0.0  # no layer in common
+
+
+class _Engine:
+    """Sets resident from patch files; `routing_of` returns the counts the test sets."""
+
+    def __init__(self, paths):
+        from expertlib.patch import ExpertSet
+
+        self.sets = {
+            name: {"path": str(p), "content_digest": ExpertSet.open(p).manifest.content_digest}
+            for name, p in paths.items()
+        }
+        self.counts = None
+        self.prefills = 0
+
+    def loaded_sets(self):
+        return list(self.sets)
+
+    def status(self):
+        return {"sets": self.sets}
+
+    def ref(self, name):
+        from expertlib.slots import SetRef
+
+        return SetRef(name, self.sets[name]["content_digest"], 1)
+
+    async def routing_of(self, prompt_ids):
+        self.prefills += 1
+        return self.counts
+
+
+@pytest.fixture(scope="module")
+def profiled_sets(tmp_path_factory):
+    """Two tiny sets: `sum` (profile SUM, carrying the base anchor `add`), `words` (profile WORDS)."""
+    from expertlib.moe import load_model
+    from expertlib.patch import ExpertSet
+    from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set
+
+    root = tmp_path_factory.mktemp("anchors")
+    make_vllm_tiny_base("qwen2_moe", root / "base")
+    model = load_model(root / "base")
+    out = {}
+    for i, (name, experts, prof, anchors) in enumerate(
+        [("sum", {0: [1]}, SUM, {"add": ADD}), ("words", {1: [2]}, WORDS, {})]
+    ):
+        es = random_expert_set(model, name, experts, seed=i + 1, scale=2.0)
+        m = es.manifest
+        prov = m.provenance.model_copy(
+            update={
+                "routing_profile": RoutingProfile.from_shares(prof, tokens=100 * (i + 1)),
+                "base_anchors": {a: RoutingProfile.from_shares(v, tokens=50) for a, v in anchors.items()},
+            }
+        )
+        es = ExpertSet(m.model_copy(update={"provenance": prov}), dict(es.tensors))
+        out[name] = es.save(root / f"{name}.safetensors")
+    return root, out
+
+
+def test_a_base_anchor_keeps_its_prompts_on_the_base(profiled_sets):
+    """The demo's add prompts went to sum's set (same domain, same experts) before base anchors."""
+    from expertlib.server.sets import ANCHOR_PREFIX, SetCatalog
+
+    _, paths = profiled_sets
+    engine = _Engine(paths)
+    catalog = SetCatalog(engine, "tiny-moe")
+    engine.counts = _counts(ADD)
+    ref, scores = asyncio.run(catalog.resolve_auto([1, 2], 0.1))
+    assert ref is None  # the base: its own task's anchor is the nearest candidate
+    assert scores[ANCHOR_PREFIX + "add"] > scores["sum"] > 0.1  # the set alone would have passed
+    engine.counts = _counts(SUM)
+    ref, scores = asyncio.run(catalog.resolve_auto([1, 2], 0.1))
+    assert ref is not None and ref.name == "sum"
+    engine.counts = _counts(WORDS)
+    assert asyncio.run(catalog.resolve_auto([1, 2], 0.1))[0].name == "words"
+    assert asyncio.run(catalog.resolve_auto([1, 2], 0.999))[0] is None  # below the threshold: base
+    assert engine.prefills == 4
+
+
+def test_a_composition_carries_its_parts_mixed_profile(profiled_sets):
+    from expertlib.compose import compose_sets
+    from expertlib.patch import ExpertSet
+
+    _, paths = profiled_sets
+    sets = [ExpertSet.open(paths["sum"]), ExpertSet.open(paths["words"])]
+    prov = compose_sets(sets).manifest.provenance
+    mixed = prov.routing_profile.arrays()[0]
+    # token-weighted: sum measured 100 prompt tokens, words 200
+    want = (np.asarray(SUM[0]) * 100 + np.asarray(WORDS[0]) * 200) / 300
+    assert np.allclose(mixed, want, atol=1e-3)
+    assert prov.routing_profile.tokens == 300
+    assert set(prov.base_anchors) == {"add"}  # the parts' anchors travel with it
+    bare = sets[1].manifest
+    no_prof = ExpertSet(
+        bare.model_copy(update={"provenance": bare.provenance.model_copy(update={"routing_profile": None})}),
+        dict(sets[1].tensors),
+    )
+    assert compose_sets([sets[0], no_prof]).manifest.provenance.routing_profile is None
+
+
+def test_an_unknown_name_inside_a_composition_is_a_404_naming_it(profiled_sets):
+    from expertlib.errors import NotFoundError
+    from expertlib.server.sets import SetCatalog
+
+    _, paths = profiled_sets
+    catalog = SetCatalog(_Engine(paths), "tiny-moe")
+    with pytest.raises(NotFoundError, match="names 'nope'"):
+        asyncio.run(catalog.resolve("sum+nope"))
+
+
+def test_profile_cli_records_base_anchors(tiny_model_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from expertlib.cli.main import cli
+    from expertlib.moe import load_model
+    from expertlib.patch import ExpertSet
+    from expertlib.vllm_plugin.testing import random_expert_set
+
+    base = tiny_model_dir("qwen2_moe")
+    model = load_model(base)
+    path = random_expert_set(model, "t", {0: [1]}, seed=3).save(tmp_path / "t.safetensors")
+    data, chat = tmp_path / "t.jsonl", tmp_path / "chat.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"add {i} and {i}", "completion": " x"}) + "\n" for i in range(4))
+    )
+    chat.write_text(
+        "".join(json.dumps({"prompt": f"hello number {i}", "completion": " hi"}) + "\n" for i in range(4))
+    )
+    runner = CliRunner()
+    r = runner.invoke(cli, ["profile", str(path), "--base", str(base), "--anchor", str(chat)])
+    assert r.exit_code != 0 and "no routing profile yet" in r.output  # an anchor alone needs a profile
+    r = runner.invoke(
+        cli, ["profile", str(path), "--base", str(base), "--data", str(data), "--anchor", str(chat)]
+    )
+    assert r.exit_code == 0, r.output
+    prov = ExpertSet.open(path).manifest.provenance
+    assert prov.routing_profile is not None and set(prov.base_anchors) == {"chat"}
+    assert prov.base_anchors["chat"].tokens > 0
 
 
 def _profile_of(model, tok, text):
@@ -90,6 +254,9 @@ def test_training_records_the_prompts_routing_profile(tiny_model_dir, tmp_path):
     assert prof is not None and prof.tokens > 0
     arrays = prof.arrays()
     assert all(abs(float(v.sum()) - 1) < 1e-2 for v in arrays.values())
+    # and the base's own data (`--keep auto`: the base's own samples) as an anchor
+    anchors = es.manifest.provenance.base_anchors
+    assert set(anchors) == {"self"} and anchors["self"].tokens > 0
 
 
 # --- served ---------------------------------------------------------------------------------------

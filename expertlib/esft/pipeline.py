@@ -162,7 +162,7 @@ def train_esft(
     launch the processes train data-parallel (`expertlib.esft.distributed`); rank 0 writes the patch.
     """
     from expertlib.esft.data import data_digest, load_samples, load_tokenizer, pad_token_id, split_holdout
-    from expertlib.esft.profiling import prompt_profile
+    from expertlib.esft.profiling import anchor_samples, base_anchors, prompt_profile
     from expertlib.esft.scoring import score_experts
     from expertlib.esft.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
     from expertlib.identity import base_identity
@@ -269,7 +269,11 @@ def train_esft(
             update=dict(method="esft", extra={**prov.extra, "selection_from": str(sel.experts)})
         )
     # the prompts' routing under the base, for the server's model="auto" (expertlib.profile)
-    prov = prov.model_copy(update={"routing_profile": prompt_profile(model, train_s, pad_id=pad)})
+    # and the base anchors: what the base already does, which keeps its own prompts on the base
+    anchors = base_anchors(model, anchor_samples(base, model, tok, keep=sel.keep), pad_id=pad)
+    prov = prov.model_copy(
+        update={"routing_profile": prompt_profile(model, train_s, pad_id=pad), "base_anchors": anchors}
+    )
     if on_selection is not None:
         on_selection(model, experts, train_s)
     moe_sel = [layer for layer, ids in experts.experts.items() if ids]
