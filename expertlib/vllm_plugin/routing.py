@@ -135,9 +135,21 @@ class SlotContext:
             self.capture_rows[: max(n, self._captured)].copy_(self._capture_host[: max(n, self._captured)])
         self._captured = n if any(capture_rows) else 0
 
+    def counting(self) -> bool:
+        """Whether the routers count this step's routing (`count_routing`): only when a captured
+        request is in the step, so the capture costs nothing otherwise. Code that is traced or
+        recorded once and then replayed without Python (torch.compile's graph on CPU, CUDA graphs)
+        always holds the count: a branch there would be frozen at warm-up, where nothing is
+        captured, and `model="auto"` would silently see no routing."""
+        if torch.compiler.is_compiling():
+            return True
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return True
+        return self._captured > 0
+
     def count_routing(self, layer: int, topk_ids: torch.Tensor) -> None:
-        """Add this step's (T, K) logical top-k ids to each token's capture row of `layer`. Always
-        runs (no branch on the data, as `remap_ids`): one small scatter-add per layer."""
+        """Add this step's (T, K) logical top-k ids to each token's capture row of `layer`: one small
+        scatter-add, with no branch on the data (as `remap_ids`)."""
         rows = self.capture_rows[: topk_ids.shape[0]].unsqueeze(1).expand(topk_ids.shape)  # (T, K)
         ones = torch.ones(topk_ids.numel(), dtype=self.routing_counts.dtype, device=topk_ids.device)
         self.routing_counts[layer].index_put_(
@@ -203,7 +215,7 @@ def slot_router_class(base: type) -> type:
             weights, ids = base._compute_routing(
                 self, hidden_states, router_logits, indices_type, input_ids=input_ids
             )
-            if ROUTING_CAPTURE:
+            if ROUTING_CAPTURE and self.expertlib_ctx.counting():
                 self.expertlib_ctx.count_routing(self.expertlib_layer, ids)  # model="auto"
             ids = self.expertlib_ctx.remap_ids(self.expertlib_layer, ids)  # (T, K)
             return weights, ids.contiguous()
