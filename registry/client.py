@@ -2,11 +2,12 @@
 
 Wire format (JSON bodies are the pydantic models of `expertlib.registry.models`):
 
-    GET  {url}/entries?name=&base=        -> EntryList
+    GET  {url}/entries?name=&base=        -> EntryList (each entry with its evaluation results)
     GET  {url}/entries/{ref}?base=        -> Entry (with manifest)     ref: math, math@3, math@sha256:...
     GET  {url}/blobs/{digest}             -> the patch bytes (application/octet-stream; Range: resumes)
     POST {url}/entries?name=&digest=&version=&tag=&source=   body: patch bytes  -> Entry (201)
     POST {url}/tags                       TagRequest -> Entry
+    POST {url}/evals                      EvalsRequest -> Entry (results kept with the version)
 Errors come back in OpenAI's shape, {"error": {"message": ..., "type": ..., "code": ...}}.
 `Authorization: Bearer <token>` is sent when a token is given (the server's admin key).
 """
@@ -22,7 +23,7 @@ import httpx
 from expertlib import jsonsafe
 from expertlib.errors import NotFoundError, RemoteError
 from expertlib.registry.blobs import CHUNK, BlobStore, TempBlob
-from expertlib.registry.models import Entry, EntryList, TagRequest
+from expertlib.registry.models import EVALS_PER_REQUEST, Entry, EntryList, EvalsRequest, TagRequest
 from expertlib.registry.names import RefSpec, validate_digest, validate_name
 
 TOKEN_ENV = "EXPERTLIB_REMOTE_TOKEN"
@@ -143,6 +144,13 @@ class HttpRemote:
         for t in tags:
             body = TagRequest(ref=str(entry.ref), tag=t, base=entry.base.config_digest)
             self._request("POST", "/tags", json=body.model_dump())
+
+    def record_evals(self, entry: Entry, records: list) -> None:
+        for i in range(0, len(records), EVALS_PER_REQUEST):
+            body = EvalsRequest(
+                ref=str(entry.ref), base=entry.base.config_digest, records=records[i : i + EVALS_PER_REQUEST]
+            )
+            self._request("POST", "/evals", json=body.model_dump(mode="json"))
 
 
 def _resumes_at(r: httpx.Response, offset: int) -> bool:

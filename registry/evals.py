@@ -14,59 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
-
-from pydantic import BaseModel, Field, field_validator
 
 from expertlib.errors import InvalidNameError
 from expertlib.registry import index
 from expertlib.registry.local import BaseArg, RegistryStore
-from expertlib.registry.models import Entry
+from expertlib.registry.models import LABEL_HINT, Entry, EvalRecord
 from expertlib.registry.names import Ref
 
 #: The task name under which a set's retention risk is kept (`expertlib.esft.diagnostics.RetentionRisk`:
 #: the share of a general dataset's routing its experts carry; metrics mean_general_mass, max_general_mass).
 RETENTION_TASK = "retention"
 
-#: Task and metric names: short printable labels (they end up in tables, the web view, Hub cards).
-_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/+()-]{0,99}$")
-_LABEL_HINT = "use letters, digits, spaces and . _ : / + ( ) - (at most 100 characters)"
-
-
-class EvalRecord(BaseModel):
-    """One measured score of one expert-set version."""
-
-    task: str = Field(description="what was measured, e.g. the toy task `sum` or a data file's name")
-    metric: str = Field(description="exact_match, contains, answer_loss, perplexity, ...")
-    value: float = Field(description="the score (finite)")
-    data_digest: str = Field(default="", description="sha256 of the evaluation data ('' when unknown)")
-    n: int | None = Field(default=None, ge=0, description="samples evaluated")
-    recorded_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
-    source: str | None = Field(default=None, description="what measured it (expertlib eval, demo, ...)")
-
-    @field_validator("task", "metric")
-    @classmethod
-    def _label(cls, v: str) -> str:
-        if not isinstance(v, str) or not _LABEL_RE.match(v):
-            raise ValueError(f"{v!r} is not a valid label: {_LABEL_HINT}")
-        return v
-
-    @field_validator("value")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError(f"score {v} is not finite")
-        return v
-
-    @field_validator("data_digest")
-    @classmethod
-    def _digest(cls, v: str) -> str:
-        if v and not re.match(r"^sha256:[0-9a-f]{64}$", v):
-            raise ValueError(f"data digest {v!r} is not sha256:<64 hex digits>")
-        return v
+__all__ = ["RETENTION_TASK", "EvalRecord", "record_evals", "evals_of", "with_evals", "merge_evals"]
 
 
 def examples_digest(pairs: Iterable[tuple[str, str]]) -> str:
@@ -101,7 +62,7 @@ def make_records(
             for metric, value in metrics.items()
         ]
     except ValueError as exc:
-        raise InvalidNameError(f"cannot record these scores: {exc}", hint=_LABEL_HINT) from None
+        raise InvalidNameError(f"cannot record these scores: {exc}", hint=LABEL_HINT) from None
 
 
 def accuracy_records(
@@ -191,6 +152,20 @@ def evals_of(reg: RegistryStore, entries: Sequence[Entry]) -> dict[Ref, list[Eva
                 )
             )
     return out
+
+
+def with_evals(reg: RegistryStore, entries: Sequence[Entry]) -> list[Entry]:
+    """The entries with their stored results attached (`Entry.evals`): what a registry lists to
+    another one, so a push or pull carries a version's scores with its bytes."""
+    results = evals_of(reg, entries)
+    return [e.model_copy(update={"evals": results[e.ref]}) for e in entries]
+
+
+def merge_evals(have: Sequence[EvalRecord], new: Sequence[EvalRecord]) -> list[EvalRecord]:
+    """`have` with `new` recorded over it: the same (task, metric, data digest) is replaced, as
+    `record_evals` does in an index (for remotes that keep results beside the entry)."""
+    merged = {(r.task, r.metric, r.data_digest): r for r in [*have, *new]}
+    return [merged[k] for k in sorted(merged)]
 
 
 def score_table(

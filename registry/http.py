@@ -26,7 +26,7 @@ from expertlib.errors import (
     PatchError,
 )
 from expertlib.registry.local import RegistryStore, _storage_errors
-from expertlib.registry.models import Entry, EntryList, TagRequest
+from expertlib.registry.models import Entry, EntryList, EvalsRequest, TagRequest
 from expertlib.registry.names import DIGEST_PREFIX, MAX_VERSION, validate_digest, validate_name, validate_tag
 
 router = APIRouter(tags=["registry"])
@@ -50,14 +50,19 @@ def get_registry(request: Request) -> RegistryStore:
 def list_entries(
     name: str | None = None, base: str | None = None, reg: RegistryStore = Depends(get_registry)
 ) -> EntryList:
-    """Every published version, optionally of one name and/or base (name, folder or config digest)."""
-    return EntryList(entries=reg.list(base=base, name=name))
+    """Every published version, optionally of one name and/or base (name, folder or config digest),
+    each with its evaluation results."""
+    from expertlib.registry.evals import with_evals
+
+    return EntryList(entries=with_evals(reg, reg.list(base=base, name=name)))
 
 
 @router.get("/entries/{ref}", response_model=Entry)
 def show_entry(ref: str, base: str | None = None, reg: RegistryStore = Depends(get_registry)) -> Entry:
-    """One entry with its manifest: `math`, `math@3`, `math@stable` or `math@sha256:...`."""
-    return reg.show(ref, base=base)
+    """One entry with its manifest and evaluation results: `math`, `math@3`, `math@stable` or `math@sha256:...`."""
+    from expertlib.registry.evals import with_evals
+
+    return with_evals(reg, [reg.show(ref, base=base)])[0]
 
 
 @router.get("/blobs/{digest}")
@@ -133,6 +138,24 @@ async def set_tag(request: Request, reg: RegistryStore = Depends(get_registry)) 
     """Point a tag at a version: the body is a TagRequest."""
     body = await json_body(request, TagRequest)
     return await run_in_threadpool(reg.tag, body.ref, body.tag, base=body.base)
+
+
+@router.post(
+    "/evals",
+    response_model=Entry,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": EvalsRequest.model_json_schema()}},
+        }
+    },
+)
+async def record_evals(request: Request, reg: RegistryStore = Depends(get_registry)) -> Entry:
+    """Keep evaluation results with a version: the body is an EvalsRequest."""
+    from expertlib.registry.evals import record_evals
+
+    body = await json_body(request, EvalsRequest)
+    return await run_in_threadpool(record_evals, reg, body.ref, body.records, base=body.base)
 
 
 async def json_body(request: Request, model):

@@ -46,6 +46,9 @@ class HubManifest(BaseModel):
     tags: Tags = Field(default_factory=list)
     base: BaseIdentity
     manifest: ExpertSetManifest
+    evals: list[EvalRecord] = Field(
+        default_factory=list, max_length=10_000, description="evaluation results (pull keeps them)"
+    )
 
     @field_validator("wire_version")
     @classmethod
@@ -127,6 +130,7 @@ class HubRemote:
             **Entry.manifest_fields(hm.manifest),
             published_at=hm.manifest.created_at,
             source=self.url,
+            evals=hm.evals,
         )
         if spec is not None and spec.name != hm.name:
             raise NotFoundError(f"{self.url} holds {hm.name!r}, not {spec.name!r}")
@@ -172,6 +176,7 @@ class HubRemote:
             tags=tags,
             base=entry.base,
             manifest=manifest,
+            evals=entry.evals,
         )
         api = hfh.HfApi(token=self.token)
         ops = [
@@ -181,7 +186,7 @@ class HubRemote:
             ),
             hfh.CommitOperationAdd(
                 path_in_repo=CARD_FILE,
-                path_or_fileobj=model_card(hm, self.repo_id, self.options.get("evals", ())).encode(),
+                path_or_fileobj=model_card(hm, self.repo_id, hm.evals).encode(),
             ),
         ]
         try:

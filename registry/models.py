@@ -6,7 +6,9 @@ the CLI's `--json` output and the HTTP bodies (`expertlib.registry.http`).
 
 from __future__ import annotations
 
-from datetime import datetime
+import math
+import re
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, StrictInt, field_validator
@@ -37,6 +39,46 @@ Tags = Annotated[list[str], AfterValidator(_validate_tags)]
 WIRE_VERSION = 1
 
 
+#: Most evaluation results one request records (a push sends more in several).
+EVALS_PER_REQUEST = 100
+#: Task and metric names of evaluation results: short printable labels (tables, the web view, Hub cards).
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/+()-]{0,99}$")
+LABEL_HINT = "use letters, digits, spaces and . _ : / + ( ) - (at most 100 characters)"
+
+
+class EvalRecord(BaseModel):
+    """One measured score of one expert-set version (`expertlib.registry.evals`)."""
+
+    task: str = Field(description="what was measured, e.g. the toy task `sum` or a data file's name")
+    metric: str = Field(description="exact_match, contains, answer_loss, perplexity, ...")
+    value: float = Field(description="the score (finite)")
+    data_digest: str = Field(default="", description="sha256 of the evaluation data ('' when unknown)")
+    n: int | None = Field(default=None, ge=0, description="samples evaluated")
+    recorded_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    source: str | None = Field(default=None, description="what measured it (expertlib eval, demo, ...)")
+
+    @field_validator("task", "metric")
+    @classmethod
+    def _label(cls, v: str) -> str:
+        if not isinstance(v, str) or not _LABEL_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid label: {LABEL_HINT}")
+        return v
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"score {v} is not finite")
+        return v
+
+    @field_validator("data_digest")
+    @classmethod
+    def _digest(cls, v: str) -> str:
+        if v and not re.match(r"^sha256:[0-9a-f]{64}$", v):
+            raise ValueError(f"data digest {v!r} is not sha256:<64 hex digits>")
+        return v
+
+
 def base_key(base: BaseIdentity) -> str:
     """The key a base model is stored under: model_type plus structural config digest."""
     return f"{base.model_type}/{base.config_digest}"
@@ -63,6 +105,12 @@ class Entry(BaseModel):
     published_at: datetime
     source: str | None = Field(default=None, description="where the set was pulled from, if pulled")
     manifest: ExpertSetManifest | None = Field(default=None, description="full manifest (show only)")
+    evals: list[EvalRecord] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="evaluation results kept with this version, as a remote lists them (push and pull "
+        "carry them; a local listing leaves them to `Registry.evals`)",
+    )
 
     @staticmethod
     def manifest_fields(m: ExpertSetManifest) -> dict[str, Any]:
@@ -165,3 +213,11 @@ class TagRequest(BaseModel):
     ref: str = Field(description="reference to tag, e.g. math@3")
     tag: str
     base: str | None = Field(default=None, description="base filter when the name exists for several bases")
+
+
+class EvalsRequest(BaseModel):
+    """Evaluation results to keep with a version (a push carries its source's)."""
+
+    ref: str = Field(description="the version they measure, e.g. math@3 or math@sha256:...")
+    base: str | None = Field(default=None, description="base filter when the name exists for several bases")
+    records: list[EvalRecord] = Field(max_length=EVALS_PER_REQUEST)

@@ -6,7 +6,7 @@ environment, config files) and options through `storage_options`.
 Layout under the URL (plain objects, no database; readable with any client):
 
     blobs/<sha256 hex>                          the patch file, addressed by its digest
-    entries/<base key>/<name>/<version>.json    one Entry (name, version, tags, base, digest, ...)
+    entries/<base key>/<name>/<version>.json    one Entry (name, version, tags, base, digest, evals, ...)
 
 A blob is written under a temporary key and moved into place before its entry is written, so a
 reader never sees an entry without its bytes. Every transfer checks digests both ways: bytes read
@@ -156,6 +156,20 @@ class ObjectStoreRemote:
                 self.fs.pipe_file(
                     self._entry_key(e), e.model_copy(update={"tags": want}).model_dump_json().encode()
                 )
+
+    def record_evals(self, entry: Entry, records: list) -> None:
+        """Keep evaluation results in the version's entry object (same task, metric and data: replaced)."""
+        from expertlib.registry.evals import merge_evals
+
+        for e in self._all():
+            if e.base_key == entry.base_key and e.name == entry.name and e.version == entry.version:
+                stored = e.model_copy(
+                    update={
+                        "evals": merge_evals(e.evals, records),
+                        "tags": [t for t in e.tags if t != LATEST],
+                    }
+                )
+                self.fs.pipe_file(self._entry_key(e), stored.model_dump_json().encode())
 
 
 def _matches(e: Entry, spec: RefSpec) -> bool:

@@ -49,6 +49,9 @@ class Sink(Protocol):
 
     def set_tags(self, entry: Entry, tags: list[str]) -> None: ...
 
+    # optional: `record_evals(entry, records)` keeps evaluation results with a version already there
+    # (a sink without it keeps what `put` stores of `Entry.evals`: the Hub writes them into its card)
+
 
 class FolderRemote:
     """Another registry folder, as a source and as a destination."""
@@ -60,11 +63,16 @@ class FolderRemote:
         self.url = str(self.registry.root.resolve())
 
     def entries(self, spec: RefSpec | None, base: str | None) -> list[Entry]:
+        """The entries `spec` names, each with its evaluation results (they travel with it)."""
+        from expertlib.registry.evals import with_evals
+
         if spec is None:
-            return self.registry.list(base=base)
-        if spec.selector is None:
-            return self.registry.list(base=base, name=spec.name)
-        return [self.registry.resolve(spec, base=base)]
+            found = self.registry.list(base=base)
+        elif spec.selector is None:
+            found = self.registry.list(base=base, name=spec.name)
+        else:
+            found = [self.registry.resolve(spec, base=base)]
+        return with_evals(self.registry, found)
 
     def fetch(self, entry: Entry, staging: BlobStore) -> tuple[Path, bool]:
         path = self.registry.blobs.path(entry.digest)
@@ -103,6 +111,11 @@ class FolderRemote:
     def set_tags(self, entry: Entry, tags: list[str]) -> None:
         for t in tags:
             self.registry.tag(entry.ref, t, base=entry.base)
+
+    def record_evals(self, entry: Entry, records: list) -> None:
+        from expertlib.registry.evals import record_evals
+
+        record_evals(self.registry, entry.ref, records, base=entry.base)
 
 
 def _open_folder(path: str | Path, *, create: bool = True) -> RegistryStore:
@@ -207,6 +220,8 @@ def transfer(
                         path.unlink(missing_ok=True)
                 report.copied.append(str(new.ref))
                 report.url = getattr(sink, "last_url", None) or report.url
+            if e.evals and hasattr(sink, "record_evals"):  # scores travel with the version
+                sink.record_evals(have if have is not None else new, e.evals)
             report.tags += [f"{e.name}@{t}" for t in tags]
             if not streamed or have is not None:
                 bar.update(e.size)
@@ -244,14 +259,13 @@ def push(
     **hub_options,
 ) -> TransferReport:
     """Copy `ref` from `reg` to `dest` (a bare name: every version; to the Hub: the latest)."""
-    from expertlib.registry.evals import evals_of
+    from expertlib.registry.evals import with_evals
 
     sink = open_remote(dest, token=token)
     src = FolderRemote(reg)
     if dest.startswith(HF_SCHEME):
-        entries = [reg.resolve(ref, base=base)]
+        entries = with_evals(reg, [reg.resolve(ref, base=base)])  # scores go into the card and manifest
         sink.options.update(hub_options)
-        sink.options["evals"] = evals_of(reg, entries)[entries[0].ref]  # for the model card
     else:
         if hub_options:
             raise InvalidNameError(f"options {sorted(hub_options)} only apply to hf:// destinations")

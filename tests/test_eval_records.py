@@ -9,6 +9,7 @@ import sqlite3
 import pytest
 import torch
 from click.testing import CliRunner
+from test_registry_remotes import fake_hub  # noqa: F401 - the fixture
 
 from expertlib.cli.main import cli
 from expertlib.constants import REGISTRY_ENV
@@ -141,3 +142,77 @@ def test_eval_record_stores_each_version_scores(tmp_path):
 
     res = run([*args, "-e", tmp_path / "same.safetensors", "--record"], root, ok=False)
     assert res.exit_code == 2 and "registry versions" in res.output
+
+
+# --- scores travel with the version: push and pull through every kind of remote --------------------
+
+
+def _scores(reg: Registry, ref: str) -> list[tuple[str, str, float, str]]:
+    return [(r.task, r.metric, r.value, r.data_digest) for r in reg.evals(ref)[reg.resolve(ref).ref]]
+
+
+@pytest.fixture
+def scored(reg):
+    reg.record_evals("sum@1", make_records({"sum": {"exact_match": 0.5}}, data_digests={"sum": DIGEST}))
+    reg.record_evals("sum@2", make_records({"sum": {"exact_match": 1.0}, "copy": {"exact_match": 0.98}}))
+    return reg
+
+
+def _round_trip(scored, remote: str, tmp_path):
+    """Push sum (every version) to `remote`, pull it into a fresh registry; then record a newer
+    score upstream and push and pull again: the sets are already there, their scores follow."""
+    scored.push("sum", remote)
+    back = Registry(tmp_path / "back")
+    back.pull(remote, ["sum"])
+    for ref in ("sum@1", "sum@2"):
+        assert _scores(back, ref) == _scores(scored, ref) != []
+    scored.record_evals("sum@2", make_records({"sum": {"exact_match": 0.75}}))
+    assert scored.push("sum", remote).present == ["sum@1", "sum@2"]
+    assert back.pull(remote, ["sum"]).present == ["sum@1", "sum@2"]
+    assert ("sum", "exact_match", 0.75, "") in _scores(back, "sum@2")
+    assert _scores(back, "sum@2") == _scores(scored, "sum@2")
+    return back
+
+
+def test_scores_travel_with_a_folder_push_and_pull(scored, tmp_path):
+    back = _round_trip(scored, str(tmp_path / "mirror"), tmp_path)
+    assert _scores(Registry(tmp_path / "mirror"), "sum@1") == _scores(back, "sum@1")
+
+
+def test_scores_travel_with_an_http_push_and_pull(scored, tmp_path):
+    from test_registry_remotes import serve
+
+    from expertlib.server.registry_app import registry_app
+
+    served = Registry(tmp_path / "served")
+    with serve(registry_app(served)) as url:
+        _round_trip(scored, url + "/v1/registry", tmp_path)
+    assert _scores(served, "sum@2") == _scores(scored, "sum@2")
+
+
+def test_scores_travel_with_an_object_store_push_and_pull(scored, tmp_path):
+    _round_trip(scored, (tmp_path / "bucket").as_uri(), tmp_path)
+
+
+@pytest.mark.usefixtures("fake_hub")
+def test_scores_travel_with_a_hub_push_and_pull(scored, tmp_path):
+    scored.push("sum@2", "hf://me/sum")
+    back = Registry(tmp_path / "back")
+    back.pull("hf://me/sum")
+    assert _scores(back, "sum@2") == _scores(scored, "sum@2") != []
+
+
+def test_an_http_registry_refuses_bad_scores_and_keeps_none(scored, tmp_path):
+    import httpx
+    from test_registry_remotes import serve
+
+    from expertlib.server.registry_app import registry_app
+
+    with serve(registry_app(scored)) as url:
+        good = {"task": "sum", "metric": "exact_match", "value": 1.0}
+        for bad in ({**good, "task": "<script>"}, {**good, "value": "nan"}):
+            r = httpx.post(f"{url}/v1/registry/evals", json={"ref": "sum@1", "records": [good, bad]})
+            assert r.status_code == 400, r.text
+        r = httpx.post(f"{url}/v1/registry/evals", json={"ref": "nope@1", "records": [good]})
+        assert r.status_code == 404
+    assert _scores(scored, "sum@1") == [("sum", "exact_match", 0.5, DIGEST)]
