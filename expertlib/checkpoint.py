@@ -7,16 +7,27 @@ safetensors files lazily (`safe_open`) and reads only the tensors asked for.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 
 from safetensors import safe_open
 
+from expertlib.constants import BASE_DIGESTS_DIR, CACHE_ENV, DEFAULT_CACHE_DIR
 from expertlib.errors import ModelLoadError, PatchShapeError
 from expertlib.identity import BaseIdentity, base_identity, load_config
-from expertlib.moe import ArchSpec, ExpertWeights, arch_spec, expert_views, experts_module, moe_layer_indices
+from expertlib.moe import (
+    ArchSpec,
+    ExpertWeights,
+    arch_spec,
+    expert_digest,
+    expert_views,
+    experts_module,
+    moe_layer_indices,
+)
 
 
 class BaseCheckpoint:
@@ -33,7 +44,7 @@ class BaseCheckpoint:
         self.config = load_config(self.path)
         self.spec: ArchSpec = arch_spec(self.config.model_type)
         self._handles: dict[Path, object] = {}
-        self._digests: dict[tuple[int, int], str] = {}
+        self._digests: dict[tuple[int, int], str] | None = None  # read from the digest cache on first use
 
     @cached_property
     def identity(self) -> BaseIdentity:
@@ -116,11 +127,85 @@ class BaseCheckpoint:
         return {part: list(t.shape) for part, t in self.expert(self.moe_layers[0], 0).items()}
 
     def expert_digest(self, layer: int, expert: int) -> str:
+        """The digest of a base expert (`expertlib.moe.expert_digest`), what a set's
+        `base_expert_digests` are checked against. Hashing a real-size expert takes ~45 ms, so each
+        is computed once and kept in a small file under the user cache dir (`digest_cache_file`),
+        whose name covers the checkpoint's files as they are now: any change to them (content,
+        inode, mtime, ctime) gives another file, and the digests are computed again."""
+        if self._digests is None:
+            self._digests = _read_digests(self.digest_cache_file)
         key = (layer, expert)
         if key not in self._digests:
             self._digests[key] = self.expert(layer, expert).digest()
+            _append_digest(self.digest_cache_file, key, self._digests[key])
         return self._digests[key]
+
+    @cached_property
+    def digest_cache_file(self) -> Path | None:
+        """`$EXPERTLIB_CACHE/base-digests/<sha256 of the checkpoint's identity>.jsonl`: the identity is
+        the resolved folder, every weight file's name and state (device, inode, size, mtime_ns,
+        ctime_ns: ctime cannot be set back by hand) and the digest rule itself (the digest of a
+        fixed expert), so a cache is never read for other bytes or by code that digests otherwise.
+        None (no cache) when a weight file cannot be stat'ed."""
+        from expertlib.verify import FileKey
+
+        files = sorted(set(self._key_to_file.values()))
+        keys = [FileKey.of(f) for f in files]
+        if any(k is None for k in keys):
+            return None
+        ident = {
+            "path": str(self.path.resolve()),
+            "files": [[f.name, *k] for f, k in zip(files, keys, strict=True)],
+            "rule": _digest_rule(),
+        }
+        name = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        return (
+            Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
+            / BASE_DIGESTS_DIR
+            / f"{name}.jsonl"
+        )
 
     def tensor(self, name: str):
         """Any full tensor by its checkpoint key."""
         return self._tensor(name)
+
+
+def _digest_rule() -> str:
+    """The digest of a fixed tiny expert: changes whenever `expert_digest` hashes otherwise."""
+    import torch
+
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7
+    return expert_digest(ExpertWeights(gate=w, up=-w, down=w.T.contiguous()))
+
+
+def _read_digests(path: Path | None) -> dict[tuple[int, int], str]:
+    """The digests kept in `path`, one JSON line [layer, expert, digest] each; lines that do not
+    parse (a write cut short) are skipped and computed again."""
+    out: dict[tuple[int, int], str] = {}
+    if path is None:
+        return out
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            layer, expert, digest = json.loads(line)
+        except (ValueError, TypeError):
+            continue
+        if isinstance(layer, int) and isinstance(expert, int) and isinstance(digest, str):
+            out[(layer, expert)] = digest
+    return out
+
+
+def _append_digest(path: Path | None, key: tuple[int, int], digest: str) -> None:
+    """Add one digest to the cache file: one short append (whole lines even when several processes
+    append at once); a cache that cannot be written is no error, only slower next time."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps([key[0], key[1], digest]) + "\n")
+    except OSError:
+        pass

@@ -32,3 +32,5 @@ DEFAULT_REGISTRY_DIR = "~/.cache/expertlib/registry"
 #: Environment variable for the demo artefacts cache.
 CACHE_ENV = "EXPERTLIB_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/expertlib"
+#: Folder under the cache dir keeping the digests of base checkpoints' experts (expertlib.checkpoint).
+BASE_DIGESTS_DIR = "base-digests"
