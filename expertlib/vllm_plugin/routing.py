@@ -202,8 +202,9 @@ class SlotContext:
 
 _ROUTER_CLASSES: dict[type, type] = {}
 
-#: EXPERTLIB_ROUTING_CAPTURE=0 leaves the routing capture out of the routers (bench/auto_route.py
-#: measures its cost with it; `model="auto"` then sees no routing and always picks the base).
+#: EXPERTLIB_ROUTING_CAPTURE=0 leaves the routing capture out of the routers (`model="auto"` then
+#: sees no routing and always picks the base); bench/auto_route.py measures the capture's cost
+#: against it, in process.
 ROUTING_CAPTURE = os.environ.get("EXPERTLIB_ROUTING_CAPTURE", "1") != "0"
 
 
