@@ -89,6 +89,8 @@ def run_esft(base: Path, task: str, method: str, data: Path, mix: Path, args, mo
         "mix": SelectionConfig(),
         "mix-budget": SelectionConfig(keep_mode="budget"),
     }[method]
+    if args.top_p is not None:
+        selection = selection.model_copy(update={"top_p": args.top_p})
     t0 = time.perf_counter()
     try:
         es = _train(base, data, task, method, selection, mix, args)
@@ -108,6 +110,7 @@ def run_esft(base: Path, task: str, method: str, data: Path, mix: Path, args, mo
         fit=p.extra.get("fit"),
         fit_message=FitReport(**p.extra["fit"]).message() if p.extra.get("fit") else None,
         keep=p.extra.get("keep"),
+        lr=p.training.get("lr"),
     )
     return row
 
@@ -122,7 +125,10 @@ def _train(base: Path, data: Path, task: str, method: str, selection, mix: Path,
         task=task,
         selection=selection.model_copy(update={"token_budget": 20_000}),
         config=TrainConfig(
-            steps=args.steps, batch_size=args.batch_size, warmup_steps=min(20, args.steps // 10)
+            steps=args.steps,
+            batch_size=args.batch_size,
+            warmup_steps=min(20, args.steps // 10),
+            lr=args.esft_lr,
         ),
         data_config=DataConfig(holdout=0.05, keep_mix=(mix,) if method.startswith("mix") else ()),
         runtime=RuntimeConfig(progress=False),
@@ -277,6 +283,16 @@ def targets(rows: list[dict]) -> list[str]:
         f"- general acc >= base - {GENERAL_SLACK}: {len(gen_ok)}/{len(d)}"
         + (f"; missed: {', '.join(sorted(set(d) - set(gen_ok)))}" if len(gen_ok) < len(d) else "")
     )
+    cost = [
+        t
+        for t in d
+        if has(t, "paper") and by[t, "defaults"]["task_acc"] < by[t, "paper"]["task_acc"] - GENERAL_SLACK
+    ]
+    named = [t for t in cost if "trade-off" in (by[t, "defaults"].get("fit_message") or "")]
+    out.append(
+        f"- keeping general ability cost the task > {GENERAL_SLACK} (defaults vs paper): {', '.join(cost) or 'none'}; "
+        f"`train` named the trade-off on {len(named)}/{len(cost)}"
+    )
     mx = [t for t in held if has(t, "mix")]
     dom_ok = [
         t for t in mx if by[t, "mix"]["domain_acc"] >= by[t, "mix"]["base"]["domain_acc"] - DOMAIN_SLACK
@@ -302,6 +318,27 @@ def targets(rows: list[dict]) -> list[str]:
         f"{len(agree)}/{len(p)}"
         + (f"; disagree: {', '.join(sorted(set(p) - set(agree)))}" if len(agree) < len(p) else "")
     )
+    # the same check on every selection that trained without rehearsal (keep-mix rows rehearse)
+    sel = [
+        (t, m)
+        for t in held
+        for m in ("paper", "budget", "defaults")
+        if has(t, m) and by[t, m].get("flagged") is not None
+    ]
+    agree = [
+        (t, m)
+        for t, m in sel
+        if by[t, m]["flagged"] == (by[t, m]["general_acc"] < by[t, m]["base"]["general_acc"] - GENERAL_SLACK)
+    ]
+    out.append(
+        f"- the same on every ESFT selection (paper, budget, defaults; its own selection's verdict): "
+        f"{len(agree)}/{len(sel)}"
+        + (
+            f"; disagree: {', '.join(f'{t} {m}' for t, m in sel if (t, m) not in agree)}"
+            if len(agree) < len(sel)
+            else ""
+        )
+    )
     return out
 
 
@@ -321,6 +358,8 @@ def main() -> None:
         "--n-mix", type=int, default=500, help="samples per pretrained domain task for --keep-mix"
     )
     ap.add_argument("--n-eval", type=int, default=50)
+    ap.add_argument("--esft-lr", type=float, default=None, help="ESFT learning rate (default: train's)")
+    ap.add_argument("--top-p", type=float, default=None, help="ESFT top-p (default: train's)")
     ap.add_argument("--n-general", type=int, default=30)
     ap.add_argument(
         "--json", default=str(HERE / "heldout.json"), help="rows are appended here as they finish"
