@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from expertlib.cli.output import emit_json, print_table
+from expertlib.cli.options import field_options, registry_option
+from expertlib.cli.output import emit_json, json_option, print_table
+from expertlib.esft.pipeline import SelectionConfig
 
 
 @click.command("demo")
@@ -19,13 +21,8 @@ from expertlib.cli.output import emit_json, print_table
     "--steps", type=int, default=None, help="ESFT training steps per task (default 300, quick 100)."
 )
 @click.option("--lr", type=float, default=None, help="ESFT learning rate (default 3e-3, toy scale).")
-@click.option("--score", type=click.Choice(["token", "gate"]), default="token", show_default=True)
-@click.option(
-    "--top-p", type=float, default=None, help="Selection threshold p (default: 0.2 token, 0.1 gate)."
-)
-@click.option(
-    "--registry", default=None, help="Registry folder to publish to (default: $EXPERTLIB_REGISTRY)."
-)
+@field_options(SelectionConfig, "score", "top_p")
+@registry_option
 @click.option(
     "--keep-serving/--no-keep-serving",
     default=True,
@@ -36,7 +33,7 @@ from expertlib.cli.output import emit_json, print_table
 @click.option("--stop", is_flag=True, help="Stop the server a demo left running, and do nothing else.")
 @click.option("--port", type=int, default=0, help="Server port (default: a free one).")
 @click.option("--no-server", is_flag=True, help="Skip the serving step (evaluate in process only).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON at the end.")
+@json_option
 def demo_cmd(
     quick, tasks, steps, lr, score, top_p, registry, keep_serving, stop, port, no_server, as_json
 ) -> None:

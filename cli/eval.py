@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from expertlib.cli.options import field_options, registry_option
 from expertlib.cli.output import emit, json_option, print_table
+from expertlib.esft.pipeline import DataConfig, RuntimeConfig
 
 
 @click.command("eval")
@@ -24,13 +26,8 @@ from expertlib.cli.output import emit, json_option, print_table
 )
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N eval samples of each task.")
 @click.option("--n-eval", type=int, default=100, show_default=True, help="Size of each task's eval split.")
-@click.option("--registry", default=None, help="Registry folder (default: $EXPERTLIB_REGISTRY).")
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="Where to run: auto (CUDA when present), cpu, cuda or cuda:N.",
-)
+@registry_option
+@field_options(RuntimeConfig, "device")
 @click.option(
     "--data",
     type=click.Path(exists=True, dir_okay=False),
@@ -49,9 +46,7 @@ from expertlib.cli.output import emit, json_option, print_table
     default=None,
     help="With --data: answer length (default: longest reference + 4).",
 )
-@click.option(
-    "--max-length", type=int, default=2048, show_default=True, help="With --data: longest record in tokens."
-)
+@field_options(DataConfig, "max_length")
 @click.option(
     "--record",
     is_flag=True,

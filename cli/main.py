@@ -25,6 +25,14 @@ COMMAND_MODULES = [
     "expertlib.cli.compose",
 ]
 
+#: `expertlib --help` lists the commands by task (they stay where users type them: `expertlib NAME`)
+SECTIONS = {
+    "Getting started": ["demo"],
+    "Training": ["score", "select", "train", "inspect", "eval"],
+    "Registry": ["publish", "list", "show", "diff", "tag", "rm", "gc", "verify", "push", "pull"]
+    + ["import-esft", "export-esft", "compose", "profile"],
+    "Serving": ["serve"],
+}
 
 #: Plain exceptions that mean bad input or a file-system problem, not a bug: one line, no traceback.
 PLAIN_USER_ERRORS = (ValueError, KeyError, OSError)
@@ -44,6 +52,20 @@ def _debug(ctx: click.Context) -> bool:
 
 
 class ExpertlibGroup(click.Group):
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        placed = [n for names in SECTIONS.values() for n in names]
+        sections = {**SECTIONS, "Other commands": sorted(set(self.list_commands(ctx)) - set(placed))}
+        width = formatter.width - 6 - max(len(n) for n in self.commands)
+        for title, names in sections.items():
+            rows = [
+                (n, self.commands[n].get_short_help_str(width))
+                for n in names
+                if n in self.commands and not self.commands[n].hidden
+            ]
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

@@ -12,26 +12,19 @@ from pathlib import Path
 
 import click
 
+from expertlib.cli.options import registry_option as shared_registry_option
 from expertlib.cli.output import emit, emit_json, json_option, print_table
-from expertlib.constants import REGISTRY_ENV
 
 
 def registry_option(fn):
-    """`--registry DIR` (env EXPERTLIB_REGISTRY, default ~/.cache/expertlib/registry); passes `reg`."""
+    """`--registry DIR` (the one `expertlib.cli.options.registry_option`); passes `reg`."""
 
-    @click.option(
-        "--registry",
-        "registry_root",
-        envvar=REGISTRY_ENV,
-        type=click.Path(file_okay=False),
-        default=None,
-        help=f"Registry folder [env {REGISTRY_ENV}; default ~/.cache/expertlib/registry].",
-    )
+    @shared_registry_option
     @functools.wraps(fn)
-    def wrapper(*args, registry_root, **kwargs):
+    def wrapper(*args, registry, **kwargs):
         from expertlib.registry import Registry
 
-        return fn(*args, reg=Registry(registry_root), **kwargs)
+        return fn(*args, reg=Registry(registry), **kwargs)
 
     return wrapper
 

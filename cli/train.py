@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from expertlib.cli.output import config_options, emit, json_option, print_table
+from expertlib.cli.options import field_option, field_options, take
+from expertlib.cli.output import emit, json_option, print_table
 from expertlib.esft.pipeline import DataConfig, RuntimeConfig, SelectionConfig
 from expertlib.esft.training import TrainConfig
 
-_BUDGET_HELP = "Token budget of the scoring sample (paper: 131072); 0 scores every token."
-_GENERAL_HELP = (
-    "General reference data (jsonl, or 'builtin' for the demo's general tasks): report per layer how much "
-    "of its routing the selected experts carry, and warn when training them risks general ability."
+general_option = click.option(
+    "--general",
+    default=None,
+    help="General reference data (jsonl, or 'builtin' for the demo's general tasks): report per layer how "
+    "much of its routing the selected experts carry, and warn when training them risks general ability.",
 )
-_DEVICE_HELP = "Where to run: auto (CUDA when present), cpu, cuda or cuda:N."
+#: `--budget N` (0: every token): SelectionConfig.token_budget, in `score` and `train`
+budget_option = field_option(SelectionConfig, "token_budget", "--budget")
+#: `--all-tokens/--answer-only`: SelectionConfig.count_prompt_tokens, in `score` and `train`
+tokens_option = field_option(SelectionConfig, "count_prompt_tokens", "--all-tokens/--answer-only")
+#: `--train-shared-experts`, `--train-non-expert-modules` (`select` once spelled them without "train")
+ablation_options = [
+    field_option(SelectionConfig, "train_shared_experts", aliases=("--shared-experts",)),
+    field_option(SelectionConfig, "train_non_expert_modules", aliases=("--non-expert-modules",)),
+]
+
+
+def _stack(*decorators):
+    def decorate(fn):
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+
+    return decorate
 
 
 def _print_plan(plan, capacity: int, where: str) -> None:
@@ -26,47 +47,29 @@ def _print_plan(plan, capacity: int, where: str) -> None:
     )
 
 
-_WEIGHTING_HELP = SelectionConfig.model_fields["weighting"].description + "."
-
-
 @click.command("score")
 @click.argument("base")
 @click.argument("data", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Scores JSON to write.")
-@click.option("--budget", type=int, default=131072, show_default=True, help=_BUDGET_HELP)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per forward pass.")
-@click.option(
-    "--answer-only/--all-tokens",
-    default=True,
-    show_default=True,
-    help="Count only the positions that produce answer tokens, i.e. what the loss trains, or every token.",
-)
-@click.option("--max-length", type=int, default=4096, show_default=True, help="Longer samples are cut.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample order.")
-@click.option(
-    "--weighting",
-    type=click.Choice(["paper", "reference"]),
-    default="paper",
-    show_default=True,
-    help=_WEIGHTING_HELP,
-)
-@click.option("--general", default=None, help=_GENERAL_HELP)
-@click.option("--device", default="auto", show_default=True, help=_DEVICE_HELP)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "bfloat16"]),
-    default=None,
-    help="Load the base in this dtype [stored].",
-)
+@budget_option
+@field_options(TrainConfig, "batch_size")
+@tokens_option
+@field_options(DataConfig, "max_length", "too_long")
+@field_options(TrainConfig, "seed")
+@field_options(SelectionConfig, "weighting")
+@general_option
+@field_options(RuntimeConfig, "device")
+@field_options(TrainConfig, "dtype")
 @json_option
 def score_cmd(
     base,
     data,
     out,
-    budget,
+    token_budget,
     batch_size,
-    answer_only,
+    count_prompt_tokens,
     max_length,
+    too_long,
     seed,
     weighting,
     general,
@@ -83,10 +86,11 @@ def score_cmd(
     scores = score_task(
         base,
         data,
-        token_budget=budget or None,
+        token_budget=token_budget or None,
         batch_size=batch_size,
-        count_prompt_tokens=not answer_only,
+        count_prompt_tokens=count_prompt_tokens,
         max_length=max_length,
+        too_long=too_long,
         seed=seed,
         weighting=weighting,
         device=device,
@@ -121,31 +125,23 @@ def score_cmd(
 
 @click.command("select")
 @click.argument("scores_file", type=click.Path(exists=True))
-@click.option("--score", type=click.Choice(["token", "gate"]), default="token", show_default=True)
-@click.option(
-    "--top-p", type=float, default=None, help="Cumulative score threshold (default 0.2 token, 0.1 gate)."
-)
-@click.option("--max-per-layer", type=int, default=None, help="Cap on experts per layer.")
-@click.option("--shared-experts", is_flag=True, help="Mark shared experts trainable too (ablation).")
-@click.option("--non-expert-modules", is_flag=True, help="Mark non-expert modules trainable too (ablation).")
+@field_options(SelectionConfig, "score", "top_p", "max_per_layer")
+@_stack(*ablation_options)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="expert_cfg.json to write.")
-@click.option(
-    "--weighting",
-    type=click.Choice(["paper", "reference"]),
-    default=None,
-    help="Reference logs only: " + _WEIGHTING_HELP + " [default: paper]",
-)
+@field_options(SelectionConfig, "weighting")
 @click.option(
     "--top-k", type=int, default=None, help="Reference logs only: the model's top-k (DeepSeek-V2-Lite: 6)."
 )
 @json_option
+@click.pass_context
 def select_cmd(
+    ctx,
     scores_file,
     score,
     top_p,
     max_per_layer,
-    shared_experts,
-    non_expert_modules,
+    train_shared_experts,
+    train_non_expert_modules,
     out,
     weighting,
     top_k,
@@ -156,9 +152,12 @@ def select_cmd(
     SCORES_FILE is a file written by `expertlib score`, or a folder of the reference code's
     routing logs (expert_weights_<L>.txt, as deepseek-ai/ESFT writes them; needs --top-k).
     With reference weighting the running sum is compared without slack, as the reference does.
+    A scores file keeps the weighting it was scored with; --weighting given with one only checks it.
 
     Example: expertlib select math.scores.json --score token --top-p 0.2 --out experts.json
     """
+    from click.core import ParameterSource
+
     from expertlib.errors import SelectionError
     from expertlib.esft.reference_logs import is_reference_log_dir, score_reference_logs
     from expertlib.esft.scoring import ExpertScores
@@ -170,10 +169,11 @@ def select_cmd(
                 "reading reference routing logs needs the model's top-k",
                 hint="pass --top-k (DeepSeek-V2-Lite: 6)",
             )
-        source = score_reference_logs(scores_file, top_k=top_k, weighting=weighting or "paper")
+        source = score_reference_logs(scores_file, top_k=top_k, weighting=weighting)
     else:
         source = ExpertScores.load(scores_file)
-        if weighting not in (None, source.weighting):
+        given = ctx.get_parameter_source("weighting") == ParameterSource.COMMANDLINE
+        if given and weighting != source.weighting:
             raise SelectionError(
                 f"{scores_file} was scored with {source.weighting} weighting",
                 hint=f"rescore with `expertlib score --weighting {weighting}`",
@@ -184,8 +184,8 @@ def select_cmd(
         scores,
         p,
         max_per_layer=max_per_layer,
-        shared_experts=shared_experts,
-        non_expert_modules=non_expert_modules,
+        shared_experts=train_shared_experts,
+        non_expert_modules=train_non_expert_modules,
         eps=0.0 if source.weighting == "reference" else DEFAULT_EPS,
     )
     cfg.save(out)
@@ -205,52 +205,41 @@ def select_cmd(
 
 
 @click.command("train")
-@click.argument("base")
-@click.argument("data", type=click.Path(dir_okay=False))
-@click.option("--task", required=True, help="Task name recorded in the patch.")
+@click.argument("base", required=False)
+@click.argument("data", required=False, type=click.Path(dir_okay=False))
+@click.option("--task", help="Task name recorded in the patch.  [required, except with --from]")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="Patch to write [TASK.safetensors].")
-@config_options(SelectionConfig, ["score", "top_p", "max_per_layer"])
-@click.option("--experts", type=click.Path(exists=True, dir_okay=False), help="Use this expert_cfg.json.")
-@click.option("--budget", type=int, default=131072, show_default=True, help=_BUDGET_HELP)
 @click.option(
-    "--answer-only/--all-tokens",
-    default=True,
-    show_default=True,
-    help="Score only the positions that produce answer tokens (what the loss trains), or every token.",
+    "--from",
+    "from_set",
+    metavar="SET",
+    help="Train again the expert set SET (a .safetensors file, or a name in $EXPERTLIB_REGISTRY) with the "
+    "settings recorded in it: the options given here replace those; BASE, DATA and --task default to its own.",
 )
-@config_options(SelectionConfig, ["keep", "keep_mode", "keep_share"])
-@config_options(SelectionConfig, ["weighting", "train_shared_experts", "train_non_expert_modules"])
-@config_options(
+@field_options(SelectionConfig, "score", "top_p", "max_per_layer")
+@field_option(SelectionConfig, "experts", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@budget_option
+@tokens_option
+@field_options(SelectionConfig, "keep", "keep_mode", "keep_share")
+@field_options(SelectionConfig, "weighting")
+@_stack(*ablation_options)
+@field_options(
     TrainConfig,
-    ["lr", "steps", "batch_size", "grad_accum", "warmup_steps", "schedule", "weight_decay", "dtype"]
-    + ["master_dtype", "gradient_checkpointing", "seed"],
+    *["lr", "steps", "batch_size", "grad_accum", "warmup_steps", "schedule", "weight_decay", "dtype"],
+    *["master_dtype", "gradient_checkpointing", "seed"],
 )
-@config_options(RuntimeConfig, ["device", "device_map"])
-@config_options(DataConfig, ["max_length", "too_long", "pack", "holdout", "keep_mix"])
-@config_options(TrainConfig, ["mix_share", "mix_weight"])
-@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), help="Held-out jsonl instead.")
-@config_options(TrainConfig, ["eval_every", "early_stop"])
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False), help="Write resumable checkpoints here.")
-@config_options(TrainConfig, ["checkpoint_every"])
-@config_options(RuntimeConfig, ["resume", "fit_check"])
-@click.option("--general", default=None, help=_GENERAL_HELP)
+@field_options(RuntimeConfig, "device", "device_map")
+@field_options(DataConfig, "max_length", "too_long", "pack", "holdout", "keep_mix")
+@field_options(TrainConfig, "mix_share", "mix_weight")
+@field_option(DataConfig, "eval_data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@field_options(TrainConfig, "eval_every", "early_stop")
+@field_option(RuntimeConfig, "checkpoint_dir", type=click.Path(file_okay=False, path_type=Path))
+@field_options(TrainConfig, "checkpoint_every")
+@field_options(RuntimeConfig, "resume", "fit_check")
+@general_option
 @json_option
 @click.pass_context
-def train_cmd(
-    ctx,
-    base,
-    data,
-    task,
-    out,
-    experts,
-    budget,
-    answer_only,
-    eval_data,
-    checkpoint_dir,
-    general,
-    as_json,
-    **kw,
-):
+def train_cmd(ctx, base, data, task, out, from_set, general, as_json, **kw):
     """Train only the task's experts of BASE on DATA (jsonl) and write an expert-set patch.
 
     Scores and selects the experts unless --experts gives a selection. The defaults are one recipe
@@ -271,15 +260,19 @@ def train_cmd(
     loss falls; --early-stop stops there and keeps the best experts.
 
     Example: expertlib train ./base math.jsonl --task math --score gate --top-p 0.1 --steps 200
+
+    Again, 500 steps: expertlib train --from math.safetensors --steps 500 --out math2.safetensors
     """
     from expertlib.esft.pipeline import train_esft
 
-    def group(model):  # the options generated from `model`'s fields, as that model
-        return {k: kw.pop(k) for k in list(kw) if k in model.model_fields}
+    if from_set is not None:
+        base, data, task = _recorded_settings(ctx, from_set, base, data, task, out, kw)
+    if base is None or data is None or task is None:
+        raise click.UsageError("train needs BASE, DATA and --task (or --from SET)")
 
     risk = {}
     on_selection = None
-    kept_nothing = experts is not None or "none" in kw["keep"]  # the selection ignores kept data
+    kept_nothing = kw["experts"] is not None or "none" in kw["keep"]  # the selection ignores kept data
     if general:
         from expertlib.esft.diagnostics import check_retention
 
@@ -292,15 +285,10 @@ def train_cmd(
                 cmd = rerun_command(ctx, drop=("keep", "experts"), add=("--keep", general))
                 click.echo(f"to leave the experts of {general} alone, train with:\n  {cmd}", err=True)
 
-    selection = SelectionConfig(
-        experts=experts,
-        token_budget=budget or None,
-        count_prompt_tokens=not answer_only,
-        **group(SelectionConfig),
-    )
-    config = TrainConfig(**group(TrainConfig))
-    data_config = DataConfig(eval_data=eval_data, **group(DataConfig))
-    runtime = RuntimeConfig(checkpoint_dir=checkpoint_dir, **group(RuntimeConfig))
+    selection = SelectionConfig(**take(SelectionConfig, kw))
+    config = TrainConfig(**take(TrainConfig, kw))
+    data_config = DataConfig(**take(DataConfig, kw))
+    runtime = RuntimeConfig(**take(RuntimeConfig, kw))
     assert not kw, f"options without a config group: {sorted(kw)}"
     es = train_esft(
         base,
@@ -339,6 +327,30 @@ def train_cmd(
         if p.extra.get(key):
             data_out[key] = p.extra[key]
     emit(as_json, data_out, lambda d: print_table(f"trained {task}", ["field", "value"], list(d.items())))
+
+
+def _recorded_settings(ctx, from_set: str, base, data, task, out, kw: dict):
+    """`--from SET`: fill `kw` with the settings groups recorded in SET, except the options given on the
+    command line (the set's selection, data and training settings; where it runs is this run's own); returns (base, data, task), each the given one or SET's own."""
+    from click.core import ParameterSource
+
+    from expertlib.esft.pipeline import settings_of
+    from expertlib.patch import ExpertSet
+
+    if from_set.endswith(".safetensors"):
+        es = ExpertSet.open(from_set)
+    else:
+        from expertlib.registry import Registry
+
+        es = Registry().open(from_set)
+    task = task or es.manifest.task
+    if Path(out or f"{task}.safetensors").resolve() == Path(es.path).resolve():
+        raise click.UsageError(f"training again would overwrite {es.path}: give --out")
+    for group in settings_of(es):
+        for name, value in group:  # fields without an option too (betas, max_grad_norm, ...)
+            if ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
+                kw[name] = value
+    return base or es.manifest.base.name, data or es.manifest.provenance.extra.get("data_path"), task
 
 
 def rerun_command(ctx: click.Context, *, drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> str:

@@ -78,6 +78,12 @@ class Provenance(BaseModel):
     training: dict[str, Any] = Field(
         default_factory=dict, description="training settings (lr, steps, batch, ...)"
     )
+    selection: dict[str, Any] = Field(
+        default_factory=dict, description="the selection settings (SelectionConfig) the set was trained with"
+    )
+    data: dict[str, Any] = Field(
+        default_factory=dict, description="the data settings (DataConfig: max length, packing, holdout, ...)"
+    )
     steps: int | None = None
     final_train_loss: float | None = None
     final_eval_loss: float | None = None

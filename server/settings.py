@@ -19,8 +19,7 @@ class ServerSettings(BaseModel):
     )
     registry: str | None = Field(
         default=None,
-        description="registry root to resolve expert sets in (default: $EXPERTLIB_REGISTRY or the "
-        "default registry, if it exists)",
+        description="registry folder (default: $EXPERTLIB_REGISTRY, else ~/.cache/expertlib/registry)",
     )
     expert_sets: list[str] = Field(
         default_factory=list,

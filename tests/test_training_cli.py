@@ -225,3 +225,39 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, tiny_model_dir, dat
         res = run(*cmd, "--device", "cuda:0")
         assert res.exit_code != 0
         assert "CUDA is not available" in res.output and "--device cpu" in res.output
+
+
+def test_train_from_a_set_trains_it_again(tmp_path, tiny_model_dir, data):
+    """The manifest records every settings group that made the set (data settings too), and
+    `train --from SET` reruns that training: the same selection, settings and experts."""
+    base = tiny_model_dir("qwen2_moe")
+    first = tmp_path / "first.safetensors"
+    res = run(
+        "train", base, data, "--task", "say", "--score", "gate", "--top-p", 0.3, "--steps", 2, "--lr", 1e-3,
+        "--batch-size", 4, "--holdout", 0.25, "--max-length", 64, "--pack", "--keep", "none",
+        "--device", "cpu", "--out", first,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    p = ExpertSet.open(first).manifest.provenance
+    assert (p.data["max_length"], p.data["pack"], p.data["holdout"]) == (64, True, 0.25)
+    assert (p.selection["score"], p.selection["top_p"], p.selection["keep"]) == ("gate", 0.3, ["none"])
+    assert p.training["steps"] == 2 and p.training["lr"] == 1e-3
+
+    again = tmp_path / "again.safetensors"
+    res = run("train", "--from", first, "--device", "cpu", "--out", again)
+    assert res.exit_code == 0, res.output
+    a, b = ExpertSet.open(first).manifest, ExpertSet.open(again).manifest
+    assert (b.task, b.experts) == (a.task, a.experts)
+    for group in ("selection", "data", "training"):
+        assert getattr(b.provenance, group) == getattr(a.provenance, group), group
+    for name, t in ExpertSet.open(again).tensors.items():
+        torch.testing.assert_close(ExpertSet.open(first).tensors[name], t, rtol=1e-5, atol=1e-6)
+
+    # an option given replaces the recorded one; the rest stay
+    res = run("train", "--from", first, "--steps", 3, "--device", "cpu", "--out", tmp_path / "c.safetensors")
+    assert res.exit_code == 0, res.output
+    c = ExpertSet.open(tmp_path / "c.safetensors").manifest.provenance
+    assert c.training["steps"] == 3 and c.data == a.provenance.data and c.selection == a.provenance.selection
+    # never over the set it reads
+    res = run("train", "--from", first, "--out", first)
+    assert res.exit_code == 2 and "--out" in res.output

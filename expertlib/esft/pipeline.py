@@ -35,6 +35,7 @@ from expertlib.esft import distributed
 from expertlib.esft.data import Sample, TooLong
 from expertlib.esft.keep import AUTO
 from expertlib.esft.memory_plan import MemoryPlan, ModelShape, plan_training
+from expertlib.esft.scoring import PAPER_TOKEN_BUDGET
 from expertlib.esft.selection import DEFAULT_KEEP_SHARE, ExpertConfig, KeepMode
 from expertlib.esft.training import Trainable, TrainConfig, train_experts
 from expertlib.identity import load_config
@@ -47,7 +48,11 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_length: int = Field(default=2048, description="longer samples: see --too-long")
+    max_length: int = Field(
+        default=2048,
+        ge=1,
+        description="longest sample in tokens (a longer one is refused unless --too-long says)",
+    )
     too_long: TooLong = Field(default="error", description="what to do with samples longer than --max-length")
     pack: bool = Field(default=False, description="pack samples into rows of --max-length tokens")
     holdout: float = Field(default=0.0, description="fraction of the data held out for the eval loss")
@@ -71,7 +76,11 @@ class SelectionConfig(BaseModel):
     experts: Path | ExpertConfig | None = Field(
         default=None, description="a selection (expert_cfg.json or ExpertConfig): no scoring"
     )
-    token_budget: int | None = Field(default=None, description="tokens to score (None: all)")
+    token_budget: int | None = Field(
+        default=PAPER_TOKEN_BUDGET,
+        ge=0,
+        description=f"tokens in the scoring sample (the paper's {PAPER_TOKEN_BUDGET}); 0 scores every token",
+    )
     count_prompt_tokens: bool = Field(
         default=False,
         description="prompt tokens count in the scores too (default: only the positions that produce answers)",
@@ -140,7 +149,7 @@ def train_esft(
     config: TrainConfig | None = None,
     data_config: DataConfig | None = None,
     runtime: RuntimeConfig | None = None,
-    on_selection: Callable[[nn.Module, ExpertConfig, Sequence[Sample]], None] | None = None,
+    on_selection: Callable[[nn.Module, ExpertConfig, Sequence[Sample]], dict | None] | None = None,
     on_plan: Callable[[MemoryPlan, int, str], None] | None = None,
 ) -> ExpertSet:
     """Score, select and train one task's experts on a base model; return (and save) the patch.
@@ -149,7 +158,7 @@ def train_esft(
     CLI's retention-risk check, `expertlib.esft.diagnostics`); it must leave the model unchanged.
 
     Without `selection.experts`, the routed experts are scored on the training split
-    (ESFT-`score`, `token_budget` tokens; None = all) and selected with the top-p rule (`top_p`
+    (ESFT-`score`, `token_budget` tokens; 0 or None = all) and selected with the top-p rule (`top_p`
     defaults to the paper's 0.2 for token, 0.1 for gate). `weighting` is the scoring's ("paper"
     or the reference code's pooled "reference", `expertlib.esft.scoring`). The patch is written
     atomically to `out`.
@@ -215,14 +224,19 @@ def train_esft(
     )
     model = load_model(base, dtype=torch_dtype(config.dtype), **kw)
     ident = base_identity(model, name=str(base))
-    prov = Provenance(data_digest=digest, extra={"data_path": str(data)})
+    prov = Provenance(
+        data_digest=digest,
+        selection=sel.model_dump(mode="json"),
+        data=dc.model_dump(mode="json"),
+        extra={"data_path": str(data)},
+    )
     if given is None:
         p = sel.top_p if sel.top_p is not None else DEFAULT_TOP_P[sel.score]
         scores = score_experts(
             model,
             train_s,
             pad_id=pad,
-            token_budget=sel.token_budget,
+            token_budget=sel.token_budget or None,
             batch_size=config.batch_size,
             count_prompt_tokens=sel.count_prompt_tokens,
             seed=config.seed,
@@ -322,6 +336,23 @@ def train_esft(
         es.save(out)
     distributed.barrier()
     return es
+
+
+def settings_of(es: ExpertSet) -> tuple[SelectionConfig, DataConfig, TrainConfig]:
+    """The settings groups that trained `es`, read back from its provenance: `train_esft` with them
+    (and the same base and data) trains the set again (`expertlib train --from SET`)."""
+    prov = es.manifest.provenance
+    if not (prov.selection and prov.data and prov.training):
+        raise SelectionError(
+            f"the expert set {es.manifest.task!r} does not record the settings that trained it",
+            hint="sets trained before expertlib recorded every settings group cannot be retrained with "
+            "--from; train it again with its options",
+        )
+    return (
+        SelectionConfig.model_validate(prov.selection),
+        DataConfig.model_validate(prov.data),
+        TrainConfig.model_validate(prov.training),
+    )
 
 
 def _keep_aware(

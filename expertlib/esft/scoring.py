@@ -346,19 +346,21 @@ def score_task(
     *,
     token_budget: int | None = PAPER_TOKEN_BUDGET,
     batch_size: int = 8,
-    count_prompt_tokens: bool = True,
-    max_length: int = 4096,
-    too_long: str = "truncate",
+    count_prompt_tokens: bool = False,
+    max_length: int = 2048,
+    too_long: str = "error",
     seed: int = 0,
     progress: bool = True,
     weighting: Weighting = "paper",
     device: str = "auto",
-    dtype: str | None = None,
+    dtype: str | None = "float32",
 ) -> ExpertScores:
     """Load a base model and a jsonl task file, and score every routed expert (`expertlib score`).
 
-    The data is read lazily (`LazySamples`): memory does not grow with the file. The model runs
-    on `device` (auto: CUDA when present) in `dtype` (default: as stored).
+    The defaults are `train_esft`'s (its settings groups: answer-only positions, the paper's token
+    budget, samples of at most 2048 tokens, float32). The data is read lazily (`LazySamples`):
+    memory does not grow with the file. The model runs on `device` (auto: CUDA when present) in
+    `dtype` (None: as stored).
     """
     from expertlib.devices import resolve_device, torch_dtype
     from expertlib.esft.data import LazySamples, data_digest, load_tokenizer, pad_token_id
