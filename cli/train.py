@@ -276,7 +276,7 @@ def train_cmd(ctx, base, data, task, out, from_set, general, as_json, **kw):
     if general:
         from expertlib.esft.diagnostics import check_retention
 
-        def on_selection(model, selection, _samples) -> None:
+        def on_selection(model, selection, _samples) -> dict:
             from expertlib.esft.data import load_tokenizer
 
             risk["r"] = check_retention(model, load_tokenizer(base), selection, general)
@@ -284,6 +284,7 @@ def train_cmd(ctx, base, data, task, out, from_set, general, as_json, **kw):
             if risk["r"].at_risk and kept_nothing:
                 cmd = rerun_command(ctx, drop=("keep", "experts"), add=("--keep", general))
                 click.echo(f"to leave the experts of {general} alone, train with:\n  {cmd}", err=True)
+            return {"retention_risk": risk["r"].summary()}  # kept in the manifest (show, the web view)
 
     selection = SelectionConfig(**take(SelectionConfig, kw))
     config = TrainConfig(**take(TrainConfig, kw))

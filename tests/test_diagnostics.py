@@ -144,6 +144,11 @@ def test_score_and_train_report_the_retention_risk(tmp_path, monkeypatch):
     out = json.loads(res.stdout[res.stdout.index("{") :])
     assert out["retention_risk"]["per_layer"]["0"]["experts"], out
     assert "retention risk" in res.stderr and "--keep builtin" in res.stderr.split("train with:")[1]
+    # the check's figures are kept in the set's manifest, where `show` and the web view's set page read them
+    from expertlib.patch import ExpertSet
+
+    kept = ExpertSet.open(tmp_path / "m.safetensors").manifest.provenance.extra["retention_risk"]
+    assert kept == json.loads(json.dumps(out["retention_risk"])), kept
 
     res = CliRunner().invoke(cli, ["inspect", base, "--data", str(data)])
     assert res.exit_code == 0, res.output

@@ -156,6 +156,7 @@ def train_esft(
 
     `on_selection(model, experts, train_samples)` runs after selection, before training (the
     CLI's retention-risk check, `expertlib.esft.diagnostics`); it must leave the model unchanged.
+    What it returns (a dict, e.g. {"retention_risk": ...}) is kept in the manifest's `provenance.extra`.
 
     Without `selection.experts`, the routed experts are scored on the training split
     (ESFT-`score`, `token_budget` tokens; 0 or None = all) and selected with the top-p rule (`top_p`
@@ -289,7 +290,9 @@ def train_esft(
         update={"routing_profile": prompt_profile(model, train_s, pad_id=pad), "base_anchors": anchors}
     )
     if on_selection is not None:
-        on_selection(model, experts, train_s)
+        found = on_selection(model, experts, train_s)
+        if found:  # kept with the set (the retention risk: `expertlib show`, the web view's set page)
+            prov.extra.update(found)
     moe_sel = [layer for layer, ids in experts.experts.items() if ids]
     planned(
         experts.num_experts,
