@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import re
 import tempfile
@@ -187,15 +186,6 @@ class _SetBook:
         checked = es.checked.model_dump_json() if es.checked is not None else None  # it trusts this check
         return (path, digest, checked)
 
-    def fill_chunks(self, placement: Placement) -> list[list[list[int]]]:
-        """The placement's slot writes cut into calls of about `LOAD_CHUNK_BYTES` each, so that each
-        call (run between two forward steps) delays the other sets' next step by one short copy."""
-        m = self.sets[placement.name].manifest
-        per_expert = max(1, sum(math.prod(s) for s in m.expert_shapes.values()) * _itemsize(m.dtype))
-        n = max(1, LOAD_CHUNK_BYTES // per_expert)
-        fills = [[layer, slot, e] for layer, slot, e in placement.fills]
-        return [fills[i : i + n] for i in range(0, len(fills), n)]
-
     def ref(self, expert_set: SetRef | str | None) -> SetRef | None:
         """The SetRef a request runs with (None or "" = the base), and the set marked recently used.
 
@@ -262,18 +252,17 @@ class _SetBook:
         return name
 
     async def _write(self, placement: Placement, evicted_rows: list[int], path: str, rpc: Rpc, pause) -> None:
-        """The workers' side of a load, in calls that each hold up a forward step only briefly: read
-        and check the set into host memory (on a worker thread while steps run, when `pause` is
-        given), clear the evicted sets' rows, copy the experts into their slots a chunk per call,
-        and only then write the set's row, so that no step sees it half written."""
+        """The workers' side of a load: clear the evicted sets' rows (before their slots are
+        overwritten), have the workers read, check and pack the set (or take it from their host
+        cache) and copy it into its slots, on a worker thread while steps run when `pause` is given
+        (no step is held up by more than a poll), and only then write the set's row, so that no step
+        sees it half written."""
         args = self.stage_args(placement.name, path)
-        background = pause is not None
-        while not all(await rpc("expertlib_stage", (*args, background))):
-            await pause()
         if evicted_rows:
-            await rpc("expertlib_apply", (evicted_rows,))  # before their slots are overwritten
-        for fills in self.fill_chunks(placement):
-            await rpc("expertlib_write_slots", (path, fills, *args[1:]))
+            await rpc("expertlib_apply", (evicted_rows,))
+        fills = [[layer, slot, e] for layer, slot, e in placement.fills]
+        while not all(await rpc("expertlib_stage", (*args, pause is not None, fills))):
+            await pause()
         remap = {layer: dict(m) for layer, m in placement.remap.items()}  # expert -> slot
         await rpc("expertlib_apply", ([], None, None, placement.set_row, remap))
 
@@ -511,18 +500,6 @@ def _verify_always(mode: str) -> bool:
             f"verify_loads must be 'once' or 'always', not {mode!r}", hint="pass once or always"
         )
     return mode == "always"
-
-
-#: Bytes of experts copied into slots per worker call (each call runs between two forward steps, so
-#: it delays the next step by this much copying: on CPU a copy, the kernel's prepack and a copy in;
-#: at least one expert per call, 9 MiB at Qwen3-30B-A3B's shape).
-LOAD_CHUNK_BYTES = 16 << 20
-
-
-def _itemsize(dtype: str) -> int:
-    import torch
-
-    return getattr(torch, dtype).itemsize
 
 
 def _check_worker(info: dict[str, Any], base: BaseCheckpoint, slots: int, max_sets: int) -> None:

@@ -15,8 +15,8 @@ from expertlib.slots import SetRef
 
 
 class Workers:
-    """Records the collective_rpc calls; `fail` makes the next slot write raise; `busy` is how many
-    times a background read answers "not done yet" before it is."""
+    """Records the collective_rpc calls; `fail` makes the next load job (read, pack, slot copies)
+    raise; `busy` is how many times a background job answers "not done yet" before it is."""
 
     def __init__(self, busy: int = 0):
         self.calls: list[tuple[str, tuple]] = []
@@ -25,10 +25,10 @@ class Workers:
 
     async def __call__(self, method: str, args: tuple = ()) -> list:
         self.calls.append((method, args))
-        if method == "expertlib_write_slots" and self.fail:
-            self.fail = False
-            raise RuntimeError("worker died")
         if method == "expertlib_stage":
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("worker died")
             if self.busy > 0:
                 self.busy -= 1
                 return [False]
@@ -70,19 +70,17 @@ def test_load_stages_writes_then_sets_the_row_in_slot_indices(world):
     assert _load(book, rpc, sets["a"], "a") == "a"
     assert rpc.methods() == [
         "expertlib_stage",
-        "expertlib_write_slots",
         "expertlib_apply",
         "expertlib_unstage",
         "expertlib_host_cache",
     ]
-    path, digest, checked, background = rpc.calls[0][1]
-    assert path == str(sets["a"]) and background is False  # the offline engine reads inline
+    path, digest, checked, background, fills = rpc.calls[0][1]
+    assert path == str(sets["a"]) and background is False  # the offline engine runs the job inline
     assert digest == book.sets["a"].manifest.content_digest
     assert json.loads(checked)["path"] == str(Path(sets["a"]).resolve())  # the workers trust this check
-    _, fills, *_ = rpc.calls[1][1]
     layer = base.moe_layers[0]
-    assert sorted(f[2] for f in fills if f[0] == layer) == [0, 1]
-    clear, _, _, set_row, remap = rpc.calls[2][1]
+    assert sorted(f[2] for f in fills if f[0] == layer) == [0, 1]  # the job copies them into slots
+    clear, _, _, set_row, remap = rpc.calls[1][1]
     assert clear == [] and set_row == 1
     assert remap[layer] == {0: 0, 1: 1}  # expert -> slot index, as Placement.remap
     assert book.history["a"]["loads"] == 1
@@ -110,35 +108,37 @@ def test_eviction_clears_the_evicted_row_before_its_slots_are_written(world):
     _load(book, rpc, sets["b"], "b")
     rpc.calls.clear()
     _load(book, rpc, sets["c"], "c")  # 4 slots per layer: a (least recently used) goes
-    assert rpc.methods()[:3] == ["expertlib_stage", "expertlib_apply", "expertlib_write_slots"]
-    assert rpc.calls[1][1] == ([1],)
+    assert rpc.methods()[:3] == ["expertlib_apply", "expertlib_stage", "expertlib_apply"]
+    assert rpc.calls[0][1] == ([1],)  # cleared before the job writes a's slots
     assert book.pool.loaded() == ["b", "c"] and book.history["a"]["evictions"] == 1
 
 
-def test_a_load_is_written_in_chunks_and_serves_only_when_whole(world, monkeypatch):
-    """Slot writes go in calls of LOAD_CHUNK_BYTES (each between two forward steps: other sets'
-    requests wait one short copy at most), the row is written last, and until then a request for
-    the set is told it is being loaded rather than served with a half-written set."""
-    import expertlib.engine as engine_mod
-
+def test_a_set_serves_only_once_its_slots_are_written(world):
+    """The row is written after the workers' job (read, check, pack, slot copies) is done; until then
+    a request for the set is told it is being loaded rather than served with a half-written set."""
     base, sets = world
-    monkeypatch.setattr(engine_mod, "LOAD_CHUNK_BYTES", 1)  # one expert per call
     book = _SetBook(base, 4, 2)
-    seen: list[str] = []
 
     class Probe(Workers):
         async def __call__(self, method, args=()):
-            if method == "expertlib_write_slots":
+            if method == "expertlib_stage":
                 with pytest.raises(NotLoadedError, match="being loaded"):
                     book.ref("a")
-                seen.append(method)
             return await super().__call__(method, args)
 
-    rpc = Probe()
-    _load(book, rpc, sets["a"], "a")
-    writes = [a for m, a in rpc.calls if m == "expertlib_write_slots"]
-    assert len(writes) == 2 * len(base.moe_layers) and all(len(a[1]) == 1 for a in writes)
-    assert rpc.methods().index("expertlib_apply") > rpc.methods().index("expertlib_write_slots")
+    rpc = Probe(busy=2)  # the job answers "not yet" twice
+
+    async def load():
+        es, name, file = book.open(sets["a"], "a")
+
+        async def pause():
+            pass
+
+        return await book.load(es, name, file, False, rpc, pause)
+
+    asyncio.run(load())
+    assert rpc.methods()[:4] == ["expertlib_stage"] * 3 + ["expertlib_apply"]
+    assert all(a[3] is True for m, a in rpc.calls if m == "expertlib_stage")  # on a worker thread
     assert book.ref("a").set_row == 1
 
 
@@ -195,13 +195,12 @@ def test_the_async_engine_runs_the_same_transaction(world):
 
     calls = asyncio.run(run())
     assert calls == ["expertlib_host_cache"] + ["expertlib_stage"] * 4 + [
-        "expertlib_write_slots",
         "expertlib_apply",
         "expertlib_unstage",
         "expertlib_host_cache",
         "expertlib_apply",
     ]
-    assert all(args[-1] is True for m, args in rpc.calls if m == "expertlib_stage")  # in the background
+    assert all(args[3] is True for m, args in rpc.calls if m == "expertlib_stage")  # in the background
 
 
 def _async_engine(base, rpc: Workers, max_sets: int):

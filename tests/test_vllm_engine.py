@@ -155,6 +155,25 @@ def test_eviction_pinning_dedup(world):
     assert engine.status()["slots_used"] == before["slots_used"]
 
 
+def test_a_reload_copies_packed_rows_from_the_host_cache(world, monkeypatch):
+    """A set loaded again after it left the slots comes from the workers' host cache, already in the
+    kernel's layout: no file read, no check, no packing, one copy per part; it answers as before."""
+    import expertlib.vllm_plugin.worker as worker
+
+    engine = world["engine"]
+    reset(engine)
+    engine.load(world["paths"]["alpha"])
+    want = tokens(engine.generate(PROMPTS[:2], "alpha", greedy()))
+    engine.unload("alpha")
+    packed = []
+    original = worker.pack_set
+    monkeypatch.setattr(worker, "pack_set", lambda ctx, es: packed.append(es) or original(ctx, es))
+    hits = engine.status()["host_cache"]["hits"]
+    engine.load(world["paths"]["alpha"])
+    assert packed == [] and engine.status()["host_cache"]["hits"] == hits + 1
+    assert tokens(engine.generate(PROMPTS[:2], "alpha", greedy())) == want
+
+
 def test_set_that_cannot_fit_is_refused(world, tmp_path):
     engine = world["engine"]
     reset(engine)

@@ -1,159 +1,158 @@
-"""The second-level cache of expert sets on each worker: recently used sets' tensors in host memory.
+"""The second-level cache of expert sets on each worker: recently used sets in host memory, in the
+kernel's final layout.
 
-Like vLLM's CPU LoRA cache, it holds the tensors of the sets most recently written into slots
-(resident ones included), bounded in bytes, so that reloading a set that was evicted from the slots
-is a copy from host memory instead of a file read. It holds verified bytes: a set enters as one
-buffer read from its file once and checked (or covered by the front end's check of the unchanged
-file, `expertlib.verify`). Keyed by the set file's path and content digest; one cache per worker
-process.
+Like vLLM's CPU LoRA cache, it holds the sets most recently written into slots (resident ones
+included), bounded in bytes, so that reloading a set that was evicted from the slots is one copy per
+expert part from host memory: no file read, no check, no CPU prepack. A set enters once: its file read
+into one buffer and checked (or covered by the front end's check of the unchanged file,
+`expertlib.verify`), then packed (`prepare`) into the rows the slots take; the read buffer is let go.
+Keyed by the set file's path and content digest; one cache per worker process.
+
+A load's work (read, check, pack, copy into free slots) runs as one job, inline or on a thread of its
+own (`stage`), so that forward steps go on meanwhile: the slots it writes are referenced by no set row
+until the front end writes the set's row, after the job is done.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from expertlib.patch import ExpertSet
 from expertlib.verify import VerifiedRecord
 
+#: What a set is kept as: whatever `prepare` made of it (the worker's packed rows per layer)
+Entry = Any
+
 
 class HostCache:
     def __init__(self, budget: int = 0):
         self.budget = int(budget)
-        self._sets: OrderedDict[str, ExpertSet] = OrderedDict()  # LRU order: oldest first
-        self._bytes: dict[str, int] = {}
+        self._sets: OrderedDict[str, tuple[str, Entry, int]] = OrderedDict()  # path -> (digest, entry, bytes)
         self.hits = 0
         self.misses = 0
-        self._staged: dict[str, ExpertSet] = {}  # read for a load in progress, whatever the budget
-        self._reading: dict[str, _Read] = {}  # background reads (`stage`)
+        self._staged: dict[str, tuple[str, Entry]] = {}  # for a load in progress, whatever the budget
+        self._reading: dict[Hashable, _Job] = {}  # the background job (`stage`): at most one
+        self._lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
-        return sum(self._bytes.values())
+        return sum(size for _, _, size in self._sets.values())
 
-    def open(
-        self, path: str, content_digest: str | None = None, checked: VerifiedRecord | None = None
-    ) -> tuple[ExpertSet, bool]:
-        """The set at `path` with its verified tensors in memory, and whether it came from the cache.
-
-        `checked`: a full check of the file made elsewhere (the engine's front end), trusted while the
-        file is unchanged since; otherwise the bytes read are checked here."""
+    def entry(
+        self,
+        path: str,
+        content_digest: str | None,
+        checked: VerifiedRecord | None,
+        prepare: Callable[[ExpertSet], Entry],
+        size: Callable[[Entry], int],
+    ) -> Entry:
+        """The set at `path` as `prepare` makes it from its checked bytes: from this cache when it
+        holds that set, else read from the file once and checked (`checked`: a full check of the file
+        made elsewhere, trusted while the file is unchanged since), then prepared and kept."""
         path = str(path)
-        staged = self._staged.get(path)
-        if staged is not None and content_digest in (None, staged.manifest.content_digest):
-            return staged, False
-        cached = self._sets.get(path)
-        if cached is not None and content_digest in (None, cached.manifest.content_digest):
-            self._sets.move_to_end(path)
-            self.hits += 1
-            return cached, True
-        if cached is not None:  # the file now holds another set
-            self._sets.pop(path)
-            self._bytes.pop(path, None)
+        with self._lock:
+            staged = self._staged.get(path)
+            if staged is not None and content_digest in (None, staged[0]):
+                return staged[1]
+            cached = self._sets.get(path)
+            if cached is not None and content_digest in (None, cached[0]):
+                self._sets.move_to_end(path)
+                self.hits += 1
+                self._staged[path] = cached[:2]
+                return cached[1]
+            if cached is not None:  # the file now holds another set
+                self._sets.pop(path)
         es = ExpertSet.open(path)
         if checked is not None:
             es.trust(checked)
-        es.read_verified()  # each byte read once, into the buffer the slots are filled from
-        self.misses += 1
-        self._put(path, es)
-        return es, False
-
-    def stage(
-        self,
-        path: str,
-        content_digest: str | None = None,
-        checked: VerifiedRecord | None = None,
-        background: bool = False,
-    ) -> bool:
-        """Have the set at `path` in memory, read and checked, for the slot writes of a load; True
-        once it is. `background`: the read runs on a thread of its own (file reads, hashing and
-        numpy release the GIL, so forward steps go on) and this returns False until it is done
-        (call again to poll); its error, if any, is raised by the call that finds it done."""
-        path = str(path)
-        job = self._reading.get(path)
-        if job is None:
-            if _holds(self._staged.get(path), content_digest):
-                return True
-            if not background or _holds(self._sets.get(path), content_digest):  # a hit is no wait
-                self._staged[path] = self.open(path, content_digest, checked)[0]
-                return True
-            self._reading[path] = _Read(path, checked)
-            return False
-        if job.is_alive():
-            return False
-        del self._reading[path]
-        es = job.result()
-        if content_digest is not None and es.manifest.content_digest != content_digest:
+        es.read_verified()  # each byte read once, into the buffer the rows are made from
+        digest = es.manifest.content_digest
+        if content_digest is not None and digest != content_digest:
             from expertlib.errors import DigestMismatchError
 
             raise DigestMismatchError("the set file changed after it was checked", path=path)
-        self.misses += 1
-        self._put(path, es)
-        self._staged[path] = es
-        return True
+        entry = prepare(es)
+        del es  # the read buffer: the entry holds what the slots take
+        with self._lock:
+            self.misses += 1
+            self._staged[path] = (digest, entry)
+            self._put(path, digest, entry, size(entry))
+        return entry
+
+    def stage(self, key: Hashable, work: Callable[[], Any], background: bool = False) -> bool:
+        """Run a load's `work` (reading, checking, packing, slot copies); True once it is done.
+
+        `background`: on a thread of its own (file reads, hashing, numpy and torch copies release the
+        GIL, so forward steps go on), False until it is done (call again with the same `key` to
+        poll); its error, if any, is raised by the call that finds it done. A job whose caller gave up
+        (another key) is waited for before a new one starts, so two jobs never write slots at once."""
+        for old, job in list(self._reading.items()):
+            if job.is_alive():
+                return False
+            del self._reading[old]
+            if old == key:
+                job.result()
+                return True
+        if not background:
+            work()
+            return True
+        self._reading[key] = _Job(work)
+        return False
 
     def unstage(self, path: str) -> None:
         """The load that staged `path` is over: keep it only as the budget allows."""
-        self._staged.pop(str(path), None)
+        with self._lock:
+            self._staged.pop(str(path), None)
 
-    def _put(self, path: str, es: ExpertSet) -> None:
-        size = sum(t.numel() * t.element_size() for t in es.tensors.values())
+    def _put(self, path: str, digest: str, entry: Entry, size: int) -> None:
         if size > self.budget:
             return
-        self._sets[path] = es
-        self._bytes[path] = size
+        self._sets[path] = (digest, entry, size)
         self._shrink()
 
     def _shrink(self) -> None:
         while self._sets and self.nbytes > self.budget:
-            old, _ = self._sets.popitem(last=False)
-            self._bytes.pop(old, None)
+            self._sets.popitem(last=False)
 
     def resize(self, budget: int) -> None:
-        self.budget = int(budget)
-        self._shrink()
+        with self._lock:
+            self.budget = int(budget)
+            self._shrink()
 
     def status(self) -> dict[str, Any]:
-        return {
-            "budget": self.budget,
-            "bytes": self.nbytes,
-            "paths": list(self._sets),
-            "hits": self.hits,
-            "misses": self.misses,
-        }
+        with self._lock:
+            return {
+                "budget": self.budget,
+                "bytes": self.nbytes,
+                "paths": list(self._sets),
+                "hits": self.hits,
+                "misses": self.misses,
+            }
 
 
 #: This process's cache (each vLLM worker process has its own).
 HOST_CACHE = HostCache()
 
 
-def _holds(es: ExpertSet | None, content_digest: str | None) -> bool:
-    return es is not None and content_digest in (None, es.manifest.content_digest)
+class _Job(threading.Thread):
+    """One load's work off the caller's thread."""
 
-
-class _Read(threading.Thread):
-    """One set file read into host memory and checked (`ExpertSet.read_verified`) off the caller's thread."""
-
-    def __init__(self, path: str, checked: VerifiedRecord | None):
-        super().__init__(name="expertlib-stage", daemon=True)
-        self.path, self.checked = path, checked
-        self._es: ExpertSet | None = None
+    def __init__(self, work: Callable[[], Any]):
+        super().__init__(name="expertlib-load", daemon=True)
+        self.work = work
         self._error: BaseException | None = None
         self.start()
 
     def run(self) -> None:
         try:
-            es = ExpertSet.open(self.path)
-            if self.checked is not None:
-                es.trust(self.checked)
-            self._es = es.read_verified()
+            self.work()
         except BaseException as exc:  # handed to the caller by result()
             self._error = exc
 
-    def result(self) -> ExpertSet:
+    def result(self) -> None:
         self.join()
         if self._error is not None:
             raise self._error
-        assert self._es is not None
-        return self._es

@@ -8,6 +8,9 @@ cross process boundaries); expert tensors are read on the worker from the set's 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +30,28 @@ class _Prepack:
         from vllm._custom_ops import cpu_prepack_moe_weight
 
         return cpu_prepack_moe_weight(w.contiguous(), self.impl.isa)
+
+    def pack_into(self, w: torch.Tensor, out: torch.Tensor) -> None:
+        """Prepack expert rows `w` (n, R, C) into `out`, a contiguous tensor of the same shape."""
+        torch.ops._C.prepack_moe_weight(w.contiguous(), out, self.impl.isa)
+
+    def halves(self, hidden: int, dtype: torch.dtype) -> bool:
+        """Whether [gate; up] may be prepacked half by half straight into a w13 row (no staging
+        copy): the kernel packs blocks of output rows, so the halves pack alone as they do together
+        when the intermediate size is not padded. Checked once per shape on random rows."""
+        if self.padded != self.inter:
+            return False
+        return _halves_pack_alone(self.impl.isa, self.inter, hidden, dtype)
+
+
+@functools.cache
+def _halves_pack_alone(isa: str, inter: int, hidden: int, dtype: torch.dtype) -> bool:
+    w = torch.randn(1, 2 * inter, hidden, generator=torch.Generator().manual_seed(0)).to(dtype)
+    whole, halves = torch.empty_like(w), torch.empty_like(w)
+    torch.ops._C.prepack_moe_weight(w, whole, isa)
+    torch.ops._C.prepack_moe_weight(w[:, :inter].contiguous(), halves[:, :inter], isa)
+    torch.ops._C.prepack_moe_weight(w[:, inter:].contiguous(), halves[:, inter:], isa)
+    return torch.equal(whole, halves)
 
 
 def kernel_layout(routed_experts, w13_shape, w2_shape) -> _Prepack | None:
@@ -114,45 +139,120 @@ def _tp_shard(runner, w: ExpertWeights) -> ExpertWeights:
     )
 
 
-@torch.no_grad()
-def write_slots(runner, physical_ids: list[int], weights: list[ExpertWeights]) -> None:
-    """Copy canonical experts (gate (I,H), up (I,H), down (H,I)) into physical expert rows of one layer.
+@dataclass
+class LayerRows:
+    """One layer's experts of a set in the kernel's final layout, in host memory (pinned when the
+    slots are on a GPU): row i of each tensor is expert `experts[i]`, ready for one copy per part
+    into a slot row."""
 
-    Each part is copied once, from the set's verified bytes straight into the slot row (vLLM's w13
-    row is [w1; w3] = [gate; up]), with no stacked temporary. The CPU kernel needs its own layout:
-    there the rows are assembled in one padded buffer, prepacked, and copied into place.
-    """
-    experts = runner.routed_experts
-    dst13, dst2 = experts.w13_weight, experts.w2_weight
+    experts: list[int]
+    w13: torch.Tensor  # (n, 2P, H): [gate; up], P the kernel's (padded) intermediate size
+    w2: torch.Tensor  # (n, H, P)
+    b13: torch.Tensor | None = None  # (n, 2P) expert biases, where the architecture has them
+    b2: torch.Tensor | None = None  # (n, H)
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.w13, self.w2, self.b13, self.b2)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+@torch.no_grad()
+def pack_rows(runner, experts: list[int], weights: list[ExpertWeights]) -> LayerRows:
+    """Canonical experts (gate (I,H), up (I,H), down (H,I)) in the layout `runner`'s kernel reads
+    (vLLM's w13 row is [w1; w3] = [gate; up]): this rank's shard, padded and prepacked on the CPU
+    kernel. Each part is read once from the set's verified bytes and written once into the rows
+    (prepacked straight into them where the halves of w13 pack alone)."""
+    dst = runner.routed_experts
     weights = [_tp_shard(runner, w) for w in weights]
     n, (inter, hidden) = len(weights), weights[0].gate.shape
-    packer = kernel_layout(experts, (n, 2 * inter, hidden), (n, hidden, inter))
-    if packer is None:
-        for phys, w in zip(physical_ids, weights, strict=True):
-            dst13.data[phys, :inter].copy_(w.gate)
-            dst13.data[phys, inter : 2 * inter].copy_(w.up)
-            dst2.data[phys].copy_(w.down)
-    else:
-        padded = packer.padded
-        make = torch.zeros if padded != inter else torch.empty
-        w13 = make(n, 2 * padded, hidden, dtype=dst13.dtype)  # (n, 2P, H)
-        w2 = make(n, hidden, padded, dtype=dst2.dtype)  # (n, H, P)
-        for i, w in enumerate(weights):
-            w13[i, :inter].copy_(w.gate)
-            w13[i, padded : padded + inter].copy_(w.up)
-            w2[i, :, :inter].copy_(w.down)
-        index = torch.tensor(physical_ids, dtype=torch.long, device=dst13.device)
-        dst13.data.index_copy_(0, index, packer.pack(w13))
-        dst2.data.index_copy_(0, index, packer.pack(w2))
-    bias13 = getattr(experts, "w13_bias", None)
+    packer = kernel_layout(dst, (n, 2 * inter, hidden), (n, hidden, inter))
+    dtype, pin = dst.w13_weight.dtype, dst.w13_weight.device.type == "cuda"
+    padded = inter if packer is None else packer.padded
+    w13 = torch.empty(n, 2 * padded, hidden, dtype=dtype, pin_memory=pin)  # (n, 2P, H)
+    w2 = torch.empty(n, hidden, padded, dtype=dtype, pin_memory=pin)  # (n, H, P)
+    halves = packer is not None and packer.halves(hidden, dtype)
+    for i, w in enumerate(weights):
+        gate, up, down = (t.to(dtype)[None] for t in (w.gate, w.up, w.down))  # (1, I, H), (1, H, I)
+        if packer is None:
+            w13[i, :inter].copy_(gate[0])
+            w13[i, inter:].copy_(up[0])
+            w2[i].copy_(down[0])
+        elif halves:
+            packer.pack_into(gate, w13[i : i + 1, :inter])
+            packer.pack_into(up, w13[i : i + 1, inter:])
+            packer.pack_into(down, w2[i : i + 1])
+        else:  # padded: staged in one zero-padded expert, then prepacked
+            s13 = w13.new_zeros(1, 2 * padded, hidden)
+            s13[:, :inter], s13[:, padded : padded + inter] = gate, up
+            s2 = w2.new_zeros(1, hidden, padded)
+            s2[:, :, :inter] = down
+            packer.pack_into(s13, w13[i : i + 1])
+            packer.pack_into(s2, w2[i : i + 1])
+    rows = LayerRows(list(experts), w13, w2)
+    bias13 = getattr(dst, "w13_bias", None)
     if weights[0].gate_bias is not None and isinstance(bias13, torch.Tensor):
-        padded = bias13.shape[-1] // 2
-        for phys, w in zip(physical_ids, weights, strict=True):
-            inter = w.gate_bias.numel()
-            row = bias13.new_zeros(bias13.shape[-1])
-            row[:inter], row[padded : padded + inter] = w.gate_bias, w.up_bias
-            bias13.data[phys].copy_(row)
-            experts.w2_bias.data[phys].copy_(w.down_bias.to(experts.w2_bias.dtype))
+        width = bias13.shape[-1] // 2
+        rows.b13 = torch.zeros(n, 2 * width, dtype=bias13.dtype, pin_memory=pin)
+        rows.b2 = torch.empty(n, dst.w2_bias.shape[-1], dtype=dst.w2_bias.dtype, pin_memory=pin)
+        for i, w in enumerate(weights):
+            k = w.gate_bias.numel()
+            rows.b13[i, :k], rows.b13[i, width : width + k] = w.gate_bias, w.up_bias
+            rows.b2[i].copy_(w.down_bias)
+    return rows
+
+
+@torch.no_grad()
+def copy_rows(runner, physical_ids: list[int], rows: LayerRows, experts: list[int]) -> None:
+    """Copy the packed rows of `experts` into physical expert rows `physical_ids` of one layer: one
+    copy per part, the kernel's layout already. On a GPU the copies run on a side stream from
+    pinned host memory (asynchronous to the forward steps, which never read these rows yet) and
+    this returns once they are done."""
+    dst = runner.routed_experts
+    index = {e: i for i, e in enumerate(rows.experts)}
+    pairs = [(dst.w13_weight, rows.w13), (dst.w2_weight, rows.w2)]
+    if rows.b13 is not None:
+        pairs += [(dst.w13_bias, rows.b13), (dst.w2_bias, rows.b2)]
+    cuda = dst.w13_weight.device.type == "cuda"
+    stream = torch.cuda.Stream(device=dst.w13_weight.device) if cuda else None
+    with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+        for phys, e in zip(physical_ids, experts, strict=True):
+            for target, src in pairs:
+                target.data[phys].copy_(src[index[e]], non_blocking=cuda)
+    if stream is not None:
+        stream.synchronize()
+
+
+def write_slots(runner, physical_ids: list[int], weights: list[ExpertWeights]) -> None:
+    """Canonical experts into physical expert rows of one layer (`pack_rows`, then `copy_rows`)."""
+    experts = list(range(len(weights)))
+    copy_rows(runner, physical_ids, pack_rows(runner, experts, weights), experts)
+
+
+def pack_set(ctx, es) -> dict[int, LayerRows]:
+    """Every expert of set `es` (read and checked) in this worker's kernel layout: MoE layer ->
+    rows. What the host cache keeps, so that loading the set again is one copy per part."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, e in es.manifest.pairs():
+        by_layer.setdefault(int(layer), []).append(int(e))
+    out = {}
+    for layer, experts in sorted(by_layer.items()):
+        if layer not in ctx.layers:
+            raise ValueError(f"the set replaces experts of layer {layer}, which is not a MoE layer here")
+        experts.sort()
+        out[layer] = pack_rows(ctx.layers[layer], experts, [es.expert(layer, e) for e in experts])
+    return out
+
+
+def fill_slots(ctx, rows: dict[int, LayerRows], fills: list[list[int]]) -> None:
+    """Copy packed rows into slots: fills = [[layer, slot, expert], ...]."""
+    by_layer: dict[int, list[tuple[int, int]]] = {}
+    for layer, slot, expert in fills:
+        if not 0 <= int(slot) < ctx.slots:
+            raise ValueError(f"slot {slot} out of range (0..{ctx.slots - 1})")
+        by_layer.setdefault(int(layer), []).append((ctx.num_experts + int(slot), int(expert)))
+    for layer, pairs in by_layer.items():
+        copy_rows(ctx.layers[layer], [p for p, _ in pairs], rows[layer], [e for _, e in pairs])
 
 
 def check_set_hook(model_runner) -> None:
@@ -217,31 +317,29 @@ class SlotWorkerExtension:
             "weight_absmax": ctx.expert_absmax(),  # the weight bound's base statistics (expertlib.bounds)
         }
 
-    def expertlib_write_slots(
-        self, path: str, fills: list[list[int]], content_digest: str | None = None, checked: str | None = None
-    ) -> int:
-        """Copy experts of the set file at `path` into slots: fills = [[layer, slot, expert], ...].
-
-        The bytes this worker copies are the ones checked, before any slot is written: read once and
-        checked here (content digest, per-expert digests, finiteness), unless `checked` (the front
-        end's VerifiedRecord, JSON) covers the file and it is unchanged since."""
-        from expertlib.errors import DigestMismatchError
+    def _expertlib_rows(self, path: str, content_digest: str | None, checked: str | None):
+        """The set at `path` packed for this worker's slots, from the host cache or read from the
+        file once and checked (content digest, per-expert digests, finiteness) before anything is
+        made of it, unless `checked` (the front end's VerifiedRecord, JSON) covers the unchanged file."""
         from expertlib.verify import VerifiedRecord
         from expertlib.vllm_plugin.hostcache import HOST_CACHE
 
         ctx = self._expertlib_ctx()
         record = VerifiedRecord.model_validate_json(checked) if checked else None
-        es, _cached = HOST_CACHE.open(path, content_digest, record)  # a recent set comes from host memory
-        if content_digest is not None and es.manifest.content_digest != content_digest:
-            raise DigestMismatchError("the set file changed after it was checked", path=path)
-        es.verify()  # done on the buffer read above (or cached with it)
-        by_layer: dict[int, list[tuple[int, int]]] = {}
-        for layer, slot, expert in fills:
-            if not 0 <= int(slot) < ctx.slots:
-                raise ValueError(f"slot {slot} out of range (0..{ctx.slots - 1})")
-            by_layer.setdefault(int(layer), []).append((ctx.num_experts + int(slot), int(expert)))
-        for layer, rows in by_layer.items():
-            write_slots(ctx.layers[layer], [p for p, _ in rows], [es.expert(layer, e) for _, e in rows])
+        return HOST_CACHE.entry(
+            path,
+            content_digest,
+            record,
+            prepare=lambda es: pack_set(ctx, es),
+            size=lambda rows: sum(r.nbytes for r in rows.values()),
+        )
+
+    def expertlib_write_slots(
+        self, path: str, fills: list[list[int]], content_digest: str | None = None, checked: str | None = None
+    ) -> int:
+        """Copy experts of the set file at `path` into slots now: fills = [[layer, slot, expert], ...]
+        (what `expertlib_stage` does with fills, inline)."""
+        fill_slots(self._expertlib_ctx(), self._expertlib_rows(path, content_digest, checked), fills)
         return len(fills)
 
     def expertlib_stage(
@@ -250,15 +348,24 @@ class SlotWorkerExtension:
         content_digest: str | None = None,
         checked: str | None = None,
         background: bool = False,
+        fills: list[list[int]] | None = None,
     ) -> bool:
-        """Read and check the set file at `path` into host memory for the slot writes that follow
-        (as `expertlib_write_slots` would); `background`: on a thread while forward steps go on,
-        False until it is done (poll again). See `HostCache.stage`."""
-        from expertlib.verify import VerifiedRecord
+        """Have the set file at `path` read, checked and packed in host memory (the host cache), and
+        copy `fills` = [[layer, slot, expert], ...] of it into their slots, which no set row may
+        reference yet. `background`: on a thread while forward steps go on, False until it is done
+        (poll again with the same arguments). See `HostCache.stage`."""
         from expertlib.vllm_plugin.hostcache import HOST_CACHE
 
-        record = VerifiedRecord.model_validate_json(checked) if checked else None
-        return HOST_CACHE.stage(path, content_digest, record, bool(background))
+        ctx = self._expertlib_ctx()
+        fills = [[int(v) for v in f] for f in fills or []]
+
+        def work() -> None:
+            rows = self._expertlib_rows(path, content_digest, checked)
+            if fills:
+                fill_slots(ctx, rows, fills)
+
+        key = (str(path), content_digest, tuple(map(tuple, fills)))
+        return HOST_CACHE.stage(key, work, bool(background))
 
     def expertlib_unstage(self, path: str) -> None:
         from expertlib.vllm_plugin.hostcache import HOST_CACHE

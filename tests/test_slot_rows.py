@@ -1,0 +1,150 @@
+"""A set's experts are packed once into the kernel's final layout (`pack_rows`) and kept in the
+workers' host cache so; a load copies those rows into slots (`copy_rows`), one copy per part. The
+load's work runs as one job, inline or on a thread while forward steps go on (`HostCache.stage`)."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from expertlib.moe import ExpertWeights
+from expertlib.vllm_plugin.hostcache import HostCache
+
+
+def _cpu_runner(n: int, inter: int, hidden: int, dtype=torch.bfloat16):
+    """A stand-in MoE runner on vLLM's CPU kernel (padding and prepacking as vLLM does)."""
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    impl = object.__new__(CPUUnquantizedExperts)
+    impl._use_zentorch = False
+    impl.moe_config = SimpleNamespace(intermediate_size_per_partition=inter, activation=MoEActivation.SILU)
+    method = object.__new__(UnquantizedFusedMoEMethod)
+    method.moe_kernel = SimpleNamespace(fused_experts=impl)
+    padded = CPUUnquantizedExperts._padded_intermediate_size(impl.moe_config)
+    experts = SimpleNamespace(
+        quant_method=method,
+        w13_weight=torch.full((n, 2 * padded, hidden), 7.0, dtype=dtype),
+        w2_weight=torch.full((n, hidden, padded), 7.0, dtype=dtype),
+    )
+    par = SimpleNamespace(use_ep=False, tp_size=1)
+    return SimpleNamespace(routed_experts=experts, moe_config=SimpleNamespace(moe_parallel_config=par))
+
+
+def _weights(k: int, inter: int, hidden: int, seed: int = 0) -> list[ExpertWeights]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        ExpertWeights(
+            gate=torch.randn(inter, hidden, generator=g).bfloat16(),
+            up=torch.randn(inter, hidden, generator=g).bfloat16(),
+            down=torch.randn(hidden, inter, generator=g).bfloat16(),
+        )
+        for _ in range(k)
+    ]
+
+
+@pytest.mark.parametrize("inter", [64, 48])  # 48: padded to 64 by the CPU kernel
+def test_packed_rows_are_what_vllm_would_hold(inter):
+    """Rows packed straight into place (no padded staging unless the kernel pads) equal vLLM's own
+    post-processing of the same weights (pad, then prepack the stacked experts), and a load copies
+    exactly those rows into the slots it was given."""
+    from expertlib.vllm_plugin.worker import copy_rows, pack_rows, runtime_layout
+
+    hidden = 64
+    runner = _cpu_runner(6, inter, hidden)
+    weights = _weights(3, inter, hidden)
+    w13 = torch.stack([torch.cat([w.gate, w.up]) for w in weights])  # (3, 2I, H) checkpoint layout
+    w2 = torch.stack([w.down for w in weights])  # (3, H, I)
+    want13, want2 = runtime_layout(runner.routed_experts, w13, w2)
+    rows = pack_rows(runner, [10, 11, 12], weights)
+    assert torch.equal(rows.w13, want13) and torch.equal(rows.w2, want2)
+    assert rows.nbytes == want13.numel() * 2 + want2.numel() * 2
+
+    copy_rows(runner, [4, 1], rows, [12, 10])
+    dst = runner.routed_experts
+    assert torch.equal(dst.w13_weight[4], want13[2]) and torch.equal(dst.w13_weight[1], want13[0])
+    assert torch.equal(dst.w2_weight[4], want2[2]) and torch.equal(dst.w2_weight[1], want2[0])
+    untouched = [0, 2, 3, 5]
+    assert dst.w13_weight[untouched].eq(7).all() and dst.w2_weight[untouched].eq(7).all()
+
+
+@pytest.fixture
+def set_file(tmp_path):
+    from expertlib.identity import BaseIdentity
+    from expertlib.patch import ExpertSet
+
+    weights = _weights(2, 32, 32)
+    base = BaseIdentity(model_type="qwen2_moe", config_digest="sha256:" + "0" * 64)
+    es = ExpertSet.build(
+        task="t",
+        base=base,
+        experts={(0, 1): weights[0], (0, 3): weights[1]},
+        base_digests={(0, 1): "sha256:" + "1" * 64, (0, 3): "sha256:" + "2" * 64},
+    )
+    return es.save(tmp_path / "t.safetensors"), es.manifest.content_digest
+
+
+def test_the_host_cache_keeps_what_was_made_of_the_checked_bytes(set_file):
+    """A set is read, checked and prepared once; a reload takes the prepared rows (no read, no
+    check, no packing); another set in the same file, or a digest that is not the file's, is
+    never served from the cache."""
+    path, digest = set_file
+    cache = HostCache(budget=1 << 30)
+    made = []
+
+    def prepare(es):
+        made.append(es.manifest.content_digest)
+        return {"rows": torch.cat([t.flatten() for t in es.tensors.values()])}
+
+    size = lambda e: e["rows"].numel() * 2  # noqa: E731
+    first = cache.entry(str(path), digest, None, prepare, size)
+    cache.unstage(str(path))
+    again = cache.entry(str(path), digest, None, prepare, size)
+    assert again is first and made == [digest] and (cache.hits, cache.misses) == (1, 1)
+    assert cache.status()["bytes"] == size(first)
+
+    from expertlib.errors import DigestMismatchError
+
+    cache.unstage(str(path))
+    with pytest.raises(DigestMismatchError):
+        cache.entry(str(path), "sha256:" + "f" * 64, None, prepare, size)
+    assert made == [digest]  # refused before anything is made of the bytes
+
+    small = HostCache(budget=1)  # over the budget: used for the load, not kept
+    small.entry(str(path), digest, None, prepare, size)
+    small.unstage(str(path))
+    assert small.status()["paths"] == [] and small.nbytes == 0
+
+
+def test_a_background_job_is_polled_and_never_overlaps_another():
+    cache = HostCache()
+    gate, ran = threading.Event(), []
+
+    def slow():
+        gate.wait(10)
+        ran.append("a")
+
+    assert cache.stage("a", slow, background=True) is False
+    assert cache.stage("a", slow, background=True) is False  # still running: poll again
+    # its caller gave up (another load now): the new job waits until the old one is done
+    assert cache.stage("b", lambda: ran.append("b"), background=True) is False
+    assert ran == []
+    gate.set()
+    while not cache.stage("b", lambda: ran.append("b"), background=True):
+        pass
+    assert ran == ["a", "b"] and not cache._reading
+
+    def broken():
+        raise ValueError("bad bytes")
+
+    assert cache.stage("c", broken, background=True) is False
+    with pytest.raises(ValueError, match="bad bytes"):
+        while not cache.stage("c", broken, background=True):
+            pass
+    assert not cache._reading
+    assert cache.stage("d", lambda: ran.append("d")) is True and ran[-1] == "d"  # inline
