@@ -112,7 +112,7 @@ def eval_cmd(
         tasks=tasks,
         limit=limit,
         n_eval=n_eval,
-        registry=registry,
+        open_named=_registry_open(registry, base),
         progress=not as_json,
         device=device,
         keep_samples=record,
@@ -144,7 +144,7 @@ def _eval_data(
         list(expert_sets),
         url=url,
         api_key=api_key,
-        registry=registry,
+        open_named=_registry_open(registry, base),
         limit=limit,
         max_new_tokens=max_new_tokens,
         max_length=max_length,
@@ -171,6 +171,13 @@ def _eval_data(
             reg.record_evals(ref, records, base=_base_filter(base))
         _say_recorded(expert_sets, as_json)
     emit(as_json, result.to_dict(), lambda _: print_table(title, ["metric", *result.columns], result.rows()))
+
+
+def _registry_open(registry, base):
+    """How `-e NAME` opens a set that is not a file: from the registry, among BASE's sets."""
+    from expertlib.registry import Registry
+
+    return lambda ref: Registry(registry).open(ref, base=base)
 
 
 def _base_filter(base: str):

@@ -20,7 +20,7 @@ In process (transformers, each set applied in place and reverted), or through a 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from expertlib.errors import DataError, EngineError
+from expertlib.errors import DataError, EngineError, NotFoundError
 from expertlib.esft.data import IGNORE_INDEX, collate, encode_messages, pad_token_id, read_records
+from expertlib.patch import ExpertSet
 
 METRICS = ("exact_match", "contains", "loss", "perplexity")
 #: Tokens generated beyond the longest reference answer (room for an EOS or a stray space).
@@ -264,7 +265,7 @@ def evaluate_data(
     *,
     url: str | None = None,
     api_key: str | None = None,
-    registry: str | Path | None = None,
+    open_named: Callable[[str], ExpertSet] | None = None,
     limit: int | None = None,
     max_new_tokens: int | None = None,
     max_length: int = 2048,
@@ -274,8 +275,8 @@ def evaluate_data(
 ) -> DataEvalResult:
     """Exact match, contains, answer loss and perplexity of BASE and each set on `data`.
 
-    In process, `expert_sets` are patch paths or registry names (`task`, `task@3`); with `url`
-    they are the server's model names (the base column is the server's base). BASE gives the
+    In process, `expert_sets` are patch paths, or names that `open_named` opens (`expertlib eval`
+    passes its registry's `open`: `task`, `task@3`); with `url` they are the server's model names (the base column is the server's base). BASE gives the
     tokenizer either way (a folder or a hub id in the local cache)."""
     from expertlib.esft.data import load_tokenizer
 
@@ -302,7 +303,7 @@ def evaluate_data(
             record(label, scorer.answers(name, items, budget), *scorer.answer_nll(name, items))
     else:
         local = LocalScorer(base, tok, device=device)
-        sets = [None, *(_open_set(s, base, registry) for s in expert_sets)]
+        sets = [None, *(open_set(s, open_named) for s in expert_sets)]
         for label, es in _progress(list(zip(labels, sets, strict=True)), progress):
             with local.applied(es):
                 record(label, local.answers(items, budget), *local.answer_nll(items))
@@ -315,13 +316,15 @@ def _progress(pairs: list, enabled: bool):
     return tqdm(pairs, desc="evaluating", unit="model", disable=not enabled)
 
 
-def _open_set(ref: str | Path, base: str | Path, registry: str | Path | None):
-    """A patch file, or a registry name among the sets of `base`."""
-    from expertlib.patch import ExpertSet
-
+def open_set(ref: str | Path, open_named: Callable[[str], ExpertSet] | None = None) -> ExpertSet:
+    """A patch file, or a name that `open_named` opens: the library never reaches up into the
+    registry; its caller (the CLI) says where names live."""
     path = Path(ref).expanduser()
-    if path.suffix == ".safetensors" or path.exists():
+    if path.suffix == ".safetensors" or path.exists() or open_named is None:
+        if not path.exists():
+            raise NotFoundError(
+                f"no expert set file {str(ref)!r}",
+                hint="give a .safetensors path, or pass open_named (e.g. a Registry's open) to open names",
+            )
         return ExpertSet.open(path)
-    from expertlib.registry import Registry
-
-    return Registry(registry).open(str(ref), base=base)
+    return open_named(str(ref))

@@ -1,18 +1,19 @@
 """Tiny random MoE models and an offline tokenizer, for tests, benchmarks and examples.
 
-Nothing here touches the network: configs are built in code, the tokenizer is a character-level
-vocabulary built with `tokenizers`. Hidden sizes are multiples of 32 (vLLM's CPU kernels need it).
+Nothing here touches the network: configs are built in code, the tokenizer is the demo world's
+character-level one (`expertlib.demo.tokenizer`, re-exported here). Hidden sizes are multiples of 32 (vLLM's CPU kernels need it).
 
     path = make_tiny_model("qwen2_moe", tmp_path / "base")   # config + weights + tokenizer
 """
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from expertlib.demo.tokenizer import make_tokenizer  # re-exported: tests import it from here
 
 #: Per-architecture config fields of a tiny model (on top of TINY_COMMON).
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -67,42 +68,6 @@ TINY_COMMON: dict[str, Any] = dict(
     max_position_embeddings=512,
     tie_word_embeddings=False,
 )
-
-#: Characters of the offline tokenizer (plus special tokens).
-CHARSET = string.ascii_letters + string.digits + string.punctuation + " \n"
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}<s>Q: {{ m['content'] }}\n{% elif m['role'] == 'system' %}<s>{{ m['content'] }}\n"
-    "{% else %}A: {{ m['content'] }}</s>{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}A: {% endif %}"
-)
-
-
-def make_tokenizer(path: str | Path | None = None):
-    """A character-level fast tokenizer (vocab ~100) with a chat template; saved to `path` if given."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(CHARSET))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    from tokenizers import decoders
-
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    if path is not None:
-        fast.save_pretrained(str(path))
-    return fast
 
 
 def tiny_config(model_type: str, **overrides):

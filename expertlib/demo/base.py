@@ -2,7 +2,7 @@
 
 No weights can be downloaded, so the project makes its own: many small routed experts, top-k > 1,
 one shared expert, hidden size a multiple of 32 (vLLM's CPU kernels), the character-level
-tokenizer of `expertlib.testing`. Pretraining is deterministic (seeded), shows a progress bar,
+tokenizer of `expertlib.demo.tokenizer`. Pretraining is deterministic (seeded), shows a progress bar,
 masks prompt tokens in the loss (label -100), nudges each domain's tokens towards its own group
 of routed experts (`domain_groups`: the premise of ESFT, built in at toy scale the way DEMix and
 Branch-Train-MiX build domain experts, then measured), and is cached under `$EXPERTLIB_CACHE/demo/`
@@ -168,7 +168,7 @@ def demo_base_path(config: DemoBaseConfig) -> Path:
 def make_config(config: DemoBaseConfig):
     from transformers import Qwen2MoeConfig
 
-    from expertlib.testing import make_tokenizer
+    from expertlib.demo.tokenizer import make_tokenizer
 
     tok = make_tokenizer()
     return Qwen2MoeConfig(
@@ -232,7 +232,7 @@ def _pretrain(config: DemoBaseConfig, out, *, progress: bool, steps: int) -> tup
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from expertlib.testing import make_tokenizer
+    from expertlib.demo.tokenizer import make_tokenizer
 
     tok = make_tokenizer()
     torch.manual_seed(config.seed)
@@ -333,7 +333,7 @@ def build_demo_base(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model, stats = pretrain(config, tmp, progress=progress, threads=threads)
-        from expertlib.testing import make_tokenizer
+        from expertlib.demo.tokenizer import make_tokenizer
 
         acc = evaluate_model(
             model,

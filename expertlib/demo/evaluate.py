@@ -11,7 +11,7 @@ bit-exactly, so one loaded base serves every set in turn.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from expertlib.demo.tasks import Example, collate, encode, get_task, resolve_tasks
+from expertlib.patch import ExpertSet
 
 
 @torch.no_grad()
@@ -139,19 +140,6 @@ class EvalResult:
         return rows
 
 
-def load_expert_set(ref: str | Path, *, base: str | Path | None = None, registry: str | Path | None = None):
-    """An expert set from a patch file path, or by name (`task`, `task@3`) from the registry
-    (`registry` folder, default `$EXPERTLIB_REGISTRY`), among the sets of the base folder `base`."""
-    from expertlib.patch import ExpertSet
-
-    p = Path(ref).expanduser()
-    if p.suffix == ".safetensors" or p.exists():
-        return ExpertSet.open(p)
-    from expertlib.registry import Registry
-
-    return Registry(registry).open(str(ref), base=base)
-
-
 def evaluate(
     base: str | Path,
     expert_sets: Sequence[str | Path] = (),
@@ -160,24 +148,28 @@ def evaluate(
     limit: int | None = None,
     n_eval: int = 100,
     seed: int = 0,
-    registry: str | Path | None = None,
+    open_named: Callable[[str], ExpertSet] | None = None,
     progress: bool = True,
     keep_samples: bool = False,
     device: str = "auto",
 ) -> EvalResult:
     """Accuracy of BASE and of each expert set (applied in place, then reverted) on each task.
 
+    `expert_sets` are patch paths, or names that `open_named` opens (`expertlib eval` passes its
+    registry's `open`).
+
     The model runs on `device` (auto: CUDA when present, `expertlib.devices`)."""
     from transformers import AutoTokenizer
 
     from expertlib.apply import apply_expert_set
     from expertlib.devices import resolve_device
+    from expertlib.evaluation import open_set
     from expertlib.moe import load_model
 
     model = load_model(base, dtype=torch.float32).to(resolve_device(device))
     tok = AutoTokenizer.from_pretrained(str(base))
     names = resolve_tasks(tasks)
-    loaded = [(str(ref), load_expert_set(ref, base=base, registry=registry)) for ref in expert_sets]
+    loaded = [(str(ref), open_set(ref, open_named)) for ref in expert_sets]
     columns = ["base"] + [label for label, _ in loaded]
     accuracy: dict[str, dict[str, float]] = {}
     samples: dict[str, dict[str, list[dict]]] = {}

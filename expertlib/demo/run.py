@@ -131,7 +131,7 @@ def train_task_set(
 
     def check_risk(model, selection, _samples) -> dict:
         from expertlib.esft.diagnostics import BUILTIN_GENERAL, check_retention
-        from expertlib.testing import make_tokenizer
+        from expertlib.demo.tokenizer import make_tokenizer
 
         risk["r"] = check_retention(model, make_tokenizer(), selection, BUILTIN_GENERAL)
         return {"retention_risk": risk["r"].summary()}  # kept in the manifest (show, the web view)
