@@ -34,6 +34,7 @@ from expertlib.errors import (
     NotFoundError,
     NotLoadedError,
     RegistryBusyError,
+    RemoteError,
     ServerBusyError,
     SlotError,
     SlotsBusyError,
@@ -139,7 +140,8 @@ class SetCatalog:
         if composition_parts(model) is not None:
             return await self._compose(model)
         raise NotFoundError(
-            f"the model {model!r} does not exist on this server",
+            f"the model {model!r} does not exist on this server"
+            + (f" nor on its remote {remote}" if (remote := getattr(self.registry, "remote", None)) else ""),
             hint="GET /v1/models lists the base and the loaded expert sets",
         )
 
@@ -265,8 +267,8 @@ class SetCatalog:
             return None
         try:
             entry = self.registry.resolve(text, base=self.registry_base)
-        except RegistryBusyError:
-            raise  # 503 + Retry-After, not "no such model"
+        except (RegistryBusyError, RemoteError):
+            raise  # 503 + Retry-After / 502 (a --pull-from remote out of reach), not "no such model"
         except (NotFoundError, KeyError, ExpertlibError, ValueError):
             return None
         return entry.ref

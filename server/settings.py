@@ -111,6 +111,16 @@ class ServerSettings(BaseModel):
         description="load a registered set that is not resident when a request names it (evicting the "
         "least recently used unpinned sets); requests for a set being loaded wait for it",
     )
+    pull_from: str | None = Field(
+        default=None,
+        description="a registry remote (s3://bucket/prefix, gs://, az://, fsspec::URL, http(s)://, a folder) "
+        "to pull a requested set from when the registry does not hold it; then it is loaded on demand",
+    )
+    pins: list[str] = Field(
+        default_factory=list,
+        description="load this set before ready and keep it resident (never evicted); with --replicas, "
+        "on every replica",
+    )
     max_queue: int = Field(default=256, ge=1, description="requests admitted at once; more get 429")
     default_max_tokens: int = Field(
         default=256, ge=1, description="the max_tokens of a request that gives none"

@@ -67,13 +67,13 @@ def plan_start(settings: ServerSettings, catalog: SetCatalog, names: list[str]) 
     return settings.model_copy(update={"slots": plan.slots, "max_sets": plan.max_sets})
 
 
-def open_registry(root: str | None) -> Any:
-    """The registry at `root`; without one, the default registry if it exists (else None)."""
+def open_registry(root: str | None, *, create: bool = False) -> Any:
+    """The registry at `root`; without one, the default registry if it exists or `create` (else None)."""
     from expertlib.registry import Registry, default_root
     from expertlib.registry.index import SERVING_BUSY_TIMEOUT_MS
 
     if root is None:
-        if not (default_root() / "index.db").is_file():
+        if not create and not (default_root() / "index.db").is_file():
             return None
         root = default_root()
     # a locked index answers 503 + Retry-After within a second instead of holding requests
@@ -152,7 +152,12 @@ class ServerState:
         self.created = int(time.time())
         try:
             if self.registry is None:
-                self.registry = open_registry(self.settings.registry)
+                pulls = self.settings.pull_from is not None
+                self.registry = open_registry(self.settings.registry, create=pulls)
+            if self.settings.pull_from is not None:  # sets the registry lacks come from the remote
+                from expertlib.registry.pullthrough import PullThrough
+
+                self.registry = await asyncio.to_thread(PullThrough, self.registry, self.settings.pull_from)
             catalog = SetCatalog(
                 None,  # the engine comes below
                 self.settings.model_name,
@@ -165,6 +170,7 @@ class ServerState:
             names = list(self.settings.expert_sets)
             if self.settings.all_sets:
                 names += [str(r) for r in catalog.registered() if str(r) not in names]
+            names += [n for n in self.settings.pins if n not in names]
             for name in names:  # fail fast, before the engine starts, on a name that cannot load
                 catalog.check(name)
             sized = await asyncio.to_thread(plan_start, self.settings, catalog, names)
@@ -198,8 +204,10 @@ class ServerState:
         was asked to load (a set that does not fit fails the start with the slot numbers)."""
         assert self.catalog is not None and self.engine is not None
         served = [await self.catalog.load(name, pin=True) for name in names]
+        keep = {s for s, n in zip(served, names, strict=True) if n in self.settings.pins}  # --pin: for good
         for name in served:
-            await self.catalog.pin(name, False)
+            if name not in keep:
+                await self.catalog.pin(name, False)
         missing = [n for n in served if n not in set(self.catalog.loaded())]
         if missing:
             raise SlotError(f"expert sets {missing} were evicted during start-up", hint="pass more --slots")
