@@ -97,7 +97,15 @@ serve_option = functools.partial(field_option, ServerSettings)
     default=None,
     help="With --replicas: the Ray cluster to join (default: start a local one).",
 )
-def serve_cmd(base: str, replicas: int | None, ray_address: str | None, **opts) -> None:
+@click.option(
+    "--gpus-per-replica",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="With --replicas: GPUs Ray reserves for each replica (1: one replica per GPU; docs/SCALING.md).",
+)
+def serve_cmd(
+    base: str, replicas: int | None, ray_address: str | None, gpus_per_replica: float | None, **opts
+) -> None:
     """Serve BASE and its expert sets with an OpenAI-compatible API.
 
     `model` in a request selects the expert set (task, task@version, task@tag, BASE:task) or
@@ -131,13 +139,14 @@ def serve_cmd(base: str, replicas: int | None, ray_address: str | None, **opts) 
             "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
         ) from None
     if replicas is None:
-        if ray_address is not None:
-            raise click.UsageError("--ray-address needs --replicas N")
+        if ray_address is not None or gpus_per_replica is not None:
+            raise click.UsageError("--ray-address and --gpus-per-replica need --replicas N")
         serve(settings)
     else:
         from expertlib.server.replicas import serve_replicated
 
-        serve_replicated(settings, replicas, ray_address=ray_address)
+        gpus = {"num_cpus": 0, "num_gpus": gpus_per_replica} if gpus_per_replica else None
+        serve_replicated(settings, replicas, ray_address=ray_address, replica_options=gpus)
 
 
 COMMANDS = [serve_cmd]

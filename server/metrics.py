@@ -165,6 +165,48 @@ class _SetCollector:
             yield lora
 
 
+def render_replicas(replicas: dict[str, dict]) -> bytes:
+    """Prometheus text of every replica's own counters (`serve --replicas`, `expertlib.server.replicas`):
+    requests naming a set by whether the replica already held it (`resident="yes"`) or loaded it for
+    the request (`"no"`), its resident sets, its loads and Ray's evictions, each labelled `replica`."""
+
+    class Replicas:
+        def describe(self):
+            return []
+
+        def collect(self):
+            requests = CounterMetricFamily(
+                "expertlib_replica_requests",
+                "Requests naming an expert set, by replica and whether the set was resident there on arrival",
+                labels=["replica", "model", "resident"],
+            )
+            sets = GaugeMetricFamily(
+                "expertlib_replica_sets_loaded", "Expert sets resident on the replica", labels=["replica"]
+            )
+            loads = CounterMetricFamily(
+                "expertlib_replica_loads",
+                "Expert sets loaded for requests on the replica",
+                labels=["replica"],
+            )
+            evictions = CounterMetricFamily(
+                "expertlib_replica_evictions",
+                "Expert sets Ray's multiplexer evicted from the replica (least recently used)",
+                labels=["replica"],
+            )
+            for replica, c in sorted(replicas.items()):
+                for model, counts in sorted(c.get("requests", {}).items()):
+                    for resident in ("yes", "no"):
+                        requests.add_metric([replica, model, resident], float(counts.get(resident, 0)))
+                sets.add_metric([replica], float(len(c.get("sets", []))))
+                loads.add_metric([replica], float(c.get("loads", 0)))
+                evictions.add_metric([replica], float(c.get("evictions", 0)))
+            yield from (requests, sets, loads, evictions)
+
+    registry = CollectorRegistry()
+    registry.register(Replicas())
+    return generate_latest(registry)
+
+
 def lora_info(state: Any) -> tuple[int, list[str], list[str]] | None:
     """(max_lora, waiting, running) as vLLM's `vllm:lora_requests_info` labels them: the sets the
     slots hold at once, the sets being loaded, the sets resident (served names); None before the
