@@ -72,8 +72,8 @@ def admin_status(state: ServerState) -> AdminStatus:
         base=state.settings.model_name,
         loaded=state.catalog.loaded() if state.catalog else [],
         engine=status,
-        queue_depth=state.gate.depth,
-        max_queue=state.gate.limit,
+        queue_depth=state.admission.depth,
+        max_queue=state.admission.limit,
     )
 
 

@@ -132,7 +132,7 @@ async def _prepare(
         texts = _prompt_texts(req)
         check_prompt_chars(texts, state.prompt_char_limit, prompt_param)  # before any tokenizing
         sequences = _sequences(req)
-        release = state.gate.enter(sequences)  # admission first: a full queue tokenizes nothing
+        release = state.admission.enter(sequences)  # admission first: a full queue tokenizes nothing
         try:
             auto = req.model == AUTO_MODEL  # the set is chosen from the prompt's routing, below
             expert_set = None if auto else await catalog.resolve(req.model)

@@ -80,7 +80,7 @@ def open_registry(root: str | None, *, create: bool = False) -> Any:
     return Registry(root, busy_timeout=SERVING_BUSY_TIMEOUT_MS / 1000)
 
 
-class Gate:
+class AdmissionQueue:
     """The bounded queue: at most `limit` sequences admitted (waiting or running); a request counts
     as many sequences as it generates (prompts x n), and one request at most `per_request`."""
 
@@ -130,7 +130,7 @@ class ServerState:
     ):
         self.settings = settings
         self.metrics = ServerMetrics()
-        self.gate = Gate(settings.max_queue, self.metrics, settings.max_request_sequences)
+        self.admission = AdmissionQueue(settings.max_queue, self.metrics, settings.max_request_sequences)
         self.engine_factory = engine_factory or default_engine_factory
         self.registry = registry
         self.engine: ServingEngine | None = None

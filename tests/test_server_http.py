@@ -362,7 +362,7 @@ def test_engine_failure_mid_request(fake_server):
     events = [ln.removeprefix("data: ") for ln in raw.text.splitlines() if ln.startswith("data: ")]
     assert json.loads(events[-2])["error"]["message"].startswith("the engine died") and events[-1] == "[DONE]"
     assert json.loads(events[0])["choices"][0]["text"]  # tokens before the failure were sent
-    assert fake_server.app.state.server.gate.depth == 0
+    assert fake_server.app.state.server.admission.depth == 0
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -494,7 +494,7 @@ def test_queue_full_is_429_and_disconnect_aborts(fake_server):
             for resp, it in zip(responses, lines, strict=True):
                 assert resp.status_code == 200
                 assert next(it).startswith("data: ")  # generation has started
-            assert fake_server.app.state.server.gate.depth == 4
+            assert fake_server.app.state.server.admission.depth == 4
             err = _assert_openai_error(_post(fake_server, "/v1/completions", {**body, "stream": False}), 429)
             assert err["type"] == "rate_limit_error"
             n_aborted = len(engine.aborted)
@@ -504,7 +504,7 @@ def test_queue_full_is_429_and_disconnect_aborts(fake_server):
         while len(engine.aborted) < n_aborted + 4 or engine.active:
             assert time.time() < deadline, (engine.aborted, engine.active)
             time.sleep(0.02)
-        assert fake_server.app.state.server.gate.depth == 0
+        assert fake_server.app.state.server.admission.depth == 0
         # a non-streaming request whose client goes away is aborted as well
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(
