@@ -85,10 +85,10 @@ def _render(report) -> None:
                 r["task"],
                 r["model"],
                 r["served_by"],
-                r["prompt"],
-                r["expected"],
-                r["answer"],
-                "yes" if r["correct"] else "no",
+                r.get("prompt", ""),
+                r.get("expected", ""),
+                r.get("answer", r.get("error")),
+                "yes" if r.get("correct") else "no",
                 r.get("in_process"),
             ]
             for r in report.served

@@ -8,6 +8,7 @@ made for base A on a base B that has the same config but other weights.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -100,3 +101,16 @@ def load_config(base: str | Path):
             f"cannot load a model config from {str(base)!r}: {exc}",
             hint="pass a folder written by save_pretrained (config.json + safetensors) or a reachable hub id",
         ) from exc
+
+
+def folder_identity(folder: str | Path) -> BaseIdentity:
+    """Identity of the base model in `folder`, from its config alone (no weights are read; cached
+    while config.json is unchanged): how the registry names a base folder."""
+    cfg = Path(folder, "config.json")
+    mtime = cfg.stat().st_mtime_ns if cfg.is_file() else 0
+    return _folder_identity(str(folder), mtime)
+
+
+@functools.lru_cache(maxsize=64)
+def _folder_identity(folder: str, mtime: int) -> BaseIdentity:
+    return base_identity(load_config(folder), name=folder)

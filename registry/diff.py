@@ -242,7 +242,7 @@ def _moved_from_base(sets, labels, base: BaseIdentity, base_dir, notes) -> tuple
     if base_dir is None:
         return None, None
     from expertlib.checkpoint import BaseCheckpoint
-    from expertlib.registry.basemodel import folder_identity
+    from expertlib.identity import folder_identity
 
     ident = folder_identity(base_dir)
     if not ident.same_base(base):

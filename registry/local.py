@@ -152,7 +152,7 @@ class RegistryStore:
             return [base_key(base)]
         text = str(base)
         if Path(text, "config.json").is_file():
-            from expertlib.registry.basemodel import folder_identity
+            from expertlib.identity import folder_identity
 
             return [base_key(folder_identity(text))]
         digest = text if text.startswith("sha256:") else "sha256:" + text
@@ -685,7 +685,7 @@ def _spec(ref: str | RefSpec | Ref) -> RefSpec:
 
 
 def _folder_identity(base: str | Path) -> BaseIdentity:
-    from expertlib.registry.basemodel import folder_identity
+    from expertlib.identity import folder_identity
 
     return folder_identity(base)
 

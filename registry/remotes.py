@@ -162,7 +162,7 @@ def _wire_base(base: BaseArg) -> str | None:
     if isinstance(base, BaseIdentity):
         return base.config_digest
     if Path(str(base), "config.json").is_file():
-        from expertlib.registry.basemodel import folder_identity
+        from expertlib.identity import folder_identity
 
         return folder_identity(base).config_digest
     return str(base)

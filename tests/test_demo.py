@@ -112,9 +112,18 @@ def test_demo_refuses_a_general_task():
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_demo_quick_end_to_end(tmp_path, monkeypatch):
+    from expertlib.demo.serving import stop_kept
+
     monkeypatch.setenv("EXPERTLIB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("EXPERTLIB_REGISTRY", str(tmp_path / "registry"))
-    res = CliRunner().invoke(cli, ["demo", "--quick", "--task", "sum", "--task", "cross", "--json"])
+    try:
+        res = CliRunner().invoke(cli, ["demo", "--quick", "--task", "sum", "--task", "cross", "--json"])
+        _check_the_quick_demo(res, tmp_path)
+    finally:
+        stop_kept()  # the server the demo left running, also when a check above failed
+
+
+def _check_the_quick_demo(res, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout[res.stdout.index("{\n") :])
 
@@ -158,7 +167,9 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
     assert {(r["task"], r["model"]) for r in asked} == {
         *((t, m) for t in ("sum", "cross") for m in (t, "auto", "demo-base", "sum+cross")),
     }
-    assert {r["served_by"] for r in asked if r["model"] == "sum"} == {"sum@1"}
+    assert {r["served_by"] for r in asked if r["model"] == "sum"} == {"sum"}  # the name asked for
+    assert {r["served_by"] for r in asked if r["model"] == "demo-base"} == {"demo-base"}
+    assert {r["served_by"] for r in asked if r["model"] == "auto"} <= {"sum@1", "cross@1", "demo-base"}
     assert {r["served_by"] for r in asked if r["model"] == "sum+cross"} == {"sum+cross"}
     for task in ("sum", "cross"):
         assert set(report["served_accuracy"][task]) == {"set", "auto", "auto picked set", "base", "sum+cross"}

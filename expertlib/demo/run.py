@@ -41,7 +41,6 @@ from expertlib.demo.serving import (  # noqa: F401 - BASE_NAME, stop_server: ben
     ui_links,
     wait_ready,
 )
-from expertlib.demo.serving import free_port as _free_port
 from expertlib.demo.tasks import (
     DEMO_TASKS,
     DOMAIN_TASKS,
@@ -50,6 +49,7 @@ from expertlib.demo.tasks import (
     get_task,
     write_jsonl,
 )
+from expertlib.server import free_port as _free_port
 
 #: ESFT training of the demo sets: steps and quick steps (toy scale; see bench/RESULTS.md "ESFT sweep").
 #: Everything else is `expertlib train`'s defaults (the learning rate: 3e-3 from the base's size).
@@ -130,8 +130,8 @@ def train_task_set(
     risk: dict[str, Any] = {}
 
     def check_risk(model, selection, _samples) -> dict:
-        from expertlib.esft.diagnostics import BUILTIN_GENERAL, check_retention
         from expertlib.demo.tokenizer import make_tokenizer
+        from expertlib.esft.diagnostics import BUILTIN_GENERAL, check_retention
 
         risk["r"] = check_retention(model, make_tokenizer(), selection, BUILTIN_GENERAL)
         return {"retention_risk": risk["r"].summary()}  # kept in the manifest (show, the web view)
@@ -294,7 +294,7 @@ def _serve_step(
         for row in report.served:  # the same question answered in process (transformers)
             task = row["served_by"].split("@", 1)[0]
             column = "base" if task not in paths else str(paths[task])
-            if "+" not in row["served_by"]:
+            if row["served_by"] and "+" not in row["served_by"]:  # not a composition (or its refusal)
                 local = {d["prompt"]: d["prediction"] for d in res.samples[column][row["task"]]}
                 row["in_process"] = local.get(row["prompt"], "").strip()
     except Exception as exc:

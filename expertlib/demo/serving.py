@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,12 +34,6 @@ BASE_NAME = "demo-base"
 STATE_FILE = "server.json"
 #: The `model` that lets the server choose the set from the prompt's routing.
 AUTO = "auto"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def state_path() -> Path:
@@ -190,9 +183,10 @@ def ask_server(
 
     Returns one row per question (the response's `model` says which set served it) and per task the
     accuracy of each way of asking: {"set", "auto", "base"} (+ the composition's name), and "auto
-    picked set": the share of auto's answers the task's own set served.
+    picked set": the share of auto's answers the task's own set served. A composition the server
+    refuses (sets replacing the same expert: 400) is one row with its `error`, and no accuracy.
     """
-    from openai import OpenAI
+    from openai import BadRequestError, OpenAI
 
     from expertlib.demo.evaluate import answer_budget
 
@@ -212,12 +206,18 @@ def ask_server(
         for way, model in ways.items():
             correct = picked = 0
             for ex in exs:
-                resp = client.chat.completions.create(
-                    model=model,
-                    messages=[{"role": "user", "content": ex.prompt}],
-                    max_tokens=budget,
-                    temperature=0.0,
-                )
+                try:
+                    resp = client.chat.completions.create(
+                        model=model,
+                        messages=[{"role": "user", "content": ex.prompt}],
+                        max_tokens=budget,
+                        temperature=0.0,
+                    )
+                except BadRequestError as exc:
+                    if model != composed:
+                        raise
+                    rows.append({"task": task, "model": model, "served_by": "", "error": exc.message})
+                    break
                 got = resp.choices[0].message.content or ""
                 ok = bool(t.score(got, ex.answer))
                 correct += ok
@@ -233,6 +233,8 @@ def ask_server(
                         "correct": ok,
                     }
                 )
+            if rows and rows[-1].get("error"):
+                continue
             acc[task][way] = round(correct / max(1, len(exs)), 4)
             if way == "auto":
                 acc[task]["auto picked set"] = round(picked / max(1, len(exs)), 4)
