@@ -195,7 +195,8 @@ def start(base: Path, sets: list[Path], log_path: Path, *, threshold: float):
     own process group. Returns (process, url)."""
     import subprocess
 
-    from expertlib.demo.serving import BASE_NAME, free_port
+    from expertlib.demo.serving import BASE_NAME
+    from expertlib.server import free_port
 
     port = free_port()
     cmd = [sys.executable, "-m", "expertlib.cli.main", "serve", str(base), "--served-name", BASE_NAME]

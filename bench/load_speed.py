@@ -232,15 +232,14 @@ def _serve(root: Path):
     """Serve the registry at `root` over HTTP on 127.0.0.1 from another process; yields its URL."""
     import contextlib
     import multiprocessing as mp
-    import socket
 
     import httpx
 
+    from expertlib.server import free_port
+
     @contextlib.contextmanager
     def run():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         proc = mp.get_context("spawn").Process(target=_serve_registry, args=(root, port), daemon=True)
         proc.start()
         url = f"http://127.0.0.1:{port}"

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -174,17 +173,12 @@ def print_table(rows: list[dict], args) -> None:
 # --- self-contained mode --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_tiny(folder: Path, *, max_num_seqs: int) -> tuple[subprocess.Popen, str, list[str]]:
     """Build a tiny qwen2_moe base and four random sets in `folder`, start `expertlib serve` on them."""
     import httpx
 
     from expertlib.moe import load_model
+    from expertlib.server import free_port
     from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -198,7 +192,7 @@ def launch_tiny(folder: Path, *, max_num_seqs: int) -> tuple[subprocess.Popen, s
         if not path.is_file():
             random_expert_set(model, name, experts, seed=i + 1).save(path)
         paths.append(path)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     argv = [
         sys.executable,

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from expertlib.server.app import create_app
     from expertlib.server.state import ServerState
 
-__all__ = ["ServerSettings", "ServerState", "create_app", "serve"]
+__all__ = ["ServerSettings", "ServerState", "create_app", "free_port", "serve"]
 
 
 def __getattr__(name: str) -> Any:
@@ -71,6 +71,15 @@ def serve(settings: ServerSettings, **app_kwargs) -> None:
     server.run()
     if state.startup_error is not None:
         raise state.startup_error
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a server started in another process or thread."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _is_loopback(host: str) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from expertlib.server import free_port  # noqa: F401 (the tests import it from here)
+
 #: The tests' environment for a served tiny model: in-process engine core, 1 GiB of KV cache, offline.
 TEST_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -21,12 +22,6 @@ TEST_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_argv(*args: str) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from expertlib.errors import DigestMismatchError, InvalidNameError, NotFoundError, RemoteError
 from expertlib.registry import Registry
 from expertlib.registry.testing import tiny_base_identity, write_expert_set
+from expertlib.server import free_port
 
 BASE = tiny_base_identity()
 
@@ -97,9 +97,7 @@ def serve(app):
     """Run `app` with uvicorn on a free 127.0.0.1 port; yields the base URL."""
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     )
