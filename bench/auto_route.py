@@ -12,7 +12,7 @@
    candidate, its margin over the best other, and the pick at every threshold, from which
    `--auto-threshold` is calibrated. Also why `sum+fill` can answer sum worse than sum alone
    (`composition_loss`: sum's routing on fill's experts; accuracy alone, composed, and composed
-   without the experts sum's prompts use more than fill's do).
+   without fill's experts of one layer, on every sum prompt there is).
 3. Served: one `expertlib serve` with the three sets (float32, eager); every held-out prompt of the
    demo tasks and of the base's pretraining tasks (general and domain) asked with `model="auto"` and
    with the set (or the base) named; `sum+fill` asked the sum and fill prompts. Picks are the
@@ -123,12 +123,13 @@ def calibrate(
     }
 
 
-def composition_loss(base: Path, sets: dict[str, Path], prompts: dict[str, list], a: str, b: str) -> dict:
-    """Why `a+b` can answer `a` worse than `a` alone, measured in transformers on `a`'s prompts: the
-    share of `a`'s top-k picks under the base (prompt and answer tokens, teacher-forced) that land on
-    the experts `b` replaces, per layer, and `a`'s greedy accuracy with `a` alone, with `a+b`, and with
-    `a+b` less `b`'s experts that `a`'s own picks use more than `b`'s profile does (`b` then loses
-    them, so `b`'s accuracy under it too)."""
+def composition_loss(base: Path, sets: dict[str, Path], a: str, b: str, n: int = 100) -> dict:
+    """Why `a+b` can answer `a` worse than `a` alone, measured in transformers on `n` held-out prompts
+    of each (100: every sum prompt there is): the share of `a`'s top-k picks under the base (prompt
+    and answer tokens, teacher-forced) that land on the experts `b` replaces, per layer; `a`'s and
+    `b`'s greedy accuracy alone and composed, the prompts `a+b` gets wrong; and, as the policies one
+    remap row allows, the composition without `b`'s experts of one layer (`a`'s tokens there get the
+    base's expert back, `b`'s lose theirs)."""
     import torch
 
     from expertlib.apply import apply_expert_set
@@ -142,6 +143,7 @@ def composition_loss(base: Path, sets: dict[str, Path], prompts: dict[str, list]
 
     model = load_model(base)
     tok = load_tokenizer(base)
+    prompts = heldout([a, b], n)
     sa, sb = ExpertSet.open(sets[a]), ExpertSet.open(sets[b])
     samples = []
     for ex in prompts[a]:
@@ -150,40 +152,42 @@ def composition_loss(base: Path, sets: dict[str, Path], prompts: dict[str, list]
         samples.append(Sample(tuple(ids), (-100,) * len(ids)))  # every token counted
     shares = prompt_profile(model, samples, pad_id=pad_token_id(tok), token_budget=None).arrays()
     on_b = {layer: float(shares[layer][ids].sum()) for layer, ids in sb.manifest.experts.items() if ids}
-    pa = sa.manifest.provenance.routing_profile.arrays()
-    pb = sb.manifest.provenance.routing_profile.arrays()
-    contested = {
-        layer: [e for e in ids if pa[layer][e] > pb[layer][e]] for layer, ids in sb.manifest.experts.items()
-    }
-    kept = [pair for pair in sb.manifest.pairs() if pair[1] not in contested[pair[0]]]
 
-    def accuracy(task: str, es) -> float:
+    def accuracy(task: str, es) -> tuple[float, list[str]]:
         exs = prompts[task]
         with apply_expert_set(model, es):
             preds = generate_answers(model, tok, [ex.prompt for ex in exs], max_new_tokens=answer_budget(exs))
-        return float(np.mean([get_task(task).score(p, ex.answer) for p, ex in zip(preds, exs, strict=True)]))
+        ok = [bool(get_task(task).score(p, ex.answer)) for p, ex in zip(preds, exs, strict=True)]
+        wrong = [f"{ex.prompt} -> {p}" for p, ex, k in zip(preds, exs, ok, strict=True) if not k]
+        return float(np.mean(ok)), wrong
 
-    both = compose_sets([sa, sb])
-    out = {
-        "share_on_b_experts": {str(layer): round(v, 4) for layer, v in sorted(on_b.items())},
-        "contested": {str(layer): ids for layer, ids in contested.items() if ids},
-        f"{a}_alone": accuracy(a, sa),
-        f"{a}+{b}": accuracy(a, both),
-        f"{b}_alone": accuracy(b, sb),
-        f"{b}_in_{a}+{b}": accuracy(b, both),
-    }
-    if kept != sb.manifest.pairs():
-        m = sb.manifest
-        trimmed_b = ExpertSet.build(
-            task=f"{b}-uncontested",
+    def without_layer(es: ExpertSet, layer: int) -> ExpertSet:
+        m = es.manifest
+        kept = [pair for pair in m.pairs() if pair[0] != layer]
+        return ExpertSet.build(
+            task=f"{m.task}-without-{layer}",
             base=m.base,
-            experts={pair: sb.expert(*pair) for pair in kept},
+            experts={pair: es.expert(*pair) for pair in kept},
             base_digests={pair: m.base_expert_digests[pair_key(*pair)] for pair in kept},
             dtype=getattr(torch, m.dtype),
         )
-        trimmed = compose_sets([sa, trimmed_b]) if kept else sa
-        out[f"{a}+{b}_uncontested"] = accuracy(a, trimmed)
-        out[f"{b}_in_{a}+{b}_uncontested"] = accuracy(b, trimmed)
+
+    both = compose_sets([sa, sb])
+    a_both, wrong = accuracy(a, both)
+    out = {
+        "prompts": {a: len(prompts[a]), b: len(prompts[b])},
+        "share_on_b_experts": {str(layer): round(v, 4) for layer, v in sorted(on_b.items())},
+        f"{a}_alone": accuracy(a, sa)[0],
+        f"{a}+{b}": a_both,
+        f"{a}+{b}_wrong": wrong,
+        f"{b}_alone": accuracy(b, sb)[0],
+        f"{b}_in_{a}+{b}": accuracy(b, both)[0],
+        "without_b_layer": {},
+    }
+    for layer, ids in sorted(sb.manifest.experts.items()):
+        if ids and sb.manifest.num_experts > len(ids):
+            trimmed = compose_sets([sa, without_layer(sb, layer)])
+            out["without_b_layer"][str(layer)] = {a: accuracy(a, trimmed)[0], b: accuracy(b, trimmed)[0]}
     return out
 
 
@@ -342,7 +346,42 @@ def capture_cost(base: Path, prompts: list[str], tokens: int, rounds: int) -> di
         k: float(np.median([x / y for x, y in zip(rates[k], rates["off"], strict=True)]))
         for k in ("shipped", "always")
     }
-    return {"tok_s": rates, "ratio_to_off": ratio}
+    # what the count itself costs a decode step of this batch, against the fastest step seen: both
+    # minima, which the machine's load can only raise
+    count_s = count_cost(base, len(prompts))
+    step_s = len(prompts) / max(rates["off"])
+    return {
+        "tok_s": rates,
+        "ratio_to_off": ratio,
+        "count_us_per_step": count_s * 1e6,
+        "fastest_step_ms": step_s * 1e3,
+        "count_share_of_step": count_s / step_s,
+    }
+
+
+def count_cost(base: Path, tokens: int, repeats: int = 2000) -> float:
+    """Seconds the routing count takes in one step of `tokens` tokens (`SlotContext.count_routing` on
+    every MoE layer of `base`'s shape), the minimum over `repeats`."""
+    import torch
+
+    from expertlib.esft.memory_plan import ModelShape
+    from expertlib.identity import load_config
+    from expertlib.vllm_plugin import routing
+
+    shape = ModelShape.from_config(load_config(base))
+    layers = len(shape.moe_layers)
+    ctx = routing.SlotContext(
+        num_layers=layers, num_experts=shape.num_experts, slots=1, max_sets=1, max_tokens=tokens, device="cpu"
+    )
+    ids = torch.randint(0, shape.num_experts, (tokens, shape.top_k), dtype=torch.int32)  # (T, K)
+    ctx.set_capture([1], [tokens])
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for layer in range(layers):
+            ctx.count_routing(layer, ids)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _share(rows, want) -> float:
@@ -417,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             for t, rows in scores.items()
         }
-        report["sum+fill"] = composition_loss(base, sets, prompts, "sum", "fill")
+        report["sum+fill"] = composition_loss(base, sets, "sum", "fill")
         t0 = time.perf_counter()
         wait_ready(proc, url, 900, workdir / "server.log")
         report["ready_wait_s"] = round(time.perf_counter() - t0, 1)
@@ -502,6 +541,10 @@ def print_report(r: dict, demo: list[str], general: list[str]) -> None:
         f"base-only batch tok/s (median): shipped {med['shipped']:.1f}, always counted {med['always']:.1f}, "
         f"off {med['off']:.1f}; median per-round ratio to off: shipped x{c['ratio_to_off']['shipped']:.3f}, "
         f"always x{c['ratio_to_off']['always']:.3f}"
+    )
+    print(
+        f"the count itself: {c['count_us_per_step']:.0f} us per decode step of the batch, "
+        f"{c['count_share_of_step']:.2%} of the fastest step seen ({c['fastest_step_ms']:.1f} ms)"
     )
     print(f"sum+fill analysis: {json.dumps(r['sum+fill'])}")
     print("offline pick rate per threshold (min over demo tasks / min over general tasks):")
