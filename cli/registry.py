@@ -14,6 +14,7 @@ import click
 
 from expertlib.cli.options import registry_option as shared_registry_option
 from expertlib.cli.output import emit, emit_json, json_option, print_table
+from expertlib.sizing import format_bytes
 
 
 def registry_option(fn):
@@ -42,17 +43,9 @@ token_option = click.option(
 )
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _entry_line(e) -> str:
     tags = f" ({', '.join(e.tags)})" if e.tags else ""
-    return f"{e.ref}{tags}  {e.digest[:19]}...  {e.num_experts} experts in {len(e.experts)} layers, {_size(e.size)}"
+    return f"{e.ref}{tags}  {e.digest[:19]}...  {e.num_experts} experts in {len(e.experts)} layers, {format_bytes(e.size)}"
 
 
 @click.command("publish")
@@ -110,7 +103,7 @@ def list_cmd(base: str | None, name: str | None, reg, as_json: bool) -> None:
                 e.base.name or e.base.model_type,
                 e.num_experts,
                 len(e.experts),
-                _size(e.size),
+                format_bytes(e.size),
                 e.published_at.strftime("%Y-%m-%d %H:%M"),
                 brief(evals[e.ref]) or "-",
             )
@@ -151,7 +144,7 @@ def show_cmd(ref: str, base: str | None, reg, as_json: bool) -> None:
             ("base", f"{e.base.name or '-'} ({e.base.model_type}, {e.base.config_digest[:19]}...)"),
             ("experts", f"{m.num_experts} in {len(m.experts)} layers"),
             ("dtype", m.dtype),
-            ("size", _size(e.size)),
+            ("size", format_bytes(e.size)),
             ("method", m.provenance.method),
             ("published", e.published_at.isoformat(timespec="seconds")),
             ("source", e.source or "-"),
@@ -370,7 +363,7 @@ def gc_cmd(dry_run: bool, grace: float, reg, as_json: bool) -> None:
         as_json,
         r.model_dump(),
         lambda _: click.echo(
-            f"{verb} {len(r.removed_blobs)} blobs ({_size(r.freed_bytes)}) and {len(r.removed_temps)} temp files"
+            f"{verb} {len(r.removed_blobs)} blobs ({format_bytes(r.freed_bytes)}) and {len(r.removed_temps)} temp files"
         ),
     )
 

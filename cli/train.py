@@ -39,10 +39,11 @@ def _stack(*decorators):
 
 def _print_plan(plan, capacity: int, where: str) -> None:
     """The memory plan, on stderr, before the run starts (`expertlib.esft.memory_plan`)."""
-    from expertlib.esft.memory_plan import HEADROOM, human_bytes
+    from expertlib.esft.memory_plan import HEADROOM
+    from expertlib.sizing import format_bytes
 
     click.echo(
-        f"memory plan on {where} ({human_bytes(capacity)}, {HEADROOM:.0%} usable):\n{plan.render()}",
+        f"memory plan on {where} ({format_bytes(capacity)}, {HEADROOM:.0%} usable):\n{plan.render()}",
         err=True,
     )
 

@@ -390,8 +390,8 @@ def size_memory(base: BaseCheckpoint, slots: int, kwargs: dict[str, Any]) -> tup
         )
         total = devices[0][1]
         ranks = f" on each of {tp * pp} GPUs" if tp * pp > 1 else ""
-        line = f"GPU memory: {util} of {sizing.gib(total)}{ranks}; weights {sizing.gib(dims.weights_bytes)}, "
-        return kw, line + f"expert slots {sizing.gib(slot_bytes)} in all, the rest is KV cache"
+        line = f"GPU memory: {util} of {sizing.format_bytes(total)}{ranks}; weights {sizing.format_bytes(dims.weights_bytes)}, "
+        return kw, line + f"expert slots {sizing.format_bytes(slot_bytes)} in all, the rest is KV cache"
     if sizing.cpu_kv_env_set():
         kw.pop("kv_cache_memory_bytes", None)  # vLLM replaces it by the variable anyway
         value = os.environ[sizing.CPU_KV_ENV]

@@ -70,9 +70,12 @@ def parse_size(text: str | int | float) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
-def gib(n: float) -> str:
-    """`1.25 GiB` (or MiB below 1 GiB): how sizes are printed."""
-    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
+def format_bytes(n: float) -> str:
+    """How every size is printed: `512 B`, `1.5 KiB`, `12.3 MiB`, `1.25 GiB`, `2.00 TiB`."""
+    for unit, scale, digits in (("TiB", 1024**4, 2), ("GiB", GiB, 2), ("MiB", MiB, 1), ("KiB", 1024, 1)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{digits}f} {unit}"
+    return f"{int(n)} B"
 
 
 # --- the base model ------------------------------------------------------------------------------
@@ -179,7 +182,7 @@ class SlotPlan:
 
     def describe(self) -> str:
         line = (
-            f"expert slots: {self.slots} per MoE layer ({gib(self.slot_bytes)}), up to {self.max_sets} sets "
+            f"expert slots: {self.slots} per MoE layer ({format_bytes(self.slot_bytes)}), up to {self.max_sets} sets "
             f"resident; the {self.named} named set(s) need {self.need} per layer"
         )
         if self.typical:
@@ -215,16 +218,16 @@ def plan_slots(
         n, source = max(DEFAULT_SLOTS, 2 * typical), "default"
     if n < 1:
         raise SlotError(
-            f"--expert-memory {gib(expert_memory or 0)} holds no expert slot: one slot in all "
-            f"{dims.moe_layers} MoE layers takes {gib(row)}",
-            hint=f"pass --expert-memory of at least {gib(row)}",
+            f"--expert-memory {format_bytes(expert_memory or 0)} holds no expert slot: one slot in all "
+            f"{dims.moe_layers} MoE layers takes {format_bytes(row)}",
+            hint=f"pass --expert-memory of at least {format_bytes(row)}",
         )
     if need > n:
         flag = "--expert-memory" if source == "memory" else "--slots"
         fullest = max(demand, key=lambda layer: demand[layer])
         raise SlotError(
             f"the {len(maps)} expert sets named at start need {need} slots in MoE layer {fullest} "
-            f"({gib(need * row)} in all layers) but {flag} gives {n} ({gib(n * row)}); start-up never evicts "
+            f"({format_bytes(need * row)} in all layers) but {flag} gives {n} ({format_bytes(n * row)}); start-up never evicts "
             "a set it was asked to load",
             hint=f"pass --slots auto, --slots {need} or more, or name fewer sets",
         )
@@ -265,8 +268,8 @@ class KVPlan:
     def describe(self) -> str:
         how = "as given" if self.given else "sized from the model"
         return (
-            f"KV cache: {gib(self.kv_bytes)} ({how}; {self.sequences:.1f} sequences of {self.max_model_len} "
-            f"tokens; weights {gib(self.weights)}, expert slots {gib(self.slots)}, {gib(self.available)} free)"
+            f"KV cache: {format_bytes(self.kv_bytes)} ({how}; {self.sequences:.1f} sequences of {self.max_model_len} "
+            f"tokens; weights {format_bytes(self.weights)}, expert slots {format_bytes(self.slots)}, {format_bytes(self.available)} free)"
         )
 
 
@@ -300,14 +303,14 @@ def plan_kv_cache(
     if kv_cache_memory is not None:
         if kv_cache_memory < per_seq:
             raise MemoryBudgetError(
-                f"--kv-cache-memory {gib(kv_cache_memory)} is less than one {max_model_len}-token sequence "
-                f"needs ({gib(per_seq)})",
-                hint=f"pass --kv-cache-memory {gib(per_seq)} or more, or a smaller --max-model-len",
+                f"--kv-cache-memory {format_bytes(kv_cache_memory)} is less than one {max_model_len}-token sequence "
+                f"needs ({format_bytes(per_seq)})",
+                hint=f"pass --kv-cache-memory {format_bytes(per_seq)} or more, or a smaller --max-model-len",
             )
         if kv_cache_memory > available - dims.weights_bytes - slot_bytes:
             raise MemoryBudgetError(
-                f"--kv-cache-memory {gib(kv_cache_memory)} plus weights {gib(dims.weights_bytes)} and expert "
-                f"slots {gib(slot_bytes)} exceed the {gib(available)} of free memory",
+                f"--kv-cache-memory {format_bytes(kv_cache_memory)} plus weights {format_bytes(dims.weights_bytes)} and expert "
+                f"slots {format_bytes(slot_bytes)} exceed the {format_bytes(available)} of free memory",
                 hint="pass a smaller --kv-cache-memory, fewer --slots, or free memory",
             )
         return KVPlan(kv_cache_memory, given=True, **base)
@@ -317,9 +320,9 @@ def plan_kv_cache(
             kv = per_seq
         else:
             raise MemoryBudgetError(
-                f"not enough memory: one {max_model_len}-token sequence needs {gib(per_seq)} of KV cache, but "
-                f"only {gib(max(room, 0))} is left of {gib(available)} free after weights "
-                f"({gib(dims.weights_bytes)}), expert slots ({gib(slot_bytes)}) and {gib(CPU_RESERVE)} reserve",
+                f"not enough memory: one {max_model_len}-token sequence needs {format_bytes(per_seq)} of KV cache, but "
+                f"only {format_bytes(max(room, 0))} is left of {format_bytes(available)} free after weights "
+                f"({format_bytes(dims.weights_bytes)}), expert slots ({format_bytes(slot_bytes)}) and {format_bytes(CPU_RESERVE)} reserve",
                 hint="pass a smaller --max-model-len, fewer --slots / --expert-memory, or free memory",
             )
     kv = max(dims.kv_bytes_per_token * KV_BLOCK, kv // dims.kv_bytes_per_token * dims.kv_bytes_per_token)
@@ -377,14 +380,14 @@ def check_gpu_fit(
             if ranks == 1 and len(devices) > 1:
                 hint += f", or spread the model with --engine-arg tensor_parallel_size={len(devices)}"
             raise MemoryBudgetError(
-                f"weights {gib(weights)} plus expert slots {gib(slots)}{per_rank} leave no KV cache within "
-                f"gpu_memory_utilization {utilization} of {gpu} ({gib(dev_total)})",
+                f"weights {format_bytes(weights)} plus expert slots {format_bytes(slots)}{per_rank} leave no KV cache within "
+                f"gpu_memory_utilization {utilization} of {gpu} ({format_bytes(dev_total)})",
                 hint=hint,
             )
         if free_known and budget > dev_free:
             raise MemoryBudgetError(
-                f"gpu_memory_utilization {utilization} asks for {gib(budget)} but only {gib(dev_free)} of "
-                f"{gib(dev_total)} is free on {gpu}",
+                f"gpu_memory_utilization {utilization} asks for {format_bytes(budget)} but only {format_bytes(dev_free)} of "
+                f"{format_bytes(dev_total)} is free on {gpu}",
                 hint=f"pass --engine-arg gpu_memory_utilization={max(dev_free / dev_total - 0.02, 0.05):.2f}",
             )
 
@@ -458,7 +461,7 @@ __all__ = [
     "available_memory",
     "check_gpu_fit",
     "fit_max_model_len",
-    "gib",
+    "format_bytes",
     "gpu_memory",
     "host_cache_budget",
     "parse_size",

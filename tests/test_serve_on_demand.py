@@ -166,5 +166,5 @@ def test_a_start_that_does_not_fit_memory_fails_with_one_line(tmp_path, tiny_mod
     assert res.exit_code == 2, res.output
     error = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
     assert len(error) == 1
-    assert "is less than one 512-token sequence needs" in error[0] and "MiB" in error[0]
+    assert "is less than one 512-token sequence needs" in error[0] and "64.0 KiB" in error[0]
     assert "hint: pass --kv-cache-memory" in res.output

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from expertlib.errors import DeviceError
+from expertlib.sizing import format_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: Fraction of a device's memory a plan may use (allocator fragmentation, CUDA context, workspace).
@@ -172,8 +173,8 @@ class MemoryPlan:
             + (", checkpointed" if self.gradient_checkpointing else ""),
         }
         sizes = [self.base, self.trained, self.gradients, self.optimizer, self.activations]
-        rows = [(k, human_bytes(v), what[k]) for k, v in zip(what, sizes, strict=True)]
-        return [*rows, ("total", human_bytes(self.total), "")]
+        rows = [(k, format_bytes(v), what[k]) for k, v in zip(what, sizes, strict=True)]
+        return [*rows, ("total", format_bytes(self.total), "")]
 
     def render(self) -> str:
         width = max(len(r[0]) for r in self.rows())
@@ -214,10 +215,10 @@ class MemoryPlan:
         if self.total <= capacity * HEADROOM:
             return
         parts = sorted(self.to_dict().items(), key=lambda kv: -kv[1])
-        largest = ", ".join(f"{k} {human_bytes(v)}" for k, v in parts if k in _PARTS)
+        largest = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts if k in _PARTS)
         raise DeviceError(
-            f"training needs about {human_bytes(self.total)} ({largest}) but {device} has "
-            f"{human_bytes(capacity)} ({HEADROOM:.0%} usable)",
+            f"training needs about {format_bytes(self.total)} ({largest}) but {device} has "
+            f"{format_bytes(capacity)} ({HEADROOM:.0%} usable)",
             hint="try " + "; ".join(self.suggestions(capacity)),
         )
 
@@ -289,14 +290,6 @@ def human_count(n: float) -> str:
         if abs(n) < 1000 or unit == "B":
             return f"{n:.4g}{unit}"
         n /= 1000
-    raise AssertionError("unreachable")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
     raise AssertionError("unreachable")
 
 
