@@ -162,7 +162,7 @@ def select_cmd(
     from expertlib.errors import SelectionError
     from expertlib.esft.reference_logs import is_reference_log_dir, score_reference_logs
     from expertlib.esft.scoring import ExpertScores
-    from expertlib.esft.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
+    from expertlib.esft.selection import select_experts, top_p_rule
 
     if is_reference_log_dir(scores_file):
         if top_k is None:
@@ -180,14 +180,14 @@ def select_cmd(
                 hint=f"rescore with `expertlib score --weighting {weighting}`",
             )
     scores = source.of(score)
-    p = top_p if top_p is not None else DEFAULT_TOP_P[score]
+    p, eps = top_p_rule(score, top_p, source.weighting)
     cfg = select_experts(
         scores,
         p,
         max_per_layer=max_per_layer,
         shared_experts=train_shared_experts,
         non_expert_modules=train_non_expert_modules,
-        eps=0.0 if source.weighting == "reference" else DEFAULT_EPS,
+        eps=eps,
     )
     cfg.save(out)
     rows = [

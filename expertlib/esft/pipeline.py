@@ -174,7 +174,7 @@ def train_esft(
     from expertlib.esft.data import data_digest, load_samples, load_tokenizer, pad_token_id, split_holdout
     from expertlib.esft.profiling import anchor_samples, base_anchors, prompt_profile
     from expertlib.esft.scoring import score_experts
-    from expertlib.esft.selection import DEFAULT_EPS, DEFAULT_TOP_P, select_experts
+    from expertlib.esft.selection import select_experts, top_p_rule
     from expertlib.identity import base_identity
     from expertlib.moe import load_model
 
@@ -232,7 +232,7 @@ def train_esft(
         extra={"data_path": str(data)},
     )
     if given is None:
-        p = sel.top_p if sel.top_p is not None else DEFAULT_TOP_P[sel.score]
+        p, eps = top_p_rule(sel.score, sel.top_p, sel.weighting)
         scores = score_experts(
             model,
             train_s,
@@ -253,7 +253,7 @@ def train_esft(
             max_per_layer=sel.max_per_layer,
             shared_experts=sel.train_shared_experts,
             non_expert_modules=sel.train_non_expert_modules,
-            eps=0.0 if sel.weighting == "reference" else DEFAULT_EPS,
+            eps=eps,
         )
         experts, keep_record = _keep_aware(rule, sel, base, model, tok, pad, scores.token)
         prov = prov.model_copy(

@@ -45,6 +45,14 @@ DEFAULT_KEEP_SHARE = 0.1
 KeepMode = Literal["budget", "contrast"]
 
 
+def top_p_rule(score: str, top_p: float | None, weighting: str) -> tuple[float, float]:
+    """(p, eps) of the top-p rule, the one place they are chosen: p as given or the paper's for the
+    score function; no slack on the running sum for reference-weighted scores, as the reference code."""
+    return (top_p if top_p is not None else DEFAULT_TOP_P[score]), (
+        0.0 if weighting == "reference" else DEFAULT_EPS
+    )
+
+
 class ExpertConfig(BaseModel):
     """The reference ESFT `expert_cfg.json`: experts to train per MoE layer, plus the ablation flags."""
 
