@@ -11,7 +11,7 @@ Storage only: the registry never loads a model (see DESIGN.md).
 """
 
 from expertlib.registry.local import RegistryStore, default_root
-from expertlib.registry.models import Entry, GcReport, TransferReport, VerifyReport
+from expertlib.registry.protocol import Entry, GcReport, TransferReport, VerifyReport
 from expertlib.registry.names import LATEST, Ref, RefSpec, parse_ref, validate_name, validate_tag
 from expertlib.registry.registry import Registry
 

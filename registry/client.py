@@ -1,6 +1,6 @@
 """Client of a remote expertlib registry over HTTP (the routes of `expertlib.registry.http`).
 
-Wire format (JSON bodies are the pydantic models of `expertlib.registry.models`):
+Wire format (JSON bodies are the pydantic models of `expertlib.registry.protocol`):
 
     GET  {url}/entries?name=&base=        -> EntryList (each entry with its evaluation results)
     GET  {url}/entries/{ref}?base=        -> Entry (with manifest)     ref: math, math@3, math@sha256:...
@@ -23,7 +23,7 @@ import httpx
 from expertlib import jsonsafe
 from expertlib.errors import NotFoundError, RemoteError
 from expertlib.registry.blobs import CHUNK, BlobStore, TempBlob
-from expertlib.registry.models import EVALS_PER_REQUEST, Entry, EntryList, EvalsRequest, TagRequest
+from expertlib.registry.protocol import EVALS_PER_REQUEST, Entry, EntryList, EvalsRequest, TagRequest
 from expertlib.registry.names import RefSpec, validate_digest, validate_name
 
 TOKEN_ENV = "EXPERTLIB_REMOTE_TOKEN"

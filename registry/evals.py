@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from expertlib.errors import InvalidNameError
 from expertlib.registry import index
 from expertlib.registry.local import BaseArg, RegistryStore
-from expertlib.registry.models import LABEL_HINT, Entry, EvalRecord
+from expertlib.registry.protocol import LABEL_HINT, Entry, EvalRecord
 from expertlib.registry.names import Ref
 
 #: The task name under which a set's retention risk is kept (`expertlib.esft.diagnostics.RetentionRisk`:

@@ -26,7 +26,7 @@ from expertlib.errors import (
     PatchError,
 )
 from expertlib.registry.local import RegistryStore, _storage_errors
-from expertlib.registry.models import Entry, EntryList, EvalsRequest, TagRequest
+from expertlib.registry.protocol import Entry, EntryList, EvalsRequest, TagRequest
 from expertlib.registry.names import DIGEST_PREFIX, MAX_VERSION, validate_digest, validate_name, validate_tag
 
 router = APIRouter(tags=["registry"])

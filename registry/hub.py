@@ -26,7 +26,7 @@ from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSetManifest
 from expertlib.registry.blobs import BlobStore, sha256_file
 from expertlib.registry.evals import RETENTION_TASK, EvalRecord
-from expertlib.registry.models import WIRE_VERSION, BlobDigest, Entry, SetName, Tags, check_wire_version
+from expertlib.registry.protocol import WIRE_VERSION, BlobDigest, Entry, SetName, Tags, check_wire_version
 from expertlib.registry.names import MAX_VERSION, RefSpec, validate_version
 
 PATCH_FILE = "expert_set.safetensors"

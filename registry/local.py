@@ -50,7 +50,7 @@ from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSet, ExpertSetManifest
 from expertlib.registry import index
 from expertlib.registry.blobs import BlobStore, TempBlob, sha256_file, test_hook
-from expertlib.registry.models import Entry, GcReport, VerifyProblem, VerifyReport, base_key
+from expertlib.registry.protocol import Entry, GcReport, VerifyProblem, VerifyReport, base_key
 from expertlib.registry.names import (
     LATEST,
     MAX_VERSION,

@@ -21,7 +21,7 @@ from expertlib.errors import InvalidNameError, NotFoundError, RemoteError
 from expertlib.identity import BaseIdentity
 from expertlib.registry.blobs import BlobStore, TempBlob
 from expertlib.registry.local import BaseArg, RegistryStore
-from expertlib.registry.models import Entry, TransferReport
+from expertlib.registry.protocol import Entry, TransferReport
 from expertlib.registry.names import LATEST, RefSpec, parse_ref
 
 HF_SCHEME = "hf://"

@@ -333,13 +333,13 @@ def test_7_remote_digest_and_name_validated_before_any_url(world):
     assert requested == ["/entries"]
     for bad in (_entry_json(world, name="../../etc"), _entry_json(world, version=10**30)):
         with pytest.raises(ValueError):
-            from expertlib.registry.models import Entry
+            from expertlib.registry.protocol import Entry
 
             Entry.model_validate(bad)
 
 
 def test_7_pull_stops_at_the_announced_size(world, tmp_path):
-    from expertlib.registry.models import Entry
+    from expertlib.registry.protocol import Entry
 
     sent = 0
 
