@@ -7,7 +7,7 @@
     reg.diff(["math@1", "code"], base_dir="./base")
     reg.push("math", "/shared/registry"); reg.pull("hf://me/tiny-math@main")
 
-Storage only: the registry never loads a model (see DESIGN.md).
+Storage only: the registry never loads a model (docs/ARCHITECTURE.md, "Packages and layers").
 """
 
 from expertlib.registry.local import RegistryStore, default_root
