@@ -73,7 +73,7 @@ class ServerSettings(BaseModel):
         "in the same layer and part (gate/up, down); inf turns the check off (expertlib.bounds)",
     )
     auto_threshold: float = Field(
-        default=0.55,  # bench/RESULTS.md, model="auto" on the demo world: between 0.37 (base tasks) and 0.77
+        default=0.55,  # between the base tasks' and the sets' similarities on the demo world (bench/auto_route.py)
         ge=0,
         le=1,
         description='model="auto": serve the set whose routing profile is most similar to the prompt\'s '

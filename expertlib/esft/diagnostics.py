@@ -33,10 +33,10 @@ from pydantic import BaseModel, Field
 from expertlib.esft.selection import ExpertConfig
 
 #: A layer is at risk when the selected experts carry more than this share of the general
-#: data's routing mass (counted where the general data's answers are produced). On the demo base
-#: (bench/RESULTS.md) the demo tasks' ESFT-Token selections carry 0.01-0.03 and keep general
-#: accuracy within 0.01 of the base; `open`'s carries 0.11 and general accuracy falls from 0.99
-#: to 0.29. The mass is a necessary condition, not a sufficient one: a low mass does not prove safety.
+#: data's routing mass (counted where the general data's answers are produced); chosen on the demo
+#: base, where the selections under it keep general accuracy and one above it loses most of it (the
+#: figures: bench/RESULTS.md, measured with each rebuild of the demo base). The mass is a necessary
+#: condition, not a sufficient one: a low mass does not prove safety.
 DEFAULT_RISK_THRESHOLD = 0.1
 #: The name `--general` takes for the built-in general set.
 BUILTIN_GENERAL = "builtin"
@@ -286,8 +286,8 @@ def general_routing(
 
     Only the positions that produce the general data's answers count (`trained_positions`):
     general ability shows there, and the prompt and chat-template tokens every task shares would
-    otherwise dilute the figure (on the demo base they hid a 0.3 answer-position overlap behind a
-    0.07 all-token share).
+    otherwise dilute the figure (on the demo base they hid an answer-position overlap behind a
+    several times smaller all-token share).
     """
     from expertlib.esft.data import pad_token_id
 
