@@ -4,7 +4,9 @@ from __future__ import annotations
 
 #: Version of the expert-set patch format this code writes. Readers refuse newer majors.
 #: 2: digests are trees of per-tensor sha256 leaves (expertlib.verify); format 1 patches still open.
-PATCH_FORMAT_VERSION = 2
+#: 3: the same digests; a registry stores the file under a tree over the same leaves (one hash pass,
+#:    expertlib.verify.blob_digest) instead of the sha256 of the whole file. Format 2 files keep theirs.
+PATCH_FORMAT_VERSION = 3
 
 #: File suffix of an expert-set patch (a safetensors file).
 PATCH_SUFFIX = ".safetensors"

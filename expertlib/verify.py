@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from expertlib.constants import EXPERT_KEY
+from expertlib.constants import EXPERT_KEY, MANIFEST_METADATA_KEY
 from expertlib.errors import DigestMismatchError, NonFiniteWeightsError, PatchCorruptError
 from expertlib.moe import BIAS_PARTS, EXPERT_PARTS, expert_digest
 
@@ -422,25 +422,33 @@ def _bits_value(bits: int, dtype: torch.dtype) -> float:
 
 
 class StreamScan:
-    """What a check needs, computed while a safetensors file's bytes stream past once: the whole
-    file's sha256 (a registry blob's address) and, per tensor, its leaf (sha256 of its bytes) and
-    max |w|, i.e. a format-2 `Scan`. The whole-file hash and the tensor pass each run on their own
-    thread (hashlib and numpy release the GIL), so both overlap the copy that feeds them.
+    """What a check needs, computed while a safetensors file's bytes stream past once: the file's
+    address in a registry (`digest`) and, per tensor, its leaf (sha256 of its bytes) and max |w|,
+    i.e. a format-2 `Scan`. The work runs on two threads (hashlib and numpy release the GIL), so it
+    overlaps the copy that feeds it. For a patch of format `BLOB_TREE_FORMAT` or later the address is
+    a tree over the same leaves (`blob_digest`), so every byte is hashed once, the tensors split
+    between the two threads; for older files it is the sha256 of the whole file, on its own thread.
 
         stream = StreamScan()
         for chunk in chunks:
             stream.update(chunk)                # then write the chunk
-        digest = stream.digest()                # "sha256:..." of every byte
+        digest = stream.digest()                # the file's address, "sha256:..."
         scan = stream.scan(manifest)            # None when the bytes were no format-2 patch
     """
 
     def __init__(self) -> None:
-        self._whole = hashlib.sha256()
         self._pos = 0
         self._head = bytearray()
-        self._spans: list[tuple[int, int, str]] | None = None  # (start, end, name) in the file, by start
+        self._early: list[tuple[object, int]] = []  # chunks that came before the header was whole
+        self._tree: bool | None = None  # the address is a tree (None: not known yet)
+        self._whole: hashlib._Hash | None = None  # the sha256 of every byte, when the address is that
+        self._header_end = 0
+        self._header_leaf = ""
+        # (start, end, key, owner thread) in the file, by start; key: a tensor name, or the int start
+        # of bytes between or after the tensors (None for the end: whatever follows the last tensor)
+        self._segments: list[tuple[int, int | None, str | int, int]] = []
         self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        self._leaves: dict[str, object] = {}
+        self._leaves: dict[str | int, object] = {}
         self._peaks: dict[str, int] = {}
         self._carry: dict[str, bytes] = {}
         self._bad = False
@@ -451,15 +459,37 @@ class StreamScan:
     def update(self, chunk) -> None:
         """Take the next bytes of the file (a bytes-like object the caller no longer changes)."""
         offset, self._pos = self._pos, self._pos + len(chunk)
-        self._pending.append(self._pools[0].submit(self._whole.update, chunk))
-        self._pending.append(self._pools[1].submit(self._tensors, chunk, offset))
+        if self._tree is None:
+            self._early.append((chunk, offset))
+            if not self._read_header():
+                return
+            early, self._early = self._early, []
+            for c, o in early:
+                self._dispatch(c, o)
+            return
+        self._dispatch(chunk, offset)
+
+    def _dispatch(self, chunk, offset: int) -> None:
+        if self._whole is not None:
+            self._pending.append(self._pools[0].submit(self._whole.update, chunk))
+        if not self._bad:
+            for i in (0, 1) if self._tree else (1,):
+                self._pending.append(self._pools[i].submit(self._tensors, i, chunk, offset))
         while len(self._pending) > 2 * _AHEAD:
             self._pending.pop(0).result()
 
     def _finish(self) -> None:
-        if not self._done:
+        if self._done:
+            return
+        if self._tree is None:  # the bytes ended before a whole header: an address over every byte
+            self._plain()
+            early, self._early = self._early, []
+            for c, o in early:
+                self._dispatch(c, o)
+        try:
             for f in self._pending:
                 f.result()
+        finally:
             for p in self._pools:
                 p.shutdown()
             self._pending, self._done = [], True
@@ -469,50 +499,123 @@ class StreamScan:
         return self._pos
 
     def digest(self) -> str:
+        """The address of the bytes seen: `blob_digest` of a file holding them."""
         self._finish()
-        return "sha256:" + self._whole.hexdigest()
+        if not self._tree:
+            return "sha256:" + self._whole.hexdigest()
+        lines = [_BLOB_TREE_TAG, f"header|0|{self._header_end}|{self._header_leaf}\n".encode()]
+        for a, b, key, _ in self._segments:
+            end = self._pos if b is None else min(b, self._pos)
+            if b is None and end <= a:
+                continue  # nothing after the last tensor
+            kind = "tensor" if isinstance(key, str) else "bytes"
+            lines.append(f"{kind}|{a}|{end}|{self._leaves[key].hexdigest()}\n".encode())
+        return "sha256:" + hashlib.sha256(b"".join(lines)).hexdigest()
 
     def scan(self, manifest: ExpertSetManifest) -> Scan | None:
         """The format-2 scan of the bytes seen, or None (another format, or bytes that are no
         well-formed safetensors file: then the file must be checked the ordinary way)."""
         self._finish()
-        if self._bad or self._spans is None or manifest.format_version < TREE_FORMAT:
+        if self._bad or not self._segments and not self._meta or manifest.format_version < TREE_FORMAT:
             return None
-        if self._spans and self._pos < self._spans[-1][1]:
+        tensors = [(a, b) for a, b, key, _ in self._segments if isinstance(key, str)]
+        if tensors and self._pos < tensors[-1][1]:
             return None
-        leaves = {n: h.hexdigest() for n, h in self._leaves.items()}
+        leaves = {n: self._leaves[n].hexdigest() for n in self._meta}
         absmax = {
             n: _bits_value(self._peaks[n], dtype) if dtype in _BITS else 0.0
             for n, (dtype, _) in self._meta.items()
         }
         return tree_scan(leaves, self._meta, absmax, manifest)
 
-    # --- on the tensor thread ---
+    # --- the header, on the caller's thread ---
 
-    def _tensors(self, chunk, offset: int) -> None:
-        if self._bad:
-            return
+    def _plain(self) -> None:
+        self._tree, self._bad, self._whole = False, True, hashlib.sha256()
+
+    def _read_header(self) -> bool:
+        """Once the header has arrived: decide the address scheme and lay out the segments. False
+        while the header is still incomplete."""
+        if not self._head_bytes(8):
+            return False
+        n = struct.unpack("<Q", bytes(self._head[:8]))[0]
+        if n > _MAX_HEADER:
+            self._plain()
+            return True
+        if not self._head_bytes(8 + n):
+            return False
         try:
-            if self._spans is None:
-                self._head += chunk
-                if not self._parse_header():
-                    return
-                chunk, offset = bytes(self._head), 0  # every byte so far, the header included
-                self._head = bytearray()
-            view = memoryview(chunk)
-            end = offset + len(chunk)
-            for a, b, name in self._spans:
-                if b <= offset:
-                    continue
-                if a >= end:
-                    break
-                piece = view[max(a, offset) - offset : min(b, end) - offset]
-                self._leaves[name].update(piece)
-                dtype = self._meta[name][0]
-                if dtype in _BITS and len(piece):
-                    self._peak(name, piece, dtype)
-        except Exception:  # malformed bytes: the caller checks the file the ordinary way
-            self._bad = True
+            self._layout()
+        except Exception:  # no well-formed safetensors file: its address is the sha256 of its bytes
+            self._segments, self._meta, self._leaves = [], {}, {}
+            self._plain()
+        return True
+
+    def _head_bytes(self, need: int) -> bool:
+        """Gather the file's first `need` bytes from the chunks seen so far."""
+        for c, o in self._early:
+            have = len(self._head)
+            if have >= need:
+                break
+            if o + len(c) > have:
+                self._head += memoryview(c)[have - o : need - o]
+        return len(self._head) >= need
+
+    def _layout(self) -> None:
+        from expertlib import jsonsafe
+
+        n = struct.unpack("<Q", bytes(self._head[:8]))[0]
+        header = jsonsafe.loads(bytes(self._head[8 : 8 + n]))
+        if not isinstance(header, dict):
+            raise ValueError("no header")
+        fmt = declared_format(header.pop("__metadata__", None))
+        spans = []
+        for name, info in header.items():
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            a, b = (int(x) for x in info["data_offsets"])
+            if not 0 <= a <= b or b - a != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"bad offsets for {name}")
+            spans.append((8 + n + a, 8 + n + b, name))
+            self._meta[name] = (dtype, shape)
+            self._peaks[name] = 0
+        spans.sort()
+        if any(p[1] > q[0] for p, q in itertools.pairwise(spans)):
+            raise ValueError("overlapping tensors")
+        self._tree = fmt is not None and fmt >= BLOB_TREE_FORMAT
+        if not self._tree:
+            self._whole = hashlib.sha256()
+        self._header_end = 8 + n
+        self._header_leaf = hashlib.sha256(self._head).hexdigest()
+        load, at = [0, 0], 8 + n  # bytes given to each thread; the position reached
+        for a, b, name in spans:
+            if a > at:  # bytes no tensor claims: hashed too, so the address covers every byte
+                self._segments.append((at, a, at, 0))
+            owner = 1 if not self._tree or load[1] < load[0] else 0
+            load[owner] += b - a
+            self._segments.append((a, b, name, owner))
+            at = b
+        self._segments.append((at, None, at, 0))
+        for _, _, key, _ in self._segments:
+            self._leaves[key] = hashlib.sha256()
+
+    # --- on the hashing threads ---
+
+    def _tensors(self, thread: int, chunk, offset: int) -> None:
+        view = memoryview(chunk)
+        end = offset + len(chunk)
+        for a, b, key, owner in self._segments:
+            if owner != thread or (b is not None and b <= offset):
+                continue
+            if a >= end:
+                break
+            piece = view[max(a, offset) - offset : (end if b is None else min(b, end)) - offset]
+            if not len(piece):
+                continue
+            self._leaves[key].update(piece)
+            dtype = self._meta[key][0] if isinstance(key, str) else None
+            if dtype in _BITS:
+                self._peak(key, piece, dtype)
 
     def _peak(self, name: str, piece: memoryview, dtype: torch.dtype) -> None:
         size = dtype.itemsize
@@ -531,37 +634,42 @@ class StreamScan:
         if whole < len(piece):
             self._carry[name] = bytes(piece[whole:])
 
-    def _parse_header(self) -> bool:
-        """Once the header has arrived: the tensors' byte spans. False while it is still incomplete."""
-        if len(self._head) < 8:
-            return False
-        n = struct.unpack("<Q", bytes(self._head[:8]))[0]
-        if n > _MAX_HEADER:
-            raise ValueError("header too large")
-        if len(self._head) < 8 + n:
-            return False
-        from expertlib import jsonsafe
 
-        header = jsonsafe.loads(bytes(self._head[8 : 8 + n]))
-        if not isinstance(header, dict):
-            raise ValueError("no header")
-        header.pop("__metadata__", None)
-        spans = []
-        for name, info in header.items():
-            dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            a, b = (int(x) for x in info["data_offsets"])
-            if not 0 <= a <= b or b - a != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"bad offsets for {name}")
-            spans.append((8 + n + a, 8 + n + b, name))
-            self._meta[name] = (dtype, shape)
-            self._leaves[name] = hashlib.sha256()
-            self._peaks[name] = 0
-        spans.sort()
-        if any(p[1] > q[0] for p, q in itertools.pairwise(spans)):
-            raise ValueError("overlapping tensors")
-        self._spans = spans
-        return True
+def declared_format(metadata) -> int | None:
+    """The patch format version a safetensors header's metadata declares (None: none, or unreadable)."""
+    from expertlib import jsonsafe
+
+    raw = metadata.get(MANIFEST_METADATA_KEY) if isinstance(metadata, dict) else None
+    try:
+        manifest = (
+            jsonsafe.loads(raw, max_depth=jsonsafe.MAX_MANIFEST_DEPTH) if isinstance(raw, str) else None
+        )
+    except ValueError:
+        return None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def blob_digest(chunks) -> str:
+    """The registry address of a file's bytes (`chunks`: the file, piece by piece). For a patch of
+    format `BLOB_TREE_FORMAT` or later: the sha256 of the lines
+
+        expertlib blob tree 1
+        header|0|<end>|<sha256 of the 8-byte length and the header>
+        tensor|<start>|<end>|<sha256 of the tensor's bytes>      one per tensor, by position
+        bytes|<start>|<end>|<sha256>                             bytes no tensor claims, if any
+
+    whose tensor leaves are those of the content digest (one hash pass gives both); for anything
+    else the sha256 of the whole file."""
+    stream = StreamScan()
+    for chunk in chunks:
+        stream.update(chunk)
+    return stream.digest()
+
+
+#: Patch format from which a registry blob's address is the tree of `blob_digest`.
+BLOB_TREE_FORMAT = 3
+_BLOB_TREE_TAG = b"expertlib blob tree 1\n"
 
 
 #: the largest safetensors header a stream accepts (the format's own limit)

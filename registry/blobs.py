@@ -8,11 +8,14 @@ A blob enters in two steps so that no reader ever sees a partial file:
 A writer killed before `commit` leaves only a file in tmp/ (named with host and pid, so `gc`
 knows when it is stale); a writer killed after it leaves a complete, valid, unreferenced blob.
 
-A copy into the store is one pass over the bytes: each chunk is written while two threads hash it,
-once as the whole file (the blob's address) and once per tensor (`expertlib.verify.StreamScan`: the
-patch's own digests and max |w|), so publish, push and pull need no second read. Where the
-filesystem can clone a file (a reflink: btrfs, XFS, APFS-like copy-on-write) the copy is a clone and
-only the hashing reads the bytes; never a hard link, which an edit of the source would change.
+A copy into the store is one pass over the bytes: each chunk is written while two threads hash it
+(`expertlib.verify.StreamScan`): per tensor (the patch's own digests and max |w|) and, for a patch
+of format 3 or later, nothing more, its address being a tree over those same leaves
+(`expertlib.verify.blob_digest`); older files' address is the sha256 of the whole file, hashed on
+its own thread. Publish, push and pull need no second read. Where the filesystem can clone a file (a
+reflink: btrfs, XFS, copy-on-write) the copy is a clone and only the hashing reads the bytes; else a
+file is copied inside the kernel (`copy_file_range`) and hashed from a memory map of the copy; never a
+hard link, which an edit of the source would change.
 
 A blob checked in full (at publish, pull or import, or by `expertlib verify`) gets a verified record
 in `verified/<64 hex>.json`: the blob's file state then (`expertlib.verify.FileKey`) and what the
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
+import mmap
 import os
 import socket
 import time
@@ -43,6 +46,8 @@ CHUNK = 1 << 20
 #: chunk of a copy into the store: small enough to stay in the CPU cache between the read, the write
 #: and the two hash threads, large enough that the per-chunk overhead is small
 COPY_CHUNK = 1 << 20
+#: piece of an in-kernel copy into the store, hashed from a memory map as soon as it landed
+KERNEL_CHUNK = 8 << 20
 #: Linux's FICLONE ioctl: make `dst` a copy-on-write clone of `src` (btrfs, XFS, bcachefs, ...)
 FICLONE = 0x40049409
 BLOBS_DIR = "blobs"
@@ -65,12 +70,32 @@ def test_hook(stage: str) -> None:
         time.sleep(0.05)
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
+def stream_file(path: str | Path) -> StreamScan:
+    """One pass over the file at `path`: its address (`.digest()`, see `expertlib.verify.blob_digest`)
+    and the check of its tensors (`.scan(manifest)`), hashed from a memory map (no copy)."""
+    stream = StreamScan()
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return DIGEST_PREFIX + h.hexdigest()
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            stream.update(b"")
+            stream.digest()
+            return stream
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = memoryview(mm)
+    try:
+        for at in range(0, size, KERNEL_CHUNK):
+            stream.update(view[at : at + KERNEL_CHUNK])
+        stream.digest()  # every piece hashed: the map may close
+    finally:
+        view.release()
+        with contextlib.suppress(BufferError):
+            mm.close()
+    return stream
+
+
+def file_digest(path: str | Path) -> str:
+    """The address a registry stores the file at `path` under (`expertlib.verify.blob_digest`)."""
+    return stream_file(path).digest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -171,6 +196,8 @@ class BlobStore:
             if isinstance(src, (str, Path)) and _reflink(src, tmp):
                 chunks = _chunks(tmp)  # the clone is ours alone: hash what it holds
                 out = None
+            elif isinstance(src, (str, Path)) and _kernel_copy(src, tmp, stream, progress):
+                chunks, out = (), None  # copied and hashed already
             else:
                 chunks = _chunks(src)
                 out = open(tmp, "wb")  # noqa: SIM115 - closed below, also on errors
@@ -264,6 +291,56 @@ def _reflink(src: str | Path, dst: Path) -> bool:
         with contextlib.suppress(OSError):
             dst.unlink()
         return False
+
+
+def _kernel_copy(
+    src: str | Path, dst: Path, stream: StreamScan, progress: Callable[[int], None] | None
+) -> bool:
+    """Copy `src` into `dst` inside the kernel (`os.copy_file_range`: the bytes never pass through
+    this process), fsynced, and feed `stream` each piece right after it landed, from a memory map of
+    that piece of `dst`: the bytes hashed are the bytes stored (`dst` is ours alone), read from the
+    page cache without another copy. False where the kernel or filesystem cannot (then copy the
+    ordinary way)."""
+    if not hasattr(os, "copy_file_range"):
+        return False
+    maps: list[mmap.mmap] = []
+    with open(src, "rb") as fin, open(dst, "w+b") as fout:  # read too: the maps hash it
+        size = os.fstat(fin.fileno()).st_size
+        if size == 0:
+            return False
+        try:  # the first call tells whether the kernel can (not across filesystems on some)
+            first = os.copy_file_range(fin.fileno(), fout.fileno(), min(COPY_CHUNK, size), 0, 0)
+        except OSError:
+            return False
+        try:
+            done = 0
+            while done < size:
+                at = done  # a multiple of the map granularity; a small first piece starts the hashing soon
+                step = min(COPY_CHUNK if at == 0 else KERNEL_CHUNK, size - done)
+                while done < at + step:
+                    n = (
+                        first
+                        if done == 0
+                        else os.copy_file_range(fin.fileno(), fout.fileno(), at + step - done, done, done)
+                    )
+                    if n <= 0:
+                        raise DigestMismatchError(
+                            f"{src} shrank while it was copied", hint="publish it again once it is written"
+                        )
+                    done += n
+                maps.append(mmap.mmap(fout.fileno(), step, access=mmap.ACCESS_READ, offset=at))
+                stream.update(memoryview(maps[-1]))
+                if progress is not None:
+                    progress(step)
+                if at == 0:
+                    test_hook("write")
+            os.fsync(fout.fileno())  # while the hash threads finish the last pieces
+            stream.digest()  # every piece hashed: no view of a map is in use any more
+        finally:
+            for mm in maps:
+                with contextlib.suppress(BufferError):  # a view still held by a failed hash: closed by gc
+                    mm.close()
+    return True
 
 
 def _chunks(src) -> Iterator[bytes]:

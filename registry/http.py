@@ -8,7 +8,6 @@ bodies.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -19,7 +18,6 @@ from starlette.concurrency import run_in_threadpool
 
 from expertlib import jsonsafe
 from expertlib.errors import (
-    DigestMismatchError,
     IntegrityError,
     InvalidRequestError,
     NotFoundError,
@@ -27,7 +25,7 @@ from expertlib.errors import (
 )
 from expertlib.registry.local import RegistryStore, _storage_errors
 from expertlib.registry.protocol import Entry, EntryList, EvalsRequest, TagRequest
-from expertlib.registry.names import DIGEST_PREFIX, MAX_VERSION, validate_digest, validate_name, validate_tag
+from expertlib.registry.names import MAX_VERSION, validate_digest, validate_name, validate_tag
 
 router = APIRouter(tags=["registry"])
 
@@ -96,18 +94,11 @@ async def push_entry(
     reg._writable()  # before the body is read
     reg.blobs.ensure()
     tmp = reg.blobs.temp_path()
-    h = hashlib.sha256()
     try:
         with _storage_errors(reg.root), open(tmp, "wb") as f:
             async for chunk in request.stream():
                 f.write(chunk)
-                h.update(chunk)
-        got = DIGEST_PREFIX + h.hexdigest()
-        if got != digest:
-            raise DigestMismatchError(
-                f"uploaded bytes hash to {got[:19]}..., not {digest[:19]}...", hint="retry the push"
-            )
-        try:
+        try:  # publish copies the body into the store in one hashing pass, refused unless it is `digest`
             return await run_in_threadpool(
                 reg.publish,
                 tmp,

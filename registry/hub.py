@@ -24,7 +24,7 @@ from expertlib import jsonsafe
 from expertlib.errors import DigestMismatchError, InvalidNameError, NotFoundError, RemoteError
 from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSetManifest
-from expertlib.registry.blobs import BlobStore, sha256_file
+from expertlib.registry.blobs import BlobStore, file_digest
 from expertlib.registry.evals import RETENTION_TASK, EvalRecord
 from expertlib.registry.protocol import WIRE_VERSION, BlobDigest, Entry, SetName, Tags, check_wire_version
 from expertlib.registry.names import MAX_VERSION, RefSpec, validate_version
@@ -146,7 +146,7 @@ class HubRemote:
 
     def fetch(self, entry: Entry, staging: BlobStore) -> tuple[Path, bool]:
         path = self._download(PATCH_FILE)
-        got = sha256_file(path)
+        got = file_digest(path)
         if got != entry.digest:
             raise DigestMismatchError(
                 f"{PATCH_FILE} in {self.url} hashes to {got[:19]}..., its {MANIFEST_FILE} says {entry.digest[:19]}...",

@@ -49,7 +49,7 @@ from expertlib.errors import (
 from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSet, ExpertSetManifest
 from expertlib.registry import index
-from expertlib.registry.blobs import BlobStore, TempBlob, sha256_file, test_hook
+from expertlib.registry.blobs import BlobStore, TempBlob, stream_file, test_hook
 from expertlib.registry.protocol import Entry, GcReport, VerifyProblem, VerifyReport, base_key
 from expertlib.registry.names import (
     LATEST,
@@ -638,12 +638,14 @@ class RegistryStore:
         if not path.is_file():
             return "blob file is missing"
         key = FileKey.of(path)
-        got = sha256_file(path)
+        stream = stream_file(path)  # one pass: the address and the check of the tensors
+        got = stream.digest()
         if got != digest:
             return f"content changed: bytes now hash to {got[:19]}..."
         try:
             es = ExpertSet.open(path)
-            es.verify(always=True)  # also per-expert digests and finiteness (sets published earlier)
+            # also per-expert digests and finiteness (sets published earlier), from the same pass
+            es.verify_streamed(stream.scan(es.manifest), key)
         except PatchError as exc:
             return f"not a valid patch: {exc.message}"
         if es.checked is not None and key is not None and es.checked.key == list(key):

@@ -15,7 +15,6 @@ are hashed and refused unless they match the entry, and a push hashes the file i
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from expertlib.registry.blobs import BlobStore
 from expertlib.registry.client import at_most
 from expertlib.registry.protocol import Entry
 from expertlib.registry.names import LATEST, RefSpec, validate_digest, validate_name
+from expertlib.verify import StreamScan
 
 CHUNK = 1 << 20
 
@@ -121,12 +121,12 @@ class ObjectStoreRemote:
         blob = self._blob(digest)
         if not self.fs.exists(blob):
             tmp = f"{self.root}/tmp/{uuid.uuid4().hex}"
-            h = hashlib.sha256()
+            h = StreamScan()  # the bytes' registry address (expertlib.verify.blob_digest)
             with open(path, "rb") as src, self.fs.open(tmp, "wb") as out:
                 while chunk := src.read(CHUNK):
                     h.update(chunk)
                     out.write(chunk)
-            if "sha256:" + h.hexdigest() != digest:
+            if h.digest() != digest:
                 self.fs.rm(tmp)
                 raise RemoteError(f"{path} changed while it was pushed", hint="push it again")
             self.fs.mv(tmp, blob)

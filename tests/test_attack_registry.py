@@ -7,7 +7,6 @@ transport serving hostile answers, through an httpx client. Crafted files are wr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import struct
@@ -65,8 +64,10 @@ def http_remote(reg: Registry) -> HttpRemote:
 
 
 def http_push(c: TestClient, path: Path, name: str, **params) -> httpx.Response:
+    from expertlib.registry.blobs import file_digest
+
     data = path.read_bytes()
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    digest = file_digest(path)  # the address a registry stores it under
     return c.post("/v1/registry/entries", params={"name": name, "digest": digest, **params}, content=data)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from expertlib.registry import Registry
-from expertlib.registry.blobs import HOOK_ENV, sha256_file
+from expertlib.registry.blobs import HOOK_ENV, file_digest
 from expertlib.registry.testing import tiny_base_identity, write_expert_set
 
 N_PROCS, N_EACH = 4, 3
@@ -67,7 +67,7 @@ def test_concurrent_publishers_never_lose_or_duplicate(tmp_path):
     assert sorted(str(e.ref) for e in entries) == refs
     assert [e.version for e in entries] == list(range(1, N_PROCS * N_EACH + 1))
     assert len({e.digest for e in entries}) == N_PROCS * N_EACH
-    assert {e.digest for e in entries} == {sha256_file(p) for ps in paths for p in ps}
+    assert {e.digest for e in entries} == {file_digest(p) for ps in paths for p in ps}
     assert Registry(root).verify().ok
 
 
@@ -112,7 +112,7 @@ def test_publisher_killed_mid_publish_leaves_nothing_visible(tmp_path, stage):
     report = reg.verify()
     assert report.ok and report.checked == 0
     for d in reg.blobs.iter_digests():  # anything visible in blobs/ is complete and intact
-        assert sha256_file(reg.blobs.path(d)) == d
+        assert file_digest(reg.blobs.path(d)) == d
     temps = list(reg.blobs.tmp_dir.iterdir())
     if stage == "write":
         assert len(temps) == 1 and temps[0].stat().st_size < p.stat().st_size
