@@ -402,7 +402,8 @@ async def engine_rows(args, root: Path, lines: list[str]) -> dict:
             f"{args.repeats} interleaved pairs; target >= 0.9x: {'met' if out['decode_ratio'] >= 0.9 else 'MISSED'}); "
             f"time between tokens without loads {step * 1e3:.0f} ms (median), during loads median "
             f"{statistics.median(busy_gaps) * 1e3:.0f} ms, longest {max(busy_gaps) * 1e3:.0f} ms "
-            f"({max(busy_gaps) / step:.1f} steps)"
+            f"({max(busy_gaps) / step:.1f} steps; the longest without loads {max(quiet_gaps) * 1e3:.0f} ms, "
+            f"{max(quiet_gaps) / step:.1f} steps)"
         )
         print(lines[-1], flush=True)
 

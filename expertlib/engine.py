@@ -245,9 +245,9 @@ class _SetBook:
             raise
         finally:
             self.loading.discard(name)
+            cache = None  # the workers' host cache after the load, as unstaging reports it
             with contextlib.suppress(Exception):
-                await rpc("expertlib_unstage", (path,))
-        cache = (await rpc("expertlib_host_cache", ()))[0]
+                cache = (await rpc("expertlib_unstage", (path,)))[0]
         self.loaded_from(name, path, time.perf_counter() - start, cache)
         return name
 

@@ -71,8 +71,7 @@ def test_load_stages_writes_then_sets_the_row_in_slot_indices(world):
     assert rpc.methods() == [
         "expertlib_stage",
         "expertlib_apply",
-        "expertlib_unstage",
-        "expertlib_host_cache",
+        "expertlib_unstage",  # which also reports the host cache
     ]
     path, digest, checked, background, fills = rpc.calls[0][1]
     assert path == str(sets["a"]) and background is False  # the offline engine runs the job inline
@@ -197,7 +196,6 @@ def test_the_async_engine_runs_the_same_transaction(world):
     assert calls == ["expertlib_host_cache"] + ["expertlib_stage"] * 4 + [
         "expertlib_apply",
         "expertlib_unstage",
-        "expertlib_host_cache",
         "expertlib_apply",
     ]
     assert all(args[3] is True for m, args in rpc.calls if m == "expertlib_stage")  # in the background

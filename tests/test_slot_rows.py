@@ -4,7 +4,9 @@ load's work runs as one job, inline or on a thread while forward steps go on (`H
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -148,3 +150,31 @@ def test_a_background_job_is_polled_and_never_overlaps_another():
             pass
     assert not cache._reading
     assert cache.stage("d", lambda: ran.append("d")) is True and ran[-1] == "d"  # inline
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2, reason="Linux, 2+ CPUs"
+)
+def test_a_job_runs_beside_the_forward_steps_not_on_their_core():
+    """vLLM binds the worker's thread to the forward steps' cores; a load's job started from it runs
+    on any CPU, with one torch thread (no second OpenMP team beside the steps' own), and leaves the
+    starting thread's torch threads as they were."""
+    everywhere, seen = os.sched_getaffinity(0), {}
+
+    def worker_thread():
+        os.sched_setaffinity(0, {min(everywhere)})  # as vLLM's CPU backend binds it
+        before = torch.get_num_threads()
+        cache = HostCache()
+
+        def work():
+            seen.update(cpus=os.sched_getaffinity(0), threads=torch.get_num_threads())
+
+        while not cache.stage("k", work, background=True):
+            time.sleep(0.005)
+        seen["after"] = (torch.get_num_threads(), before)
+
+    t = threading.Thread(target=worker_thread)
+    t.start()
+    t.join()
+    assert seen["cpus"] == everywhere and seen["threads"] == 1
+    assert seen["after"][0] == seen["after"][1]

@@ -15,9 +15,11 @@ until the front end writes the set's row, after the job is done.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 from expertlib.patch import ExpertSet
@@ -137,6 +139,32 @@ class HostCache:
 HOST_CACHE = HostCache()
 
 
+def _anywhere() -> None:
+    """Let the calling thread run on any CPU of the machine. A job is started from the worker's
+    thread, which vLLM's CPU backend binds to the forward steps' cores (its OpenMP threads): a thread
+    inherits that binding and would take turns with the steps on their cores instead of using the
+    others (the CPUs vLLM reserves, the GPU machine's spare cores)."""
+    with contextlib.suppress(AttributeError, OSError):  # not on Linux; a cpuset that refuses
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def _one_intraop_thread() -> Iterator[None]:
+    """This thread's torch ops (the CPU prepack, finiteness checks) on one core while it runs: the job
+    shares the machine with the forward steps' OpenMP thread team, and a second team started from
+    this thread would have both spin-wait on each other's cores (a 144 MiB copy measured 0.07 s on
+    one thread, 0.7-2.7 s on two, on a loaded 2-core machine). OpenMP's thread count is per calling
+    thread: the forward steps' own is left as it is."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class _Job(threading.Thread):
     """One load's work off the caller's thread."""
 
@@ -147,8 +175,10 @@ class _Job(threading.Thread):
         self.start()
 
     def run(self) -> None:
+        _anywhere()
         try:
-            self.work()
+            with _one_intraop_thread():
+                self.work()
         except BaseException as exc:  # handed to the caller by result()
             self._error = exc
 

@@ -8,11 +8,11 @@ cross process boundaries); expert tensors are read on the worker from the set's 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from expertlib.moe import ExpertWeights
@@ -205,22 +205,36 @@ def pack_rows(runner, experts: list[int], weights: list[ExpertWeights]) -> Layer
 @torch.no_grad()
 def copy_rows(runner, physical_ids: list[int], rows: LayerRows, experts: list[int]) -> None:
     """Copy the packed rows of `experts` into physical expert rows `physical_ids` of one layer: one
-    copy per part, the kernel's layout already. On a GPU the copies run on a side stream from
-    pinned host memory (asynchronous to the forward steps, which never read these rows yet) and
-    this returns once they are done."""
+    copy per part, the kernel's layout already (a memcpy on the calling thread on CPU). On a GPU the
+    copies run on a side stream from pinned host memory (asynchronous to the forward steps, which
+    never read these rows yet) and this returns once they are done."""
     dst = runner.routed_experts
     index = {e: i for i, e in enumerate(rows.experts)}
     pairs = [(dst.w13_weight, rows.w13), (dst.w2_weight, rows.w2)]
     if rows.b13 is not None:
         pairs += [(dst.w13_bias, rows.b13), (dst.w2_bias, rows.b2)]
-    cuda = dst.w13_weight.device.type == "cuda"
-    stream = torch.cuda.Stream(device=dst.w13_weight.device) if cuda else None
-    with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+    if dst.w13_weight.device.type == "cpu":
         for phys, e in zip(physical_ids, experts, strict=True):
             for target, src in pairs:
-                target.data[phys].copy_(src[index[e]], non_blocking=cuda)
-    if stream is not None:
-        stream.synchronize()
+                row, packed = target.data[phys], src[index[e]]
+                if row.is_contiguous() and packed.is_contiguous() and row.dtype == packed.dtype:
+                    np.copyto(_bytes(row), _bytes(packed))
+                else:
+                    row.copy_(packed)
+        return
+    stream = torch.cuda.Stream(device=dst.w13_weight.device)
+    with torch.cuda.stream(stream):
+        for phys, e in zip(physical_ids, experts, strict=True):
+            for target, src in pairs:
+                target.data[phys].copy_(src[index[e]], non_blocking=True)
+    stream.synchronize()
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor as a numpy array sharing its memory. numpy copies on the
+    calling thread alone (and releases the GIL): a load's copies, made while forward steps run, then
+    never start a second OpenMP thread team beside the steps' own."""
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def write_slots(runner, physical_ids: list[int], weights: list[ExpertWeights]) -> None:
@@ -367,10 +381,12 @@ class SlotWorkerExtension:
         key = (str(path), content_digest, tuple(map(tuple, fills)))
         return HOST_CACHE.stage(key, work, bool(background))
 
-    def expertlib_unstage(self, path: str) -> None:
+    def expertlib_unstage(self, path: str) -> dict[str, Any]:
+        """The load of `path` is over (done or failed); returns the host cache's status after it."""
         from expertlib.vllm_plugin.hostcache import HOST_CACHE
 
         HOST_CACHE.unstage(path)
+        return HOST_CACHE.status()
 
     def expertlib_set_row(self, set_row: int, remap: dict[Any, dict[Any, int]]) -> None:
         """Make set row `set_row` the identity except remap[layer][expert] = slot (a slot index, as in
