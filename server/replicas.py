@@ -9,8 +9,9 @@ Two deployments:
   requests by calling that app in process, so every route, error and key check is the one
   `expertlib serve` has. The sets a replica holds are Ray's multiplexed models:
   `@serve.multiplexed(max_num_models_per_replica=max_sets)` loads a set on a replica's first request
-  for it, and when Ray evicts the least recently used one it unloads it from the engine (its slots
-  are freed).
+  for it, and when Ray evicts the least recently used one the set leaves Ray's routing and the
+  engine's own LRU frees its slots for the set being loaded, once no running request uses it
+  (`Resident`).
 - `SetRouter` (the HTTP ingress, one replica): reads `model` from an inference request's JSON body
   and sends it with `handle.options(multiplexed_model_id=model)`, so Ray routes it to a replica that
   holds the set, else to the one holding the fewest. Requests for the base and the other routes
@@ -92,39 +93,24 @@ def model_of(path: str, body: bytes) -> str | None:
 
 
 class Resident:
-    """A set Ray's multiplexer holds on one replica; Ray calls `__del__` when it evicts it (least
-    recently used), which unloads it from this replica's engine."""
+    """A set Ray's multiplexer holds on one replica. Ray calls `__del__` when it evicts the set (least
+    recently used): the set leaves Ray's routing, and stays in the engine's slots until the engine's
+    own LRU needs the room for the next set, which happens at once when Ray evicted it to load one,
+    and never under a running request. (Unloading it right away raced the requests Ray was still
+    sending for it, which the engine refuses while it unloads a set.)"""
 
-    def __init__(
-        self,
-        state: Any,
-        model: str,
-        served: str | None,
-        loop: asyncio.AbstractEventLoop,
-        on_evict: Any = None,
-    ):
-        self.state, self.model, self.served, self.loop = state, model, served, loop
+    def __init__(self, model: str, served: str | None, on_evict: Any = None):
+        self.model, self.served = model, served
         self.on_evict = on_evict  # called (model) when Ray evicts it
-        self.unloaded = served is None
+        self.evicted = served is None
 
     def __del__(self) -> None:
-        if self.unloaded:
+        if self.evicted:
             return
-        self.unloaded = True
+        self.evicted = True
+        log.info("expert set %s left Ray's multiplexer (as %r)", self.served, self.model)
         if self.on_evict is not None:
             self.on_evict(self.model)
-        future = asyncio.run_coroutine_threadsafe(self._unload(), self.loop)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # Ray calls this from a worker thread: wait, so the slots are free after
-            future.result(timeout=300)
-
-    async def _unload(self) -> None:
-        try:
-            await self.state.catalog.unload(self.served)
-            log.info("expert set %s evicted by Ray's multiplexer (as %r)", self.served, self.model)
-        except ExpertlibError:  # already gone (the engine's own LRU, an admin unload)
-            pass
 
 
 async def call_app(app: Any, method: str, path: str, query: bytes, headers: list, body: bytes):
@@ -256,7 +242,7 @@ def build_app(settings: ServerSettings, replicas: int, *, replica_options: dict 
             context = serve.get_replica_context()
             self.replica = context.replica_id.unique_id
             self.loads = self.evictions = 0
-            self.residents: dict[str, Resident] = {}
+            self.served_of: dict[str, str] = {}  # model -> served name, for every set loaded here
             self.requests: dict[str, dict[str, int]] = {}
             self.where = {
                 "app": context.app_name,
@@ -272,24 +258,21 @@ def build_app(settings: ServerSettings, replicas: int, *, replica_options: dict 
 
         @serve.multiplexed(max_num_models_per_replica=max_sets - len(pins))
         async def resident(self, model: str) -> Resident:
+            before = set(self.state.catalog.loaded())
             ref = await self.state.catalog.resolve(model)  # loads it on this replica's first request
-            self.loads += 1
-            r = Resident(
-                self.state, model, ref.name if ref else None, asyncio.get_running_loop(), self.evicted
-            )
-            self.residents[model] = r
-            return r
+            if ref is not None and ref.name not in before:
+                self.loads += 1
+            if ref is not None:
+                self.served_of[model] = ref.name
+            return Resident(model, ref.name if ref else None, self.evicted)
 
         def evicted(self, model: str) -> None:
             self.evictions += 1
-            self.residents.pop(model, None)
 
         def holds(self, model: str) -> bool:
-            """Whether the set `model` names is resident here now (before this request loads it)."""
-            served = self.pinned.get(model)
-            if served is None:
-                r = self.residents.get(model)
-                served = None if r is None or r.unloaded else r.served
+            """Whether the set `model` names is resident in this replica's engine now (before this
+            request loads it)."""
+            served = self.pinned.get(model) or self.served_of.get(model)
             return served is not None and served in set(self.state.catalog.loaded())
 
         def report(self) -> None:

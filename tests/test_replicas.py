@@ -1,13 +1,15 @@
 """`expertlib serve --replicas 2` on a local Ray (2 CPUs): two CPU vLLM engines of a tiny base under
 Ray Serve, the set router in front, `--max-sets 2` per replica with one set pinned (`--pin gamma`: on
-both replicas, outside Ray's multiplexer, so each replica's multiplexer holds one other set).
+both replicas, outside Ray's multiplexer, so each replica's multiplexer holds one other set), and
+`--pull-from` a registry folder holding `delta`, which the replicas' registry does not.
 
 Requests of one set land on one replica (the replica id comes back in a header), both replicas serve,
 answers are the transformers reference's greedy tokens (which the single-engine server is held to in
 test_openai_api.py), a streamed answer streams, and errors keep their OpenAI shape through the router.
 After warm-up >= 95% of requests for a set land on a replica already holding it, counted by the
 replicas themselves and read from /metrics through the router (behind the metrics key). A replica
-whose multiplexer is full evicts its least recently used set without failing a request. Last, one
+whose multiplexer is full evicts its least recently used set without failing a request, and the
+first request for `delta` pulls it from the remote; a set on neither is a 404. Last, one
 replica's process is killed mid-stream: the stream ends at once with an error event, the other
 replica answers, Ray starts a replacement, and the set is answered again.
 """
@@ -48,9 +50,9 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("replicas")
     base_dir, sets = build(root)
     model = load_model(base_dir)
-    reg = Registry(root / "registry")
     for i, (name, experts) in enumerate(MORE.items()):
         sets[name] = random_expert_set(model, name, experts, seed=10 + i, scale=SCALE)
+        reg = Registry(root / ("remote" if name == "delta" else "registry"))  # delta: on the remote only
         reg.publish(sets[name].save(root / f"{name}.safetensors"), base=base_dir)
     del model
     saved = dict(os.environ)
@@ -63,6 +65,7 @@ def cluster(tmp_path_factory):
         slots=8,
         max_sets=2,
         pins=["gamma"],
+        pull_from=str(root / "remote"),
         metrics_key=METRICS_KEY,
         kv_cache_memory=64 << 20,
         max_model_len=CTX,
@@ -75,7 +78,7 @@ def cluster(tmp_path_factory):
         ref = Reference(base_dir, sets)
         ids = ref.tok.encode(PROMPT)
         expected = {name: ref.tok.decode(ref.greedy(ids, name, 4)) for name in sets}
-        yield {"url": f"http://127.0.0.1:{port}", "ref": ref, "expected": expected}
+        yield {"url": f"http://127.0.0.1:{port}", "ref": ref, "expected": expected, "root": root}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -163,15 +166,18 @@ def test_metrics_through_the_router_need_the_key_and_carry_every_replica(cluster
 
 
 def test_a_full_replica_evicts_its_least_recently_used_set_without_failing(cluster):
+    from expertlib.registry import Registry
     from expertlib.server.replicas import replica_stats
 
     url, expected = cluster["url"], cluster["expected"]
     evictions = sum(c["evictions"] for c in replica_stats().values())
+    assert "delta" not in {e.name for e in Registry(cluster["root"] / "registry").list()}
     for model in ("delta", "alpha", "beta", "delta", "alpha"):  # three unpinned sets, room for two
         assert answered(url, model)[1] == expected[model], model
         time.sleep(1)
     stats = replica_stats()
     assert sum(c["evictions"] for c in stats.values()) > evictions, stats
+    assert "delta" in {e.name for e in Registry(cluster["root"] / "registry").list()}  # pulled on demand
     for c in stats.values():
         assert "gamma@1" in c["sets"] and len(c["sets"]) <= 2, stats  # pinned: never evicted
 
@@ -186,8 +192,9 @@ def test_stream_base_and_errors_through_the_router(cluster):
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and len(events) >= 3
     assert complete(url, BASE_NAME).status_code == 200  # the base: any replica
-    missing = complete(url, "nosuch")
+    missing = complete(url, "nosuch")  # on neither the registry nor the remote
     assert missing.status_code == 404 and missing.json()["error"]["code"] is not None
+    assert "remote" in missing.json()["error"]["message"], missing.text
     models = httpx.get(url + "/v1/models", timeout=60).json()
     assert BASE_NAME in {m["id"] for m in models["data"]}
 
