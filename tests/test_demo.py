@@ -190,10 +190,11 @@ def _check_the_quick_demo(res, tmp_path):
     try:
         page = httpx.get(report["ui"]["sets and scores"], timeout=30).text
         for task in ("sum", "cross"):
-            assert f"/ui/sets/{task}@1" in page
+            assert f'data-name="{task}"' in page and f">{task}@1</a>" in page
             assert f"{task} exact_match <b>{acc[task][task]:.4g}</b>" in page
         heatmap = httpx.get(report["ui"]["expert-overlap heatmap"], timeout=30)
-        assert heatmap.status_code == 200 and "<svg" in heatmap.text
+        assert heatmap.status_code == 200 and 'id="heatmap"' in heatmap.text
+        assert 'src="data:image/svg+xml;base64,' in heatmap.text and "sum@1" in heatmap.text
         live = httpx.get(report["ui"]["live server state"], timeout=30)
         assert live.status_code == 200 and "sum@1" in live.text
     finally:
