@@ -44,6 +44,7 @@ from expertlib.verify import (
     VerifiedRecord,
     check_scan,
     digests_of,
+    read_scanned,
     read_tensors,
     recall,
     remember,
@@ -349,13 +350,17 @@ class ExpertSet:
             return self
         m = self.manifest
         before = FileKey.of(self.path)
-        tensors = read_tensors(self.path, self._expected())
-        same = before is not None and before == FileKey.of(self.path)
-        standing = None if always or not same else self._standing_record()
-        if standing is not None:
-            scan, self.checked = standing.scan, standing
+        standing = None if always else self._standing_record()
+        if standing is not None:  # read only; the check stands if the file stayed as it was
+            tensors = read_tensors(self.path, self._expected())
+            same = before is not None and before == FileKey.of(self.path)
+            scan = standing.scan if same else scan_tensors(tensors, m)
+        else:  # read and hash overlapped
+            tensors, scan = read_scanned(self.path, m, self._expected())
+            same = before is not None and before == FileKey.of(self.path)
+        if same and standing is not None:
+            self.checked = standing
         else:
-            scan = scan_tensors(tensors, m)
             check_scan(scan, m, str(self.path))
             if same:
                 self._checked_now(before, scan)

@@ -304,6 +304,55 @@ def read_tensors(
     return tensor_views(buf, expected, str(path))
 
 
+def read_scanned(
+    path: str | Path,
+    manifest: ExpertSetManifest,
+    expected: Mapping[str, tuple[torch.dtype, list[int]]],
+) -> tuple[dict[str, torch.Tensor], Scan]:
+    """`read_tensors` and `scan_tensors` overlapped: the file is read into one buffer in pieces, and
+    each tensor is hashed on the thread pool as soon as the read has passed its last byte, so the
+    hashing of the first tensors runs while the rest is read (format 2 and later; a format 1 file
+    is read, then scanned)."""
+    if manifest.format_version < TREE_FORMAT:
+        tensors = read_tensors(path, expected)
+        return tensors, scan_tensors(tensors, manifest)
+    with (
+        open(path, "rb") as f,
+        ThreadPoolExecutor(threads(), thread_name_prefix="expertlib-verify") as pool,
+    ):
+        size = os.fstat(f.fileno()).st_size
+        buf = np.empty(size, dtype=np.uint8)  # not zero-filled first: the read is the one pass
+        view, done = memoryview(buf), 0
+
+        def read_to(end: int) -> None:
+            nonlocal done
+            while done < end:
+                n = f.readinto(view[done : min(end, done + (8 << 20))])
+                if not n:
+                    raise PatchCorruptError(
+                        "the file shrank while it was read", path=str(path), hint=_REPUBLISH
+                    )
+                done += n
+
+        read_to(min(size, 8))
+        n = struct.unpack("<Q", bytes(buf[:8]))[0] if size >= 8 else 0
+        read_to(min(size, 8 + n) if n <= size else size)
+        tensors = tensor_views(buf, expected, str(path))  # checks the header against the manifest
+        by_end = sorted(tensors, key=lambda k: tensors[k].data_ptr() + tensors[k].nbytes)
+        base, futures = buf.ctypes.data, []
+        for name in by_end:
+            t = tensors[name]
+            read_to(t.data_ptr() - base + t.nbytes if t.numel() else done)
+            futures.append(pool.submit(_leaf, name, t))
+        read_to(size)
+        leaves, absmax = {}, {}
+        for fut in futures:
+            name, leaf, amax = fut.result()
+            leaves[name], absmax[name] = leaf, amax
+    meta = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+    return tensors, tree_scan(leaves, meta, absmax, manifest)
+
+
 def tensor_views(
     buf, expected: Mapping[str, tuple[torch.dtype, list[int]]], where: str
 ) -> dict[str, torch.Tensor]:

@@ -193,28 +193,22 @@ class BlobStore:
         tmp = self.temp_path()
         stream = StreamScan()
         try:
-            if isinstance(src, (str, Path)) and _reflink(src, tmp):
-                chunks = _chunks(tmp)  # the clone is ours alone: hash what it holds
-                out = None
-            elif isinstance(src, (str, Path)) and _kernel_copy(src, tmp, stream, progress):
-                chunks, out = (), None  # copied and hashed already
-            else:
-                chunks = _chunks(src)
-                out = open(tmp, "wb")  # noqa: SIM115 - closed below, also on errors
-            with out or contextlib.nullcontext():
-                for i, chunk in enumerate(chunks):
-                    stream.update(chunk)
-                    if out is not None:
-                        out.write(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
-                    if i == 0 and out is not None:
-                        out.flush()
-                        test_hook("write")
-                if out is not None:
-                    out.flush()
-                    os.fsync(out.fileno())
-            digest = stream.digest()
+            with open(tmp, "w+b", buffering=0) as out:  # read too: the hashing maps what was written
+                landed = _Landed(out.fileno(), stream)
+                try:
+                    path = isinstance(src, (str, Path))
+                    if not (path and (_reflink(src, out) or _kernel_copy(src, out, landed, progress))):
+                        for chunk in _chunks(src):
+                            _write_all(out, chunk)
+                            landed.advance(landed.written + len(chunk))
+                            if progress is not None:
+                                progress(len(chunk))
+                            test_hook("write")  # (tests: a writer killed with the file half written)
+                    landed.advance(os.fstat(out.fileno()).st_size, final=True)
+                    os.fsync(out.fileno())  # while the hash threads finish the last pieces
+                    digest = stream.digest()
+                finally:
+                    landed.close()
             if expected_digest is not None and digest != expected_digest:
                 raise DigestMismatchError(
                     f"received bytes have digest {digest[:19]}..., expected {expected_digest[:19]}...",
@@ -280,67 +274,80 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _reflink(src: str | Path, dst: Path) -> bool:
-    """Make `dst` a copy-on-write clone of `src` where the filesystem supports it."""
+def _reflink(src: str | Path, out) -> bool:
+    """Make the empty file `out` a copy-on-write clone of `src` where the filesystem supports it."""
     try:
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
-            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
-            os.fsync(fout.fileno())
+        with open(src, "rb") as fin:
+            fcntl.ioctl(out.fileno(), FICLONE, fin.fileno())
         return True
     except OSError:
-        with contextlib.suppress(OSError):
-            dst.unlink()
         return False
 
 
-def _kernel_copy(
-    src: str | Path, dst: Path, stream: StreamScan, progress: Callable[[int], None] | None
-) -> bool:
-    """Copy `src` into `dst` inside the kernel (`os.copy_file_range`: the bytes never pass through
-    this process), fsynced, and feed `stream` each piece right after it landed, from a memory map of
-    that piece of `dst`: the bytes hashed are the bytes stored (`dst` is ours alone), read from the
-    page cache without another copy. False where the kernel or filesystem cannot (then copy the
-    ordinary way)."""
+def _kernel_copy(src: str | Path, out, landed: _Landed, progress: Callable[[int], None] | None) -> bool:
+    """Copy `src` into the empty file `out` inside the kernel (`os.copy_file_range`: the bytes never
+    pass through this process), hashing each piece as it lands. False where the kernel or the
+    filesystem cannot (nothing was written then: copy the ordinary way)."""
     if not hasattr(os, "copy_file_range"):
         return False
-    maps: list[mmap.mmap] = []
-    with open(src, "rb") as fin, open(dst, "w+b") as fout:  # read too: the maps hash it
+    with open(src, "rb") as fin:
         size = os.fstat(fin.fileno()).st_size
-        if size == 0:
-            return False
-        try:  # the first call tells whether the kernel can (not across filesystems on some)
-            first = os.copy_file_range(fin.fileno(), fout.fileno(), min(COPY_CHUNK, size), 0, 0)
-        except OSError:
-            return False
-        try:
-            done = 0
-            while done < size:
-                at = done  # a multiple of the map granularity; a small first piece starts the hashing soon
-                step = min(COPY_CHUNK if at == 0 else KERNEL_CHUNK, size - done)
-                while done < at + step:
-                    n = (
-                        first
-                        if done == 0
-                        else os.copy_file_range(fin.fileno(), fout.fileno(), at + step - done, done, done)
-                    )
-                    if n <= 0:
-                        raise DigestMismatchError(
-                            f"{src} shrank while it was copied", hint="publish it again once it is written"
-                        )
-                    done += n
-                maps.append(mmap.mmap(fout.fileno(), step, access=mmap.ACCESS_READ, offset=at))
-                stream.update(memoryview(maps[-1]))
-                if progress is not None:
-                    progress(step)
-                if at == 0:
-                    test_hook("write")
-            os.fsync(fout.fileno())  # while the hash threads finish the last pieces
-            stream.digest()  # every piece hashed: no view of a map is in use any more
-        finally:
-            for mm in maps:
-                with contextlib.suppress(BufferError):  # a view still held by a failed hash: closed by gc
-                    mm.close()
+        done = 0
+        while done < size:
+            try:
+                step = min(KERNEL_CHUNK if done else COPY_CHUNK, size - done)
+                n = os.copy_file_range(fin.fileno(), out.fileno(), step, done, done)
+            except OSError:
+                if done == 0:  # not across these filesystems (or not at all): nothing was written
+                    return False
+                raise
+            if n <= 0:
+                raise DigestMismatchError(
+                    f"{src} shrank while it was copied", hint="publish it again once it is written"
+                )
+            done += n
+            landed.advance(done)
+            if progress is not None:
+                progress(n)
+            test_hook("write")
     return True
+
+
+def _write_all(out, chunk) -> None:
+    view = memoryview(chunk)
+    while len(view):
+        view = view[out.write(view) :]
+
+
+class _Landed:
+    """Feeds a `StreamScan` the bytes of a file being written, from memory maps of the pieces that
+    have landed in it: the bytes hashed are the bytes stored (the file is ours alone), read from the
+    page cache without a copy. Pieces of KERNEL_CHUNK (a small first one starts the hashing soon)."""
+
+    def __init__(self, fd: int, stream: StreamScan):
+        self.fd, self.stream = fd, stream
+        self.written = 0  # bytes in the file
+        self.fed = 0  # bytes handed to the stream (a multiple of the map granularity until the end)
+        self._maps: list[mmap.mmap] = []
+
+    def advance(self, written: int, *, final: bool = False) -> None:
+        self.written = written
+        while True:
+            step = COPY_CHUNK if self.fed == 0 else KERNEL_CHUNK
+            if written - self.fed < step and not (final and written > self.fed):
+                return
+            step = min(step, written - self.fed)
+            mm = mmap.mmap(self.fd, step, access=mmap.ACCESS_READ, offset=self.fed)
+            self._maps.append(mm)
+            self.stream.update(memoryview(mm))
+            self.fed += step
+
+    def close(self) -> None:
+        """After `stream.digest()`: no piece is in use any more."""
+        for mm in self._maps:
+            with contextlib.suppress(BufferError):  # a view still held by a failed hash: closed by gc
+                mm.close()
+        self._maps = []
 
 
 def _chunks(src) -> Iterator[bytes]:
@@ -351,12 +358,5 @@ def _chunks(src) -> Iterator[bytes]:
     elif hasattr(src, "read"):
         while chunk := src.read(COPY_CHUNK):
             yield chunk
-    else:  # a network stream's chunks are small: gathered into COPY_CHUNK pieces for the hash threads
-        buf = bytearray()
-        for chunk in src:
-            buf += chunk
-            if len(buf) >= COPY_CHUNK:
-                yield buf  # never changed after this: the hash threads may still be reading it
-                buf = bytearray()
-        if buf:
-            yield buf
+    else:  # a network stream's chunks, written as they come (the hashing reads them back in pieces)
+        yield from src

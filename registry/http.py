@@ -24,8 +24,8 @@ from expertlib.errors import (
     PatchError,
 )
 from expertlib.registry.local import RegistryStore, _storage_errors
-from expertlib.registry.protocol import Entry, EntryList, EvalsRequest, TagRequest
 from expertlib.registry.names import MAX_VERSION, validate_digest, validate_name, validate_tag
+from expertlib.registry.protocol import Entry, EntryList, EvalsRequest, TagRequest
 
 router = APIRouter(tags=["registry"])
 
@@ -72,7 +72,14 @@ def get_blob(digest: str, reg: RegistryStore = Depends(get_registry)) -> FileRes
     path = reg.blobs.path(digest)
     if not path.is_file():
         raise IntegrityError(f"blob {digest[:19]}... is missing", hint="run `expertlib verify` on the server")
-    return FileResponse(path, media_type="application/octet-stream", headers={DIGEST_HEADER: digest})
+    return BlobResponse(path, media_type="application/octet-stream", headers={DIGEST_HEADER: digest})
+
+
+class BlobResponse(FileResponse):
+    """A file sent in 4 MiB pieces (Starlette's 64 KiB cost a thread hop and a send per piece,
+    which capped a download near 400 MB/s on loopback); Range requests work as before."""
+
+    chunk_size = 4 << 20
 
 
 @router.post("/entries", response_model=Entry, status_code=201)

@@ -265,31 +265,26 @@ def test_training_records_the_prompts_routing_profile(tiny_model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     pytest.importorskip("vllm")
-    from served_world import SCALE, SETS, serve
+    from served_world import build, serve
     from transformers import AutoTokenizer
 
-    from expertlib.moe import load_model
     from expertlib.patch import ExpertSet
-    from expertlib.registry import Registry
-    from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set
 
     root = tmp_path_factory.mktemp("auto")
-    base_dir = root / "base"
-    make_vllm_tiny_base("qwen2_moe", base_dir)
-    model = load_model(base_dir)
-    tok = AutoTokenizer.from_pretrained(str(base_dir))
-    profiles = {name: _profile_of(model, tok, text) for name, text in PROMPTS.items()}
-    other = _profile_of(model, tok, OTHER).arrays()
-    sims = {n: similarity(other, p.arrays()) for n, p in profiles.items()}
-    assert max(sims.values()) < THRESHOLD, sims  # the premise: OTHER matches neither set
-    assert similarity(profiles["alpha"].arrays(), profiles["beta"].arrays()) < THRESHOLD
-    reg = Registry(root / "registry")
-    for i, (name, experts) in enumerate(SETS.items()):
-        es = random_expert_set(model, name, experts, seed=i + 1, scale=SCALE)
+    profiles = {}
+
+    def with_profile(name, es, model):  # each set carries the routing profile of its task's prompts
+        tok = AutoTokenizer.from_pretrained(str(root / "base"))
+        profiles[name] = _profile_of(model, tok, PROMPTS[name])
+        if name == "alpha":  # the premise: OTHER matches neither set
+            other = _profile_of(model, tok, OTHER).arrays()
+            assert max(similarity(other, _profile_of(model, tok, t).arrays()) for t in PROMPTS.values()) < THRESHOLD
         m = es.manifest
         prov = m.provenance.model_copy(update={"routing_profile": profiles[name]})
-        es = ExpertSet(m.model_copy(update={"provenance": prov}), dict(es.tensors))
-        reg.publish(es.save(root / f"{name}.safetensors"), base=base_dir)
+        return ExpertSet(m.model_copy(update={"provenance": prov}), dict(es.tensors))
+
+    base_dir, _ = build(root, edit=with_profile)
+    assert similarity(profiles["alpha"].arrays(), profiles["beta"].arrays()) < THRESHOLD
     with serve(root, base_dir, "--auto-threshold", str(THRESHOLD)) as url:
         yield dict(url=url)
 

@@ -404,3 +404,53 @@ def test_http_pull_without_range_support_fails_cleanly(tmp_path):
     with pytest.raises(RemoteError, match="cannot resume"):
         remote.fetch(entry, dst.blobs)
     assert list(dst.blobs.tmp_dir.iterdir()) == []  # nothing half-written stays behind
+
+
+# --- reading a set into host memory: read and hashed in one overlapped pass -----------------------------
+
+
+@pytest.mark.parametrize("fmt", [1, 3])
+def test_read_verified_returns_the_checked_bytes_once(tmp_path, monkeypatch, fmt):
+    es = make_set(dtype=torch.float32)
+    if fmt == 1:
+        old = es.manifest.model_copy(
+            update={
+                "format_version": 1,
+                "content_digest": tensors_digest(es.tensors),
+                "expert_digests": {f"{layer}.{e}": w.digest() for (layer, e), w in es.experts()},
+            }
+        )
+        es = ExpertSet(old, dict(es.tensors))
+    path = es.save(tmp_path / "math.safetensors")
+    loaded = ExpertSet.open(path).read_verified()
+    assert loaded.scan is not None and loaded.checked is not None
+    for name, t in es.tensors.items():
+        assert torch.equal(loaded.tensors[name], t)
+    # the same file, unchanged: the check made by that read stands, nothing is hashed again
+    monkeypatch.setattr(verify_mod, "_leaf", lambda *a: pytest.fail("hashed again"))
+    monkeypatch.setattr("expertlib.patch.read_scanned", lambda *a: pytest.fail("hashed again"))
+    again = ExpertSet.open(path).read_verified()
+    assert again.scan == loaded.scan
+
+
+def test_read_verified_refuses_what_verify_refuses(tmp_path):
+    path = make_set().save(tmp_path / "math.safetensors")
+    flip_byte_in_place(path)
+    with pytest.raises(DigestMismatchError):
+        ExpertSet.open(path).read_verified()
+    nan = make_set(task="nan", value=float("nan")).save(tmp_path / "nan.safetensors")
+    with pytest.raises(NonFiniteWeightsError):
+        ExpertSet.open(nan).read_verified()
+
+
+@pytest.mark.parametrize("set_mtime_back", [False, True])
+def test_read_verified_rechecks_a_file_changed_after_its_check(tmp_path, set_mtime_back):
+    path = make_set().save(tmp_path / "math.safetensors")
+    ExpertSet.open(path).read_verified()
+    st = path.stat()
+    later()
+    flip_byte_in_place(path)
+    if set_mtime_back:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(DigestMismatchError):
+        ExpertSet.open(path).read_verified()
