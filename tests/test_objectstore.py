@@ -58,6 +58,11 @@ def s3_url():
     mp = pytest.MonkeyPatch()
     for k, v in env.items():
         mp.setenv(k, v)
+    import s3fs
+
+    # fsspec caches filesystems by their options, not the environment: a module that ran before holds
+    # one pointed at its own (stopped) server
+    s3fs.S3FileSystem.clear_instance_cache()
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="sets")
     try:
         yield "s3://sets/registry"
