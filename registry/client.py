@@ -1,4 +1,4 @@
-"""Client of a remote expertlib registry over HTTP (the routes of `expertlib.registry.http`).
+"""Client of a remote expertlib registry over HTTP (the routes of `expertlib.server.registry_routes`).
 
 Wire format (JSON bodies are the pydantic models of `expertlib.registry.protocol`):
 

@@ -1,7 +1,7 @@
 """What the registry returns, and the JSON wire format between registries (HTTP, folder, Hub).
 
 Every value here is a pydantic model, so the same objects are the library's return values,
-the CLI's `--json` output and the HTTP bodies (`expertlib.registry.http`).
+the CLI's `--json` output and the HTTP bodies (`expertlib.server.registry_routes`).
 """
 
 from __future__ import annotations

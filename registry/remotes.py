@@ -2,7 +2,7 @@
 
     SOURCE / DEST forms
       /path/to/registry           another registry folder (e.g. on a shared filesystem)
-      http(s)://host/prefix       an expertlib server's registry routes (`expertlib.registry.http`)
+      http(s)://host/prefix       an expertlib server's registry routes (`expertlib.server.registry_routes`)
       hf://owner/repo[@revision]  a Hugging Face Hub model repo holding one expert set
 
 Every transfer checks digests: bytes are hashed while they are received and refused unless

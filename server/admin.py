@@ -1,5 +1,5 @@
 """Admin routes (admin key): load, unload and pin expert sets while serving; slot status; the
-registry's pull/push routes (`expertlib.registry.http`), mounted under /admin/registry."""
+registry's pull/push routes (`expertlib.server.registry_routes`), mounted under /admin/registry."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ async def pin(body: PinRequest, request: Request) -> SetStatus:
 def registry_router() -> APIRouter | None:
     """The registry's HTTP routes under the admin key, or None when that module is not there."""
     try:
-        from expertlib.registry.http import router as reg_router
+        from expertlib.server.registry_routes import router as reg_router
     except ImportError as exc:
         log.info("registry HTTP routes not available: %s", exc)
         return None

@@ -3,7 +3,7 @@ registry that `expertlib push/pull http(s)://host/v1/registry` talks to.
 
     app = registry_app(Registry("./reg"), token="s3cret")     # uvicorn.run(app, port=8100)
 
-The routes are `expertlib.registry.http.router` (also mounted by `expertlib serve` under its admin
+The routes are `expertlib.server.registry_routes.router` (also mounted by `expertlib serve` under its admin
 routes); this module adds the optional bearer token and the server's one error translation.
 """
 
@@ -14,7 +14,7 @@ import hmac
 from fastapi import Depends, FastAPI, Request
 
 from expertlib.errors import AuthenticationError
-from expertlib.registry.http import router
+from expertlib.server.registry_routes import router
 from expertlib.registry.local import RegistryStore
 from expertlib.server import ui
 from expertlib.server.auth import bearer

@@ -176,7 +176,7 @@ def test_router_finds_the_expertlib_server_registry(src):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from expertlib.registry.http import router
+    from expertlib.server.registry_routes import router
 
     app = FastAPI()
     app.state.server = SimpleNamespace(registry=src)

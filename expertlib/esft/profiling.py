@@ -87,7 +87,7 @@ def anchor_samples(
 def base_anchors(model, named: dict[str, Sequence], *, pad_id: int) -> dict[str, RoutingProfile]:
     """Anchor name -> the routing profile of its samples' prompts (`prompt_profile`)."""
     return {
-        name: prompt_profile(model, samples, pad_id=pad_id, token_budget=ANCHOR_TOKEN_BUDGET)
+        name: prompt_profile(model, samples, pad_id=pad_id, token_budget=ANCHOR_TOKEN_BUDGET, batch_size=64)
         for name, samples in named.items()
         if samples
     }
