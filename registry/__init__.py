@@ -11,8 +11,8 @@ Storage only: the registry never loads a model (docs/ARCHITECTURE.md, "Packages 
 """
 
 from expertlib.registry.local import RegistryStore, default_root
-from expertlib.registry.protocol import Entry, GcReport, TransferReport, VerifyReport
 from expertlib.registry.names import LATEST, Ref, RefSpec, parse_ref, validate_name, validate_tag
+from expertlib.registry.protocol import Entry, GcReport, TransferReport, VerifyReport
 from expertlib.registry.registry import Registry
 
 __all__ = [

@@ -23,8 +23,8 @@ import httpx
 from expertlib import jsonsafe
 from expertlib.errors import NotFoundError, RemoteError
 from expertlib.registry.blobs import CHUNK, BlobStore, TempBlob
-from expertlib.registry.protocol import EVALS_PER_REQUEST, Entry, EntryList, EvalsRequest, TagRequest
 from expertlib.registry.names import RefSpec, validate_digest, validate_name
+from expertlib.registry.protocol import EVALS_PER_REQUEST, Entry, EntryList, EvalsRequest, TagRequest
 
 TOKEN_ENV = "EXPERTLIB_REMOTE_TOKEN"
 #: how often a broken download is resumed before the pull fails

@@ -20,8 +20,8 @@ from datetime import datetime, timezone
 from expertlib.errors import InvalidNameError
 from expertlib.registry import index
 from expertlib.registry.local import BaseArg, RegistryStore
-from expertlib.registry.protocol import LABEL_HINT, Entry, EvalRecord
 from expertlib.registry.names import Ref
+from expertlib.registry.protocol import LABEL_HINT, Entry, EvalRecord
 
 #: The task name under which a set's retention risk is kept (`expertlib.esft.diagnostics.RetentionRisk`:
 #: the share of a general dataset's routing its experts carry; metrics mean_general_mass, max_general_mass).

@@ -26,8 +26,8 @@ from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSetManifest
 from expertlib.registry.blobs import BlobStore, file_digest
 from expertlib.registry.evals import RETENTION_TASK, EvalRecord
-from expertlib.registry.protocol import WIRE_VERSION, BlobDigest, Entry, SetName, Tags, check_wire_version
 from expertlib.registry.names import MAX_VERSION, RefSpec, validate_version
+from expertlib.registry.protocol import WIRE_VERSION, BlobDigest, Entry, SetName, Tags, check_wire_version
 
 PATCH_FILE = "expert_set.safetensors"
 MANIFEST_FILE = "expertlib.json"

@@ -50,7 +50,6 @@ from expertlib.identity import BaseIdentity
 from expertlib.patch import ExpertSet, ExpertSetManifest
 from expertlib.registry import index
 from expertlib.registry.blobs import BlobStore, TempBlob, stream_file, test_hook
-from expertlib.registry.protocol import Entry, GcReport, VerifyProblem, VerifyReport, base_key
 from expertlib.registry.names import (
     LATEST,
     MAX_VERSION,
@@ -61,6 +60,7 @@ from expertlib.registry.names import (
     validate_tag,
     validate_version,
 )
+from expertlib.registry.protocol import Entry, GcReport, VerifyProblem, VerifyReport, base_key
 from expertlib.verify import FileKey
 
 BaseArg = BaseIdentity | str | Path | None

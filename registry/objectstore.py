@@ -22,8 +22,8 @@ from typing import Any
 from expertlib.errors import AlreadyExistsError, NotFoundError, RemoteError
 from expertlib.registry.blobs import BlobStore
 from expertlib.registry.client import at_most
-from expertlib.registry.protocol import Entry
 from expertlib.registry.names import LATEST, RefSpec, validate_digest, validate_name
+from expertlib.registry.protocol import Entry
 from expertlib.verify import StreamScan
 
 CHUNK = 1 << 20

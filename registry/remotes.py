@@ -21,8 +21,8 @@ from expertlib.errors import InvalidNameError, NotFoundError, RemoteError
 from expertlib.identity import BaseIdentity
 from expertlib.registry.blobs import BlobStore, TempBlob
 from expertlib.registry.local import BaseArg, RegistryStore
-from expertlib.registry.protocol import Entry, TransferReport
 from expertlib.registry.names import LATEST, RefSpec, parse_ref
+from expertlib.registry.protocol import Entry, TransferReport
 
 HF_SCHEME = "hf://"
 #: object storage through fsspec (`expertlib.registry.objectstore`); any other fsspec URL as `fsspec::URL`

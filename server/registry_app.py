@@ -14,11 +14,11 @@ import hmac
 from fastapi import Depends, FastAPI, Request
 
 from expertlib.errors import AuthenticationError
-from expertlib.server.registry_routes import router
 from expertlib.registry.local import RegistryStore
 from expertlib.server import ui
 from expertlib.server.auth import bearer
 from expertlib.server.errors import install_error_handlers
+from expertlib.server.registry_routes import router
 
 
 def registry_app(
