@@ -75,3 +75,41 @@ def test_traced_code_always_holds_the_count():
         return x + 1 if ctx.counting() else x
 
     assert step(torch.zeros(1)).item() == 1.0
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_compiled_engine_counts_a_captured_prompt(tmp_path, monkeypatch):
+    """Compiled mode traces the router once, at warm-up, when nothing is captured: the count must be
+    in the traced graph all the same, or model="auto" would see no routing there."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import SamplingParams
+
+    from expertlib.engine import ExpertEngine
+    from expertlib.vllm_plugin import CAPTURE_KEY
+    from expertlib.vllm_plugin.testing import make_vllm_tiny_base
+
+    base_dir = tmp_path / "base"
+    top_k = make_vllm_tiny_base("qwen2_moe", base_dir).config.num_experts_per_tok
+    engine = ExpertEngine(
+        base_dir,
+        slots=4,
+        max_sets=2,
+        enforce_eager=False,
+        compilation_config={"backend": "eager"},
+        dtype="float32",
+        max_model_len=128,
+        max_num_seqs=4,
+    )
+    try:
+        ids = list(range(5, 17))  # 12 prompt tokens
+        for row in (1, 0):  # captured, then a plain base request
+            extra = {CAPTURE_KEY: row} if row else {}
+            params = SamplingParams(max_tokens=1, temperature=0.0, extra_args=extra)
+            engine.generate({"prompt_token_ids": ids, "cache_salt": f"t{row}"}, None, params)
+            counts = engine.llm.collective_rpc("expertlib_take_routing", args=(1,))[0]
+            totals = {float(sum(v)) for v in counts.values()}
+            assert totals == ({float(len(ids) * top_k)} if row else {0.0}), counts
+    finally:
+        engine.shutdown()
