@@ -16,24 +16,28 @@ fi
 PIP="$VENV/bin/python -m pip"
 
 # pip's own configuration (pip.conf, PIP_* variables) as uv options, one word a line: the same
-# package sources either way
-uv_args() {
+# package sources, and the CA bundle pip trusts (`cert`, as SSL_CERT_FILE), either way
+pip_config() {
     $PIP config list 2>/dev/null | "$VENV/bin/python" -c '
 import shlex, sys
 flags = {"index-url": "--index-url", "extra-index-url": "--extra-index-url",
-         "find-links": "--find-links", "constraint": "--constraint"}
+         "find-links": "--find-links", "constraint": "--constraint", "cert": "cert"}
 for line in sys.stdin:
     key, _, value = line.strip().partition("=")
     flag = flags.get(key.rsplit(".", 1)[-1])
     for v in (" ".join(shlex.split(value)).split() if flag else []):
         print(flag)
         print(v)
-'
+' | if [ "$1" = cert ]; then sed -n '/^cert$/{n;p;}' | tail -1; else sed '/^cert$/{N;d;}'; fi
 }
 
 installed=0
 if [ "$INSTALLER" = "uv" ] && $PIP install --quiet "uv>=0.5" 2>/dev/null; then
-    mapfile -t args < <(uv_args)
+    mapfile -t args < <(pip_config args)
+    cert=$(pip_config cert)
+    if [ -n "$cert" ] && [ -z "${SSL_CERT_FILE:-}" ]; then
+        export SSL_CERT_FILE="$cert"
+    fi
     # unsafe-best-match: every index is searched for the best version, as pip does
     if "$VENV/bin/uv" pip install --quiet --index-strategy unsafe-best-match --python "$VENV/bin/python" \
         "${args[@]}" -e ".[$ENGINE,dev]"; then
