@@ -413,7 +413,12 @@ def _report_keep_and_fit(ctx: click.Context, p) -> None:
             )
     if p.extra.get("fit"):
         hint = f"`{rerun_command(ctx, drop=('keep',), add=('--keep', 'none'))}`" if keep else None
-        click.echo(FitReport(**p.extra["fit"]).message(keep_hint=hint), err=True)
+        budget = (
+            f"`{rerun_command(ctx, drop=('keep_mode',), add=('--keep-mode', 'budget'))}`"
+            if keep and keep["mode"] == "contrast"
+            else None
+        )
+        click.echo(FitReport(**p.extra["fit"]).message(keep_hint=hint, budget_hint=budget), err=True)
 
 
 COMMANDS = [score_cmd, select_cmd, train_cmd]

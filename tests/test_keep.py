@@ -130,6 +130,12 @@ def test_train_suggests_the_keep_command_when_the_check_flags_a_risk(tmp_path, t
     res = CliRunner().invoke(cli, argv[1:])
     assert res.exit_code == 0, res.output
     assert "train with:" not in res.stderr and f"kept {general} (file" in res.stderr
+    # contrast dropped a task expert and the set falls short: both ways to train more are named
+    trade = res.stderr.split("The trade-off: `", 1)[1]
+    budget, _, rest = trade.partition("` trains those that carry at most --keep-share")
+    budget = shlex.split(budget)
+    assert budget[-2:] == ["--keep-mode", "budget"] and budget[budget.index("--keep") + 1] == str(general)
+    assert rest.split("`")[1].endswith("--keep none") and "trains them all" in rest
 
 
 def test_keep_mix_trains_on_the_kept_samples(tmp_path, tiny_model_dir, data):
@@ -171,6 +177,10 @@ def test_fit_report_says_why_a_set_falls_short():
     kept = FitReport(train_exact=0.4, train_token_acc=0.7, answer_tokens=3, dropped={"0": 0.4, "2": 0.2})
     msg = kept.message(keep_hint="`expertlib train b d --keep none`")
     assert "trade-off" in msg and "--keep none" in msg and "layers 0, 2" in msg and "0.30" in msg
+    # contrast dropped them: budget mode is the step in between (held-out `next`: contrast 0.40,
+    # budget 1.00 with general -0.11, --keep none 1.00 with general -0.61; bench/RESULTS.md)
+    msg = kept.message(keep_hint="`x --keep none`", budget_hint="`x --keep-mode budget`")
+    assert msg.index("`x --keep-mode budget` trains those") < msg.index("`x --keep none` trains them all")
     ok = FitReport(
         train_exact=1.0, eval_exact=0.97, train_token_acc=1.0, base_eval_exact=0.1, answer_tokens=2
     )

@@ -235,7 +235,9 @@ class FitReport(BaseModel):
     def cannot_fit(self) -> bool:
         return self.train_exact < SHORT_EXACT
 
-    def message(self, keep_hint: str | None = None) -> str:
+    def message(self, keep_hint: str | None = None, budget_hint: str | None = None) -> str:
+        """The verdict. `keep_hint` is the command that trains what keeping dropped (`--keep none`);
+        `budget_hint` the one in between (`--keep-mode budget`), named when the run used contrast."""
         held = (
             f"held-out {self.eval_exact:.2f} (base {self.base_eval_exact:.2f}), "
             if self.eval_exact is not None and self.base_eval_exact is not None
@@ -256,8 +258,14 @@ class FitReport(BaseModel):
                 f"the experts selected cannot fit even the training data, and keeping general ability dropped "
                 f"experts that carry {lost / max(1, len(self.dropped)):.2f} of the task's routing (layers "
                 f"{', '.join(self.dropped)}). The trade-off: "
-                + (keep_hint or "`--keep none` trains them")
-                + " and learns more of the task at the cost of the kept skills (check both with --eval-data). "
+                + (
+                    f"{budget_hint} trains those that carry at most --keep-share of the kept routing per layer, "
+                    if budget_hint
+                    else ""
+                )
+                + (keep_hint or "`--keep none`")
+                + " trains them all; each learns more of the task at the cost of the kept skills (check both "
+                "with --eval-data). "
                 "If that does not fit the training data either, the skill needs what ESFT freezes (attention, "
                 "which moves information between positions): use full fine-tuning or LoRA"
             )
