@@ -186,9 +186,10 @@ class BlobStore:
         expected_digest: str | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> TempBlob:
-        """Copy `src` (a path, a binary file or an iterator of chunks) into tmp/, hashing on the way
-        (whole file and per tensor, see the module docstring) and fsyncing; `progress(n)` is called
-        with the bytes of each chunk."""
+        """Copy `src` (a path, a binary file or an iterator of chunks) into tmp/ and fsync it, the
+        bytes hashed as they land (see the module docstring); `progress(n)` is called with the bytes
+        of each piece. Refused (DigestMismatchError, nothing kept) unless the bytes' address is
+        `expected_digest`, when given."""
         self.ensure()
         tmp = self.temp_path()
         stream = StreamScan()
@@ -197,7 +198,10 @@ class BlobStore:
                 landed = _Landed(out.fileno(), stream)
                 try:
                     path = isinstance(src, (str, Path))
-                    if not (path and (_reflink(src, out) or _kernel_copy(src, out, landed, progress))):
+                    if path and _reflink(src, out):  # a clone: only the hashing reads the bytes
+                        if progress is not None:
+                            progress(os.fstat(out.fileno()).st_size)
+                    elif not (path and _kernel_copy(src, out, landed, progress)):
                         for chunk in _chunks(src):
                             _write_all(out, chunk)
                             landed.advance(landed.written + len(chunk))
