@@ -1,6 +1,6 @@
 """A real `expertlib serve` process on a tiny base with two expert sets, and the in-process
-transformers reference it is checked against (shared by test_openai_api.py and test_lm_eval.py;
-each module starts one server).
+transformers reference it is checked against. Every module that serves a tiny world builds it here
+(`build`, `serve_args`, `serve`); each module starts one server.
 """
 
 from __future__ import annotations
@@ -17,8 +17,18 @@ SETS = {"alpha": {0: [1, 3], 1: [0, 5]}, "beta": {0: [2], 1: [1, 6, 7]}}  # name
 SCALE = 2.0  # perturbation of the replaced experts: large, so the sets change answers
 
 
-def build(root: Path) -> tuple[Path, dict]:
-    """A tiny qwen2_moe base at root/base and the sets `alpha`, `beta` published to root/registry."""
+def build(
+    root: Path,
+    sets: dict[str, dict[int, list[int]]] = SETS,
+    *,
+    scale: float | None = SCALE,
+    publish: tuple[str, ...] | None = None,
+    edit=None,
+) -> tuple[Path, dict]:
+    """A tiny qwen2_moe base at root/base and a random set per entry of `sets` (name -> experts it
+    replaces; seeded by position, perturbed by `scale`, None: random_expert_set's own), saved as
+    root/NAME.safetensors and published to root/registry (the names in `publish`, default all).
+    `edit(name, expert_set, model)` may replace a set before it is saved. Returns (base folder, sets)."""
     from expertlib.moe import load_model
     from expertlib.registry import Registry
     from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set
@@ -26,26 +36,36 @@ def build(root: Path) -> tuple[Path, dict]:
     base_dir = root / "base"
     make_vllm_tiny_base("qwen2_moe", base_dir)
     model = load_model(base_dir)
-    sets = {
-        name: random_expert_set(model, name, m, seed=i + 1, scale=SCALE)
-        for i, (name, m) in enumerate(SETS.items())
-    }
+    made = {}
+    for i, (name, m) in enumerate(sets.items()):
+        es = random_expert_set(model, name, m, seed=i + 1, **({} if scale is None else {"scale": scale}))
+        made[name] = edit(name, es, model) if edit is not None else es
     reg = Registry(root / "registry")
-    for name, es in sets.items():
-        reg.publish(es.save(root / f"{name}.safetensors"), base=base_dir)
-    return base_dir, sets
+    for name, es in made.items():
+        path = es.save(root / f"{name}.safetensors")
+        if publish is None or name in publish:
+            reg.publish(path, base=base_dir)
+    return base_dir, made
+
+
+def serve_args(root: Path, base_dir: Path, port: int, expert_sets=("alpha", "beta")) -> list[str]:
+    """`expertlib serve` of the built world: its registry, these sets at start, float32, eager."""
+    argv = serve_argv(str(base_dir), "--served-name", BASE_NAME, "--registry", str(root / "registry"))
+    for name in expert_sets:
+        argv += ["--expert-set", name]
+    argv += ["--slots", "8", "--max-sets", "4", "--port", str(port)]
+    argv += ["--engine-arg", "enforce_eager=true", "--engine-arg", "dtype=float32"]
+    argv += ["--engine-arg", f"max_model_len={CTX}", "--engine-arg", "max_num_seqs=16"]
+    return argv
 
 
 @contextlib.contextmanager
 def serve(root: Path, base_dir: Path, *extra: str):
     """`expertlib serve` with both sets loaded, float32, until the block ends; yields its URL."""
     port = free_port()
-    argv = serve_argv(str(base_dir), "--served-name", BASE_NAME)
-    argv += ["--registry", str(root / "registry"), "--expert-set", "alpha", "--expert-set", "beta"]
-    argv += ["--slots", "8", "--max-sets", "4", "--port", str(port), *extra]
-    argv += ["--engine-arg", "enforce_eager=true", "--engine-arg", "dtype=float32"]
-    argv += ["--engine-arg", f"max_model_len={CTX}", "--engine-arg", "max_num_seqs=16"]
-    with ServerProcess(argv, port, root / f"server-{port}.log") as server:
+    with ServerProcess(
+        [*serve_args(root, base_dir, port), *extra], port, root / f"server-{port}.log"
+    ) as server:
         server.wait_ready()
         yield server.url
 

@@ -278,7 +278,8 @@ def world(tmp_path_factory):
         profiles[name] = _profile_of(model, tok, PROMPTS[name])
         if name == "alpha":  # the premise: OTHER matches neither set
             other = _profile_of(model, tok, OTHER).arrays()
-            assert max(similarity(other, _profile_of(model, tok, t).arrays()) for t in PROMPTS.values()) < THRESHOLD
+            sims = [similarity(other, _profile_of(model, tok, t).arrays()) for t in PROMPTS.values()]
+            assert max(sims) < THRESHOLD, sims
         m = es.manifest
         prov = m.provenance.model_copy(update={"routing_profile": profiles[name]})
         return ExpertSet(m.model_copy(update={"provenance": prov}), dict(es.tensors))

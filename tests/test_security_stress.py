@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from server_process import ServerProcess, free_port, serve_argv
+from server_process import ServerProcess, free_port
 
 pytest.importorskip("vllm")
 
@@ -32,27 +32,28 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 API_KEY, ADMIN_KEY = "sk-stress", "sk-stress-admin"
 BASE_NAME = "tiny-moe"
 MAX_TOKENS = 8
-SETS = {"alpha": {0: [1, 3], 1: [0, 5]}, "beta": {0: [2], 1: [1, 6]}, "gamma": {0: [4, 6], 1: [2]}}
+SETS = {
+    "alpha": {0: [1, 3], 1: [0, 5]},
+    "beta": {0: [2], 1: [1, 6]},
+    "gamma": {0: [4, 6], 1: [2]},
+    "delta": {1: [3, 4]},
+}
 PROMPTS = ["Hello world", "2+2=", "The cat sat on", "def f(x):"]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     import torch
+    from served_world import build, serve_args
 
     from expertlib.moe import load_model, read_expert
     from expertlib.registry import Registry
-    from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set
+    from expertlib.vllm_plugin.testing import random_expert_set
 
     root = tmp_path_factory.mktemp("security-stress")
-    base_dir = root / "base"
-    make_vllm_tiny_base("qwen2_moe", base_dir)
+    base_dir, sets = build(root, SETS, scale=None)
     model = load_model(base_dir)
-    sets = {n: random_expert_set(model, n, m, seed=i + 1) for i, (n, m) in enumerate(SETS.items())}
-    sets["delta"] = random_expert_set(model, "delta", {1: [3, 4]}, seed=7)
     reg = Registry(root / "registry")
-    for name, es in sets.items():
-        reg.publish(es.save(root / f"{name}.safetensors"), base=base_dir)
 
     # crafted: gamma's per-expert digests over other weights; NaN in one expert; half-size experts
     other = random_expert_set(model, "forged", SETS["gamma"], seed=99)
@@ -93,12 +94,14 @@ def world(tmp_path_factory):
     reg.publish(crafted["huge"], base=base_dir)  # finite, honest digests: the registry takes it
 
     port = free_port()
-    argv = serve_argv(str(base_dir), "--served-name", BASE_NAME)
-    argv += ["--registry", str(reg.root), "--expert-set", "alpha", "--expert-set", "beta"]
-    argv += ["--slots", "8", "--max-sets", "4", "--port", str(port), "--max-queue", "64"]
-    argv += ["--api-key", API_KEY, "--admin-key", ADMIN_KEY]
-    argv += ["--engine-arg", "enforce_eager=true", "--engine-arg", "dtype=float32"]
-    argv += ["--engine-arg", "max_model_len=256", "--engine-arg", "max_num_seqs=16"]
+    argv = serve_args(root, base_dir, port) + [
+        "--max-queue",
+        "64",
+        "--api-key",
+        API_KEY,
+        "--admin-key",
+        ADMIN_KEY,
+    ]
     with ServerProcess(argv, port, root / "server.log") as server:
         ref = Reference(base_dir, sets)  # loads while the server starts
         server.wait_ready()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_process import ServerProcess, free_port, serve_argv
+from server_process import ServerProcess, free_port
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -78,29 +78,18 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from expertlib.moe import load_model
+    from served_world import build, serve_args
+
     from expertlib.registry import Registry
-    from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set
 
     root = tmp_path_factory.mktemp("serve-e2e")
-    base_dir = root / "base"
-    make_vllm_tiny_base("qwen2_moe", base_dir)
-    model = load_model(base_dir)
-    sets = {name: random_expert_set(model, name, m, seed=i + 1) for i, (name, m) in enumerate(SETS.items())}
-    paths = {name: es.save(root / f"{name}.safetensors") for name, es in sets.items()}
-    reg = Registry(root / "registry")
-    for name in ("alpha", "beta", "gamma"):
-        reg.publish(paths[name], base=base_dir)
+    base_dir, sets = build(root, SETS, scale=None, publish=("alpha", "beta", "gamma"))
     other = Registry(root / "other")  # a second registry, to push delta into the server's
-    other.publish(paths["delta"], base=base_dir)
+    other.publish(root / "delta.safetensors", base=base_dir)
 
     port = free_port()
-    argv = serve_argv(str(base_dir), "--served-name", BASE_NAME)
-    argv += ["--registry", str(root / "registry"), "--expert-set", "alpha", "--expert-set", "beta@1"]
-    argv += ["--slots", "8", "--max-sets", "4", "--port", str(port), "--load-on-demand", "--max-queue", "8"]
-    argv += ["--api-key", API_KEY, "--admin-key", ADMIN_KEY]
-    argv += ["--engine-arg", "enforce_eager=true", "--engine-arg", "dtype=float32"]
-    argv += ["--engine-arg", f"max_model_len={CTX}", "--engine-arg", "max_num_seqs=16"]
+    argv = serve_args(root, base_dir, port, expert_sets=("alpha", "beta@1"))
+    argv += ["--load-on-demand", "--max-queue", "8", "--api-key", API_KEY, "--admin-key", ADMIN_KEY]
     argv += ["--engine-arg", "enable_log_requests=true"]  # the log shows aborted requests
     # a small step budget: long prompts are prefilled in chunks (see the seeded-sampling test)
     argv += ["--engine-arg", f"max_num_batched_tokens={CHUNK}"]
