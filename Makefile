@@ -9,7 +9,7 @@ ENGINE ?= cpu
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.expertlib-installed-$(ENGINE)
 
-.PHONY: install test test-fast lint format bench bench-train bench-composer bench-paper bench-scale bench-scale-serve bench-auto gpu-check gpu-check-vllm demo demo-stop clean
+.PHONY: install test test-fast lint format bench bench-train bench-composer bench-paper bench-scale bench-scale-serve bench-auto bench-replicas gpu-check gpu-check-vllm demo demo-stop clean
 
 install: $(STAMP)
 
@@ -69,6 +69,12 @@ bench-scale-serve: install
 # TTFT, the routing capture's cost, the threshold's calibration (~10 min on 2 CPUs, training included)
 bench-auto: install
 	nice -n 5 $(BIN)/python bench/auto_route.py
+
+# serve --replicas 2 vs one replica under Ray Serve (issue 23): throughput ratio, hits from the replicas'
+# counters, answers compared; room for one routed set per replica, then for every set (~15 min on 2 CPUs)
+bench-replicas: install
+	nice -n 5 $(BIN)/python bench/replicas.py --max-sets 2
+	nice -n 5 $(BIN)/python bench/replicas.py --max-sets 4
 
 # one NVIDIA GPU, no vLLM needed (a bare offline machine works; docs/GPU.md): ESFT, slot pool, remap
 # op in a CUDA graph; results under $$OUT. `bash scripts/gpu_check.sh --dry-run` is its CPU mode.
