@@ -1,7 +1,8 @@
 """`expertlib serve --replicas 2` on a local Ray (2 CPUs): two CPU vLLM engines of a tiny base under
 Ray Serve, the set router in front, `--max-sets 2` per replica with one set pinned (`--pin gamma`: on
 both replicas, outside Ray's multiplexer, so each replica's multiplexer holds one other set), and
-`--pull-from` a registry folder holding `delta`, which the replicas' registry does not.
+`--pull-from` a bucket on moto's S3 server (a registry folder without moto) holding `delta`, which
+the replicas' registry does not.
 
 Requests of one set land on one replica (the replica id comes back in a header), both replicas serve,
 answers are the transformers reference's greedy tokens (which the single-engine server is held to in
@@ -24,6 +25,7 @@ import time
 import httpx
 import pytest
 from server_process import TEST_ENV, free_port
+from test_objectstore import s3_url  # noqa: F401 - the fixture
 
 pytest.importorskip("vllm")
 pytest.importorskip("ray.serve")
@@ -36,7 +38,17 @@ METRICS_KEY = "scrape-key"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def remote(request, tmp_path_factory) -> str:
+    """Where --pull-from points: a bucket on moto's S3 server (its address in the environment, which
+    the Ray workers inherit), or a registry folder where moto or s3fs is not installed."""
+    try:
+        return request.getfixturevalue("s3_url") + "-replicas"
+    except pytest.skip.Exception:
+        return str(tmp_path_factory.mktemp("remote") / "registry")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, remote):
     import ray
     from ray import serve
     from served_world import BASE_NAME, CTX, SCALE, Reference, build
@@ -52,8 +64,9 @@ def cluster(tmp_path_factory):
     model = load_model(base_dir)
     for i, (name, experts) in enumerate(MORE.items()):
         sets[name] = random_expert_set(model, name, experts, seed=10 + i, scale=SCALE)
-        reg = Registry(root / ("remote" if name == "delta" else "registry"))  # delta: on the remote only
+        reg = Registry(root / ("pushed" if name == "delta" else "registry"))  # delta: on the remote only
         reg.publish(sets[name].save(root / f"{name}.safetensors"), base=base_dir)
+    Registry(root / "pushed").push("delta", remote)
     del model
     saved = dict(os.environ)
     os.environ.update(TEST_ENV)  # the replicas' engines: in-process core, offline
@@ -65,7 +78,7 @@ def cluster(tmp_path_factory):
         slots=8,
         max_sets=2,
         pins=["gamma"],
-        pull_from=str(root / "remote"),
+        pull_from=remote,
         metrics_key=METRICS_KEY,
         kv_cache_memory=64 << 20,
         max_model_len=CTX,
