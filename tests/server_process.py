@@ -1,5 +1,6 @@
 """`expertlib serve` as a real process for the end-to-end tests: start it, wait until /health says
-ready, stop it (terminate, then kill) when the block ends. One place for what every such test does."""
+ready, stop it (terminate, then kill) when the block ends; and an app served in a thread
+(`ServerThread`). One place for what every such test does."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from expertlib.server import free_port  # noqa: F401 (the tests import it from here)
+from expertlib.server import free_port
 
 #: The tests' environment for a served tiny model: in-process engine core, 1 GiB of KV cache, offline.
 TEST_ENV = {
@@ -22,6 +24,32 @@ TEST_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
 }
+
+
+class ServerThread:
+    """An ASGI `app` served by uvicorn in a daemon thread on 127.0.0.1 (a free port unless given)
+    while the `with` block runs; `url` is its address. `config` goes to uvicorn.Config."""
+
+    def __init__(self, app, port: int | None = None, **config):
+        import uvicorn
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = {"log_level": "warning", **config}
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, **config))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
 
 
 def serve_argv(*args: str) -> list[str]:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from server_process import ServerThread
 
 from expertlib.errors import DigestMismatchError, InvalidNameError, NotFoundError, RemoteError
 from expertlib.registry import Registry
 from expertlib.registry.testing import tiny_base_identity, write_expert_set
-from expertlib.server import free_port
 
 BASE = tiny_base_identity()
 
@@ -95,23 +93,8 @@ def test_remote_urls(tmp_path):
 @contextlib.contextmanager
 def serve(app):
     """Run `app` with uvicorn on a free 127.0.0.1 port; yields the base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with ServerThread(app, lifespan="off") as server:
+        yield server.url
 
 
 @pytest.fixture

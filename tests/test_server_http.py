@@ -17,8 +17,7 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-import uvicorn
-from server_process import free_port
+from server_process import ServerThread, free_port  # noqa: F401 (test modules import both from here)
 
 from expertlib.errors import EngineError, NotLoadedError
 from expertlib.registry import Registry
@@ -128,24 +127,6 @@ class FakeEngine:
 
     def shutdown(self):
         pass
-
-
-class ServerThread:
-    def __init__(self, app, port):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

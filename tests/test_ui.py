@@ -4,7 +4,6 @@ against the registry and /metrics (in process), and a real headless Chromium cli
 
 from __future__ import annotations
 
-import contextlib
 import html
 import os
 import re
@@ -287,37 +286,18 @@ def click_through(sync_api, url: str, reg: Registry, a: str, b: str, requests: d
 KEYS = {"api_key": "api-key", "admin_key": "admin-key", "metrics_key": "metrics-key"}
 
 
-@contextlib.contextmanager
-def uvicorn_thread(app, port: int):
-    import threading
-
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.mark.slow
 def test_browser_on_a_server_with_a_stand_in_engine(reg, tmp_path):
     """The pages through Chromium on a real port, the engine a stand-in (seconds, no vLLM)."""
     import httpx
-    from server_process import free_port
+    from server_process import ServerThread
 
     sync_api = playwright_or_skip()
     reg.record_evals("sum@1", make_records({"sum": {"exact_match": 0.75}}))
     settings = ServerSettings(base="tiny-base", registry=str(reg.root), max_model_len=64, **KEYS)
     app = create_app(settings, engine_factory=lambda s: FakeEngine(), registry=reg)
-    with uvicorn_thread(app, free_port()) as url:
+    with ServerThread(app) as server:
+        url = server.url
         deadline = time.time() + 30
         while httpx.get(url + "/health").status_code != 200:
             assert time.time() < deadline
