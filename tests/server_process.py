@@ -47,6 +47,13 @@ class ServerThread:
             time.sleep(0.02)
         return self
 
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Until GET /health answers 200 (an expertlib server's engine is up)."""
+        deadline = time.time() + timeout
+        while httpx.get(self.url + "/health").status_code != 200:
+            assert time.time() < deadline, "the server did not get ready"
+            time.sleep(0.05)
+
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(10)

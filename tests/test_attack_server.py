@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
-from test_server_http import FakeEngine, ServerThread, free_port
+from test_server_http import FakeEngine, ServerThread
 
 from expertlib.identity import BaseIdentity
 from expertlib.moe import ExpertWeights
@@ -74,15 +74,9 @@ def start(settings: ServerSettings, engine) -> tuple[ServerThread, str]:
     async def factory(_settings):
         return engine
 
-    app = create_app(settings, engine_factory=factory)
-    port = free_port()
-    thread = ServerThread(app, port).__enter__()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while httpx.get(url + "/health").status_code != 200:
-        assert time.time() < deadline
-        time.sleep(0.05)
-    return thread, url
+    thread = ServerThread(create_app(settings, engine_factory=factory)).__enter__()
+    thread.wait_ready()
+    return thread, thread.url
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import httpx
 import pytest
 import torch
 from click.testing import CliRunner
-from test_server_http import FakeEngine, ServerThread, free_port
+from test_server_http import FakeEngine, ServerThread
 
 from expertlib.apply import apply_expert_set
 from expertlib.cli.main import cli
@@ -463,15 +463,9 @@ def server(world):
     async def factory(_settings):
         return engine
 
-    app = create_app(settings, engine_factory=factory)
-    port = free_port()
-    with ServerThread(app, port):
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 30
-        while httpx.get(url + "/health").status_code != 200:
-            assert time.time() < deadline
-            time.sleep(0.05)
-        yield SimpleNamespace(url=url, engine=engine, registry=reg, root=root, world=world)
+    with ServerThread(create_app(settings, engine_factory=factory)) as thread:
+        thread.wait_ready()
+        yield SimpleNamespace(url=thread.url, engine=engine, registry=reg, root=root, world=world)
 
 
 def post(server, path, body, key=API_KEY, **kw) -> httpx.Response:

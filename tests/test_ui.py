@@ -289,7 +289,6 @@ KEYS = {"api_key": "api-key", "admin_key": "admin-key", "metrics_key": "metrics-
 @pytest.mark.slow
 def test_browser_on_a_server_with_a_stand_in_engine(reg, tmp_path):
     """The pages through Chromium on a real port, the engine a stand-in (seconds, no vLLM)."""
-    import httpx
     from server_process import ServerThread
 
     sync_api = playwright_or_skip()
@@ -298,10 +297,7 @@ def test_browser_on_a_server_with_a_stand_in_engine(reg, tmp_path):
     app = create_app(settings, engine_factory=lambda s: FakeEngine(), registry=reg)
     with ServerThread(app) as server:
         url = server.url
-        deadline = time.time() + 30
-        while httpx.get(url + "/health").status_code != 200:
-            assert time.time() < deadline
-            time.sleep(0.05)
+        server.wait_ready()
         app.state.server.metrics.requests.labels(model="sum@2", endpoint="completions", status="200").inc(3)
         click_through(sync_api, url, reg, "sum@1", "sum@2", {"sum@2": 3}, artefacts(tmp_path))
 
