@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 
 from safetensors import safe_open
 
-from expertlib.constants import BASE_DIGESTS_DIR, CACHE_ENV, DEFAULT_CACHE_DIR
+from expertlib.constants import BASE_DIGESTS_DIR
 from expertlib.errors import ModelLoadError, PatchShapeError
+from expertlib.fsutil import cache_dir
 from expertlib.identity import BaseIdentity, base_identity, load_config
 from expertlib.moe import (
     ArchSpec,
@@ -159,11 +159,7 @@ class BaseCheckpoint:
             "rule": _digest_rule(),
         }
         name = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-        return (
-            Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
-            / BASE_DIGESTS_DIR
-            / f"{name}.jsonl"
-        )
+        return cache_dir() / BASE_DIGESTS_DIR / f"{name}.jsonl"
 
     def tensor(self, name: str):
         """Any full tensor by its checkpoint key."""

@@ -31,8 +31,10 @@ ESFT_WEIGHTS = "model.safetensors"
 REGISTRY_ENV = "EXPERTLIB_REGISTRY"
 #: Default registry root, under the user's home.
 DEFAULT_REGISTRY_DIR = "~/.cache/expertlib/registry"
-#: Environment variable for the demo artefacts cache.
+#: Environment variable for expertlib's cache folder (`expertlib.fsutil.cache_dir`).
 CACHE_ENV = "EXPERTLIB_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/expertlib"
 #: Folder under the cache dir keeping the digests of base checkpoints' experts (expertlib.checkpoint).
 BASE_DIGESTS_DIR = "base-digests"
+#: The report written beside the demo base's weights; its presence marks a folder as the demo base.
+DEMO_INFO_FILE = "demo_base.json"

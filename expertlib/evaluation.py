@@ -316,6 +316,39 @@ def _progress(pairs: list, enabled: bool):
     return tqdm(pairs, desc="evaluating", unit="model", disable=not enabled)
 
 
+def generate_answers(
+    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 128, bar=None
+) -> list[str]:
+    """Greedy answers to user prompts (chat template, left padding, stops at EOS)."""
+    tokenizer.padding_side = "left"
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+    out: list[str] = []
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(model.device)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = gen[:, enc["input_ids"].shape[1] :]
+        out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        if bar is not None:
+            bar.update(len(new))
+    model.train(was_training)
+    return out
+
+
 def open_set(ref: str | Path, open_named: Callable[[str], ExpertSet] | None = None) -> ExpertSet:
     """A patch file, or a name that `open_named` opens: the library never reaches up into the
     registry; its caller (the CLI) says where names live."""

@@ -1,4 +1,4 @@
-"""Atomic file writes: a temporary file beside the target, optional fsync, rename."""
+"""Atomic file writes (a temporary file beside the target, optional fsync, rename) and the cache folder."""
 
 from __future__ import annotations
 
@@ -6,6 +6,13 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+from expertlib.constants import CACHE_ENV, DEFAULT_CACHE_DIR
+
+
+def cache_dir() -> Path:
+    """expertlib's cache folder: $EXPERTLIB_CACHE, else ~/.cache/expertlib."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
 
 
 @contextlib.contextmanager

@@ -185,12 +185,10 @@ FACADES = {"expertlib.demo": "application"}
 #: helpers for tests and benchmarks: they may import anything, and nothing shipped imports them
 TEST_HELPERS = ("expertlib.testing", "expertlib.registry.testing", "expertlib.vllm_plugin.testing")
 #: upward imports still to remove, each named: the list may only shrink (a new one fails, and so does one
-#: that is gone but still listed). The ESFT steps reach into the demo world for `builtin` data, the demo
-#: base's marker and cache folder, and its greedy answers.
+#: that is gone but still listed). The ESFT steps reach into the demo world for `builtin` data (the demo's
+#: general tasks) and the demo base's own tasks.
 KNOWN_UPWARD = {
     ("expertlib.esft.diagnostics", "expertlib.demo.tasks"),
-    ("expertlib.esft.keep", "expertlib.demo.base"),
-    ("expertlib.esft.keep", "expertlib.demo.evaluate"),
     ("expertlib.esft.profiling", "expertlib.demo.base"),
     ("expertlib.esft.profiling", "expertlib.demo.tasks"),
 }

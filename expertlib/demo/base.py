@@ -39,11 +39,10 @@ from typing import Any
 
 import torch
 
-from expertlib.constants import CACHE_ENV, DEFAULT_CACHE_DIR
+from expertlib.constants import DEMO_INFO_FILE
 from expertlib.demo.tasks import PRETRAIN_TASKS, collate, encode, get_task, mixture
+from expertlib.fsutil import cache_dir  # also imported from here by the demo and its benches
 
-#: Name of the report written beside the weights.
-DEMO_INFO_FILE = "demo_base.json"
 #: The shipped demo base (package data) and the sha256 of its model.safetensors.
 SHIPPED_DIR = Path(__file__).parent / "assets" / "base"
 SHIPPED_DIGEST = "b4598f9060d9ea7d8513f3ae0dc559b78314ab65f38d9ba05cf2a4b3f57ea7ac"
@@ -155,10 +154,6 @@ def domain_prior_loss(router_logits, attention_mask: torch.Tensor, group_masks: 
         probs = torch.softmax(logits.float(), dim=-1)[mask]
         total = total - torch.log((probs * groups).sum(-1).clamp_min(1e-9)).mean()
     return total / len(router_logits)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
 
 
 def demo_base_path(config: DemoBaseConfig) -> Path:

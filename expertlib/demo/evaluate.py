@@ -19,43 +19,11 @@ from typing import Any
 import torch
 
 from expertlib.demo.tasks import Example, collate, encode, get_task, resolve_tasks
+from expertlib.evaluation import generate_answers
 from expertlib.patch import ExpertSet
 
 
 @torch.no_grad()
-def generate_answers(
-    model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 128, bar=None
-) -> list[str]:
-    """Greedy answers to user prompts (chat template, left padding, stops at EOS)."""
-    tokenizer.padding_side = "left"
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in prompts
-    ]
-    out: list[str] = []
-    was_training = model.training
-    model.eval()
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(model.device)
-        gen = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new = gen[:, enc["input_ids"].shape[1] :]
-        out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-        if bar is not None:
-            bar.update(len(new))
-    model.train(was_training)
-    return out
-
-
 def eval_examples(task: str, n_eval: int = 100, seed: int = 0, limit: int | None = None) -> list[Example]:
     ev = get_task(task).split(n_train=0, n_eval=n_eval, seed=seed).eval
     return ev[:limit] if limit else ev

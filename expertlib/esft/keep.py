@@ -54,7 +54,7 @@ class KeptData:
 
 
 def is_demo_base(base: str | Path) -> bool:
-    from expertlib.demo.base import DEMO_INFO_FILE
+    from expertlib.constants import DEMO_INFO_FILE
 
     return (Path(str(base)) / DEMO_INFO_FILE).is_file()
 
@@ -146,7 +146,7 @@ def self_samples(
     greedy reply. What the base does unprompted is the best stand-in for its general use when
     no general data is given. Written once per base digest under `$EXPERTLIB_CACHE/keep/`.
     """
-    from expertlib.demo.base import cache_dir
+    from expertlib.fsutil import cache_dir
 
     path = Path(cache) if cache else cache_dir() / "keep" / f"self-{base_digest(model)}-{n}-{seed}.jsonl"
     if path.is_file():
@@ -184,7 +184,7 @@ def self_samples(
                 "the base wrote no prompts to keep (every sample was empty)",
                 hint="pass --keep with data of what the base must keep doing (e.g. a slice of its training mix)",
             )
-        from expertlib.demo.evaluate import generate_answers
+        from expertlib.evaluation import generate_answers
 
         answers = generate_answers(model, tokenizer, prompts, max_new_tokens=SELF_ANSWER_TOKENS)
     finally:
