@@ -165,10 +165,18 @@ class _SetCollector:
             yield lora
 
 
-def render_replicas(replicas: dict[str, dict]) -> bytes:
+#: a replica that has not reported for this long (it reports every few seconds while alive) is gone
+REPLICA_STALE_S = 60.0
+
+
+def render_replicas(replicas: dict[str, dict], *, now: float | None = None) -> bytes:
     """Prometheus text of every replica's own counters (`serve --replicas`, `expertlib.server.replicas`):
     requests naming a set by whether the replica already held it (`resident="yes"`) or loaded it for
-    the request (`"no"`), its resident sets, its loads and Ray's evictions, each labelled `replica`."""
+    the request (`"no"`), its resident sets, its loads and Ray's evictions, each labelled `replica`.
+    Replicas whose last report (`time`) is older than REPLICA_STALE_S are left out (a dead one's
+    series end)."""
+    now = time.time() if now is None else now
+    replicas = {r: c for r, c in replicas.items() if now - c.get("time", now) <= REPLICA_STALE_S}
 
     class Replicas:
         def describe(self):

@@ -63,6 +63,8 @@ log = logging.getLogger("expertlib.server")
 REPLICA_HEADER = "x-expertlib-replica"
 #: the named Ray actor holding every replica's counters, and its namespace
 BOARD, BOARD_NAMESPACE = "expertlib-replica-board", "expertlib"
+#: seconds between a replica's reports when it serves nothing (it also reports after each request)
+REPORT_EVERY_S = 10.0
 #: what a client is told when the replica serving its request went away
 REPLICA_LOST = "the replica serving this request stopped"
 #: The routes whose JSON body names the expert set (`model`): routed by it.
@@ -255,6 +257,13 @@ def build_app(settings: ServerSettings, replicas: int, *, replica_options: dict 
                 if name not in self.pinned.values():
                     await self.resident(name)
             self.report()
+            self.heartbeat = asyncio.create_task(self.report_every(REPORT_EVERY_S))
+
+        async def report_every(self, seconds: float) -> None:
+            """Report while alive, so a replica that stops reporting is known to be gone."""
+            while True:
+                await asyncio.sleep(seconds)
+                self.report()
 
         @serve.multiplexed(max_num_models_per_replica=max_sets - len(pins))
         async def resident(self, model: str) -> Resident:
