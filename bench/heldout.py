@@ -211,7 +211,8 @@ def table(rows: list[dict], args) -> str:
         "scores, --keep auto = the demo's general tasks, contrast mode); 'budget mode' = the same with --keep-mode "
         "budget (--keep-share 0.1); 'keep-mix' adds the task "
         "domain's pretrained tasks (--keep-mix, 0.25 of the batch, weight 1). 'flagged' = the retention check "
-        "(threshold 0.1) on the paper's selection; 'fit' = what `train` printed after training.",
+        "(threshold 0.1) on the row's own selection, 'general mass' its mean share of the general data's routing; "
+        "'fit' = what `train` printed after training.",
         "",
         "| task | set | method | task acc | x FFT | general | - base | domain | - base | experts/layer | general mass | flagged | fit |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
