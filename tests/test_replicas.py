@@ -195,6 +195,25 @@ def test_a_full_replica_evicts_its_least_recently_used_set_without_failing(clust
         assert "gamma@1" in c["sets"] and len(c["sets"]) <= 2, stats  # pinned: never evicted
 
 
+def test_concurrent_requests_over_more_sets_than_places_all_succeed(cluster):
+    """Ray keeps evicting while requests for the evicted set are still arriving or running: each one
+    is answered, with its set's answer (an eager unload on eviction made some of them 404)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, expected = cluster["url"], cluster["expected"]
+    models = ["alpha", "beta", "delta"] * 6
+
+    def ask(model: str) -> tuple[str, int, str]:
+        r = complete(url, model)
+        return model, r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, models))
+    failed = [a for a in answers if a[1] != 200]
+    assert not failed, failed
+    assert all(text == expected[model] for model, _, text in answers), answers
+
+
 def test_stream_base_and_errors_through_the_router(cluster):
     from served_world import BASE_NAME
 
