@@ -4,14 +4,15 @@
 
 Steps, each printed as it happens:
 1. install the shipped demo base (digest-checked; pretrained on the general tasks of three
-   domains) and measure how its experts specialise (`expertlib.esft.diagnostics`);
+   domains) and measure how its experts specialise (`expertlib.esft.diagnostics`); start
+   `expertlib serve` on it (eager, empty slots: it gets ready while the sets train, and loads each
+   set from the registry on its first request);
 2. for each specialised task, write its training data (jsonl) and train an ESFT expert set
    (`expertlib.esft.pipeline.train_esft` with `expertlib train`'s defaults: answer-only scores,
    top-p, retention-aware selection keeping the built-in general set, the size-based learning
    rate), printing what the selection kept and its retention risk against the general set;
 3. publish the sets to the registry (default: `$EXPERTLIB_REGISTRY`) and draw the expert-overlap
-   heatmap (`registry diff --plot`); start `expertlib serve` on the base with the sets (it gets
-   ready while step 4 runs);
+   heatmap (`registry diff --plot`);
 4. measure exact-match accuracy of the base and of every set on every task, in process
    (`expertlib.demo.evaluate`): the specialised tasks and general-ability retention, and keep the
    scores with each set's version;
@@ -180,9 +181,7 @@ def run_demo(s: DemoSettings | None = None, *, log: Callable[[str], None] = prin
     """Run the whole demo (see the module docstring); returns what it measured. A demo server left
     running by an earlier run is stopped first; with `keep_serving` this run's server is left
     running when this returns (`report.url`, `report.ui`)."""
-    from expertlib.demo.evaluate import evaluate
     from expertlib.registry import Registry
-    from expertlib.registry.diff import plot_diff
 
     s = s or DemoSettings()
     t_start = time.perf_counter()
@@ -213,6 +212,30 @@ def run_demo(s: DemoSettings | None = None, *, log: Callable[[str], None] = prin
     report.specialisation = spec.model_dump()
     log("  " + format_specialisation(spec).replace("\n", "\n  "))
     report.timings["base_s"] = round(time.perf_counter() - t0, 1)
+    reg = Registry(s.registry)
+    proc = log_path = None
+    t_server = time.perf_counter()
+    if s.server:  # the engine starts while the sets train; each set loads on its first request
+        report.port = s.port or _free_port()
+        log_path = workdir / "server.log"
+        proc, report.url = start_server(
+            base, str(reg.root), [], report.port, log_path, slots=c["num_experts"]
+        )
+        log(f"  `expertlib serve` starting at {report.url} while the sets train (log: {log_path})")
+    try:
+        _train_to_serve(s, base, info, report, reg, workdir, proc, log_path, t_server, log)
+    finally:
+        if proc is not None and not report.kept:
+            stop_server(proc)
+    report.timings["total_s"] = round(time.perf_counter() - t_start, 1)
+    (workdir / "demo_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    return report
+
+
+def _train_to_serve(s, base, info, report, reg, workdir, proc, log_path, t_server, log) -> None:
+    """Steps 2 to 5 (see the module docstring); `proc`: the server started after step 1, or None."""
+    from expertlib.demo.evaluate import evaluate
+    from expertlib.registry.diff import plot_diff
 
     log(f"[2/5] training ESFT-{s.score} expert sets: {', '.join(s.tasks)}")
     t0 = time.perf_counter()
@@ -221,8 +244,7 @@ def run_demo(s: DemoSettings | None = None, *, log: Callable[[str], None] = prin
         paths[task], report.sets[task] = train_task_set(base, task, workdir, s, log=log)
     report.timings["train_s"] = round(time.perf_counter() - t0, 1)
 
-    log("[3/5] publishing to the registry" + (", starting the server" if s.server else ""))
-    reg = Registry(s.registry)
+    log("[3/5] publishing to the registry")
     for task, p in paths.items():
         entry = reg.publish(p, tags=["demo"], base=base)
         report.sets[task]["ref"] = str(entry.ref)
@@ -233,44 +255,28 @@ def run_demo(s: DemoSettings | None = None, *, log: Callable[[str], None] = prin
         heatmap = plot_diff(diff, workdir / "expert_overlap.png", num_experts=info["config"]["num_experts"])
         report.heatmap = str(heatmap)
         log(f"  expert-overlap heatmap: {report.heatmap}")
-    proc = None
-    if s.server:  # the engine starts while the evaluation runs
-        t_server = time.perf_counter()
-        report.port = s.port or _free_port()
-        log_path = workdir / "server.log"
-        proc, report.url = start_server(base, str(reg.root), refs, report.port, log_path)
-        log(f"  `expertlib serve` starting at {report.url} (log: {log_path})")
-    try:
-        log(
-            "[4/5] exact-match accuracy, in process (base vs each set; specialised, general and domain tasks)"
-        )
-        t0 = time.perf_counter()
-        res = evaluate(
-            base,
-            [str(paths[t]) for t in s.tasks],
-            tasks=[*s.tasks, *GENERAL_TASKS, *DOMAIN_TASKS],
-            n_eval=s.n_eval,
-            seed=s.seed,
-            progress=s.progress,
-            keep_samples=True,
-        )
-        report.accuracy = {("base" if c == "base" else Path(c).stem): v for c, v in res.accuracy.items()}
-        report.timings["eval_s"] = round(time.perf_counter() - t0, 1)
-        from expertlib.registry.evals import accuracy_records, retention_records
+    log("[4/5] exact-match accuracy, in process (base vs each set; specialised, general and domain tasks)")
+    t0 = time.perf_counter()
+    res = evaluate(
+        base,
+        [str(paths[t]) for t in s.tasks],
+        tasks=[*s.tasks, *GENERAL_TASKS, *DOMAIN_TASKS],
+        n_eval=s.n_eval,
+        seed=s.seed,
+        progress=s.progress,
+        keep_samples=True,
+    )
+    report.accuracy = {("base" if c == "base" else Path(c).stem): v for c, v in res.accuracy.items()}
+    report.timings["eval_s"] = round(time.perf_counter() - t0, 1)
+    from expertlib.registry.evals import accuracy_records, retention_records
 
-        for t in s.tasks:  # scores and retention risk, kept with each set's version (list, show, /ui)
-            column = str(paths[t])
-            records = accuracy_records(res.accuracy[column], res.samples[column], source="expertlib demo")
-            records += retention_records(report.sets[t]["retention_risk"], source="expertlib demo")
-            reg.record_evals(report.sets[t]["ref"], records, base=base)
-        if proc is not None:
-            _serve_step(proc, log_path, report, res, paths, s, t_server, log)
-    finally:
-        if proc is not None and not report.kept:
-            stop_server(proc)
-    report.timings["total_s"] = round(time.perf_counter() - t_start, 1)
-    (workdir / "demo_report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-    return report
+    for t in s.tasks:  # scores and retention risk, kept with each set's version (list, show, /ui)
+        column = str(paths[t])
+        records = accuracy_records(res.accuracy[column], res.samples[column], source="expertlib demo")
+        records += retention_records(report.sets[t]["retention_risk"], source="expertlib demo")
+        reg.record_evals(report.sets[t]["ref"], records, base=base)
+    if proc is not None:
+        _serve_step(proc, log_path, report, res, paths, s, t_server, log)
 
 
 def _serve_step(

@@ -41,18 +41,28 @@ def state_path() -> Path:
 
 
 def start_server(
-    base: Path, registry: str | None, sets: Sequence[str], port: int, log_path: Path, *, max_sets: int = 8
+    base: Path,
+    registry: str | None,
+    sets: Sequence[str],
+    port: int,
+    log_path: Path,
+    *,
+    max_sets: int = 8,
+    slots: int | None = None,
 ):
     """`expertlib serve` as a child process in its own session; returns (process, url).
 
     float32 like the in-process evaluation (vLLM's CPU default is bfloat16), so served answers can be
     compared token for token with in-process ones; eager (no graph compilation): the demo's engine
     is ready in about a third of the compiled start, and a 1.9M-parameter model decodes as fast.
-    `max_sets` leaves rows for the compositions the demo asks (a+b is one more resident set).
+    `max_sets` leaves rows for the compositions the demo asks (a+b is one more resident set);
+    `slots` (extra expert slots per layer) sizes a server started before its sets exist.
     """
     cmd = [sys.executable, "-m", "expertlib.cli.main", "serve", str(base), "--served-name", BASE_NAME]
     cmd += ["--port", str(port), "--host", "127.0.0.1", "--max-sets", str(max_sets)]
     cmd += ["--engine-arg", "dtype=float32", "--engine-arg", "enforce_eager=true"]
+    if slots is not None:
+        cmd += ["--slots", str(slots)]
     if registry:
         cmd += ["--registry", registry]
     for name in sets:
