@@ -155,11 +155,15 @@ def test_a_background_job_is_polled_and_never_overlaps_another():
 @pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2, reason="Linux, 2+ CPUs"
 )
-def test_a_job_runs_beside_the_forward_steps_not_on_their_core():
+def test_a_job_runs_beside_the_forward_steps_not_on_their_core(monkeypatch):
     """vLLM binds the worker's thread to the forward steps' cores; a load's job started from it runs
     on any CPU, with one torch thread (no second OpenMP team beside the steps' own), and leaves the
-    starting thread's torch threads as they were."""
+    starting thread's torch threads as they were. vLLM's CPU worker turns `torch.set_num_threads`
+    into a no-op; the job's setting must not depend on it."""
     everywhere, seen = os.sched_getaffinity(0), {}
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # as vLLM's CPU worker does
+    threads = torch._C.get_num_threads()
+    torch._C.set_num_threads(2)  # the steps' team size on a 2-core machine
 
     def worker_thread():
         os.sched_setaffinity(0, {min(everywhere)})  # as vLLM's CPU backend binds it
@@ -176,5 +180,6 @@ def test_a_job_runs_beside_the_forward_steps_not_on_their_core():
     t = threading.Thread(target=worker_thread)
     t.start()
     t.join()
+    torch._C.set_num_threads(threads)
     assert seen["cpus"] == everywhere and seen["threads"] == 1
-    assert seen["after"][0] == seen["after"][1]
+    assert seen["after"][0] == seen["after"][1] == 2

@@ -154,15 +154,16 @@ def _one_intraop_thread() -> Iterator[None]:
     shares the machine with the forward steps' OpenMP thread team, and a second team started from
     this thread would have both spin-wait on each other's cores (a 144 MiB copy measured 0.07 s on
     one thread, 0.7-2.7 s on two, on a loaded 2-core machine). OpenMP's thread count is per calling
-    thread: the forward steps' own is left as it is."""
+    thread, so the forward steps' own is left as it is. torch's C setter is called directly: vLLM's
+    CPU worker replaces `torch.set_num_threads` with a no-op (it must not move its bound team)."""
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch._C.get_num_threads()
+    torch._C.set_num_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        torch._C.set_num_threads(before)
 
 
 class _Job(threading.Thread):
