@@ -7,13 +7,13 @@ One server for the whole module (engine start is ~20 s on 2 cores).
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+import served_world
 from server_process import ServerProcess, free_port
 
 pytest.importorskip("vllm")
@@ -36,37 +36,20 @@ SETS = {  # name -> expert map of a random set
 PROMPTS = ["Hello world", "2+2=", "The cat sat on", "def f(x):"]
 
 
-class Reference:
-    """Greedy continuations from transformers with a set applied in place (the offline answer)."""
+class Reference(served_world.Reference):
+    """Greedy continuations from transformers with a set applied in place (the offline answer), as text,
+    each computed once."""
 
     def __init__(self, base_dir: Path, sets: dict):
-        from transformers import AutoTokenizer
-
-        from expertlib.moe import load_model
-
-        self.model = load_model(base_dir)
-        self.tok = AutoTokenizer.from_pretrained(str(base_dir))
-        self.sets = sets
+        super().__init__(base_dir, sets)
         self.cache: dict = {}
-        self.lock = threading.Lock()
 
     def ids_text(self, ids: list[int], expert_set: str | None, max_tokens: int = MAX_TOKENS) -> str:
-        import torch
-
-        from expertlib.apply import apply_expert_set
-
         key = (tuple(ids), expert_set, max_tokens)
-        with self.lock:
-            if key not in self.cache:
-                x = torch.tensor([ids])
-                gen = dict(max_new_tokens=max_tokens, do_sample=False, pad_token_id=self.tok.pad_token_id)
-                if expert_set is None:
-                    out = self.model.generate(x, **gen)
-                else:
-                    with apply_expert_set(self.model, self.sets[expert_set]):
-                        out = self.model.generate(x, **gen)
-                self.cache[key] = self.tok.decode(out[0, len(ids) :], skip_special_tokens=True)
-            return self.cache[key]
+        if key not in self.cache:
+            out = self.greedy(ids, expert_set, max_tokens)
+            self.cache[key] = self.tok.decode(out, skip_special_tokens=True)
+        return self.cache[key]
 
     def completion(self, prompt: str, expert_set: str | None, max_tokens: int = MAX_TOKENS) -> str:
         return self.ids_text(self.tok.encode(prompt), expert_set, max_tokens)
