@@ -245,8 +245,8 @@ def train_cmd(ctx, base, data, task, out, from_set, general, as_json, **kw):
 
     Scores and selects the experts unless --experts gives a selection. The defaults are one recipe
     (the demo's): answer-only scores, ESFT-Token top-p 0.2, and retention-aware selection: experts
-    that carry more than --keep-share of the kept data's routing in a layer are not trained
-    (--keep auto: the demo's general tasks on the demo base; on any other base prompts and
+    rank by their share of the task's routing minus that of the kept data (--keep-mode budget
+    instead drops those past --keep-share of the kept routing per layer) (--keep auto: the demo's general tasks on the demo base; on any other base prompts and
     answers sampled from the base itself, once, cached). --keep-mix DATA also trains on the
     skills the set must keep doing (e.g. its domain's pretrained tasks). With --general, reports
     (before training) how much of the general data's routing the selected experts carry. After
@@ -394,6 +394,13 @@ def _report_keep_and_fit(ctx: click.Context, p) -> None:
                 f"{now:.2f} of its routing per layer (the paper's selection: {paper:.2f})",
                 err=True,
             )
+            if now > keep["share"] and keep["mode"] == "contrast":  # contrast ranks, it does not bound
+                cmd = rerun_command(ctx, drop=("keep_mode",), add=("--keep-mode", "budget"))
+                click.echo(
+                    f"  more than --keep-share {keep['share']}: the kept skills are at risk (contrast mode ranks "
+                    f"experts by task against kept routing, it does not bound it); to bound it: `{cmd}`",
+                    err=True,
+                )
         if keep["dropped"]:
             click.echo(
                 "  not trained, to keep it: "
