@@ -8,6 +8,7 @@ Every option is a field of `ServerSettings` (expertlib/server/settings.py), gene
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 
 import click
@@ -49,6 +50,34 @@ def _engine_arg(ctx, param, values: tuple[str, ...]) -> dict:
     return out
 
 
+#: where private, loopback and link-local addresses live: a --metrics-open network outside them warns
+PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    )
+)
+
+
+def _warn_public(cidrs: list[str]) -> None:
+    for cidr in cidrs:
+        net = ipaddress.ip_network(cidr)
+        if not any(net.version == p.version and net.subnet_of(p) for p in PRIVATE_NETWORKS):
+            click.echo(
+                f"warning: --metrics-open {cidr} holds public addresses: anyone there reads /metrics "
+                "(the loaded sets' names) without a key",
+                err=True,
+            )
+
+
 _SIZE = dict(callback=_size, metavar="SIZE", type=click.STRING)
 serve_option = functools.partial(field_option, ServerSettings)
 
@@ -72,6 +101,7 @@ serve_option = functools.partial(field_option, ServerSettings)
 @serve_option("api_key", envvar="EXPERTLIB_API_KEY")
 @serve_option("admin_key", envvar="EXPERTLIB_ADMIN_KEY")
 @serve_option("metrics_key", envvar="EXPERTLIB_METRICS_KEY")
+@serve_option("metrics_open", metavar="CIDR")
 @serve_option("max_request_sequences")
 @serve_option("max_body_bytes")
 @serve_option("max_prompt_chars")
@@ -124,6 +154,10 @@ def serve_cmd(
         - job_name: expertlib
           static_configs: [{targets: ["127.0.0.1:8000"]}]
 
+    Once the server has a key, /metrics needs the metrics or admin key (a
+    bearer token in the scrape config: docs/SCALING.md), or --metrics-open
+    CIDR for the scrapers' private network.
+
     \b
     Example: expertlib serve ./base --registry ./reg --expert-set math --expert-set code@2
     Replicas: expertlib serve ./base --registry ./reg --replicas 2
@@ -141,8 +175,14 @@ def serve_cmd(
     if replicas is None:
         if ray_address is not None or gpus_per_replica is not None:
             raise click.UsageError("--ray-address and --gpus-per-replica need --replicas N")
+        _warn_public(settings.metrics_open)
         serve(settings)
     else:
+        if settings.metrics_open:
+            raise click.UsageError(
+                "--metrics-open needs a single engine: behind the Ray router no replica sees the "
+                "client's address; scrape with the metrics key (docs/SCALING.md)"
+            )
         from expertlib.server.replicas import serve_replicated
 
         gpus = {"num_cpus": 0, "num_gpus": gpus_per_replica} if gpus_per_replica else None

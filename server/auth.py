@@ -1,15 +1,19 @@
 """API keys: `Authorization: Bearer KEY`. The API key guards inference routes (when set); the
 admin key guards admin routes (admin routes are off without one). The admin key also works on
 inference routes. /metrics takes the metrics key or the admin key, and the API docs any key, as
-soon as the server has one. `check_route` runs them all by path before a request body is read."""
+soon as the server has one; /metrics alone also answers without a key to a client connecting from a
+`--metrics-open` network. `check_route` runs them all by path before a request body is read."""
 
 from __future__ import annotations
 
+import functools
 import hmac
+import ipaddress
 
 from fastapi import Request
 
 from expertlib.errors import AuthenticationError, ForbiddenError
+from expertlib.server.settings import metrics_network
 
 
 def bearer(request: Request) -> str | None:
@@ -57,10 +61,40 @@ def _any_key(settings) -> bool:
     )
 
 
+#: Headers a proxy adds: a request carrying one came through a proxy, so the address it connected
+#: from is the proxy's, not the client's (and uvicorn may have taken the client from X-Forwarded-For)
+FORWARDED_HEADERS = (b"x-forwarded-for", b"forwarded")
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(metrics_network(c) for c in cidrs)
+
+
+def metrics_open_to(request: Request) -> bool:
+    """Whether /metrics answers `request` without a key: the address it connected from is in one of
+    the `--metrics-open` networks (an IPv4 client seen by an IPv6 socket as ::ffff:a.b.c.d counts as
+    a.b.c.d) and it carries no forwarding header. No address, or one that is not an IP, is not open."""
+    cidrs = getattr(request.app.state.server.settings, "metrics_open", None)
+    if not cidrs or request.client is None:
+        return False
+    if any(name in FORWARDED_HEADERS for name, _ in request.scope.get("headers", ())):
+        return False
+    try:
+        address = ipaddress.ip_address(request.client.host)
+    except ValueError:
+        return False
+    candidates = [address]
+    if address.version == 6 and address.ipv4_mapped is not None:
+        candidates.append(address.ipv4_mapped)
+    return any(a in net for a in candidates for net in _networks(tuple(cidrs)))
+
+
 def check_metrics_key(request: Request) -> None:
-    """/metrics names the loaded sets: open only on a server without any key."""
+    """/metrics names the loaded sets: open on a server without any key, and to the clients of the
+    `--metrics-open` networks."""
     settings = request.app.state.server.settings
-    if not _any_key(settings):
+    if not _any_key(settings) or metrics_open_to(request):
         return
     token = bearer(request)
     if token is None:
@@ -93,8 +127,9 @@ OPEN_PATHS = ("/health",)
 
 def check_route(request: Request) -> None:
     """The key check of the route `request` goes to, by path (runs before its body is read). Every
-    path but /health needs a key: the admin routes the admin key, /metrics and the API docs theirs,
-    everything else (/v1/*, /tokenize, /detokenize, and any path no route serves) the API key."""
+    path but /health needs a key: the admin routes the admin key, /metrics (but from a
+    `--metrics-open` network) and the API docs theirs, everything else (/v1/*, /tokenize,
+    /detokenize, and any path no route serves) the API key."""
     path = request.url.path
     if path == "/ui" or path.startswith("/ui/"):
         return  # the web view applies these rules itself, to a bearer key or its login cookie (server/ui.py)

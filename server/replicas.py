@@ -131,7 +131,7 @@ async def call_app(app: Any, method: str, path: str, query: bytes, headers: list
         "query_string": query,
         "root_path": "",
         "headers": headers,
-        "client": ("127.0.0.1", 0),
+        "client": None,  # unknown here: no client address may open /metrics (--metrics-open)
         "server": ("127.0.0.1", 0),
     }
     sent = False

@@ -5,9 +5,37 @@ takes SIZE strings such as 4GiB."""
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+#: IPv4 clients as an IPv6 socket sees them (::ffff:a.b.c.d): a network holding all of these opens to
+#: every IPv4 client
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def metrics_network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """One `--metrics-open` network, checked: a CIDR (a bare address is one host) that does not
+    hold every client."""
+    try:
+        net = ipaddress.ip_network(value.strip())
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise ValueError(
+                f"--metrics-open {value!r} is not a network; write a CIDR such as 10.0.0.0/8, "
+                "192.168.1.0/24, 127.0.0.1/32 or fd00::/8"
+            ) from None
+        raise ValueError(f"--metrics-open {value!r} has host bits set; write the network, {loose}") from None
+    if net.prefixlen == 0 or (net.version == 6 and net.supernet_of(_IPV4_MAPPED)):
+        raise ValueError(
+            f"--metrics-open {value} opens /metrics (which names the loaded sets) to every client; "
+            "name the private networks your scrapers are on (10.0.0.0/8, 172.16.0.0/12, "
+            "192.168.0.0/16, fd00::/8), or give them the metrics key (--metrics-key)"
+        )
+    return net
 
 
 class ServerSettings(BaseModel):
@@ -88,7 +116,15 @@ class ServerSettings(BaseModel):
     )
     metrics_key: str | None = Field(
         default=None,
-        description="key for GET /metrics (the admin key works too); /metrics is open only without any key",
+        description="key for GET /metrics (the admin key works too); /metrics is open only without any key "
+        "and to the --metrics-open networks",
+    )
+    metrics_open: list[str] = Field(
+        default_factory=list,
+        description="answer GET /metrics without a key to clients whose address is in this network, a "
+        "CIDR such as 10.0.0.0/8 or 127.0.0.1/32 (every other client, and every other route, still needs "
+        "its key). The address is the connection's: behind a proxy, the proxy's; a request carrying "
+        "X-Forwarded-For or Forwarded always needs the key. 0.0.0.0/0 and ::/0 are refused",
     )
     max_request_sequences: int = Field(
         default=64,
@@ -130,6 +166,11 @@ class ServerSettings(BaseModel):
         description="extra vLLM engine argument, e.g. max_model_len=2048 or enforce_eager=true",
     )
 
+    @field_validator("metrics_open")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        return [str(metrics_network(v)) for v in values]
+
     @model_validator(mode="after")
     def _distinct_keys(self) -> ServerSettings:
         keys = {"api_key": self.api_key, "admin_key": self.admin_key, "metrics_key": self.metrics_key}
@@ -147,4 +188,4 @@ class ServerSettings(BaseModel):
         return self.served_name or self.base
 
 
-__all__ = ["ServerSettings"]
+__all__ = ["ServerSettings", "metrics_network"]
