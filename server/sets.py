@@ -151,7 +151,8 @@ class SetCatalog:
         """Serve the union of the named sets' experts as one set (`expertlib.compose.compose_sets`),
         under the parts' served names joined by '+' or '>'; resident compositions are reused."""
         parts, op = composition_parts(model) or ([], "+")
-        opened = [await asyncio.to_thread(self._open_part, part, model) for part in parts]
+        resident = self._resident_files()  # read on the event loop: loads change the book meanwhile
+        opened = [await asyncio.to_thread(self._open_part, part, model, resident) for part in parts]
         served = op.join(name for _, name in opened)
         if served in set(self.loaded()) and await self._settled(served):
             self._aliases[model] = served
@@ -180,14 +181,18 @@ class SetCatalog:
                 pass
         return served in set(self.loaded())
 
-    def _open_part(self, part: str, model: str) -> tuple[ExpertSet, str]:
-        """One set named inside a composition: (the set, its served name), resident or registered."""
+    def _resident_files(self) -> dict[str, str | None]:
+        """Served name -> file of every set the engine lists (None for one without a file). Read on
+        the event loop: the engine's book is changed there, so a thread must not iterate it."""
+        return {name: info.get("path") for name, info in self.engine.status().get("sets", {}).items()}
+
+    def _open_part(self, part: str, model: str, resident: dict[str, str | None]) -> tuple[ExpertSet, str]:
+        """One set named inside a composition: (the set, its served name), resident (`resident`, from
+        `_resident_files`) or registered."""
         name = self.split_base(part)
-        served = name if name in set(self.loaded()) else self._aliases.get(name)
-        if served in set(self.loaded()):
-            path = self.engine.status()["sets"].get(served, {}).get("path")
-            if path:
-                return ExpertSet.open(path), served
+        served = name if name in resident else self._aliases.get(name)
+        if served in resident and resident[served]:
+            return ExpertSet.open(resident[served]), served
         ref = self._registry_resolve(name)
         if ref is None:
             raise NotFoundError(
@@ -210,7 +215,8 @@ class SetCatalog:
         similarity (anchors as `ANCHOR_PREFIX + name`). No set: no prefill at all."""
         from expertlib.profile import similarity
 
-        profiles, anchors = await asyncio.to_thread(self._profiles)
+        status = self.engine.status().get("sets", {})  # on the event loop, as `_resident_files`
+        profiles, anchors = await asyncio.to_thread(self._profiles, status)
         if not profiles:
             return None, {}
         shares = await self.engine.routing_of(prompt_ids)
@@ -221,14 +227,14 @@ class SetCatalog:
             return None, scores
         return await self.resolve(best), scores
 
-    def _profiles(self) -> tuple[dict[str, dict], dict[str, dict]]:
+    def _profiles(self, status: dict[str, dict]) -> tuple[dict[str, dict], dict[str, dict]]:
         """(served name or registry reference -> routing profile (layer -> (E,) shares) of every set
         this server may serve that has one, base anchor name -> profile of every anchor those sets
-        carry); manifests are read once per content digest."""
+        carry); manifests are read once per content digest. `status`: the engine's sets, as
+        `engine.status()["sets"]` gave them on the event loop (this runs on a thread)."""
         cache = self.__dict__.setdefault("_profile_cache", {})
         named: dict[str, tuple[str, Any]] = {}  # name -> (content digest, how to open it)
-        status = self.engine.status().get("sets", {})
-        for name in self.loaded():
+        for name in status:
             info = status.get(name, {})
             if composition_parts(name) is None and info.get("path") and info.get("content_digest"):
                 named[name] = (info["content_digest"], info["path"])

@@ -273,3 +273,122 @@ def test_concurrent_first_requests_for_a_composition_all_get_it(world, tiny_mode
     assert names == ["a@1+b@1", "a@1+b@1", "b@1+a@1", "a@1+b@1"]
     names, _ = asyncio.run(run(["a", "a@1", "a"]))  # one set, the same way
     assert names == ["a@1"] * 3
+
+
+class _ServingWorkers(Workers):
+    """Workers whose calls take a little while (seeded), whose background load job answers "not done
+    yet" `busy` times per load, and which keep the rows written (row -> remap) so a request can be
+    checked against them."""
+
+    def __init__(self, rng, busy: int):
+        super().__init__()
+        self.rng, self.per_load = rng, busy
+        self.rows: dict[int, dict] = {}
+
+    async def __call__(self, method: str, args: tuple = ()) -> list:
+        await asyncio.sleep(self.rng.random() * 0.002)
+        if method == "expertlib_apply":
+            for row in args[0]:
+                self.rows.pop(row, None)
+            if len(args) > 3:
+                self.rows[args[3]] = args[4]
+        if method == "expertlib_stage" and self.busy == 0 and self.calls[-1:] != [("expertlib_stage", args)]:
+            self.busy = self.per_load  # a new load job
+        return await super().__call__(method, args)
+
+
+@pytest.mark.parametrize("max_sets", [2, 4])
+@pytest.mark.parametrize("seed", range(3))
+def test_concurrent_first_requests_are_served_end_to_end(world, tiny_model_dir, tmp_path, seed, max_sets):
+    """The request path as the server runs it (`catalog.resolve`, then `engine.generate` with the
+    engine's `on_missing` reloading what was evicted meanwhile): requests for plain sets and for
+    compositions, in several spellings, arrive while each other's loads are in flight (and, with
+    two rows, evict each other). Every one is served by its set, on a row the workers have written;
+    none is refused (404 "being loaded", or a set missing)."""
+    import random
+
+    from vllm import SamplingParams
+
+    from expertlib.engine import AsyncExpertEngine
+    from expertlib.registry import Registry
+    from expertlib.server.sets import SetCatalog
+    from expertlib.vllm_plugin import SET_ROW_KEY
+
+    base, sets = world
+    reg = Registry(tmp_path / "reg")
+    for name in ("a", "b", "c"):
+        reg.publish(sets[name], base=tiny_model_dir("qwen2_moe"))
+    rng = random.Random(seed)
+    models = ["a+b", "a+b", "a", "a@1+b@1", "b+c", "a+b", "c", "a", "b", "a+b", "a+c", "a+b"]
+    want = {"a": "a@1", "b": "b@1", "c": "c@1", "a@1+b@1": "a@1+b@1"}
+    workers = _ServingWorkers(rng, busy=25)
+
+    class Core:  # vLLM's AsyncLLM: collective_rpc to the workers, generate checks the request's row
+        async def collective_rpc(self, method, args=()):
+            if method == "expertlib_info":
+                info = dict(num_experts=base.num_experts, slots=8, max_sets=max_sets)
+                return [dict(info, moe_layers=base.moe_layers, weight_absmax=[])]
+            return await workers(method, args)
+
+        async def generate(self, prompt, params, request_id):
+            row = params.extra_args[SET_ROW_KEY]
+            assert row in workers.rows, f"{request_id} runs on row {row}, which the workers have not written"
+            for _ in range(3):
+                await asyncio.sleep(rng.random() * 0.002)
+                yield request_id
+
+    async def run():
+        engine = AsyncExpertEngine(Core(), base, 8, max_sets)
+        catalog = SetCatalog(engine, "tiny", reg, registry_base=str(tiny_model_dir("qwen2_moe")))
+        engine.on_missing = catalog.reload
+
+        async def request(i: int, model: str) -> str:
+            await asyncio.sleep(rng.random() * 0.2)  # arrivals spread over several loads
+            for _ in range(200 if i % 2 else 0):  # every other one while a load is in flight
+                if engine._book.loading:
+                    break
+                await asyncio.sleep(0.001)
+            ref = await catalog.resolve(model)
+            await asyncio.sleep(rng.random() * 0.01)  # tokenizing
+            async for _ in engine.generate("x", SamplingParams(), f"r{i}-{model}", expert_set=ref):
+                pass
+            return ref.name
+
+        return await asyncio.gather(*(request(i, m) for i, m in enumerate(models)), return_exceptions=True)
+
+    served = asyncio.run(run())
+    assert not [s for s in served if isinstance(s, BaseException)], served
+    assert served == [want.get(m, m.replace("+", "@1+") + "@1") for m in models]
+
+
+def test_compositions_and_auto_read_the_engine_only_on_the_event_loop(world, tiny_model_dir, tmp_path):
+    """The engine's book changes on the event loop while loads run; the catalog's work on threads
+    (opening a composition's parts, reading routing profiles) gets the resident sets as read on the
+    loop, never iterates the book from its thread (a dict changing size under it would be a 500)."""
+    import threading
+
+    from expertlib.registry import Registry
+    from expertlib.server.sets import SetCatalog
+
+    base, sets = world
+    reg = Registry(tmp_path / "reg")
+    for name in ("a", "b"):
+        reg.publish(sets[name], base=tiny_model_dir("qwen2_moe"))
+
+    async def run():
+        engine = _async_engine(base, Workers(), max_sets=4)
+        loop_thread = threading.get_ident()
+        for method in ("status", "loaded_sets"):
+            read = getattr(engine, method)
+
+            def on_loop(read=read, method=method):
+                assert threading.get_ident() == loop_thread, f"engine.{method}() read from a thread"
+                return read()
+
+            setattr(engine, method, on_loop)
+        catalog = SetCatalog(engine, "tiny", reg, registry_base=str(tiny_model_dir("qwen2_moe")))
+        assert (await catalog.resolve("a")).name == "a@1"  # resident: the composition opens its file
+        assert (await catalog.resolve("a+b")).name == "a@1+b@1"
+        assert await catalog.resolve_auto([1, 2, 3], 0.5) == (None, {})  # no set has a profile
+
+    asyncio.run(run())
