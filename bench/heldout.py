@@ -45,6 +45,8 @@ LABEL = {
 }
 #: The tasks the defaults were chosen on (none of them is in HELDOUT).
 TUNING_TASKS = ("sum", "open", "swap", "cross")
+#: The demo world's task that needs attention (`--tasks mirror`): neither tuning nor held-out.
+DEMO_ATTENTION = ("mirror",)
 SECTION = "## Held-out tasks: train's defaults vs every alternative (toy scale)"
 #: General accuracy may fall this much; a task counts as >= this x FFT.
 GENERAL_SLACK, DOMAIN_SLACK, FFT_RATIO = 0.05, 0.10, 0.95
@@ -220,8 +222,8 @@ def table(rows: list[dict], args) -> str:
     for t in tasks:
         by = {r["method"]: r for r in rows if r["task"] == t}
         b = next(iter(by.values()))["base"]
-        kind = "held-out" if t in HELDOUT else "tuning"
-        kind += ", attention" if t in ATTENTION_TASKS else ""
+        kind = "held-out" if t in HELDOUT else "tuning" if t in TUNING_TASKS else "demo world"
+        kind += ", attention" if t in (*ATTENTION_TASKS, *DEMO_ATTENTION) else ""
         fft = by.get("fft", {}).get("task_acc")
         lines.append(
             f"| {t} | {kind} | untuned base | {f(b['task_acc'])} | - | {f(b['general_acc'])} | - | {f(b['domain_acc'])} | - | - | - | - | - |"
