@@ -8,6 +8,8 @@ composed patch merged into the base.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 from click.testing import CliRunner
@@ -153,8 +155,11 @@ def test_served_composition_equals_the_merged_patch(world):
     ids = ref.tok(prompt).input_ids
     want = ref.greedy(ids, "alpha+beta", 8)
     assert want != ref.greedy(ids, "alpha", 8) and want != ref.greedy(ids, "beta", 8)
-    for model in ("alpha+beta", "alpha@1+beta@1", "tiny-moe:alpha+beta"):
-        r = _complete(world, model, prompt)
+    models = ("alpha+beta", "alpha@1+beta@1", "tiny-moe:alpha+beta", "alpha+beta")
+    # the composition's first requests, all at once: none may find it being loaded and get a 404
+    with ThreadPoolExecutor(len(models)) as pool:
+        answers = list(pool.map(lambda m: _complete(world, m, prompt), models))
+    for model, r in zip(models, answers, strict=True):
         assert r.status_code == 200, r.text
         assert r.json()["model"] == model
         assert r.json()["choices"][0]["text"] == ref.tok.decode(want)
