@@ -23,9 +23,10 @@ from expertlib.errors import (
     NotFoundError,
     PatchError,
 )
-from expertlib.registry.local import RegistryStore, _storage_errors
+from expertlib.registry.local import RegistryStore
 from expertlib.registry.names import MAX_VERSION, validate_digest, validate_name, validate_tag
 from expertlib.registry.protocol import Entry, EntryList, EvalsRequest, TagRequest
+from expertlib.registry.storage import storage_errors
 
 router = APIRouter(tags=["registry"])
 
@@ -102,7 +103,7 @@ async def push_entry(
     reg.blobs.ensure()
     tmp = reg.blobs.temp_path()
     try:
-        with _storage_errors(reg.root), open(tmp, "wb") as f:
+        with storage_errors(reg.root), open(tmp, "wb") as f:
             async for chunk in request.stream():
                 f.write(chunk)
         try:  # publish copies the body into the store in one hashing pass, refused unless it is `digest`

@@ -206,7 +206,7 @@ def test_registry_blob_verified_at_ingest_is_not_hashed_again(tmp_path, monkeypa
     verify_mod._CHECKED.clear()  # a new process (the server) knows only the registry's record
     scans = count_scans(monkeypatch)
     monkeypatch.setattr(
-        "expertlib.registry.local.stream_file", lambda p: pytest.fail("a recorded blob was hashed")
+        "expertlib.registry.upkeep.stream_file", lambda p: pytest.fail("a recorded blob was hashed")
     )
     es = reg.open("math")
     es.verify()
@@ -239,7 +239,7 @@ def no_second_read(monkeypatch) -> None:
     """Fail on any read of a set file beyond the copy that hashes it on the way."""
     monkeypatch.setattr("expertlib.patch.scan_file", lambda *a, **kw: pytest.fail("a file was read twice"))
     monkeypatch.setattr(
-        "expertlib.registry.local.stream_file", lambda p: pytest.fail("a blob was hashed again")
+        "expertlib.registry.upkeep.stream_file", lambda p: pytest.fail("a blob was hashed again")
     )
 
 

@@ -379,7 +379,7 @@ def test_11_read_only_snapshot_reads_and_stays_untouched(world, tmp_path, monkey
     monkeypatch.delenv("EXPERTLIB_REGISTRY_READ_ONLY")
     mine = Registry(tmp_path / "mine")
     monkeypatch.setenv("EXPERTLIB_REGISTRY_READ_ONLY", "1")
-    monkeypatch.setattr("expertlib.registry.local._read_only_folder", lambda root: root == snap)
+    monkeypatch.setattr("expertlib.registry.folder.read_only_folder", lambda root: root == snap)
     assert mine.pull(str(snap)).copied == ["genuine@1"]
     assert sorted(str(p.relative_to(snap)) for p in snap.rglob("*")) == before  # not one file written
 
