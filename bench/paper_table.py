@@ -164,7 +164,7 @@ def specialisation_figures(base: Path, tasks, args):
         model, tok, list(dict.fromkeys([*PRETRAIN_TASKS, *DEMO_TASKS, *tasks])), n=100, seed=1
     )
     general = routing_shares(
-        model, builtin_general_samples(tok), pad_id=0, token_budget=None, count_prompt_tokens=False
+        model, builtin_general_samples(base, tok), pad_id=0, token_budget=None, count_prompt_tokens=False
     )
     return specialisation(shares, k=model.config.num_experts_per_tok), general
 

@@ -224,7 +224,7 @@ def diff_cmd(
 
         model = load_model(base_dir)
         model.float()
-        add_general_overlap(report, general_routing(model, load_tokenizer(base_dir), general))
+        add_general_overlap(report, general_routing(model, load_tokenizer(base_dir), general, base=base_dir))
     if plot:
         from expertlib.registry.diff import plot_diff
 

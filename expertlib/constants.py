@@ -38,3 +38,5 @@ DEFAULT_CACHE_DIR = "~/.cache/expertlib"
 BASE_DIGESTS_DIR = "base-digests"
 #: The report written beside the demo base's weights; its presence marks a folder as the demo base.
 DEMO_INFO_FILE = "demo_base.json"
+#: Folder of reference data a base may ship beside its weights (`expertlib.esft.base_data`).
+REFERENCE_DATA_DIR = "reference_data"

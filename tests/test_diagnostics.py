@@ -73,11 +73,30 @@ def test_specialisation_table():
 
 
 def test_builtin_general_set_covers_the_general_tasks():
+    from expertlib.demo.base import SHIPPED_DIR
     from expertlib.demo.tasks import GENERAL_TASKS
 
-    samples = builtin_general_samples(make_tokenizer(), n_per_task=3)
+    samples = builtin_general_samples(SHIPPED_DIR, make_tokenizer(), n_per_task=3)
     assert len(samples) == 3 * len(GENERAL_TASKS)
     assert all(any(y != -100 for y in s.labels) for s in samples)
+
+
+def test_builtin_data_is_what_the_base_ships(tmp_path):
+    """`builtin` general data and the base anchors come from the base folder (the demo base ships
+    them), not from the demo's code; a base that ships none gets a clear error for `builtin`."""
+    from expertlib.demo.base import SHIPPED_DIR, DemoBaseConfig
+    from expertlib.errors import DataError
+    from expertlib.esft.keep import ships_general_data
+    from expertlib.esft.profiling import ANCHOR_PROMPTS, anchor_samples
+
+    tok = make_tokenizer()
+    anchors = anchor_samples(SHIPPED_DIR, None, tok)  # shipped: no model needed
+    assert sorted(anchors) == sorted(DemoBaseConfig().tasks)
+    assert {len(v) for v in anchors.values()} == {ANCHOR_PROMPTS}
+    assert ships_general_data(SHIPPED_DIR) and not ships_general_data(tmp_path)
+    with pytest.raises(DataError, match="ships no general reference data") as err:
+        builtin_general_samples(tmp_path, tok)
+    assert err.value.hint and "jsonl" in err.value.hint
 
 
 def test_diff_reports_the_general_mass_of_each_set():

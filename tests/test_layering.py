@@ -111,6 +111,7 @@ ESFT_MODULES = [
     "reference_logs",
     "keep",
     "profiling",
+    "base_data",
 ]
 #: what serves sets; training never needs it
 SERVING = (
@@ -184,14 +185,6 @@ LAYERS = [
 FACADES = {"expertlib.demo": "application"}
 #: helpers for tests and benchmarks: they may import anything, and nothing shipped imports them
 TEST_HELPERS = ("expertlib.testing", "expertlib.registry.testing", "expertlib.vllm_plugin.testing")
-#: upward imports still to remove, each named: the list may only shrink (a new one fails, and so does one
-#: that is gone but still listed). The ESFT steps reach into the demo world for `builtin` data (the demo's
-#: general tasks) and the demo base's own tasks.
-KNOWN_UPWARD = {
-    ("expertlib.esft.diagnostics", "expertlib.demo.tasks"),
-    ("expertlib.esft.profiling", "expertlib.demo.base"),
-    ("expertlib.esft.profiling", "expertlib.demo.tasks"),
-}
 
 
 def layer_of(module: str) -> int:
@@ -224,7 +217,19 @@ def test_layering_sees_an_upward_import_hidden_in_a_function(tmp_path):
     )
 
 
+def test_an_esft_step_reaching_into_the_demo_fails(tmp_path):
+    """What the ESFT steps once did (the demo's tasks for `builtin` data, inside a function) is an
+    upward import, with no list of exceptions to hide it."""
+    lazy = tmp_path / "diagnostics.py"
+    lazy.write_text(
+        "def builtin():\n    from expertlib.demo.tasks import GENERAL_TASKS\n    return GENERAL_TASKS\n"
+    )
+    name = "expertlib.esft.diagnostics"
+    graph = {**import_graph(), name: imports_of(name, lazy, modules())}
+    assert upward_imports(graph) == {(name, "expertlib.demo.tasks")}
+
+
 def test_no_upward_imports():
     """The core never reaches into the demo, the registry or the serving side; the shipped demo
     never takes a test helper; the registry never imports the engine or the server; ..."""
-    assert upward_imports(import_graph()) == KNOWN_UPWARD
+    assert upward_imports(import_graph()) == set()

@@ -39,12 +39,22 @@ from typing import Any
 
 import torch
 
-from expertlib.constants import DEMO_INFO_FILE
-from expertlib.demo.tasks import PRETRAIN_TASKS, collate, encode, get_task, mixture
+from expertlib.constants import DEMO_INFO_FILE, REFERENCE_DATA_DIR
+from expertlib.demo.tasks import (
+    GENERAL_TASKS,
+    PRETRAIN_TASKS,
+    collate,
+    encode,
+    get_task,
+    mixture,
+    write_jsonl,
+)
 from expertlib.fsutil import cache_dir  # also imported from here by the demo and its benches
 
 #: The shipped demo base (package data) and the sha256 of its model.safetensors.
 SHIPPED_DIR = Path(__file__).parent / "assets" / "base"
+#: Eval prompts per general task in the general reference data the base ships (`write_reference_data`).
+GENERAL_PROMPTS = 40
 SHIPPED_DIGEST = "b4598f9060d9ea7d8513f3ae0dc559b78314ab65f38d9ba05cf2a4b3f57ea7ac"
 #: Torch threads of the reproducible pretraining (the result depends on the thread count).
 PRETRAIN_THREADS = 1
@@ -320,6 +330,8 @@ def build_demo_base(
     config = config or DemoBaseConfig()
     target = Path(path) if path is not None else demo_base_path(config)
     if (target / DEMO_INFO_FILE).is_file() and not force:
+        if not (target / REFERENCE_DATA_DIR).is_dir():  # built before bases shipped their data
+            write_reference_data(target, config.tasks)
         return target
     if config == DemoBaseConfig() and not force:
         return install_shipped_base(target)
@@ -339,7 +351,32 @@ def build_demo_base(
             progress=progress,
         )
         info = {"config": asdict(config), "key": config.key(), **stats, "accuracy": acc}
+        write_reference_data(tmp, config.tasks)
         (tmp / DEMO_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def write_reference_data(folder: str | Path, tasks=PRETRAIN_TASKS) -> Path:
+    """The reference data the demo base ships (`expertlib.esft.base_data`): its general tasks' eval
+    prompts (`--keep builtin`; never trained on) and prompts of each of its pretraining `tasks` (the
+    base anchors of `model="auto"`). Written into a temp folder, then moved into place."""
+    from expertlib.esft.base_data import ANCHORS, GENERAL
+    from expertlib.esft.profiling import ANCHOR_PROMPTS
+
+    target = Path(folder) / REFERENCE_DATA_DIR
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for task in GENERAL_TASKS:
+            exs = get_task(task).split(n_train=0, n_eval=GENERAL_PROMPTS, seed=0).eval
+            write_jsonl(exs, tmp / GENERAL / f"{task}.jsonl")
+        for task in tasks:
+            exs = get_task(task).split(n_train=ANCHOR_PROMPTS, n_eval=0, seed=0).train
+            write_jsonl(exs, tmp / ANCHORS / f"{task}.jsonl")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     finally:

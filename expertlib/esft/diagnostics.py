@@ -19,8 +19,9 @@ share of routing slots each routed expert receives; they sum to 1 in every layer
     spec = specialisation({"math": math_shares, "code": code_shares}, k=6)
     print(format_specialisation(spec))
 
-`builtin_general_samples` is a small general set for the demo base (the demo's general tasks);
-for another base, give your own (`--general data.jsonl`, e.g. a slice of its pretraining mix).
+`builtin_general_samples` is the general set a base ships (`expertlib.esft.base_data`; the demo
+base's general tasks); for another base, give your own (`--general data.jsonl`, e.g. a slice of its
+pretraining mix).
 """
 
 from __future__ import annotations
@@ -255,34 +256,44 @@ def routing_shares(
     return {int(k): v for k, v in scores.token.items()}
 
 
-def builtin_general_samples(tokenizer, *, n_per_task: int = 40, seed: int = 0, max_length: int = 2048):
-    """A small general set: the demo's general tasks (eval prompts, never trained on), encoded."""
-    import tempfile
+def builtin_general_samples(
+    base: str | Path, tokenizer, *, n_per_task: int | None = None, max_length: int = 2048
+):
+    """The general set `base` ships (`expertlib.esft.base_data`; on the demo base its general
+    tasks' eval prompts, never trained on), encoded: the first `n_per_task` of each task (default all)."""
+    from expertlib.errors import DataError
+    from expertlib.esft.base_data import GENERAL, reference_samples
 
-    from expertlib.demo.tasks import GENERAL_TASKS, get_task, write_jsonl
-    from expertlib.esft.data import load_samples
+    shipped = reference_samples(base, GENERAL, tokenizer, n=n_per_task, max_length=max_length)
+    if not shipped:
+        raise DataError(
+            f"the base at {base} ships no general reference data (reference_data/general/*.jsonl), "
+            f"so `{BUILTIN_GENERAL}` names nothing",
+            hint="pass general data as a jsonl file (e.g. a slice of the base's pretraining mix)",
+        )
+    return [s for samples in shipped.values() for s in samples]
 
-    exs = [
-        ex for t in GENERAL_TASKS for ex in get_task(t).split(n_train=0, n_eval=n_per_task, seed=seed).eval
-    ]
-    with tempfile.TemporaryDirectory() as d:
-        path = write_jsonl(exs, Path(d) / "general.jsonl")
-        return load_samples(path, tokenizer, max_length=max_length)
 
-
-def general_samples(general: str | Path, tokenizer, *, max_length: int = 2048):
-    """Samples of a general reference set: a jsonl path, or `builtin` (`builtin_general_samples`)."""
+def general_samples(general: str | Path, tokenizer, *, base: str | Path | None, max_length: int = 2048):
+    """Samples of a general reference set: a jsonl path, or `builtin` (the set `base` ships)."""
     if str(general) == BUILTIN_GENERAL:
-        return builtin_general_samples(tokenizer, max_length=max_length)
+        return builtin_general_samples(base, tokenizer, max_length=max_length)
     from expertlib.esft.data import load_samples
 
     return load_samples(general, tokenizer, max_length=max_length, too_long="truncate")
 
 
 def general_routing(
-    model, tokenizer, general: str | Path, *, token_budget: int | None = 20_000, max_length: int = 2048
+    model,
+    tokenizer,
+    general: str | Path,
+    *,
+    base: str | Path | None = None,
+    token_budget: int | None = 20_000,
+    max_length: int = 2048,
 ) -> dict[int, list[float]]:
-    """Routing shares of a general reference set (path or `builtin`) on `model`.
+    """Routing shares of a general reference set (path or `builtin`: the set `base` ships, by
+    default the folder `model` was loaded from) on `model`.
 
     Only the positions that produce the general data's answers count (`trained_positions`):
     general ability shows there, and the prompt and chat-template tokens every task shares would
@@ -291,7 +302,8 @@ def general_routing(
     """
     from expertlib.esft.data import pad_token_id
 
-    samples = general_samples(general, tokenizer, max_length=max_length)
+    base = base if base is not None else model.config.name_or_path
+    samples = general_samples(general, tokenizer, base=base, max_length=max_length)
     return routing_shares(
         model, samples, pad_id=pad_token_id(tokenizer), token_budget=token_budget, count_prompt_tokens=False
     )
@@ -305,11 +317,12 @@ def check_retention(
     *,
     task: Mapping[int, Sequence[float]] | None = None,
     threshold: float = DEFAULT_RISK_THRESHOLD,
+    base: str | Path | None = None,
 ) -> RetentionRisk:
-    """`retention_risk` of `selection` against the routing of the general set `general` on `model`."""
-    return retention_risk(
-        selection, general_routing(model, tokenizer, general), task=task, threshold=threshold
-    )
+    """`retention_risk` of `selection` against the routing of the general set `general` on `model`
+    (`builtin`: the set `base` ships, by default the folder `model` was loaded from)."""
+    general_shares = general_routing(model, tokenizer, general, base=base)
+    return retention_risk(selection, general_shares, task=task, threshold=threshold)
 
 
 def diagnose_scores(
@@ -323,7 +336,7 @@ def diagnose_scores(
 
     model = load_model(base)
     model.float()
-    general_shares = general_routing(model, load_tokenizer(base), general)
+    general_shares = general_routing(model, load_tokenizer(base), general, base=base)
     out: dict = {"general": str(general), "risk": {}}
     for score, p in DEFAULT_TOP_P.items():
         selection = select_experts(scores.of(score), p)

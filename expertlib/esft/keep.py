@@ -4,10 +4,10 @@
 the experts that carry it (`expertlib.esft.selection.keep_layer`). A source is
 
 - a jsonl file (the training format; e.g. a slice of the base's pretraining or chat mix);
-- `builtin`: the demo base's general tasks (`expertlib.esft.diagnostics.builtin_general_samples`);
+- `builtin`: the general data the base ships (`expertlib.esft.base_data`; the demo base's general tasks);
 - `self`: prompts and greedy answers sampled from the base itself, generated once per base and
   cached (`self_samples`): real bases ship no general data, so this is what they keep by default;
-- `auto` (the default): `builtin` on the demo base, `self` on any other;
+- `auto` (the default): `builtin` on a base that ships general data (the demo base), `self` on any other;
 - `none`: keep nothing (the paper's selection).
 
     sources = resolve_keep(["auto"], base, model, tokenizer)     # [KeptData(name, digest, samples)]
@@ -53,10 +53,10 @@ class KeptData:
     samples: list[Sample]
 
 
-def is_demo_base(base: str | Path) -> bool:
-    from expertlib.constants import DEMO_INFO_FILE
+def ships_general_data(base: str | Path) -> bool:
+    from expertlib.esft.base_data import GENERAL, reference_files
 
-    return (Path(str(base)) / DEMO_INFO_FILE).is_file()
+    return bool(reference_files(base, GENERAL))
 
 
 def resolve_keep(
@@ -73,9 +73,9 @@ def resolve_keep(
     for name in names:
         if name == NONE:
             continue
-        kind = (BUILTIN_GENERAL if is_demo_base(base) else SELF) if name == AUTO else name
+        kind = (BUILTIN_GENERAL if ships_general_data(base) else SELF) if name == AUTO else name
         if kind == BUILTIN_GENERAL:
-            samples = builtin_general_samples(tokenizer, max_length=max_length)
+            samples = builtin_general_samples(base, tokenizer, max_length=max_length)
             out.append(KeptData(name, BUILTIN_GENERAL, _samples_digest(samples), samples))
         elif kind == SELF:
             path = self_samples(model, tokenizer)

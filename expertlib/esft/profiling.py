@@ -3,9 +3,9 @@ adds it to a set made elsewhere (import-esft, older versions).
 
 Beside it, the base anchors (`base_anchors`): profiles of what the base already does, which
 `model="auto"` weighs against the sets so that the base keeps its own prompts. Their data
-(`anchor_samples`): on the demo base, each of its pretraining tasks; on any other, each data
-source `train --keep` kept (the base's own samples by default), and any data given to
-`expertlib profile --anchor`."""
+(`anchor_samples`): the anchor data the base ships (`expertlib.esft.base_data`; on the demo base,
+each of its pretraining tasks); on any other, each data source `train --keep` kept (the base's own
+samples by default), and any data given to `expertlib profile --anchor`."""
 
 from __future__ import annotations
 
@@ -62,24 +62,12 @@ def anchor_samples(
     base: str | Path, model, tokenizer, *, keep: Sequence[str | Path] = ("auto",), max_length: int = 2048
 ) -> dict[str, list]:
     """Anchor name -> samples of what the base already does (module docstring)."""
-    from expertlib.esft.keep import is_demo_base, resolve_keep
+    from expertlib.esft.base_data import ANCHORS, reference_samples
+    from expertlib.esft.keep import resolve_keep
 
-    if is_demo_base(base):
-        import tempfile
-
-        from expertlib.demo.base import demo_base_info
-        from expertlib.demo.tasks import get_task, write_jsonl
-        from expertlib.esft.data import load_samples
-
-        tasks = demo_base_info(base).get("config", {}).get("tasks", [])
-        out = {}
-        with tempfile.TemporaryDirectory() as d:
-            for task in tasks:
-                exs = get_task(task).split(n_train=ANCHOR_PROMPTS, n_eval=0, seed=0).train
-                out[task] = load_samples(
-                    write_jsonl(exs, Path(d) / f"{task}.jsonl"), tokenizer, max_length=max_length
-                )
-        return out
+    shipped = reference_samples(base, ANCHORS, tokenizer, n=ANCHOR_PROMPTS, max_length=max_length)
+    if shipped:
+        return shipped
     kept = resolve_keep(keep, base, model, tokenizer, max_length=max_length)
     return {(Path(k.name).stem if k.kind == "file" else k.kind): k.samples for k in kept}
 
