@@ -5,7 +5,9 @@
 
 Each sequence of a batch names its expert set (None = the base). The base weights are never
 touched: sets live in slots (`expertlib.slots`), resident sets are tracked by a `SlotPool`
-(LRU eviction, pinning, identical experts shared by digest).
+(LRU eviction, pinning, identical experts shared by digest). A load runs the serving engines'
+checks (`expertlib.loading.SetLedger`): sets with full parameters and a second set under a loaded
+name are refused, as the engines refuse them.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import torch
 from torch import nn
 
 from expertlib.apply import check_compatible
-from expertlib.bounds import DEFAULT_FACTOR, WeightBounds, check_bounds, model_absmax, set_absmax
+from expertlib.bounds import DEFAULT_FACTOR, WeightBounds, model_absmax
 from expertlib.errors import NotLoadedError
+from expertlib.loading import OpenedSet, OpenNamed, SetLedger, open_expert_set
 from expertlib.moe import experts_module, moe_layer_indices
 from expertlib.patch import ExpertSet
 from expertlib.slots import SlotPool, active_sets, install_slots, reset_remap, set_remap, write_slot
@@ -34,44 +37,51 @@ class ComposedModel:
         layers = moe_layer_indices(model)
         self.model = model
         # from the base's own experts, before slots exist (expertlib.bounds)
-        self.bounds = WeightBounds(model_absmax(model) if weight_bound != float("inf") else {}, weight_bound)
-        self.pool = SlotPool(layers, experts_module(model, layers[0]).num_experts, slots, max_sets)
+        bounds = WeightBounds(model_absmax(model) if weight_bound != float("inf") else {}, weight_bound)
+        pool = SlotPool(layers, experts_module(model, layers[0]).num_experts, slots, max_sets)
         install_slots(model, slots, max_sets)
+        #: the resident sets and the load checks the engines run too (expertlib.loading)
+        self.ledger = SetLedger(
+            pool, lambda es: check_compatible(model, es), bounds, on_evict=self._clear_row_of
+        )
         self._row_of: dict[str, int] = {}  # set name -> remap row currently written
+
+    @property
+    def pool(self) -> SlotPool:
+        return self.ledger.pool
 
     # --- residency -------------------------------------------------------------------------------
 
-    def load(self, es: ExpertSet | str | Path, name: str | None = None, *, pin: bool = False) -> str:
-        """Put an expert set into free slots (evicting LRU unpinned sets if needed); returns its name."""
-        if not isinstance(es, ExpertSet):
-            es = ExpertSet.open(es)
-        name = name or es.manifest.task
-        if name in self.pool:
-            self.pool.touch(name)
-            if pin:
-                self.pool.pin(name)
-            return name
-        check_compatible(self.model, es)
-        m = es.manifest
-        # digests recomputed from the tensors (NaN/inf refused): slots are shared only on those
-        digests = es.verify()
-        check_bounds(set_absmax(es), self.bounds, name=name)  # before anything is evicted
-        placement = self.pool.place(name, m.experts, digests, pinned=pin)
-        for victim in placement.evicted:
-            self._clear_row_of(victim)
+    def load(
+        self,
+        es: ExpertSet | OpenedSet | str | Path,
+        name: str | None = None,
+        *,
+        pin: bool = False,
+        open_named: OpenNamed | None = None,
+    ) -> str:
+        """Put an expert set (a file, an ExpertSet, or a name `open_named` opens) into free slots,
+        evicting least recently used unpinned sets if needed; returns its name. The checks are the
+        engines' (`expertlib.loading.SetLedger`): a set with full parameters, for another base, with
+        changed bytes, NaN/inf or out-of-bound weights is refused, and so is another set under a
+        loaded name; the same set again is only touched (and pinned)."""
+        opened = self.ledger.check(open_expert_set(es, name=name, open_named=open_named))
+        placement = self.ledger.admit(opened, pin=pin)
+        if placement is None:
+            return opened.name
         for layer, slot, e in placement.fills:
-            write_slot(self.model, layer, slot, es.expert(layer, e))
+            write_slot(self.model, layer, slot, opened.expert_set.expert(layer, e))
         for layer, mapping in placement.remap.items():
             set_remap(self.model, placement.set_row, layer, mapping)
-        self._row_of[name] = placement.set_row
-        return name
+        self._row_of[opened.name] = placement.set_row
+        return opened.name
 
     def unload(self, name: str) -> None:
-        self.pool.release(name)
+        self.ledger.release(name)
         self._clear_row_of(name)
 
     def pin(self, name: str, pinned: bool = True) -> None:
-        self.pool.pin(name, pinned)
+        self.ledger.pin(name, pinned)
 
     def loaded(self) -> list[str]:
         return self.pool.loaded()
@@ -125,17 +135,19 @@ class ComposedModel:
 
 def compose(
     model: nn.Module,
-    expert_sets: Iterable[ExpertSet | str | Path] = (),
+    expert_sets: Iterable[ExpertSet | OpenedSet | str | Path] = (),
     *,
     slots: int = 16,
     max_sets: int = 8,
     weight_bound: float = DEFAULT_FACTOR,
+    open_named: OpenNamed | None = None,
 ) -> ComposedModel:
-    """Make `model` serve several expert sets at once; loads `expert_sets` (files or ExpertSets).
-    Sets whose weights exceed `weight_bound` x the base experts' max |w| are refused (inf: no check)."""
+    """Make `model` serve several expert sets at once; loads `expert_sets` (files, ExpertSets, or
+    names `open_named` opens) with `ComposedModel.load`'s checks. Sets whose weights exceed
+    `weight_bound` x the base experts' max |w| are refused (inf: no check)."""
     composed = ComposedModel(model, slots=slots, max_sets=max_sets, weight_bound=weight_bound)
     for es in expert_sets:
-        composed.load(es)
+        composed.load(es, open_named=open_named)
     return composed
 
 

@@ -1,5 +1,5 @@
 """The engines' shared bookkeeping without vLLM: the one load/unload transaction both engines run
-(`_SetBook.load`/`unload` over a stand-in for collective_rpc) and the SetRef a request carries."""
+(`SetBook.load`/`unload` over a stand-in for collective_rpc) and the SetRef a request carries."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from expertlib.engine import _run_now, _SetBook
+from expertlib.engine.book import SetBook
+from expertlib.engine.offline import _run_now
 from expertlib.errors import NotLoadedError
 from expertlib.slots import SetRef
 
@@ -59,14 +60,13 @@ def world(tiny_model_dir, tmp_path_factory):
     return base, sets
 
 
-def _load(book: _SetBook, rpc: Workers, path, name: str, pin: bool = False) -> str:
-    es, name, file = book.open(path, name)
-    return _run_now(book.load(es, name, file, pin, rpc))
+def _load(book: SetBook, rpc: Workers, path, name: str, pin: bool = False) -> str:
+    return _run_now(book.load(book.open(path, name), pin, rpc))
 
 
 def test_load_stages_writes_then_sets_the_row_in_slot_indices(world):
     base, sets = world
-    book, rpc = _SetBook(base, 4, 2), Workers()
+    book, rpc = SetBook(base, 4, 2), Workers()
     assert _load(book, rpc, sets["a"], "a") == "a"
     assert rpc.methods() == [
         "expertlib_stage",
@@ -75,7 +75,7 @@ def test_load_stages_writes_then_sets_the_row_in_slot_indices(world):
     ]
     path, digest, checked, background, fills = rpc.calls[0][1]
     assert path == str(sets["a"]) and background is False  # the offline engine runs the job inline
-    assert digest == book.sets["a"].manifest.content_digest
+    assert digest == book.sets["a"].digest
     assert json.loads(checked)["path"] == str(Path(sets["a"]).resolve())  # the workers trust this check
     layer = base.moe_layers[0]
     assert sorted(f[2] for f in fills if f[0] == layer) == [0, 1]  # the job copies them into slots
@@ -90,7 +90,7 @@ def test_load_stages_writes_then_sets_the_row_in_slot_indices(world):
 
 def test_a_failed_write_rolls_back_the_book_and_clears_the_row(world):
     base, sets = world
-    book, rpc = _SetBook(base, 4, 2), Workers()
+    book, rpc = SetBook(base, 4, 2), Workers()
     rpc.fail = True
     with pytest.raises(RuntimeError, match="worker died"):
         _load(book, rpc, sets["a"], "a")
@@ -102,7 +102,7 @@ def test_a_failed_write_rolls_back_the_book_and_clears_the_row(world):
 
 def test_eviction_clears_the_evicted_row_before_its_slots_are_written(world):
     base, sets = world
-    book, rpc = _SetBook(base, 4, 2), Workers()
+    book, rpc = SetBook(base, 4, 2), Workers()
     _load(book, rpc, sets["a"], "a")
     _load(book, rpc, sets["b"], "b")
     rpc.calls.clear()
@@ -116,7 +116,7 @@ def test_a_set_serves_only_once_its_slots_are_written(world):
     """The row is written after the workers' job (read, check, pack, slot copies) is done; until then
     a request for the set is told it is being loaded rather than served with a half-written set."""
     base, sets = world
-    book = _SetBook(base, 4, 2)
+    book = SetBook(base, 4, 2)
 
     class Probe(Workers):
         async def __call__(self, method, args=()):
@@ -128,12 +128,10 @@ def test_a_set_serves_only_once_its_slots_are_written(world):
     rpc = Probe(busy=2)  # the job answers "not yet" twice
 
     async def load():
-        es, name, file = book.open(sets["a"], "a")
-
         async def pause():
             pass
 
-        return await book.load(es, name, file, False, rpc, pause)
+        return await book.load(book.open(sets["a"], "a"), False, rpc, pause)
 
     asyncio.run(load())
     assert rpc.methods()[:4] == ["expertlib_stage"] * 3 + ["expertlib_apply"]
@@ -143,10 +141,10 @@ def test_a_set_serves_only_once_its_slots_are_written(world):
 
 def test_a_set_ref_is_resolved_once_and_checked_later(world):
     base, sets = world
-    book, rpc = _SetBook(base, 4, 2), Workers()
+    book, rpc = SetBook(base, 4, 2), Workers()
     _load(book, rpc, sets["a"], "a")
     ref = book.ref("a")
-    assert ref == SetRef("a", book.sets["a"].manifest.content_digest, 1)
+    assert ref == SetRef("a", book.sets["a"].digest, 1)
     assert ref.cache_salt == f"expertlib:{ref.digest}" and book.ref(None) is None
     assert book.ref(ref) is ref  # still resident in its row: the value itself
     _run_now(book.unload("a", rpc))
@@ -163,7 +161,7 @@ def test_a_set_ref_is_resolved_once_and_checked_later(world):
 
 
 def test_the_async_engine_runs_the_same_transaction(world):
-    """AsyncExpertEngine.load/unload go through _SetBook.load/unload with its collective_rpc."""
+    """AsyncExpertEngine.load/unload go through SetBook.load/unload with its collective_rpc."""
     from expertlib.engine import AsyncExpertEngine
 
     base, sets = world

@@ -226,21 +226,21 @@ def test_slot_engines_ask_vllm_for_the_triton_moe_kernel_on_gpus(monkeypatch, tm
 
     from vllm.model_executor.layers.fused_moe import fused_moe
 
-    from expertlib import engine
+    from expertlib.engine import memory
+    from expertlib.engine import start as engine
 
     config = SimpleNamespace(model_type="qwen3_moe", moe_intermediate_size=768)
     base = SimpleNamespace(config=config, path="/base", num_experts=128)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
-    assert "moe_backend" not in engine._engine_kwargs(base, 4, 2, {})  # CPU: vLLM's CPU kernel
+    assert "moe_backend" not in engine.vllm_kwargs(base, 4, 2, {})  # CPU: vLLM's CPU kernel
     assert "VLLM_TUNED_CONFIG_FOLDER" not in os.environ  # nor tuned Triton configs
-    monkeypatch.setattr(engine, "_on_cpu", lambda: False)
+    monkeypatch.setattr(memory, "on_cpu", lambda: False)
     monkeypatch.setattr(fused_moe, "get_device_name_as_file_name", lambda: "NVIDIA_H200")
-    assert engine._engine_kwargs(base, 4, 2, {})["moe_backend"] == "triton"
+    assert engine.vllm_kwargs(base, 4, 2, {})["moe_backend"] == "triton"
     assert (
-        engine._engine_kwargs(base, 4, 2, {"moe_backend": "batched_triton"})["moe_backend"]
-        == "batched_triton"
+        engine.vllm_kwargs(base, 4, 2, {"moe_backend": "batched_triton"})["moe_backend"] == "batched_triton"
     )
     folder = os.environ["VLLM_TUNED_CONFIG_FOLDER"]  # GPUs: vLLM finds a tuned config for E + S
     assert os.path.isfile(os.path.join(folder, "E=132,N=768,device_name=NVIDIA_H200.json"))
@@ -293,8 +293,9 @@ def test_gpu_fit_is_checked_per_rank_on_every_device():
 def test_gpu_sizing_reads_every_rank_and_never_starts_cuda_here(tmp_path, monkeypatch):
     """The API process sizes the engine from NVML (sizing.gpu_memory) for all tp ranks: calling
     torch.cuda here would create a CUDA context on GPU 0 (~0.5 GiB) and make vLLM spawn its workers."""
-    from expertlib import engine, sizing
+    from expertlib import sizing
     from expertlib.checkpoint import BaseCheckpoint
+    from expertlib.engine import memory as engine
     from expertlib.testing import make_tiny_model
 
     make_tiny_model("qwen3_moe", tmp_path / "base")
@@ -306,24 +307,24 @@ def test_gpu_sizing_reads_every_rank_and_never_starts_cuda_here(tmp_path, monkey
     asked = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", no_cuda)
     monkeypatch.setattr(torch.cuda, "init", no_cuda)
-    monkeypatch.setattr(engine, "_on_cpu", lambda: False)
+    monkeypatch.setattr(engine, "on_cpu", lambda: False)
     monkeypatch.setattr(sizing, "gpu_memory", lambda n: asked.append(n) or [(79 * GiB, 80 * GiB)] * n)
     kw, line = engine.size_memory(base, 4, {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8})
     assert asked == [2] and "each of 2 GPUs" in line and kw["tensor_parallel_size"] == 2
 
 
 def test_pipeline_parallelism_and_the_routing_simulator_are_refused(monkeypatch):
-    from expertlib import engine
+    from expertlib.engine import start as engine
     from expertlib.errors import EngineError
 
     base = SimpleNamespace(config=SimpleNamespace(model_type="qwen3_moe"), path="/base")
     monkeypatch.delenv("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", raising=False)
     with pytest.raises(EngineError, match="pipeline parallelism") as err:
-        engine._engine_kwargs(base, 4, 2, {"pipeline_parallel_size": 2})
+        engine.vllm_kwargs(base, 4, 2, {"pipeline_parallel_size": 2})
     assert "tensor_parallel_size" in err.value.hint
     monkeypatch.setenv("VLLM_MOE_ROUTING_SIMULATION_STRATEGY", "uniform_random")
     with pytest.raises(EngineError, match="routing simulator"):
-        engine._engine_kwargs(base, 4, 2, {})
+        engine.vllm_kwargs(base, 4, 2, {})
 
 
 def test_the_moe_kernel_is_checked_at_engine_start(monkeypatch):

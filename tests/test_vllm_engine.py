@@ -213,7 +213,7 @@ def test_prefix_cache_never_shared_across_sets(world, monkeypatch):
     """A long prompt cached under the base must not feed its KV blocks to a request for a set."""
     from vllm import SamplingParams
 
-    import expertlib.engine as engine_mod
+    from expertlib.engine import requests
 
     engine = world["engine"]
     reset(engine)
@@ -226,7 +226,7 @@ def test_prefix_cache_never_shared_across_sets(world, monkeypatch):
     again = engine.generate([prompt], "heavy", params)[0]
     assert list(again.outputs[0].token_ids) == want
     # the test can fail: without the per-set salt the set's request reuses the base's cached blocks
-    monkeypatch.setattr(engine_mod, "_salted", lambda p, salt: p)
+    monkeypatch.setattr(requests, "salted", lambda p, salt: p)
     engine.generate([prompt], None, params)
     leaked = engine.generate([prompt], "heavy", params)[0]
     assert leaked.num_cached_tokens > 0 and list(leaked.outputs[0].token_ids) != want
