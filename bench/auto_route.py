@@ -391,8 +391,9 @@ def _share(rows, want) -> float:
 def main(argv: list[str] | None = None) -> int:
     from expertlib.demo.base import build_demo_base, cache_dir, pick_threads
     from expertlib.demo.run import STEPS
-    from expertlib.demo.serving import BASE_NAME, stop_server, wait_ready
+    from expertlib.demo.serving import BASE_NAME, stop_server
     from expertlib.demo.tasks import DEMO_TASKS, PRETRAIN_TASKS
+    from expertlib.server import wait_ready
     from expertlib.server.settings import ServerSettings
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -458,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         report["sum+fill"] = composition_loss(base, sets, "sum", "fill")
         t0 = time.perf_counter()
-        wait_ready(proc, url, 900, workdir / "server.log")
+        wait_ready(url, timeout_s=900, proc=proc, log_path=workdir / "server.log")
         report["ready_wait_s"] = round(time.perf_counter() - t0, 1)
 
         log("[3/5] served accuracy and picks: auto vs named, sum+fill")

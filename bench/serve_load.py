@@ -175,10 +175,10 @@ def print_table(rows: list[dict], args) -> None:
 
 def launch_tiny(folder: Path, *, max_num_seqs: int) -> tuple[subprocess.Popen, str, list[str]]:
     """Build a tiny qwen2_moe base and four random sets in `folder`, start `expertlib serve` on them."""
-    import httpx
 
+    from expertlib.errors import EngineError
     from expertlib.moe import load_model
-    from expertlib.server import free_port
+    from expertlib.server import free_port, wait_ready
     from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -213,19 +213,11 @@ def launch_tiny(folder: Path, *, max_num_seqs: int) -> tuple[subprocess.Popen, s
     log = open(folder / "server.log", "w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit("server exited:\n" + (folder / "server.log").read_text()[-3000:])
-        if time.time() > deadline:
-            proc.kill()
-            raise SystemExit("server not ready after 600 s")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
+    try:
+        wait_ready(url, timeout_s=600, proc=proc, log_path=folder / "server.log", interval_s=1.0)
+    except EngineError as exc:  # exited, or not ready in time
+        proc.kill()
+        raise SystemExit(str(exc)) from None
     return proc, url, list(TINY_SETS)
 
 

@@ -29,6 +29,8 @@ CLI needs to build its options) loads without the web stack.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expertlib.server.settings import ServerSettings
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from expertlib.server.app import create_app
     from expertlib.server.state import ServerState
 
-__all__ = ["ServerSettings", "ServerState", "create_app", "free_port", "serve"]
+__all__ = ["ServerSettings", "ServerState", "create_app", "free_port", "serve", "wait_ready"]
 
 
 def __getattr__(name: str) -> Any:
@@ -80,6 +82,45 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def wait_ready(
+    url: str,
+    *,
+    timeout_s: float = 300.0,
+    proc=None,
+    log_path: str | Path | None = None,
+    interval_s: float = 0.5,
+    on_status: Callable[[int], None] | None = None,
+) -> None:
+    """Poll `url`/health until it answers 200 (the engine is up), for a server started in another
+    process or thread. `proc` (its `subprocess.Popen`) exiting first raises EngineError, `timeout_s`
+    passing raises NotReadyError, both with the end of `log_path`; `on_status` sees every other
+    status /health answers on the way (503 while the engine starts)."""
+    import contextlib
+    import time
+
+    import httpx
+
+    from expertlib.errors import EngineError, NotReadyError
+
+    def log_tail() -> str:
+        return ":\n" + Path(log_path).read_text(errors="replace")[-4000:] if log_path is not None else ""
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise EngineError(f"the server at {url} exited with code {proc.returncode}{log_tail()}")
+        status = None
+        with contextlib.suppress(httpx.TransportError):
+            status = httpx.get(url + "/health", timeout=5).status_code
+        if status == 200:
+            return
+        if status is not None and on_status is not None:
+            on_status(status)
+        if time.monotonic() > deadline:
+            raise NotReadyError(f"the server at {url} was not ready after {timeout_s:.0f} s{log_tail()}")
+        time.sleep(interval_s)
 
 
 def _is_loopback(host: str) -> bool:

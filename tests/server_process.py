@@ -4,7 +4,6 @@ ready, stop it (terminate, then kill) when the block ends; and an app served in 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -13,9 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
-from expertlib.server import free_port
+from expertlib.server import free_port, wait_ready
 
 #: The tests' environment for a served tiny model: in-process engine core, 1 GiB of KV cache, offline.
 TEST_ENV = {
@@ -49,10 +46,7 @@ class ServerThread:
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Until GET /health answers 200 (an expertlib server's engine is up)."""
-        deadline = time.time() + timeout
-        while httpx.get(self.url + "/health").status_code != 200:
-            assert time.time() < deadline, "the server did not get ready"
-            time.sleep(0.05)
+        wait_ready(self.url, timeout_s=timeout, interval_s=0.05)
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
@@ -84,18 +78,7 @@ class ServerProcess:
 
     def wait_ready(self, timeout_s: float = 300, on_status: Callable[[int], None] | None = None) -> None:
         """Poll /health until it answers 200; `on_status` sees every other status it answers first."""
-        deadline = time.time() + timeout_s
-        while True:
-            assert self.proc.poll() is None, "server exited:\n" + self.log_path.read_text()[-4000:]
-            assert time.time() < deadline, f"server not ready in {timeout_s:.0f} s"
-            status = None
-            with contextlib.suppress(httpx.TransportError):
-                status = httpx.get(self.url + "/health", timeout=5).status_code
-            if status == 200:
-                return
-            if status is not None and on_status is not None:
-                on_status(status)
-            time.sleep(0.5)
+        wait_ready(self.url, timeout_s=timeout_s, proc=self.proc, log_path=self.log_path, on_status=on_status)
 
     def stop(self) -> None:
         self.proc.terminate()

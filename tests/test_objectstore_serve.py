@@ -17,7 +17,7 @@ from test_server_http import FakeEngine, ServerThread
 
 from expertlib.registry import Registry
 from expertlib.registry.pullthrough import PullThrough
-from expertlib.server import ServerSettings, create_app
+from expertlib.server import ServerSettings, create_app, wait_ready
 
 
 def _patch_file(path, task: str, value: float = 0.0):
@@ -69,19 +69,10 @@ def complete(url: str, model: str) -> httpx.Response:
     )
 
 
-def wait_ready(url: str) -> None:
-    import time
-
-    deadline = time.time() + 30
-    while (r := httpx.get(url + "/health", timeout=5)).status_code != 200:
-        assert time.time() < deadline, r.text
-        time.sleep(0.05)
-
-
 def test_a_set_the_registry_lacks_is_pulled_from_the_remote_and_served(tmp_path, remote):
     server, url, state = serving(tmp_path, remote)
     with server:
-        wait_ready(url)
+        wait_ready(url, timeout_s=30, interval_s=0.05)
         assert Registry(tmp_path / "local").list() == []
         r = complete(url, "math@stable")  # a tag the local registry lacks
         assert r.status_code == 200, r.text
@@ -120,7 +111,7 @@ def test_an_older_version_pulled_after_a_newer_one_resolves_to_its_bytes(tmp_pat
 def test_pinned_set_named_at_start_is_pulled_and_stays(tmp_path, remote):
     server, url, state = serving(tmp_path, remote, pins=["code"])
     with server:
-        wait_ready(url)
+        wait_ready(url, timeout_s=30, interval_s=0.05)
         assert state.engine.sets == {"code@1": True}  # resident and pinned
         assert [str(e.ref) for e in Registry(tmp_path / "local").list()] == ["code@1"]
 
@@ -129,7 +120,7 @@ def test_a_remote_out_of_reach_is_502_and_bad_bytes_import_nothing(tmp_path):
     down = f"http://127.0.0.1:{free_port()}/admin/registry"  # nothing listens there
     server, url, _ = serving(tmp_path / "a", down)
     with server:
-        wait_ready(url)
+        wait_ready(url, timeout_s=30, interval_s=0.05)
         r = complete(url, "math")
         assert r.status_code == 502, r.text
         assert "cannot reach" in r.json()["error"]["message"]
@@ -146,7 +137,7 @@ def test_a_remote_out_of_reach_is_502_and_bad_bytes_import_nothing(tmp_path):
     puller.source.fs.pipe_file(blob, bytes(data))
     server, url, _ = serving(tmp_path / "b", store)
     with server:
-        wait_ready(url)
+        wait_ready(url, timeout_s=30, interval_s=0.05)
         r = complete(url, "math")
         assert r.status_code == 502, r.text
         assert "digest" in r.json()["error"]["message"]

@@ -40,7 +40,6 @@ from expertlib.demo.serving import (  # noqa: F401 - BASE_NAME, stop_server: ben
     stop_kept,
     stop_server,
     ui_links,
-    wait_ready,
 )
 from expertlib.demo.tasks import (
     DEMO_TASKS,
@@ -51,6 +50,7 @@ from expertlib.demo.tasks import (
     write_jsonl,
 )
 from expertlib.server import free_port as _free_port
+from expertlib.server import wait_ready
 
 #: ESFT training of the demo sets: steps and quick steps (toy scale; see bench/RESULTS.md "ESFT sweep").
 #: Everything else is `expertlib train`'s defaults (the learning rate: 3e-3 from the base's size).
@@ -134,7 +134,7 @@ def train_task_set(
         from expertlib.demo.tokenizer import make_tokenizer
         from expertlib.esft.diagnostics import BUILTIN_GENERAL, check_retention
 
-        risk["r"] = check_retention(model, make_tokenizer(), selection, BUILTIN_GENERAL)
+        risk["r"] = check_retention(model, make_tokenizer(), selection, BUILTIN_GENERAL, base=base)
         return {"retention_risk": risk["r"].summary()}  # kept in the manifest (show, the web view)
 
     es = train_esft(
@@ -291,7 +291,7 @@ def _serve_step(
     log("[5/5] serving: asked through the openai client, naming each set, with model=auto, and the base")
     t0 = time.perf_counter()
     try:
-        wait_ready(proc, url, s.server_timeout_s, log_path)
+        wait_ready(url, timeout_s=s.server_timeout_s, proc=proc, log_path=log_path)
         report.timings["server_ready_s"] = round(time.perf_counter() - t_server, 1)
         log(f"  ready at {url} ({report.timings['server_ready_s']:.0f} s after it was started)")
         report.served, report.served_accuracy = ask_server(

@@ -2,7 +2,7 @@
 running after the demo returns (one at a time, recorded in the cache, stopped by `expertlib demo --stop`).
 
     proc, url = start_server(base, registry, ["sum@1", "fill@1"], port, workdir / "server.log")
-    wait_ready(proc, url, 600, workdir / "server.log")
+    wait_ready(url, timeout_s=600, proc=proc, log_path=workdir / "server.log")   # expertlib.server
     rows, acc, picks = ask_server(url, ["sum", "fill"], settings)
     keep_serving(proc, url, workdir / "server.log")     # or stop_server(proc)
     stop_kept()                                          # what `expertlib demo --stop` does
@@ -82,23 +82,6 @@ def start_server(
     )
     proc._expertlib_log = logf  # type: ignore[attr-defined]
     return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(proc, url: str, timeout_s: float, log_path: Path) -> None:
-    import httpx
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if proc.poll() is not None:
-            tail = log_path.read_text()[-3000:]
-            raise RuntimeError(f"the server exited with code {proc.returncode}:\n{tail}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(f"the server was not ready after {timeout_s:.0f} s (log: {log_path})")
 
 
 def _close_log(proc) -> None:
