@@ -4,6 +4,7 @@ the --keep suggestion, --keep-mix training and the after-training fit verdict.""
 from __future__ import annotations
 
 import json
+import random
 import shlex
 
 import pytest
@@ -18,6 +19,7 @@ from expertlib.esft.pipeline import DataConfig, RuntimeConfig, SelectionConfig, 
 from expertlib.esft.selection import ExpertConfig
 from expertlib.esft.training import TrainConfig, mix_batch, train_experts
 from expertlib.moe import load_model
+from expertlib.patch import ExpertSet
 
 
 def _rows(words, fmt="say {w}"):
@@ -191,3 +193,92 @@ def test_fit_report_says_why_a_set_falls_short():
     assert not ok.short and ok.message().startswith("fit: the set answers")
     long = FitReport(train_exact=0.0, train_token_acc=0.8, answer_tokens=200)
     assert not long.short and "token accuracy" in long.message()
+
+
+def test_fit_report_says_when_greedy_decoding_falls_short():
+    # long answers: teacher forcing predicts 0.98 of the tokens, decoding gets 0.25 of them whole
+    long = FitReport(
+        train_exact=0.5,
+        train_token_acc=0.99,
+        eval_exact=0.2,
+        eval_token_acc=0.98,
+        answer_tokens=60,
+        greedy_exact=0.25,
+        greedy_forced_exact=0.2,
+        greedy_samples=32,
+        greedy_split="held-out",
+    )
+    msg = long.message()
+    assert long.short and msg.startswith(
+        "the set falls short of what the data asks when it answers on its own"
+    )
+    assert "0.25 of 32 held-out prompts" in msg and "0.98 of the answer tokens" in msg
+    assert "one wrong token derails the rest of an answer of 60 tokens" in msg
+    # decoding right: the long-answer verdict stays on token accuracy, with the decoded figure
+    fine = long.model_copy(update={"greedy_exact": 0.97, "greedy_forced_exact": 0.9})
+    assert not fine.short and "decoded greedily: 0.97 of 32 held-out prompts exact" in fine.message()
+    # short answers: teacher-forced exact match says it already; the decoded figure is added
+    short = FitReport(
+        train_exact=0.1, train_token_acc=0.5, answer_tokens=6, greedy_exact=0.1, greedy_samples=8
+    )
+    short = short.model_copy(update={"greedy_forced_exact": 0.1, "greedy_split": "training"})
+    assert short.short and "attention" in short.message() and "0.10 of 8 training prompts" in short.message()
+
+
+def test_greedy_decoding_checks_the_answer_it_would_give(tiny_model_dir):
+    from expertlib.esft.data import IGNORE_INDEX, Sample
+    from expertlib.esft.keep import _forced, _greedy
+
+    base = tiny_model_dir("qwen2_moe")
+    model = load_model(base).eval()
+    vocab = model.config.vocab_size
+    prompts = [[5, 6, 7], [8, 9, 10], [11, 12, 13, 14], [15, 16]]
+    own = []
+    for p in prompts:  # the base's own greedy continuation, 6 tokens, as the "answer"
+        ids = torch.tensor([p])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        own.append(out[0, len(p) :].tolist())
+
+    def sample(p, a):
+        return Sample(tuple(p + a), tuple([IGNORE_INDEX] * len(p) + a))
+
+    right = [sample(p, a) for p, a in zip(prompts, own, strict=True)]
+    assert _greedy(model, right, pad_id=0) == 1.0 and _forced(model, right, pad_id=0)[0] == 1.0
+    # the last answer token of two samples changed: those two are wrong, prompt lengths mixed
+    wrong = [sample(p, a[:-1] + [(a[-1] + 1) % vocab]) for p, a in zip(prompts[:2], own[:2], strict=True)]
+    assert _greedy(model, wrong + right[2:], pad_id=0) == 0.5
+
+
+def test_train_decodes_long_answers_and_says_when_they_fall_short(tmp_path, tiny_model_dir):
+    # answers of ~60 tokens: the teacher-forced check alone judged them on token accuracy and never
+    # said the set falls short; one step of training on a random base decodes none of them right
+    base = tiny_model_dir("qwen2_moe")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(60)) for _ in range(12)]
+    task = tmp_path / "long.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in _rows(words)))
+    args = ["train", str(base), str(task), "--task", "long", "--steps", "1", "--lr", "0.001"]
+    args += [
+        "--batch-size",
+        "4",
+        "--keep",
+        "none",
+        "--holdout",
+        "0.25",
+        "--out",
+        str(tmp_path / "l.safetensors"),
+    ]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    fit = ExpertSet.open(tmp_path / "l.safetensors").manifest.provenance.extra["fit"]
+    assert fit["answer_tokens"] > 32 and fit["greedy_split"] == "held-out" and fit["greedy_samples"] == 3
+    assert fit["greedy_exact"] == 0.0
+    assert "the set falls short of what the data asks" in res.stderr
+    assert "decoded greedily: 0.00 of 3 held-out prompts exact" in res.stderr

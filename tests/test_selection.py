@@ -97,6 +97,21 @@ def test_keep_contrast_ranks_task_against_kept_relevance():
     assert keep_layer(TASK, 0.7, [TASK], mode="contrast") == []  # the task is all kept routing
 
 
+def test_keep_capped_ranks_by_contrast_within_the_share():
+    # contrast [0.4, 0.5, 0.1, 0] takes 1 then 0, and expert 0 carries 0.3 of the kept routing;
+    # capped takes 1 (0.05 kept), skips 0 (0.35 > 0.1) and takes 2 in its place (0.10): as many
+    # experts as contrast, within the share
+    assert keep_layer(TASK, 0.7, [KEPT], mode="contrast") == [0, 1]
+    assert keep_layer(TASK, 0.7, [KEPT], mode="capped", keep_share=0.1) == [1, 2]
+    assert keep_layer(TASK, 0.7, [KEPT], mode="capped", keep_share=0.35) == [0, 1]  # within: contrast's
+    assert keep_layer(TASK, 0.4, [KEPT], mode="capped", keep_share=0.1) == [1]  # p reached: no more
+    # nothing fits: empty; nothing positive in the contrast: empty
+    assert keep_layer(TASK, 0.7, [KEPT], mode="capped", keep_share=0.01) == []
+    assert keep_layer(TASK, 0.7, [TASK], mode="capped") == []
+    with pytest.raises(SelectionError, match="unknown keep mode"):
+        keep_layer(TASK, 0.7, [KEPT], mode="loose")
+
+
 def test_select_experts_with_keep_per_layer():
     scores = {0: TASK, 1: [0.1, 0.1, 0.1, 0.7]}
     kept = {0: KEPT, 1: [0.25, 0.25, 0.25, 0.25]}

@@ -391,6 +391,21 @@ HELDOUT: dict[str, Task] = {
 #: freezes: reported apart, like `mirror`.
 ATTENTION_TASKS = ("back", "tail")
 
+
+# --- tuning tasks (bench/heldout.py --tuning): the defaults are chosen on these, never on HELDOUT ----
+
+
+def _before(rng):
+    w = _word(rng)
+    return f"before: {w}", _caesar_shift(w, -1)
+
+
+#: Tuning tasks that are not demo-world tasks. `before` (caesar backwards) answers through the
+#: experts the general tasks use: the case that separates the keep modes.
+TUNING: dict[str, Task] = {
+    t.name: t for t in (Task("before", "tuning", "shift each letter one place back (b->a, a->z)", _before),)
+}
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -444,9 +459,9 @@ HELDOUT_TASKS = list(HELDOUT)
 
 def get_task(name: str) -> Task:
     try:
-        return TASKS[name] if name in TASKS else HELDOUT[name]
+        return TASKS[name] if name in TASKS else HELDOUT[name] if name in HELDOUT else TUNING[name]
     except KeyError:
-        raise KeyError(f"unknown task {name!r}; tasks: {', '.join([*TASKS, *HELDOUT])}") from None
+        raise KeyError(f"unknown task {name!r}; tasks: {', '.join([*TASKS, *HELDOUT, *TUNING])}") from None
 
 
 def resolve_tasks(names: Sequence[str] | None) -> list[str]:

@@ -14,8 +14,9 @@ the experts that carry it (`expertlib.esft.selection.keep_layer`). A source is
     shares = [kept_routing(model, k.samples, pad_id=pad) for k in sources]
 
 After training, `fit_check` measures, with the set applied, how many training and held-out
-samples the set answers exactly (teacher-forced), and says when the set falls short of what
-the data asks and why (`FitReport.message`).
+samples the set answers exactly (teacher-forced), decodes a small sample of them greedily (as
+the set will be used: one wrong token derails the rest of a long answer, which teacher forcing
+never sees), and says when the set falls short of what the data asks and why (`FitReport.message`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -41,6 +43,9 @@ SELF_SAMPLES, SELF_PROMPT_TOKENS, SELF_ANSWER_TOKENS = 64, 32, 48
 SHORT_EXACT = 0.9
 #: Answers longer than this (mean tokens) are judged on token accuracy instead of exact match.
 LONG_ANSWER_TOKENS = 32
+#: `fit_check` decodes this many prompts greedily (held-out ones when there are any), and at most
+#: this many answer tokens of each: a bounded cost, whatever the data.
+GREEDY_SAMPLES, GREEDY_MAX_TOKENS = 32, 256
 
 
 @dataclass
@@ -219,21 +224,40 @@ class FitReport(BaseModel):
     dropped: dict[str, float] = Field(
         default_factory=dict, description="layer -> task routing share on experts the keep constraint dropped"
     )
+    greedy_exact: float | None = Field(
+        default=None, description="share of the decoded sample whose greedy answer is exactly the data's"
+    )
+    greedy_forced_exact: float | None = Field(
+        default=None, description="teacher-forced exact match on the same sample, for comparison"
+    )
+    greedy_samples: int = Field(default=0, description="prompts decoded greedily")
+    greedy_split: Literal["held-out", "training"] | None = Field(
+        default=None, description="which split the decoded prompts came from"
+    )
 
     @property
     def judged_on_exact(self) -> bool:
         return self.answer_tokens <= LONG_ANSWER_TOKENS
 
     @property
+    def greedy_short(self) -> bool:
+        """Decoded greedily, fewer than SHORT_EXACT of the sampled prompts get exactly the data's answer."""
+        return self.greedy_exact is not None and self.greedy_exact < SHORT_EXACT
+
+    @property
     def short(self) -> bool:
-        """The set falls short: held-out (else training) exact match below SHORT_EXACT (short answers only)."""
+        """The set falls short: held-out (else training) exact match below SHORT_EXACT (short answers
+        only, teacher-forced), or greedy decoding of the sample below it (any answer length)."""
+        if self.greedy_short:
+            return True
         if not self.judged_on_exact:
             return False
         return (self.eval_exact if self.eval_exact is not None else self.train_exact) < SHORT_EXACT
 
     @property
     def cannot_fit(self) -> bool:
-        return self.train_exact < SHORT_EXACT
+        """Short of the training data itself (exact match; token accuracy for long answers)."""
+        return (self.train_exact if self.judged_on_exact else self.train_token_acc) < SHORT_EXACT
 
     def message(self, keep_hint: str | None = None, budget_hint: str | None = None) -> str:
         """The verdict. `keep_hint` is the command that trains what keeping dropped (`--keep none`);
@@ -244,14 +268,38 @@ class FitReport(BaseModel):
             else ""
         )
         figures = f"exact answers (teacher-forced): {held}training {self.train_exact:.2f}"
-        if not self.judged_on_exact:
+        greedy = (
+            f"; decoded greedily: {self.greedy_exact:.2f} of {self.greedy_samples} {self.greedy_split} prompts "
+            f"exact (teacher-forced on the same prompts: {self.greedy_forced_exact:.2f})"
+            if self.greedy_exact is not None
+            else ""
+        )
+        if not self.judged_on_exact and not self.greedy_short:
             return (
                 f"fit: token accuracy training {self.train_token_acc:.2f}"
                 + (f", held-out {self.eval_token_acc:.2f}" if self.eval_token_acc is not None else "")
-                + f" (answers of {self.answer_tokens:.0f} tokens: judge them with your own eval)"
+                + greedy
+                + f" (answers of {self.answer_tokens:.0f} tokens: judge them with your own eval too)"
             )
         if not self.short:
-            return f"fit: the set answers what the data asks; {figures}"
+            return f"fit: the set answers what the data asks; {figures}{greedy}"
+        forced_short = self.judged_on_exact and (
+            (self.eval_exact if self.eval_exact is not None else self.train_exact) < SHORT_EXACT
+        )
+        acc = self.eval_token_acc if self.eval_token_acc is not None else self.train_token_acc
+        if (
+            not forced_short and acc >= SHORT_EXACT
+        ):  # only decoding shows it: errors compound along the answer
+            return (
+                f"the set falls short of what the data asks when it answers on its own: decoded greedily, "
+                f"{self.greedy_exact:.2f} of {self.greedy_samples} {self.greedy_split} prompts get exactly the "
+                f"data's answer, while teacher-forced (every earlier answer token given) it predicts {acc:.2f} "
+                f"of the answer tokens and {self.greedy_forced_exact:.2f} of the same answers whole. Why: one "
+                f"wrong token derails the rest of an answer of {self.answer_tokens:.0f} tokens, and a "
+                "teacher-forced score never sees it. Train more steps or on more data, and judge the set by its "
+                "decoded answers (`expertlib eval BASE --data DATA -e SET`); if it still falls short, the skill "
+                "needs what ESFT freezes (attention): use full fine-tuning or LoRA."
+            )
         lost = sum(self.dropped.values())
         if self.cannot_fit and lost > 0:
             why = (
@@ -281,7 +329,7 @@ class FitReport(BaseModel):
                 "the set fits the training data but not the held-out data: it memorised; give more data, "
                 "train fewer steps, or hold data out with --early-stop"
             )
-        return f"the set falls short of what the data asks: {figures}. Why: {why}."
+        return f"the set falls short of what the data asks: {figures}{greedy}. Why: {why}."
 
 
 @torch.no_grad()
@@ -308,6 +356,39 @@ def _forced(
     return exact / max(1, len(samples)), right / max(1, tokens)
 
 
+@torch.no_grad()
+def _greedy(model: nn.Module, samples: Sequence[Sample], pad_id: int, batch_size: int = 32) -> float:
+    """Share of `samples` whose greedy answer is exactly theirs: each decoded from its prompt (the
+    tokens before its first answer token) for as many tokens as that answer (at most
+    GREEDY_MAX_TOKENS; EOS included), prompts of one length batched together (no padding)."""
+    from expertlib.devices import input_device
+
+    device = input_device(model)
+    by_len: dict[int, list[tuple[list[int], list[int]]]] = {}
+    for s in samples:
+        start = next(i for i, t in enumerate(s.labels) if t != IGNORE_INDEX)
+        end = next((i for i in range(start, len(s.labels)) if s.labels[i] == IGNORE_INDEX), len(s.labels))
+        by_len.setdefault(start, []).append(
+            (list(s.input_ids[:start]), list(s.input_ids[start:end][:GREEDY_MAX_TOKENS]))
+        )
+    right = 0
+    for pairs in by_len.values():
+        for i in range(0, len(pairs), batch_size):
+            part = pairs[i : i + batch_size]
+            ids = torch.tensor([p for p, _ in part], device=device)  # (B, prompt)
+            longest = max(len(a) for _, a in part)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=longest,
+                min_new_tokens=0,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )[:, ids.shape[1] :].tolist()  # (B, <= longest)
+            right += sum(o[: len(a)] == a for o, (_, a) in zip(out, part, strict=True))
+    return right / max(1, len(samples))
+
+
 def fit_check(
     model: nn.Module,
     expert_set,
@@ -316,12 +397,16 @@ def fit_check(
     *,
     pad_id: int,
     n: int = 128,
+    greedy: int = GREEDY_SAMPLES,
     dropped: dict[str, float] | None = None,
 ) -> FitReport:
-    """`FitReport` of `expert_set` applied to `model` (reverted after) on up to `n` samples of each split."""
+    """`FitReport` of `expert_set` applied to `model` (reverted after) on up to `n` samples of each
+    split, and greedy decoding of up to `greedy` of them (held-out ones when there are any)."""
     from expertlib.apply import apply_expert_set
 
     train_s, eval_s = list(train_samples[:n]), list(eval_samples[:n])
+    split = "held-out" if eval_s else "training"
+    decoded = [s for s in (eval_s or train_s) if any(t != IGNORE_INDEX for t in s.labels)][:greedy]
     was = model.training
     model.eval()
     try:
@@ -329,6 +414,8 @@ def fit_check(
         with apply_expert_set(model, expert_set, check_base=False, verify=False):  # the model it trained on
             tr = _forced(model, train_s, pad_id)
             ev = _forced(model, eval_s, pad_id) if eval_s else None
+            g = _greedy(model, decoded, pad_id) if decoded else None
+            g_forced = _forced(model, decoded, pad_id)[0] if decoded else None
     finally:
         model.train(was)
     answer = sum(s.num_answer_tokens for s in train_s) / max(1, len(train_s))
@@ -340,4 +427,8 @@ def fit_check(
         base_eval_exact=None if base_eval is None else round(base_eval, 4),
         answer_tokens=round(answer, 2),
         dropped=dropped or {},
+        greedy_exact=None if g is None else round(g, 4),
+        greedy_forced_exact=None if g_forced is None else round(g_forced, 4),
+        greedy_samples=len(decoded),
+        greedy_split=split if decoded else None,
     )

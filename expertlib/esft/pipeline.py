@@ -36,7 +36,7 @@ from expertlib.esft.data import Sample, TooLong
 from expertlib.esft.keep import AUTO
 from expertlib.esft.memory_plan import MemoryPlan, ModelShape, plan_training
 from expertlib.esft.scoring import PAPER_TOKEN_BUDGET
-from expertlib.esft.selection import DEFAULT_KEEP_SHARE, ExpertConfig, KeepMode
+from expertlib.esft.selection import DEFAULT_KEEP_MODE, DEFAULT_KEEP_SHARE, ExpertConfig, KeepMode
 from expertlib.esft.training import Trainable, TrainConfig, train_experts
 from expertlib.identity import load_config
 from expertlib.moe import tensor_digest
@@ -92,10 +92,11 @@ class SelectionConfig(BaseModel):
         "demo base, else self) or 'none' (the paper's selection); repeatable",
     )
     keep_mode: KeepMode = Field(
-        default="contrast",
+        default=DEFAULT_KEEP_MODE,
         description="contrast: rank experts by task share minus kept share (the most kept share counts) "
-        "and apply top-p to that; budget: drop selected experts until they carry at most --keep-share of each "
-        "kept dataset's routing per layer",
+        "and apply top-p to that; capped: the same ranking, taking experts only while the layer stays within "
+        "--keep-share of each kept dataset's routing (one past it is replaced by the next under it); budget: the "
+        "paper's selection, dropping experts until they carry at most --keep-share of the kept routing per layer",
     )
     keep_share: float = Field(
         default=DEFAULT_KEEP_SHARE,

@@ -10,13 +10,18 @@ the layer's set, at least one expert, optionally capped at `max_per_layer`.
 Retention-aware selection (`keep`): given the routing shares of data whose skills must stay
 (the same per-layer ESFT-Token shares the retention check uses, `expertlib.esft.diagnostics`),
 
-- `keep_mode="contrast"` (the default; better on the tuning tasks, bench/RESULTS.md): rank
-  experts by task relevance against kept relevance, max(0, task share - kept share) per expert
-  (the largest kept share when several datasets are kept), and apply the top-p rule to that;
-  an expert the kept data uses as much as the task never trains, a layer may end up empty;
+- `keep_mode="contrast"` (the default): rank experts by task relevance against kept relevance,
+  max(0, task share - kept share) per expert (the largest kept share when several datasets are
+  kept), and apply the top-p rule to that; an expert the kept data uses as much as the task never
+  trains, a layer may end up empty. It ranks; it does not bound the kept share;
 - `keep_mode="budget"`: take the paper's top-p set, then walk it in score order and keep an
   expert only while the selected experts of the layer carry at most `keep_share` of every kept
-  dataset's routing (the retention check's statistic, bounded exactly).
+  dataset's routing (the retention check's statistic, bounded exactly);
+- `keep_mode="capped"`: contrast's
+  ranking under budget's bound. Walk the experts in contrast order and take one only while the
+  layer's selection stays within `keep_share` of every kept dataset's routing, until the taken
+  contrast reaches top-p or the layer has as many experts as contrast alone would train: an
+  expert past the bound is replaced by the next one under it, never by more experts.
 
     cfg = select_experts(scores.token, 0.2, keep=[general_shares], keep_share=0.1)
 """
@@ -42,7 +47,9 @@ DEFAULT_EPS = 1e-9
 #: check's threshold (`expertlib.esft.diagnostics.DEFAULT_RISK_THRESHOLD`).
 DEFAULT_KEEP_SHARE = 0.1
 
-KeepMode = Literal["budget", "contrast"]
+KeepMode = Literal["budget", "capped", "contrast"]
+#: The default keep mode (`SelectionConfig.keep_mode`, `select_experts`).
+DEFAULT_KEEP_MODE: KeepMode = "contrast"
 
 
 def top_p_rule(score: str, top_p: float | None, weighting: str) -> tuple[float, float]:
@@ -148,7 +155,7 @@ def keep_layer(
     top_p: float,
     kept: Sequence[Sequence[float]],
     *,
-    mode: KeepMode = "contrast",
+    mode: KeepMode = DEFAULT_KEEP_MODE,
     keep_share: float = DEFAULT_KEEP_SHARE,
     max_experts: int | None = None,
     eps: float = DEFAULT_EPS,
@@ -160,22 +167,40 @@ def keep_layer(
     if any(len(k) != len(scores) for k in kept):
         raise SelectionError(f"kept routing has {[len(k) for k in kept]} experts, the scores {len(scores)}")
     kept = [_shares(k) for k in kept]
-    if mode == "contrast":
-        task = _shares(scores)
-        contrast = [max(0.0, t - max(k[i] for k in kept)) for i, t in enumerate(task)]
-        if not any(contrast):
-            return []
-        return top_p_layer(_shares(contrast), top_p, max_experts=max_experts, eps=eps)
-    if mode != "budget":
-        raise SelectionError(f"unknown keep mode {mode!r}", hint="budget or contrast")
+    if mode not in ("budget", "capped", "contrast"):
+        raise SelectionError(f"unknown keep mode {mode!r}", hint="capped, contrast or budget")
     carried = [0.0] * len(kept)
-    chosen = []
-    for e in sorted(
-        top_p_layer(scores, top_p, max_experts=max_experts, eps=eps), key=lambda i: (-scores[i], i)
-    ):
-        if all(c + k[e] <= keep_share + eps for c, k in zip(carried, kept, strict=True)):
-            chosen.append(e)
-            carried = [c + k[e] for c, k in zip(carried, kept, strict=True)]
+    chosen: list[int] = []
+
+    def fits(e: int) -> bool:  # the layer stays within keep_share of every kept dataset with e
+        return all(c + k[e] <= keep_share + eps for c, k in zip(carried, kept, strict=True))
+
+    def take(e: int) -> None:
+        nonlocal carried
+        chosen.append(e)
+        carried = [c + k[e] for c, k in zip(carried, kept, strict=True)]
+
+    if mode == "budget":
+        for e in sorted(
+            top_p_layer(scores, top_p, max_experts=max_experts, eps=eps), key=lambda i: (-scores[i], i)
+        ):
+            if fits(e):
+                take(e)
+        return sorted(chosen)
+    task = _shares(scores)
+    contrast = _shares([max(0.0, t - max(k[i] for k in kept)) for i, t in enumerate(task)])
+    if not any(contrast):
+        return []
+    unbounded = top_p_layer(contrast, top_p, max_experts=max_experts, eps=eps)
+    if mode == "contrast":
+        return unbounded
+    running = 0.0
+    for e in sorted((i for i, c in enumerate(contrast) if c > 0), key=lambda i: (-contrast[i], i)):
+        if fits(e):
+            take(e)
+            running += contrast[e]
+        if running + eps >= top_p or len(chosen) >= len(unbounded):
+            break
     return sorted(chosen)
 
 
@@ -188,7 +213,7 @@ def select_experts(
     non_expert_modules: bool = False,
     eps: float = DEFAULT_EPS,
     keep: Sequence[Mapping[int, Sequence[float]]] = (),
-    keep_mode: KeepMode = "contrast",
+    keep_mode: KeepMode = DEFAULT_KEEP_MODE,
     keep_share: float = DEFAULT_KEEP_SHARE,
 ) -> ExpertConfig:
     """Apply the top-p rule to every layer's scores (see module docstring); with `keep` (routing
