@@ -36,6 +36,10 @@ CACHE_ENV = "EXPERTLIB_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/expertlib"
 #: Folder under the cache dir keeping the digests of base checkpoints' experts (expertlib.checkpoint).
 BASE_DIGESTS_DIR = "base-digests"
+#: Folder under the cache dir keeping sets packed in a kernel's layout (expertlib.vllm_plugin.packcache),
+#: and the environment variable bounding it (a size; 0 turns it off).
+PACKED_CACHE_DIR = "packed"
+PACKED_CACHE_ENV = "EXPERTLIB_PACKED_CACHE"
 #: The report written beside the demo base's weights; its presence marks a folder as the demo base.
 DEMO_INFO_FILE = "demo_base.json"
 #: Folder of reference data a base may ship beside its weights (`expertlib.esft.base_data`).

@@ -174,6 +174,54 @@ def test_a_reload_copies_packed_rows_from_the_host_cache(world, monkeypatch):
     assert tokens(engine.generate(PROMPTS[:2], "alpha", greedy())) == want
 
 
+def test_a_set_packed_before_loads_from_the_packed_cache(world, monkeypatch, tmp_path):
+    """With the host cache emptied (a new process), a set packed before is read from the packed-set
+    disk cache straight into its slots (no set file read, no packing) and answers as when it was
+    packed; a cache file changed since it was written (its mtime set back) is refused, removed and the
+    set packed again from its checked file, answering the same."""
+    import expertlib.vllm_plugin.worker as worker
+    from expertlib.vllm_plugin.hostcache import HOST_CACHE
+    from expertlib.vllm_plugin.packcache import PACKED_CACHE
+
+    engine, path = world["engine"], world["paths"]["beta"]
+    reset(engine)
+    PACKED_CACHE.flush()
+    monkeypatch.setattr(PACKED_CACHE, "_root", tmp_path / "packed")
+    monkeypatch.setattr(PACKED_CACHE, "_budget", 1 << 30)
+    budget = HOST_CACHE.budget
+
+    def load_afresh() -> None:
+        for name in engine.loaded_sets():
+            engine.unload(name)
+        HOST_CACHE.resize(0)  # what a new server process starts with
+        HOST_CACHE.resize(budget)
+        engine.load(path)
+        PACKED_CACHE.flush()
+
+    load_afresh()  # packed from the set file, written to the disk cache
+    want = tokens(engine.generate(PROMPTS[:3], "beta", greedy()))
+    assert PACKED_CACHE.status()["entries"] == 1
+    packed = []
+    original = worker.pack_set
+    monkeypatch.setattr(worker, "pack_set", lambda ctx, es: packed.append(es) or original(ctx, es))
+    hits = PACKED_CACHE.hits
+    load_afresh()
+    assert packed == [] and PACKED_CACHE.hits == hits + 1
+    assert tokens(engine.generate(PROMPTS[:3], "beta", greedy())) == want
+
+    data = next((tmp_path / "packed").glob("*.bin"))
+    st, raw = data.stat(), bytearray(data.read_bytes())
+    raw[: len(raw) // 2] = bytes(len(raw) // 2)  # half the rows zeroed
+    data.write_bytes(bytes(raw))
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    refused = PACKED_CACHE.refused
+    load_afresh()
+    assert len(packed) == 1 and PACKED_CACHE.refused == refused + 1
+    assert tokens(engine.generate(PROMPTS[:3], "beta", greedy())) == want
+    assert PACKED_CACHE.status()["entries"] == 1  # written again from the fresh packing
+    reset(engine)
+
+
 def test_set_that_cannot_fit_is_refused(world, tmp_path):
     engine = world["engine"]
     reset(engine)

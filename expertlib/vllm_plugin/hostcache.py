@@ -43,6 +43,15 @@ class HostCache:
     def nbytes(self) -> int:
         return sum(size for _, _, size in self._sets.values())
 
+    def holds(self, path: str, content_digest: str | None) -> bool:
+        """Whether `entry` would take this set from memory (staged by the load or kept)."""
+        path = str(path)
+        with self._lock:
+            for got in (self._staged.get(path), self._sets.get(path)):
+                if got is not None and content_digest in (None, got[0]):
+                    return True
+        return False
+
     def entry(
         self,
         path: str,
@@ -50,10 +59,12 @@ class HostCache:
         checked: VerifiedRecord | None,
         prepare: Callable[[ExpertSet], Entry],
         size: Callable[[Entry], int],
+        made: Callable[[str, Entry], None] | None = None,
     ) -> Entry:
         """The set at `path` as `prepare` makes it from its checked bytes: from this cache when it
         holds that set, else read from the file once and checked (`checked`: a full check of the file
-        made elsewhere, trusted while the file is unchanged since), then prepared and kept."""
+        made elsewhere, trusted while the file is unchanged since), then prepared and kept; `made` is
+        then called with the set's content digest and what was made (the packed-set disk cache)."""
         path = str(path)
         with self._lock:
             staged = self._staged.get(path)
@@ -82,6 +93,8 @@ class HostCache:
             self.misses += 1
             self._staged[path] = (digest, entry)
             self._put(path, digest, entry, size(entry))
+        if made is not None:
+            made(digest, entry)
         return entry
 
     def stage(self, key: Hashable, work: Callable[[], Any], background: bool = False) -> bool:

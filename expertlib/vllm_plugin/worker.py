@@ -153,8 +153,12 @@ class LayerRows:
 
     @property
     def nbytes(self) -> int:
-        parts = (self.w13, self.w2, self.b13, self.b2)
-        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+        return sum(t.numel() * t.element_size() for _, t in self.parts())
+
+    def parts(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, rows) of every part it holds, named as `slot_parts` names the slot tensors."""
+        named = (("w13", self.w13), ("w2", self.w2), ("b13", self.b13), ("b2", self.b2))
+        return [(name, t) for name, t in named if t is not None]
 
 
 @torch.no_grad()
@@ -237,6 +241,16 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
+def slot_parts(routed_experts) -> dict[str, torch.Tensor]:
+    """The slot tensors of one layer by part name (the rows `LayerRows` holds per part)."""
+    out = {"w13": routed_experts.w13_weight.data, "w2": routed_experts.w2_weight.data}
+    for name, attr in (("b13", "w13_bias"), ("b2", "w2_bias")):
+        t = getattr(routed_experts, attr, None)
+        if isinstance(t, torch.Tensor):
+            out[name] = t.data
+    return out
+
+
 def write_slots(runner, physical_ids: list[int], weights: list[ExpertWeights]) -> None:
     """Canonical experts into physical expert rows of one layer (`pack_rows`, then `copy_rows`)."""
     experts = list(range(len(weights)))
@@ -267,6 +281,114 @@ def fill_slots(ctx, rows: dict[int, LayerRows], fills: list[list[int]]) -> None:
         by_layer.setdefault(int(layer), []).append((ctx.num_experts + int(slot), int(expert)))
     for layer, pairs in by_layer.items():
         copy_rows(ctx.layers[layer], [p for p, _ in pairs], rows[layer], [e for _, e in pairs])
+
+
+# --- the packed-set disk cache (packcache.py) -------------------------------------------------------------
+
+#: How `pack_rows` lays rows out; bump it whenever that changes, so packed-set cache entries written by
+#: other code are never read (the kernel's own layout is covered by `layout_of`'s probes).
+PACK_FORMAT = 1
+
+
+def layout_of(ctx) -> str:
+    """The digest of how this worker's slots take packed rows: `PACK_FORMAT`, the vLLM version, and
+    per MoE layer its slot parts' dtypes and row shapes, its kernel, this rank's tensor-parallel place
+    and the kernel's packing of fixed probe rows of those shapes. The packed-set cache's key hashes it
+    with the set's content digest. Computed once per worker."""
+    got = getattr(ctx, "_expertlib_pack_layout", None)
+    if got is None:
+        import vllm
+
+        from expertlib.vllm_plugin.packcache import layout_digest
+
+        layers = {str(layer): _layer_layout(runner) for layer, runner in sorted(ctx.layers.items())}
+        got = layout_digest({"format": PACK_FORMAT, "vllm": vllm.__version__, "layers": layers})
+        ctx._expertlib_pack_layout = got
+    return got
+
+
+def _layer_layout(runner) -> dict[str, Any]:
+    dst = runner.routed_experts
+    par = runner.moe_config.moe_parallel_config
+    parts = {name: [str(t.dtype), list(t.shape[1:])] for name, t in slot_parts(dst).items()}
+    w13, w2 = tuple(dst.w13_weight.shape[1:]), tuple(dst.w2_weight.shape[1:])
+    packer = kernel_layout(dst, (1, *w13), (1, *w2))
+    kernel = type(getattr(getattr(dst.quant_method, "moe_kernel", None), "fused_experts", None)).__name__
+    probe = "checkpoint layout" if packer is None else _probe(packer.impl.isa, w13, w2, dst.w13_weight.dtype)
+    return {
+        "parts": parts,
+        "kernel": kernel,
+        "tp": [getattr(par, "tp_rank", 0), par.tp_size],
+        "probe": probe,
+    }
+
+
+@functools.cache
+def _probe(isa: str, w13: tuple[int, ...], w2: tuple[int, ...], dtype: torch.dtype) -> str:
+    """The CPU kernel's packing of fixed random rows of these shapes, as a digest: another packing
+    (kernel version, ISA, block sizes) gives another digest."""
+    from expertlib.vllm_plugin.packcache import digest_rows
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for shape in (w13, w2):
+        w = torch.randn(1, *shape, generator=g).to(dtype)
+        packed = torch.empty_like(w)
+        torch.ops._C.prepack_moe_weight(w, packed, isa)
+        out.append(packed)
+    return digest_rows(out)
+
+
+def packed_layers(rows: dict[int, LayerRows]) -> list[tuple[int, list[int], list[tuple[str, torch.Tensor]]]]:
+    """A packed set as the packed-set cache writes it."""
+    return [(layer, r.experts, r.parts()) for layer, r in sorted(rows.items())]
+
+
+def fill_from_packed(ctx, cache, content_digest: str, fills: list[list[int]]) -> bool:
+    """Copy `fills` = [[layer, slot, expert], ...] of a set into their slots from the packed-set
+    cache: on CPU its bytes read straight into the slot rows, on a GPU into pinned rows copied on a
+    side stream (`copy_rows`). False when the cache has no usable entry (nothing trusted was written;
+    the caller packs the set and writes every fill again)."""
+    rec = cache.record(content_digest, layout_of(ctx))
+    if rec is None:
+        return False
+    have = {(layer.layer, e): [p.name for p in layer.parts] for layer in rec.layers for e in layer.experts}
+    targets, by_layer = [], {}
+    for layer, slot, expert in fills:
+        if not 0 <= int(slot) < ctx.slots:
+            raise ValueError(f"slot {slot} out of range (0..{ctx.slots - 1})")
+        if int(layer) not in ctx.layers:
+            raise ValueError(f"the set replaces experts of layer {layer}, which is not a MoE layer here")
+        names = have.get((int(layer), int(expert)))
+        if names is None or not {"w13", "w2"} <= set(names):
+            cache.refuse(rec.key, f"it lacks expert {expert} of layer {layer}")
+            return False
+        by_layer.setdefault(int(layer), []).append((ctx.num_experts + int(slot), int(expert), names))
+    for layer, entries in by_layer.items():
+        runner = ctx.layers[layer]
+        parts = slot_parts(runner.routed_experts)
+        if parts["w13"].device.type != "cpu":
+            return _fill_staged(runner, cache, rec, layer, entries)
+        for phys, expert, names in entries:
+            targets += [(layer, name, expert, parts[name][phys]) for name in names if name in parts]
+    return cache.read_into(rec, targets)
+
+
+def _fill_staged(runner, cache, rec, layer: int, entries) -> bool:
+    """The GPU form of `fill_from_packed` for one layer: read into pinned rows, then `copy_rows`."""
+    info = next(lay for lay in rec.layers if lay.layer == layer)
+    experts = [e for _, e, _ in entries]
+    dst = slot_parts(runner.routed_experts)
+    staged = {
+        p.name: torch.empty(len(experts), *p.row, dtype=dst[p.name].dtype, pin_memory=True)
+        for p in info.parts
+    }
+    targets = [(layer, name, e, t[i]) for name, t in staged.items() for i, e in enumerate(experts)]
+    if not cache.read_into(rec, targets):
+        return False
+    rows = LayerRows(experts, staged["w13"], staged["w2"], staged.get("b13"), staged.get("b2"))
+    copy_rows(runner, [phys for phys, _, _ in entries], rows, experts)
+    return True
 
 
 def check_set_hook(model_runner) -> None:
@@ -334,9 +456,11 @@ class SlotWorkerExtension:
     def _expertlib_rows(self, path: str, content_digest: str | None, checked: str | None):
         """The set at `path` packed for this worker's slots, from the host cache or read from the
         file once and checked (content digest, per-expert digests, finiteness) before anything is
-        made of it, unless `checked` (the front end's VerifiedRecord, JSON) covers the unchanged file."""
+        made of it, unless `checked` (the front end's VerifiedRecord, JSON) covers the unchanged file.
+        What is packed anew is also written to the packed-set disk cache (in the background)."""
         from expertlib.verify import VerifiedRecord
         from expertlib.vllm_plugin.hostcache import HOST_CACHE
+        from expertlib.vllm_plugin.packcache import PACKED_CACHE
 
         ctx = self._expertlib_ctx()
         record = VerifiedRecord.model_validate_json(checked) if checked else None
@@ -346,14 +470,36 @@ class SlotWorkerExtension:
             record,
             prepare=lambda es: pack_set(ctx, es),
             size=lambda rows: sum(r.nbytes for r in rows.values()),
+            made=lambda digest, rows: PACKED_CACHE.save_later(digest, layout_of(ctx), packed_layers(rows)),
         )
+
+    def _expertlib_fill(
+        self, path: str, fills: list[list[int]], content_digest: str | None, checked: str | None
+    ) -> None:
+        """Copy `fills` of the set at `path` into their slots: from the host cache when it holds the
+        set, else from the packed-set disk cache (its bytes read straight into the slots), else read,
+        checked and packed (`_expertlib_rows`)."""
+        from expertlib.vllm_plugin.hostcache import HOST_CACHE
+        from expertlib.vllm_plugin.packcache import PACKED_CACHE
+
+        ctx = self._expertlib_ctx()
+        if (
+            fills
+            and content_digest
+            and not HOST_CACHE.holds(path, content_digest)
+            and fill_from_packed(ctx, PACKED_CACHE, content_digest, fills)
+        ):
+            return
+        rows = self._expertlib_rows(path, content_digest, checked)
+        if fills:
+            fill_slots(ctx, rows, fills)
 
     def expertlib_write_slots(
         self, path: str, fills: list[list[int]], content_digest: str | None = None, checked: str | None = None
     ) -> int:
         """Copy experts of the set file at `path` into slots now: fills = [[layer, slot, expert], ...]
         (what `expertlib_stage` does with fills, inline)."""
-        fill_slots(self._expertlib_ctx(), self._expertlib_rows(path, content_digest, checked), fills)
+        self._expertlib_fill(path, [[int(v) for v in f] for f in fills], content_digest, checked)
         return len(fills)
 
     def expertlib_stage(
@@ -370,23 +516,21 @@ class SlotWorkerExtension:
         (poll again with the same arguments). See `HostCache.stage`."""
         from expertlib.vllm_plugin.hostcache import HOST_CACHE
 
-        ctx = self._expertlib_ctx()
         fills = [[int(v) for v in f] for f in fills or []]
 
         def work() -> None:
-            rows = self._expertlib_rows(path, content_digest, checked)
-            if fills:
-                fill_slots(ctx, rows, fills)
+            self._expertlib_fill(path, fills, content_digest, checked)
 
         key = (str(path), content_digest, tuple(map(tuple, fills)))
         return HOST_CACHE.stage(key, work, bool(background))
 
     def expertlib_unstage(self, path: str) -> dict[str, Any]:
-        """The load of `path` is over (done or failed); returns the host cache's status after it."""
+        """The load of `path` is over (done or failed); returns the host cache's status after it
+        (`expertlib_host_cache`'s)."""
         from expertlib.vllm_plugin.hostcache import HOST_CACHE
 
         HOST_CACHE.unstage(path)
-        return HOST_CACHE.status()
+        return self.expertlib_host_cache()
 
     def expertlib_set_row(self, set_row: int, remap: dict[Any, dict[Any, int]]) -> None:
         """Make set row `set_row` the identity except remap[layer][expert] = slot (a slot index, as in
@@ -414,12 +558,27 @@ class SlotWorkerExtension:
         self.expertlib_set_row(set_row, {})
 
     def expertlib_host_cache(self, budget: int | None = None) -> dict[str, Any]:
-        """Resize this worker's host cache of recent sets (bytes) and report what it holds."""
+        """Resize this worker's host cache of recent sets (bytes) and report what it holds, with the
+        packed-set disk cache's figures under "packed"."""
         from expertlib.vllm_plugin.hostcache import HOST_CACHE
+        from expertlib.vllm_plugin.packcache import PACKED_CACHE
 
         if budget is not None:
             HOST_CACHE.resize(budget)
-        return HOST_CACHE.status()
+        return dict(HOST_CACHE.status(), packed=PACKED_CACHE.status())
+
+    def expertlib_packed_cache(
+        self, budget: int | None = None, root: str | None = None, flush: bool = False
+    ) -> dict[str, Any]:
+        """Bound (bytes, 0 = off) or move this worker's packed-set disk cache; `flush`: wait for its
+        pending writes first. Reports its figures."""
+        from expertlib.vllm_plugin.packcache import PACKED_CACHE
+
+        if flush:
+            PACKED_CACHE.flush()
+        if budget is not None or root is not None:
+            PACKED_CACHE.configure(root, budget)
+        return PACKED_CACHE.status()
 
     def expertlib_apply(
         self,
