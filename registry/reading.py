@@ -184,9 +184,9 @@ class StoreReading(StoreFolder):
         """The entry with its full manifest."""
         return self.resolve(ref, base=base, full=True)
 
-    def get_path(self, ref: str | RefSpec | Ref, *, base: BaseArg = None) -> Path:
-        """Path of the stored patch file (read-only: never modify it)."""
-        entry = self.resolve(ref, base=base)
+    def get_path(self, ref: str | RefSpec | Ref | Entry, *, base: BaseArg = None) -> Path:
+        """Path of the stored patch file (read-only: never modify it). An Entry is not looked up again."""
+        entry = ref if isinstance(ref, Entry) else self.resolve(ref, base=base)
         path = self.blobs.path(entry.digest)
         if not path.is_file():
             raise IntegrityError(
@@ -194,14 +194,17 @@ class StoreReading(StoreFolder):
             )
         return path
 
-    def open(self, ref: str | RefSpec | Ref, *, base: BaseArg = None, verify: bool = True) -> ExpertSet:
+    def open(
+        self, ref: str | RefSpec | Ref | Entry, *, base: BaseArg = None, verify: bool = True
+    ) -> ExpertSet:
         """The stored expert set, opened lazily; its file is rechecked in full against the digest it is
         stored under first, unless it is unchanged since its last full check (its verified record);
-        `verify=False` skips that, for a registry only you write to."""
-        path = self.get_path(ref, base=base)
+        `verify=False` skips that, for a registry only you write to. `ref` is resolved once (an Entry
+        `resolve` returned is not looked up again)."""
+        entry = ref if isinstance(ref, Entry) else self.resolve(ref, base=base)
+        path = self.get_path(entry)
         record = None
         if verify:
-            entry = self.resolve(ref, base=base)
             record = self.blobs.record(entry.digest, entry.content_digest)
             problem = None if record is not None else self.check_blob(entry.digest)
             if problem:

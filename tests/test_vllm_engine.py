@@ -37,21 +37,15 @@ def tokens(outputs) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny qwen2_moe base, its transformers model, five random sets, and one engine on it."""
+    from served_world import SETS, build
+
     from expertlib.engine import ExpertEngine
 
     root = tmp_path_factory.mktemp("vllm-engine")
-    base_dir = root / "base"
-    make_vllm_tiny_base("qwen2_moe", base_dir)
+    maps = {**SETS, "gamma": {0: [0, 4, 6]}, "delta": {1: [2]}, "eps": {0: [5, 7], 1: [4]}}
+    base_dir, sets = build(root, maps, scale=None, publish=())  # files only, random_expert_set's scale
     model = load_model(base_dir)
-    maps = {
-        "alpha": {0: [1, 3], 1: [0, 5]},
-        "beta": {0: [2], 1: [1, 6, 7]},
-        "gamma": {0: [0, 4, 6]},
-        "delta": {1: [2]},
-        "eps": {0: [5, 7], 1: [4]},
-    }
-    sets = {name: random_expert_set(model, name, m, seed=i + 1) for i, (name, m) in enumerate(maps.items())}
-    paths = {name: es.save(root / f"{name}.safetensors") for name, es in sets.items()}
+    paths = {name: root / f"{name}.safetensors" for name in sets}
     engine = ExpertEngine(base_dir, slots=6, max_sets=6, **ENGINE_KW)
     from transformers import AutoTokenizer
 
