@@ -15,6 +15,23 @@ import torch
 
 from expertlib.demo.tokenizer import make_tokenizer  # re-exported: tests import it from here
 
+#: DeepSeek's MoE with multi-head latent attention (v2; v3 routes with noaux_tc): one dense layer first.
+_DEEPSEEK: dict[str, Any] = dict(
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    kv_lora_rank=32,
+    q_lora_rank=None,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    n_group=1,
+    topk_group=1,
+    num_hidden_layers=3,
+    rope_scaling=None,
+)
 #: Per-architecture config fields of a tiny model (on top of TINY_COMMON).
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2_moe": dict(
@@ -23,39 +40,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=64),
     "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=64),
-    "deepseek_v2": dict(
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=32,
-        q_lora_rank=None,
-        qk_rope_head_dim=16,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        n_group=1,
-        topk_group=1,
-        num_hidden_layers=3,
-        rope_scaling=None,
-    ),
-    "deepseek_v3": dict(
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        kv_lora_rank=32,
-        q_lora_rank=None,
-        qk_rope_head_dim=16,
-        qk_nope_head_dim=16,
-        v_head_dim=16,
-        n_group=1,
-        topk_group=1,
-        num_hidden_layers=3,
-        topk_method="noaux_tc",
-        rope_scaling=None,
-    ),
+    "deepseek_v2": _DEEPSEEK,
+    "deepseek_v3": {**_DEEPSEEK, "topk_method": "noaux_tc"},
     "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=64, head_dim=16),
 }
 

@@ -24,10 +24,11 @@ def build(
     scale: float | None = SCALE,
     publish: tuple[str, ...] | None = None,
     edit=None,
+    registry: str = "registry",
 ) -> tuple[Path, dict]:
     """A tiny qwen2_moe base at root/base and a random set per entry of `sets` (name -> experts it
     replaces; seeded by position, perturbed by `scale`, None: random_expert_set's own), saved as
-    root/NAME.safetensors and published to root/registry (the names in `publish`, default all).
+    root/NAME.safetensors and published to root/`registry` (the names in `publish`, default all).
     `edit(name, expert_set, model)` may replace a set before it is saved. Returns (base folder, sets)."""
     from expertlib.moe import load_model
     from expertlib.registry import Registry
@@ -40,7 +41,7 @@ def build(
     for i, (name, m) in enumerate(sets.items()):
         es = random_expert_set(model, name, m, seed=i + 1, **({} if scale is None else {"scale": scale}))
         made[name] = edit(name, es, model) if edit is not None else es
-    reg = Registry(root / "registry")
+    reg = Registry(root / registry)
     for name, es in made.items():
         path = es.save(root / f"{name}.safetensors")
         if publish is None or name in publish:

@@ -7,6 +7,7 @@ layer, the catalog and the registry are the real ones).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 import httpx
@@ -17,7 +18,7 @@ from test_server_http import FakeEngine, ServerThread
 
 from expertlib.registry import Registry
 from expertlib.registry.pullthrough import PullThrough
-from expertlib.server import ServerSettings, create_app, wait_ready
+from expertlib.server import ServerSettings, create_app
 
 
 def _patch_file(path, task: str, value: float = 0.0):
@@ -53,14 +54,17 @@ def remote(request, tmp_path):
     return url
 
 
+@contextlib.contextmanager
 def serving(tmp_path, pull_from: str, **settings):
-    port = free_port()
+    """The server on the engine double, ready, while the block runs: yields (its URL, its state)."""
     engine = FakeEngine()
     app = create_app(
         ServerSettings(base="tiny-base", registry=str(tmp_path / "local"), pull_from=pull_from, **settings),
         engine_factory=lambda _s: engine,
     )
-    return ServerThread(app, port), f"http://127.0.0.1:{port}", app.state.server
+    with ServerThread(app) as server:
+        server.wait_ready()
+        yield server.url, app.state.server
 
 
 def complete(url: str, model: str) -> httpx.Response:
@@ -70,9 +74,7 @@ def complete(url: str, model: str) -> httpx.Response:
 
 
 def test_a_set_the_registry_lacks_is_pulled_from_the_remote_and_served(tmp_path, remote):
-    server, url, state = serving(tmp_path, remote)
-    with server:
-        wait_ready(url, timeout_s=30, interval_s=0.05)
+    with serving(tmp_path, remote) as (url, state):
         assert Registry(tmp_path / "local").list() == []
         r = complete(url, "math@stable")  # a tag the local registry lacks
         assert r.status_code == 200, r.text
@@ -109,18 +111,14 @@ def test_an_older_version_pulled_after_a_newer_one_resolves_to_its_bytes(tmp_pat
 
 
 def test_pinned_set_named_at_start_is_pulled_and_stays(tmp_path, remote):
-    server, url, state = serving(tmp_path, remote, pins=["code"])
-    with server:
-        wait_ready(url, timeout_s=30, interval_s=0.05)
+    with serving(tmp_path, remote, pins=["code"]) as (_, state):
         assert state.engine.sets == {"code@1": True}  # resident and pinned
         assert [str(e.ref) for e in Registry(tmp_path / "local").list()] == ["code@1"]
 
 
 def test_a_remote_out_of_reach_is_502_and_bad_bytes_import_nothing(tmp_path):
     down = f"http://127.0.0.1:{free_port()}/admin/registry"  # nothing listens there
-    server, url, _ = serving(tmp_path / "a", down)
-    with server:
-        wait_ready(url, timeout_s=30, interval_s=0.05)
+    with serving(tmp_path / "a", down) as (url, _):
         r = complete(url, "math")
         assert r.status_code == 502, r.text
         assert "cannot reach" in r.json()["error"]["message"]
@@ -135,9 +133,7 @@ def test_a_remote_out_of_reach_is_502_and_bad_bytes_import_nothing(tmp_path):
     data = bytearray(puller.source.fs.cat_file(blob))
     data[-3] ^= 0xFF
     puller.source.fs.pipe_file(blob, bytes(data))
-    server, url, _ = serving(tmp_path / "b", store)
-    with server:
-        wait_ready(url, timeout_s=30, interval_s=0.05)
+    with serving(tmp_path / "b", store) as (url, _):
         r = complete(url, "math")
         assert r.status_code == 502, r.text
         assert "digest" in r.json()["error"]["message"]

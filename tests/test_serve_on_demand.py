@@ -53,19 +53,14 @@ def _port_free(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from expertlib.moe import load_model
+    from served_world import build
+
     from expertlib.registry import Registry
-    from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set
 
     cwd = tmp_path_factory.mktemp("readme-serve")
-    make_vllm_tiny_base("qwen2_moe", cwd / "base")
-    model = load_model(cwd / "base")
-    paths = {}
-    for i, (name, m) in enumerate({**STARTED, **LATER}.items()):
-        paths[name] = random_expert_set(model, name, m, seed=i + 1).save(cwd / f"{name}.safetensors")
+    build(cwd, {**STARTED, **LATER}, scale=None, publish=tuple(STARTED), registry="reg")
+    paths = {name: cwd / f"{name}.safetensors" for name in {**STARTED, **LATER}}
     reg = Registry(cwd / "reg")
-    for name in STARTED:
-        reg.publish(paths[name], base=cwd / "base")
 
     argv = readme_serve_argv()
     assert argv[:3] == ["expertlib", "serve", "./base"] and "--all" in argv and "reg" in argv

@@ -14,8 +14,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 pytest.importorskip("vllm")
 
 from expertlib.errors import NotLoadedError  # noqa: E402
-from expertlib.moe import load_model  # noqa: E402
-from expertlib.vllm_plugin.testing import make_vllm_tiny_base, random_expert_set  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -42,17 +40,14 @@ def loop():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, loop):
+    from served_world import build
+
     from expertlib.engine import AsyncExpertEngine
 
     root = tmp_path_factory.mktemp("vllm-async")
-    base_dir = root / "base"
-    make_vllm_tiny_base("qwen2_moe", base_dir)
-    model = load_model(base_dir)
     maps = {"a": {0: [1, 3], 1: [0]}, "b": {0: [2], 1: [5, 6]}, "c": {0: [4], 1: [1]}, "d": {0: [0, 5]}}
-    paths = {
-        n: random_expert_set(model, n, m, seed=i + 1).save(root / f"{n}.safetensors")
-        for i, (n, m) in enumerate(maps.items())
-    }
+    base_dir, _ = build(root, maps, scale=None, publish=())  # files only, random_expert_set's scale
+    paths = {n: root / f"{n}.safetensors" for n in maps}
 
     async def start():  # AsyncLLM binds its output handler to the running loop
         return AsyncExpertEngine.from_base(base_dir, slots=4, max_sets=4, **ENGINE_KW)
