@@ -124,6 +124,7 @@ def run_esft(base: Path, task: str, method: str, data: Path, mix: Path, args, mo
         fit_message=FitReport(**p.extra["fit"]).message() if p.extra.get("fit") else None,
         keep=p.extra.get("keep"),
         keep_share=selection.keep_share,
+        keep_guard=p.extra.get("keep_guard"),
         lr=p.training.get("lr"),
     )
     return row
@@ -187,7 +188,7 @@ def run_task(base: Path, task: str, args, general, base_row: dict) -> list[dict]
             else:
                 model = load_model(base, dtype=torch.float32)
                 row = run_esft(base, task, m, data, mix, args, model, tok, general)
-            row.update(task=task, method=m, base=base_row)
+            row.update(task=task, method=m, base=base_row, steps=args.steps, batch_size=args.batch_size)
             rows.append(row)
             print(
                 f"{task:7s} {LABEL[m]:24s} task {row['task_acc']:.2f} general {row['general_acc']:.2f} "
@@ -205,8 +206,24 @@ def run_task(base: Path, task: str, args, general, base_row: dict) -> list[dict]
     return rows
 
 
+def variant(r: dict, args: dict) -> str:
+    """A row's method, and how it differs from the run's size and train's keep share."""
+    from expertlib.esft.selection import DEFAULT_KEEP_SHARE
+
+    out = LABEL[r["method"]]
+    if r.get("keep_share") not in (None, DEFAULT_KEEP_SHARE):
+        out += f", --keep-share {r['keep_share']}"
+    if r.get("keep_guard"):
+        out += " + guard"
+    steps, batch = r.get("steps", args["steps"]), r.get("batch_size", args["batch_size"])
+    if (steps, batch) != (args["steps"], args["batch_size"]):
+        out += f", {steps} x {batch}"
+    return out
+
+
 def table(rows: list[dict], args) -> str:
     from expertlib.demo.tasks import ATTENTION_TASKS, HELDOUT
+    from expertlib.esft.selection import DEFAULT_KEEP_MODE
 
     def f(x) -> str:
         return "-" if x is None else f"{x:.2f}"
@@ -216,14 +233,14 @@ def table(rows: list[dict], args) -> str:
         SECTION,
         "",
         f"`nice python bench/heldout.py` ({time.strftime('%Y-%m-%d')}; shipped demo base, {args['steps']} steps of batch "
-        f"{args['batch_size']}, {args['n_train']} training samples per task, one torch thread on a shared 2-core "
-        f"machine). Task accuracy: greedy exact match on {args['n_eval']} eval prompts; general: mean over the 3 "
-        f"general tasks ({args['n_general']} each); domain: mean over the pretrained tasks of the task's own domain "
+        f"{args['batch_size']} unless the method says, {args['n_train']} training samples per task, one torch thread on a "
+        f"shared 2-core machine). Task accuracy: greedy exact match on {args['n_eval']} eval prompts; general: mean over "
+        f"the 3 general tasks ({args['n_general']} each); domain: mean over the pretrained tasks of the task's own domain "
         "(numbers: add, sub; patterns: flip; brackets: close; words: the general tasks). FFT lr 1e-3, LoRA 5e-3 "
         "(bench/paper_table.py), ESFT the size-based default (3e-3). 'ESFT paper' = ESFT-Token p=0.2, every token "
-        "scored, nothing kept (train's old default); 'ESFT defaults' = `expertlib train`'s defaults now (answer-only "
-        "scores, --keep auto = the demo's general tasks, contrast mode); 'budget mode' = the same with --keep-mode "
-        "budget (--keep-share 0.1); 'keep-mix' adds the task "
+        "scored, nothing kept (train's first default); 'ESFT keep' = answer-only scores, --keep auto (the demo's "
+        "general tasks) in the named --keep-mode, --keep-share 0.1 unless named; `expertlib train`'s default is "
+        f"**{DEFAULT_KEEP_MODE}** mode. 'keep-mix' adds the task "
         "domain's pretrained tasks (--keep-mix, 0.25 of the batch, weight 1). 'flagged' = the retention check "
         "(threshold 0.1) on the row's own selection, 'general mass' its mean share of the general data's routing; "
         "'fit' = what `train` printed after training.",
@@ -231,79 +248,80 @@ def table(rows: list[dict], args) -> str:
         "| task | set | method | task acc | x FFT | general | - base | domain | - base | experts/layer | general mass | flagged | fit |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    order = {m: i for i, m in enumerate(METHODS)}
     for t in tasks:
-        by = {r["method"]: r for r in rows if r["task"] == t}
-        b = next(iter(by.values()))["base"]
+        mine = sorted(
+            (r for r in rows if r["task"] == t),
+            key=lambda r: (
+                order[r["method"]],
+                r.get("keep_share") or 0,
+                -r.get("batch_size", 0),
+                r.get("steps", 0),
+            ),
+        )
+        b = mine[0]["base"]
         kind = "held-out" if t in HELDOUT else "tuning" if t in TUNING_TASKS else "demo world"
         kind += ", attention" if t in (*ATTENTION_TASKS, *DEMO_ATTENTION) else ""
-        fft = by.get("fft", {}).get("task_acc")
+        fft = next((r["task_acc"] for r in mine if r["method"] == "fft"), None)
         lines.append(
             f"| {t} | {kind} | untuned base | {f(b['task_acc'])} | - | {f(b['general_acc'])} | - | {f(b['domain_acc'])} | - | - | - | - | - |"
         )
-        for m in METHODS:
-            r = by.get(m)
-            if r is None:
-                continue
+        for r in mine:
             fit = r.get("fit")
             verdict = (
                 "-" if not fit else ("short" if r["fit_message"].startswith("the set falls short") else "ok")
             )
             lines.append(
-                f"| {t} | {kind} | {LABEL[m]} | {f(r['task_acc'])} | {f(r['task_acc'] / fft) if fft else '-'} | "
+                f"| {t} | {kind} | {variant(r, args)} | {f(r['task_acc'])} | {f(r['task_acc'] / fft) if fft else '-'} | "
                 f"{f(r['general_acc'])} | {r['general_acc'] - b['general_acc']:+.2f} | {f(r['domain_acc'])} | "
                 f"{r['domain_acc'] - b['domain_acc']:+.2f} | {','.join(map(str, r.get('experts_per_layer', []))) or '-'} | "
                 f"{r.get('general_mass', '-')} | {('yes' if r['flagged'] else 'no') if 'flagged' in r else '-'} | {verdict} |"
             )
-    lines += ["", *targets(rows)]
+    main = [r for r in rows if variant(r, args) == LABEL[r["method"]]]  # the run's size, train's share
+    lines += ["", *targets(main)]
     return "\n".join(lines) + "\n"
 
 
 def targets(rows: list[dict]) -> list[str]:
     """The issue's targets on the held-out tasks, with the defaults."""
     from expertlib.demo.tasks import ATTENTION_TASKS, HELDOUT
+    from expertlib.esft.selection import DEFAULT_KEEP_MODE as D
 
-    out = ["Targets on the held-out tasks (ESFT defaults unless named):", ""]
+    out = [f"Targets on the held-out tasks (ESFT defaults, {D} mode, unless named):", ""]
     held = [t for t in dict.fromkeys(r["task"] for r in rows) if t in HELDOUT]
     by = {(r["task"], r["method"]): r for r in rows}
 
     def has(t, m):
         return (t, m) in by
 
-    expert = [t for t in held if t not in ATTENTION_TASKS and has(t, "defaults") and has(t, "fft")]
+    expert = [t for t in held if t not in ATTENTION_TASKS and has(t, D) and has(t, "fft")]
     unlearnt = [
         t for t in expert if by[t, "fft"]["task_acc"] < 0.9
     ]  # FFT itself did not learn it in these steps
     expert = [t for t in expert if t not in unlearnt]
-    ok = [t for t in expert if by[t, "defaults"]["task_acc"] >= FFT_RATIO * by[t, "fft"]["task_acc"]]
+    ok = [t for t in expert if by[t, D]["task_acc"] >= FFT_RATIO * by[t, "fft"]["task_acc"]]
     out.append(
         f"- task acc >= {FFT_RATIO}x FFT (tasks the experts can hold): {len(ok)}/{len(expert)}"
         + (f"; missed: {', '.join(sorted(set(expert) - set(ok)))}" if len(ok) < len(expert) else "")
         + (f" (left out, FFT < 0.9 itself: {', '.join(unlearnt)})" if unlearnt else "")
     )
-    att = [t for t in held if t in ATTENTION_TASKS and has(t, "defaults")]
+    att = [t for t in held if t in ATTENTION_TASKS and has(t, D)]
     said = [
         t
         for t in att
-        if (by[t, "defaults"].get("fit_message") or "").startswith("the set falls short")
-        or by[t, "defaults"].get("refused")
+        if (by[t, D].get("fit_message") or "").startswith("the set falls short") or by[t, D].get("refused")
     ]
     out.append(f"- attention tasks where `train` said the set falls short and why: {len(said)}/{len(att)}")
-    d = [t for t in held if has(t, "defaults")]
-    gen_ok = [
-        t
-        for t in d
-        if by[t, "defaults"]["general_acc"] >= by[t, "defaults"]["base"]["general_acc"] - GENERAL_SLACK
-    ]
+    d = [t for t in held if has(t, D)]
+    gen_ok = [t for t in d if by[t, D]["general_acc"] >= by[t, D]["base"]["general_acc"] - GENERAL_SLACK]
     out.append(
         f"- general acc >= base - {GENERAL_SLACK}: {len(gen_ok)}/{len(d)}"
         + (f"; missed: {', '.join(sorted(set(d) - set(gen_ok)))}" if len(gen_ok) < len(d) else "")
     )
     cost = [
-        t
-        for t in d
-        if has(t, "paper") and by[t, "defaults"]["task_acc"] < by[t, "paper"]["task_acc"] - GENERAL_SLACK
+        t for t in d if has(t, "paper") and by[t, D]["task_acc"] < by[t, "paper"]["task_acc"] - GENERAL_SLACK
     ]
-    named = [t for t in cost if "trade-off" in (by[t, "defaults"].get("fit_message") or "")]
+    named = [t for t in cost if "trade-off" in (by[t, D].get("fit_message") or "")]
     out.append(
         f"- keeping general ability cost the task > {GENERAL_SLACK} (defaults vs paper): {', '.join(cost) or 'none'}; "
         f"`train` named the trade-off on {len(named)}/{len(cost)}"
@@ -317,9 +335,9 @@ def targets(rows: list[dict]) -> list[str]:
         + (f"; missed: {', '.join(sorted(set(mx) - set(dom_ok)))}" if len(dom_ok) < len(mx) else "")
     )
     if mx:
-        cost = [by[t, "mix"]["task_acc"] - by[t, "defaults"]["task_acc"] for t in mx if has(t, "defaults")]
+        cost = [by[t, "mix"]["task_acc"] - by[t, "contrast"]["task_acc"] for t in mx if has(t, "contrast")]
         out.append(
-            f"  (what --keep-mix costs the task: mean {sum(cost) / max(1, len(cost)):+.2f}, worst {min(cost, default=0):+.2f})"
+            f"  (what --keep-mix costs the task, against contrast without it: mean {sum(cost) / max(1, len(cost)):+.2f}, worst {min(cost, default=0):+.2f})"
         )
     p = [t for t in held if has(t, "paper")]
     agree = [
@@ -337,7 +355,7 @@ def targets(rows: list[dict]) -> list[str]:
     sel = [
         (t, m)
         for t in held
-        for m in ("paper", "budget", "defaults")
+        for m in ("paper", "budget", "contrast", "capped")
         if has(t, m) and by[t, m].get("flagged") is not None
     ]
     agree = [
@@ -346,7 +364,7 @@ def targets(rows: list[dict]) -> list[str]:
         if by[t, m]["flagged"] == (by[t, m]["general_acc"] < by[t, m]["base"]["general_acc"] - GENERAL_SLACK)
     ]
     out.append(
-        f"- the same on every ESFT selection (paper, budget, defaults; its own selection's verdict): "
+        f"- the same on every ESFT selection (paper, budget, contrast, capped; its own selection's verdict): "
         f"{len(agree)}/{len(sel)}"
         + (
             f"; disagree: {', '.join(f'{t} {m}' for t, m in sel if (t, m) not in agree)}"
@@ -396,6 +414,10 @@ def main() -> None:
     args.methods = list(dict.fromkeys(DEFAULT_KEEP_MODE if m == "defaults" else m for m in args.methods))
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        for part in parts:  # rows written before rows said their size
+            for r in part["rows"]:
+                r.setdefault("steps", part["args"]["steps"])
+                r.setdefault("batch_size", part["args"]["batch_size"])
         text = table([r for p in parts for r in p["rows"]], parts[0]["args"])
         print(text)
         if not args.no_write:

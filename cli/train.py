@@ -231,7 +231,7 @@ def select_cmd(
 )
 @field_options(RuntimeConfig, "device", "device_map")
 @field_options(DataConfig, "max_length", "too_long", "pack", "holdout", "keep_mix")
-@field_options(TrainConfig, "mix_share", "mix_weight")
+@field_options(TrainConfig, "mix_share", "mix_weight", "keep_guard", "guard_every")
 @field_option(DataConfig, "eval_data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @field_options(TrainConfig, "eval_every", "early_stop")
 @field_option(RuntimeConfig, "checkpoint_dir", type=click.Path(file_okay=False, path_type=Path))
@@ -418,6 +418,18 @@ def _report_keep_and_fit(ctx: click.Context, p) -> None:
                 "--keep-mix DATA rehearses the kept skills, --keep none accepts the loss",
                 err=True,
             )
+    guard = p.extra.get("keep_guard")
+    if guard and "stopped_step" in guard:
+        cmd = rerun_command(ctx, drop=("keep_guard",), add=("--keep-guard", "1"))
+        click.echo(
+            f"keep guard: at step {guard['stopped_step']} the kept data's exact answers (teacher-forced) fell to "
+            f"{guard['stopped_exact']:.2f} from the base's {guard['base_exact']:.2f} (more than --keep-guard "
+            f"{guard['guard']}): training stopped and kept the experts of step {guard['kept_step']} "
+            f"({guard['kept_exact']:.2f}). The task's experts are the kept skills' here; the trade-off: "
+            f"`{cmd}` trains every step at the cost of the kept skills, --keep-mix DATA rehearses them while "
+            "training",
+            err=True,
+        )
     if p.extra.get("fit"):
         hint = f"`{rerun_command(ctx, drop=('keep',), add=('--keep', 'none'))}`" if keep else None
         budget = (

@@ -282,3 +282,35 @@ def test_train_decodes_long_answers_and_says_when_they_fall_short(tmp_path, tiny
     assert fit["greedy_exact"] == 0.0
     assert "the set falls short of what the data asks" in res.stderr
     assert "decoded greedily: 0.00 of 3 held-out prompts exact" in res.stderr
+
+
+def test_keep_guard_stops_training_before_the_kept_answers_fall(tiny_model_dir, data):
+    from expertlib.esft.data import IGNORE_INDEX, Sample
+    from expertlib.moe import read_expert
+
+    base, (task, _) = tiny_model_dir("qwen2_moe"), data
+    tok = load_tokenizer(base)
+    samples = load_samples(task, tok)
+    model = load_model(base).eval()
+    kept = []  # what the base answers now (its own greedy continuations): exact 1.0 on the base
+    for p in ([5, 6, 7], [8, 9], [11, 12, 13], [15, 16, 17, 18]):
+        ids = torch.tensor([p])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+        )[0].tolist()
+        kept.append(Sample(tuple(out), tuple([IGNORE_INDEX] * len(p) + out[len(p) :])))
+    selection = ExpertConfig(experts={0: [0, 1, 2, 3], 1: [0, 1, 2, 3]})
+    cfg = TrainConfig(steps=6, lr=0.5, batch_size=4, guard_every=2, keep_guard=0.05)
+    r = train_experts(model, samples, selection, cfg, pad_id=0, progress=False, guard_samples=kept)
+    assert r.guard["base_exact"] == 1.0 and r.guard["stopped_step"] == 2 and r.guard["stopped_exact"] < 0.95
+    assert r.guard["kept_step"] == 0 and r.steps == 2  # stopped, and back to the last experts within it
+    for (layer, e), w in r.experts.items():
+        assert torch.equal(w.gate, read_expert(model, layer, e).gate)  # step 0's: the base's own
+    off = train_experts(
+        model, samples, selection, cfg.model_copy(update={"keep_guard": None}), pad_id=0, progress=False
+    )
+    assert off.steps == 6 and off.guard is None

@@ -256,7 +256,7 @@ def train_esft(
             non_expert_modules=sel.train_non_expert_modules,
             eps=eps,
         )
-        experts, keep_record = _keep_aware(rule, sel, base, model, tok, pad, scores.token)
+        experts, keep_record, kept_s = _keep_aware(rule, sel, base, model, tok, pad, scores.token)
         prov = prov.model_copy(
             update=dict(
                 method=f"esft-{sel.score}",
@@ -275,6 +275,7 @@ def train_esft(
             )
         )
     else:
+        kept_s = []
         experts = given.model_copy(
             update=dict(
                 shared_experts=given.shared_experts or sel.train_shared_experts,
@@ -320,7 +321,10 @@ def train_esft(
         run_key=run_key,
         progress=rt.progress,
         mix_samples=mix_s,
+        guard_samples=kept_s,
     )
+    if result.guard is not None:
+        prov.extra["keep_guard"] = result.guard
     prov.extra["eval_losses"] = [[s, round(v, 6)] for s, v in result.eval_losses]
     if mix_s:
         prov.extra["keep_mix"] = [{"path": str(x), "digest": data_digest(x)} for x in dc.keep_mix]
@@ -367,15 +371,16 @@ def _keep_aware(
     tokenizer,
     pad: int,
     task: dict[int, list[float]],
-) -> tuple[ExpertConfig, dict | None]:
-    """The selection under `sel.keep` (`expertlib.esft.keep`) and what the manifest records of it:
-    each kept source, the share of its routing the selection carries per layer, and the experts
-    (and task routing share) the keep constraint dropped. With nothing kept: the paper's rule."""
+) -> tuple[ExpertConfig, dict | None, list[Sample]]:
+    """The selection under `sel.keep` (`expertlib.esft.keep`), what the manifest records of it
+    (each kept source, the share of its routing the selection carries per layer, and the experts
+    and task routing share the keep constraint dropped) and the kept samples (for the training's
+    keep guard). With nothing kept: the paper's rule."""
     from expertlib.esft.keep import kept_routing, resolve_keep
 
     kept = resolve_keep(sel.keep, base, model, tokenizer)
     if not kept:
-        return rule(), None
+        return rule(), None, []
     shares = [kept_routing(model, k.samples, pad_id=pad) for k in kept]
     paper = rule()
     experts = rule(keep=shares, keep_mode=sel.keep_mode, keep_share=sel.keep_share)
@@ -423,7 +428,7 @@ def _keep_aware(
             str(layer): carried(layer, ids, task) for layer, ids in dropped.items() if ids
         },
     }
-    return experts, record
+    return experts, record, [x for k in kept for x in k.samples]
 
 
 def checkpoint_dtype(config) -> torch.dtype:

@@ -149,6 +149,15 @@ class TrainConfig(BaseModel):
     mix_weight: float = Field(
         default=1.0, ge=0, description="with --keep-mix data: weight of the kept samples' mean loss"
     )
+    keep_guard: float | None = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="with kept data (--keep): every --guard-every steps, the share of the kept samples the "
+        "experts answer exactly (teacher-forced) is measured; when it falls more than this below the base's, "
+        "training stops and keeps the last experts within it (1 or None: off)",
+    )
+    guard_every: int = Field(default=25, ge=1, description="steps between the --keep-guard measurements")
 
     @model_validator(mode="after")
     def _master_not_below_compute(self) -> TrainConfig:
@@ -293,6 +302,7 @@ class TrainResult:
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     wall_time_s: float = 0.0
     trainable_params: int = 0
+    guard: dict | None = None  # the keep guard's record (`train_experts`), None when it did not run
 
     @property
     def final_train_loss(self) -> float | None:
@@ -405,6 +415,7 @@ def train_experts(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     mix_samples: Sequence[Sample] = (),
+    guard_samples: Sequence[Sample] = (),
 ) -> TrainResult:
     """Train the selected experts of `model` on `samples`; returns the trained tensors and the record.
 
@@ -417,6 +428,12 @@ def train_experts(
     With `mix_samples` (skills to keep, `--keep-mix`), every step also trains on
     round(`mix_share` x batch_size) of them: loss = task mean loss + `mix_weight` x their mean
     loss, so the task's own signal keeps its scale and the kept answers pull the experts back.
+
+    With `guard_samples` (the kept data, `--keep`) and `config.keep_guard`, the share of them the
+    model answers exactly (teacher-forced) is measured on the base first, then every
+    `config.guard_every` steps with the trained experts; once it falls more than `keep_guard` below
+    the base's, training stops and the experts go back to the last measurement within it (step 0:
+    the base's own). `TrainResult.guard` records the figures.
     """
     from tqdm.auto import tqdm
 
@@ -453,6 +470,8 @@ def train_experts(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         best: tuple[float, list[torch.Tensor]] | None = None  # early stopping: (loss, weights)
         stale = 0
+        guarded = guard_samples and config.keep_guard is not None and config.keep_guard < 1
+        guard = _KeepGuard(model, guard_samples, pad_id, config, params) if guarded else None
         model.train()
         with (
             active_sets(model, TRAIN_SET_ROW) if trainable.slot_of else nullcontext(),
@@ -511,6 +530,8 @@ def train_experts(
                     on_step(state.step, loss_value)
                 if config.early_stop and stale >= config.early_stop:
                     break
+                if guard is not None and not guard.holds(state.step, last=state.step == config.steps):
+                    break
         if best is not None and (stale or state.eval_losses[-1][1] > best[0]):
             with torch.no_grad():  # early stopping keeps the weights of the best held-out loss
                 for (_, p), w in zip(params, best[1], strict=True):
@@ -537,6 +558,7 @@ def train_experts(
             eval_losses=state.eval_losses,
             wall_time_s=time.perf_counter() - t0,
             trainable_params=n_trainable,
+            guard=guard.record() if guard is not None else None,
         )
     finally:
         model.eval()
@@ -545,6 +567,54 @@ def train_experts(
         if trainable.slot_of:
             remove_slots(model)
         _restore_flags(model, flags)
+
+
+class _KeepGuard:
+    """The keep guard of `train_experts`: the kept samples' teacher-forced exact match, measured on
+    the base (slots inactive) at construction, then with the trained experts; the weights of the
+    last measurement within `keep_guard` of the base are kept, and restored when one falls below."""
+
+    def __init__(self, model, samples, pad_id: int, config: TrainConfig, params) -> None:
+        self.model, self.samples, self.pad_id, self.config = model, list(samples), pad_id, config
+        self.params = [p for _, p in params]
+        self.base = self._measure()
+        self.good = (0, self.base, [p.detach().clone() for p in self.params])
+        self.stopped: tuple[int, float] | None = None
+
+    def _measure(self) -> float:
+        from expertlib.esft.keep import _forced
+
+        was = self.model.training
+        self.model.eval()
+        try:
+            return _forced(self.model, self.samples, self.pad_id)[0]
+        finally:
+            self.model.train(was)
+
+    def holds(self, step: int, *, last: bool = False) -> bool:
+        """Measure at every `guard_every` steps (and the last): False (weights restored) once it falls."""
+        if not (last or step % self.config.guard_every == 0):
+            return True
+        now = self._measure()
+        if now >= self.base - self.config.keep_guard:
+            self.good = (step, now, [p.detach().clone() for p in self.params])
+            return True
+        self.stopped = (step, now)
+        with torch.no_grad():
+            for p, w in zip(self.params, self.good[2], strict=True):
+                p.copy_(w)
+        return False
+
+    def record(self) -> dict:
+        out = {
+            "guard": self.config.keep_guard,
+            "base_exact": round(self.base, 4),
+            "kept_step": self.good[0],
+            "kept_exact": round(self.good[1], 4),
+        }
+        if self.stopped is not None:
+            out.update(stopped_step=self.stopped[0], stopped_exact=round(self.stopped[1], 4))
+        return out
 
 
 def _restore_flags(model: nn.Module, flags: dict[str, bool]) -> None:
