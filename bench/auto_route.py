@@ -364,8 +364,8 @@ def count_cost(base: Path, tokens: int, repeats: int = 2000) -> float:
     every MoE layer of `base`'s shape), the minimum over `repeats`."""
     import torch
 
-    from expertlib.esft.memory_plan import ModelShape
     from expertlib.identity import load_config
+    from expertlib.shape import ModelShape
     from expertlib.vllm_plugin import routing
 
     shape = ModelShape.from_config(load_config(base))

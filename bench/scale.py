@@ -227,10 +227,11 @@ def registry_io(patch_path: Path, root: Path) -> dict[str, float]:
 def bench_model(name: str, args, root: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from expertlib.esft.memory_plan import ModelShape, plan_training
+    from expertlib.esft.memory_plan import plan_training
     from expertlib.esft.selection import ExpertConfig
     from expertlib.identity import base_identity
     from expertlib.moe import moe_layer_indices
+    from expertlib.shape import ModelShape
 
     cfg = make_config(name, moe_layers=args.moe_layers)
     t = time.perf_counter()

@@ -221,7 +221,7 @@ def run_phase(args, base_dir: Path, set_paths: list[str], per_set: int, first: s
 
 def prepare(name: str, root: str, dtype: str, n_sets: int, conn) -> None:
     """In a child process (its memory goes back to the OS when it exits): write the base and the sets."""
-    from expertlib.esft.memory_plan import ModelShape
+    from expertlib.shape import ModelShape
 
     model = make_base(name, Path(root) / name, dtype)
     shape = ModelShape.from_config(model.config)
@@ -243,7 +243,7 @@ def prepare(name: str, root: str, dtype: str, n_sets: int, conn) -> None:
 def bench_model(name: str, args, root: Path) -> dict:
     from scale import make_config
 
-    from expertlib.esft.memory_plan import ModelShape
+    from expertlib.shape import ModelShape
 
     t0 = time.perf_counter()
     base_dir = root / name

@@ -1,6 +1,6 @@
 """How big the serving engine's memory pieces are: KV cache, expert slots, host cache of sets.
 
-    dims = ModelDims.of(BaseCheckpoint("./base"), dtype="float32")
+    dims = ServingSizes.of(BaseCheckpoint("./base"), dtype="float32")
     slots = plan_slots(dims, named={"math@1": {3: [1, 5]}}, registered=[...])   # --slots auto
     kv = plan_kv_cache(dims, max_model_len=2048, max_num_seqs=16, slot_bytes=slots.slot_bytes)
 
@@ -90,8 +90,9 @@ def dtype_bytes(dtype: Any, default: int = 2) -> int:
 
 
 @dataclass(frozen=True)
-class ModelDims:
-    """The sizes that matter for serving one base: per-token KV, per-expert weights, weights on disk."""
+class ServingSizes:
+    """A base's `ModelShape` in bytes at the serving dtype, and its checkpoint's size: per-token KV,
+    one routed expert, the weights."""
 
     kv_bytes_per_token: int
     expert_bytes: int  # one routed expert (gate, up, down) in the serving dtype
@@ -106,41 +107,24 @@ class ModelDims:
         return self.expert_bytes * self.moe_layers
 
     @classmethod
-    def of(cls, base: Any, dtype: Any = None) -> ModelDims:
-        """From a `BaseCheckpoint` (config plus the safetensors headers; no tensor is read)."""
+    def of(cls, base: Any, dtype: Any = None) -> ServingSizes:
+        """From a `BaseCheckpoint` (its config's shape plus the safetensors files' sizes; no tensor is read)."""
+        from expertlib.shape import ModelShape
+
         cfg = base.config
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         ckpt_dtype = getattr(text, "torch_dtype", None) or getattr(text, "dtype", None)
         width = dtype_bytes(dtype if dtype not in (None, "auto") else ckpt_dtype, default=2)
         stored = dtype_bytes(ckpt_dtype, default=width)
+        shape = ModelShape.from_config(text)
         return cls(
-            kv_bytes_per_token=kv_bytes_per_token(text, width),
-            expert_bytes=_expert_params(text) * width,
-            moe_layers=len(base.moe_layers),
-            num_experts=base.num_experts,
+            kv_bytes_per_token=shape.kv_per_token * width,
+            expert_bytes=shape.params_per_expert * width,
+            moe_layers=len(shape.moe_layers),
+            num_experts=shape.num_experts,
             weights_bytes=int(_checkpoint_bytes(base.path) * width / stored),
-            max_position=getattr(text, "max_position_embeddings", None),
+            max_position=shape.max_position,
         )
-
-
-def kv_bytes_per_token(cfg: Any, width: int) -> int:
-    """Bytes of KV cache one token takes in every attention layer (MLA: one latent per layer)."""
-    layers = int(cfg.num_hidden_layers)
-    if getattr(cfg, "kv_lora_rank", None):  # MLA: compressed latent + rope key, shared by all heads
-        return layers * (int(cfg.kv_lora_rank) + int(getattr(cfg, "qk_rope_head_dim", 0) or 0)) * width
-    heads = int(getattr(cfg, "num_attention_heads", 1))
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = getattr(cfg, "head_dim", None) or int(cfg.hidden_size) // heads
-    return 2 * layers * kv_heads * int(head_dim) * width
-
-
-def _expert_params(cfg: Any) -> int:
-    hidden = int(cfg.hidden_size)
-    inter = getattr(cfg, "moe_intermediate_size", None) or getattr(cfg, "intermediate_size", None)
-    n = 3 * hidden * int(inter)
-    if getattr(cfg, "model_type", "") == "gpt_oss":
-        n += 3 * int(inter) + hidden  # biases
-    return n
 
 
 def _checkpoint_bytes(path: Any) -> int:
@@ -191,7 +175,7 @@ class SlotPlan:
 
 
 def plan_slots(
-    dims: ModelDims,
+    dims: ServingSizes,
     named: Mapping[str, ExpertMap],
     registered: Iterable[ExpertMap] = (),
     *,
@@ -278,7 +262,7 @@ def _round_up(tokens: int, block: int = KV_BLOCK) -> int:
 
 
 def plan_kv_cache(
-    dims: ModelDims,
+    dims: ServingSizes,
     *,
     max_model_len: int,
     max_num_seqs: int,
@@ -329,7 +313,7 @@ def plan_kv_cache(
     return KVPlan(kv, **base)
 
 
-def fit_max_model_len(dims: ModelDims, want: int, *, slot_bytes: int, available: int) -> int:
+def fit_max_model_len(dims: ServingSizes, want: int, *, slot_bytes: int, available: int) -> int:
     """The longest context (whole KV blocks, at most `want`) whose one sequence fits the automatic
     KV share of the memory left after weights, slots and the reserve (0: not even one block)."""
     room = available - dims.weights_bytes - slot_bytes - CPU_RESERVE
@@ -338,7 +322,7 @@ def fit_max_model_len(dims: ModelDims, want: int, *, slot_bytes: int, available:
 
 
 def check_gpu_fit(
-    dims: ModelDims,
+    dims: ServingSizes,
     *,
     slot_bytes: int,
     utilization: float,
@@ -456,7 +440,7 @@ def cpu_kv_env_set() -> bool:
 
 __all__ = [
     "KVPlan",
-    "ModelDims",
+    "ServingSizes",
     "SlotPlan",
     "available_memory",
     "check_gpu_fit",

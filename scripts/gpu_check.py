@@ -183,10 +183,11 @@ def step_esft_vs_fft(c: Check, step: str, name: str) -> None:
     """ESFT (1/8 of each layer's experts, bf16 base, fp32 master, AdamW) against full fine-tuning (bf16,
     AdamW on every parameter) on the same batch: step time and peak memory against the memory plans."""
     from expertlib.esft.data import Sample
-    from expertlib.esft.memory_plan import ModelShape, PeakTracker, plan_training
+    from expertlib.esft.memory_plan import PeakTracker, plan_training
     from expertlib.esft.selection import ExpertConfig
     from expertlib.esft.training import TrainConfig, train_experts
     from expertlib.moe import moe_layer_indices
+    from expertlib.shape import ModelShape
 
     cuda = c.device.startswith("cuda")
     cfg = real_config(name, c.dry)

@@ -48,13 +48,13 @@ def plan_start(settings: ServerSettings, catalog: SetCatalog, names: list[str]) 
     SlotError with the numbers when they cannot all be resident. Unchanged when BASE is no local model
     (then the engine's defaults apply and its own start reports the problem)."""
     from expertlib.engine import resolve_base
-    from expertlib.sizing import ModelDims, plan_slots
+    from expertlib.sizing import ServingSizes, plan_slots
 
     try:
         base = BaseCheckpoint(resolve_base(settings.base))
     except ExpertlibError:
         return settings.model_copy(update={"slots": None}) if settings.slots == "auto" else settings
-    dims = ModelDims.of(base, settings.engine_args.get("dtype"))
+    dims = ServingSizes.of(base, settings.engine_args.get("dtype"))
     plan = plan_slots(
         dims,
         {name: catalog.expert_map(name) for name in names},

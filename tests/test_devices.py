@@ -7,7 +7,7 @@ import torch
 
 from expertlib.devices import input_device, layer_devices, plan_device_map, resolve_device, torch_dtype
 from expertlib.errors import DeviceError
-from expertlib.esft.memory_plan import ModelShape
+from expertlib.shape import ModelShape
 from expertlib.testing import make_tiny_model, tiny_config
 
 

@@ -252,9 +252,9 @@ GiB = 1024**3
 
 
 def _dims(weights_gib: float):
-    from expertlib.sizing import ModelDims
+    from expertlib.sizing import ServingSizes
 
-    return ModelDims(
+    return ServingSizes(
         kv_bytes_per_token=1024,
         expert_bytes=3 * 4096 * 1536 * 2,
         moe_layers=94,

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from expertlib.errors import DeviceError
-from expertlib.esft.memory_plan import ModelShape, PeakTracker, plan_training
+from expertlib.esft.memory_plan import PeakTracker, plan_training
 from expertlib.esft.selection import ExpertConfig
 from expertlib.esft.training import TRAIN_SET_ROW, prepare_trainable
 from expertlib.moe import describe, moe_layer_indices
+from expertlib.shape import ModelShape
 from expertlib.slots import active_sets, remove_slots
 from expertlib.testing import make_tiny_model, tiny_config
 

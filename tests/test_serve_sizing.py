@@ -15,7 +15,7 @@ from expertlib.sizing import (
     KV_SHARE,
     GiB,
     MiB,
-    ModelDims,
+    ServingSizes,
     fit_max_model_len,
     parse_size,
     plan_kv_cache,
@@ -23,7 +23,7 @@ from expertlib.sizing import (
 )
 
 #: A Qwen2-MoE-like base (bf16): 24 layers, 16 KV heads of 128, 60 experts of 1408 x 2048.
-REAL = ModelDims(
+REAL = ServingSizes(
     kv_bytes_per_token=2 * 24 * 16 * 128 * 2,
     expert_bytes=3 * 2048 * 1408 * 2,
     moe_layers=24,
@@ -49,15 +49,30 @@ def test_dims_of_a_tiny_base(tiny_model_dir):
 
     base = BaseCheckpoint(tiny_model_dir("qwen2_moe"))
     cfg = base.config
-    dims = ModelDims.of(base, dtype="float32")
+    dims = ServingSizes.of(base, dtype="float32")
     head = cfg.hidden_size // cfg.num_attention_heads
     assert dims.kv_bytes_per_token == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head * 4
     expert = base.expert(base.moe_layers[0], 0)  # the tensors on disk say how big an expert is
     assert dims.expert_bytes == sum(t.numel() for _, t in expert.items()) * 4
     assert dims.moe_layers == len(base.moe_layers) and dims.num_experts == base.num_experts
     assert (
-        dims.weights_bytes > 0 and ModelDims.of(base, dtype="bfloat16").expert_bytes == dims.expert_bytes // 2
+        dims.weights_bytes > 0
+        and ServingSizes.of(base, dtype="bfloat16").expert_bytes == dims.expert_bytes // 2
     )
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v2"])
+def test_serving_sizes_are_the_model_shape_in_bytes(tiny_model_dir, arch):
+    """One description of a base's dimensions (ModelShape) for training's plan and serving's sizes:
+    an expert's bytes are its tensors on disk, biases included (gpt_oss), and MLA's KV is its latent."""
+    from expertlib.checkpoint import BaseCheckpoint
+    from expertlib.shape import ModelShape
+
+    base = BaseCheckpoint(tiny_model_dir(arch))
+    dims, shape = ServingSizes.of(base, dtype="float32"), ModelShape.from_config(base.config)
+    expert = base.expert(base.moe_layers[0], 0)
+    assert dims.expert_bytes == sum(t.numel() for _, t in expert.items()) * 4 == shape.params_per_expert * 4
+    assert dims.kv_bytes_per_token == shape.kv_per_token * 4 and dims.moe_layers == len(shape.moe_layers)
 
 
 def test_cpu_kv_cache_fits_the_free_memory_not_a_fraction_of_the_node():

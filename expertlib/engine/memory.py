@@ -41,7 +41,7 @@ def size_memory(base: BaseCheckpoint, slots: int, kwargs: dict[str, Any]) -> tup
     from expertlib import sizing
 
     kw = dict(kwargs)
-    dims = sizing.ModelDims.of(base, kw.get("dtype"))
+    dims = sizing.ServingSizes.of(base, kw.get("dtype"))
     slot_bytes = slots * dims.slot_row_bytes
     if not on_cpu():
         tp, pp = int(kw.get("tensor_parallel_size") or 1), int(kw.get("pipeline_parallel_size") or 1)

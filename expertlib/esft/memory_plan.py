@@ -31,73 +31,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from expertlib.errors import DeviceError
-from expertlib.sizing import format_bytes
+from expertlib.shape import ModelShape
+from expertlib.sizing import dtype_bytes, format_bytes
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: Fraction of a device's memory a plan may use (allocator fragmentation, CUDA context, workspace).
 HEADROOM = 0.9
 _PARTS = ("base", "trained", "gradients", "optimizer", "activations")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the plan needs to know about a model, read from a meta instance of its config."""
-
-    model_type: str
-    num_layers: int
-    moe_layers: tuple[int, ...]
-    hidden: int
-    vocab: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    num_experts: int
-    top_k: int
-    expert_inter: int
-    shared_inter: int  # summed intermediate width of the shared experts (0: none)
-    dense_inter: int  # intermediate width of dense (non-MoE) MLP layers
-    params_per_expert: int
-    total_params: int
-    eager_attention: bool = False  # attention implementation keeps the (B, heads, S, S) matrix
-
-    @classmethod
-    def from_config(cls, config: Any) -> ModelShape:
-        from transformers import AutoModelForCausalLM
-
-        from expertlib.moe import arch_spec, describe, moe_block
-
-        arch_spec(config.model_type)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        spec = describe(model)
-        shared = 0
-        attr = arch_spec(config.model_type).shared_attr
-        if attr is not None:
-            mod = getattr(moe_block(model, spec.moe_layers[0]), attr, None)
-            if mod is not None:
-                shared = sum(p.numel() for p in mod.parameters() if p.dim() == 2) // (3 * spec.hidden_size)
-        heads = int(config.num_attention_heads)
-        head_dim = getattr(config, "head_dim", None) or spec.hidden_size // heads
-        if getattr(config, "qk_nope_head_dim", None):  # MLA: q/k carry nope + rope parts
-            head_dim = int(config.qk_nope_head_dim) + int(config.qk_rope_head_dim)
-        return cls(
-            model_type=spec.model_type,
-            num_layers=spec.num_layers,
-            moe_layers=spec.moe_layers,
-            hidden=spec.hidden_size,
-            vocab=int(config.vocab_size),
-            heads=heads,
-            kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
-            head_dim=int(head_dim),
-            num_experts=spec.num_experts,
-            top_k=spec.top_k,
-            expert_inter=spec.expert_intermediate_size,
-            shared_inter=int(shared),
-            dense_inter=int(getattr(config, "intermediate_size", 0) or 0),
-            params_per_expert=spec.params_per_expert,
-            total_params=spec.total_params,
-            eager_attention=getattr(model.config, "_attn_implementation", "eager") == "eager",
-        )
 
 
 def layer_activation_bytes(
@@ -245,8 +184,8 @@ def plan_training(
     shape = shape or ModelShape.from_config(config)
     if first_trained_layer is None:
         first_trained_layer = 0 if extra_trained_params else shape.moe_layers[0]
-    act = DTYPE_BYTES[dtype]
-    master = DTYPE_BYTES[master_dtype]
+    act = dtype_bytes(dtype)
+    master = dtype_bytes(master_dtype)
     n_trained = trained_experts * shape.params_per_expert
     # extras (ablation flags) train in place, in the base dtype
     trained = n_trained * master

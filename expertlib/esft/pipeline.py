@@ -34,13 +34,14 @@ from expertlib.errors import SelectionError
 from expertlib.esft import distributed
 from expertlib.esft.data import Sample, TooLong
 from expertlib.esft.keep import AUTO
-from expertlib.esft.memory_plan import MemoryPlan, ModelShape, plan_training
+from expertlib.esft.memory_plan import MemoryPlan, plan_training
 from expertlib.esft.scoring import PAPER_TOKEN_BUDGET
 from expertlib.esft.selection import DEFAULT_KEEP_MODE, DEFAULT_KEEP_SHARE, ExpertConfig, KeepMode
 from expertlib.esft.training import Trainable, TrainConfig, train_experts
 from expertlib.identity import load_config
 from expertlib.moe import tensor_digest
 from expertlib.patch import ExpertSet, Provenance
+from expertlib.shape import ModelShape
 
 
 class DataConfig(BaseModel):
