@@ -31,11 +31,11 @@ def compose_cmd(
     Example: expertlib compose sum.safetensors fill.safetensors --task sum-fill && expertlib publish sum-fill.safetensors
     """
     from expertlib.compose import compose_sets
-    from expertlib.patch import ExpertSet
+    from expertlib.loading import open_expert_set
     from expertlib.registry.names import validate_name
 
     validate_name(task)
-    sets = [ExpertSet.open(p) for p in patches]
+    sets = [open_expert_set(p).expert_set for p in patches]
     for es in sets:
         es.verify()
     es = compose_sets(sets, task=task, overlap="first" if ordered else "refuse")

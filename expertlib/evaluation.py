@@ -20,7 +20,7 @@ In process (transformers, each set applied in place and reverted), or through a 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from expertlib.errors import DataError, EngineError, NotFoundError
+from expertlib.errors import DataError, EngineError
 from expertlib.esft.data import IGNORE_INDEX, collate, encode_messages, pad_token_id, read_records
-from expertlib.patch import ExpertSet
+from expertlib.loading import OpenNamed, open_expert_set
 
 METRICS = ("exact_match", "contains", "loss", "perplexity")
 #: Tokens generated beyond the longest reference answer (room for an EOS or a stray space).
@@ -265,7 +265,7 @@ def evaluate_data(
     *,
     url: str | None = None,
     api_key: str | None = None,
-    open_named: Callable[[str], ExpertSet] | None = None,
+    open_named: OpenNamed | None = None,
     limit: int | None = None,
     max_new_tokens: int | None = None,
     max_length: int = 2048,
@@ -303,7 +303,7 @@ def evaluate_data(
             record(label, scorer.answers(name, items, budget), *scorer.answer_nll(name, items))
     else:
         local = LocalScorer(base, tok, device=device)
-        sets = [None, *(open_set(s, open_named) for s in expert_sets)]
+        sets = [None, *(open_expert_set(s, open_named=open_named).expert_set for s in expert_sets)]
         for label, es in _progress(list(zip(labels, sets, strict=True)), progress):
             with local.applied(es):
                 record(label, local.answers(items, budget), *local.answer_nll(items))
@@ -347,17 +347,3 @@ def generate_answers(
             bar.update(len(new))
     model.train(was_training)
     return out
-
-
-def open_set(ref: str | Path, open_named: Callable[[str], ExpertSet] | None = None) -> ExpertSet:
-    """A patch file, or a name that `open_named` opens: the library never reaches up into the
-    registry; its caller (the CLI) says where names live."""
-    path = Path(ref).expanduser()
-    if path.suffix == ".safetensors" or path.exists() or open_named is None:
-        if not path.exists():
-            raise NotFoundError(
-                f"no expert set file {str(ref)!r}",
-                hint="give a .safetensors path, or pass open_named (e.g. a Registry's open) to open names",
-            )
-        return ExpertSet.open(path)
-    return open_named(str(ref))

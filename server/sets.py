@@ -12,7 +12,9 @@ loaded on its first request (evicting the least recently used unpinned sets) unl
 `resolve` turns a request's `model` into a `SetRef` (served name, content digest, set row, registry
 version) once; that value travels with the request to the engine, which checks it rather than
 resolving the name again. Registry entries are named by the registry's own `Ref` (name, version,
-blob digest).
+blob digest). A name is looked up in the registry once per request: the entry it resolves to is
+opened as it is (`expertlib.loading.open_expert_set`, an `OpenedSet` carrying the served name and
+version), never turned back into a string and parsed again.
 
 Storage (the registry) and residency (the engine) stay separate: this module only connects them.
 """
@@ -26,7 +28,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from expertlib.constants import PATCH_SUFFIX
 from expertlib.errors import (
     ExpertlibError,
     InvalidNameError,
@@ -39,8 +40,10 @@ from expertlib.errors import (
     SlotError,
     SlotsBusyError,
 )
+from expertlib.loading import OpenedSet, open_expert_set
 from expertlib.patch import ExpertSet
 from expertlib.registry.names import Ref, validate_name
+from expertlib.registry.protocol import Entry
 from expertlib.server.backend import ServingEngine, maybe_await
 from expertlib.slots import SetRef
 
@@ -127,14 +130,15 @@ class SetCatalog:
         alias = self._aliases.get(model)
         if alias in loaded and await self._settled(alias):
             return alias
-        ref = await asyncio.to_thread(self._registry_resolve, model)  # SQLite off the event loop
-        if ref is not None:
-            if str(ref) in set(self.loaded()) and await self._settled(str(ref)):
-                return str(ref)
+        entry = await asyncio.to_thread(self._registry_resolve, model)  # SQLite off the event loop
+        if entry is not None:
+            served = str(entry.ref)
+            if served in set(self.loaded()) and await self._settled(served):
+                return served
             if self.load_on_demand:
-                return await self._load_on_demand(str(ref))
+                return await self._load_on_demand(entry)  # the entry itself: not looked up again
             raise NotLoadedError(
-                f"expert set {str(ref)!r} is registered but not loaded",
+                f"expert set {served!r} is registered but not loaded",
                 hint="load it with the admin route POST /admin/sets/load, or start the server without --no-load-on-demand",
             )
         if composition_parts(model) is not None:
@@ -166,7 +170,7 @@ class SetCatalog:
             names=[n for _, n in opened],
             overlap="first" if op == ">" else "refuse",
         )
-        served = await self._load_on_demand(served, opened=(es, served, served, None))
+        served = await self._load_on_demand(OpenedSet(es, served))
         self._aliases[model] = served
         return served
 
@@ -193,13 +197,14 @@ class SetCatalog:
         served = name if name in resident else self._aliases.get(name)
         if served in resident and resident[served]:
             return ExpertSet.open(resident[served]), served
-        ref = self._registry_resolve(name)
-        if ref is None:
+        entry = self._registry_resolve(name)
+        if entry is None:
             raise NotFoundError(
                 f"the composition {model!r} names {part!r}, which does not exist on this server",
                 hint="GET /v1/models lists the base and the loaded expert sets",
             )
-        return self._open(str(ref))[0], str(ref)
+        opened = self._open(entry)
+        return opened.expert_set, opened.name
 
     # --- model="auto": the set whose routing profile matches the prompt's routing -------------------
 
@@ -268,16 +273,17 @@ class SetCatalog:
 
     # --- registry --------------------------------------------------------------------------------
 
-    def _registry_resolve(self, text: str) -> Ref | None:
+    def _registry_resolve(self, text: str) -> Entry | None:
+        """The registry's entry for `text` (None when it names nothing there): the one look-up of a
+        name; the entry is opened as it is (`_open`)."""
         if self.registry is None:
             return None
         try:
-            entry = self.registry.resolve(text, base=self.registry_base)
+            return self.registry.resolve(text, base=self.registry_base)
         except (RegistryBusyError, RemoteError):
             raise  # 503 + Retry-After / 502 (a --pull-from remote out of reach), not "no such model"
         except (NotFoundError, KeyError, ExpertlibError, ValueError):
             return None
-        return entry.ref
 
     def registered(self, *, strict: bool = False) -> list[Ref]:
         """Every set the registry holds (latest version of each task first); empty without one.
@@ -305,22 +311,25 @@ class SetCatalog:
 
     # --- residency -------------------------------------------------------------------------------
 
-    async def load(self, name: str, *, pin: bool = False, opened: tuple | None = None) -> str:
-        """Load a registry reference or a patch file; return the name it is served under. Loads of
-        one set are serialised: a second caller waits for the first load and then finds it resident.
-        `opened`: the (set, served name, task, version) `_open` would return (a composition)."""
+    async def load(self, name: str | Entry | OpenedSet, *, pin: bool = False) -> str:
+        """Load a registry reference, a patch file, a registry entry resolved already, or a set opened
+        already (a composition); return the name it is served under. Loads of one set are
+        serialised: a second caller waits for the first load and then finds it resident."""
         # registry lookup and the blob's digest check read files: off the event loop
-        es, served, task, version = opened or await asyncio.to_thread(self._open, self.split_base(name))
+        opened = name if isinstance(name, OpenedSet) else await asyncio.to_thread(self._open, name)
+        served = opened.name
+        # a registry set also answers to its task alone; a file or a composition to its served name
+        task = served.partition("@")[0] if opened.version is not None else served
         lock = self._locks.setdefault(served, asyncio.Lock())
         async with lock:
             if served in set(self.loaded()):
-                self._check_same(served, es)
+                self._check_same(served, opened.expert_set)
                 if pin:
                     await maybe_await(self.engine.pin(served, True))
             else:
                 before = set(self.loaded())
                 start = time.perf_counter()
-                served = await self.engine.load(es, name=served, pin=pin)
+                served = await self.engine.load(opened, name=served, pin=pin)
                 seconds = time.perf_counter() - start
                 for gone in before - set(self.loaded()):
                     self._forget(gone)
@@ -330,7 +339,7 @@ class SetCatalog:
                 log.info("loaded expert set %s in %.3f s", served, seconds)
             self._aliases[task] = served
             self.loaded_at[served] = int(time.time())
-            self._versions[served] = version
+            self._versions[served] = opened.version
             return served
 
     async def reload(self, served: str) -> None:
@@ -339,12 +348,13 @@ class SetCatalog:
             raise NotLoadedError(
                 f"expert set {served!r} was evicted", hint="retry, or load it with POST /admin/sets/load"
             )
-        if composition_parts(served) is not None and self._registry_resolve(served) is None:
+        entry = self._registry_resolve(served)
+        if entry is None and composition_parts(served) is not None:
             await self._compose(served)
             return
-        await self._load_on_demand(served)
+        await self._load_on_demand(entry or served)
 
-    async def _load_on_demand(self, name: str, *, opened: tuple | None = None) -> str:
+    async def _load_on_demand(self, name: str | Entry | OpenedSet) -> str:
         """`load` for a request: no set can be evicted while every resident one is pinned or serving
         requests, a state that passes. The request waits for it, holding its place in the bounded
         queue, until a resident set can go (the engine's `wait_for_slots`), for `slot_wait_s` at
@@ -352,13 +362,13 @@ class SetCatalog:
         deadline = time.monotonic() + self.slot_wait_s
         while True:
             try:
-                return await self.load(name, opened=opened)
+                return await self.load(name)
             except SlotsBusyError as exc:
                 wait = getattr(self.engine, "wait_for_slots", None)
                 left = deadline - time.monotonic()
                 if wait is None or left <= 0 or not await wait(left):
                     raise ServerBusyError(
-                        f"expert set {name!r} cannot be loaded right now: {exc.message}",
+                        f"expert set {_shown(name)!r} cannot be loaded right now: {exc.message}",
                         hint="retry after a short wait",
                     ) from None
 
@@ -391,11 +401,11 @@ class SetCatalog:
 
     def check(self, name: str) -> None:
         """Raise the error loading `name` would raise for a missing file or registry entry."""
-        self._open(self.split_base(name))
+        self._open(name)
 
     def expert_map(self, name: str) -> dict[int, list[int]]:
         """The layer -> experts map of a set to load (from its manifest; no tensor is read)."""
-        return dict(self._open(self.split_base(name))[0].manifest.experts)
+        return dict(self._open(name).manifest.experts)
 
     def registered_maps(self) -> list[dict[int, list[int]]]:
         """The expert maps of every registered set of this base (from the registry's index)."""
@@ -413,34 +423,50 @@ class SetCatalog:
             return model
         if self._aliases.get(model) in loaded:
             return self._aliases[model]
-        ref = self._registry_resolve(model)
-        if ref is not None and str(ref) in loaded:
-            return str(ref)
+        entry = self._registry_resolve(model)
+        if entry is not None and str(entry.ref) in loaded:
+            return str(entry.ref)
         raise NotLoadedError(
             f"expert set {model!r} is not loaded", hint="GET /admin/status lists the loaded sets"
         )
 
-    def _open(self, name: str) -> tuple[ExpertSet, str, str, int | None]:
-        """The set `name` (a patch file or a registry reference) names, the name it is served under,
-        its task and its registry version (None for a file)."""
-        path = Path(name)
-        if name.endswith(PATCH_SUFFIX) and path.is_file():
-            es = ExpertSet.open(path)
-            task = es.manifest.task
+    def _open(self, name: str | Entry) -> OpenedSet:
+        """The set a patch file, a registry reference (`BASE:` prefix allowed) or a registry entry
+        resolved already names, opened once (`expertlib.loading.open_expert_set`) under the name it
+        is served under (`task` for a file, `task@version` from the registry) with its version."""
+        if isinstance(name, Entry):
+            return self._open_entry(name)
+        opened = open_expert_set(self.split_base(name), open_named=self._open_named)
+        if opened.version is None:  # a patch file: served under its task name
+            task = opened.name
             validate_name(task, what="the patch's task name (its served name)")  # no paths, no '@'
             if task in self.base_names:
                 raise InvalidNameError(
                     f"the patch's task name {task!r} is the base model's name",
                     hint="publish it to the registry under another name (expertlib publish --task NAME)",
                 )
-            return es, task, task, None
+        return opened
+
+    def _open_named(self, name: str) -> OpenedSet:
+        """A registry reference, looked up once and opened (`open_expert_set`'s opener)."""
         if self.registry is None:
             raise NotFoundError(
                 f"{name!r} is not a patch file and the server has no registry",
                 hint="pass a .safetensors patch path, or start the server with --registry DIR",
             )
-        ref = self.registry.resolve(name, base=self.registry_base).ref
-        return self.registry.open(ref, base=self.registry_base), str(ref), ref.name, ref.version
+        return self._open_entry(self.registry.resolve(name, base=self.registry_base))
+
+    def _open_entry(self, entry: Entry) -> OpenedSet:
+        """A registry entry resolved already, opened without looking its name up again."""
+        es = self.registry.open(entry, base=self.registry_base)
+        return OpenedSet(es, str(entry.ref), entry.ref.version)
+
+
+def _shown(name: str | Entry | OpenedSet) -> str:
+    """How a set to load is named in messages."""
+    if isinstance(name, Entry):
+        return str(name.ref)
+    return name.name if isinstance(name, OpenedSet) else name
 
 
 def composition_parts(model: str) -> tuple[list[str], str] | None:

@@ -390,3 +390,33 @@ def test_compositions_and_auto_read_the_engine_only_on_the_event_loop(world, tin
         assert await catalog.resolve_auto([1, 2, 3], 0.5) == (None, {})  # no set has a profile
 
     asyncio.run(run())
+
+
+def test_an_on_demand_load_looks_the_name_up_in_the_registry_once(world, tiny_model_dir, tmp_path):
+    """A request naming a registered set that is not resident: the registry resolves the name once
+    and the entry it returned is opened as it is (it was resolved four times, the reference turned
+    into a string and parsed again on the way); the engine keeps the version it was opened at."""
+    from expertlib.registry import Registry
+    from expertlib.server.sets import SetCatalog
+
+    base, sets = world
+    reg = Registry(tmp_path / "reg")
+    reg.publish(sets["a"], base=tiny_model_dir("qwen2_moe"))
+    looked_up = []
+    resolve = reg.resolve
+
+    def counting(ref, **kw):
+        looked_up.append(ref)
+        return resolve(ref, **kw)
+
+    reg.resolve = counting  # what the catalog and the registry's own open call
+
+    async def run():
+        engine = _async_engine(base, Workers(), max_sets=2)
+        catalog = SetCatalog(engine, "tiny", reg, registry_base=str(tiny_model_dir("qwen2_moe")))
+        ref = await catalog.resolve("a")
+        return ref, engine.ref("a@1")
+
+    ref, kept = asyncio.run(run())
+    assert looked_up == ["a"]
+    assert ref.name == "a@1" and ref.version == 1 and kept.version == 1

@@ -131,13 +131,13 @@ def evaluate(
 
     from expertlib.apply import apply_expert_set
     from expertlib.devices import resolve_device
-    from expertlib.evaluation import open_set
+    from expertlib.loading import open_expert_set
     from expertlib.moe import load_model
 
     model = load_model(base, dtype=torch.float32).to(resolve_device(device))
     tok = AutoTokenizer.from_pretrained(str(base))
     names = resolve_tasks(tasks)
-    loaded = [(str(ref), open_set(ref, open_named)) for ref in expert_sets]
+    loaded = [(str(ref), open_expert_set(ref, open_named=open_named).expert_set) for ref in expert_sets]
     columns = ["base"] + [label for label, _ in loaded]
     accuracy: dict[str, dict[str, float]] = {}
     samples: dict[str, dict[str, list[dict]]] = {}
