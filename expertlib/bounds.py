@@ -12,10 +12,10 @@ composer starts. `factor` is `DEFAULT_FACTOR` unless the admin chooses another
 (`expertlib serve --weight-bound`, `ExpertEngine(weight_bound=...)`, `compose(weight_bound=...)`);
 `inf` turns the check off.
 
-Why 256: ESFT training barely moves the maxima (the demo's three trained sets, 300 steps at the
-default learning rate 3e-3, reach 0.92-1.10x of the base's maxima in their layer and part); the tests'
-synthetic sets (Gaussian noise of std up to 2.0 on a tiny base whose expert maxima are ~0.09) reach
-~110x. A set of 1e30 weights is ~1e31x. What the bound cannot promise, the serving engine contains:
+Why 256: ESFT training barely moves the maxima (trained sets stay near 1x of the base's maxima in
+their layer and part; `set_absmax` against `model_absmax` measures any set); the tests' synthetic sets
+(Gaussian noise of std up to 2.0 on a tiny base) reach about a hundred times. A set of 1e30 weights
+is ~1e31x. What the bound cannot promise, the serving engine contains:
 the MoE output of every token served by a set is made finite (`expertlib.vllm_plugin.routing`).
 
 The functions are pure, so the check can run on what a load path already has: `tensor_absmax`

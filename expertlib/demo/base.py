@@ -201,7 +201,7 @@ def pick_threads(threads: int | None = None) -> int:
     """Torch threads for training: `threads`, else all cores on an idle machine and 1 on a busy one.
 
     On a shared machine, more threads than free cores make torch's thread pool spin against other
-    processes: a step measured here went from 0.6 s (1 thread) to 5-10 s (2 threads) at load 5.
+    processes: with two threads and no free core a step takes several times longer than with one.
     """
     if threads:
         return threads

@@ -54,7 +54,7 @@ def start_server(
 
     float32 like the in-process evaluation (vLLM's CPU default is bfloat16), so served answers can be
     compared token for token with in-process ones; eager (no graph compilation): the demo's engine
-    is ready in about a third of the compiled start, and a 1.9M-parameter model decodes as fast.
+    is ready sooner than a compiled one, and a model this small decodes as fast.
     `max_sets` leaves rows for the compositions the demo asks (a+b is one more resident set);
     `slots` (extra expert slots per layer) sizes a server started before its sets exist.
     """
