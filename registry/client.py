@@ -14,14 +14,19 @@ Errors come back in OpenAI's shape, {"error": {"message": ..., "type": ..., "cod
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.client
+import os
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
 from expertlib import jsonsafe
-from expertlib.errors import NotFoundError, RemoteError
+from expertlib.errors import ExpertlibError, NotFoundError, RemoteError
 from expertlib.registry.blobs import CHUNK, BlobStore, TempBlob
 from expertlib.registry.names import RefSpec, validate_digest, validate_name
 from expertlib.registry.protocol import EVALS_PER_REQUEST, Entry, EntryList, EvalsRequest, TagRequest
@@ -29,6 +34,11 @@ from expertlib.registry.protocol import EVALS_PER_REQUEST, Entry, EntryList, Eva
 TOKEN_ENV = "EXPERTLIB_REMOTE_TOKEN"
 #: how often a broken download is resumed before the pull fails
 RESUME_TRIES = 5
+#: bytes a download reads from its socket at once (httpx reads 64 KiB at a time through its
+#: pure-Python HTTP parser, which bounded a loopback pull near 400 MB/s)
+READ_SIZE = 4 << 20
+#: the most of an error answer's body a download reads
+MAX_ERROR_BODY = 64 * 1024
 
 
 class HttpRemote:
@@ -37,12 +47,16 @@ class HttpRemote:
     def __init__(
         self, url: str, *, token: str | None = None, timeout: float = 60.0, client: httpx.Client | None = None
     ):
-        import os
-
         self.url = url.rstrip("/")
         token = token or os.environ.get(TOKEN_ENV)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.client = client or httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = timeout
+        #: blob downloads read the socket themselves (`_socket_body`) when this remote made its own
+        #: client and no proxy stands between; through `client` otherwise (a test's transport, a proxy)
+        self.direct = client is None and _no_proxy(self.url)
+        self.client = client or httpx.Client(
+            base_url=self.url, headers=self._headers, timeout=timeout, verify=_tls()
+        )
         #: called with the size of each piece of a download as it is written (a progress bar)
         self.on_bytes: Callable[[int], None] | None = None
 
@@ -81,27 +95,28 @@ class HttpRemote:
         return staging.write_temp(body, expected_digest=digest, progress=self.on_bytes), True
 
     def _download(self, path: str, size: int, what: str) -> Iterator[bytes]:
-        """The bytes at `path`, resumed with a Range request after each break (RESUME_TRIES at most)."""
+        """The bytes at `path`, resumed with a Range request after each break (RESUME_TRIES at most).
+        Each piece is valid until the next one is asked for (the socket path reuses its buffer)."""
         got, breaks = 0, 0
+        body = self._socket_body if self.direct else self._httpx_body
         while True:
             headers = {"Range": f"bytes={got}-"} if got else {}
             try:
-                with self.client.stream("GET", path, headers=headers) as r:
-                    if r.status_code >= 400:
-                        r.read()
-                        _raise_for(r, self.url)
-                    if got and not _resumes_at(r, got):
+                with body(path, headers) as (status, content_range, chunks):
+                    if got and not (status == 206 and content_range.startswith(f"bytes {got}-")):
                         raise RemoteError(
                             f"download of {what} broke at byte {got} and the remote cannot resume it",
                             hint="retry the pull (the remote does not answer Range requests)",
                         )
-                    for chunk in r.iter_bytes():  # as they arrive: a break loses nothing received
+                    for chunk in chunks:  # as they arrive: a break loses nothing received
                         got += len(chunk)
                         yield chunk
                 if got >= size:
                     return
                 reason = f"the connection closed after {got} of {size} bytes"
-            except httpx.TransportError as exc:
+            except ExpertlibError:  # an answer (an error status, no Range support): no retry
+                raise
+            except (httpx.TransportError, OSError, http.client.HTTPException) as exc:  # a break
                 reason = str(exc) or type(exc).__name__
             except httpx.HTTPError as exc:
                 raise RemoteError(f"download of {what} failed: {exc}", hint="retry the pull") from exc
@@ -110,6 +125,37 @@ class HttpRemote:
                 raise RemoteError(
                     f"download of {what} failed {breaks} times, last: {reason}", hint="retry the pull"
                 )
+
+    @contextlib.contextmanager
+    def _httpx_body(self, path: str, headers: dict[str, str]):
+        """(status, Content-Range, chunks) of a GET through the httpx client."""
+        with self.client.stream("GET", path, headers=headers) as r:
+            if r.status_code >= 400:
+                r.read()
+                _raise_for(r, self.url)
+            yield r.status_code, r.headers.get("content-range", ""), r.iter_bytes()
+
+    @contextlib.contextmanager
+    def _socket_body(self, path: str, headers: dict[str, str]):
+        """(status, Content-Range, chunks) of a GET read straight from the socket into one reused
+        buffer of READ_SIZE bytes (the standard library's HTTP client: no per-64-KiB parsing)."""
+        u = urlsplit(self.url)
+        if u.scheme == "https":
+            conn = http.client.HTTPSConnection(u.hostname, u.port, timeout=self._timeout, context=_tls())
+        else:
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=self._timeout)
+        try:
+            conn.request(
+                "GET", u.path + path, headers={**self._headers, **headers, "Accept-Encoding": "identity"}
+            )
+            r = conn.getresponse()
+            if r.status >= 400:
+                kind = {"content-type": r.getheader("content-type", "")}
+                error = httpx.Response(r.status, headers=kind, content=r.read(MAX_ERROR_BODY))
+                _raise_for(error, self.url)
+            yield r.status, r.getheader("content-range", ""), _pieces(r)
+        finally:
+            conn.close()
 
     # --- sink -----------------------------------------------------------------------------------
 
@@ -153,10 +199,36 @@ class HttpRemote:
             self._request("POST", "/evals", json=body.model_dump(mode="json"))
 
 
-def _resumes_at(r: httpx.Response, offset: int) -> bool:
-    """Whether `r` answers a Range request from `offset` with exactly those bytes."""
-    cr = r.headers.get("content-range", "")
-    return r.status_code == 206 and cr.startswith(f"bytes {offset}-")
+def _pieces(r: http.client.HTTPResponse) -> Iterator[memoryview]:
+    """The body of `r`, READ_SIZE bytes at a time into one buffer (each piece valid until the next);
+    a body cut short raises http.client.IncompleteRead after its last bytes."""
+    buf = memoryview(bytearray(READ_SIZE))
+    while n := r.readinto(buf):
+        yield buf[:n]
+
+
+def _no_proxy(url: str) -> bool:
+    """Whether requests to `url` go straight to it: no proxy in the environment applies (httpx
+    reads the same variables)."""
+    import urllib.request
+
+    proxies = urllib.request.getproxies_environment()
+    u = urlsplit(url)
+    if u.scheme not in proxies and "all" not in proxies:
+        return True
+    return bool(urllib.request.proxy_bypass_environment(u.hostname or "", proxies))
+
+
+def _tls() -> ssl.SSLContext:
+    """httpx's TLS settings (certifi's roots, or SSL_CERT_FILE / SSL_CERT_DIR), built once per
+    process: loading the roots took 0.05-0.15 s, which every client paid, plain HTTP included."""
+    return _tls_for(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.cache
+def _tls_for(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    """One context per value of the variables httpx reads (they are the cache's key)."""
+    return httpx.create_ssl_context()
 
 
 def at_most(chunks: Iterator[bytes], size: int, what: str) -> Iterator[bytes]:
