@@ -515,12 +515,10 @@ def export_esft_cmd(ref: str, out: str, base: str, reg, as_json: bool) -> None:
     OUT gets expert_cfg.json (every MoE layer a key) and model.safetensors (full expert weights
     under the checkpoint's names). Example: expertlib export-esft law@2 ./esft-law --base ./base
     """
-    from pathlib import Path
-
     from expertlib.esft.reference import export_esft
-    from expertlib.patch import ExpertSet
+    from expertlib.loading import open_expert_set
 
-    es = ExpertSet.open(ref) if Path(ref).is_file() else reg.open(ref, base=base)
+    es = open_expert_set(ref, open_named=lambda name: reg.open(name, base=base)).expert_set
     folder = export_esft(es, out, base)
     cfg = json.loads((folder / "expert_cfg.json").read_text())
     data = {
