@@ -101,3 +101,22 @@ def make_tiny_model(model_type: str, path: str | Path | None = None, *, seed: in
         model.save_pretrained(str(path))
         make_tokenizer(path)
     return model
+
+
+def first_greedy_gap(out, ref) -> tuple[int | None, float]:
+    """Where two vLLM runs' greedy tokens first differ (None: one extends the other), and how near a tie
+    it was: the smaller of the two runs' logprob gaps between their choices there (inf when neither
+    run's top logprobs hold the other's choice)."""
+    got, want = list(out.outputs[0].token_ids), list(ref.outputs[0].token_ids)
+    i = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+    if i is None:
+        return None, 0.0
+    gaps = [
+        lps[i][mine].logprob - lps[i][theirs].logprob
+        for lps, mine, theirs in (
+            (out.outputs[0].logprobs, got[i], want[i]),
+            (ref.outputs[0].logprobs, want[i], got[i]),
+        )
+        if theirs in lps[i]
+    ]
+    return i, min(gaps) if gaps else float("inf")

@@ -97,23 +97,6 @@ def make_world(tmp: Path, dry: bool):
     return tmp / "base", sets, merged
 
 
-def first_gap(out, ref) -> tuple[int | None, float]:
-    """(first differing token index or None, the smaller of the two runs' logprob gaps there)."""
-    got, want = list(out.outputs[0].token_ids), list(ref.outputs[0].token_ids)
-    i = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
-    if i is None:
-        return None, 0.0
-    gaps = [
-        lps[i][mine].logprob - lps[i][theirs].logprob
-        for lps, mine, theirs in (
-            (out.outputs[0].logprobs, got[i], want[i]),
-            (ref.outputs[0].logprobs, want[i], got[i]),
-        )
-        if theirs in lps[i]
-    ]
-    return i, min(gaps) if gaps else float("inf")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU vLLM, tiny model, eager, float32")
@@ -136,6 +119,7 @@ def main() -> int:
     from vllm import LLM, SamplingParams
 
     from expertlib.engine import ExpertEngine
+    from expertlib.testing import first_greedy_gap
 
     rows: list[tuple[str, str, str]] = []
     failed = False
@@ -213,7 +197,7 @@ def main() -> int:
             del llm
             cleanup()
             for i, r in zip(idx, ref, strict=True):
-                at, gap = first_gap(mixed[i], r)
+                at, gap = first_greedy_gap(mixed[i], r)
                 if at is not None:
                     differs += 1
                     worst = max(worst, gap)

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 from expertlib.apply import apply_expert_set  # noqa: E402
 from expertlib.moe import moe_layer_indices  # noqa: E402
+from expertlib.testing import first_greedy_gap  # noqa: E402
 from expertlib.vllm_plugin.testing import (  # noqa: E402
     VLLM_TINY_DTYPE,
     make_vllm_tiny_base,
@@ -49,29 +50,18 @@ def cleanup() -> None:
     cleanup_dist_env_and_memory()
 
 
-def first_difference(got: list[int], want: list[int]) -> int | None:
-    """Index of the first token where two greedy continuations differ (None if one extends the other)."""
-    return next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
-
-
 def assert_close_greedy(vllm_outputs, want_outputs, tol: float) -> None:
     """Two vLLM runs' greedy tokens agree until a near-tie: where they first differ, each token must be
     one the other run scored within `tol` of its own choice (either run's top logprobs may hold it)."""
     for out, ref in zip(vllm_outputs, want_outputs, strict=True):
-        got, want = list(out.outputs[0].token_ids), list(ref.outputs[0].token_ids)
-        i = first_difference(got, want)
+        i, gap = first_greedy_gap(out, ref)
         if i is None:
             continue
-        gaps = [
-            lps[i][mine].logprob - lps[i][theirs].logprob
-            for lps, mine, theirs in (
-                (out.outputs[0].logprobs, got[i], want[i]),
-                (ref.outputs[0].logprobs, want[i], got[i]),
-            )
-            if theirs in lps[i]
-        ]
-        assert gaps, f"token {i}: neither run has the other's choice ({got[i]} vs {want[i]}) in its top"
-        assert min(gaps) < tol, f"token {i}: {got[i]} vs {want[i]}, {min(gaps):.4f} apart"
+        got, want = out.outputs[0].token_ids[i], ref.outputs[0].token_ids[i]
+        assert gap != float("inf"), (
+            f"token {i}: neither run has the other's choice ({got} vs {want}) in its top"
+        )
+        assert gap < tol, f"token {i}: {got} vs {want}, {gap:.4f} apart"
 
 
 def logprob_distance(out, model, tok, prompt: str) -> float:
