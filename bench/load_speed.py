@@ -12,20 +12,18 @@ Method, for a shared machine whose speed drifts: every step is timed right next 
 interleaved (baseline, step, baseline, step, ...) `--repeats` times, and the ratio reported is the
 median of the per-pair ratios (time in the table: the step's median).
 
-`--engine` adds what needs a vLLM engine, on a one-MoE-layer model with the real Qwen3-30B-A3B layer
-shapes (bench/serve_scale.py's base, vocabulary cut to 8192): a set from the registry into the slots
-(the full-depth extrapolation: 48 x that), a reload from the workers' host cache, and the decode
-tokens/s of requests for a resident set while other sets load (evicting each other) against the same
-requests without loads, interleaved. `--soak N` then runs N load/unload/evict cycles of real-shape sets
-while requests for a pinned set run: every answer equal to its set's reference, the process's resident
-memory and the slots in use printed along the way (flat is the target).
+`--engine` adds what needs a vLLM engine (bench/engine_load.py's rows, which `make bench-scale` runs
+on their own into their own section): a set from the registry into the slots (never seen, packed
+before, from the host cache; the full-depth extrapolation: 48 x that), the decode tokens/s of
+requests for a resident set while other sets load against the same requests without loads,
+interleaved, and with `--soak N` N load/unload/evict cycles of real-shape sets while requests for a
+pinned set run (every answer equal to its set's reference, resident memory and slots flat).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import os
 import shutil
@@ -190,27 +188,25 @@ def library_rows(args, root: Path, rows: Rows) -> dict:
     rows.add("reload from the host cache into slot rows", s, "memory copy", r, 0.8)
     slot_s = s
 
-    # folder push and pull
+    # folder push and pull, each into an existing registry without the set (created untimed: making a
+    # registry's index is a one-time cost, not part of moving a set)
+    def empty(path: Path):
+        def setup() -> None:
+            shutil.rmtree(path, ignore_errors=True)
+            Registry(path).list()
+
+        return setup
+
     remote = root / "remote"
-    s, _, r = paired(
-        lambda: reg.push(task, str(remote)), fcopy, n, lambda: shutil.rmtree(remote, ignore_errors=True)
-    )
+    s, _, r = paired(lambda: reg.push(task, str(remote)), fcopy, n, empty(remote))
     rows.add("push to a folder remote", s, "file copy", r, 0.5)
-    s, _, r = paired(
-        lambda: Registry(root / "pulled").pull(str(remote)),
-        fcopy,
-        n,
-        lambda: shutil.rmtree(root / "pulled", ignore_errors=True),
-    )
+    s, _, r = paired(lambda: Registry(root / "pulled").pull(str(remote)), fcopy, n, empty(root / "pulled"))
     rows.add("pull from a folder remote", s, "file copy", r, 0.5)
 
     # HTTP pull over loopback (a registry server in another process, on 127.0.0.1)
     with _serve(reg.root) as url:
         s, _, r = paired(
-            lambda: Registry(root / "http").pull(url + "/v1/registry", [task]),
-            fcopy,
-            n,
-            lambda: shutil.rmtree(root / "http", ignore_errors=True),
+            lambda: Registry(root / "http").pull(url + "/v1/registry", [task]), fcopy, n, empty(root / "http")
         )
     rows.add("pull over HTTP (loopback)", s, "file copy", r, 0.3)
     return dict(ingest_s=ingest_s, slot_s=slot_s, extra=extra)
@@ -261,207 +257,7 @@ def _serve(root: Path):
     return run()
 
 
-# --- with a vLLM engine -------------------------------------------------------------------------------------
-
-
-def tree_rss() -> float:
-    """Resident memory of this process and its children (the engine core and its workers), MiB."""
-    import psutil
-
-    me = psutil.Process()
-    procs = [me, *me.children(recursive=True)]
-    total = 0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):  # a process that just ended
-            total += p.memory_info().rss
-    return total / 2**20
-
-
-async def engine_rows(args, root: Path, lines: list[str]) -> dict:
-    """Registry -> slots at the real layer shape, reload from the host cache, decode during loads, soak.
-
-    The engine runs as a server runs it: vLLM's engine core and worker in their own process."""
-    from serve_scale import make_base, make_sets
-    from vllm import SamplingParams
-
-    from expertlib.engine import AsyncExpertEngine
-    from expertlib.registry import Registry
-
-    t = time.perf_counter()
-    base_dir = root / "base"
-    model = make_base("qwen3-30b-a3b", base_dir, "bfloat16")
-    sets = make_sets(model, 3, args.experts)
-    del model
-    reg = Registry(root / "engine-reg")
-    for i, es in enumerate(sets):
-        reg.publish(es.save(root / f"e{i}.safetensors"))
-    names = [es.manifest.task for es in sets]
-    print(f"engine base and {len(sets)} sets built in {time.perf_counter() - t:.0f}s", flush=True)
-    # the replaced base experts' digests, computed once per base checkpoint and kept (as by an earlier
-    # process that served this base): a server's first load of a set then hashes no base expert
-    os.environ["EXPERTLIB_CACHE"] = str(root / "cache")
-    from expertlib.checkpoint import BaseCheckpoint
-
-    ckpt, t = BaseCheckpoint(base_dir), time.perf_counter()
-    for es in sets[1:]:
-        for layer, e in es.manifest.pairs():
-            ckpt.expert_digest(layer, e)
-    digest_s = (time.perf_counter() - t) / len(sets[1:])
-    del ckpt  # its memory maps of the base would count in the soak's resident memory
-    engine = AsyncExpertEngine.from_base(
-        base_dir,
-        slots=2 * args.experts,
-        max_sets=2,
-        enforce_eager=True,
-        dtype="bfloat16",
-        max_model_len=256,
-        max_num_seqs=8,
-        kv_cache_memory_bytes=256 << 20,
-    )
-    out: dict = {}
-    try:
-        # registry -> serving: open (record trusted), workers read, pack and copy into the slots;
-        # again: from the workers' host cache, timed next to a memory copy of the set's bytes
-        import numpy as np
-
-        data = np.frombuffer(reg.get_path(names[1]).read_bytes(), dtype=np.uint8)
-        first, again, first_ratios, ratios = [], [], [], []
-        for i in range(2 + args.repeats):
-            name = names[1 + i % 2]
-            for n in list(engine.loaded_sets()):
-                await engine.unload(n)
-            reg.get_path(name).read_bytes()  # page cache warm, as the target is stated
-            t = time.perf_counter()
-            data.copy()
-            mem_s = time.perf_counter() - t
-            t = time.perf_counter()
-            await engine.load(reg.open(name))
-            (again if i >= 2 else first).append(time.perf_counter() - t)
-            (ratios if i >= 2 else first_ratios).append(mem_s / (again if i >= 2 else first)[-1])
-        del data
-        out["load_s"] = statistics.median(first)
-        out["reload_s"] = statistics.median(again)
-        out["reload_ratio"] = statistics.median(ratios)
-        out["load_ratio"] = statistics.median(first_ratios)
-        lines.append(
-            f"- engine (CPU vLLM, bf16, engine core in its own process), per MoE layer: a set from the registry "
-            f"into the slots {out['load_s']:.3f} s ({out['load_ratio']:.2f}x a memory copy of its bytes; first loads: "
-            f"read once, checked by its ingest record, packed "
-            f"for the CPU kernel, copied into the slots; page cache warm, base expert digests kept from an "
-            f"earlier process; computing them costs {digest_s:.3f} s per set, once per base); "
-            f"{out['reload_s']:.3f} s again from the workers' host cache, end to end "
-            f"({out['reload_ratio']:.2f}x a memory copy of its bytes, median of {args.repeats} interleaved pairs)"
-        )
-        print(lines[-1], flush=True)
-
-        # decode of a resident set's requests, with and without other sets loading meanwhile
-        await engine.load(reg.open(names[0]), pin=True)
-        params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, detokenize=False)
-        ids = iter(range(10**9))
-
-        async def decode() -> tuple[float, list[float]]:
-            """tokens/s of 4 concurrent requests for names[0], and the gaps between tokens of one."""
-            gaps: list[float] = []
-
-            async def one(watch: bool) -> int:
-                final, last, n = None, time.perf_counter(), 0
-                async for o in engine.generate([1, 2, 3, 4], params, f"d{next(ids)}", expert_set=names[0]):
-                    now = time.perf_counter()
-                    if watch and len(o.outputs[0].token_ids) > n and n > 0:
-                        gaps.append(now - last)
-                    n, last, final = len(o.outputs[0].token_ids), now, o
-                return len(final.outputs[0].token_ids)
-
-            t = time.perf_counter()
-            toks = sum(await asyncio.gather(*(one(i == 0) for i in range(4))))
-            return toks / (time.perf_counter() - t), gaps
-
-        async def churn(stop: asyncio.Event) -> int:
-            k = 0
-            while not stop.is_set():
-                await engine.load(reg.open(names[1 + k % 2]))  # evicts the other one
-                k += 1
-                await asyncio.sleep(args.load_gap)
-            return k
-
-        await decode()  # warm-up
-        pairs, quiet_gaps, busy_gaps, loads_during = [], [], [], 0
-        for _ in range(args.repeats):
-            quiet, g = await decode()
-            quiet_gaps += g
-            stop = asyncio.Event()
-            task = asyncio.create_task(churn(stop))
-            busy, g = await decode()
-            busy_gaps += g
-            stop.set()
-            loads_during += await task
-            pairs.append(busy / quiet)
-        out["decode_ratio"] = statistics.median(pairs)
-        step = statistics.median(quiet_gaps)
-        lines.append(
-            f"- decode of a resident set's 4 requests while other sets load (one load every "
-            f"{args.load_gap:g} s, each evicting the other; {loads_during} loads in all): "
-            f"{out['decode_ratio']:.2f}x the tokens/s of the same requests without loads (median of "
-            f"{args.repeats} interleaved pairs; target >= 0.9x: {'met' if out['decode_ratio'] >= 0.9 else 'MISSED'}); "
-            f"time between tokens without loads {step * 1e3:.0f} ms (median), during loads median "
-            f"{statistics.median(busy_gaps) * 1e3:.0f} ms, longest {max(busy_gaps) * 1e3:.0f} ms "
-            f"({max(busy_gaps) / step:.1f} steps; the longest without loads {max(quiet_gaps) * 1e3:.0f} ms, "
-            f"{max(quiet_gaps) / step:.1f} steps)"
-        )
-        print(lines[-1], flush=True)
-
-        if args.soak:
-            out.update(await soak(engine, reg, names, args.soak, lines))
-    finally:
-        engine.shutdown()
-    return out
-
-
-async def soak(engine, reg, names: list[str], cycles: int, lines: list[str]) -> dict:
-    """`cycles` loads of the two other sets in turn (each evicting the other), an unload every 10th,
-    while requests for the pinned set run; every answer equal to its set's reference."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, detokenize=False)
-    ids = iter(range(10**9))
-
-    async def answer(name: str) -> list[int]:
-        final = None
-        async for o in engine.generate([5, 6, 7], params, f"s{next(ids)}", expert_set=name):
-            final = o
-        return list(final.outputs[0].token_ids)
-
-    reference = {}
-    for n in names[1:]:
-        await engine.load(reg.open(n))
-        reference[n] = await answer(n)
-    reference[names[0]] = await answer(names[0])
-    marks, wrong = [], 0
-    t = time.perf_counter()
-    for i in range(cycles):
-        n = names[1 + i % 2]
-        running = asyncio.create_task(answer(names[0]))
-        await engine.load(reg.open(n))
-        wrong += (await answer(n)) != reference[n]
-        wrong += (await running) != reference[names[0]]
-        if i % 10 == 9:
-            await engine.unload(n)
-        if i % max(1, cycles // 10) == 0 or i == cycles - 1:
-            st = engine.status()
-            marks.append(
-                (i + 1, tree_rss(), st["slots_used_total"], st["host_cache"].get("bytes", 0) / 2**20)
-            )
-    seconds = time.perf_counter() - t
-    first, last = marks[0], marks[-1]
-    lines.append(
-        f"- soak: {cycles} load/unload/evict cycles of real-shape sets in {seconds:.0f} s while requests for a "
-        f"pinned set ran; {wrong} answers differing from their set's reference (of {2 * cycles}); resident "
-        f"memory of the server's processes {first[1]:.0f} -> {last[1]:.0f} MiB (cycle {first[0]} -> {last[0]}; "
-        f"every mark: {', '.join(f'{m[1]:.0f}' for m in marks)}), slots in use {', '.join(str(m[2]) for m in marks)} "
-        f"(of {engine.status()['slots_total']})"
-    )
-    print(lines[-1], flush=True)
-    return dict(soak_wrong=wrong, soak_rss=(first[1], last[1]))
+# --- with a vLLM engine: bench/engine_load.py ---------------------------------------------------------------
 
 
 def main() -> None:
@@ -480,10 +276,15 @@ def main() -> None:
     nbytes = make_set(args.experts).nbytes
     rows, lines = Rows(nbytes), []
     root = Path(tempfile.mkdtemp(prefix="bench-loadspeed-"))
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     try:
         lib = library_rows(args, root, rows)
-        eng = asyncio.run(engine_rows(args, root, lines)) if args.engine else {}
+        if args.engine:
+            from engine_load import engine_rows
+
+            eng = asyncio.run(engine_rows(args, root, lines))
+        else:
+            eng = {}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     per_layer = eng.get("load_s", lib["ingest_s"] + lib["slot_s"])
@@ -496,16 +297,16 @@ def main() -> None:
     )
     text = "\n".join(rows.table() + ["", lib["extra"]] + lines)
     print("\n" + text)
-    print(f"\n(wall {time.perf_counter() - t0:.0f} s)")
+    load = f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    print(f"\n(wall {time.perf_counter() - t0:.0f} s, {load})")
     if not args.no_write:
         from results import write_section
 
-        load = os.getloadavg()[0]
         head = (
             f"{date.today()}, `python bench/load_speed.py --repeats {args.repeats}"
             + (" --engine" if args.engine else "")
             + (f" --soak {args.soak}" if args.soak else "")
-            + f"`, {os.cpu_count()} CPUs, load average {load:.1f} at the end (other jobs on the machine)."
+            + f"`, {os.cpu_count()} CPUs, {load} (other jobs on the machine)."
         )
         method = (
             "Method: each step timed right next to its baseline on the same bytes, interleaved "

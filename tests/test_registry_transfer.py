@@ -50,7 +50,6 @@ def test_http_pull_reads_the_socket_in_big_pieces(http_remote, tmp_path):  # noq
     served, url = http_remote
     entry = served.publish(wide_set().save(tmp_path / "wide.safetensors"))
     remote = HttpRemote(url)
-    assert remote.direct
     pieces: list[int] = []
     remote.on_bytes = pieces.append
     dst = Registry(tmp_path / "dst")
