@@ -18,7 +18,9 @@ from expertlib.slots import SetRef
 @runtime_checkable
 class ServingEngine(Protocol):
     async def load(self, es: Any, name: str | None = None, pin: bool = False) -> str:
-        """Put an ExpertSet (or a patch path) into free slots; return the name it is served under."""
+        """Put a set into free slots; return the name it is served under. The catalog passes an
+        `expertlib.loading.OpenedSet` (the set, its served name and registry version); an ExpertSet or
+        a patch path works too."""
 
     async def unload(self, name: str) -> None: ...
 
