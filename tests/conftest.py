@@ -48,6 +48,25 @@ def tiny_model_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def serve_settings(monkeypatch):
+    """serve_settings(*ARGS, env=None) -> the ServerSettings `expertlib serve ARGS` would serve with
+    (the command runs to the end; the server is not started)."""
+    from click.testing import CliRunner
+
+    from expertlib.cli.main import cli
+
+    seen = []
+    monkeypatch.setattr("expertlib.server.serve", seen.append)
+
+    def settings(*args, env=None):
+        res = CliRunner().invoke(cli, ["serve", *map(str, args)], env=env)
+        assert res.exit_code == 0, res.output
+        return seen.pop()
+
+    return settings
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     """Parametrises a test over every supported architecture."""

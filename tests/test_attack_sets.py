@@ -124,18 +124,14 @@ def test_composer_refuses_huge_set_and_keeps_what_is_loaded(tiny):
     assert override.load(huge_set(model, [(0, 2)])) == "huge"
 
 
-def test_weight_bound_setting_and_flag(monkeypatch):
+def test_weight_bound_setting_and_flag(serve_settings):
     from click.testing import CliRunner
 
     from expertlib.cli.main import cli
     from expertlib.server import ServerSettings
 
     assert ServerSettings(base="b").weight_bound == DEFAULT_FACTOR
-    seen = {}
-    monkeypatch.setattr("expertlib.server.serve", lambda settings: seen.setdefault("s", settings))
-    res = CliRunner().invoke(cli, ["serve", "./base", "--weight-bound", "inf"])
-    assert res.exit_code == 0, res.output
-    assert seen["s"].weight_bound == math.inf
+    assert serve_settings("./base", "--weight-bound", "inf").weight_bound == math.inf
     res = CliRunner().invoke(cli, ["serve", "./base", "--weight-bound", "0"])
     assert res.exit_code == 2 and "--weight-bound" in res.output
 

@@ -252,23 +252,11 @@ def test_model_forms_task_version_tag_and_base_prefix(three_sets):
     asyncio.run(run())
 
 
-def test_cli_slots_and_sizes_reach_the_settings(monkeypatch):
+def test_cli_slots_and_sizes_reach_the_settings(serve_settings):
     from expertlib.cli.main import cli
 
-    seen = {}
-    monkeypatch.setattr("expertlib.server.serve", lambda settings: seen.setdefault("s", settings))
-    argv = [
-        "serve",
-        "./base",
-        "--expert-memory",
-        "4GiB",
-        "--kv-cache-memory",
-        "512MiB",
-        "--no-load-on-demand",
-    ]
-    res = CliRunner().invoke(cli, [*argv, "--host-cache-memory", "0", "--max-model-len", "1024"])
-    assert res.exit_code == 0, res.output
-    s = seen["s"]
+    argv = ["./base", "--expert-memory", "4GiB", "--kv-cache-memory", "512MiB", "--no-load-on-demand"]
+    s = serve_settings(*argv, "--host-cache-memory", "0", "--max-model-len", "1024")
     assert s.slots == "auto" and s.expert_memory == 4 * GiB and s.kv_cache_memory == 512 * MiB
     assert s.load_on_demand is False and s.host_cache_memory == 0 and s.max_model_len == 1024
     res = CliRunner().invoke(cli, ["serve", "./base", "--slots", "many"])

@@ -28,11 +28,8 @@ def test_serve_help_lists_every_option():
     assert "Example: expertlib serve" in res.output
 
 
-def test_serve_parses_options_into_settings(monkeypatch):
-    seen = {}
-    monkeypatch.setattr("expertlib.server.serve", lambda settings: seen.setdefault("s", settings))
+def test_serve_parses_options_into_settings(serve_settings):
     argv = [
-        "serve",
         "./base",
         "--expert-set",
         "math",
@@ -44,9 +41,7 @@ def test_serve_parses_options_into_settings(monkeypatch):
         "0",
     ]
     argv += ["--engine-arg", "max_model_len=128", "--engine-arg", "enforce-eager=true", "--api-key", "k"]
-    res = CliRunner().invoke(cli, argv)
-    assert res.exit_code == 0, res.output
-    s = seen["s"]
+    s = serve_settings(*argv)
     assert s.base == "./base" and s.expert_sets == ["math", "code@2"] and s.slots == 4 and s.port == 0
     assert s.engine_args == {"max_model_len": 128, "enforce_eager": True} and s.api_key == "k"
     assert s.admin_key is None and s.max_queue == 256 and s.host == "127.0.0.1"
@@ -70,7 +65,7 @@ def test_serve_exits_with_a_clear_error_when_a_set_cannot_load(tmp_path):
     assert "no expert set named 'typo'" in res.output
 
 
-def test_every_setting_is_an_option_with_the_fields_default_and_help(monkeypatch):
+def test_every_setting_is_an_option_with_the_fields_default_and_help(serve_settings):
     """`expertlib serve`'s options are generated from ServerSettings: one per field, the field's
     description as help, and with no options given the settings equal the model's own defaults."""
     from expertlib.cli.serve import serve_cmd
@@ -81,11 +76,7 @@ def test_every_setting_is_an_option_with_the_fields_default_and_help(monkeypatch
         assert name in params, f"ServerSettings.{name} has no `expertlib serve` option"
         if name != "base":
             assert params[name].help.lower().startswith(info.description.lower()[:30]), name
-    seen = {}
-    monkeypatch.setattr("expertlib.server.serve", lambda settings: seen.setdefault("s", settings))
-    res = CliRunner().invoke(cli, ["serve", "./base"], env={k: None for k in _KEY_ENV})
-    assert res.exit_code == 0, res.output
-    assert seen["s"] == ServerSettings(base="./base")
+    assert serve_settings("./base", env={k: None for k in _KEY_ENV}) == ServerSettings(base="./base")
     res = CliRunner().invoke(cli, ["serve", "./base", "--port", "70000"])
     assert res.exit_code == 2 and "65535" in res.output  # the field's bounds (le=65535) reach the CLI
 
