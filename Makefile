@@ -58,7 +58,8 @@ bench-composer: install
 # loads and the 1000-cycle load/unload/evict soak (issue 21's ratios, side by side)
 bench-scale: install
 	nice -n 5 $(BIN)/python bench/scale.py
-	nice -n 5 $(BIN)/python bench/load_speed.py --engine --soak 1000
+	nice -n 5 $(BIN)/python bench/load_speed.py
+	nice -n 5 $(BIN)/python bench/engine_load.py --soak 1000
 
 # serving at those shapes on CPU vLLM: mixed batch with 16/32 sets vs plain vLLM, engine memory per set
 # (~25 min on 2 CPUs: loading 32 sets per engine twice per model dominates, so not part of bench-scale)

@@ -1,7 +1,7 @@
 """Soak, reduced: load / unload / evict cycles on the async engine while requests run. Every answer
 equals its set's reference (the set alone, greedy), and nothing accumulates: slots, set rows, staged
 bytes, host cache and requests in flight are back to their bounds after every cycle. The full form
-(1000 cycles of real-shape sets, resident memory) is `python bench/load_speed.py --soak 1000`."""
+(1000 cycles of real-shape sets, resident memory) is `python bench/engine_load.py --soak 1000`."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ ENGINE_KW = dict(enforce_eager=True, dtype="float32", max_model_len=128, max_num
 PROMPT, TOKENS = "The cat sat on", 6
 
 
-def test_soak_reduced(tmp_path):
+def test_soak_reduced(tmp_path, monkeypatch):
+    """With no host cache, every load after a set's first comes from the packed-set disk cache (the
+    worker's, in the engine core's process), which stays within its bound."""
     from vllm import SamplingParams
 
     from expertlib.engine import AsyncExpertEngine
@@ -49,6 +51,10 @@ def test_soak_reduced(tmp_path):
             final = out
         return list(final.outputs[0].token_ids)
 
+    async def packed(engine, budget=None, root=None) -> dict:
+        """The worker's packed-set cache after its pending writes (bounded or moved first)."""
+        return (await engine._rpc("expertlib_packed_cache", (budget, root, True)))[0]
+
     def check_flat(engine) -> None:
         st, book = engine.status(), engine._book
         assert len(engine.loaded_sets()) <= 2 and not book.loading and not book.in_flight
@@ -57,15 +63,21 @@ def test_soak_reduced(tmp_path):
         assert sorted(s["set_row"] for s in st["sets"].values()) in ([], [1], [2], [1, 2])
         assert not HOST_CACHE._staged and not HOST_CACHE._reading  # nothing left from a load
         assert HOST_CACHE.nbytes <= HOST_CACHE.budget
+        assert st["host_cache"]["bytes"] <= st["host_cache"]["budget"]  # the workers' own, as last reported
 
     async def soak() -> None:
-        engine = AsyncExpertEngine.from_base(base_dir, slots=4, max_sets=2, host_cache=1 << 20, **ENGINE_KW)
+        engine = AsyncExpertEngine.from_base(base_dir, slots=4, max_sets=2, host_cache=0, **ENGINE_KW)
         try:
+            await packed(engine, 1 << 30, str(tmp_path / "packed"))
             reference = {}
-            for n, p in paths.items():  # each set alone, then out again
+            for n, p in paths.items():  # each set alone (packed from its file), then out again
                 await engine.load(p)
                 reference[n] = await answer(engine, n)
                 await engine.unload(n)
+            st = await packed(engine)
+            assert st["entries"] == len(paths)
+            budget = int(4.5 * st["bytes"] / len(paths))  # room for the four sets' entries
+            hits = (await packed(engine, budget))["hits"]
             base = await answer(engine, None)
             assert all(r != base for r in reference.values())  # the sets do change the answers
             names = list(paths)
@@ -85,6 +97,9 @@ def test_soak_reduced(tmp_path):
                 if i % 5 == 4:
                     await engine.unload(new)
                 check_flat(engine)
+                st = await packed(engine)
+                assert st["bytes"] <= budget and st["entries"] == len(paths)
+            assert st["hits"] > hits + CYCLES // 2 and st["refused"] == 0  # loads read it, none refused
         finally:
             engine.shutdown()
 
