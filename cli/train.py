@@ -280,7 +280,7 @@ def train_cmd(ctx, base, data, task, out, from_set, general, as_json, **kw):
         def on_selection(model, selection, _samples) -> dict:
             from expertlib.esft.data import load_tokenizer
 
-            risk["r"] = check_retention(model, load_tokenizer(base), selection, general)
+            risk["r"] = check_retention(model, load_tokenizer(base), selection, general, base=base)
             click.echo(risk["r"].message(), err=True)
             if risk["r"].at_risk and kept_nothing:
                 cmd = rerun_command(ctx, drop=("keep", "experts"), add=("--keep", general))
