@@ -20,6 +20,7 @@ from expertlib.apply import (
 )
 from expertlib.compose import ComposedModel, compose
 from expertlib.identity import BaseIdentity, base_identity
+from expertlib.loading import OpenedSet, open_expert_set
 from expertlib.moe import (
     SUPPORTED_ARCHITECTURES,
     ExpertWeights,
@@ -42,6 +43,7 @@ __all__ = [
     "ExpertSetManifest",
     "ExpertWeights",
     "MoESpec",
+    "OpenedSet",
     "Provenance",
     "apply_expert_set",
     "base_identity",
@@ -51,6 +53,7 @@ __all__ = [
     "describe",
     "extract_expert_set",
     "load_model",
+    "open_expert_set",
     "read_expert",
     "write_expert",
 ]
