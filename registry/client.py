@@ -209,11 +209,13 @@ def _pieces(r: http.client.HTTPResponse) -> Iterator[memoryview]:
 
 def _no_proxy(url: str) -> bool:
     """Whether requests to `url` go straight to it: no proxy in the environment applies (httpx
-    reads the same variables)."""
+    reads the same variables) and the URL carries no user:password (httpx sends those)."""
     import urllib.request
 
     proxies = urllib.request.getproxies_environment()
     u = urlsplit(url)
+    if u.username is not None:
+        return False
     if u.scheme not in proxies and "all" not in proxies:
         return True
     return bool(urllib.request.proxy_bypass_environment(u.hostname or "", proxies))

@@ -161,7 +161,8 @@ def test_socket_download_error_answer_names_the_remote(http_remote, tmp_path):  
 
 def test_downloads_use_httpx_behind_a_proxy_or_a_given_client(monkeypatch):
     """The socket path goes straight to the host: with a proxy in the environment (and the host not
-    exempted) or a client handed in, downloads go through httpx as every other request does."""
+    exempted), a client handed in or a password in the URL, downloads go through httpx as every
+    other request does."""
     import httpx
 
     for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
@@ -172,6 +173,7 @@ def test_downloads_use_httpx_behind_a_proxy_or_a_given_client(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "registry")
     assert HttpRemote("http://registry:8000/reg").direct
     assert not HttpRemote("http://registry:8000/reg", client=httpx.Client()).direct
+    assert not HttpRemote("http://me:secret@registry:8000/reg").direct  # httpx sends the password
 
 
 def test_tls_roots_are_loaded_once_per_process(monkeypatch):
