@@ -15,7 +15,8 @@ of format 3 or later, nothing more, its address being a tree over those same lea
 its own thread. Publish, push and pull need no second read. Where the filesystem can clone a file (a
 reflink: btrfs, XFS, copy-on-write) the copy is a clone and only the hashing reads the bytes; else a
 file is copied inside the kernel (`copy_file_range`) and hashed from a memory map of the copy; never a
-hard link, which an edit of the source would change.
+hard link, which an edit of the source would change. Each piece is handed to the disk as soon as it
+landed (`start_writeback`), so the disk writes while the bytes are hashed and the fsync finds little left.
 
 A blob checked in full (at publish, pull or import, or by `expertlib verify`) gets a verified record
 in `verified/<64 hex>.json`: the blob's file state then (`expertlib.verify.FileKey`) and what the

@@ -10,6 +10,11 @@ Wire format (JSON bodies are the pydantic models of `expertlib.registry.protocol
     POST {url}/evals                      EvalsRequest -> Entry (results kept with the version)
 Errors come back in OpenAI's shape, {"error": {"message": ..., "type": ..., "code": ...}}.
 `Authorization: Bearer <token>` is sent when a token is given (the server's admin key).
+
+JSON requests go through httpx. A blob download reads its socket in READ_SIZE pieces with the
+standard library's client (httpx's 64 KiB reads through a pure-Python parser cost most of a pull's
+time) into one reused buffer written to the registry's temp file, hashed there as it lands; it falls back
+to httpx behind a proxy, with a password in the URL, or when a client is handed in (tests' transports).
 """
 
 from __future__ import annotations
