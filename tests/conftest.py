@@ -48,6 +48,20 @@ def tiny_model_dir(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory):
+    """One `expertlib serve` of tests/served_world.py's world (sets alpha and beta, no keys), shared by
+    the modules that only send it requests: {url, ref (the transformers Reference), root, base_dir}.
+    Started on first use, stopped at the session's end: one server start for all of them."""
+    from served_world import Reference, build, serve
+
+    root = tmp_path_factory.mktemp("shared-server")
+    base_dir, sets = build(root)
+    ref = Reference(base_dir, sets)
+    with serve(root, base_dir) as url:
+        yield dict(url=url, ref=ref, root=root, base_dir=base_dir)
+
+
 @pytest.fixture
 def serve_settings(monkeypatch):
     """serve_settings(*ARGS, env=None) -> the ServerSettings `expertlib serve ARGS` would serve with

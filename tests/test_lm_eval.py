@@ -4,7 +4,7 @@ multiple-choice task and a generation task. Every log-likelihood lm-eval receive
 transformers computes with the set applied, and every generated answer equals the set's greedy
 answer computed offline.
 
-One server for the whole module.
+One server, shared with other modules that only ask it (conftest's `shared_server`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ pytest.importorskip("vllm")
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("tenacity")  # lm_eval[api]: the API models need it
 
-from served_world import BASE_NAME, Reference, build, serve  # noqa: E402
+from served_world import BASE_NAME, Reference  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -30,11 +30,9 @@ MAX_GEN = 8  # expertlib_gen.yaml's max_gen_toks
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm-eval")
-    base_dir, sets = build(root)
-    ref = Reference(base_dir, sets)
-    tasks = root / "tasks"
+def world(tmp_path_factory, shared_server):
+    ref = shared_server["ref"]
+    tasks = tmp_path_factory.mktemp("lm-eval") / "tasks"
     shutil.copytree(TASKS, tasks)
     for yaml in tasks.glob("*.yaml"):  # data files by absolute path: lm-eval resolves them from the cwd
         text = yaml.read_text()
@@ -46,8 +44,7 @@ def world(tmp_path_factory):
     for doc in docs:
         doc["answer"] = completion_answer(ref, doc["question"], "alpha")
     (tasks / "gen.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    with serve(root, base_dir) as url:
-        yield dict(url=url, ref=ref, base_dir=base_dir, tasks=tasks)
+    return dict(url=shared_server["url"], ref=ref, base_dir=shared_server["base_dir"], tasks=tasks)
 
 
 def _until_newline(ref: Reference, ids: list[int], expert_set: str | None) -> str:

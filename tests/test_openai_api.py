@@ -2,7 +2,7 @@
 routes), driven by the official `openai` client against a real `expertlib serve` on a tiny base
 with two expert sets. Every log-probability is checked against transformers with the set applied.
 
-One server for the whole module.
+One server, shared with other modules that only ask it (conftest's `shared_server`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 
-from served_world import BASE_NAME, Reference, build, serve  # noqa: E402
+from served_world import BASE_NAME  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -41,12 +41,8 @@ DANGLING_REF = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("openai-api")
-    base_dir, sets = build(root)
-    ref = Reference(base_dir, sets)
-    with serve(root, base_dir) as url:
-        yield dict(url=url, ref=ref, root=root, base_dir=base_dir)
+def world(shared_server):
+    return shared_server
 
 
 def client(world) -> openai.OpenAI:
