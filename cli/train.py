@@ -395,7 +395,7 @@ def _report_keep_and_fit(ctx: click.Context, p) -> None:
                 err=True,
             )
             if now > keep["share"] and keep["mode"] == "contrast":  # contrast ranks, it does not bound
-                cmd = rerun_command(ctx, drop=("keep_mode",), add=("--keep-mode", "budget"))
+                cmd = rerun_command(ctx, drop=("keep_mode",), add=("--keep-mode", "capped"))
                 click.echo(
                     f"  more than --keep-share {keep['share']}: the kept skills are at risk (contrast mode ranks "
                     f"experts by task against kept routing, it does not bound it); to bound it: `{cmd}`",
@@ -422,7 +422,8 @@ def _report_keep_and_fit(ctx: click.Context, p) -> None:
     if guard and "stopped_step" in guard:
         cmd = rerun_command(ctx, drop=("keep_guard",), add=("--keep-guard", "1"))
         click.echo(
-            f"keep guard: at step {guard['stopped_step']} the kept data's exact answers (teacher-forced) fell to "
+            f"keep guard: at step {guard['stopped_step']} the kept data's {guard.get('measure', 'exact match')} "
+            "(teacher-forced) fell to "
             f"{guard['stopped_exact']:.2f} from the base's {guard['base_exact']:.2f} (more than --keep-guard "
             f"{guard['guard']}): training stopped and kept the experts of step {guard['kept_step']} "
             f"({guard['kept_exact']:.2f}). The task's experts are the kept skills' here; the trade-off: "
@@ -434,7 +435,7 @@ def _report_keep_and_fit(ctx: click.Context, p) -> None:
         hint = f"`{rerun_command(ctx, drop=('keep',), add=('--keep', 'none'))}`" if keep else None
         budget = (
             f"`{rerun_command(ctx, drop=('keep_mode',), add=('--keep-mode', 'budget'))}`"
-            if keep and keep["mode"] == "contrast"
+            if keep and keep["mode"] != "budget"
             else None
         )
         click.echo(FitReport(**p.extra["fit"]).message(keep_hint=hint, budget_hint=budget), err=True)

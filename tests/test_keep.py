@@ -132,11 +132,16 @@ def test_train_suggests_the_keep_command_when_the_check_flags_a_risk(tmp_path, t
     res = CliRunner().invoke(cli, argv[1:])
     assert res.exit_code == 0, res.output
     assert "train with:" not in res.stderr and f"kept {general} (file" in res.stderr
-    # contrast left experts carrying more than --keep-share of the kept routing: said, with the bound
-    assert (
-        "at most 0.25 of its routing" in res.stderr and "more than --keep-share 0.1: the kept" in res.stderr
-    )
-    # contrast dropped a task expert and the set falls short: both ways to train more are named
+    # the default (capped) keeps the trained experts within --keep-share of the kept routing
+    carried = float(res.stderr.split("the trained experts carry at most ", 1)[1].split()[0])
+    assert carried <= 0.1 and "more than --keep-share" not in res.stderr
+    # contrast leaves experts carrying more than --keep-share of the kept routing: said, with the bound
+    contrast = CliRunner().invoke(cli, [*argv[1:], "--keep-mode", "contrast"])
+    assert contrast.exit_code == 0, contrast.output
+    assert "at most 0.25 of its routing" in contrast.stderr
+    bound = contrast.stderr.split("more than --keep-share 0.1: the kept skills are at risk", 1)[1]
+    assert shlex.split(bound.split("to bound it: `", 1)[1].split("`")[0])[-2:] == ["--keep-mode", "capped"]
+    # the keep constraint dropped a task expert and the set falls short: both ways to train more are named
     trade = res.stderr.split("The trade-off: `", 1)[1]
     budget, _, rest = trade.partition("` trains those that carry at most --keep-share")
     budget = shlex.split(budget)

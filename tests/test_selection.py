@@ -92,7 +92,8 @@ def test_keep_budget_drops_the_experts_the_kept_data_routes_through():
 
 def test_keep_contrast_ranks_task_against_kept_relevance():
     # task - kept: [0.2, 0.25, 0.05, 0] -> normalised [0.4, 0.5, 0.1, 0]: p 0.7 takes 1 then 0
-    assert keep_layer(TASK, 0.7, [KEPT]) == [0, 1]  # contrast is the default mode
+    assert keep_layer(TASK, 0.7, [KEPT], mode="contrast") == [0, 1]
+    assert keep_layer(TASK, 0.7, [KEPT]) == [1, 2]  # the default, capped: within the kept share
     assert keep_layer(TASK, 0.4, [KEPT], mode="contrast") == [1]
     assert keep_layer(TASK, 0.7, [TASK], mode="contrast") == []  # the task is all kept routing
 
@@ -119,8 +120,10 @@ def test_select_experts_with_keep_per_layer():
     budget = {"keep_mode": "budget"}
     assert select_experts(scores, 0.7, keep=[kept], **budget).experts == {0: [1], 1: []}
     assert select_experts(scores, 0.7, keep=[kept], keep_share=0.25, **budget).experts == {0: [1], 1: [3]}
-    # contrast (the default): layer 1's task - kept = [0, 0, 0, 0.45]: expert 3 alone
-    assert select_experts(scores, 0.7, keep=[kept]).experts == {0: [0, 1], 1: [3]}
+    # contrast: layer 1's task - kept = [0, 0, 0, 0.45]: expert 3 alone
+    assert select_experts(scores, 0.7, keep=[kept], keep_mode="contrast").experts == {0: [0, 1], 1: [3]}
+    # capped (the default): expert 3 carries 0.25 of the kept routing, past 0.1: layer 1 trains nothing
+    assert select_experts(scores, 0.7, keep=[kept]).experts == {0: [1, 2], 1: []}
     with pytest.raises(SelectionError, match="no kept routing for MoE layer 1"):
         select_experts(scores, 0.7, keep=[{0: KEPT}])
     with pytest.raises(SelectionError, match="experts"):

@@ -10,14 +10,14 @@ the layer's set, at least one expert, optionally capped at `max_per_layer`.
 Retention-aware selection (`keep`): given the routing shares of data whose skills must stay
 (the same per-layer ESFT-Token shares the retention check uses, `expertlib.esft.diagnostics`),
 
-- `keep_mode="contrast"` (the default): rank experts by task relevance against kept relevance,
+- `keep_mode="contrast"`: rank experts by task relevance against kept relevance,
   max(0, task share - kept share) per expert (the largest kept share when several datasets are
   kept), and apply the top-p rule to that; an expert the kept data uses as much as the task never
   trains, a layer may end up empty. It ranks; it does not bound the kept share;
 - `keep_mode="budget"`: take the paper's top-p set, then walk it in score order and keep an
   expert only while the selected experts of the layer carry at most `keep_share` of every kept
   dataset's routing (the retention check's statistic, bounded exactly);
-- `keep_mode="capped"`: contrast's
+- `keep_mode="capped"` (the default; chosen on the tuning tasks, bench/RESULTS.md): contrast's
   ranking under budget's bound. Walk the experts in contrast order and take one only while the
   layer's selection stays within `keep_share` of every kept dataset's routing, until the taken
   contrast reaches top-p or the layer has as many experts as contrast alone would train: an
@@ -49,7 +49,7 @@ DEFAULT_KEEP_SHARE = 0.1
 
 KeepMode = Literal["budget", "capped", "contrast"]
 #: The default keep mode (`SelectionConfig.keep_mode`, `select_experts`).
-DEFAULT_KEEP_MODE: KeepMode = "contrast"
+DEFAULT_KEEP_MODE: KeepMode = "capped"
 
 
 def top_p_rule(score: str, top_p: float | None, weighting: str) -> tuple[float, float]:

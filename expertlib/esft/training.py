@@ -430,7 +430,8 @@ def train_experts(
     loss, so the task's own signal keeps its scale and the kept answers pull the experts back.
 
     With `guard_samples` (the kept data, `--keep`) and `config.keep_guard`, the share of them the
-    model answers exactly (teacher-forced) is measured on the base first, then every
+    model answers exactly (teacher-forced; the share of answer tokens where answers are longer than
+    `LONG_ANSWER_TOKENS`, as the base's own samples) is measured on the base first, then every
     `config.guard_every` steps with the trained experts; once it falls more than `keep_guard` below
     the base's, training stops and the experts go back to the last measurement within it (step 0:
     the base's own). `TrainResult.guard` records the figures.
@@ -570,26 +571,33 @@ def train_experts(
 
 
 class _KeepGuard:
-    """The keep guard of `train_experts`: the kept samples' teacher-forced exact match, measured on
+    """The keep guard of `train_experts`: the kept samples' teacher-forced score, measured on
     the base (slots inactive) at construction, then with the trained experts; the weights of the
     last measurement within `keep_guard` of the base are kept, and restored when one falls below."""
 
     def __init__(self, model, samples, pad_id: int, config: TrainConfig, params) -> None:
+        from expertlib.esft.keep import LONG_ANSWER_TOKENS
+
         self.model, self.samples, self.pad_id, self.config = model, list(samples), pad_id, config
         self.params = [p for _, p in params]
+        answer = sum(s.num_answer_tokens for s in self.samples) / max(1, len(self.samples))
+        self.long = answer > LONG_ANSWER_TOKENS
         self.base = self._measure()
         self.good = (0, self.base, [p.detach().clone() for p in self.params])
         self.stopped: tuple[int, float] | None = None
 
     def _measure(self) -> float:
+        """Exact match; token accuracy where the kept answers are long (the base's own samples: one
+        changed token of 48 is drift, not a lost skill)."""
         from expertlib.esft.keep import _forced
 
         was = self.model.training
         self.model.eval()
         try:
-            return _forced(self.model, self.samples, self.pad_id)[0]
+            exact, tokens = _forced(self.model, self.samples, self.pad_id)
         finally:
             self.model.train(was)
+        return tokens if self.long else exact
 
     def holds(self, step: int, *, last: bool = False) -> bool:
         """Measure at every `guard_every` steps (and the last): False (weights restored) once it falls."""
@@ -608,6 +616,7 @@ class _KeepGuard:
     def record(self) -> dict:
         out = {
             "guard": self.config.keep_guard,
+            "measure": "token accuracy" if self.long else "exact match",
             "base_exact": round(self.base, 4),
             "kept_step": self.good[0],
             "kept_exact": round(self.good[1], 4),
