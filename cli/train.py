@@ -245,9 +245,12 @@ def train_cmd(ctx, base, data, task, out, from_set, general, as_json, **kw):
 
     Scores and selects the experts unless --experts gives a selection. The defaults are one recipe
     (the demo's): answer-only scores, ESFT-Token top-p 0.2, and retention-aware selection: experts
-    rank by their share of the task's routing minus that of the kept data (--keep-mode budget
-    instead drops those past --keep-share of the kept routing per layer) (--keep auto: the demo's general tasks on the demo base; on any other base prompts and
-    answers sampled from the base itself, once, cached). --keep-mix DATA also trains on the
+    rank by their share of the task's routing minus that of the kept data, and a layer trains them
+    only while they carry at most --keep-share of the kept routing (--keep-mode capped; contrast
+    ranks without the bound, budget bounds the paper's selection) (--keep auto: the demo's general
+    tasks on the demo base; on any other base prompts and answers sampled from the base itself,
+    once, cached). The keep guard stops training, and keeps the last experts within it, when the
+    kept data's answers fall more than --keep-guard below the base's. --keep-mix DATA also trains on the
     skills the set must keep doing (e.g. its domain's pretrained tasks). With --general, reports
     (before training) how much of the general data's routing the selected experts carry. After
     training, says whether the set answers the data (teacher-forced, on held-out data when some

@@ -319,3 +319,32 @@ def test_keep_guard_stops_training_before_the_kept_answers_fall(tiny_model_dir, 
         model, samples, selection, cfg.model_copy(update={"keep_guard": None}), pad_id=0, progress=False
     )
     assert off.steps == 6 and off.guard is None
+
+
+def test_train_says_when_the_keep_guard_stopped_it(tmp_path, tiny_model_dir, data):
+    # --keep auto on a base that is not the demo's keeps the base's own samples; a learning rate that
+    # scrambles the experts makes their answers fall at the first measurement
+    base, (task, _) = tiny_model_dir("qwen2_moe"), data
+    args = [
+        "train",
+        str(base),
+        str(task),
+        "--task",
+        "say",
+        "--steps",
+        "4",
+        "--lr",
+        "0.5",
+        "--batch-size",
+        "4",
+    ]
+    args += ["--top-p", "0.9", "--guard-every", "2", "--out", str(tmp_path / "g.safetensors")]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    guard = ExpertSet.open(tmp_path / "g.safetensors").manifest.provenance.extra["keep_guard"]
+    assert guard["measure"] == "token accuracy" and guard["stopped_step"] == 2 and guard["kept_step"] == 0
+    said = res.stderr.split(
+        "keep guard: at step 2 the kept data's token accuracy (teacher-forced) fell to ", 1
+    )[1]
+    assert "training stopped and kept the experts of step 0" in said
+    assert shlex.split(said.split("the trade-off: `", 1)[1].split("`")[0])[-2:] == ["--keep-guard", "1"]
