@@ -420,3 +420,24 @@ def test_an_on_demand_load_looks_the_name_up_in_the_registry_once(world, tiny_mo
     ref, kept = asyncio.run(run())
     assert looked_up == ["a"]
     assert ref.name == "a@1" and ref.version == 1 and kept.version == 1
+
+
+@pytest.mark.parametrize("always", [False, True])
+def test_an_engine_that_hashes_every_load_never_reads_the_packed_cache(world, always):
+    """`--verify-loads always`: the workers are told to leave the packed-set disk cache alone (slot
+    bytes then always come from the file just hashed); its entries stay for other processes."""
+    base, _ = world
+    book = SetBook(base, 4, 2)
+    book.verify_always = always
+    calls = []
+
+    async def rpc(method: str, args: tuple = ()) -> list:
+        calls.append((method, args))
+        if method == "expertlib_info":
+            info = dict(num_experts=base.num_experts, slots=4, max_sets=2, moe_layers=base.moe_layers)
+            return [dict(info, weight_absmax=[])]
+        return [{"hits": 0, "paths": []}]
+
+    _run_now(book.start(rpc, None))
+    off = ("expertlib_packed_cache", (None, None, False, False))
+    assert (off in calls) is always

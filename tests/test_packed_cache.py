@@ -141,3 +141,15 @@ def test_background_writes_land_and_orphans_go(tmp_path):
     orphan.write_bytes(b"x" * 10)  # a data file whose record was never written
     cache.configure(budget=1 << 30)
     assert not orphan.exists() and cache.record(DIGEST, LAYOUT) is not None
+
+
+def test_a_process_that_leaves_it_alone_neither_reads_nor_writes_it(tmp_path):
+    cache = PackedCache(tmp_path, budget=1 << 30)
+    cache.save(DIGEST, LAYOUT, _layers())
+    cache.enabled = False
+    assert cache.record(DIGEST, LAYOUT) is None
+    cache.save_later("sha256:" + "b" * 64, LAYOUT, _layers(1))
+    cache.flush()
+    assert cache.status()["entries"] == 1  # kept for other processes, nothing added
+    cache.enabled = True
+    assert cache.record(DIGEST, LAYOUT) is not None

@@ -127,6 +127,9 @@ class PackedCache:
     def __init__(self, root: str | Path | None = None, budget: int | None = None):
         self._root = Path(root) if root is not None else None
         self._budget = budget
+        #: False: this process neither reads nor writes the cache (an engine whose every load is
+        #: hashed, `--verify-loads always`); the entries stay for other processes
+        self.enabled = True
         self.hits = 0
         self.misses = 0
         self.refused = 0  # entries found changed and removed
@@ -168,7 +171,7 @@ class PackedCache:
     def record(self, content_digest: str, layout: str) -> PackedRecord | None:
         """The entry for this set and layout if there is one whose data file is as it was written;
         an entry found otherwise is removed (and counted in `refused`)."""
-        if self.budget <= 0:
+        if not self.enabled or self.budget <= 0:
             return None
         key = self.key(content_digest, layout)
         data, meta = self._paths(key)
@@ -250,7 +253,7 @@ class PackedCache:
     ) -> None:
         """Write a packed set in the background (one writer thread; dropped when two writes are
         already waiting: it is a cache). `layers`: (layer, experts, [(part, rows (n, *row))])."""
-        if self.budget <= 0:
+        if not self.enabled or self.budget <= 0:
             return
         size = sum(t.numel() * t.element_size() for _, _, parts in layers for _, t in parts)
         if size > self.budget:
@@ -360,6 +363,7 @@ class PackedCache:
         root = self.root
         sizes = [p.stat().st_size for p in root.glob("*.bin")] if root.is_dir() else []
         return {
+            "enabled": self.enabled,
             "budget": self.budget,
             "bytes": sum(sizes),
             "entries": len(sizes),

@@ -568,14 +568,21 @@ class SlotWorkerExtension:
         return dict(HOST_CACHE.status(), packed=PACKED_CACHE.status())
 
     def expertlib_packed_cache(
-        self, budget: int | None = None, root: str | None = None, flush: bool = False
+        self,
+        budget: int | None = None,
+        root: str | None = None,
+        flush: bool = False,
+        enabled: bool | None = None,
     ) -> dict[str, Any]:
-        """Bound (bytes, 0 = off) or move this worker's packed-set disk cache; `flush`: wait for its
-        pending writes first. Reports its figures."""
+        """Bound (bytes, 0 = off: its entries removed) or move this worker's packed-set disk cache;
+        `flush`: wait for its pending writes first; `enabled=False`: this worker neither reads nor
+        writes it (entries kept for other processes). Reports its figures."""
         from expertlib.vllm_plugin.packcache import PACKED_CACHE
 
         if flush:
             PACKED_CACHE.flush()
+        if enabled is not None:
+            PACKED_CACHE.enabled = bool(enabled)
         if budget is not None or root is not None:
             PACKED_CACHE.configure(root, budget)
         return PACKED_CACHE.status()
