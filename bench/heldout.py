@@ -213,8 +213,8 @@ def variant(r: dict, args: dict) -> str:
     out = LABEL[r["method"]]
     if r.get("keep_share") not in (None, DEFAULT_KEEP_SHARE):
         out += f", --keep-share {r['keep_share']}"
-    if r.get("keep_guard"):
-        out += " + guard"
+    if r["method"] not in ("fft", "lora", "paper") and not r.get("keep_guard"):
+        out += ", no guard"
     steps, batch = r.get("steps", args["steps"]), r.get("batch_size", args["batch_size"])
     if (steps, batch) != (args["steps"], args["batch_size"]):
         out += f", {steps} x {batch}"
@@ -277,7 +277,9 @@ def table(rows: list[dict], args) -> str:
                 f"{r['domain_acc'] - b['domain_acc']:+.2f} | {','.join(map(str, r.get('experts_per_layer', []))) or '-'} | "
                 f"{r.get('general_mass', '-')} | {('yes' if r['flagged'] else 'no') if 'flagged' in r else '-'} | {verdict} |"
             )
-    main = [r for r in rows if variant(r, args) == LABEL[r["method"]]]  # the run's size, train's share
+    main = [
+        r for r in rows if variant(r, args).replace(", no guard", "") == LABEL[r["method"]]
+    ]  # size, share
     lines += ["", *targets(main)]
     return "\n".join(lines) + "\n"
 
