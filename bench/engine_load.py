@@ -80,6 +80,7 @@ async def engine_rows(args, root: Path, lines: list[str]) -> dict:
             ckpt.expert_digest(layer, e)
     digest_s = (time.perf_counter() - t) / len(sets[1:])
     del ckpt, sets  # its memory maps of the base would count in the soak's resident memory
+    phases(reg, names[1 : 1 + fresh], root, args.repeats, lines)
     engine = AsyncExpertEngine.from_base(
         base_dir,
         slots=2 * args.experts,
@@ -216,6 +217,77 @@ async def engine_rows(args, root: Path, lines: list[str]) -> dict:
             f"{'met' if full < 5 else 'MISSED'})"
         )
     return out
+
+
+def phases(reg, names: list[str], root: Path, repeats: int, lines: list[str]) -> dict:
+    """Where a load's time goes, each step of the workers' job run alone on one thread, on sets from
+    the registry (page cache warm), next to a memory copy: open (header, manifest, ingest record),
+    read (into one fresh buffer; the record stands, so no hashing), pack (CPU prepack into fresh rows),
+    copy (rows into slot rows), and a packed-set cache read straight into slot rows."""
+    import numpy as np
+    import torch
+
+    from expertlib.vllm_plugin.packcache import PackedCache
+    from expertlib.vllm_plugin.testing import cpu_moe_runner
+    from expertlib.vllm_plugin.worker import copy_rows, pack_rows, packed_layers, slot_parts
+
+    before = torch._C.get_num_threads()
+    torch._C.set_num_threads(1)  # as the job runs
+    try:
+        es = reg.open(names[0])
+        m = es.manifest
+        (layer,) = {layer for layer, _ in m.pairs()}
+        experts = sorted(e for _, e in m.pairs())
+        gate = es.read_verified().expert(layer, experts[0]).gate
+        runner = cpu_moe_runner(len(experts), gate.shape[0], gate.shape[1], gate.dtype, 0.0)
+        slots = list(range(len(experts)))
+        cache = PackedCache(root / "phases-packed", budget=1 << 40)
+        data = np.frombuffer(reg.get_path(names[0]).read_bytes(), dtype=np.uint8)
+        times: dict[str, list[float]] = {
+            k: [] for k in ("memory copy", "open", "read", "pack", "copy", "disk")
+        }
+        for i in range(repeats):
+            name = names[i % len(names)]
+            reg.get_path(name).read_bytes()  # page cache warm
+            t = time.perf_counter()
+            data.copy()
+            times["memory copy"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            es = reg.open(name)
+            times["open"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            es.read_verified()
+            times["read"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            rows = pack_rows(runner, experts, [es.expert(layer, e) for e in experts])
+            times["pack"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            copy_rows(runner, slots, rows, experts)
+            times["copy"].append(time.perf_counter() - t)
+            cache.save(m.content_digest, "phases", packed_layers({layer: rows}))
+            del es, rows
+            rec = cache.record(m.content_digest, "phases")
+            parts = slot_parts(runner.routed_experts)
+            targets = [
+                (layer, p, e, parts[p][s]) for s, e in zip(slots, experts, strict=True) for p in ("w13", "w2")
+            ]
+            t = time.perf_counter()
+            assert cache.read_into(rec, targets)
+            times["disk"].append(time.perf_counter() - t)
+    finally:
+        torch._C.set_num_threads(before)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lines.append(
+        f"- where a load's time goes (each step of the workers' job alone, one thread, median of {repeats}; "
+        f"a memory copy of the set's bytes {med['memory copy']:.3f} s in the same pairs): a never-seen set = open "
+        f"{med['open']:.3f} s + read into one buffer {med['read']:.3f} s + CPU prepack into the host-cache rows "
+        f"{med['pack']:.3f} s + copy into the slots {med['copy']:.3f} s = {sum(med[k] for k in ('open', 'read', 'pack', 'copy')):.3f} s; "
+        f"a set packed before = open {med['open']:.3f} s (front end) + packed-set cache read into the slots "
+        f"{med['disk']:.3f} s; the rest of an engine load is the front end's checks, the RPCs and polls, and "
+        f"sharing the cores with the forward steps"
+    )
+    print(lines[-1], flush=True)
+    return med
 
 
 async def soak(engine, reg, names: list[str], cycles: int, lines: list[str]) -> dict:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,23 +18,9 @@ from expertlib.vllm_plugin.hostcache import HostCache
 def _cpu_runner(n: int, inter: int, hidden: int, dtype=torch.bfloat16):
     """A stand-in MoE runner on vLLM's CPU kernel (padding and prepacking as vLLM does)."""
     pytest.importorskip("vllm")
-    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
-    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+    from expertlib.vllm_plugin.testing import cpu_moe_runner
 
-    impl = object.__new__(CPUUnquantizedExperts)
-    impl._use_zentorch = False
-    impl.moe_config = SimpleNamespace(intermediate_size_per_partition=inter, activation=MoEActivation.SILU)
-    method = object.__new__(UnquantizedFusedMoEMethod)
-    method.moe_kernel = SimpleNamespace(fused_experts=impl)
-    padded = CPUUnquantizedExperts._padded_intermediate_size(impl.moe_config)
-    experts = SimpleNamespace(
-        quant_method=method,
-        w13_weight=torch.full((n, 2 * padded, hidden), 7.0, dtype=dtype),
-        w2_weight=torch.full((n, hidden, padded), 7.0, dtype=dtype),
-    )
-    par = SimpleNamespace(use_ep=False, tp_size=1)
-    return SimpleNamespace(routed_experts=experts, moe_config=SimpleNamespace(moe_parallel_config=par))
+    return cpu_moe_runner(n, inter, hidden, dtype)
 
 
 def _weights(k: int, inter: int, hidden: int, seed: int = 0) -> list[ExpertWeights]:

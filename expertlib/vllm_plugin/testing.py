@@ -135,3 +135,28 @@ def make_bench_sets(model, n: int, experts_per_layer: int = 2, *, seed: int = 0,
         }
         sets.append(random_expert_set(model, f"task{i}", experts, seed=seed + 1000 + i, scale=scale))
     return sets
+
+
+def cpu_moe_runner(n: int, inter: int, hidden: int, dtype=torch.bfloat16, fill: float = 7.0):
+    """A stand-in for one MoE layer's runner on vLLM's CPU kernel, `n` expert rows filled with `fill`:
+    what `expertlib.vllm_plugin.worker`'s packing and copies see (padding and prepacking as vLLM does),
+    without an engine."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    impl = object.__new__(CPUUnquantizedExperts)
+    impl._use_zentorch = False
+    impl.moe_config = SimpleNamespace(intermediate_size_per_partition=inter, activation=MoEActivation.SILU)
+    method = object.__new__(UnquantizedFusedMoEMethod)
+    method.moe_kernel = SimpleNamespace(fused_experts=impl)
+    padded = CPUUnquantizedExperts._padded_intermediate_size(impl.moe_config)
+    experts = SimpleNamespace(
+        quant_method=method,
+        w13_weight=torch.full((n, 2 * padded, hidden), fill, dtype=dtype),
+        w2_weight=torch.full((n, hidden, padded), fill, dtype=dtype),
+    )
+    par = SimpleNamespace(use_ep=False, tp_size=1)
+    return SimpleNamespace(routed_experts=experts, moe_config=SimpleNamespace(moe_parallel_config=par))
