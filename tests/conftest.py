@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The packed-set disk cache would outlive the run in the user's cache folder and answer later runs'
+# first loads: off, except where a test points it at its own folder.
+os.environ.setdefault("EXPERTLIB_PACKED_CACHE", "0")
 # On CUDA, Triton's float32 dot products are TF32 unless told otherwise; the engine tests compare
 # float32 tokens exactly (docs/GPU.md, "Exactness of the GPU engine tests").
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")

@@ -168,6 +168,41 @@ def test_a_reload_copies_packed_rows_from_the_host_cache(world, monkeypatch):
     assert tokens(engine.generate(PROMPTS[:2], "alpha", greedy())) == want
 
 
+def test_a_never_seen_set_is_packed_straight_into_its_slots(world, monkeypatch, tmp_path):
+    """A set neither cache holds is packed straight into its slots (no host rows packed first), answers
+    exactly as the set applied in transformers, and copies of its rows are then kept in the host cache
+    (a reload is a hit) and written to the packed-set cache."""
+    import expertlib.vllm_plugin.worker as worker
+    from expertlib.vllm_plugin.hostcache import HOST_CACHE
+    from expertlib.vllm_plugin.packcache import PACKED_CACHE
+
+    engine, model, tok = world["engine"], world["model"], world["tok"]
+    reset(engine)
+    PACKED_CACHE.flush()
+    monkeypatch.setattr(PACKED_CACHE, "_root", tmp_path / "packed")
+    monkeypatch.setattr(PACKED_CACHE, "_budget", 1 << 30)
+    budget = HOST_CACHE.budget
+    HOST_CACHE.resize(0)
+    HOST_CACHE.resize(budget)
+    packed = []
+    original = worker.pack_set
+    monkeypatch.setattr(worker, "pack_set", lambda ctx, es: packed.append(es) or original(ctx, es))
+    misses = HOST_CACHE.misses
+    engine.load(world["paths"]["gamma"])
+    assert packed == [] and HOST_CACHE.misses == misses + 1  # packed into the slots, rows kept after
+    got = tokens(engine.generate(PROMPTS[:2], "gamma", greedy()))
+    with apply_expert_set(model, world["sets"]["gamma"]):
+        assert got == [hf_greedy(model, tok, p, MAX_TOKENS) for p in PROMPTS[:2]]
+    PACKED_CACHE.flush()
+    assert PACKED_CACHE.status()["entries"] == 1
+    engine.unload("gamma")
+    hits = HOST_CACHE.hits
+    engine.load(world["paths"]["gamma"])
+    assert HOST_CACHE.hits == hits + 1 and packed == []
+    assert tokens(engine.generate(PROMPTS[:2], "gamma", greedy())) == got
+    reset(engine)
+
+
 def test_a_set_packed_before_loads_from_the_packed_cache(world, monkeypatch, tmp_path):
     """With the host cache emptied (a new process), a set packed before is read from the packed-set
     disk cache straight into its slots (no set file read, no packing) and answers as when it was
@@ -195,9 +230,12 @@ def test_a_set_packed_before_loads_from_the_packed_cache(world, monkeypatch, tmp
     load_afresh()  # packed from the set file, written to the disk cache
     want = tokens(engine.generate(PROMPTS[:3], "beta", greedy()))
     assert PACKED_CACHE.status()["entries"] == 1
-    packed = []
-    original = worker.pack_set
+    packed = []  # packings of either kind: into host rows, or straight into the slots
+    original, into_slots = worker.pack_set, worker.pack_into_slots
     monkeypatch.setattr(worker, "pack_set", lambda ctx, es: packed.append(es) or original(ctx, es))
+    monkeypatch.setattr(
+        worker, "pack_into_slots", lambda ctx, es, f: packed.append(es) or into_slots(ctx, es, f)
+    )
     hits = PACKED_CACHE.hits
     load_afresh()
     assert packed == [] and PACKED_CACHE.hits == hits + 1

@@ -102,13 +102,18 @@ class HostCache:
 
         `background`: on a thread of its own (file reads, hashing, numpy and torch copies release the
         GIL, so forward steps go on), False until it is done (call again with the same `key` to
-        poll); its error, if any, is raised by the call that finds it done. A job whose caller gave up
-        (another key) is waited for before a new one starts, so two jobs never write slots at once."""
+        poll); its error, if any, is raised by the call that finds it done. A job that calls
+        `slots_written()` is done for its caller from then on, while its tail (keeping copies of the
+        rows) goes on. A job still running (its tail, or one whose caller gave up) is waited for before
+        a new one starts, so two jobs never touch slots at once."""
         for old, job in list(self._reading.items()):
+            if old == key and not job.answered and job.ready.is_set():
+                job.answered = True
+                return True
             if job.is_alive():
                 return False
             del self._reading[old]
-            if old == key:
+            if old == key and not job.answered:
                 job.result()
                 return True
         if not background:
@@ -116,6 +121,17 @@ class HostCache:
             return True
         self._reading[key] = _Job(work)
         return False
+
+    def wait_idle(self) -> None:
+        """Wait for any job still running (a tail after its slots were written)."""
+        for job in list(self._reading.values()):
+            job.join()
+
+    def keep(self, path: str, digest: str, entry: Entry, size: int) -> None:
+        """Keep what a load made elsewhere (`pack_into_slots`' copies of the slot rows)."""
+        with self._lock:
+            self.misses += 1
+            self._put(str(path), digest, entry, size)
 
     def unstage(self, path: str) -> None:
         """The load that staged `path` is over: keep it only as the budget allows."""
@@ -179,6 +195,14 @@ def _one_intraop_thread() -> Iterator[None]:
         torch._C.set_num_threads(before)
 
 
+def slots_written() -> None:
+    """Called by a load's work once the slots hold the set: in a background job, its caller is
+    answered "done" from then on (the rest of the work must leave the slots alone)."""
+    job = threading.current_thread()
+    if isinstance(job, _Job):
+        job.ready.set()
+
+
 class _Job(threading.Thread):
     """One load's work off the caller's thread."""
 
@@ -186,6 +210,8 @@ class _Job(threading.Thread):
         super().__init__(name="expertlib-load", daemon=True)
         self.work = work
         self._error: BaseException | None = None
+        self.ready = threading.Event()  # set by slots_written()
+        self.answered = False  # its caller was told it is done
         self.start()
 
     def run(self) -> None:
