@@ -472,7 +472,7 @@ def train_experts(
         best: tuple[float, list[torch.Tensor]] | None = None  # early stopping: (loss, weights)
         stale = 0
         guarded = guard_samples and config.keep_guard is not None and config.keep_guard < 1
-        guard = _KeepGuard(model, guard_samples, pad_id, config, params) if guarded else None
+        guard = _KeepGuard(model, guard_samples, pad_id, config, params, state.step) if guarded else None
         model.train()
         with (
             active_sets(model, TRAIN_SET_ROW) if trainable.slot_of else nullcontext(),
@@ -575,7 +575,7 @@ class _KeepGuard:
     the base (slots inactive) at construction, then with the trained experts; the weights of the
     last measurement within `keep_guard` of the base are kept, and restored when one falls below."""
 
-    def __init__(self, model, samples, pad_id: int, config: TrainConfig, params) -> None:
+    def __init__(self, model, samples, pad_id: int, config: TrainConfig, params, start: int = 0) -> None:
         from expertlib.esft.keep import LONG_ANSWER_TOKENS
 
         self.model, self.samples, self.pad_id, self.config = model, list(samples), pad_id, config
@@ -583,7 +583,8 @@ class _KeepGuard:
         answer = sum(s.num_answer_tokens for s in self.samples) / max(1, len(self.samples))
         self.long = answer > LONG_ANSWER_TOKENS
         self.base = self._measure()
-        self.good = (0, self.base, [p.detach().clone() for p in self.params])
+        # the weights it starts from (the base's copies, or those a resumed run reached) count as within
+        self.good = (start, self.base, [p.detach().clone() for p in self.params])
         self.stopped: tuple[int, float] | None = None
 
     def _measure(self) -> float:
