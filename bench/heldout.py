@@ -292,6 +292,9 @@ def targets(rows: list[dict]) -> list[str]:
     out = [f"Targets on the held-out tasks (ESFT defaults, {D} mode, unless named):", ""]
     held = [t for t in dict.fromkeys(r["task"] for r in rows) if t in HELDOUT]
     by = {(r["task"], r["method"]): r for r in rows}
+    ran = [t for t in held if (t, D) in by]
+    if len(ran) < len(held):
+        out += [f"(held-out tasks trained with the defaults: {', '.join(ran)}; the rest have no {D} row)", ""]
 
     def has(t, m):
         return (t, m) in by

@@ -231,7 +231,7 @@ def select_cmd(
 )
 @field_options(RuntimeConfig, "device", "device_map")
 @field_options(DataConfig, "max_length", "too_long", "pack", "holdout", "keep_mix")
-@field_options(TrainConfig, "mix_share", "mix_weight", "keep_guard", "guard_every")
+@field_options(TrainConfig, "mix_share", "mix_weight", "keep_guard", "guard_every", "guard_patience")
 @field_option(DataConfig, "eval_data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @field_options(TrainConfig, "eval_every", "early_stop")
 @field_option(RuntimeConfig, "checkpoint_dir", type=click.Path(file_okay=False, path_type=Path))

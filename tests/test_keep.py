@@ -309,12 +309,25 @@ def test_keep_guard_stops_training_before_the_kept_answers_fall(tiny_model_dir, 
         )[0].tolist()
         kept.append(Sample(tuple(out), tuple([IGNORE_INDEX] * len(p) + out[len(p) :])))
     selection = ExpertConfig(experts={0: [0, 1, 2, 3], 1: [0, 1, 2, 3]})
-    cfg = TrainConfig(steps=6, lr=0.5, batch_size=4, guard_every=2, keep_guard=0.05)
+    cfg = TrainConfig(steps=6, lr=0.5, batch_size=4, guard_every=2, keep_guard=0.05, guard_patience=1)
     r = train_experts(model, samples, selection, cfg, pad_id=0, progress=False, guard_samples=kept)
     assert r.guard["base_exact"] == 1.0 and r.guard["stopped_step"] == 2 and r.guard["stopped_exact"] < 0.95
     assert r.guard["kept_step"] == 0 and r.steps == 2  # stopped, and back to the last experts within it
     for (layer, e), w in r.experts.items():
         assert torch.equal(w.gate, read_expert(model, layer, e).gate)  # step 0's: the base's own
+    # patience: below at steps 2 and 4 goes on; below at the last step (6) still restores step 0's
+    r = train_experts(
+        model,
+        samples,
+        selection,
+        cfg.model_copy(update={"guard_patience": 5}),
+        pad_id=0,
+        progress=False,
+        guard_samples=kept,
+    )
+    assert r.steps == 6 and r.guard["stopped_step"] == 6 and r.guard["kept_step"] == 0
+    for (layer, e), w in r.experts.items():
+        assert torch.equal(w.gate, read_expert(model, layer, e).gate)
     off = train_experts(
         model, samples, selection, cfg.model_copy(update={"keep_guard": None}), pad_id=0, progress=False
     )
@@ -338,7 +351,16 @@ def test_train_says_when_the_keep_guard_stopped_it(tmp_path, tiny_model_dir, dat
         "--batch-size",
         "4",
     ]
-    args += ["--top-p", "0.9", "--guard-every", "2", "--out", str(tmp_path / "g.safetensors")]
+    args += [
+        "--top-p",
+        "0.9",
+        "--guard-every",
+        "2",
+        "--guard-patience",
+        "1",
+        "--out",
+        str(tmp_path / "g.safetensors"),
+    ]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     guard = ExpertSet.open(tmp_path / "g.safetensors").manifest.provenance.extra["keep_guard"]

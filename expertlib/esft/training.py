@@ -158,6 +158,12 @@ class TrainConfig(BaseModel):
         "training stops and keeps the last experts within it (1 or None: off)",
     )
     guard_every: int = Field(default=25, ge=1, description="steps between the --keep-guard measurements")
+    guard_patience: int = Field(
+        default=3,
+        ge=1,
+        description="--keep-guard measurements in a row below the guard before training stops (a dip "
+        "early in training can recover); at the end, the last experts within the guard are kept",
+    )
 
     @model_validator(mode="after")
     def _master_not_below_compute(self) -> TrainConfig:
@@ -432,8 +438,9 @@ def train_experts(
     With `guard_samples` (the kept data, `--keep`) and `config.keep_guard`, the share of them the
     model answers exactly (teacher-forced; the share of answer tokens where answers are longer than
     `LONG_ANSWER_TOKENS`, as the base's own samples) is measured on the base first, then every
-    `config.guard_every` steps with the trained experts; once it falls more than `keep_guard` below
-    the base's, training stops and the experts go back to the last measurement within it (step 0:
+    `config.guard_every` steps with the trained experts; once it has been more than `keep_guard`
+    below the base's `config.guard_patience` times in a row (or is below at the last step), training
+    stops and the experts go back to the last measurement within it (step 0:
     the base's own). `TrainResult.guard` records the figures.
     """
     from tqdm.auto import tqdm
@@ -586,6 +593,7 @@ class _KeepGuard:
         # the weights it starts from (the base's copies, or those a resumed run reached) count as within
         self.good = (start, self.base, [p.detach().clone() for p in self.params])
         self.stopped: tuple[int, float] | None = None
+        self.falls = 0  # measurements in a row below the guard
 
     def _measure(self) -> float:
         """Exact match; token accuracy where the kept answers are long (the base's own samples: one
@@ -601,12 +609,17 @@ class _KeepGuard:
         return tokens if self.long else exact
 
     def holds(self, step: int, *, last: bool = False) -> bool:
-        """Measure at every `guard_every` steps (and the last): False (weights restored) once it falls."""
+        """Measure at every `guard_every` steps (and the last). False, with the last weights within the
+        guard restored, after `guard_patience` measurements in a row below it, or at the last step
+        when that one is below it."""
         if not (last or step % self.config.guard_every == 0):
             return True
         now = self._measure()
         if now >= self.base - self.config.keep_guard:
-            self.good = (step, now, [p.detach().clone() for p in self.params])
+            self.good, self.falls = (step, now, [p.detach().clone() for p in self.params]), 0
+            return True
+        self.falls += 1
+        if self.falls < self.config.guard_patience and not last:
             return True
         self.stopped = (step, now)
         with torch.no_grad():
