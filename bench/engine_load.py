@@ -106,8 +106,12 @@ async def engine_rows(args, root: Path, lines: list[str]) -> dict:
             data.copy()
             mem_s = time.perf_counter() - t
             t = time.perf_counter()
-            await engine.load(reg.open(name))
-            return time.perf_counter() - t, mem_s
+            opened = await asyncio.to_thread(engine._book.open, reg.open(name), None)
+            front.append(time.perf_counter() - t)  # the front end's checks (record, base, bounds)
+            await engine.load(opened)
+            took = time.perf_counter() - t
+            jobs.append((await engine._rpc("expertlib_host_cache", ()))[0]["last_job_seconds"])
+            return took, mem_s
 
         async def empty_host_cache() -> None:  # what a new server process starts with
             await engine._rpc("expertlib_host_cache", (0,))
@@ -118,12 +122,17 @@ async def engine_rows(args, root: Path, lines: list[str]) -> dict:
             out[f"{key}_ratio"] = statistics.median(m / s for s, m in pairs)
 
         # never seen: read once (its ingest record stands), packed for the CPU kernel, copied into the slots
+        front: list[float] = []
+        jobs: list[float] = []
         firsts = []
         for n in names[1 : 1 + fresh]:
             firsts.append(await timed_load(n))
             # its background write into the packed-set cache done before the next load (not timed)
             packed = (await engine._rpc("expertlib_packed_cache", (None, None, True)))[0]
         row("load", firsts)
+        first_front, first_job = statistics.median(front), statistics.median(jobs)
+        front.clear()
+        jobs.clear()
         # again, from the workers' host cache (the rows packed last, which it still holds)
         row("reload", [await timed_load(names[fresh - i % 2]) for i in range(args.repeats)])
         # seen before, host cache empty (a new server process): the packed-set cache read into the slots
@@ -135,7 +144,9 @@ async def engine_rows(args, root: Path, lines: list[str]) -> dict:
             f"  - a never-seen set from the registry into the slots: {out['load_s']:.3f} s "
             f"({out['load_ratio']:.2f}x a memory copy; {fresh} sets, each loaded once: read once, checked by its "
             f"ingest record, packed for the CPU kernel, copied into the slots; base expert digests kept from an "
-            f"earlier process (computing them costs {digest_s:.3f} s per set, once per base))\n"
+            f"earlier process (computing them costs {digest_s:.3f} s per set, once per base); of it the front "
+            f"end's checks {first_front:.3f} s and the worker's job until its slots were written {first_job:.3f} s "
+            f"(medians), the rest RPCs, polls and waiting for the previous job's tail)\n"
             f"  - a set packed before, the host cache empty (as in a new server process): {out['disk_s']:.3f} s "
             f"({out['disk_ratio']:.2f}x a memory copy; the packed-set disk cache's bytes read straight into the "
             f"slot rows; {st['hits']} cache hits, {st['refused']} refused, {packed['written']} entries written "

@@ -341,10 +341,11 @@ class ExpertSet:
         self._trusted = record
         return self
 
-    def read_verified(self, *, always: bool = False) -> ExpertSet:
+    def read_verified(self, *, always: bool = False, scratch=None) -> ExpertSet:
         """Read a lazily opened set's file into host memory, each byte once, and check those very
         bytes, unless a check of the unchanged file stands (as in `verify`); the tensors are then
-        views on that one buffer. What the engine's workers copy into slots."""
+        views on that one buffer (`scratch(size)` may hand one in to reuse; None: a fresh one). What
+        the engine's workers copy into slots."""
         if self._tensors is not None or self.path is None:
             self.verify(always=always)
             return self
@@ -352,11 +353,11 @@ class ExpertSet:
         before = FileKey.of(self.path)
         standing = None if always else self._standing_record()
         if standing is not None:  # read only; the check stands if the file stayed as it was
-            tensors = read_tensors(self.path, self._expected())
+            tensors = read_tensors(self.path, self._expected(), scratch)
             same = before is not None and before == FileKey.of(self.path)
             scan = standing.scan if same else scan_tensors(tensors, m)
         else:  # read and hash overlapped
-            tensors, scan = read_scanned(self.path, m, self._expected())
+            tensors, scan = read_scanned(self.path, m, self._expected(), scratch)
             same = before is not None and before == FileKey.of(self.path)
         if same and standing is not None:
             self.checked = standing

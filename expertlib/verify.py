@@ -288,13 +288,14 @@ def map_tensors(
 
 
 def read_tensors(
-    path: str | Path, expected: Mapping[str, tuple[torch.dtype, list[int]]]
+    path: str | Path, expected: Mapping[str, tuple[torch.dtype, list[int]]], scratch=None
 ) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file read into one buffer in host memory (each byte read once),
-    as views on it; checked against `expected` like `map_tensors`."""
+    as views on it; checked against `expected` like `map_tensors`. `scratch(size)`: where that buffer
+    comes from (a reused one), else a fresh array."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        buf = np.empty(size, dtype=np.uint8)  # not zero-filled first: the read is the one pass
+        buf = _buffer(size, scratch)  # not zero-filled first: the read is the one pass
         view, done = memoryview(buf), 0
         while done < size:
             n = f.readinto(view[done : done + (64 << 20)])
@@ -308,20 +309,21 @@ def read_scanned(
     path: str | Path,
     manifest: ExpertSetManifest,
     expected: Mapping[str, tuple[torch.dtype, list[int]]],
+    scratch=None,
 ) -> tuple[dict[str, torch.Tensor], Scan]:
     """`read_tensors` and `scan_tensors` overlapped: the file is read into one buffer in pieces, and
     each tensor is hashed on the thread pool as soon as the read has passed its last byte, so the
     hashing of the first tensors runs while the rest is read (format 2 and later; a format 1 file
     is read, then scanned)."""
     if manifest.format_version < TREE_FORMAT:
-        tensors = read_tensors(path, expected)
+        tensors = read_tensors(path, expected, scratch)
         return tensors, scan_tensors(tensors, manifest)
     with (
         open(path, "rb") as f,
         ThreadPoolExecutor(threads(), thread_name_prefix="expertlib-verify") as pool,
     ):
         size = os.fstat(f.fileno()).st_size
-        buf = np.empty(size, dtype=np.uint8)  # not zero-filled first: the read is the one pass
+        buf = _buffer(size, scratch)  # not zero-filled first: the read is the one pass
         view, done = memoryview(buf), 0
 
         def read_to(end: int) -> None:
@@ -351,6 +353,12 @@ def read_scanned(
             leaves[name], absmax[name] = leaf, amax
     meta = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
     return tensors, tree_scan(leaves, meta, absmax, manifest)
+
+
+def _buffer(size: int, scratch=None) -> np.ndarray:
+    """`size` bytes to read a file into: from `scratch(size)` (None: it has none that big) or fresh."""
+    buf = scratch(size) if scratch is not None else None
+    return buf if buf is not None else np.empty(size, dtype=np.uint8)
 
 
 def tensor_views(

@@ -168,3 +168,21 @@ def test_a_job_runs_beside_the_forward_steps_not_on_their_core(monkeypatch):
     torch._C.set_num_threads(threads)
     assert seen["cpus"] == everywhere and seen["threads"] == 1
     assert seen["after"][0] == seen["after"][1] == 2
+
+
+def test_a_load_reads_into_the_one_reused_buffer(set_file):
+    """Sets are read into one buffer kept from load to load (fresh memory is slow to touch in a vLLM
+    worker); the tensors read are the file's, and a file over the limit gets a fresh buffer."""
+    from expertlib.patch import ExpertSet
+    from expertlib.vllm_plugin.hostcache import ReadBuffer
+
+    path, _ = set_file
+    scratch = ReadBuffer()
+    want = ExpertSet.open(path).read_verified().tensors
+    for _ in range(2):
+        got = ExpertSet.open(path).read_verified(scratch=scratch).tensors
+        base = scratch._buf.ctypes.data
+        for name, t in got.items():
+            assert torch.equal(t, want[name])
+            assert base <= t.data_ptr() < base + scratch._buf.size  # a view on the kept buffer
+    assert ReadBuffer(limit=16)(path.stat().st_size) is None

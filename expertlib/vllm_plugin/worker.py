@@ -569,7 +569,7 @@ class SlotWorkerExtension:
         from expertlib.errors import DigestMismatchError
         from expertlib.patch import ExpertSet
         from expertlib.verify import VerifiedRecord
-        from expertlib.vllm_plugin.hostcache import HOST_CACHE
+        from expertlib.vllm_plugin.hostcache import HOST_CACHE, READ_BUFFER
         from expertlib.vllm_plugin.packcache import PACKED_CACHE
 
         ctx = self._expertlib_ctx()
@@ -578,7 +578,9 @@ class SlotWorkerExtension:
             return False
         if checked:
             es.trust(VerifiedRecord.model_validate_json(checked))
-        es.read_verified()  # each byte read once; checked unless the front end's check stands
+        es.read_verified(
+            scratch=READ_BUFFER
+        )  # each byte read once; checked unless the front end's check stands
         digest = es.manifest.content_digest
         if content_digest is not None and digest != content_digest:
             raise DigestMismatchError("the set file changed after it was checked", path=path)
