@@ -370,3 +370,22 @@ def test_train_says_when_the_keep_guard_stopped_it(tmp_path, tiny_model_dir, dat
     )[1]
     assert "training stopped and kept the experts of step 0" in said
     assert shlex.split(said.split("the trade-off: `", 1)[1].split("`")[0])[-2:] == ["--keep-guard", "1"]
+
+
+def test_fit_check_leaves_out_held_out_prompts_seen_in_training(tmp_path, tiny_model_dir, data):
+    # a held-out split of data with repeated prompts scores memory: those samples are left out
+    base, (task, _) = tiny_model_dir("qwen2_moe"), data
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in _rows(["a", "b", "xyz"])))  # a, b are trained
+    es = train_esft(
+        base,
+        task,
+        task="say",
+        selection=SelectionConfig(top_p=0.5, keep=("none",)),
+        config=TrainConfig(steps=1, lr=1e-3, batch_size=4),
+        data_config=DataConfig(eval_data=held),
+        runtime=RuntimeConfig(device="cpu", progress=False),
+    )
+    fit = FitReport(**es.manifest.provenance.extra["fit"])
+    assert fit.eval_seen == 2 and fit.greedy_samples == 1 and fit.greedy_split == "held-out"
+    assert "2 repeating a training prompt left out" in fit.message()

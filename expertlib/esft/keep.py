@@ -220,6 +220,11 @@ class FitReport(BaseModel):
     train_token_acc: float
     eval_token_acc: float | None = None
     base_eval_exact: float | None = Field(default=None, description="the base's held-out exact match")
+    eval_seen: int = Field(
+        default=0,
+        description="held-out samples left out of the check because their prompt is also a training prompt "
+        "(they measure memory, not the skill)",
+    )
     answer_tokens: float = Field(description="mean answer tokens per sample")
     dropped: dict[str, float] = Field(
         default_factory=dict, description="layer -> task routing share on experts the keep constraint dropped"
@@ -263,7 +268,9 @@ class FitReport(BaseModel):
         """The verdict. `keep_hint` is the command that trains what keeping dropped (`--keep none`);
         `budget_hint` the one in between (`--keep-mode budget`), named when the run used contrast."""
         held = (
-            f"held-out {self.eval_exact:.2f} (base {self.base_eval_exact:.2f}), "
+            f"held-out {self.eval_exact:.2f} (base {self.base_eval_exact:.2f}"
+            + (f"; {self.eval_seen} repeating a training prompt left out" if self.eval_seen else "")
+            + "), "
             if self.eval_exact is not None and self.base_eval_exact is not None
             else ""
         )
@@ -356,6 +363,12 @@ def _forced(
     return exact / max(1, len(samples)), right / max(1, tokens)
 
 
+def _prompt(s: Sample) -> tuple[int, ...]:
+    """The tokens before a sample's first answer token."""
+    start = next((i for i, t in enumerate(s.labels) if t != IGNORE_INDEX), len(s.labels))
+    return tuple(s.input_ids[:start])
+
+
 @torch.no_grad()
 def _greedy(model: nn.Module, samples: Sequence[Sample], pad_id: int, batch_size: int = 32) -> float:
     """Share of `samples` whose greedy answer is exactly theirs: each decoded from its prompt (the
@@ -401,10 +414,14 @@ def fit_check(
     dropped: dict[str, float] | None = None,
 ) -> FitReport:
     """`FitReport` of `expert_set` applied to `model` (reverted after) on up to `n` samples of each
-    split, and greedy decoding of up to `greedy` of them (held-out ones when there are any)."""
+    split, and greedy decoding of up to `greedy` of them (held-out ones when there are any). A
+    held-out sample whose prompt is also a training prompt is left out (`FitReport.eval_seen`): a
+    split of data with repeated prompts would otherwise score memory as skill."""
     from expertlib.apply import apply_expert_set
 
-    train_s, eval_s = list(train_samples[:n]), list(eval_samples[:n])
+    seen = {_prompt(s) for s in train_samples}
+    unseen = [s for s in eval_samples if _prompt(s) not in seen]
+    train_s, eval_s = list(train_samples[:n]), unseen[:n]
     split = "held-out" if eval_s else "training"
     decoded = [s for s in (eval_s or train_s) if any(t != IGNORE_INDEX for t in s.labels)][:greedy]
     was = model.training
@@ -430,5 +447,6 @@ def fit_check(
         greedy_exact=None if g is None else round(g, 4),
         greedy_forced_exact=None if g_forced is None else round(g_forced, 4),
         greedy_samples=len(decoded),
+        eval_seen=len(eval_samples) - len(unseen),
         greedy_split=split if decoded else None,
     )
