@@ -91,6 +91,17 @@ def open_expert_set(
     return opened if name is None or name == opened.name else replace(opened, name=name)
 
 
+def refuse_name_clash(name: str, resident: str, incoming: str, *, hint: str | None = None) -> None:
+    """Check 5's rule, wherever a load finds `name` resident already: SlotError when the resident set
+    holds other tensors (content digest `resident`) than the one being loaded (`incoming`); a load
+    never keeps the old set while answering as if it had loaded the new one."""
+    if resident != incoming:
+        raise SlotError(
+            f"another expert set is loaded as {name!r} (content {resident}); this one holds {incoming}",
+            hint=hint or f"unload {name!r} first, or load this set under another name",
+        )
+
+
 class SetLedger:
     """Which expert sets a backend holds (a `SlotPool` and the `OpenedSet` of each resident set) and
     the checks every load runs, in the order the module docstring gives. A backend writes what
@@ -135,13 +146,7 @@ class SetLedger:
         es, name = opened.expert_set, opened.name
         check_bounds(set_absmax(es), self.bounds, name=name)  # before anything is evicted
         if name in self.pool:
-            resident = self.sets[name]
-            if resident.digest != opened.digest:
-                raise SlotError(
-                    f"another expert set is loaded as {name!r} (content {resident.digest}); this one holds "
-                    f"{opened.digest}",
-                    hint=f"unload {name!r} first, or load this set under another name",
-                )
+            refuse_name_clash(name, self.sets[name].digest, opened.digest)
             self.pool.touch(name)
             if pin:
                 self.pin(name, True)
@@ -173,4 +178,4 @@ class SetLedger:
         self.pool.pin(name, pinned)
 
 
-__all__ = ["OpenNamed", "OpenedSet", "SetLedger", "open_expert_set"]
+__all__ = ["OpenNamed", "OpenedSet", "SetLedger", "open_expert_set", "refuse_name_clash"]

@@ -37,10 +37,9 @@ from expertlib.errors import (
     RegistryBusyError,
     RemoteError,
     ServerBusyError,
-    SlotError,
     SlotsBusyError,
 )
-from expertlib.loading import OpenedSet, open_expert_set
+from expertlib.loading import OpenedSet, open_expert_set, refuse_name_clash
 from expertlib.patch import ExpertSet
 from expertlib.registry.names import Ref, validate_name
 from expertlib.registry.protocol import Entry
@@ -375,13 +374,12 @@ class SetCatalog:
     def _check_same(self, served: str, es: ExpertSet) -> None:
         """SlotError (409) when `served` is resident with other tensors than `es` (another file of
         the same task): a load never keeps the old set while answering as if it had loaded the new."""
-        resident = self.engine.ref(served).digest
-        if resident != es.manifest.content_digest:
-            raise SlotError(
-                f"another expert set is loaded as {served!r} (content {resident}); this file holds "
-                f"{es.manifest.content_digest}",
-                hint=f"unload {served!r} first (POST /admin/sets/unload), then load this file",
-            )
+        refuse_name_clash(
+            served,
+            self.engine.ref(served).digest,
+            es.manifest.content_digest,
+            hint=f"unload {served!r} first (POST /admin/sets/unload), then load this file",
+        )
 
     def _forget(self, served: str) -> None:
         self._aliases = {a: n for a, n in self._aliases.items() if n != served}
