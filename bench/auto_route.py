@@ -1,11 +1,11 @@
 """`model="auto"` and `model="a+b"` on the demo world, measured side by side in one run (issue 24).
 
-    python bench/auto_route.py                  # train's defaults (300 steps per set), ~10 min on 2 CPUs
+    python bench/auto_route.py                  # the demo's training (train's defaults), ~10 min on 2 CPUs
     python bench/auto_route.py --steps 100 --n 30
 
 1. The demo base and its sum/fill/cross sets, trained as `expertlib demo` trains them
    (`expertlib.demo.run.train_task_set`: train's defaults; training records each set's routing
-   profile and base anchors). Sets already trained with the same steps in the work folder are reused.
+   profile and base anchors). Sets already trained with the same steps and batch in the work folder are reused.
 2. Offline, in transformers: every held-out prompt's routing under the base (chat template applied,
    as the server tokenizes it) scored against each set's profile and each base anchor the sets carry
    (`expertlib.profile.similarity`, what the server computes): the similarity of the intended
@@ -41,8 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 THRESHOLDS = [round(x, 2) for x in np.arange(0.30, 1.0001, 0.05)]
 
 
-def train_sets(base: Path, workdir: Path, steps: int, log) -> dict[str, Path]:
-    """The demo's sets, trained as `expertlib demo` does (reused when trained with the same steps)."""
+def train_sets(base: Path, workdir: Path, steps: int | None, log) -> dict[str, Path]:
+    """The demo's sets, trained as `expertlib demo` does (reused when trained with the same steps and
+    batch; `steps` None: the demo's)."""
     from expertlib.demo.run import DemoSettings, train_task_set
     from expertlib.demo.tasks import DEMO_TASKS
     from expertlib.patch import ExpertSet
@@ -53,7 +54,7 @@ def train_sets(base: Path, workdir: Path, steps: int, log) -> dict[str, Path]:
     paths = {}
     for task in DEMO_TASKS:
         out = workdir / "sets" / f"{task}.safetensors"
-        fresh = done.get(task) == steps and out.exists()
+        fresh = done.get(task) == [s.steps, s.batch_size] and out.exists()
         prov = ExpertSet.open(out).manifest.provenance if fresh else None
         if prov is not None and prov.routing_profile is not None and prov.base_anchors:
             paths[task] = out
@@ -61,7 +62,7 @@ def train_sets(base: Path, workdir: Path, steps: int, log) -> dict[str, Path]:
             continue
         t0 = time.perf_counter()
         paths[task], _ = train_task_set(base, task, workdir, s, log=log)
-        done[task] = steps
+        done[task] = [s.steps, s.batch_size]
         stamp.write_text(json.dumps(done))
         log(f"  {task}: trained in {time.perf_counter() - t0:.0f} s")
     return paths
@@ -390,7 +391,7 @@ def _share(rows, want) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     from expertlib.demo.base import build_demo_base, cache_dir, pick_threads
-    from expertlib.demo.run import STEPS
+    from expertlib.demo.run import DemoSettings
     from expertlib.demo.serving import BASE_NAME, stop_server
     from expertlib.demo.tasks import DEMO_TASKS, PRETRAIN_TASKS
     from expertlib.server import wait_ready
@@ -398,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--steps", type=int, default=STEPS, help="training steps per set (the demo's: %(default)s)"
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps per set (default: the demo's, train's defaults)",
     )
     ap.add_argument("--n", type=int, default=40, help="held-out prompts per task")
     ap.add_argument(
@@ -431,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     demo, general = list(DEMO_TASKS), list(PRETRAIN_TASKS)
     intended = {**{t: t for t in demo}, **{t: None for t in general}}
+    a.steps = DemoSettings(steps=a.steps, server=False).steps
     report: dict = {"steps": a.steps, "n": a.n, "threshold": threshold, "load_before": os.getloadavg()}
 
     log(f"[1/5] demo base and sets ({a.steps} steps each)")

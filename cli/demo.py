@@ -18,7 +18,7 @@ from expertlib.esft.pipeline import SelectionConfig
     help="Specialised task to train an expert set for (repeatable; default sum, fill, cross).",
 )
 @click.option(
-    "--steps", type=int, default=None, help="ESFT training steps per task (default 300, quick 100)."
+    "--steps", type=int, default=None, help="ESFT training steps per task (default: train's, 500; quick 100)."
 )
 @click.option("--lr", type=float, default=None, help="ESFT learning rate (default 3e-3, toy scale).")
 @field_options(SelectionConfig, "score", "top_p")

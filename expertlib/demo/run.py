@@ -52,9 +52,9 @@ from expertlib.demo.tasks import (
 from expertlib.server import free_port as _free_port
 from expertlib.server import wait_ready
 
-#: ESFT training of the demo sets: steps and quick steps (toy scale; see bench/RESULTS.md "ESFT sweep").
-#: Everything else is `expertlib train`'s defaults (the learning rate: 3e-3 from the base's size).
-STEPS, QUICK_STEPS = 300, 100
+#: ESFT training of the demo sets is `expertlib train`'s defaults (steps, batch, warm-up; the learning
+#: rate from the base's size); `quick` (what CI runs) trains 100 steps of batch 32 with 10 warm-up steps.
+QUICK_STEPS, QUICK_BATCH, QUICK_WARMUP = 100, 32, 10
 
 
 @dataclass
@@ -70,7 +70,8 @@ class DemoSettings:
     top_p: float | None = None
     steps: int | None = None
     lr: float | None = None
-    batch_size: int = 32
+    batch_size: int | None = None
+    warmup_steps: int | None = None
     n_train: int = 2000
     n_eval: int | None = None
     registry: str | None = None
@@ -85,8 +86,15 @@ class DemoSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        from expertlib.esft.training import TrainConfig
+
+        train = TrainConfig()
         if self.steps is None:
-            self.steps = QUICK_STEPS if self.quick else STEPS
+            self.steps = QUICK_STEPS if self.quick else train.steps
+        if self.batch_size is None:
+            self.batch_size = QUICK_BATCH if self.quick else train.batch_size
+        if self.warmup_steps is None:
+            self.warmup_steps = QUICK_WARMUP if self.quick else train.warmup_steps
         if self.n_eval is None:
             self.n_eval = 20 if self.quick else 50
         if self.ask is None:
@@ -147,7 +155,7 @@ def train_task_set(
             score=s.score, top_p=s.top_p, token_budget=20_000, count_prompt_tokens=not s.answer_only
         ),
         config=TrainConfig(
-            lr=s.lr, steps=s.steps, batch_size=s.batch_size, warmup_steps=min(20, s.steps // 10), seed=s.seed
+            lr=s.lr, steps=s.steps, batch_size=s.batch_size, warmup_steps=s.warmup_steps, seed=s.seed
         ),
         runtime=RuntimeConfig(progress=s.progress),
         on_selection=check_risk,
