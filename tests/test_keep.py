@@ -105,21 +105,26 @@ def test_auto_keeps_the_base_own_samples_cached(tmp_path, tiny_model_dir, data, 
         resolve_keep(["none", "auto"], base, model, tok)
 
 
-def test_train_suggests_the_keep_command_when_the_check_flags_a_risk(tmp_path, tiny_model_dir, data):
-    base, (task, general) = tiny_model_dir("qwen2_moe"), data
-    args = [
+def train_argv(base, task, *, steps: int, lr: float) -> list[str]:
+    """`expertlib train` on a tiny base with the task `say`, batch 4 (the options the tests add follow)."""
+    return [
         "train",
         str(base),
         str(task),
         "--task",
         "say",
         "--steps",
-        "1",
+        str(steps),
         "--lr",
-        "0.001",
+        str(lr),
         "--batch-size",
         "4",
     ]
+
+
+def test_train_suggests_the_keep_command_when_the_check_flags_a_risk(tmp_path, tiny_model_dir, data):
+    base, (task, general) = tiny_model_dir("qwen2_moe"), data
+    args = train_argv(base, task, steps=1, lr=0.001)
     args += ["--out", str(tmp_path / "s.safetensors"), "--general", str(general)]
     res = CliRunner().invoke(cli, [*args, "--keep", "none"])
     assert res.exit_code == 0, res.output
@@ -338,19 +343,7 @@ def test_train_says_when_the_keep_guard_stopped_it(tmp_path, tiny_model_dir, dat
     # --keep auto on a base that is not the demo's keeps the base's own samples; a learning rate that
     # scrambles the experts makes their answers fall at the first measurement
     base, (task, _) = tiny_model_dir("qwen2_moe"), data
-    args = [
-        "train",
-        str(base),
-        str(task),
-        "--task",
-        "say",
-        "--steps",
-        "4",
-        "--lr",
-        "0.5",
-        "--batch-size",
-        "4",
-    ]
+    args = train_argv(base, task, steps=4, lr=0.5)
     args += [
         "--top-p",
         "0.9",
