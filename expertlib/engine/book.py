@@ -154,7 +154,9 @@ class SetBook(SetLedger):
         # the largest over tensor-parallel shards
         self.bounds = WeightBounds(merge_absmax(shards), self.bounds.factor)
         self.host_cache = (await rpc("expertlib_host_cache", (host_cache_budget,)))[0]
-        if self.verify_always:  # every load hashed: slot bytes come from the checked file, never a cache on disk
+        if (
+            self.verify_always
+        ):  # every load hashed: slot bytes come from the checked file, never a cache on disk
             await rpc("expertlib_packed_cache", (None, None, False, False))
 
     async def load(self, opened: OpenedSet, pin: bool, rpc: Rpc, pause=None) -> str:
