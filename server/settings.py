@@ -89,6 +89,13 @@ class ServerSettings(BaseModel):
         description="host memory for recently used sets, so reloading an evicted set is a copy (default: "
         "10% of free memory, at most 4GiB; 0 turns it off)",
     )
+    packed_cache_disk: int | None = Field(
+        default=None,
+        ge=0,
+        description="disk for sets packed in the CPU kernel's layout ($EXPERTLIB_CACHE/packed), so a set "
+        "this machine packed before loads as one read, e.g. 32GiB (default: EXPERTLIB_PACKED_CACHE, else a "
+        "quarter of the free disk, at most 64GiB; 0 turns it off)",
+    )
     verify_loads: Literal["once", "always"] = Field(
         default="once",
         description="once: hash a set file in full once (at registry ingest or first load) and trust it "

@@ -37,6 +37,8 @@ def default_engine_factory(settings: ServerSettings) -> ServingEngine:
         kwargs.setdefault("max_model_len", settings.max_model_len)
     if settings.host_cache_memory is not None:
         kwargs["host_cache"] = settings.host_cache_memory
+    if settings.packed_cache_disk is not None:
+        kwargs["packed_cache"] = settings.packed_cache_disk
     kwargs["weight_bound"] = settings.weight_bound
     if settings.verify_loads != "once":
         kwargs["verify_loads"] = settings.verify_loads

@@ -256,8 +256,11 @@ def test_cli_slots_and_sizes_reach_the_settings(serve_settings):
     from expertlib.cli.main import cli
 
     argv = ["./base", "--expert-memory", "4GiB", "--kv-cache-memory", "512MiB", "--no-load-on-demand"]
-    s = serve_settings(*argv, "--host-cache-memory", "0", "--max-model-len", "1024")
+    s = serve_settings(
+        *argv, "--host-cache-memory", "0", "--max-model-len", "1024", "--packed-cache-disk", "2GiB"
+    )
     assert s.slots == "auto" and s.expert_memory == 4 * GiB and s.kv_cache_memory == 512 * MiB
+    assert s.packed_cache_disk == 2 * GiB
     assert s.load_on_demand is False and s.host_cache_memory == 0 and s.max_model_len == 1024
     res = CliRunner().invoke(cli, ["serve", "./base", "--slots", "many"])
     assert res.exit_code == 2 and "neither 'auto' nor a number" in res.output
@@ -298,3 +301,19 @@ def test_requests_for_a_set_being_loaded_wait_for_that_one_load(three_sets):
             await off.resolve("code")
 
     asyncio.run(run())
+
+
+def test_cache_sizes_reach_the_engine(serve_settings, monkeypatch):
+    """What `serve` was told of its caches is what the engine starts with."""
+    from expertlib.engine import AsyncExpertEngine
+    from expertlib.server.state import default_engine_factory
+
+    got = {}
+    monkeypatch.setattr(AsyncExpertEngine, "from_base", classmethod(lambda cls, base, **kw: got.update(kw)))
+    default_engine_factory(
+        serve_settings("./base", "--host-cache-memory", "1GiB", "--packed-cache-disk", "0")
+    )
+    assert got["host_cache"] == GiB and got["packed_cache"] == 0
+    got.clear()
+    default_engine_factory(serve_settings("./base"))
+    assert "packed_cache" not in got and "host_cache" not in got  # the defaults: the engine's own

@@ -66,16 +66,18 @@ def test_soak_reduced(tmp_path, monkeypatch):
         assert st["host_cache"]["bytes"] <= st["host_cache"]["budget"]  # the workers' own, as last reported
 
     async def soak() -> None:
-        engine = AsyncExpertEngine.from_base(base_dir, slots=4, max_sets=2, host_cache=0, **ENGINE_KW)
+        engine = AsyncExpertEngine.from_base(
+            base_dir, slots=4, max_sets=2, host_cache=0, packed_cache=1 << 30, **ENGINE_KW
+        )
         try:
-            await packed(engine, 1 << 30, str(tmp_path / "packed"))
+            await packed(engine, None, str(tmp_path / "packed"))  # this test's folder; bound at start
             reference = {}
             for n, p in paths.items():  # each set alone (packed from its file), then out again
                 await engine.load(p)
                 reference[n] = await answer(engine, n)
                 await engine.unload(n)
             st = await packed(engine)
-            assert st["entries"] == len(paths)
+            assert st["entries"] == len(paths) and st["budget"] == 1 << 30  # serve --packed-cache-disk
             budget = int(4.5 * st["bytes"] / len(paths))  # room for the four sets' entries
             hits = (await packed(engine, budget))["hits"]
             base = await answer(engine, None)

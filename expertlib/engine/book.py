@@ -146,8 +146,11 @@ class SetBook(SetLedger):
 
     # --- the transactions both engines run (rpc: the engine's collective_rpc, awaitable) ------------
 
-    async def start(self, rpc: Rpc, host_cache_budget: int | None) -> None:
-        """Check the workers' slot layout against this book and size their host cache (None: as is)."""
+    async def start(
+        self, rpc: Rpc, host_cache_budget: int | None, packed_cache_budget: int | None = None
+    ) -> None:
+        """Check the workers' slot layout against this book and size their host cache and packed-set
+        disk cache (None: as is)."""
         infos = await rpc("expertlib_info", ())
         _check_worker(infos[0], self.base, self.pool.slots_per_layer, self.pool.max_sets)
         shards = [{(int(layer), str(part)): v for layer, part, v in i["weight_absmax"]} for i in infos]
@@ -158,6 +161,8 @@ class SetBook(SetLedger):
             self.verify_always
         ):  # every load hashed: slot bytes come from the checked file, never a cache on disk
             await rpc("expertlib_packed_cache", (None, None, False, False))
+        elif packed_cache_budget is not None:
+            await rpc("expertlib_packed_cache", (int(packed_cache_budget),))
 
     async def load(self, opened: OpenedSet, pin: bool, rpc: Rpc, pause=None) -> str:
         """Load a set `open` opened and checked: the rest of its checks and its placement (`admit`:

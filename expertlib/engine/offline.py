@@ -40,7 +40,7 @@ class ExpertEngine(SetsView):
         self._book.verify_always = start.verify_always
         with memory_errors(self.memory):
             self.llm = LLM(**start.vllm_kwargs)
-        _run_now(self._book.start(self._rpc, start.cache_budget()))
+        _run_now(self._book.start(self._rpc, start.cache_budget(), start.packed_cache))
 
     async def _rpc(self, method: str, args: tuple = ()) -> list[Any]:
         return self.llm.collective_rpc(method, args=args)  # synchronous: never suspends

@@ -23,22 +23,25 @@ from expertlib.vllm_plugin import WORKER_EXTENSION, slot_hf_overrides
 @dataclass(frozen=True)
 class EngineStart:
     """An engine's settings before vLLM starts: the base checkpoint, vLLM's arguments (memory sized),
-    the line saying what was sized, and the engine's own options (`host_cache`, `verify_loads`)."""
+    the line saying what was sized, and the engine's own options (`host_cache`, `packed_cache`: the
+    packed-set disk cache's bound in bytes, `verify_loads`)."""
 
     base: BaseCheckpoint
     vllm_kwargs: dict[str, Any]
     memory: str
     host_cache: int | None = None
     verify_always: bool = False
+    packed_cache: int | None = None
 
     @classmethod
     def of(cls, base: str | Path, *, slots: int, max_sets: int, engine_kwargs: dict[str, Any]) -> EngineStart:
         ckpt = BaseCheckpoint(resolve_base(base))
         kw = dict(engine_kwargs)
         host_cache = kw.pop("host_cache", None)
+        packed_cache = kw.pop("packed_cache", None)
         always = verify_always(kw.pop("verify_loads", "once"))
         kw, line = memory.size_memory(ckpt, slots, kw)
-        return cls(ckpt, vllm_kwargs(ckpt, slots, max_sets, kw), line, host_cache, always)
+        return cls(ckpt, vllm_kwargs(ckpt, slots, max_sets, kw), line, host_cache, always, packed_cache)
 
     def cache_budget(self) -> int:
         """The workers' host cache: as given, else from the memory free now (after vLLM started)."""
