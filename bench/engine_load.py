@@ -115,7 +115,7 @@ async def engine_rows(args, root: Path, lines: list[str]) -> dict:
 
         async def empty_host_cache() -> None:  # what a new server process starts with
             await engine._rpc("expertlib_host_cache", (0,))
-            await engine._rpc("expertlib_host_cache", (engine.host_cache_budget,))
+            await engine._rpc("expertlib_host_cache", (engine._book.host_cache_budget,))
 
         def row(key: str, pairs: list[tuple[float, float]]) -> None:
             out[f"{key}_s"] = statistics.median(s for s, _ in pairs)

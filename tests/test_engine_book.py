@@ -438,6 +438,6 @@ def test_an_engine_that_hashes_every_load_never_reads_the_packed_cache(world, al
             return [dict(info, weight_absmax=[])]
         return [{"hits": 0, "paths": []}]
 
-    _run_now(book.start(rpc, None))
+    _run_now(book.start(rpc))
     off = ("expertlib_packed_cache", (None, None, False, False))
     assert (off in calls) is always

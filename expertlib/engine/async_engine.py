@@ -42,8 +42,6 @@ class AsyncExpertEngine(SetsView):
         self._drained: dict[str, asyncio.Event] = {}
         self._checked = False
         self.memory = ""  # what size_memory chose (one line)
-        self.host_cache_budget: int | None = None
-        self.packed_cache_budget: int | None = None  # bytes of disk for packed sets (None: the default)
         #: called with a set's name when a request names a set that is not resident (load on demand)
         self.on_missing: Any = None
         self._freed = asyncio.Event()  # set (and replaced) whenever a resident set may become evictable
@@ -70,9 +68,7 @@ class AsyncExpertEngine(SetsView):
             llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**start.vllm_kwargs))
         engine = cls(llm, start.base, slots, max_sets, weight_bound)
         engine.memory = start.memory
-        engine.host_cache_budget = start.cache_budget()
-        engine.packed_cache_budget = start.packed_cache
-        engine._book.verify_always = start.verify_always
+        engine._book.use(start)
         return engine
 
     async def _rpc(self, method: str, args: tuple = ()) -> list[Any]:
@@ -80,7 +76,7 @@ class AsyncExpertEngine(SetsView):
 
     async def _check(self) -> None:
         if not self._checked:
-            await self._book.start(self._rpc, self.host_cache_budget, self.packed_cache_budget)
+            await self._book.start(self._rpc)
             self._checked = True
 
     async def load(

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from expertlib.apply import check_against_base
 from expertlib.bounds import DEFAULT_FACTOR, WeightBounds, merge_absmax
@@ -26,6 +26,9 @@ from expertlib.errors import EngineError, NotLoadedError, SlotError
 from expertlib.loading import OpenedSet, SetLedger, open_expert_set
 from expertlib.patch import ExpertSet
 from expertlib.slots import Placement, SetRef, SlotPool
+
+if TYPE_CHECKING:
+    from expertlib.engine.start import EngineStart
 
 log = logging.getLogger("expertlib.engine")
 
@@ -50,6 +53,8 @@ class SetBook(SetLedger):
         self.history: dict[str, dict[str, float]] = {}  # per set: loads, cache_loads, evictions, load_seconds
         self.paths: dict[str, str] = {}  # every set ever loaded -> its file (names the host cache's entries)
         self.host_cache: dict[str, Any] = {}  # the workers' host cache, as last reported
+        self.host_cache_budget: int | None = None  # bytes the workers' host cache may hold (None: as is)
+        self.packed_cache_budget: int | None = None  # bytes of disk for packed sets (None: the default)
         self.loading: set[str] = set()  # placed, slots being written: requests wait for the load
         self._tmp = tempfile.TemporaryDirectory(prefix="expertlib-engine-")
 
@@ -146,23 +151,27 @@ class SetBook(SetLedger):
 
     # --- the transactions both engines run (rpc: the engine's collective_rpc, awaitable) ------------
 
-    async def start(
-        self, rpc: Rpc, host_cache_budget: int | None, packed_cache_budget: int | None = None
-    ) -> None:
+    def use(self, start: EngineStart) -> None:
+        """Take the engine's own options once vLLM has started (the host cache is sized from the memory
+        free then); `start` hands them to the workers."""
+        self.verify_always = start.verify_always
+        self.host_cache_budget = start.cache_budget()
+        self.packed_cache_budget = start.packed_cache
+
+    async def start(self, rpc: Rpc) -> None:
         """Check the workers' slot layout against this book and size their host cache and packed-set
-        disk cache (None: as is)."""
+        disk cache."""
         infos = await rpc("expertlib_info", ())
         _check_worker(infos[0], self.base, self.pool.slots_per_layer, self.pool.max_sets)
         shards = [{(int(layer), str(part)): v for layer, part, v in i["weight_absmax"]} for i in infos]
         # the largest over tensor-parallel shards
         self.bounds = WeightBounds(merge_absmax(shards), self.bounds.factor)
-        self.host_cache = (await rpc("expertlib_host_cache", (host_cache_budget,)))[0]
-        if (
-            self.verify_always
-        ):  # every load hashed: slot bytes come from the checked file, never a cache on disk
+        self.host_cache = (await rpc("expertlib_host_cache", (self.host_cache_budget,)))[0]
+        if self.verify_always:
+            # every load hashed: slot bytes come from the checked file, never a cache on disk
             await rpc("expertlib_packed_cache", (None, None, False, False))
-        elif packed_cache_budget is not None:
-            await rpc("expertlib_packed_cache", (int(packed_cache_budget),))
+        elif self.packed_cache_budget is not None:
+            await rpc("expertlib_packed_cache", (int(self.packed_cache_budget),))
 
     async def load(self, opened: OpenedSet, pin: bool, rpc: Rpc, pause=None) -> str:
         """Load a set `open` opened and checked: the rest of its checks and its placement (`admit`:

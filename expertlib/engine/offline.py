@@ -37,10 +37,10 @@ class ExpertEngine(SetsView):
         start = EngineStart.of(base, slots=slots, max_sets=max_sets, engine_kwargs=engine_kwargs)
         self.base, self.memory = start.base, start.memory
         self._book = SetBook(self.base, slots, max_sets, weight_bound)
-        self._book.verify_always = start.verify_always
         with memory_errors(self.memory):
             self.llm = LLM(**start.vllm_kwargs)
-        _run_now(self._book.start(self._rpc, start.cache_budget(), start.packed_cache))
+        self._book.use(start)
+        _run_now(self._book.start(self._rpc))
 
     async def _rpc(self, method: str, args: tuple = ()) -> list[Any]:
         return self.llm.collective_rpc(method, args=args)  # synchronous: never suspends
