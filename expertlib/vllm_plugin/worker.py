@@ -430,8 +430,10 @@ def fill_from_packed(ctx, cache, content_digest: str, fills: list[list[int]]) ->
     for layer, entries in by_layer.items():
         runner = ctx.layers[layer]
         parts = slot_parts(runner.routed_experts)
-        if parts["w13"].device.type != "cpu":
-            return _fill_staged(runner, cache, rec, layer, entries)
+        if parts["w13"].device.type != "cpu":  # GPU slots: each layer staged in turn
+            if not _fill_staged(runner, cache, rec, layer, entries):
+                return False
+            continue
         for phys, expert, names in entries:
             targets += [(layer, name, expert, parts[name][phys]) for name in names if name in parts]
     return cache.read_into(rec, targets)
