@@ -113,6 +113,53 @@ def test_keep_capped_ranks_by_contrast_within_the_share():
         keep_layer(TASK, 0.7, [KEPT], mode="loose")
 
 
+# a layer where the kept data leaves one expert all the contrast: contrast's count (1) is under the
+# paper's (2), the ESFT-Token top-p count of the task's own routing
+WIDE_TASK = [0.30, 0.25, 0.20, 0.15, 0.05, 0.05]
+WIDE_KEPT = [0.0, 0.20, 0.05, 0.05, 0.30, 0.40]  # contrast: [0.5, 0.083, 0.25, 0.167, 0, 0]
+
+
+def test_keep_capped_wide_fills_to_the_papers_count_within_the_share():
+    assert top_p_layer(WIDE_TASK, 0.4) == [0, 1]  # the paper's count: 2
+    assert keep_layer(WIDE_TASK, 0.4, [WIDE_KEPT], mode="capped") == [0]  # contrast 0.5 >= p at once
+    # capped-wide goes on in contrast order within the share: 2 (0.05 kept) reaches p of the
+    # task's routing (0.30 + 0.20); expert 1 (0.20 kept) never trains
+    assert keep_layer(WIDE_TASK, 0.4, [WIDE_KEPT], mode="capped-wide") == [0, 2]
+    # p 0.6: the paper's count 3; 0, 2 and then 3 (0.10 kept, at the bound)
+    assert top_p_layer(WIDE_TASK, 0.6) == [0, 1, 2]
+    assert keep_layer(WIDE_TASK, 0.6, [WIDE_KEPT], mode="capped-wide") == [0, 2, 3]
+    # the bound still holds: at 0.01 nothing but expert 0 fits
+    assert keep_layer(WIDE_TASK, 0.4, [WIDE_KEPT], mode="capped-wide", keep_share=0.01) == [0]
+    # the count stops it before the task's top-p: the paper's set is one expert, contrast's two
+    task, kept = [0.5, 0.1, 0.1, 0.1, 0.1, 0.1], [0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert top_p_layer(task, 0.4) == [0]
+    assert keep_layer(task, 0.4, [kept], mode="capped-wide") == [1, 2]  # capped's, never fewer
+    assert keep_layer(task, 0.4, [task], mode="capped-wide") == []  # all kept routing
+    assert select_experts({0: WIDE_TASK}, 0.4, keep=[{0: WIDE_KEPT}], keep_mode="capped-wide").experts == {
+        0: [0, 2]
+    }
+
+
+def test_keep_capped_wide_holds_cappeds_experts_on_random_layers():
+    import random
+
+    rng = random.Random(0)
+    wider = 0
+    for _ in range(500):
+        n = rng.randint(2, 12)
+        task = [rng.random() ** 3 for _ in range(n)]
+        kept = [rng.random() ** 3 for _ in range(n)]
+        p, share = rng.choice([0.2, 0.4, 0.7]), rng.choice([0.05, 0.1, 0.3])
+        capped = keep_layer(task, p, [kept], mode="capped", keep_share=share)
+        wide = keep_layer(task, p, [kept], mode="capped-wide", keep_share=share)
+        contrast = keep_layer(task, p, [kept], mode="contrast")
+        assert set(capped) <= set(wide)
+        assert len(wide) <= max(len(top_p_layer(task, p)), len(contrast))
+        assert sum(kept[e] for e in wide) / sum(kept) <= share + 1e-9
+        wider += len(wide) > len(capped)
+    assert wider >= 10  # it does widen (13 of these 500 layers)
+
+
 def test_select_experts_with_keep_per_layer():
     scores = {0: TASK, 1: [0.1, 0.1, 0.1, 0.7]}
     kept = {0: KEPT, 1: [0.25, 0.25, 0.25, 0.25]}

@@ -21,7 +21,12 @@ Retention-aware selection (`keep`): given the routing shares of data whose skill
   ranking under budget's bound. Walk the experts in contrast order and take one only while the
   layer's selection stays within `keep_share` of every kept dataset's routing, until the taken
   contrast reaches top-p or the layer has as many experts as contrast alone would train: an
-  expert past the bound is replaced by the next one under it, never by more experts.
+  expert past the bound is replaced by the next one under it, never by more experts;
+- `keep_mode="capped-wide"`: capped's ranking and bound, with the paper's count: it goes on past
+  capped's stop, still in contrast order and within `keep_share`, until the layer has as many
+  experts as the paper's top-p set (or contrast's, if more) or the taken experts carry top-p of the
+  task's own routing. It always holds capped's experts; it exists because capped's count (that of
+  the contrast shares, which sum to 1 over fewer experts) is often one a layer where the paper's is two.
 
     cfg = select_experts(scores.token, 0.2, keep=[general_shares], keep_share=0.1)
 """
@@ -47,7 +52,7 @@ DEFAULT_EPS = 1e-9
 #: check's threshold (`expertlib.esft.diagnostics.DEFAULT_RISK_THRESHOLD`).
 DEFAULT_KEEP_SHARE = 0.1
 
-KeepMode = Literal["budget", "capped", "contrast"]
+KeepMode = Literal["budget", "capped", "capped-wide", "contrast"]
 #: The default keep mode (`SelectionConfig.keep_mode`, `select_experts`).
 DEFAULT_KEEP_MODE: KeepMode = "capped"
 
@@ -167,8 +172,8 @@ def keep_layer(
     if any(len(k) != len(scores) for k in kept):
         raise SelectionError(f"kept routing has {[len(k) for k in kept]} experts, the scores {len(scores)}")
     kept = [_shares(k) for k in kept]
-    if mode not in ("budget", "capped", "contrast"):
-        raise SelectionError(f"unknown keep mode {mode!r}", hint="capped, contrast or budget")
+    if mode not in ("budget", "capped", "capped-wide", "contrast"):
+        raise SelectionError(f"unknown keep mode {mode!r}", hint="capped, capped-wide, contrast or budget")
     carried = [0.0] * len(kept)
     chosen: list[int] = []
 
@@ -194,12 +199,17 @@ def keep_layer(
     unbounded = top_p_layer(contrast, top_p, max_experts=max_experts, eps=eps)
     if mode == "contrast":
         return unbounded
-    running = 0.0
+    wide = mode == "capped-wide"
+    count = max(len(unbounded), len(top_p_layer(scores, top_p, max_experts=max_experts, eps=eps)))
+    running = covered = 0.0  # contrast taken, task routing taken
     for e in sorted((i for i, c in enumerate(contrast) if c > 0), key=lambda i: (-contrast[i], i)):
         if fits(e):
             take(e)
             running += contrast[e]
-        if running + eps >= top_p or len(chosen) >= len(unbounded):
+            covered += task[e]
+        if not wide and (running + eps >= top_p or len(chosen) >= len(unbounded)):
+            break
+        if wide and (min(running, covered) + eps >= top_p or len(chosen) >= count):
             break
     return sorted(chosen)
 
