@@ -187,15 +187,17 @@ class BlobStore:
 
     def write_temp(
         self,
-        src: str | Path | BinaryIO | Iterator[bytes],
+        src: str | Path | BinaryIO | Iterator[bytes] | Callable[[int], Iterator[bytes | int]],
         *,
         expected_digest: str | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> TempBlob:
-        """Copy `src` (a path, a binary file or an iterator of chunks) into tmp/ and fsync it, the
-        bytes hashed as they land (see the module docstring); `progress(n)` is called with the bytes
-        of each piece. Refused (DigestMismatchError, nothing kept) unless the bytes' address is
-        `expected_digest`, when given."""
+        """Copy `src` (a path, a binary file, an iterator of chunks, or a function of the temp file's
+        descriptor giving such an iterator whose items may also be ints: bytes it wrote into that
+        descriptor itself, at its position, as a download spliced from its socket does) into tmp/
+        and fsync it, the bytes hashed as they land (see the module docstring); `progress(n)` is
+        called with the bytes of each piece. Refused (DigestMismatchError, nothing kept) unless the
+        bytes' address is `expected_digest`, when given."""
         self.ensure()
         tmp = self.temp_path()
         stream = StreamScan()
@@ -208,11 +210,15 @@ class BlobStore:
                         if progress is not None:
                             progress(os.fstat(out.fileno()).st_size)
                     elif not (path and _kernel_copy(src, out, landed, progress)):
-                        for chunk in _chunks(src):
-                            _write_all(out, chunk)
-                            landed.advance(landed.written + len(chunk))
+                        for chunk in _chunks(src(out.fileno()) if callable(src) else src):
+                            if isinstance(chunk, int):  # written by the source itself
+                                n = chunk
+                            else:
+                                _write_all(out, chunk)
+                                n = len(chunk)
+                            landed.advance(landed.written + n)
                             if progress is not None:
-                                progress(len(chunk))
+                                progress(n)
                             test_hook("write")  # (tests: a writer killed with the file half written)
                     landed.advance(os.fstat(out.fileno()).st_size, final=True)
                     os.fsync(out.fileno())  # while the hash threads finish the last pieces

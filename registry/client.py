@@ -20,9 +20,12 @@ to httpx behind a proxy, with a password in the URL, or when a client is handed 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
 import http.client
 import os
+import select
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +45,9 @@ RESUME_TRIES = 5
 #: bytes a download reads from its socket at once (httpx reads 64 KiB at a time through its
 #: pure-Python HTTP parser, which bounded a loopback pull near 400 MB/s)
 READ_SIZE = 4 << 20
+#: pipe size asked for when a download is spliced from its socket into the file (the kernel's
+#: limit for unprivileged processes, /proc/sys/fs/pipe-max-size, is 1 MiB by default)
+SPLICE_SIZE = 1 << 20
 #: the most of an error answer's body a download reads
 MAX_ERROR_BODY = 64 * 1024
 
@@ -94,27 +100,31 @@ class HttpRemote:
         validate_name(entry.name)
         digest = validate_digest(entry.digest)
         what = f"{entry.ref} from {self.url}"
-        body = at_most(
-            self._download(f"/blobs/{quote(digest, safe=':')}", entry.size, what), entry.size, what
-        )
+        path = f"/blobs/{quote(digest, safe=':')}"
+
+        def body(fd: int) -> Iterator[bytes | int]:
+            return at_most(self._download(path, entry.size, what, into=fd), entry.size, what)
+
         return staging.write_temp(body, expected_digest=digest, progress=self.on_bytes), True
 
-    def _download(self, path: str, size: int, what: str) -> Iterator[bytes]:
+    def _download(self, path: str, size: int, what: str, into: int | None = None) -> Iterator[bytes | int]:
         """The bytes at `path`, resumed with a Range request after each break (RESUME_TRIES at most).
-        Each piece is valid until the next one is asked for (the socket path reuses its buffer)."""
+        Each piece is valid until the next one is asked for (the socket path reuses its buffer).
+        `into`: the descriptor of the file the bytes go to, at its position; where the socket path
+        can, it moves the bytes there itself inside the kernel (`_spliced`) and yields their count."""
         got, breaks = 0, 0
         body = self._socket_body if self.direct else self._httpx_body
         while True:
             headers = {"Range": f"bytes={got}-"} if got else {}
             try:
-                with body(path, headers) as (status, content_range, chunks):
+                with body(path, headers, into, size - got) as (status, content_range, chunks):
                     if got and not (status == 206 and content_range.startswith(f"bytes {got}-")):
                         raise RemoteError(
                             f"download of {what} broke at byte {got} and the remote cannot resume it",
                             hint="retry the pull (the remote does not answer Range requests)",
                         )
                     for chunk in chunks:  # as they arrive: a break loses nothing received
-                        got += len(chunk)
+                        got += chunk if isinstance(chunk, int) else len(chunk)
                         yield chunk
                 if got >= size:
                     return
@@ -132,7 +142,7 @@ class HttpRemote:
                 )
 
     @contextlib.contextmanager
-    def _httpx_body(self, path: str, headers: dict[str, str]):
+    def _httpx_body(self, path: str, headers: dict[str, str], into: int | None = None, wanted: int = 0):
         """(status, Content-Range, chunks) of a GET through the httpx client."""
         with self.client.stream("GET", path, headers=headers) as r:
             if r.status_code >= 400:
@@ -141,9 +151,12 @@ class HttpRemote:
             yield r.status_code, r.headers.get("content-range", ""), r.iter_bytes()
 
     @contextlib.contextmanager
-    def _socket_body(self, path: str, headers: dict[str, str]):
+    def _socket_body(self, path: str, headers: dict[str, str], into: int | None = None, wanted: int = 0):
         """(status, Content-Range, chunks) of a GET read straight from the socket into one reused
-        buffer of READ_SIZE bytes (the standard library's HTTP client: no per-64-KiB parsing)."""
+        buffer of READ_SIZE bytes (the standard library's HTTP client: no per-64-KiB parsing), or,
+        given the file `into` and a plain-HTTP body of known length, spliced from the socket into
+        that file (`_spliced`: counts of bytes written), `wanted` bytes and one more at most (the
+        one more shows a body longer than announced)."""
         u = urlsplit(self.url)
         if u.scheme == "https":
             conn = http.client.HTTPSConnection(u.hostname, u.port, timeout=self._timeout, context=_tls())
@@ -158,7 +171,11 @@ class HttpRemote:
                 kind = {"content-type": r.getheader("content-type", "")}
                 error = httpx.Response(r.status, headers=kind, content=r.read(MAX_ERROR_BODY))
                 _raise_for(error, self.url)
-            yield r.status, r.getheader("content-range", ""), _pieces(r)
+            if into is not None and u.scheme == "http" and _can_splice(r):
+                chunks = _spliced(r, into, min(r.length, wanted + 1), self._timeout)
+            else:
+                chunks = _pieces(r)
+            yield r.status, r.getheader("content-range", ""), chunks
         finally:
             conn.close()
 
@@ -212,6 +229,70 @@ def _pieces(r: http.client.HTTPResponse) -> Iterator[memoryview]:
         yield buf[:n]
 
 
+def _can_splice(r: http.client.HTTPResponse) -> bool:
+    """Whether the body of `r` can be moved by `_spliced`: the platform has splice (Linux) and the
+    body is the socket's next `Content-Length` bytes (not chunked)."""
+    return hasattr(os, "splice") and not r.chunked and r.length is not None and r.length > 0
+
+
+def _spliced(r: http.client.HTTPResponse, fd: int, length: int, timeout: float) -> Iterator[bytes | int]:
+    """The first `length` bytes of the body of `r` moved into the file `fd` (at its position) inside
+    the kernel: socket -> pipe -> file with `os.splice`, no copy through this process (the HTTP
+    client's user-space reads and the write back cost 0.200 cpu-s per 144 MiB, splicing 0.123,
+    measured). Yields the count of each piece written, after bytes the client had already read
+    ahead of the body (as bytes); stops short where the connection closes (the caller resumes).
+    Where the kernel refuses to splice these descriptors, the rest is read the ordinary way."""
+    head = r.fp.peek()[:length] if length else b""  # the reader's buffer (one socket read if empty)
+    if head:
+        head = r.fp.read(len(head))
+        length -= len(head)
+        yield head
+    if not length:
+        return
+    sock = r.fp.fileno()  # non-blocking under a timeout: waited on with poll below
+    rd, wr = os.pipe()
+    try:
+        with contextlib.suppress(OSError):  # bigger pieces where allowed (1 MiB by default)
+            fcntl.fcntl(wr, fcntl.F_SETPIPE_SZ, SPLICE_SIZE)
+        size = fcntl.fcntl(wr, fcntl.F_GETPIPE_SZ) if hasattr(fcntl, "F_GETPIPE_SZ") else 1 << 16
+        poll, first = select.poll(), True
+        poll.register(sock, select.POLLIN)
+        while length:
+            try:
+                n = os.splice(sock, wr, min(length, size))
+            except BlockingIOError:
+                if not poll.poll(timeout * 1000):
+                    raise TimeoutError(f"no data for {timeout} s") from None
+                continue
+            except OSError as exc:
+                if first and exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    yield from _read_rest(r.fp, length)  # these descriptors cannot splice
+                    return
+                raise
+            if n == 0:  # the connection closed early
+                return
+            first, moved = False, 0
+            while moved < n:
+                moved += os.splice(rd, fd, n - moved)
+            length -= n
+            yield n
+    finally:
+        os.close(rd)
+        os.close(wr)
+
+
+def _read_rest(fp, length: int) -> Iterator[memoryview]:
+    """The next `length` bytes of the reader `fp`, READ_SIZE at a time into one buffer (stops short
+    where the connection closes)."""
+    buf = memoryview(bytearray(min(READ_SIZE, length)))
+    while length:
+        n = fp.readinto(buf[: min(length, len(buf))])
+        if not n:
+            return
+        length -= n
+        yield buf[:n]
+
+
 def _no_proxy(url: str) -> bool:
     """Whether requests to `url` go straight to it: no proxy in the environment applies (httpx
     reads the same variables) and the URL carries no user:password (httpx sends those)."""
@@ -238,12 +319,12 @@ def _tls_for(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-def at_most(chunks: Iterator[bytes], size: int, what: str) -> Iterator[bytes]:
+def at_most(chunks: Iterator[bytes | int], size: int, what: str) -> Iterator[bytes | int]:
     """The chunks, refused as soon as they go past `size` bytes (a remote that sends more than it
-    announced is not trusted with the disk)."""
+    announced is not trusted with the disk); an int is the count of bytes a chunk wrote itself."""
     got = 0
     for chunk in chunks:
-        got += len(chunk)
+        got += chunk if isinstance(chunk, int) else len(chunk)
         if got > size:
             raise RemoteError(
                 f"{what}: the remote sent more than the {size} bytes it announced",

@@ -9,6 +9,7 @@ import contextlib
 import http.server
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from test_registry_remotes import http_remote  # noqa: F401 - the fixture
 
 import expertlib.registry.blobs as blobs_mod
 import expertlib.registry.client as client_mod
-from expertlib.errors import NotFoundError, RemoteError
+from expertlib.errors import DigestMismatchError, NotFoundError, RemoteError
 from expertlib.identity import BaseIdentity
 from expertlib.moe import ExpertWeights
 from expertlib.patch import ExpertSet
@@ -80,6 +81,9 @@ class _Blob(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body) + srv.extra))
         self.end_headers()
         self.wfile.write(body[:cut] if cut is not None else body + b"\0" * srv.extra)
+        if cut is not None and srv.stall:
+            self.wfile.flush()
+            time.sleep(srv.stall)  # the connection stays open, silent
         self.close_connection = cut is not None
 
     def log_message(self, *args) -> None:
@@ -87,10 +91,12 @@ class _Blob(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def blob_server(data: bytes, *, break_at=(), ranges: bool = True, extra: int = 0):
-    """A plain HTTP server on 127.0.0.1 serving `data` at every path; yields (url, Range headers seen)."""
+def blob_server(data: bytes, *, break_at=(), ranges: bool = True, extra: int = 0, stall: float = 0.0):
+    """A plain HTTP server on 127.0.0.1 serving `data` at every path; yields (url, Range headers seen).
+    `stall`: at each offset of `break_at`, fall silent that long before closing the connection."""
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Blob)
     srv.data, srv.break_at, srv.ranges, srv.extra, srv.seen = data, list(break_at), ranges, extra, []
+    srv.stall = stall
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     try:
@@ -261,3 +267,107 @@ def test_stream_max_abs_is_the_largest_magnitude_whatever_the_signs(dtype):
     t = x.to(dtype)
     t.view(ints)[3] = -1  # every bit set: a NaN with the sign bit
     assert math.isnan(_bits_value(_peak_bits(t.view(torch.uint8).numpy().tobytes(), dtype), dtype))
+
+
+# --- downloads spliced from the socket into the file ----------------------------------------------------
+
+
+@pytest.fixture
+def splices(monkeypatch):
+    """The bytes each os.splice call moved (the socket path splices where the platform can)."""
+    if not hasattr(os, "splice"):
+        pytest.skip("no os.splice on this platform")
+    moved: list[int] = []
+    real = os.splice
+
+    def counting(*args, **kw):
+        n = real(*args, **kw)
+        moved.append(n)
+        return n
+
+    monkeypatch.setattr(os, "splice", counting)
+    return moved
+
+
+def test_http_download_is_spliced_into_the_file(published, tmp_path, splices):
+    """Over plain HTTP the body moves socket -> pipe -> temp file inside the kernel (no copy through
+    the process), and the bytes stored are hashed as before."""
+    entry, data = published
+    with blob_server(data) as (url, _):
+        pieces: list[int] = []
+        remote = HttpRemote(url)
+        remote.on_bytes = pieces.append
+        tmp, _ = remote.fetch(entry, Registry(tmp_path / "dst").blobs)
+    assert tmp.digest == entry.digest and tmp.path.read_bytes() == data
+    assert sum(pieces) == len(data)
+    assert sum(splices) >= 2 * (len(data) - 64 * 1024)  # into the pipe and out: all but a read-ahead
+
+
+def test_spliced_download_resumes_where_it_broke(published, tmp_path, splices):
+    entry, data = published
+    cuts = [len(data) // 3, 2 * len(data) // 3]
+    with blob_server(data, break_at=cuts) as (url, seen):
+        tmp, _ = HttpRemote(url).fetch(entry, Registry(tmp_path / "dst").blobs)
+    assert tmp.digest == entry.digest and tmp.path.read_bytes() == data
+    assert seen == [None, f"bytes={cuts[0]}-", f"bytes={cuts[1]}-"]
+    assert splices
+
+
+def test_spliced_download_that_stalls_times_out_and_resumes(published, tmp_path, splices):
+    """The socket waits under the client's timeout (it is non-blocking then): a silent server is a
+    break like a closed connection, resumed from the bytes already written."""
+    entry, data = published
+    cut = len(data) // 2
+    with blob_server(data, break_at=[cut], stall=5.0) as (url, seen):
+        t = time.perf_counter()
+        tmp, _ = HttpRemote(url, timeout=0.5).fetch(entry, Registry(tmp_path / "dst").blobs)
+        assert time.perf_counter() - t < 4.0
+    assert tmp.digest == entry.digest and tmp.path.read_bytes() == data
+    assert seen == [None, f"bytes={cut}-"]
+
+
+def test_spliced_download_with_a_changed_byte_is_refused(published, tmp_path, splices):
+    """The hash is of the bytes that landed in the file: one byte changed on the wire is caught,
+    and nothing stays behind."""
+    entry, data = published
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 1
+    dst = Registry(tmp_path / "dst")
+    with blob_server(bytes(bad)) as (url, _), pytest.raises(DigestMismatchError):
+        HttpRemote(url).fetch(entry, dst.blobs)
+    assert splices and list(dst.blobs.tmp_dir.iterdir()) == []
+
+
+def test_spliced_download_longer_than_announced_stops_at_one_byte_more(published, tmp_path, splices):
+    """A body longer than the entry's size is refused after at most one byte past it, not written
+    out to its end."""
+    entry, data = published
+    dst = Registry(tmp_path / "dst")
+    with blob_server(data, extra=10 << 20) as (url, _), pytest.raises(RemoteError, match="more than the"):
+        HttpRemote(url).fetch(entry, dst.blobs)
+    assert 0 < sum(splices) <= 2 * (len(data) + 1)
+    assert list(dst.blobs.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["no splice", "refused"])
+def test_download_falls_back_to_reading_where_splice_is_missing(published, tmp_path, monkeypatch, how):
+    """Without os.splice (not Linux), or where the kernel refuses it for these descriptors, the body
+    is read into the process and written as before."""
+    import errno
+
+    entry, data = published
+    if how == "no splice":
+        monkeypatch.delattr(os, "splice", raising=False)
+    else:
+        calls: list[int] = []
+
+        def refuse(*args, **kw):
+            calls.append(1)
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        monkeypatch.setattr(os, "splice", refuse)
+    with blob_server(data) as (url, _):
+        tmp, _ = HttpRemote(url).fetch(entry, Registry(tmp_path / "dst").blobs)
+    assert tmp.digest == entry.digest and tmp.path.read_bytes() == data
+    if how == "refused":
+        assert calls == [1]
