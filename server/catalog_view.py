@@ -67,6 +67,8 @@ async def model_card(state: ServerState, model_id: str) -> ModelCard:
 def admin_status(state: ServerState) -> AdminStatus:
     engine = state.engine
     status = dict(engine.status()) if engine is not None else {}
+    if state.prepacker is not None:
+        status["prepack"] = state.prepacker.status()
     return AdminStatus(
         ready=state.ready,
         base=state.settings.model_name,

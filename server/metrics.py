@@ -157,6 +157,17 @@ class _SetCollector:
             evictions.add_metric([name], float(h.get("evictions", 0)))
             seconds.add_metric([name], float(h.get("load_seconds", 0.0)))
         yield from (residency, loads, evictions, seconds)
+        prepacker = getattr(self.state, "prepacker", None)
+        if prepacker is not None:
+            st = prepacker.status()
+            for what, help_text in (
+                ("sets", "Expert sets packed ahead of their first request into the packed-set disk cache"),
+                ("bytes", "Bytes of expert sets packed ahead of their first request"),
+                ("pending", "Registered expert sets waiting to be packed ahead"),
+            ):
+                family = GaugeMetricFamily(f"expertlib_prepack_{what}", help_text)
+                family.add_metric([], float(st["packed" if what == "sets" else what]))
+                yield family
         info = lora_info(self.state)
         if info is not None:
             lora = GaugeMetricFamily(LORA_INFO, "Running stats on lora requests.", labels=list(LORA_LABELS))

@@ -428,6 +428,11 @@ class SetCatalog:
             f"expert set {model!r} is not loaded", hint="GET /admin/status lists the loaded sets"
         )
 
+    def open_set(self, name: str | Entry | Ref) -> OpenedSet:
+        """A set to load, opened and its blob checked as a load opens it, without loading it (what
+        packing ahead packs). Reads files: off the event loop."""
+        return self._open(str(name) if isinstance(name, Ref) else name)
+
     def _open(self, name: str | Entry) -> OpenedSet:
         """The set a patch file, a registry reference (`BASE:` prefix allowed) or a registry entry
         resolved already names, opened once (`expertlib.loading.open_expert_set`) under the name it

@@ -96,6 +96,13 @@ class ServerSettings(BaseModel):
         "this machine packed before loads as one read, e.g. 32GiB (default: EXPERTLIB_PACKED_CACHE, else a "
         "quarter of the free disk, at most 64GiB; 0 turns it off)",
     )
+    prepack: bool = Field(
+        default=True,
+        description="pack the registry's sets of this base into the packed-set disk cache while no request "
+        "runs (newest versions first, the registry listed again every few seconds), so that a set's first "
+        "request loads as one read of packed rows; pauses while requests run and fills only the cache's "
+        "free space. Needs a registry, the packed-set cache (--packed-cache-disk not 0) and --verify-loads once",
+    )
     verify_loads: Literal["once", "always"] = Field(
         default="once",
         description="once: hash a set file in full once (at registry ingest or first load) and trust it "

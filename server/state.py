@@ -144,6 +144,7 @@ class ServerState:
         self.startup_error: BaseException | None = None
         self.on_startup_failure: Callable[[BaseException], None] | None = None  # e.g. stop uvicorn
         self.created = 0
+        self.prepacker: Any = None  # expertlib.server.prepack.Prepacker, when on
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -192,6 +193,7 @@ class ServerState:
             self.refresh_metrics()
             self.ready = True
             self.metrics.ready.set(1)
+            self._start_prepacker()
             s = self.settings
             log.info("ready: base %s, expert sets %s", s.model_name, self.catalog.loaded() or "none")
             log.info("OpenAI API at http://%s:%s/v1", s.host, s.port)
@@ -214,7 +216,21 @@ class ServerState:
         if missing:
             raise SlotError(f"expert sets {missing} were evicted during start-up", hint="pass more --slots")
 
+    def _start_prepacker(self) -> None:
+        """Pack the registry's sets ahead of their first request (`--prepack`), where that can help."""
+        s = self.settings
+        if not s.prepack or self.registry is None or s.packed_cache_disk == 0 or s.verify_loads != "once":
+            return
+        if not hasattr(self.engine, "prepack"):
+            return
+        from expertlib.server.prepack import Prepacker
+
+        self.prepacker = Prepacker(self.engine, self.catalog)
+        self.prepacker.start()
+
     def shutdown(self) -> None:
+        if self.prepacker is not None:
+            self.prepacker.stop()
         self.tokenize_pool.shutdown()
         if self.engine is not None:
             self.engine.shutdown()

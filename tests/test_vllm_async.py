@@ -140,3 +140,173 @@ def test_async_api_surface(world, loop):
         assert set(st) >= {"sets", "slots_used", "slots_per_layer", "max_sets", "base"}
 
     loop.run_until_complete(asyncio.wait_for(scenario(), timeout=300))
+
+
+# --- packing sets ahead of their first request (expertlib.vllm_plugin.prepack, server/prepack.py) -----
+# The async engine's workers run in vLLM's engine process: their caches are driven and read by RPC.
+
+
+class Workers:
+    """The workers' packed-set disk cache and host cache, through the engine's RPC."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def packed(self, budget=None, root=None, enabled=None) -> dict:
+        return (await self.engine._rpc("expertlib_packed_cache", (budget, root, True, enabled)))[0]
+
+    async def host(self) -> dict:
+        return (await self.engine._rpc("expertlib_host_cache", ()))[0]
+
+
+@pytest.fixture
+def workers(world, loop, tmp_path):
+    """The workers' packed-set disk cache in a fresh folder, 1 GiB; off again afterwards."""
+    w = Workers(world["engine"])
+    loop.run_until_complete(w.packed(1 << 30, str(tmp_path / "packed"), True))
+    yield w
+    loop.run_until_complete(w.packed(0, None, True))
+
+
+def fresh_set(world, name: str, experts: dict[int, list[int]], seed: int):
+    """A set no test of this module loaded before, saved beside the others."""
+    from expertlib.moe import load_model
+    from expertlib.vllm_plugin.testing import random_expert_set
+
+    if "model" not in world:
+        world["model"] = load_model(world["base_dir"])
+    es = random_expert_set(world["model"], name, experts, seed=seed)
+    return es.save(world["paths"]["a"].parent / f"{name}.safetensors")
+
+
+def test_a_set_packed_ahead_loads_from_the_packed_cache_with_its_own_answer(world, loop, workers):
+    """`prepack` writes the set to the packed-set cache only (no slot, no host-cache entry); its first
+    load is then a packed-cache hit that packs nothing, and answers as the set packed from its file."""
+    engine = world["engine"]
+    path = fresh_set(world, "ahead", {0: [3, 6], 1: [2]}, seed=21)
+
+    async def scenario():
+        host = await workers.host()
+        result = await engine.prepack(path)
+        assert result["outcome"] == "packed" and result["bytes"] > 0
+        assert (await workers.packed())["entries"] == 1
+        assert "ahead" not in engine.loaded_sets() and (await workers.host())["paths"] == host["paths"]
+        assert (await engine.prepack(path))["outcome"] == "cached"
+
+        before, host = await workers.packed(), await workers.host()
+        await engine.load(path)
+        after = await workers.packed()
+        assert after["hits"] == before["hits"] + 1 and (await workers.host())["misses"] == host["misses"]
+        from_cache = await run(engine, "Hello world", "ahead", 24)
+        await engine.unload("ahead")
+        await workers.packed(enabled=False)  # now read, checked and packed from the set's file
+        await engine.load(path)
+        assert (await workers.host())["misses"] == host["misses"] + 1
+        assert await run(engine, "Hello world", "ahead", 24) == from_cache
+        assert from_cache != await run(engine, "Hello world", None, 24)
+        await engine.unload("ahead")
+
+    loop.run_until_complete(asyncio.wait_for(scenario(), timeout=300))
+
+
+def test_packing_ahead_pauses_while_a_request_runs_and_resumes(world, loop, workers, monkeypatch):
+    """A request that arrives while a set is packed ahead is served (its own answer) while the workers
+    are granted no piece of the packing (the one in progress when it arrived finishes); the packing
+    then resumes and ends."""
+    engine = world["engine"]
+    path = fresh_set(world, "paused", {0: [0, 7], 1: [4, 6]}, seed=22)
+    grants: list[int] = []  # requests streaming at each piece granted
+    rpc = engine._rpc
+
+    async def watched(method, args=()):
+        if method == "expertlib_prepack" and len(args) == 3:
+            grants.append(engine._requests)
+        return await rpc(method, args)
+
+    monkeypatch.setattr(engine, "_rpc", watched)
+
+    async def scenario():
+        alone = await run(engine, "Hello world", None, 160)
+        started = asyncio.Event()
+        request = asyncio.create_task(run(engine, "Hello world", None, 160, started))
+        await started.wait()
+        packing = asyncio.create_task(engine.prepack(path))
+        assert await request == alone
+        assert not packing.done(), "packing waits for the request"
+        assert (await packing)["outcome"] == "packed"
+        assert len(grants) >= 3 and not any(grants)
+
+        # a request arriving mid-packing: no piece granted until it is done
+        grants.clear()
+        second = fresh_set(world, "paused2", {0: [1, 2], 1: [3]}, seed=23)
+        packing = asyncio.create_task(engine.prepack(second))
+        while not grants:
+            await asyncio.sleep(0.001)
+        assert await run(engine, "Hello world", None, 160) == alone
+        assert (await packing)["outcome"] == "packed"
+        assert not any(grants)
+
+    loop.run_until_complete(asyncio.wait_for(scenario(), timeout=300))
+
+
+def test_the_registry_s_sets_are_packed_ahead_a_damaged_one_skipped(world, loop, workers, tmp_path):
+    """The server's `Prepacker` over the registry: every set of the base packed ahead except one whose
+    blob was damaged after publishing (skipped, logged, nothing written); a set published while it
+    runs is packed without a request, and its first request is a packed-cache hit."""
+    from expertlib.registry import Registry
+    from expertlib.server.prepack import Prepacker
+    from expertlib.server.sets import SetCatalog
+
+    engine = world["engine"]
+    reg = Registry(tmp_path / "reg")
+    good = fresh_set(world, "good", {0: [5], 1: [0, 7]}, seed=24)
+    bad = fresh_set(world, "bad", {0: [6], 1: [5]}, seed=25)
+    reg.publish(good, base=world["base_dir"])
+    reg.publish(bad, base=world["base_dir"])
+    blob = reg.get_path(reg.resolve("bad", base=world["base_dir"]))
+    data = bytearray(blob.read_bytes())
+    data[-3] ^= 0xFF
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    catalog = SetCatalog(engine, "tiny", reg, registry_base=world["base_dir"])
+    prepacker = Prepacker(engine, catalog, relist_s=0.1)
+
+    async def scenario():
+        await prepacker.round()
+        assert prepacker.status()["packed"] == 1 and prepacker.status()["failed"] == 1
+        assert (await workers.packed())["entries"] == 1
+        prepacker.start()
+        later = fresh_set(world, "later", {0: [2, 4], 1: [1]}, seed=26)
+        await asyncio.to_thread(reg.publish, later, base=world["base_dir"])
+        for _ in range(300):
+            if prepacker.status()["packed"] == 2:
+                break
+            await asyncio.sleep(0.05)
+        prepacker.stop()
+        st = prepacker.status()
+        assert st["packed"] == 2 and st["failed"] == 1 and st["pending"] == 0
+        before = await workers.packed()
+        assert before["entries"] == 2
+        ref = await catalog.resolve("later")
+        assert ref is not None and (await workers.packed())["hits"] == before["hits"] + 1
+        await engine.unload(ref.name)
+
+    loop.run_until_complete(asyncio.wait_for(scenario(), timeout=300))
+
+
+def test_packing_ahead_fills_only_the_free_space(world, loop, workers):
+    """A set that does not fit the cache's free space is not packed ahead, and no entry is removed to
+    make room for it."""
+    engine = world["engine"]
+    one = fresh_set(world, "room1", {0: [1], 1: [2]}, seed=27)
+    two = fresh_set(world, "room2", {0: [3], 1: [4]}, seed=28)
+
+    async def scenario():
+        first = await engine.prepack(one)
+        assert first["outcome"] == "packed"
+        await workers.packed(first["bytes"] + first["bytes"] // 2)  # room for 1.5 such sets
+        assert (await engine.prepack(two))["outcome"] == "no room"
+        st = await workers.packed()
+        assert st["entries"] == 1 and st["bytes"] == first["bytes"]
+
+    loop.run_until_complete(asyncio.wait_for(scenario(), timeout=300))

@@ -24,6 +24,11 @@ from expertlib.slots import SetRef
 log = logging.getLogger("expertlib.engine")
 
 
+async def _prepack_poll() -> None:
+    """How packing ahead waits between its pieces (and for the engine to be idle)."""
+    await asyncio.sleep(0.01)
+
+
 async def _load_poll() -> None:
     """How the async engine waits for the workers' background read of a set: requests run meanwhile."""
     await asyncio.sleep(0.005)
@@ -45,6 +50,7 @@ class AsyncExpertEngine(SetsView):
         #: called with a set's name when a request names a set that is not resident (load on demand)
         self.on_missing: Any = None
         self._freed = asyncio.Event()  # set (and replaced) whenever a resident set may become evictable
+        self._requests = 0  # requests streaming now, the base's included
 
     @classmethod
     def from_base(
@@ -88,6 +94,22 @@ class AsyncExpertEngine(SetsView):
         async with self._lock:
             await self._check()
             return await self._book.load(opened, pin, self._rpc, _load_poll)
+
+    def idle(self) -> bool:
+        """No request streams and no set loads or unloads: packing ahead may take a piece."""
+        return self._requests == 0 and not self._book.loading and not self._lock.locked()
+
+    async def prepack(
+        self, es: OpenedSet | ExpertSet | str | Path, name: str | None = None
+    ) -> dict[str, Any]:
+        """Pack a set into the workers' packed-set disk cache ahead of its first request, while the
+        engine is idle (`idle`), so that its load is one read of packed rows into the slots. The set
+        is checked as a load checks it first (a damaged file raises, nothing is written). Returns the
+        workers' outcome (packed, cached, off: no packed-set cache, no room: not in its free space,
+        nothing is evicted for it, or "failed: why") and the bytes written."""
+        opened = await asyncio.to_thread(self._book.open, es, name)
+        await self._check()
+        return await self._book.prepack(opened, self._rpc, self.idle, _prepack_poll)
 
     def _slots_freed(self) -> None:
         event, self._freed = self._freed, asyncio.Event()
@@ -143,12 +165,14 @@ class AsyncExpertEngine(SetsView):
         prompt = requests.salted(prompt, ref)
         name = ref.name if ref else None
         self._book.request_started(name)  # no await since ref(): the set cannot be evicted in between
+        self._requests += 1
         try:
             async for out in self.engine.generate(
                 prompt, requests.with_set_row(sampling_params, ref), request_id
             ):
                 yield out
         finally:
+            self._requests -= 1
             self._book.request_finished(name)
             if name and not self._book.in_flight.get(name):
                 event = self._drained.pop(name, None)

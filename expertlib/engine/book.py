@@ -219,6 +219,27 @@ class SetBook(SetLedger):
         remap = {layer: dict(m) for layer, m in placement.remap.items()}  # expert -> slot
         await rpc("expertlib_apply", ([], None, None, placement.set_row, remap))
 
+    async def prepack(self, opened: OpenedSet, rpc: Rpc, idle: Callable[[], bool], wait) -> dict[str, Any]:
+        """Have the workers pack a set `check` passed into their packed-set disk cache ahead of its
+        first request, one small piece per call, each called only while `idle()` (`wait` is awaited
+        between calls); a set this book holds was written there by its load. Returns what the first
+        worker reports: outcome (packed, cached, no room, failed: why) and bytes written."""
+        es = opened.expert_set
+        checked = es.checked.model_dump_json() if es.checked is not None else None
+        args = (str(es.path), es.manifest.content_digest, checked)
+        try:
+            while True:
+                if idle():
+                    states = await rpc("expertlib_prepack", args)
+                    if all(s["done"] for s in states):
+                        break
+                await wait()
+        finally:
+            with contextlib.suppress(Exception):  # the job is dropped; nothing depends on it
+                await rpc("expertlib_prepack", (*args, True))
+        failed = [s for s in states if s["outcome"] != states[0]["outcome"]]
+        return dict(failed[0] if failed else states[0])
+
     async def unload(self, name: str, rpc: Rpc) -> None:
         """Free a set's slots and row, and clear the row on the workers."""
         await rpc("expertlib_apply", ([self.release(name)],))

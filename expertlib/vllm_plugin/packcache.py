@@ -290,46 +290,32 @@ class PackedCache:
     ) -> PackedRecord | None:
         """Write a packed set now (`save_later`'s work): the data file (fsynced, then renamed into
         place), then its record with the data file's state, then the bound enforced."""
-        key = self.key(content_digest, layout)
-        data, meta = self._paths(key)
-        entries = []
-        for layer, experts, parts in layers:
-            infos = []
-            for name, t in parts:
-                if t.shape[0] != len(experts):
-                    raise ValueError(
-                        f"layer {layer} part {name}: {t.shape[0]} rows for {len(experts)} experts"
-                    )
-                dtype = str(t.dtype).removeprefix("torch.")
-                if dtype not in _DTYPES:
-                    raise ValueError(f"packed rows of dtype {dtype} are not cached")
-                infos.append(PackedPart(name=name, dtype=dtype, row=list(t.shape[1:])))
-            entries.append(PackedLayer(layer=int(layer), experts=[int(e) for e in experts], parts=infos))
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                for _, _, parts in layers:
-                    for _, t in parts:
-                        f.write(memoryview(_bytes(t.contiguous())))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, data)
-        finally:
-            tmp.unlink(missing_ok=True)
-        state = FileKey.of(data)
-        if state is None:
-            return None
-        rec = PackedRecord(
-            key=key, content_digest=content_digest, layout=layout, file=list(state), layers=entries
-        )
-        if state.size != rec.nbytes:
-            self._remove(key)
-            return None
-        atomic_write_text(meta, rec.model_dump_json())
-        self.written += 1
-        self._shrink(keep=key)
-        return rec
+        with self.writer(content_digest, layout) as w:
+            for layer, experts, parts in layers:
+                w.add(layer, experts, parts)
+            return w.commit()
+
+    def used(self) -> int:
+        """Bytes of the data files on disk now."""
+        total = 0
+        for p in self.root.glob("*.bin") if self.root.is_dir() else ():
+            with contextlib.suppress(OSError):  # removed meanwhile
+                total += p.stat().st_size
+        return total
+
+    def free(self) -> int:
+        """Bytes the bound leaves unused now (nothing would be removed to write this much)."""
+        return max(0, self.budget - self.used())
+
+    def holds(self, content_digest: str, layout: str) -> bool:
+        """Whether an entry for this set and layout is on disk (its record not read nor checked: what
+        `record` checks when a load reads it); counts nothing."""
+        return self.enabled and self._paths(self.key(content_digest, layout))[1].exists()
+
+    def writer(self, content_digest: str, layout: str) -> PackedWriter:
+        """A packed set written layer by layer (`PackedWriter`), so one layer's rows are in memory
+        at a time."""
+        return PackedWriter(self, content_digest, layout)
 
     def _shrink(self, keep: str | None = None) -> None:
         """Remove least recently used entries until the cache fits its bound (`keep` last), and data
@@ -374,6 +360,78 @@ class PackedCache:
         }
 
 
+class PackedWriter:
+    """One entry written layer by layer: `add` appends a layer's rows to a temporary data file,
+    `commit` fsyncs it, renames it into place and writes its record; leaving the `with` block without
+    a commit removes the temporary file."""
+
+    def __init__(self, cache: PackedCache, content_digest: str, layout: str):
+        self.cache, self.content_digest, self.layout = cache, content_digest, layout
+        self.key = cache.key(content_digest, layout)
+        self.layers: list[PackedLayer] = []
+        cache.root.mkdir(parents=True, exist_ok=True)
+        self._tmp = cache.root / f".{self.key}.{os.getpid()}.{threading.get_ident()}.tmp"
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit or __exit__
+        self.nbytes = 0
+
+    def __enter__(self) -> PackedWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def add(self, layer: int, experts: list[int], parts: list[tuple[str, torch.Tensor]]) -> None:
+        """Append one MoE layer: `parts` = [(part, rows (n, *row))], row i for `experts[i]`."""
+        infos = []
+        for name, t in parts:
+            if t.shape[0] != len(experts):
+                raise ValueError(f"layer {layer} part {name}: {t.shape[0]} rows for {len(experts)} experts")
+            dtype = str(t.dtype).removeprefix("torch.")
+            if dtype not in _DTYPES:
+                raise ValueError(f"packed rows of dtype {dtype} are not cached")
+            infos.append(PackedPart(name=name, dtype=dtype, row=list(t.shape[1:])))
+        for _, t in parts:
+            data = _bytes(t.contiguous())
+            self._file.write(memoryview(data))
+            self.nbytes += data.size
+        self.layers.append(PackedLayer(layer=int(layer), experts=[int(e) for e in experts], parts=infos))
+
+    def commit(self, *, evict: bool = True) -> PackedRecord | None:
+        """Put the entry in place. `evict=False` (a set packed ahead of any request): the entry is
+        kept only if it fits the bound's free space as it is, never at the cost of another entry
+        (None then, nothing left behind)."""
+        cache = self.cache
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if not evict and self.nbytes > cache.free():
+            return None
+        data, meta = cache._paths(self.key)
+        os.replace(self._tmp, data)
+        state = FileKey.of(data)
+        if state is None:
+            return None
+        rec = PackedRecord(
+            key=self.key,
+            content_digest=self.content_digest,
+            layout=self.layout,
+            file=list(state),
+            layers=self.layers,
+        )
+        if state.size != rec.nbytes:
+            cache._remove(self.key)
+            return None
+        atomic_write_text(meta, rec.model_dump_json())
+        cache.written += 1
+        if evict:
+            cache._shrink(keep=self.key)
+        elif cache.used() > cache.budget:
+            cache._remove(self.key)  # another process filled the room meanwhile
+            return None
+        return rec
+
+
 def _fkey(fd: int) -> tuple:
     st = os.fstat(fd)
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -407,4 +465,4 @@ def layout_digest(signature: dict[str, Any]) -> str:
 #: This process's cache (each vLLM worker process has its own handle on the shared folder).
 PACKED_CACHE = PackedCache()
 
-__all__ = ["PACKED_CACHE", "PackedCache", "PackedRecord", "digest_rows", "layout_digest"]
+__all__ = ["PACKED_CACHE", "PackedCache", "PackedRecord", "PackedWriter", "digest_rows", "layout_digest"]

@@ -639,6 +639,40 @@ class SlotWorkerExtension:
         HOST_CACHE.unstage(path)
         return self.expertlib_host_cache()
 
+    def expertlib_prepack(
+        self, path: str, content_digest: str, checked: str | None = None, finish: bool = False
+    ) -> dict[str, Any]:
+        """Pack the set at `path` ahead of its first request into the packed-set disk cache, one small
+        piece per call on a thread of its own (`prepack.py`): call again to run the next piece once
+        "running" is False, until "done"; `finish`: drop the job (abandoned when not done)."""
+        from expertlib.vllm_plugin.packcache import PACKED_CACHE
+        from expertlib.vllm_plugin.prepack import PREPACK, pack_pieces
+
+        ctx = self._expertlib_ctx()
+        key = (str(path), content_digest)
+        if finish:
+            PREPACK.finish(key)
+            return {"done": True}
+        layout = layout_of(ctx)
+
+        def row_bytes(layer: int) -> int:
+            parts = slot_parts(ctx.layers[layer].routed_experts).values()
+            return sum(t[0].numel() * t.element_size() for t in parts)
+
+        def pieces():
+            return pack_pieces(
+                ctx,
+                PACKED_CACHE,
+                path,
+                content_digest,
+                checked,
+                layout=layout,
+                pack_rows=pack_rows,
+                row_bytes=row_bytes,
+            )
+
+        return PREPACK.advance(key, pieces)
+
     def expertlib_set_row(self, set_row: int, remap: dict[Any, dict[Any, int]]) -> None:
         """Make set row `set_row` the identity except remap[layer][expert] = slot (a slot index, as in
         `Placement.remap`; the table the router reads holds the physical id E + slot)."""

@@ -1,0 +1,132 @@
+"""Packing sets ahead of their first request, the parts that need no vLLM engine: the packed-set
+cache's no-eviction commit, and the server's `Prepacker` (`serve --prepack`) over a registry with a
+stand-in engine: newest versions first, resident and tried sets left alone, paused while the engine
+is busy, its figures in /admin/status and /metrics, off with --no-prepack. The engine's side (the
+workers' pieces, the pause, a damaged blob, the bound) is tested on the real async engine in
+tests/test_vllm_async.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from test_server_http import FakeEngine, _patch_file
+
+from expertlib.registry import Registry
+from expertlib.server.settings import ServerSettings
+from expertlib.vllm_plugin.packcache import PackedCache
+
+
+def _rows(seed: int, n: int = 2) -> list[tuple[int, list[int], list[tuple[str, torch.Tensor]]]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(0, list(range(n)), [("w13", torch.randn(n, 8, 16, generator=g))])]
+
+
+def test_a_commit_without_eviction_keeps_every_other_entry(tmp_path):
+    cache = PackedCache(tmp_path, budget=1 << 20)
+    first = cache.save("sha256:a", "L", _rows(1))
+    cache.configure(budget=first.nbytes + first.nbytes // 2)  # room for half of another such set
+    with cache.writer("sha256:b", "L") as w:
+        for layer, experts, parts in _rows(2):
+            w.add(layer, experts, parts)
+        assert w.commit(evict=False) is None
+    st = cache.status()
+    assert st["entries"] == 1 and cache.record("sha256:a", "L") is not None
+    assert not list(tmp_path.glob(".*.tmp")) and cache.free() == first.nbytes // 2
+    with cache.writer("sha256:c", "L") as w:  # an abandoned writer leaves nothing behind
+        w.add(*_rows(3)[0])
+    assert not list(tmp_path.glob(".*.tmp")) and cache.status()["entries"] == 1
+
+
+class PackingEngine(FakeEngine):
+    """FakeEngine with `idle` and `prepack`: records what it was asked to pack."""
+
+    def __init__(self):
+        super().__init__()
+        self.busy = False
+        self.packed: list[str] = []
+
+    def idle(self) -> bool:
+        return not self.busy
+
+    async def prepack(self, opened, name=None):
+        assert self.idle()
+        self.packed.append(opened.name)
+        return {"outcome": "packed", "bytes": 1000}
+
+
+async def _started(settings: ServerSettings, engine: FakeEngine):
+    from expertlib.server import ServerState
+
+    state = ServerState(settings, engine_factory=lambda _s: engine)
+    await state.start()
+    assert state.ready, state.startup_error
+    return state
+
+
+async def _until(check, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def test_the_server_packs_its_registry_ahead_newest_first_and_reports_it(tmp_path):
+    from expertlib.server.catalog_view import admin_status
+
+    reg = Registry(tmp_path / "reg")
+    for name, task in (("math", "math"), ("code", "code"), ("math2", "math")):
+        reg.publish(_patch_file(tmp_path / f"{name}.safetensors", task))
+    engine = PackingEngine()
+
+    async def run():
+        state = await _started(
+            ServerSettings(base="b", registry=str(tmp_path / "reg"), expert_sets=["code"]), engine
+        )
+        try:
+            await _until(lambda: len(engine.packed) == 2)
+            assert engine.packed == ["math@2", "math@1"]  # the resident code@1 is not packed
+            st = admin_status(state).engine["prepack"]
+            assert st | {"packed": 2, "bytes": 2000, "pending": 0, "failed": 0, "enabled": True} == st
+            metrics = state.metrics.render().decode()
+            assert "expertlib_prepack_sets 2.0" in metrics and "expertlib_prepack_bytes 2000.0" in metrics
+
+            engine.busy = True  # a set published while requests run waits for them
+            state.prepacker.relist_s = 0.05
+            reg.publish(_patch_file(tmp_path / "law.safetensors", "law"))
+            state.prepacker.wake()
+            await _until(lambda: state.prepacker.status()["pending"] == 1)
+            await asyncio.sleep(0.2)
+            assert engine.packed == ["math@2", "math@1"]
+            engine.busy = False
+            await _until(lambda: len(engine.packed) == 3)
+            assert engine.packed[-1] == "law@1" and state.prepacker.status()["pending"] == 0
+            await asyncio.sleep(0.2)  # listed again: nothing is packed twice
+            assert len(engine.packed) == 3
+        finally:
+            state.shutdown()
+
+    asyncio.run(run())
+
+
+def test_no_prepack_and_no_registry_leave_it_off(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    reg.publish(_patch_file(tmp_path / "math.safetensors", "math"))
+
+    async def run():
+        for settings in (
+            ServerSettings(base="b", registry=str(tmp_path / "reg"), prepack=False),
+            ServerSettings(base="b", registry=str(tmp_path / "reg"), packed_cache_disk=0),
+            ServerSettings(base="b", registry=str(tmp_path / "reg"), verify_loads="always"),
+        ):
+            state = await _started(settings, PackingEngine())
+            assert state.prepacker is None
+            state.shutdown()
+
+    asyncio.run(run())
+
+
+def test_the_serve_flag(serve_settings):
+    assert serve_settings("./base").prepack is True
+    assert serve_settings("./base", "--no-prepack").prepack is False
