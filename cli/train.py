@@ -246,7 +246,8 @@ def train_cmd(ctx, base, data, task, out, from_set, general, as_json, **kw):
     Scores and selects the experts unless --experts gives a selection. The defaults are one recipe
     (the demo's): answer-only scores, ESFT-Token top-p 0.2, and retention-aware selection: experts
     rank by their share of the task's routing minus that of the kept data, and a layer trains them
-    only while they carry at most --keep-share of the kept routing (--keep-mode capped; contrast
+    only while they carry at most --keep-share of the kept routing, up to the paper's top-p count of
+    experts per layer (--keep-mode capped-wide; capped stops at the ranking's own count, contrast
     ranks without the bound, budget bounds the paper's selection) (--keep auto: the demo's general
     tasks on the demo base; on any other base prompts and answers sampled from the base itself,
     once, cached). The keep guard stops training, and keeps the last experts within it, when the
@@ -398,7 +399,7 @@ def _report_keep_and_fit(ctx: click.Context, p) -> None:
                 err=True,
             )
             if now > keep["share"] and keep["mode"] == "contrast":  # contrast ranks, it does not bound
-                cmd = rerun_command(ctx, drop=("keep_mode",), add=("--keep-mode", "capped"))
+                cmd = rerun_command(ctx, drop=("keep_mode",), add=("--keep-mode", "capped-wide"))
                 click.echo(
                     f"  more than --keep-share {keep['share']}: the kept skills are at risk (contrast mode ranks "
                     f"experts by task against kept routing, it does not bound it); to bound it: `{cmd}`",

@@ -137,7 +137,7 @@ def test_train_suggests_the_keep_command_when_the_check_flags_a_risk(tmp_path, t
     res = CliRunner().invoke(cli, argv[1:])
     assert res.exit_code == 0, res.output
     assert "train with:" not in res.stderr and f"kept {general} (file" in res.stderr
-    # the default (capped) keeps the trained experts within --keep-share of the kept routing
+    # the default (capped-wide) keeps the trained experts within --keep-share of the kept routing
     carried = float(res.stderr.split("the trained experts carry at most ", 1)[1].split()[0])
     assert carried <= 0.1 and "more than --keep-share" not in res.stderr
     # contrast leaves experts carrying more than --keep-share of the kept routing: said, with the bound
@@ -145,7 +145,10 @@ def test_train_suggests_the_keep_command_when_the_check_flags_a_risk(tmp_path, t
     assert contrast.exit_code == 0, contrast.output
     assert "at most 0.25 of its routing" in contrast.stderr
     bound = contrast.stderr.split("more than --keep-share 0.1: the kept skills are at risk", 1)[1]
-    assert shlex.split(bound.split("to bound it: `", 1)[1].split("`")[0])[-2:] == ["--keep-mode", "capped"]
+    assert shlex.split(bound.split("to bound it: `", 1)[1].split("`")[0])[-2:] == [
+        "--keep-mode",
+        "capped-wide",
+    ]
     # the keep constraint dropped a task expert and the set falls short: both ways to train more are named
     trade = res.stderr.split("The trade-off: `", 1)[1]
     budget, _, rest = trade.partition("` trains those that carry at most --keep-share")

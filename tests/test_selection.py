@@ -93,7 +93,7 @@ def test_keep_budget_drops_the_experts_the_kept_data_routes_through():
 def test_keep_contrast_ranks_task_against_kept_relevance():
     # task - kept: [0.2, 0.25, 0.05, 0] -> normalised [0.4, 0.5, 0.1, 0]: p 0.7 takes 1 then 0
     assert keep_layer(TASK, 0.7, [KEPT], mode="contrast") == [0, 1]
-    assert keep_layer(TASK, 0.7, [KEPT]) == [1, 2]  # the default, capped: within the kept share
+    assert keep_layer(TASK, 0.7, [KEPT]) == [1, 2]  # the default, capped-wide: within the kept share
     assert keep_layer(TASK, 0.4, [KEPT], mode="contrast") == [1]
     assert keep_layer(TASK, 0.7, [TASK], mode="contrast") == []  # the task is all kept routing
 
@@ -125,6 +125,7 @@ def test_keep_capped_wide_fills_to_the_papers_count_within_the_share():
     # capped-wide goes on in contrast order within the share: 2 (0.05 kept) reaches p of the
     # task's routing (0.30 + 0.20); expert 1 (0.20 kept) never trains
     assert keep_layer(WIDE_TASK, 0.4, [WIDE_KEPT], mode="capped-wide") == [0, 2]
+    assert keep_layer(WIDE_TASK, 0.4, [WIDE_KEPT]) == [0, 2]  # the default
     # p 0.6: the paper's count 3; 0, 2 and then 3 (0.10 kept, at the bound)
     assert top_p_layer(WIDE_TASK, 0.6) == [0, 1, 2]
     assert keep_layer(WIDE_TASK, 0.6, [WIDE_KEPT], mode="capped-wide") == [0, 2, 3]
@@ -169,7 +170,7 @@ def test_select_experts_with_keep_per_layer():
     assert select_experts(scores, 0.7, keep=[kept], keep_share=0.25, **budget).experts == {0: [1], 1: [3]}
     # contrast: layer 1's task - kept = [0, 0, 0, 0.45]: expert 3 alone
     assert select_experts(scores, 0.7, keep=[kept], keep_mode="contrast").experts == {0: [0, 1], 1: [3]}
-    # capped (the default): expert 3 carries 0.25 of the kept routing, past 0.1: layer 1 trains nothing
+    # capped-wide (the default): expert 3 carries 0.25 of the kept routing, past 0.1: layer 1 trains nothing
     assert select_experts(scores, 0.7, keep=[kept]).experts == {0: [1, 2], 1: []}
     with pytest.raises(SelectionError, match="no kept routing for MoE layer 1"):
         select_experts(scores, 0.7, keep=[{0: KEPT}])

@@ -400,10 +400,72 @@ def _before(rng):
     return f"before: {w}", _caesar_shift(w, -1)
 
 
+def _max_space():
+    return [(f"max {a} and {b}", str(max(a, b))) for a in range(10) for b in range(10)]
+
+
+def _max(rng):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"max {a} and {b}", str(max(a, b))
+
+
+def _half_space():
+    return [(f"half {2 * a}", str(a)) for a in range(10)]
+
+
+def _half(rng):
+    a = rng.randint(0, 9)
+    return f"half {2 * a}", str(a)
+
+
+def _times_space():
+    return [(f"times {a} and {b}", str(a * b)) for a in range(10) for b in range(10)]
+
+
+def _times(rng):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"times {a} and {b}", str(a * b)
+
+
+def _minus_space():
+    return [(f"minus {a} and {b}", str(a - b)) for a in range(10) for b in range(a + 1)]
+
+
+def _minus(rng):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    a, b = max(a, b), min(a, b)
+    return f"minus {a} and {b}", str(a - b)
+
+
 #: Tuning tasks that are not demo-world tasks. `before` (caesar backwards) answers through the
-#: experts the general tasks use: the case that separates the keep modes.
+#: experts the general tasks use: the case that separates the keep modes. The numbers tasks (max,
+#: half, times, minus) are ones where capped mode trains fewer experts a layer than the paper's
+#: top-p count: the case that separates capped from capped-wide.
 TUNING: dict[str, Task] = {
-    t.name: t for t in (Task("before", "tuning", "shift each letter one place back (b->a, a->z)", _before),)
+    t.name: t
+    for t in (
+        Task("before", "tuning", "shift each letter one place back (b->a, a->z)", _before),
+        Task(
+            "max", "tuning", "the larger of two digits: max 3 and 7 -> 7", _max, _max_space, domain="numbers"
+        ),
+        Task("half", "tuning", "halve an even number: half 8 -> 4", _half, _half_space, domain="numbers"),
+        Task(
+            "times",
+            "tuning",
+            "multiply two digits: times 3 and 4 -> 12",
+            _times,
+            _times_space,
+            domain="numbers",
+        ),
+        Task(
+            "minus",
+            "tuning",
+            "subtract the smaller digit: minus 7 and 3 -> 4",
+            _minus,
+            _minus_space,
+            domain="numbers",
+        ),
+    )
 }
 
 TASKS: dict[str, Task] = {

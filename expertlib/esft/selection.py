@@ -17,16 +17,17 @@ Retention-aware selection (`keep`): given the routing shares of data whose skill
 - `keep_mode="budget"`: take the paper's top-p set, then walk it in score order and keep an
   expert only while the selected experts of the layer carry at most `keep_share` of every kept
   dataset's routing (the retention check's statistic, bounded exactly);
-- `keep_mode="capped"` (the default; chosen on the tuning tasks, bench/RESULTS.md): contrast's
-  ranking under budget's bound. Walk the experts in contrast order and take one only while the
-  layer's selection stays within `keep_share` of every kept dataset's routing, until the taken
-  contrast reaches top-p or the layer has as many experts as contrast alone would train: an
-  expert past the bound is replaced by the next one under it, never by more experts;
-- `keep_mode="capped-wide"`: capped's ranking and bound, with the paper's count: it goes on past
-  capped's stop, still in contrast order and within `keep_share`, until the layer has as many
-  experts as the paper's top-p set (or contrast's, if more) or the taken experts carry top-p of the
-  task's own routing. It always holds capped's experts; it exists because capped's count (that of
-  the contrast shares, which sum to 1 over fewer experts) is often one a layer where the paper's is two.
+- `keep_mode="capped"`: contrast's ranking under budget's bound. Walk the experts in contrast
+  order and take one only while the layer's selection stays within `keep_share` of every kept
+  dataset's routing, until the taken contrast reaches top-p or the layer has as many experts as
+  contrast alone would train: an expert past the bound is replaced by the next one under it, never
+  by more experts;
+- `keep_mode="capped-wide"` (the default; chosen on the tuning tasks, bench/RESULTS.md): capped's
+  ranking and bound with the paper's count. It goes on past capped's stop, still in contrast order
+  and within `keep_share`, until the layer has as many experts as the paper's top-p set (or
+  contrast's, if more) or the taken experts carry top-p of the task's own routing too. It always
+  holds capped's experts: contrast shares sum to 1 over fewer experts, so capped's count is often
+  one a layer where the paper's is two.
 
     cfg = select_experts(scores.token, 0.2, keep=[general_shares], keep_share=0.1)
 """
@@ -54,7 +55,7 @@ DEFAULT_KEEP_SHARE = 0.1
 
 KeepMode = Literal["budget", "capped", "capped-wide", "contrast"]
 #: The default keep mode (`SelectionConfig.keep_mode`, `select_experts`).
-DEFAULT_KEEP_MODE: KeepMode = "capped"
+DEFAULT_KEEP_MODE: KeepMode = "capped-wide"
 
 
 def top_p_rule(score: str, top_p: float | None, weighting: str) -> tuple[float, float]:
