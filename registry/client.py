@@ -11,10 +11,13 @@ Wire format (JSON bodies are the pydantic models of `expertlib.registry.protocol
 Errors come back in OpenAI's shape, {"error": {"message": ..., "type": ..., "code": ...}}.
 `Authorization: Bearer <token>` is sent when a token is given (the server's admin key).
 
-JSON requests go through httpx. A blob download reads its socket in READ_SIZE pieces with the
-standard library's client (httpx's 64 KiB reads through a pure-Python parser cost most of a pull's
-time) into one reused buffer written to the registry's temp file, hashed there as it lands; it falls back
-to httpx behind a proxy, with a password in the URL, or when a client is handed in (tests' transports).
+JSON requests go through httpx. A blob download is read with the standard library's client
+(httpx's 64 KiB reads through a pure-Python parser cost most of a pull's time): over plain HTTP on
+Linux its body is spliced from the socket into the registry's temp file inside the kernel
+(`os.splice` through a pipe: no copy through this process), elsewhere (HTTPS, no splice) read in
+READ_SIZE pieces into one reused buffer and written there; either way hashed from the file as it
+lands. It falls back to httpx behind a proxy, with a password in the URL, or when a client is handed
+in (tests' transports).
 """
 
 from __future__ import annotations
