@@ -310,3 +310,28 @@ def test_packing_ahead_fills_only_the_free_space(world, loop, workers):
         assert st["entries"] == 1 and st["bytes"] == first["bytes"]
 
     loop.run_until_complete(asyncio.wait_for(scenario(), timeout=300))
+
+
+def cpu_list(text: str) -> set[int]:
+    """A kernel CPU list ("0-3,6") as a set."""
+    out: set[int] = set()
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def test_a_load_job_runs_on_every_cpu(world, loop):
+    """The worker's load job (a thread started from the worker, which vLLM binds to the forward
+    steps' cores, and which OpenMP binds again at its first parallel region) may run on every CPU
+    while it packs the set: it does not take turns with the forward steps on their cores."""
+    engine = world["engine"]
+    path = fresh_set(world, "anycpu", {0: [6, 7], 1: [3]}, seed=29)
+
+    async def scenario():
+        await engine.load(path)
+        cpus = (await engine._rpc("expertlib_host_cache", ()))[0]["last_job_cpus"]
+        await engine.unload("anycpu")
+        assert cpu_list(cpus) == set(range(os.cpu_count() or 1)), cpus
+
+    loop.run_until_complete(asyncio.wait_for(scenario(), timeout=300))

@@ -108,7 +108,9 @@ class AsyncExpertEngine(SetsView):
         workers' outcome (packed, cached, off: no packed-set cache, no room: not in its free space,
         nothing is evicted for it, or "failed: why") and the bytes written."""
         opened = await asyncio.to_thread(self._book.open, es, name)
-        await self._check()
+        if not self._checked:
+            async with self._lock:
+                await self._check()
         return await self._book.prepack(opened, self._rpc, self.idle, _prepack_poll)
 
     def _slots_freed(self) -> None:

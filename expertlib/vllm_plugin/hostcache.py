@@ -16,11 +16,13 @@ until the front end writes the set's row, after the job is done.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
+from pathlib import Path
 from typing import Any
 
 from expertlib.patch import ExpertSet
@@ -40,6 +42,7 @@ class HostCache:
         self._reading: dict[Hashable, _Job] = {}  # the background job (`stage`): at most one
         self._lock = threading.Lock()
         self.last_job_seconds = 0.0  # the last background job's time until its slots were written
+        self.last_job_cpus = ""  # the CPUs its thread could run on, as the kernel says (Cpus_allowed_list)
 
     @property
     def nbytes(self) -> int:
@@ -111,14 +114,14 @@ class HostCache:
         for old, job in list(self._reading.items()):
             if old == key and not job.answered and job.ready.is_set():
                 job.answered = True
-                self.last_job_seconds = job.seconds
+                self.last_job_seconds, self.last_job_cpus = job.seconds, job.cpus
                 return True
             if job.is_alive():
                 return False
             del self._reading[old]
             if old == key and not job.answered:
                 job.result()
-                self.last_job_seconds = job.seconds
+                self.last_job_seconds, self.last_job_cpus = job.seconds, job.cpus
                 return True
         if not background:
             work()
@@ -166,6 +169,7 @@ class HostCache:
                 "hits": self.hits,
                 "misses": self.misses,
                 "last_job_seconds": self.last_job_seconds,
+                "last_job_cpus": self.last_job_cpus,
             }
 
 
@@ -203,9 +207,53 @@ def _anywhere() -> None:
     """Let the calling thread run on any CPU of the machine. A job is started from the worker's
     thread, which vLLM's CPU backend binds to the forward steps' cores (its OpenMP threads): a thread
     inherits that binding and would take turns with the steps on their cores instead of using the
-    others (the CPUs vLLM reserves, the GPU machine's spare cores)."""
+    others (the CPUs vLLM reserves, the GPU machine's spare cores). OpenMP (libgomp) binds a thread
+    to its place again at the thread's first parallel region (the CPU prepack's, the checks'), once:
+    one empty region is run first, so the mask widened here stays wide (`cpus_allowed` shows it)."""
+    _first_parallel_region()
     with contextlib.suppress(AttributeError, OSError):  # not on Linux; a cpuset that refuses
         os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+
+@functools.cache
+def _libgomps() -> tuple:
+    """The OpenMP runtimes (libgomp) this process loaded: torch's, and any other a library brought
+    (scikit-learn's); each binds its own threads."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line and "/" in line}
+    except OSError:
+        return ()
+    libs = []
+    for path in sorted(paths):
+        with contextlib.suppress(OSError, AttributeError):
+            lib = ctypes.CDLL(path)
+            lib.GOMP_parallel.argtypes = [_REGION, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+            libs.append(lib)
+    return tuple(libs)
+
+
+def _empty_region(_data) -> None:
+    pass
+
+
+try:
+    import ctypes as _ctypes
+
+    _REGION = _ctypes.CFUNCTYPE(None, _ctypes.c_void_p)
+    _EMPTY_REGION = _REGION(_empty_region)  # kept alive: libgomp calls it
+except (ImportError, AttributeError):  # pragma: no cover - no ctypes
+    _REGION = _EMPTY_REGION = None
+
+
+def _first_parallel_region() -> None:
+    """Run one OpenMP parallel region of one thread on the calling thread in every libgomp loaded
+    (its own entry, `GOMP_parallel`), spending the binding each makes at a thread's first region
+    (vLLM's CPU worker sets GOMP_CPU_AFFINITY to the forward steps' cores)."""
+    for lib in _libgomps() if _EMPTY_REGION is not None else ():
+        lib.GOMP_parallel(_EMPTY_REGION, None, 1, 0)
 
 
 @contextlib.contextmanager
@@ -232,7 +280,24 @@ def slots_written() -> None:
     job = threading.current_thread()
     if isinstance(job, _Job):
         job.seconds = time.perf_counter() - job.started
+        job.cpus = cpus_allowed()
         job.ready.set()
+
+
+def cpus_allowed() -> str:
+    """The CPUs the calling thread may run on, as the kernel reports them for this very thread."""
+    try:
+        status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
+    except OSError:
+        return ""
+    return next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in status.splitlines()
+            if line.startswith("Cpus_allowed_list")
+        ),
+        "",
+    )
 
 
 class _Job(threading.Thread):
@@ -245,6 +310,7 @@ class _Job(threading.Thread):
         self.ready = threading.Event()  # set by slots_written()
         self.answered = False  # its caller was told it is done
         self.started, self.seconds = time.perf_counter(), 0.0
+        self.cpus = ""
         self.start()
 
     def run(self) -> None:
