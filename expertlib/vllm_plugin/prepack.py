@@ -133,7 +133,7 @@ def pack_pieces(
     row_bytes: Callable[[int], int],
 ) -> Pieces:
     """The pieces of packing the set at `path` into `cache` for this worker's slots (`ctx`; the
-    worker's `layout`, `pack_rows` (runner, experts, weights) -> LayerRows, and `row_bytes(layer)`:
+    worker's `layout`, `pack_rows` (runner, experts, weights, reuse) -> LayerRows, and `row_bytes(layer)`:
     one expert's packed bytes there): the file opened, read and checked (the front end's
     VerifiedRecord `checked` of the unchanged file, else every byte hashed: a damaged file fails
     here, nothing written), then one MoE layer per piece appended to the entry, committed only into
@@ -161,12 +161,13 @@ def pack_pieces(
         es.trust(VerifiedRecord.model_validate_json(checked))
     yield
     es.read_verified()  # its own buffer: a load may run meanwhile with the loads' read buffer
+    rows = None  # one layer's rows, written again for the next layer once on disk
     with cache.writer(content_digest, layout) as out:
         for layer, experts in sorted(by_layer.items()):
             yield
-            rows = pack_rows(
-                ctx.layers[layer], sorted(experts), [es.expert(layer, e) for e in sorted(experts)]
-            )
+            experts = sorted(experts)
+            weights = [es.expert(layer, e) for e in experts]
+            rows = pack_rows(ctx.layers[layer], experts, weights, rows)
             out.add(layer, rows.experts, rows.parts())
         yield
         return ("packed", out.nbytes) if out.commit(evict=False) is not None else ("no room", 0)

@@ -162,19 +162,33 @@ class LayerRows:
 
 
 @torch.no_grad()
-def pack_rows(runner, experts: list[int], weights: list[ExpertWeights]) -> LayerRows:
+def pack_rows(
+    runner, experts: list[int], weights: list[ExpertWeights], reuse: LayerRows | None = None
+) -> LayerRows:
     """Canonical experts (gate (I,H), up (I,H), down (H,I)) in the layout `runner`'s kernel reads
     (vLLM's w13 row is [w1; w3] = [gate; up]): this rank's shard, padded and prepacked on the CPU
     kernel. Each part is read once from the set's verified bytes and written once into the rows
-    (prepacked straight into them where the halves of w13 pack alone)."""
+    (prepacked straight into them where the halves of w13 pack alone). `reuse`: rows made before and
+    no longer needed, whose memory is written again when it fits (fresh memory is slow to touch in a
+    vLLM CPU worker)."""
     dst = runner.routed_experts
     weights = [_tp_shard(runner, w) for w in weights]
     n, (inter, hidden) = len(weights), weights[0].gate.shape
     packer = kernel_layout(dst, (n, 2 * inter, hidden), (n, hidden, inter))
     dtype, pin = dst.w13_weight.dtype, dst.w13_weight.device.type == "cuda"
     padded = inter if packer is None else packer.padded
-    w13 = torch.empty(n, 2 * padded, hidden, dtype=dtype, pin_memory=pin)  # (n, 2P, H)
-    w2 = torch.empty(n, hidden, padded, dtype=dtype, pin_memory=pin)  # (n, H, P)
+    if (
+        reuse is not None
+        and reuse.w13.shape[0] >= n
+        and tuple(reuse.w13.shape[1:]) == (2 * padded, hidden)
+        and tuple(reuse.w2.shape[1:]) == (hidden, padded)
+        and reuse.w13.dtype == dtype
+        and not pin
+    ):
+        w13, w2 = reuse.w13[:n], reuse.w2[:n]
+    else:
+        w13 = torch.empty(n, 2 * padded, hidden, dtype=dtype, pin_memory=pin)  # (n, 2P, H)
+        w2 = torch.empty(n, hidden, padded, dtype=dtype, pin_memory=pin)  # (n, H, P)
     _pack_into(packer, weights, [w13[i : i + 1] for i in range(n)], [w2[i : i + 1] for i in range(n)])
     rows = LayerRows(list(experts), w13, w2)
     bias13 = getattr(dst, "w13_bias", None)
