@@ -389,7 +389,7 @@ def targets(rows: list[dict]) -> list[str]:
     sel = [
         (t, m)
         for t in held
-        for m in ("paper", "budget", "contrast", "capped")
+        for m in ("paper", "budget", "contrast", "capped", "capped-wide")
         if has(t, m) and by[t, m].get("flagged") is not None
     ]
     agree = [
@@ -398,7 +398,7 @@ def targets(rows: list[dict]) -> list[str]:
         if by[t, m]["flagged"] == (by[t, m]["general_acc"] < by[t, m]["base"]["general_acc"] - GENERAL_SLACK)
     ]
     out.append(
-        f"- the same on every ESFT selection (paper, budget, contrast, capped; its own selection's verdict): "
+        f"- the same on every ESFT selection (paper, budget, contrast, capped, capped-wide; its own selection's verdict): "
         f"{len(agree)}/{len(sel)}"
         + (
             f"; disagree: {', '.join(f'{t} {m}' for t, m in sel if (t, m) not in agree)}"
