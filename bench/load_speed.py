@@ -140,7 +140,7 @@ class Rows:
             ok = "met" if p.ratio >= target else "MISSED"
             mbs = self.nbytes / p.step_s / 1e6
             out.append(
-                f"| {what} | {p.step_s:.3f} | {mbs:.0f} | {vs} | {p.ratio:.2f}x | >= {target}x | {ok} "
+                f"| {what} | {p.step_s:.3f} | {mbs:.0f} | {vs} | {p.ratio:.3f}x | >= {target}x | {ok} "
                 f"| {p.step_cpu:.3f} / {p.base_cpu:.3f} |"
             )
         return out
@@ -152,7 +152,7 @@ class Rows:
             if what.split(" ")[0] in prefix.split():
                 ok = "met" if p.ratio >= target else "MISSED"
                 out.append(
-                    f"  {what.split(' (')[0]:<34} {p.ratio:.2f}x {vs} (target >= {target}x: {ok}); "
+                    f"  {what.split(' (')[0]:<34} {p.ratio:.3f}x {vs} (target >= {target}x: {ok}); "
                     f"{p.step_s:.3f} s against {p.base_s:.3f} s; cpu {p.step_cpu:.3f} s against {p.base_cpu:.3f} s"
                 )
         return out
@@ -354,11 +354,11 @@ def main() -> None:
         f"{MOE_LAYERS * nbytes / 2**30:.2f} GiB): {MOE_LAYERS} x {per_layer:.3f} s ({how}) = {full:.1f} s "
         f"(target < 5 s: {'met' if full < 5 else 'MISSED'})"
     )
-    text = "\n".join(rows.table() + ["", lib["extra"]] + lines)
+    summary = ["", "moving a set (issue 21), each ratio the median of adjacent pairs:"]
+    summary += rows.summary("publish push pull")
+    text = "\n".join(rows.table() + ["", lib["extra"]] + lines + summary)
     print("\n" + text)
     load = f"load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-    print("\nmoving a set (issue 21), each ratio the median of adjacent pairs:")
-    print("\n".join(rows.summary("publish push pull")))
     print(f"\n(wall {time.perf_counter() - t0:.0f} s, {load})")
     if not args.no_write:
         from results import write_section
