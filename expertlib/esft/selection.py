@@ -200,17 +200,17 @@ def keep_layer(
     unbounded = top_p_layer(contrast, top_p, max_experts=max_experts, eps=eps)
     if mode == "contrast":
         return unbounded
-    wide = mode == "capped-wide"
-    count = max(len(unbounded), len(top_p_layer(scores, top_p, max_experts=max_experts, eps=eps)))
-    running = covered = 0.0  # contrast taken, task routing taken
+    wide = mode == "capped-wide"  # capped stops at contrast's count, capped-wide at the paper's
+    count = len(unbounded)
+    if wide:
+        count = max(count, len(top_p_layer(scores, top_p, max_experts=max_experts, eps=eps)))
+    running = covered = 0.0  # the contrast taken, the task's routing taken
     for e in sorted((i for i, c in enumerate(contrast) if c > 0), key=lambda i: (-contrast[i], i)):
         if fits(e):
             take(e)
             running += contrast[e]
             covered += task[e]
-        if not wide and (running + eps >= top_p or len(chosen) >= len(unbounded)):
-            break
-        if wide and (min(running, covered) + eps >= top_p or len(chosen) >= count):
+        if (min(running, covered) if wide else running) + eps >= top_p or len(chosen) >= count:
             break
     return sorted(chosen)
 
