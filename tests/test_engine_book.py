@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from expertlib.engine.book import SetBook
+from expertlib.engine.book import STAGE_WAIT_S, SetBook
 from expertlib.engine.offline import _run_now
 from expertlib.errors import NotLoadedError
 from expertlib.slots import SetRef
@@ -73,8 +73,9 @@ def test_load_stages_writes_then_sets_the_row_in_slot_indices(world):
         "expertlib_apply",
         "expertlib_unstage",  # which also reports the host cache
     ]
-    path, digest, checked, background, fills = rpc.calls[0][1]
+    path, digest, checked, background, fills, wait = rpc.calls[0][1]
     assert path == str(sets["a"]) and background is False  # the offline engine runs the job inline
+    assert wait == 0.0
     assert digest == book.sets["a"].digest
     assert json.loads(checked)["path"] == str(Path(sets["a"]).resolve())  # the workers trust this check
     layer = base.moe_layers[0]
@@ -126,16 +127,19 @@ def test_a_set_serves_only_once_its_slots_are_written(world):
             return await super().__call__(method, args)
 
     rpc = Probe(busy=2)  # the job answers "not yet" twice
+    requests = iter([0, 1, 0])  # requests running at each poll
 
     async def load():
         async def pause():
             pass
 
-        return await book.load(book.open(sets["a"], "a"), False, rpc, pause)
+        return await book.load(book.open(sets["a"], "a"), False, rpc, pause, lambda: next(requests) == 0)
 
     asyncio.run(load())
     assert rpc.methods()[:4] == ["expertlib_stage"] * 3 + ["expertlib_apply"]
     assert all(a[3] is True for m, a in rpc.calls if m == "expertlib_stage")  # on a worker thread
+    # a poll may wait for the job only while no request runs (then it holds up no forward step)
+    assert [a[5] for m, a in rpc.calls if m == "expertlib_stage"] == [STAGE_WAIT_S, 0.0, STAGE_WAIT_S]
     assert book.ref("a").set_row == 1
 
 

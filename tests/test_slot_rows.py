@@ -137,6 +137,33 @@ def test_a_background_job_is_polled_and_never_overlaps_another():
     assert cache.stage("d", lambda: ran.append("d")) is True and ran[-1] == "d"  # inline
 
 
+def test_a_poll_may_wait_for_the_job_it_polls():
+    """`stage(..., wait=S)` answers as soon as the job's slots are written (not after its tail), or
+    after S seconds with False; a new job first waits for another job's tail to end."""
+    from expertlib.vllm_plugin.hostcache import slots_written
+
+    cache = HostCache()
+    tail_done = threading.Event()
+
+    def work():
+        time.sleep(0.05)
+        slots_written()
+        time.sleep(0.3)  # the tail: copies kept after the load is done
+        tail_done.set()
+
+    t = time.perf_counter()
+    assert cache.stage("a", work, background=True, wait=5.0) is True
+    assert time.perf_counter() - t < 0.3 and not tail_done.is_set()
+    assert cache.stage("b", lambda: None, background=True, wait=0.01) is False  # a's tail runs
+    assert cache.stage("b", lambda: None, background=True, wait=5.0) is True and tail_done.is_set()
+    gate = threading.Event()
+    t = time.perf_counter()
+    assert cache.stage("c", lambda: gate.wait(10), background=True, wait=0.1) is False
+    assert 0.1 <= time.perf_counter() - t < 1.0
+    gate.set()
+    assert cache.stage("c", lambda: None, background=True, wait=5.0) is True
+
+
 @pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2, reason="Linux, 2+ CPUs"
 )

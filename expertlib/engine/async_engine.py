@@ -93,7 +93,7 @@ class AsyncExpertEngine(SetsView):
         opened = await asyncio.to_thread(self._book.open, es, name)
         async with self._lock:
             await self._check()
-            return await self._book.load(opened, pin, self._rpc, _load_poll)
+            return await self._book.load(opened, pin, self._rpc, _load_poll, lambda: self._requests == 0)
 
     def idle(self) -> bool:
         """No request streams and no set loads or unloads: packing ahead may take a piece."""

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("expertlib.engine")
 
+#: How long one poll of the workers' background load may wait for it while no request runs (about one
+#: decode step here: a request arriving meanwhile waits at most that for its first step)
+STAGE_WAIT_S = 0.02
+
 #: collective_rpc as both engines call it: (method, args) -> one result per worker, awaitable
 Rpc = Callable[[str, tuple], Awaitable[list[Any]]]
 
@@ -173,13 +177,14 @@ class SetBook(SetLedger):
         elif self.packed_cache_budget is not None:
             await rpc("expertlib_packed_cache", (int(self.packed_cache_budget),))
 
-    async def load(self, opened: OpenedSet, pin: bool, rpc: Rpc, pause=None) -> str:
+    async def load(self, opened: OpenedSet, pin: bool, rpc: Rpc, pause=None, idle=None) -> str:
         """Load a set `open` opened and checked: the rest of its checks and its placement (`admit`:
         weight bounds before anything is evicted, the name; slots and a set row reserved, least
         recently used unpinned sets evicted), the workers copy the set in (`_write`) and write its
         row last, the load is booked. If the workers fail, the reservation is undone and the row
         cleared on them, so book and workers agree. `pause`: an awaitable that lets requests run
-        while the workers read the set (the async engine)."""
+        while the workers read the set (the async engine); `idle()`: whether no request runs now (a
+        poll of the workers may then wait for them a little, `STAGE_WAIT_S`)."""
         name, path = opened.name, str(opened.expert_set.path)
         evicted_rows = {n: self.pool.row_of(n) for n in self.pool.loaded()}
         placement = self.admit(opened, pin=pin)
@@ -188,7 +193,7 @@ class SetBook(SetLedger):
         start = time.perf_counter()
         self.loading.add(name)
         try:
-            await self._write(placement, [evicted_rows[n] for n in placement.evicted], path, rpc, pause)
+            await self._write(placement, [evicted_rows[n] for n in placement.evicted], path, rpc, pause, idle)
         except Exception:
             if name in self.pool:
                 self.pool.release(name)
@@ -204,7 +209,9 @@ class SetBook(SetLedger):
         self.loaded_from(name, path, time.perf_counter() - start, cache)
         return name
 
-    async def _write(self, placement: Placement, evicted_rows: list[int], path: str, rpc: Rpc, pause) -> None:
+    async def _write(
+        self, placement: Placement, evicted_rows: list[int], path: str, rpc: Rpc, pause, idle=None
+    ) -> None:
         """The workers' side of a load: clear the evicted sets' rows (before their slots are
         overwritten), have the workers read, check and pack the set (or take it from their host
         cache) and copy it into its slots, on a worker thread while steps run when `pause` is given
@@ -214,7 +221,10 @@ class SetBook(SetLedger):
         if evicted_rows:
             await rpc("expertlib_apply", (evicted_rows,))
         fills = [[layer, slot, e] for layer, slot, e in placement.fills]
-        while not all(await rpc("expertlib_stage", (*args, pause is not None, fills))):
+        while True:
+            wait = STAGE_WAIT_S if idle is not None and idle() else 0.0
+            if all(await rpc("expertlib_stage", (*args, pause is not None, fills, wait))):
+                break
             await pause()
         remap = {layer: dict(m) for layer, m in placement.remap.items()}  # expert -> slot
         await rpc("expertlib_apply", ([], None, None, placement.set_row, remap))

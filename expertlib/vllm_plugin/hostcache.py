@@ -102,7 +102,9 @@ class HostCache:
             made(digest, entry)
         return entry
 
-    def stage(self, key: Hashable, work: Callable[[], Any], background: bool = False) -> bool:
+    def stage(
+        self, key: Hashable, work: Callable[[], Any], background: bool = False, wait: float = 0.0
+    ) -> bool:
         """Run a load's `work` (reading, checking, packing, slot copies); True once it is done.
 
         `background`: on a thread of its own (file reads, hashing, numpy and torch copies release the
@@ -110,7 +112,27 @@ class HostCache:
         poll); its error, if any, is raised by the call that finds it done. A job that calls
         `slots_written()` is done for its caller from then on, while its tail (keeping copies of the
         rows) goes on. A job still running (its tail, or one whose caller gave up) is waited for before
-        a new one starts, so two jobs never touch slots at once."""
+        a new one starts, so two jobs never touch slots at once. `wait`: seconds this call may block
+        for the job to be done before answering False (fewer polls, when no forward step is waiting)."""
+        deadline = time.monotonic() + wait
+        while True:
+            if self._stage_once(key, work, background):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            job = self._reading.get(key)
+            if job is not None and job.is_alive() and not job.ready.is_set():
+                job.settled.wait(left)  # this load's job: until its slots are written or it ends
+                continue
+            for other in list(self._reading.values()):  # another job's tail: until it ends
+                if other.is_alive():
+                    other.join(left)
+                    break
+            else:
+                return False
+
+    def _stage_once(self, key: Hashable, work: Callable[[], Any], background: bool) -> bool:
         for old, job in list(self._reading.items()):
             if old == key and not job.answered and job.ready.is_set():
                 job.answered = True
@@ -282,6 +304,7 @@ def slots_written() -> None:
         job.seconds = time.perf_counter() - job.started
         job.cpus = cpus_allowed()
         job.ready.set()
+        job.settled.set()
 
 
 def cpus_allowed() -> str:
@@ -308,6 +331,7 @@ class _Job(threading.Thread):
         self.work = work
         self._error: BaseException | None = None
         self.ready = threading.Event()  # set by slots_written()
+        self.settled = threading.Event()  # set once ready or ended
         self.answered = False  # its caller was told it is done
         self.started, self.seconds = time.perf_counter(), 0.0
         self.cpus = ""
@@ -322,6 +346,7 @@ class _Job(threading.Thread):
             self._error = exc
         if not self.ready.is_set():
             self.seconds = time.perf_counter() - self.started
+        self.settled.set()
 
     def result(self) -> None:
         self.join()

@@ -630,11 +630,13 @@ class SlotWorkerExtension:
         checked: str | None = None,
         background: bool = False,
         fills: list[list[int]] | None = None,
+        wait: float = 0.0,
     ) -> bool:
         """Have the set file at `path` read, checked and packed in host memory (the host cache), and
         copy `fills` = [[layer, slot, expert], ...] of it into their slots, which no set row may
         reference yet. `background`: on a thread while forward steps go on, False until it is done
-        (poll again with the same arguments). See `HostCache.stage`."""
+        (poll again with the same arguments); `wait`: seconds this call may block for it first (at
+        most 1; the front end asks only while no request runs). See `HostCache.stage`."""
         from expertlib.vllm_plugin.hostcache import HOST_CACHE
 
         fills = [[int(v) for v in f] for f in fills or []]
@@ -643,7 +645,7 @@ class SlotWorkerExtension:
             self._expertlib_fill(path, fills, content_digest, checked)
 
         key = (str(path), content_digest, tuple(map(tuple, fills)))
-        return HOST_CACHE.stage(key, work, bool(background))
+        return HOST_CACHE.stage(key, work, bool(background), max(0.0, min(float(wait), 1.0)))
 
     def expertlib_unstage(self, path: str) -> dict[str, Any]:
         """The load of `path` is over (done or failed); returns the host cache's status after it
