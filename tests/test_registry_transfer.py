@@ -371,3 +371,20 @@ def test_download_falls_back_to_reading_where_splice_is_missing(published, tmp_p
     assert tmp.digest == entry.digest and tmp.path.read_bytes() == data
     if how == "refused":
         assert calls == [1]
+
+
+def test_a_blob_in_a_new_folder_syncs_the_folder_and_its_parent_at_once(tmp_path, monkeypatch):
+    """A blob whose two-hex folder is new needs that folder and its parent on disk before the index
+    may name it; the two fsyncs each wait for the disk, so they run at the same time (5.0 -> 0.6 ms)."""
+    synced: list = []
+    both = threading.Barrier(2, timeout=5)
+
+    def fsync_dir(path):
+        synced.append(path)
+        both.wait()  # returns only once the other fsync runs too
+
+    monkeypatch.setattr(blobs_mod, "fsync_dir", fsync_dir)
+    store = blobs_mod.BlobStore(tmp_path / "reg")
+    target = store.commit(store.write_temp(wide_set().save(tmp_path / "wide.safetensors")))
+    assert sorted(synced) == sorted([target.parent, target.parent.parent])
+    assert target.is_file()
