@@ -7,8 +7,8 @@ request runs, `Prepacker` has the engine pack the registry's sets of this base i
 (`AsyncExpertEngine.prepack`: checked as a load checks them, a piece at a time on the workers'
 threads, only while the engine is idle, into the cache's free space), so a later request takes the
 cache's path. Newest versions first; sets resident or packed already are left alone; the registry is
-listed again every `relist_s` seconds (and at once after `wake`), so a set published while the
-server runs is packed shortly after. A set that fails its check is logged and skipped, never packed.
+listed again every `relist_s` seconds (and at once after `wake`: a push through the server's admin
+registry route), so a set published while the server runs is packed shortly after. A set that fails its check is logged and skipped, never packed.
 """
 
 from __future__ import annotations

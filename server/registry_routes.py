@@ -107,7 +107,7 @@ async def push_entry(
             async for chunk in request.stream():
                 f.write(chunk)
         try:  # publish copies the body into the store in one hashing pass, refused unless it is `digest`
-            return await run_in_threadpool(
+            entry = await run_in_threadpool(
                 reg.publish,
                 tmp,
                 task=name,
@@ -121,6 +121,10 @@ async def push_entry(
             raise type(exc)(exc.message.removeprefix(f"{tmp}: "), path=what, hint=exc.hint) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
+    prepacker = getattr(getattr(request.app.state, "server", None), "prepacker", None)
+    if prepacker is not None:  # the expertlib server packs it ahead of its first request now
+        prepacker.wake()
+    return entry
 
 
 @router.post(

@@ -130,3 +130,44 @@ def test_no_prepack_and_no_registry_leave_it_off(tmp_path):
 def test_the_serve_flag(serve_settings):
     assert serve_settings("./base").prepack is True
     assert serve_settings("./base", "--no-prepack").prepack is False
+
+
+def test_a_set_pushed_into_the_server_is_packed_ahead_at_once(tmp_path):
+    """A push into the server's registry (the admin registry route) wakes the packing at once,
+    without waiting for the next listing."""
+    import time
+
+    import httpx
+    from server_process import ServerThread, free_port
+
+    from expertlib.server import create_app
+
+    reg = Registry(tmp_path / "reg")
+    reg.publish(_patch_file(tmp_path / "math.safetensors", "math"))
+    engine = PackingEngine()
+    settings = ServerSettings(base="b", registry=str(tmp_path / "reg"), admin_key="admin-key")
+    app = create_app(settings, engine_factory=lambda _s: engine)
+    port = free_port()
+    with ServerThread(app, port):
+        state = app.state.server
+        deadline = time.time() + 30
+        while engine.packed != ["math@1"]:
+            assert time.time() < deadline and state.startup_error is None, state.startup_error
+            time.sleep(0.02)
+        state.prepacker.relist_s = 3600.0  # from now on, only a push lists the registry again
+        state.prepacker.wake()  # (the wait under way ends: the next one is an hour)
+        time.sleep(0.3)
+        other = Registry(tmp_path / "other")  # where the pushed set comes from
+        entry = other.publish(_patch_file(tmp_path / "law.safetensors", "law"))
+        body = other.get_path(entry).read_bytes()
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/admin/registry/entries",
+            params={"name": "law", "digest": entry.digest},
+            content=body,
+            headers={"Authorization": "Bearer admin-key"},
+        )
+        assert r.status_code == 201, r.text
+        deadline = time.time() + 5
+        while engine.packed != ["math@1", "law@1"]:
+            assert time.time() < deadline, engine.packed
+            time.sleep(0.02)
