@@ -18,10 +18,11 @@ FastAPI app (the engine starts in the background when the app starts; /health is
 Files: protocol.py (HTTP bodies), routes.py and admin.py (the routes), generation.py (completions
 over the engine), logprobs.py (vLLM logprobs in OpenAI's shapes), tools.py (tool calls through
 vLLM's parsers), tokens.py (/tokenize, /detokenize), sets.py (model names -> SetRefs, loading sets
-from the registry), settings.py (ServerSettings, which `expertlib serve`'s options are built from),
-state.py (readiness, bounded queue), limits.py (JSON nesting and prompt character caps, the tokenizer
-pool), errors.py (the one place errors become OpenAI-shaped responses), auth.py, metrics.py,
-backend.py (the engine protocol the server is written against).
+from the registry), prepack.py (the registry's sets packed ahead of their first request), settings.py
+(ServerSettings, which `expertlib serve`'s options are built from), state.py (readiness, bounded
+queue), limits.py (JSON nesting and prompt character caps, the tokenizer pool), errors.py (the one
+place errors become OpenAI-shaped responses), auth.py, metrics.py, backend.py (the engine protocol
+the server is written against).
 
 `create_app` and `ServerState` are imported on first use, so `expertlib.server.settings` (what the
 CLI needs to build its options) loads without the web stack.

@@ -170,6 +170,8 @@ def pack_pieces(
             rows = pack_rows(ctx.layers[layer], experts, weights, rows)
             out.add(layer, rows.experts, rows.parts())
         yield
+        if cache.holds(content_digest, layout):  # a load of it wrote its own meanwhile
+            return "cached", 0
         return ("packed", out.nbytes) if out.commit(evict=False) is not None else ("no room", 0)
 
 
