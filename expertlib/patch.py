@@ -44,6 +44,7 @@ from expertlib.verify import (
     VerifiedRecord,
     check_scan,
     digests_of,
+    map_tensors,
     read_scanned,
     read_tensors,
     recall,
@@ -367,6 +368,24 @@ class ExpertSet:
                 self._checked_now(before, scan)
         self._tensors, self.scan, self._verified = tensors, scan, dict(scan.expert_digests)
         return self
+
+    def map_verified(self) -> FileKey:
+        """Check the set (a standing check, else one hashing pass over a memory map of the file) and
+        take its tensors as views on a private memory map: no host buffer of the set's size, for a
+        reader in the background of sets of many GiB. The map shows later writes to the file, so what
+        is derived from these tensors stands only while the file keeps the returned state (compare
+        `FileKey.of(path)` before using it); raises PatchCorruptError when the file changed during
+        the check."""
+        assert self.path is not None
+        before = FileKey.of(self.path)
+        self.verify()
+        tensors = map_tensors(self.path, self._expected())
+        if before is None or FileKey.of(self.path) != before:
+            raise PatchCorruptError(
+                "the file changed while it was checked", path=str(self.path), hint=_REPUBLISH
+            )
+        self._tensors = tensors
+        return before
 
     def _standing_record(self) -> VerifiedRecord | None:
         """A full check of this file in its present state: handed in with `trust`, or made here."""

@@ -171,3 +171,107 @@ def test_a_set_pushed_into_the_server_is_packed_ahead_at_once(tmp_path):
         while engine.packed != ["math@1", "law@1"]:
             assert time.time() < deadline, engine.packed
             time.sleep(0.02)
+
+
+class _Rows:
+    def __init__(self, experts, weights):
+        self.experts = experts
+        self._w13 = torch.stack([torch.cat([w.gate, w.up]) for w in weights]).clone()
+
+    def parts(self):
+        return [("w13", self._w13)]
+
+
+def _big_set(path, layers: int = 4, inter: int = 256, hidden: int = 1024):
+    """A set of 2 experts in each of `layers` layers, 2 x 3 x inter x hidden floats apiece (24 MiB at
+    the defaults)."""
+    from expertlib.identity import BaseIdentity
+    from expertlib.moe import ExpertWeights
+    from expertlib.patch import ExpertSet
+
+    g = torch.Generator().manual_seed(0)
+
+    def w():
+        return ExpertWeights(
+            gate=torch.randn(inter, hidden, generator=g),
+            up=torch.randn(inter, hidden, generator=g),
+            down=torch.randn(hidden, inter, generator=g),
+        )
+
+    base = BaseIdentity(model_type="qwen2_moe", config_digest="sha256:" + "0" * 64, name="tiny-base")
+    experts = {(layer, e): w() for layer in range(layers) for e in (1, 3)}
+    digests = dict.fromkeys(experts, "sha256:" + "1" * 64)
+    return ExpertSet.build(task="big", base=base, experts=experts, base_digests=digests).save(path)
+
+
+def _pack(cache, path, *, between=None):
+    """Run `pack_pieces` to its end with a stand-in kernel packing; `between(i)` runs before piece i."""
+    from types import SimpleNamespace
+
+    from expertlib.patch import ExpertSet
+    from expertlib.vllm_plugin.prepack import pack_pieces
+
+    digest = ExpertSet.open(path).manifest.content_digest
+    ctx = SimpleNamespace(layers={layer: None for layer in range(4)})
+    gen = pack_pieces(
+        ctx,
+        cache,
+        str(path),
+        digest,
+        None,
+        layout="L",
+        pack_rows=lambda _runner, experts, weights, _reuse: _Rows(experts, weights),
+        row_bytes=lambda _layer: 2 * 2 * 256 * 1024 * 4,
+    )
+    i = 0
+    try:
+        while True:
+            if between is not None:
+                between(i)
+            next(gen)
+            i += 1
+    except StopIteration as stop:
+        return digest, stop.value
+
+
+def test_packing_ahead_maps_the_set_instead_of_reading_it_into_a_buffer(tmp_path):
+    """A full-depth set is GiB: packing one ahead holds one layer's rows, not a copy of the file
+    (numpy buffers are traced by tracemalloc; the map and torch's rows are not)."""
+    import tracemalloc
+
+    path = _big_set(tmp_path / "big.safetensors")
+    size = path.stat().st_size
+    cache = PackedCache(tmp_path / "packed", budget=1 << 30)
+    tracemalloc.start()
+    try:
+        digest, (outcome, nbytes) = _pack(cache, path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert outcome == "packed" and nbytes > 0 and cache.holds(digest, "L")
+    assert peak < size // 4, (peak, size)
+
+
+def test_a_set_file_changed_while_packed_ahead_leaves_no_entry(tmp_path):
+    import os
+
+    path = _big_set(tmp_path / "big.safetensors")
+    cache = PackedCache(tmp_path / "packed", budget=1 << 30)
+
+    def rewrite(i):
+        if i == 3:  # after the check, while layers are packed: one byte changed in place
+            with open(path, "r+b") as f:
+                f.seek(-1, os.SEEK_END)
+                b = f.read(1)
+                f.seek(-1, os.SEEK_END)
+                f.write(bytes([b[0] ^ 1]))
+
+    from expertlib.errors import PatchCorruptError
+
+    try:
+        _pack(cache, path, between=rewrite)
+    except PatchCorruptError as exc:
+        assert "changed while it was packed" in str(exc)
+    else:
+        raise AssertionError("a set changed after its check was packed")
+    assert cache.status()["entries"] == 0 and not list((tmp_path / "packed").glob(".*.tmp"))

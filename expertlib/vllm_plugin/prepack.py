@@ -4,7 +4,7 @@ cache's read straight into the slots instead of a read, a check and a CPU prepac
 
 The work runs on a thread of its own in each worker (`PrepackJob`), one small piece at a time: the
 set's file read and checked (as every load checks it: the front end's record of an unchanged file, or
-every byte hashed), then one MoE layer packed and appended to the cache's data file per piece. A piece
+every byte hashed) and mapped into memory (no buffer of its size), then one MoE layer packed and appended to the cache's data file per piece. A piece
 runs only when the front end grants it (`expertlib_prepack` RPC), which it does while no request runs
 and no set loads; so a request that arrives waits for at most the piece in progress, and the job
 resumes where it stopped. It writes the disk cache only (never a slot, the host cache or the loads'
@@ -136,11 +136,11 @@ def pack_pieces(
     worker's `layout`, `pack_rows` (runner, experts, weights, reuse) -> LayerRows, and `row_bytes(layer)`:
     one expert's packed bytes there): the file opened, read and checked (the front end's
     VerifiedRecord `checked` of the unchanged file, else every byte hashed: a damaged file fails
-    here, nothing written), then one MoE layer per piece appended to the entry, committed only into
-    the bound's free space."""
-    from expertlib.errors import DigestMismatchError
+    here, nothing written) and memory-mapped, then one MoE layer per piece appended to the entry,
+    committed only while the file is still as it was checked, and only into the bound's free space."""
+    from expertlib.errors import DigestMismatchError, PatchCorruptError
     from expertlib.patch import ExpertSet
-    from expertlib.verify import VerifiedRecord
+    from expertlib.verify import FileKey, VerifiedRecord
 
     if not cache.enabled or cache.budget <= 0:
         return "off", 0
@@ -160,7 +160,7 @@ def pack_pieces(
     if checked:
         es.trust(VerifiedRecord.model_validate_json(checked))
     yield
-    es.read_verified()  # its own buffer: a load may run meanwhile with the loads' read buffer
+    state = es.map_verified()  # a memory map, not a buffer of the set's size (GiB at full depth)
     rows = None  # one layer's rows, written again for the next layer once on disk
     with cache.writer(content_digest, layout) as out:
         for layer, experts in sorted(by_layer.items()):
@@ -170,6 +170,8 @@ def pack_pieces(
             rows = pack_rows(ctx.layers[layer], experts, weights, rows)
             out.add(layer, rows.experts, rows.parts())
         yield
+        if FileKey.of(path) != state:  # the map showed bytes written after the check: pack none of it
+            raise PatchCorruptError("the set file changed while it was packed ahead", path=path)
         if cache.holds(content_digest, layout):  # a load of it wrote its own meanwhile
             return "cached", 0
         return ("packed", out.nbytes) if out.commit(evict=False) is not None else ("no room", 0)
