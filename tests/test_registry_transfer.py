@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import itertools
 import os
 import threading
 import time
@@ -388,3 +389,150 @@ def test_a_blob_in_a_new_folder_syncs_the_folder_and_its_parent_at_once(tmp_path
     target = store.commit(store.write_temp(wide_set().save(tmp_path / "wide.safetensors")))
     assert sorted(synced) == sorted([target.parent, target.parent.parent])
     assert target.is_file()
+
+
+# --- a copy into the store split between two workers ------------------------------------------------
+
+
+@pytest.fixture
+def split(monkeypatch):
+    """Small pieces, so the small test set is copied by two workers in several pieces each; records
+    where the split fell (`bounds`: start, mid, end) and each piece hashed (share, offset, bytes,
+    thread)."""
+    from expertlib.verify import StreamScan
+
+    monkeypatch.setattr(blobs_mod, "COPY_CHUNK", 64 * 1024)
+    monkeypatch.setattr(blobs_mod, "KERNEL_CHUNK", 64 * 1024)
+    monkeypatch.setattr(blobs_mod, "SHARE_CHUNK", 48 * 1024)
+    seen = {"bounds": [], "fed": []}
+    shares, feed = StreamScan.shares, StreamScan.feed
+
+    def recording_shares(self, size):
+        got = shares(self, size)
+        if got is not None:
+            seen["bounds"].append((self.size, *got))
+        return got
+
+    def recording_feed(self, share, chunk, offset):
+        seen["fed"].append((share, offset, len(chunk), threading.current_thread().name))
+        feed(self, share, chunk, offset)
+
+    monkeypatch.setattr(StreamScan, "shares", recording_shares)
+    monkeypatch.setattr(StreamScan, "feed", recording_feed)
+    return seen
+
+
+def _chunked(path) -> list[bytes]:
+    data = path.read_bytes()
+    return [data[i : i + 10_000] for i in range(0, len(data), 10_000)]
+
+
+def test_a_copy_is_split_between_two_workers_each_hashing_its_share(split, tmp_path):
+    """A tree-addressed patch is copied by two workers, each copying its share and hashing it from the
+    copy: both shares hashed, on two threads, every byte after the header's piece once; the address,
+    the bytes and the check equal those of the same bytes streamed in order."""
+    path = wide_set().save(tmp_path / "wide.safetensors")
+    size = path.stat().st_size
+    store = blobs_mod.BlobStore(tmp_path / "reg")
+    tmp = store.write_temp(path)
+    [(start, mid, end)] = split["bounds"]
+    assert 0 < start < mid < end == size
+    fed = sorted(split["fed"], key=lambda f: f[1])
+    assert {f[0] for f in fed} == {0, 1}
+    assert {f[3] for f in fed if f[0] == 0} == {threading.current_thread().name}
+    assert all(name.startswith("expertlib-copy") for share, _, _, name in fed if share == 1)
+    assert fed[0][1] == start and all(a + n == b for (_, a, n, _), (_, b, _, _) in itertools.pairwise(fed))
+    assert fed[-1][1] + fed[-1][2] == size
+    assert all((share == 0) == (a < mid) for share, a, _, _ in fed)
+    assert tmp.path.read_bytes() == path.read_bytes()
+    streamed = store.write_temp(iter(_chunked(path)))  # the same bytes, in order, one piece at a time
+    assert tmp.digest == streamed.digest == blobs_mod.file_digest(path)
+    manifest = ExpertSet.open(path).manifest
+    assert tmp.stream.scan(manifest) == streamed.stream.scan(manifest) is not None
+    reg = Registry(tmp_path / "published")
+    entry = reg.publish(path)
+    assert entry.digest == tmp.digest and reg.open(entry.ref).verify()
+
+
+@pytest.mark.parametrize("share", [0, 1])
+def test_a_byte_altered_in_either_share_is_refused(split, share, tmp_path):
+    """The file a push or pull copies in under an expected address with one tensor byte changed, in
+    the first worker's share or in the second's: the copy hashes what it stored, refuses it and keeps
+    nothing."""
+    path = wide_set().save(tmp_path / "wide.safetensors")
+    entry = Registry(tmp_path / "reg").publish(path)
+    [(start, mid, end)] = split["bounds"]
+    data = bytearray(path.read_bytes())
+    data[(start + mid) // 2 if share == 0 else (mid + end) // 2] ^= 1
+    altered = tmp_path / "altered.safetensors"
+    altered.write_bytes(bytes(data))
+    back = Registry(tmp_path / "back")
+    with pytest.raises(DigestMismatchError):
+        back.publish(altered, expected_digest=entry.digest)
+    assert len(split["bounds"]) == 2  # that copy was split too
+    assert back.list() == [] and not list(back.blobs.iter_digests())
+    assert not any(back.blobs.tmp_dir.iterdir())
+
+
+@pytest.fixture
+def copies(monkeypatch):
+    """Replace os.copy_file_range by `copies.how(real, fin, fout, n, a, b)` (default: the real call)."""
+
+    class Copies:
+        how = staticmethod(lambda real, *args: real(*args))
+
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *args: Copies.how(real, *args))
+    return Copies
+
+
+def test_short_copies_in_the_workers_are_completed(split, copies, tmp_path):
+    """The kernel may copy fewer bytes than asked; each worker goes on from where its copy stopped."""
+    copies.how = lambda real, fin, fout, n, a, b: real(fin, fout, max(1, n // 3), a, b)
+    path = wide_set().save(tmp_path / "wide.safetensors")
+    tmp = blobs_mod.BlobStore(tmp_path / "reg").write_temp(path)
+    assert split["bounds"] and tmp.path.read_bytes() == path.read_bytes()
+    assert tmp.digest == blobs_mod.file_digest(path)
+
+
+@pytest.mark.parametrize("share", [0, 1])
+@pytest.mark.parametrize("how", ["error", "nothing copied"])
+def test_a_failed_copy_in_either_worker_stores_nothing(split, copies, share, how, tmp_path):
+    """A copy that fails in one worker's share (an I/O error, or no byte copied) fails the publish,
+    stops the other worker and leaves no blob, no index entry and no temp file."""
+    path = wide_set().save(tmp_path / "wide.safetensors")
+
+    def failing(real, fin, fout, n, a, b):
+        if split["bounds"] and (a >= split["bounds"][0][1]) == (share == 1) and a > split["bounds"][0][0]:
+            if how == "error":
+                raise OSError(5, "Input/output error")
+            return 0
+        return real(fin, fout, n, a, b)
+
+    copies.how = failing
+    reg = Registry(tmp_path / "reg")
+    with pytest.raises(OSError if how == "error" else DigestMismatchError):
+        reg.publish(path)
+    assert split["bounds"]
+    assert reg.list() == [] and not list(reg.blobs.iter_digests())
+    assert not any(reg.blobs.tmp_dir.iterdir())
+
+
+def test_a_file_that_shrinks_mid_copy_is_refused(split, copies, tmp_path):
+    """The source is cut short while the second worker copies it: refused ("shrank"), nothing kept,
+    the source left as it now is."""
+    path = wide_set().save(tmp_path / "wide.safetensors")
+    size = path.stat().st_size
+
+    def shrinking(real, fin, fout, n, a, b):
+        if split["bounds"] and a >= split["bounds"][0][1] and os.fstat(fin).st_size == size:
+            os.truncate(path, size - 100)
+        return real(fin, fout, n, a, b)
+
+    copies.how = shrinking
+    reg = Registry(tmp_path / "reg")
+    with pytest.raises(DigestMismatchError, match="shrank"):
+        reg.publish(path)
+    assert path.stat().st_size == size - 100
+    assert reg.list() == [] and not list(reg.blobs.iter_digests())
+    assert not any(reg.blobs.tmp_dir.iterdir())
