@@ -112,7 +112,10 @@ async def engine_rows(args, root: Path, lines: list[str]) -> dict:
             front.append(time.perf_counter() - t)  # the front end's checks (record, base, bounds)
             await engine.load(opened)
             took = time.perf_counter() - t
-            jobs.append((await engine._rpc("expertlib_host_cache", ()))[0]["last_job_seconds"])
+            cache = (await engine._rpc("expertlib_host_cache", ()))[0]
+            jobs.append(cache["last_job_seconds"])
+            waits.append(cache["last_job_waited"])  # for the job before it (its tail) to end
+            tails.append(cache["last_tail_seconds"])  # the job before it, after its slots were written
             return took, mem_s
 
         async def empty_host_cache() -> None:  # what a new server process starts with
@@ -126,6 +129,8 @@ async def engine_rows(args, root: Path, lines: list[str]) -> dict:
         # never seen: read once (its ingest record stands), packed for the CPU kernel, copied into the slots
         front: list[float] = []
         jobs: list[float] = []
+        waits: list[float] = []
+        tails: list[float] = []
         firsts = []
         for n in names[1 : 1 + fresh]:
             firsts.append(await timed_load(n))
@@ -133,6 +138,12 @@ async def engine_rows(args, root: Path, lines: list[str]) -> dict:
             packed = (await engine._rpc("expertlib_packed_cache", (None, None, True)))[0]
         row("load", firsts)
         first_front, first_job = statistics.median(front), statistics.median(jobs)
+        first_wait, first_tail = statistics.median(waits), statistics.median(tails[1:] or [0.0])
+        print(
+            f"never-seen loads {[round(s, 3) for s, _ in firsts]}, jobs {[round(s, 3) for s in jobs]}, "
+            f"waits for the previous tail {[round(s, 3) for s in waits]}, tails {[round(s, 3) for s in tails]}",
+            flush=True,
+        )
         front.clear()
         jobs.clear()
         # published while the server runs: packed ahead while the engine is idle (what the server's
@@ -159,8 +170,9 @@ async def engine_rows(args, root: Path, lines: list[str]) -> dict:
             f"({out['load_ratio']:.2f}x a memory copy; {fresh} sets, each loaded once: read once, checked by its "
             f"ingest record, packed for the CPU kernel, copied into the slots; base expert digests kept from an "
             f"earlier process (computing them costs {digest_s:.3f} s per set, once per base); of it the front "
-            f"end's checks {first_front:.3f} s and the worker's job until its slots were written {first_job:.3f} s "
-            f"(medians), the rest RPCs, polls and waiting for the previous job's tail)\n"
+            f"end's checks {first_front:.3f} s, waiting for the previous load's tail (its copy kept in the host "
+            f"cache) {first_wait:.3f} s (that tail itself {first_tail:.3f} s) and the worker's job until its slots "
+            f"were written {first_job:.3f} s (medians), the rest RPCs and polls)\n"
             f"  - a set published while the server runs, requested after its pre-pack (packed ahead while "
             f"the engine was idle, {statistics.median(prepack_s):.3f} s in the background): {out['ahead_s']:.3f} s "
             f"from the request to serving ({out['ahead_ratio']:.2f}x a memory copy; {args.repeats} sets)\n"

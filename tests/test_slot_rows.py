@@ -213,3 +213,72 @@ def test_a_load_reads_into_the_one_reused_buffer(set_file):
             assert torch.equal(t, want[name])
             assert base <= t.data_ptr() < base + scratch._buf.size  # a view on the kept buffer
     assert ReadBuffer(limit=16)(path.stat().st_size) is None
+
+
+def _rows(n: int, seed: int):
+    from expertlib.vllm_plugin.worker import LayerRows
+
+    g = torch.Generator().manual_seed(seed)
+    return {
+        0: LayerRows(
+            list(range(n)),
+            torch.randn(n, 8, 32, generator=g).bfloat16(),
+            torch.randn(n, 32, 4, generator=g).bfloat16(),
+        )
+    }
+
+
+def test_rows_kept_after_a_load_reuse_the_memory_of_the_set_let_go():
+    """The copy of a load's slot rows for the host cache is made on the memory of the entry it
+    replaces (faulted in already: fresh memory is slow to touch in a vLLM worker), not on fresh
+    memory; what it replaced is gone from the cache, and the new rows read back as written."""
+    old = _rows(2, 0)
+    size = sum(r.nbytes for r in old.values())
+    cache = HostCache(budget=size)
+    cache.keep("a", "sha256:a", old, size)
+    memory = {t.untyped_storage().data_ptr() for _, t in old[0].parts()}
+    del old
+    cache.make_room(size)  # before the copy: the least recently used set is let go
+    assert cache.status()["paths"] == []
+    new = _rows(2, 1)
+    copies = {}
+    for name, t in new[0].parts():
+        out = cache.empty(tuple(t.shape), t.dtype)
+        assert out.untyped_storage().data_ptr() in memory  # written again, not fresh
+        copies[name] = out.copy_(t)
+    assert torch.equal(copies["w13"], new[0].w13) and torch.equal(copies["w2"], new[0].w2)
+    fresh = cache.empty((2, 8, 32), torch.bfloat16)  # nothing spare left: fresh memory
+    assert fresh.untyped_storage().data_ptr() not in memory
+
+
+def test_memory_still_read_elsewhere_is_never_written_again():
+    """Rows the packed-set cache's writer (or a staged load) still holds are not handed out for a
+    new copy until they are let go there; a smaller budget frees the spare memory."""
+    held = _rows(2, 0)
+    size = sum(r.nbytes for r in held.values())
+    want = held[0].w13.clone()
+    cache = HostCache(budget=size)
+    cache.keep("a", "sha256:a", held, size)
+    cache.make_room(size)
+    out = cache.empty(tuple(want.shape), want.dtype)
+    out.fill_(0)
+    assert torch.equal(held[0].w13, want)  # the writer's rows are untouched
+    w13_memory = held[0].w13.untyped_storage().data_ptr()
+    del held, out
+    assert cache.empty(tuple(want.shape), want.dtype).untyped_storage().data_ptr() == w13_memory
+
+    cache.keep("b", "sha256:b", _rows(2, 1), size)
+    cache.make_room(size)
+    assert cache.status()["spare_bytes"] == size
+    cache.resize(0)  # memory given back: nothing kept spare
+    assert cache.status()["spare_bytes"] == 0
+
+
+def test_a_copy_too_large_to_keep_lets_nothing_go():
+    """Room is made only for rows the budget can keep: a set over the budget evicts no kept set."""
+    kept = _rows(2, 0)
+    size = sum(r.nbytes for r in kept.values())
+    cache = HostCache(budget=size)
+    cache.keep("a", "sha256:a", kept, size)
+    cache.make_room(2 * size)
+    assert cache.status()["paths"] == ["a"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import threading
 import time
@@ -43,6 +44,10 @@ class HostCache:
         self._lock = threading.Lock()
         self.last_job_seconds = 0.0  # the last background job's time until its slots were written
         self.last_job_cpus = ""  # the CPUs its thread could run on, as the kernel says (Cpus_allowed_list)
+        self.last_job_waited = 0.0  # how long it waited for the job before it (that job's tail) to end
+        self.last_tail_seconds = 0.0  # the last finished job's time after its slots were written
+        self._asked: dict[Hashable, float] = {}  # when a load first asked for a job not yet started
+        self._spare = SpareMemory()  # the memory of entries let go, written again by later copies
 
     @property
     def nbytes(self) -> int:
@@ -122,7 +127,7 @@ class HostCache:
             if left <= 0:
                 return False
             job = self._reading.get(key)
-            if job is not None and job.is_alive() and not job.ready.is_set():
+            if job is not None and not job.answered:
                 job.settled.wait(left)  # this load's job: until its slots are written or it ends
                 continue
             for other in list(self._reading.values()):  # another job's tail: until it ends
@@ -137,18 +142,25 @@ class HostCache:
             if old == key and not job.answered and job.ready.is_set():
                 job.answered = True
                 self.last_job_seconds, self.last_job_cpus = job.seconds, job.cpus
+                self.last_job_waited = job.waited
                 return True
             if job.is_alive():
+                if old != key:
+                    self._asked.setdefault(key, time.perf_counter())
                 return False
             del self._reading[old]
+            self.last_tail_seconds = job.tail
             if old == key and not job.answered:
                 job.result()
                 self.last_job_seconds, self.last_job_cpus = job.seconds, job.cpus
+                self.last_job_waited = job.waited
                 return True
+        asked = self._asked.pop(key, None)
         if not background:
             work()
             return True
-        self._reading[key] = _Job(work)
+        job = self._reading[key] = _Job(work)
+        job.waited = 0.0 if asked is None else job.started - asked
         return False
 
     def wait_idle(self) -> None:
@@ -167,20 +179,44 @@ class HostCache:
         with self._lock:
             self._staged.pop(str(path), None)
 
+    def make_room(self, size: int) -> None:
+        """Let go of the least recently used sets until `size` more bytes fit the budget, before a
+        copy of that size is made for `keep`: their memory is then spare for it (`empty`)."""
+        with self._lock:
+            if int(size) <= self.budget:  # else the copy is not kept: nothing is let go for it
+                self._shrink(self.budget - int(size))
+
+    def empty(self, shape: tuple[int, ...], dtype) -> Any:
+        """An uninitialised tensor for rows about to be kept: on the memory of an entry let go that
+        nothing references any more (faulted in already) when one is large enough, else fresh."""
+        import torch
+
+        with self._lock:
+            got = self._spare.take(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+        if got is None:
+            return torch.empty(shape, dtype=dtype)
+        return got.view(dtype).view(shape)
+
     def _put(self, path: str, digest: str, entry: Entry, size: int) -> None:
+        self._spare.limit = max(self._spare.limit, size)
         if size > self.budget:
+            self._spare.give(entry)  # once the packed-set cache's writer is done with it
             return
         self._sets[path] = (digest, entry, size)
         self._shrink()
 
-    def _shrink(self) -> None:
-        while self._sets and self.nbytes > self.budget:
-            self._sets.popitem(last=False)
+    def _shrink(self, budget: int | None = None) -> None:
+        budget = self.budget if budget is None else budget
+        while self._sets and self.nbytes > budget:
+            _, (_, entry, _) = self._sets.popitem(last=False)
+            self._spare.give(entry)
 
     def resize(self, budget: int) -> None:
         with self._lock:
-            self.budget = int(budget)
+            smaller, self.budget = int(budget) < self.budget, int(budget)
             self._shrink()
+            if smaller:  # a smaller budget frees memory
+                self._spare.clear()
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -192,7 +228,71 @@ class HostCache:
                 "misses": self.misses,
                 "last_job_seconds": self.last_job_seconds,
                 "last_job_cpus": self.last_job_cpus,
+                "last_job_waited": self.last_job_waited,
+                "last_tail_seconds": self.last_tail_seconds,
+                "spare_bytes": self._spare.nbytes,  # memory of entries let go, for the next copies
             }
+
+
+class SpareMemory:
+    """The memory of host-cache entries let go (evicted, or over the budget), kept for the next copy
+    of slot rows into the host cache: in a vLLM CPU worker, first touching fresh memory is slow
+    (144 MiB faulted in: 0.4 s there), and that copy runs after each never-seen load while the next
+    load waits for it. A buffer is written again only once nothing else references it (the packed-set
+    cache's writer, a load that staged the entry); at most `limit` bytes are kept (the largest entry
+    seen: one set's worth), oldest first let go."""
+
+    def __init__(self) -> None:
+        self.limit = 0
+        self._buffers: list[Any] = []  # flat uint8 tensors over the entries' storages
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self._buffers)
+
+    def give(self, entry: Entry) -> None:
+        import torch
+
+        seen = {b.data_ptr() for b in self._buffers}
+        for t in _tensors_of(entry):
+            if t.device.type != "cpu" or t.is_pinned():
+                continue
+            flat = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+            if flat.numel() and flat.data_ptr() not in seen:
+                seen.add(flat.data_ptr())
+                self._buffers.append(flat)
+        while self.nbytes > self.limit:
+            self._buffers.pop(0)
+
+    def take(self, size: int) -> Any:
+        """The smallest spare buffer of at least `size` bytes that nothing else references, cut to
+        `size`; None when there is none."""
+        fits = [b for b in self._buffers if b.numel() >= size and _alone(b)]
+        if not fits or size <= 0:
+            return None
+        best = min(fits, key=lambda b: b.numel())
+        self._buffers.remove(best)
+        return best[:size]
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+def _tensors_of(entry: Entry) -> list:
+    """The tensors an entry holds: a worker's rows per layer (`LayerRows.parts()`)."""
+    values = entry.values() if isinstance(entry, dict) else [entry]
+    return [t for rows in values if hasattr(rows, "parts") for _, t in rows.parts()]
+
+
+def _alone(flat) -> bool:
+    """Whether `flat` is the only tensor on its memory (torch's count of the storage's users: this
+    tensor and the storage object asked). False where torch cannot say: never written again."""
+    import torch
+
+    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: torch pinned by vLLM
+    if use_count is None:
+        return False
+    return use_count(flat.untyped_storage()._cdata) <= 2
 
 
 #: This process's cache (each vLLM worker process has its own).
@@ -334,6 +434,8 @@ class _Job(threading.Thread):
         self.settled = threading.Event()  # set once ready or ended
         self.answered = False  # its caller was told it is done
         self.started, self.seconds = time.perf_counter(), 0.0
+        self.waited = 0.0  # how long its load waited for the job before it to end
+        self.tail = 0.0  # its time after its slots were written
         self.cpus = ""
         self.start()
 
@@ -346,6 +448,7 @@ class _Job(threading.Thread):
             self._error = exc
         if not self.ready.is_set():
             self.seconds = time.perf_counter() - self.started
+        self.tail = time.perf_counter() - self.started - self.seconds
         self.settled.set()
 
     def result(self) -> None:

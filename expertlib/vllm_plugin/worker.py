@@ -238,7 +238,9 @@ def pack_into_slots(ctx, es, fills: list[list[int]]) -> dict[int, LayerRows]:
     the set, once each; CPU slots, no expert biases), then, the slots written, return copies of those
     rows for the host cache (`slots_written` is called between the two: a background load is done
     for the front end once the slots hold the set). Slot memory is faulted in already; packing into
-    fresh host rows first costs their page faults too (0.215 s against 0.078 s per 144 MiB here)."""
+    fresh host rows first costs their page faults too (0.215 s against 0.078 s per 144 MiB here), and
+    so does the copy afterwards: it is made on the memory of the host-cache entries it replaces
+    (`HostCache.make_room`, `HostCache.empty`), which the next load would otherwise wait for."""
     from expertlib.vllm_plugin.hostcache import slots_written
 
     by_layer = fills_by_layer(ctx, fills)
@@ -253,16 +255,24 @@ def pack_into_slots(ctx, es, fills: list[list[int]]) -> dict[int, LayerRows]:
         out2 = [dst.w2_weight.data[p : p + 1] for p, _ in pairs]
         _pack_into(packer, weights, out13, out2)
     slots_written()
+    from expertlib.vllm_plugin.hostcache import HOST_CACHE
+
+    HOST_CACHE.make_room(sum(len(pairs) * _row_bytes(ctx, layer) for layer, pairs in by_layer.items()))
     rows = {}
     for layer, pairs in by_layer.items():
         dst = ctx.layers[layer].routed_experts
         index = torch.tensor([p for p, _ in pairs])
-        rows[layer] = LayerRows(
-            [e for _, e in pairs],
-            dst.w13_weight.data.index_select(0, index),
-            dst.w2_weight.data.index_select(0, index),
-        )
+        copies = []
+        for part in (dst.w13_weight.data, dst.w2_weight.data):  # onto memory touched before, where kept
+            out = HOST_CACHE.empty((len(pairs), *part.shape[1:]), part.dtype)
+            copies.append(torch.index_select(part, 0, index, out=out))
+        rows[layer] = LayerRows([e for _, e in pairs], *copies)
     return rows
+
+
+def _row_bytes(ctx, layer: int) -> int:
+    dst = ctx.layers[layer].routed_experts
+    return sum(t[0].numel() * t.element_size() for t in (dst.w13_weight, dst.w2_weight))
 
 
 def packs_into_slots(ctx, es, fills: list[list[int]]) -> bool:
