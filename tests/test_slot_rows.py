@@ -269,7 +269,7 @@ def test_memory_still_read_elsewhere_is_never_written_again():
 
     cache.keep("b", "sha256:b", _rows(2, 1), size)
     cache.make_room(size)
-    assert cache.status()["spare_bytes"] == size
+    assert cache.status()["spare_bytes"] >= size
     cache.resize(0)  # memory given back: nothing kept spare
     assert cache.status()["spare_bytes"] == 0
 
@@ -282,3 +282,19 @@ def test_a_copy_too_large_to_keep_lets_nothing_go():
     cache.keep("a", "sha256:a", kept, size)
     cache.make_room(2 * size)
     assert cache.status()["paths"] == ["a"]
+
+
+def test_back_to_back_copies_take_the_set_the_writer_is_done_with():
+    """Loads in a row let go of a set the packed-set writer still holds while the one before it is
+    free again: that one's memory is taken for the next copy."""
+    first, second = _rows(2, 0), _rows(2, 1)
+    size = sum(r.nbytes for r in first.values())
+    cache = HostCache(budget=size)
+    cache.keep("a", "sha256:a", first, size)
+    cache.keep("b", "sha256:b", second, size)  # "a" let go: nothing holds it any more
+    free = {t.untyped_storage().data_ptr() for _, t in first[0].parts()}
+    del first
+    cache.make_room(size)  # "b" let go while `second` (the writer's) still holds it
+    for _, t in second[0].parts():
+        got = cache.empty(tuple(t.shape), t.dtype)
+        assert got.untyped_storage().data_ptr() in free

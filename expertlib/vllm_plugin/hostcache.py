@@ -198,7 +198,7 @@ class HostCache:
         return got.view(dtype).view(shape)
 
     def _put(self, path: str, digest: str, entry: Entry, size: int) -> None:
-        self._spare.limit = max(self._spare.limit, size)
+        self._spare.limit = max(self._spare.limit, 2 * size)
         if size > self.budget:
             self._spare.give(entry)  # once the packed-set cache's writer is done with it
             return
@@ -239,8 +239,9 @@ class SpareMemory:
     of slot rows into the host cache: in a vLLM CPU worker, first touching fresh memory is slow
     (144 MiB faulted in: 0.4 s there), and that copy runs after each never-seen load while the next
     load waits for it. A buffer is written again only once nothing else references it (the packed-set
-    cache's writer, a load that staged the entry); at most `limit` bytes are kept (the largest entry
-    seen: one set's worth), oldest first let go."""
+    cache's writer, a load that staged the entry); at most `limit` bytes are kept (twice the largest
+    entry seen: back to back loads let go of a set the writer still holds while the one before it
+    is free again), oldest first let go. At rest that is about one set's worth beside the budget."""
 
     def __init__(self) -> None:
         self.limit = 0
