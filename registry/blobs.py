@@ -14,8 +14,9 @@ of format 3 or later, nothing more, its address being a tree over those same lea
 (`expertlib.verify.blob_digest`); older files' address is the sha256 of the whole file, hashed on
 its own thread. Publish, push and pull need no second read. Where the filesystem can clone a file (a
 reflink: btrfs, XFS, copy-on-write) the copy is a clone and only the hashing reads the bytes; else a
-file is copied inside the kernel (`copy_file_range`) and hashed from a memory map of the copy; never a
-hard link, which an edit of the source would change. Each piece is handed to the disk as soon as it
+file is copied inside the kernel (`copy_file_range`) and hashed from a memory map of the copy (a patch
+whose address is a tree by two workers at once, each copying and hashing its share); never a hard link,
+which an edit of the source would change. Each piece is handed to the disk as soon as it
 landed (`start_writeback`), so the disk writes while the bytes are hashed and the fsync finds little left.
 
 A blob checked in full (at publish, pull or import, or by `expertlib verify`) gets a verified record
@@ -359,6 +360,7 @@ def _copy_shares(src, fin: int, out: int, bounds: tuple[int, int, int], landed: 
     start, mid, end = bounds
     stop = threading.Event()
     lock = threading.Lock()
+    copying = threading.Lock()  # one copy at a time: two into one file wait on its lock in the kernel
 
     def moved(n: int) -> None:
         if progress is not None:
@@ -367,7 +369,7 @@ def _copy_shares(src, fin: int, out: int, bounds: tuple[int, int, int], landed: 
 
     def share(i: int, a: int, b: int) -> None:
         try:
-            _copy_share(src, fin, out, i, a, b, landed, moved, stop)
+            _copy_share(src, fin, out, i, a, b, landed, moved, stop, copying)
         except BaseException:
             stop.set()
             raise
@@ -384,22 +386,21 @@ def _copy_shares(src, fin: int, out: int, bounds: tuple[int, int, int], landed: 
     landed.written = landed.fed = end
 
 
-def _copy_share(src, fin: int, out: int, share: int, a: int, b: int, landed: _Landed, moved, stop) -> None:
+def _copy_share(
+    src, fin: int, out: int, share: int, a: int, b: int, landed: _Landed, moved, stop, copying
+) -> None:
     """Copy the bytes `[a, b)` of `fin` into `out` in pieces of SHARE_CHUNK, each hashed right after it
     landed, from a map of the copy (the bytes hashed are the bytes stored)."""
     grain = mmap.ALLOCATIONGRANULARITY
     while a < b and not stop.is_set():
-        n = os.copy_file_range(fin, out, min(SHARE_CHUNK, b - a), a, a)
+        with copying:
+            n = os.copy_file_range(fin, out, min(SHARE_CHUNK, b - a), a, a)
         if n <= 0:
             raise _shrank(src)
         base = a - a % grain
         mm = mmap.mmap(out, a + n - base, access=mmap.ACCESS_READ, offset=base)
-        try:
-            with memoryview(mm) as view:
-                landed.stream.feed(share, view[a - base :], a)
-        finally:
-            with contextlib.suppress(BufferError):
-                mm.close()
+        landed.keep(mm)
+        landed.stream.feed(share, memoryview(mm)[a - base :], a)
         landed.writeback(a, n)
         moved(n)
         a += n
@@ -444,6 +445,11 @@ class _Landed:
     def flush(self, written: int) -> None:
         """Hand the stream every byte up to `written` (a piece shorter than usual at the end)."""
         self.advance(written, final=True)
+
+    def keep(self, mm: mmap.mmap) -> None:
+        """Close `mm` with the others in `close`, not at once: unmapping while another thread of this
+        process runs makes the kernel flush that CPU's TLB too."""
+        self._maps.append(mm)
 
     def writeback(self, offset: int, size: int) -> None:
         """Start writing a range to disk, from the writeback thread (any thread may call this)."""
