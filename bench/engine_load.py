@@ -139,6 +139,10 @@ async def engine_rows(args, root: Path, lines: list[str]) -> dict:
         row("load", firsts)
         first_front, first_job = statistics.median(front), statistics.median(jobs)
         first_wait, first_tail = statistics.median(waits), statistics.median(tails[1:] or [0.0])
+        host = (await engine._rpc("expertlib_host_cache", ()))[0]
+        print(
+            f"host-cache copies: {host['reused_bytes'] >> 20} MiB on spare memory, {host['fresh_bytes'] >> 20} MiB fresh"
+        )
         print(
             f"never-seen loads {[round(s, 3) for s, _ in firsts]}, jobs {[round(s, 3) for s in jobs]}, "
             f"waits for the previous tail {[round(s, 3) for s in waits]}, tails {[round(s, 3) for s in tails]}",

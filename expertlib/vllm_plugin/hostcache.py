@@ -48,6 +48,7 @@ class HostCache:
         self.last_tail_seconds = 0.0  # the last finished job's time after its slots were written
         self._asked: dict[Hashable, float] = {}  # when a load first asked for a job not yet started
         self._spare = SpareMemory()  # the memory of entries let go, written again by later copies
+        self.reused_bytes = self.fresh_bytes = 0  # what `empty` handed out: spare memory, fresh memory
 
     @property
     def nbytes(self) -> int:
@@ -194,7 +195,9 @@ class HostCache:
         with self._lock:
             got = self._spare.take(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
         if got is None:
+            self.fresh_bytes += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             return torch.empty(shape, dtype=dtype)
+        self.reused_bytes += got.numel()
         return got.view(dtype).view(shape)
 
     def _put(self, path: str, digest: str, entry: Entry, size: int) -> None:
@@ -231,6 +234,8 @@ class HostCache:
                 "last_job_waited": self.last_job_waited,
                 "last_tail_seconds": self.last_tail_seconds,
                 "spare_bytes": self._spare.nbytes,  # memory of entries let go, for the next copies
+                "reused_bytes": self.reused_bytes,
+                "fresh_bytes": self.fresh_bytes,
             }
 
 

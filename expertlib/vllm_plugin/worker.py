@@ -742,11 +742,14 @@ class SlotWorkerExtension:
         enabled: bool | None = None,
     ) -> dict[str, Any]:
         """Bound (bytes, 0 = off: its entries removed) or move this worker's packed-set disk cache;
-        `flush`: wait for its pending writes first; `enabled=False`: this worker neither reads nor
-        writes it (entries kept for other processes). Reports its figures."""
+        `flush`: wait for its pending writes first (those of a load whose job still runs included);
+        `enabled=False`: this worker neither reads nor writes it (entries kept for other processes).
+        Reports its figures."""
+        from expertlib.vllm_plugin.hostcache import HOST_CACHE
         from expertlib.vllm_plugin.packcache import PACKED_CACHE
 
         if flush:
+            HOST_CACHE.wait_idle()  # a load's tail asks for its write at its end
             PACKED_CACHE.flush()
         if enabled is not None:
             PACKED_CACHE.enabled = bool(enabled)
