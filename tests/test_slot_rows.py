@@ -298,3 +298,27 @@ def test_back_to_back_copies_take_the_set_the_writer_is_done_with():
     for _, t in second[0].parts():
         got = cache.empty(tuple(t.shape), t.dtype)
         assert got.untyped_storage().data_ptr() in free
+
+
+def test_a_flush_waits_for_the_write_a_load_s_tail_asks_for(monkeypatch):
+    """Flushing the packed-set cache waits for a load's job still running: its tail asks for the
+    write at its end, after the load was answered (a flush used to return before that)."""
+    from expertlib.vllm_plugin import hostcache, packcache
+    from expertlib.vllm_plugin.hostcache import slots_written
+    from expertlib.vllm_plugin.worker import SlotWorkerExtension
+
+    cache = HostCache()
+    monkeypatch.setattr(hostcache, "HOST_CACHE", cache)
+    asked: list[str] = []
+
+    def work():
+        slots_written()
+        time.sleep(0.2)  # the tail: copies kept, then the write asked for
+        asked.append("write")
+
+    assert cache.stage("a", work, background=True, wait=5.0) is True and asked == []
+    flushed = []
+    monkeypatch.setattr(packcache.PACKED_CACHE, "flush", lambda: flushed.append(list(asked)))
+    monkeypatch.setattr(packcache.PACKED_CACHE, "status", lambda: {})
+    SlotWorkerExtension().expertlib_packed_cache(flush=True)
+    assert flushed == [["write"]]
