@@ -284,20 +284,24 @@ def test_a_copy_too_large_to_keep_lets_nothing_go():
     assert cache.status()["paths"] == ["a"]
 
 
-def test_back_to_back_copies_take_the_set_the_writer_is_done_with():
-    """Loads in a row let go of a set the packed-set writer still holds while the one before it is
-    free again: that one's memory is taken for the next copy."""
+def test_a_copy_takes_the_memory_nothing_else_holds():
+    """Of the sets let go for a copy, one the packed-set writer still holds is passed over and one
+    nothing holds any more is taken; spare memory never takes the cache over its budget."""
     first, second = _rows(2, 0), _rows(2, 1)
     size = sum(r.nbytes for r in first.values())
-    cache = HostCache(budget=size)
+    cache = HostCache(budget=2 * size)
     cache.keep("a", "sha256:a", first, size)
-    cache.keep("b", "sha256:b", second, size)  # "a" let go: nothing holds it any more
+    cache.keep("b", "sha256:b", second, size)
     free = {t.untyped_storage().data_ptr() for _, t in first[0].parts()}
     del first
-    cache.make_room(size)  # "b" let go while `second` (the writer's) still holds it
+    cache.make_room(2 * size)  # both let go; `second` (the writer's) still holds "b"
+    assert cache.status()["spare_bytes"] == 2 * size
     for _, t in second[0].parts():
         got = cache.empty(tuple(t.shape), t.dtype)
         assert got.untyped_storage().data_ptr() in free
+    cache.keep("c", "sha256:c", _rows(2, 2), size)
+    cache.keep("d", "sha256:d", _rows(2, 3), size)
+    assert cache.status()["bytes"] + cache.status()["spare_bytes"] <= cache.budget
 
 
 def test_a_flush_waits_for_the_write_a_load_s_tail_asks_for(monkeypatch):

@@ -201,9 +201,7 @@ class HostCache:
         return got.view(dtype).view(shape)
 
     def _put(self, path: str, digest: str, entry: Entry, size: int) -> None:
-        self._spare.limit = max(self._spare.limit, 2 * size)
         if size > self.budget:
-            self._spare.give(entry)  # once the packed-set cache's writer is done with it
             return
         self._sets[path] = (digest, entry, size)
         self._shrink()
@@ -213,6 +211,7 @@ class HostCache:
         while self._sets and self.nbytes > budget:
             _, (_, entry, _) = self._sets.popitem(last=False)
             self._spare.give(entry)
+        self._spare.trim(self.budget - self.nbytes)  # kept and spare memory within the budget
 
     def resize(self, budget: int) -> None:
         with self._lock:
@@ -244,12 +243,11 @@ class SpareMemory:
     of slot rows into the host cache: in a vLLM CPU worker, first touching fresh memory is slow
     (144 MiB faulted in: 0.4 s there), and that copy runs after each never-seen load while the next
     load waits for it. A buffer is written again only once nothing else references it (the packed-set
-    cache's writer, a load that staged the entry); at most `limit` bytes are kept (twice the largest
-    entry seen: back to back loads let go of a set the writer still holds while the one before it
-    is free again), oldest first let go. At rest that is about one set's worth beside the budget."""
+    cache's writer, a load that staged the entry). Kept and spare memory together stay within the
+    cache's budget (what the kept sets leave of it, oldest spare memory let go first): spare memory
+    lives from `make_room` to the `keep` of the copy made on it."""
 
     def __init__(self) -> None:
-        self.limit = 0
         self._buffers: list[Any] = []  # flat uint8 tensors over the entries' storages
 
     @property
@@ -267,7 +265,9 @@ class SpareMemory:
             if flat.numel() and flat.data_ptr() not in seen:
                 seen.add(flat.data_ptr())
                 self._buffers.append(flat)
-        while self.nbytes > self.limit:
+
+    def trim(self, room: int) -> None:
+        while self._buffers and self.nbytes > room:
             self._buffers.pop(0)
 
     def take(self, size: int) -> Any:
