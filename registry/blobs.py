@@ -57,8 +57,11 @@ KERNEL_CHUNK = 8 << 20
 #: piece of each worker's share when two workers copy a file into the store (`_copy_shares`): hashed
 #: right after it landed, while it is still in the CPU's cache
 SHARE_CHUNK = 2 << 20
-#: copy a tree-addressed patch with two workers, each copying and hashing its share (`_copy_shares`)
-SPLIT = True
+#: copy a tree-addressed patch with two workers, each copying and hashing its share (`_copy_shares`).
+#: Off: on 2 CPUs it took more CPU time than one copying thread with two hashing threads behind it
+#: (publish 0.180-0.185 against 0.170 cpu-s per 144 MiB, interleaved, load 2-4) and was no faster;
+#: `bench/load_speed.py` times both side by side
+SPLIT = False
 #: Linux's FICLONE ioctl: make `dst` a copy-on-write clone of `src` (btrfs, XFS, bcachefs, ...)
 FICLONE = 0x40049409
 #: Linux's sync_file_range flag: start writing a range's dirty pages to disk, without waiting

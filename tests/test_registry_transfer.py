@@ -396,11 +396,12 @@ def test_a_blob_in_a_new_folder_syncs_the_folder_and_its_parent_at_once(tmp_path
 
 @pytest.fixture
 def split(monkeypatch):
-    """Small pieces, so the small test set is copied by two workers in several pieces each; records
+    """Copies split between two workers (`SPLIT`), in small pieces, so the small test set is copied by two workers in several pieces each; records
     where the split fell (`bounds`: start, mid, end) and each piece hashed (share, offset, bytes,
     thread)."""
     from expertlib.verify import StreamScan
 
+    monkeypatch.setattr(blobs_mod, "SPLIT", True)
     monkeypatch.setattr(blobs_mod, "COPY_CHUNK", 64 * 1024)
     monkeypatch.setattr(blobs_mod, "KERNEL_CHUNK", 64 * 1024)
     monkeypatch.setattr(blobs_mod, "SHARE_CHUNK", 48 * 1024)
