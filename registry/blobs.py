@@ -14,10 +14,11 @@ of format 3 or later, nothing more, its address being a tree over those same lea
 (`expertlib.verify.blob_digest`); older files' address is the sha256 of the whole file, hashed on
 its own thread. Publish, push and pull need no second read. Where the filesystem can clone a file (a
 reflink: btrfs, XFS, copy-on-write) the copy is a clone and only the hashing reads the bytes; else a
-file is copied inside the kernel (`copy_file_range`) and hashed from a memory map of the copy (a patch
-whose address is a tree by two workers at once, each copying and hashing its share); never a hard link,
-which an edit of the source would change. Each piece is handed to the disk as soon as it
+file is copied inside the kernel (`copy_file_range`) and hashed from a memory map of the copy; never a
+hard link, which an edit of the source would change. Each piece is handed to the disk as soon as it
 landed (`start_writeback`), so the disk writes while the bytes are hashed and the fsync finds little left.
+(`SPLIT`, off: a tree-addressed patch copied by two workers at once, each copying and hashing its share;
+measured slower on 2 CPUs, kept for `bench/load_speed.py --split`.)
 
 A blob checked in full (at publish, pull or import, or by `expertlib verify`) gets a verified record
 in `verified/<64 hex>.json`: the blob's file state then (`expertlib.verify.FileKey`) and what the
@@ -59,8 +60,8 @@ KERNEL_CHUNK = 8 << 20
 SHARE_CHUNK = 2 << 20
 #: copy a tree-addressed patch with two workers, each copying and hashing its share (`_copy_shares`).
 #: Off: on 2 CPUs it took more CPU time than one copying thread with two hashing threads behind it
-#: (publish 0.180-0.185 against 0.170 cpu-s per 144 MiB, interleaved, load 2-4) and was no faster;
-#: `bench/load_speed.py` times both side by side
+#: (publish 0.186 against 0.173 cpu-s per 144 MiB, 0.117 against 0.109 s, interleaved, load ~2.3) and
+#: was slower in every run; `bench/load_speed.py --split` times both side by side (bench/RESULTS.md)
 SPLIT = False
 #: Linux's FICLONE ioctl: make `dst` a copy-on-write clone of `src` (btrfs, XFS, bcachefs, ...)
 FICLONE = 0x40049409
@@ -316,12 +317,11 @@ def _reflink(src: str | Path, out) -> bool:
 
 def _kernel_copy(src: str | Path, out, landed: _Landed, progress: Callable[[int], None] | None) -> bool:
     """Copy `src` into the empty file `out` inside the kernel (`os.copy_file_range`: the bytes never
-    pass through this process), hashing each piece as it lands. Once the header is in, a patch whose
-    address is a tree (`StreamScan.shares`) is copied by two workers at once, each copying its share
-    of the rest piece by piece and hashing each piece from a map of the copy right after it landed
-    (`_copy_share`): neither core waits for the other and the hashing never trails the copy (a copy
-    on one thread and two hashing threads behind it left ~16% of two cores unused, measured). False
-    where the kernel or the filesystem cannot (nothing was written then: copy the ordinary way)."""
+    pass through this process), hashing each piece as it lands. With `SPLIT`, once the header is in,
+    a patch whose address is a tree (`StreamScan.shares`) is copied by two workers at once, each
+    copying its share of the rest piece by piece and hashing each piece from a map of the copy right
+    after it landed (`_copy_shares`), so that the hashing never trails the copy. False where the
+    kernel or the filesystem cannot (nothing was written then: copy the ordinary way)."""
     if not hasattr(os, "copy_file_range"):
         return False
     with open(src, "rb") as fin:
@@ -362,12 +362,12 @@ def _copy_shares(src, fin: int, out: int, bounds: tuple[int, int, int], landed: 
     the first failure stops both (the caller then removes the temp file)."""
     start, mid, end = bounds
     stop = threading.Event()
-    lock = threading.Lock()
+    reporting = threading.Lock()
     copying = threading.Lock()  # one copy at a time: two into one file wait on its lock in the kernel
 
     def moved(n: int) -> None:
         if progress is not None:
-            with lock:
+            with reporting:
                 progress(n)
 
     def share(i: int, a: int, b: int) -> None:
