@@ -220,25 +220,9 @@ def library_rows(args, root: Path, rows: Rows) -> dict:
         empty(root / "pub"),
     )
     shutil.rmtree(root / "pub", ignore_errors=True)
-    if args.split:  # the copy split between two workers, each copying and hashing its share
-        import expertlib.registry.blobs as blobs
-
-        pubs, publishing, blobs.SPLIT = iter(files), [], True
-        try:
-            s = paired(
-                lambda: Registry(root / "pub").publish(publishing[-1]),
-                lambda: publishing.append(next(pubs)) or fcopy(src=publishing[-1]),
-                min(n, len(files)),
-                empty(root / "pub"),
-            )
-        finally:
-            blobs.SPLIT = False
-        shutil.rmtree(root / "pub", ignore_errors=True)
     reg = Registry(root / "reg")
     reg.publish(files[0])  # the registry the rows below read, push from and serve
     rows.add("publish (one pass: copy + blob hash + full check)", p, "file copy", 0.5)
-    if args.split:
-        rows.add("split publish (two workers copy and hash a share each; SPLIT)", s, "file copy", 0.5)
     synced, plain = paired(lambda: fcopy(True), fcopy, n)[:2]
     extra = f"- the registry fsyncs each blob before it enters: a file copy + fsync takes {synced:.3f} s, {plain:.3f} s without"
 
@@ -345,9 +329,6 @@ def main() -> None:
         "--load-gap", type=float, default=0.5, help="seconds between loads while decoding (--engine)"
     )
     ap.add_argument("--soak", type=int, default=0, help="load/unload/evict cycles (--engine)")
-    ap.add_argument(
-        "--split", action="store_true", help="also publish with the copy split between two workers (SPLIT)"
-    )
     ap.add_argument("--no-write", action="store_true", help="print only; do not update bench/RESULTS.md")
     args = ap.parse_args()
 

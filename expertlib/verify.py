@@ -564,42 +564,6 @@ class StreamScan:
     def size(self) -> int:
         return self._pos
 
-    # --- two shares fed at once (a copy split between two workers) ---
-
-    def shares(self, size: int) -> tuple[int, int] | None:
-        """For a file of `size` bytes whose start was given to `update`: where a second worker's share
-        of the rest begins (`(mid, size)`: the first share is `[self.size, mid)`), the tensors given
-        to the share that holds their start, so that each worker copies its bytes and hashes them
-        itself, no core waiting for the other (`feed`, then `taken`). None where the bytes cannot be
-        split that way (header not whole yet, an address over every byte, no tensor start to split
-        at): go on with `update`. Waits until the bytes given so far are hashed."""
-        if not self._tree or self._bad or self._pos >= size:
-            return None
-        starts = [a for a, b, key, _ in self._segments if isinstance(key, str) and self._pos < a < size]
-        if not starts:
-            return None
-        half = (self._pos + size) // 2
-        mid = min(starts, key=lambda a: abs(a - half))
-        for f in self._pending:  # every piece given so far hashed before the owners change
-            f.result()
-        self._pending = []
-        self._segments = [(a, b, key, 0 if a < mid else 1) for a, b, key, _ in self._segments]
-        return mid, size
-
-    @property
-    def header_known(self) -> bool:
-        """Whether the bytes given so far hold the whole header (the address scheme is known)."""
-        return self._tree is not None
-
-    def feed(self, share: int, chunk, offset: int) -> None:
-        """Hash `chunk`, the file's bytes at `offset` in `share` (0 or 1, see `shares`), on the
-        caller's thread. Each share's bytes in order; the two shares may be fed at the same time."""
-        self._tensors(share, chunk, offset)
-
-    def taken(self, size: int) -> None:
-        """Both shares were fed whole: the bytes seen end at `size`."""
-        self._pos = size
-
     def digest(self) -> str:
         """The address of the bytes seen: `blob_digest` of a file holding them."""
         self._finish()

@@ -17,8 +17,6 @@ reflink: btrfs, XFS, copy-on-write) the copy is a clone and only the hashing rea
 file is copied inside the kernel (`copy_file_range`) and hashed from a memory map of the copy; never a
 hard link, which an edit of the source would change. Each piece is handed to the disk as soon as it
 landed (`start_writeback`), so the disk writes while the bytes are hashed and the fsync finds little left.
-(`SPLIT`, off: a tree-addressed patch copied by two workers at once, each copying and hashing its share;
-measured slower on 2 CPUs, kept for `bench/load_speed.py --split`.)
 
 A blob checked in full (at publish, pull or import, or by `expertlib verify`) gets a verified record
 in `verified/<64 hex>.json`: the blob's file state then (`expertlib.verify.FileKey`) and what the
@@ -34,7 +32,6 @@ import functools
 import mmap
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -55,14 +52,6 @@ CHUNK = 1 << 20
 COPY_CHUNK = 1 << 20
 #: piece of an in-kernel copy into the store, hashed from a memory map as soon as it landed
 KERNEL_CHUNK = 8 << 20
-#: piece of each worker's share when two workers copy a file into the store (`_copy_shares`): hashed
-#: right after it landed, while it is still in the CPU's cache
-SHARE_CHUNK = 2 << 20
-#: copy a tree-addressed patch with two workers, each copying and hashing its share (`_copy_shares`).
-#: Off: on 2 CPUs it took more CPU time than one copying thread with two hashing threads behind it
-#: (publish 0.186 against 0.173 cpu-s per 144 MiB, 0.117 against 0.109 s, interleaved, load ~2.3) and
-#: was slower in every run; `bench/load_speed.py --split` times both side by side (bench/RESULTS.md)
-SPLIT = False
 #: Linux's FICLONE ioctl: make `dst` a copy-on-write clone of `src` (btrfs, XFS, bcachefs, ...)
 FICLONE = 0x40049409
 #: Linux's sync_file_range flag: start writing a range's dirty pages to disk, without waiting
@@ -317,23 +306,14 @@ def _reflink(src: str | Path, out) -> bool:
 
 def _kernel_copy(src: str | Path, out, landed: _Landed, progress: Callable[[int], None] | None) -> bool:
     """Copy `src` into the empty file `out` inside the kernel (`os.copy_file_range`: the bytes never
-    pass through this process), hashing each piece as it lands. With `SPLIT`, once the header is in,
-    a patch whose address is a tree (`StreamScan.shares`) is copied by two workers at once, each
-    copying its share of the rest piece by piece and hashing each piece from a map of the copy right
-    after it landed (`_copy_shares`), so that the hashing never trails the copy. False where the
-    kernel or the filesystem cannot (nothing was written then: copy the ordinary way)."""
+    pass through this process), hashing each piece as it lands. False where the kernel or the
+    filesystem cannot (nothing was written then: copy the ordinary way)."""
     if not hasattr(os, "copy_file_range"):
         return False
     with open(src, "rb") as fin:
         size = os.fstat(fin.fileno()).st_size
-        done, split = 0, SPLIT
+        done = 0
         while done < size:
-            if split and done:
-                landed.flush(done)  # (after a short copy: the stream has every byte copied so far)
-                if (shares := landed.stream.shares(size)) is not None:
-                    _copy_shares(src, fin.fileno(), out.fileno(), (done, *shares), landed, progress)
-                    return True
-                split = not landed.stream.header_known  # tried once the header is in
             try:
                 step = min(KERNEL_CHUNK if done else COPY_CHUNK, size - done)
                 n = os.copy_file_range(fin.fileno(), out.fileno(), step, done, done)
@@ -342,73 +322,15 @@ def _kernel_copy(src: str | Path, out, landed: _Landed, progress: Callable[[int]
                     return False
                 raise
             if n <= 0:
-                raise _shrank(src)
+                raise DigestMismatchError(
+                    f"{src} shrank while it was copied", hint="publish it again once it is written"
+                )
             done += n
             landed.advance(done)
             if progress is not None:
                 progress(n)
             test_hook("write")
     return True
-
-
-def _shrank(src) -> DigestMismatchError:
-    return DigestMismatchError(
-        f"{src} shrank while it was copied", hint="publish it again once it is written"
-    )
-
-
-def _copy_shares(src, fin: int, out: int, bounds: tuple[int, int, int], landed: _Landed, progress) -> None:
-    """Copy `[start, mid)` on this thread and `[mid, end)` on another, each share hashed as it lands;
-    the first failure stops both (the caller then removes the temp file)."""
-    start, mid, end = bounds
-    stop = threading.Event()
-    reporting = threading.Lock()
-    copying = threading.Lock()  # one copy at a time: two into one file wait on its lock in the kernel
-
-    def moved(n: int) -> None:
-        if progress is not None:
-            with reporting:
-                progress(n)
-
-    def share(i: int, a: int, b: int) -> None:
-        try:
-            _copy_share(src, fin, out, i, a, b, landed, moved, stop, copying)
-        except BaseException:
-            stop.set()
-            raise
-
-    with ThreadPoolExecutor(1, thread_name_prefix="expertlib-copy") as pool:
-        second = pool.submit(share, 1, mid, end)
-        try:
-            share(0, start, mid)
-        finally:
-            second_error = second.exception()  # waits: no worker writes after this returns
-        if second_error is not None:
-            raise second_error
-    landed.stream.taken(end)
-    landed.written = landed.fed = end
-
-
-def _copy_share(
-    src, fin: int, out: int, share: int, a: int, b: int, landed: _Landed, moved, stop, copying
-) -> None:
-    """Copy the bytes `[a, b)` of `fin` into `out` in pieces of SHARE_CHUNK, each hashed right after it
-    landed, from a map of the copy (the bytes hashed are the bytes stored)."""
-    grain = mmap.ALLOCATIONGRANULARITY
-    while a < b and not stop.is_set():
-        with copying:
-            n = os.copy_file_range(fin, out, min(SHARE_CHUNK, b - a), a, a)
-        if n <= 0:
-            raise _shrank(src)
-        base = a - a % grain
-        mm = mmap.mmap(out, a + n - base, access=mmap.ACCESS_READ, offset=base)
-        landed.keep(mm)
-        landed.stream.feed(share, memoryview(mm)[a - base :], a)
-        landed.writeback(a, n)
-        moved(n)
-        a += n
-        if share == 0:
-            test_hook("write")
 
 
 def _write_all(out, chunk) -> None:
@@ -444,19 +366,6 @@ class _Landed:
             self.stream.update(memoryview(mm))
             self._disk.submit(start_writeback, self.fd, self.fed, step)
             self.fed += step
-
-    def flush(self, written: int) -> None:
-        """Hand the stream every byte up to `written` (a piece shorter than usual at the end)."""
-        self.advance(written, final=True)
-
-    def keep(self, mm: mmap.mmap) -> None:
-        """Close `mm` with the others in `close`, not at once: unmapping while another thread of this
-        process runs makes the kernel flush that CPU's TLB too."""
-        self._maps.append(mm)
-
-    def writeback(self, offset: int, size: int) -> None:
-        """Start writing a range to disk, from the writeback thread (any thread may call this)."""
-        self._disk.submit(start_writeback, self.fd, offset, size)
 
     def close(self) -> None:
         """After `stream.digest()`: no piece is in use any more. Before the file closes: no
