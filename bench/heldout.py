@@ -333,24 +333,48 @@ def targets(rows: list[dict]) -> list[str]:
     def has(t, m):
         return (t, m) in by
 
-    expert = [t for t in held if t not in ATTENTION_TASKS and has(t, D) and has(t, "fft")]
-    unlearnt = [
-        t for t in expert if by[t, "fft"]["task_acc"] < 0.9
-    ]  # FFT itself did not learn it in these steps
-    expert = [t for t in expert if t not in unlearnt]
+    learnt = [t for t in held if has(t, D) and has(t, "fft")]
+    unlearnt = [t for t in learnt if by[t, "fft"]["task_acc"] < 0.9]  # FFT itself did not learn it
+    learnt = [t for t in learnt if t not in unlearnt]
+    # whether the experts can hold a skill is measured, not assumed: ESFT as the paper does it (no
+    # keep constraint) learns it to FFT_RATIO x FFT; where it does not (a skill that needs attention,
+    # whether or not it was designed to), `train` must say the set falls short and why
+    cannot = [
+        t
+        for t in learnt
+        if has(t, "paper") and by[t, "paper"]["task_acc"] < FFT_RATIO * by[t, "fft"]["task_acc"]
+    ]
+    expert = [t for t in learnt if t not in cannot]
     ok = [t for t in expert if by[t, D]["task_acc"] >= FFT_RATIO * by[t, "fft"]["task_acc"]]
     out.append(
-        f"- task acc >= {FFT_RATIO}x FFT (tasks the experts can hold): {len(ok)}/{len(expert)}"
+        f"- task acc >= {FFT_RATIO}x FFT (tasks the experts can hold: the paper's ESFT reaches it): {len(ok)}/{len(expert)}"
         + (f"; missed: {', '.join(sorted(set(expert) - set(ok)))}" if len(ok) < len(expert) else "")
         + (f" (left out, FFT < 0.9 itself: {', '.join(unlearnt)})" if unlearnt else "")
     )
-    att = [t for t in held if t in ATTENTION_TASKS and has(t, D)]
+    extra = [  # the demo world's attention task, when its rows are merged in
+        t
+        for t in dict.fromkeys(r["task"] for r in rows)
+        if t in DEMO_ATTENTION
+        and has(t, D)
+        and has(t, "fft")
+        and has(t, "paper")
+        and by[t, "paper"]["task_acc"] < FFT_RATIO * by[t, "fft"]["task_acc"]
+    ]
     said = [
         t
-        for t in att
+        for t in cannot + extra
         if (by[t, D].get("fit_message") or "").startswith("the set falls short") or by[t, D].get("refused")
     ]
-    out.append(f"- attention tasks where `train` said the set falls short and why: {len(said)}/{len(att)}")
+    out.append(
+        f"- tasks the experts cannot hold ({', '.join(cannot + extra) or 'none'}): `train` said the set falls "
+        f"short and why on {len(said)}/{len(cannot + extra)}"
+    )
+    att = [t for t in held if t in ATTENTION_TASKS and has(t, D)]
+    held_att = [t for t in att if t in expert]
+    out.append(
+        f"- tasks designed to need attention ({', '.join(att)}): the experts hold {len(held_att)}/{len(att)}"
+        + (f" ({', '.join(held_att)}: counted with the tasks above)" if held_att else "")
+    )
     d = [t for t in held if has(t, D)]
     gen_ok = [t for t in d if by[t, D]["general_acc"] >= by[t, D]["base"]["general_acc"] - GENERAL_SLACK]
     out.append(
