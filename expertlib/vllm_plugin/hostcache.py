@@ -192,12 +192,13 @@ class HostCache:
         nothing references any more (faulted in already) when one is large enough, else fresh."""
         import torch
 
+        nbytes = math.prod(shape) * dtype.itemsize
         with self._lock:
-            got = self._spare.take(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+            got = self._spare.take(nbytes)
         if got is None:
-            self.fresh_bytes += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            self.fresh_bytes += nbytes
             return torch.empty(shape, dtype=dtype)
-        self.reused_bytes += got.numel()
+        self.reused_bytes += nbytes
         return got.view(dtype).view(shape)
 
     def _put(self, path: str, digest: str, entry: Entry, size: int) -> None:

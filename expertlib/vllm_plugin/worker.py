@@ -271,8 +271,8 @@ def pack_into_slots(ctx, es, fills: list[list[int]]) -> dict[int, LayerRows]:
 
 
 def _row_bytes(ctx, layer: int) -> int:
-    dst = ctx.layers[layer].routed_experts
-    return sum(t[0].numel() * t.element_size() for t in (dst.w13_weight, dst.w2_weight))
+    """One expert's bytes in `layer`'s slots, every part (`slot_parts`)."""
+    return sum(t[0].numel() * t.element_size() for t in slot_parts(ctx.layers[layer].routed_experts).values())
 
 
 def packs_into_slots(ctx, es, fills: list[list[int]]) -> bool:
@@ -681,10 +681,6 @@ class SlotWorkerExtension:
             return {"done": True}
         layout = layout_of(ctx)
 
-        def row_bytes(layer: int) -> int:
-            parts = slot_parts(ctx.layers[layer].routed_experts).values()
-            return sum(t[0].numel() * t.element_size() for t in parts)
-
         def pieces():
             return pack_pieces(
                 ctx,
@@ -694,7 +690,7 @@ class SlotWorkerExtension:
                 checked,
                 layout=layout,
                 pack_rows=pack_rows,
-                row_bytes=row_bytes,
+                row_bytes=functools.partial(_row_bytes, ctx),
             )
 
         return PREPACK.advance(key, pieces)
