@@ -223,6 +223,8 @@ def run_task(base: Path, task: str, args, general, base_row: dict) -> list[dict]
                 model = load_model(base, dtype=torch.float32)
                 row = run_esft(base, task, m, data, mix, args, model, tok, general)
             row.update(task=task, method=m, base=base_row, steps=args.steps, batch_size=args.batch_size)
+            if m in ("capped-wide", "mix-wide"):
+                row["wide_count"] = "every token"  # the paper's count, every token scored (since 2026-12-04)
             rows.append(row)
             print(
                 f"{task:7s} {LABEL[m]:24s} task {row['task_acc']:.2f} general {row['general_acc']:.2f} "
@@ -249,6 +251,8 @@ def variant(r: dict, args: dict) -> str:
         out += f", --keep-share {r['keep_share']}"
     if r["method"] not in ("fft", "lora", "paper") and not r.get("keep_guard"):
         out += ", no guard"
+    if r.get("wide_count") == "answer-only":  # capped-wide's first form (counted on answer-only scores)
+        out += ", answer-only count"
     steps, batch = r.get("steps", args["steps"]), r.get("batch_size", args["batch_size"])
     if (steps, batch) != (args["steps"], args["batch_size"]):
         out += f", {steps} x {batch}"

@@ -153,3 +153,22 @@ def test_answer_only_budget_counts_what_the_mask_counts(qwen, samples):
     got = score_experts(qwen, rows, pad_id=0, count_prompt_tokens=False, token_budget=None, progress=False)
     assert got.sequences == len(rows)
     assert got.tokens_scored == sum(sum(trained_positions(s.labels)) for s in rows)
+
+
+def test_every_token_scores_come_from_the_same_passes(qwen, samples):
+    """Answer-only scoring can also count every position of the same samples in the same forward
+    passes (capped-wide's count is the paper's, every token scored)."""
+    kw = dict(pad_id=0, count_prompt_tokens=False, token_budget=None, progress=False)
+    plain = score_experts(qwen, samples, **kw)
+    both = score_experts(qwen, samples, **kw, every_token=True)
+    assert plain.token_every is None and plain.every("token") == plain.token
+    assert both.tokens_scored == plain.tokens_scored
+    # each sample up to its last trained position, every position counted
+    ends = [max(i for i, c in enumerate(trained_positions(s.labels)) if c) + 1 for s in samples]
+    cut = [Sample(s.input_ids[:n], s.labels[:n], s.line) for s, n in zip(samples, ends, strict=True)]
+    whole = score_experts(qwen, cut, pad_id=0, count_prompt_tokens=True, token_budget=None, progress=False)
+    for layer in plain.token:
+        assert both.token[layer] == pytest.approx(plain.token[layer], abs=1e-9)
+        assert both.every("token")[layer] == pytest.approx(whole.token[layer], abs=1e-6)
+        assert both.every("gate")[layer] == pytest.approx(whole.gate[layer], abs=1e-6)
+    assert both.every("token") != both.token

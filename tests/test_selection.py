@@ -176,3 +176,28 @@ def test_select_experts_with_keep_per_layer():
         select_experts(scores, 0.7, keep=[{0: KEPT}])
     with pytest.raises(SelectionError, match="experts"):
         keep_layer(TASK, 0.7, [[0.5, 0.5]])
+
+
+def test_keep_capped_wide_counts_with_the_scores_it_is_given():
+    """capped-wide's count is the paper's top-p count of `count_scores` (train passes the scores with
+    every token counted) where given, else of the scores it ranks."""
+    task, kept = [0.5, 0.1, 0.1, 0.1, 0.1, 0.1], [0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+    every = [0.16, 0.16, 0.16, 0.16, 0.16, 0.2]  # top-p 0.4: three experts
+    assert top_p_layer(task, 0.4) == [0] and top_p_layer(every, 0.4) == [0, 1, 5]
+    assert keep_layer(task, 0.4, [kept], mode="capped-wide") == [1, 2]  # contrast's count, 2
+    assert keep_layer(task, 0.4, [kept], mode="capped-wide", count_scores=every) == [1, 2, 3]
+    # the paper's count even where the experts taken carry top-p of the ranked scores already
+    # (expert 1: 0.3 of the task's answer-only routing at p 0.3)
+    ranked, kept_first = [0.4, 0.3, 0.1, 0.1, 0.1], [0.4, 0.0, 0.0, 0.0, 0.0]
+    wide = [0.19, 0.19, 0.19, 0.19, 0.24]  # top-p 0.3: two experts
+    assert keep_layer(ranked, 0.3, [kept_first], mode="capped-wide", count_scores=wide) == [1, 2]
+    # capped is not affected; the bound still holds
+    assert keep_layer(task, 0.4, [kept], mode="capped", count_scores=every) == [1, 2]
+    bounded = [0.5, 0.0, 0.0, 0.05, 0.45, 0.0]  # 3 over the share, 4 all kept
+    assert keep_layer(task, 0.4, [bounded], mode="capped-wide", count_scores=every, keep_share=0.01) == [
+        1,
+        2,
+        5,
+    ]
+    got = select_experts({0: task}, 0.4, keep=[{0: kept}], keep_mode="capped-wide", count_scores={0: every})
+    assert got.experts == {0: [1, 2, 3]}

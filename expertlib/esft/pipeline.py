@@ -248,6 +248,7 @@ def train_esft(
             base=ident,
             progress=rt.progress,
             weighting=sel.weighting,
+            every_token=True,  # capped-wide's count: the paper's, every token scored
         )
         rule = partial(
             select_experts,
@@ -257,6 +258,7 @@ def train_esft(
             shared_experts=sel.train_shared_experts,
             non_expert_modules=sel.train_non_expert_modules,
             eps=eps,
+            count_scores=scores.every(sel.score),
         )
         experts, keep_record, kept_s = _keep_aware(rule, sel, base, model, tok, pad, scores.token)
         prov = prov.model_copy(

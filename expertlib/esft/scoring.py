@@ -40,6 +40,7 @@ to the architecture, or use ESFT-Token, whose scores sum to 1 in every layer eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator, Sequence
 from itertools import islice
@@ -82,11 +83,23 @@ class ExpertScores(BaseModel):
     data_path: str | None = None
     seed: int = 0
     weighting: Weighting = Field(default="paper", description="paper: 1/L_j per sequence; reference: pooled")
+    token_every: dict[int, list[float]] | None = Field(
+        default=None,
+        description="answer-only scores: the ESFT-Token scores of the same sample with every position "
+        "counted, as the paper scores (the per-layer count capped-wide fills to); None: not recorded",
+    )
+    gate_every: dict[int, list[float]] | None = Field(default=None, description="the same for ESFT-Gate")
 
     def of(self, score: ScoreFunction) -> dict[int, list[float]]:
         if score not in ("token", "gate"):
             raise SelectionError(f"unknown score function {score!r}", hint="use 'token' or 'gate'")
         return self.token if score == "token" else self.gate
+
+    def every(self, score: ScoreFunction) -> dict[int, list[float]]:
+        """The scores with every position of the sample counted: `of(score)` when those were the
+        positions counted (or nothing else was recorded)."""
+        other = self.token_every if score == "token" else self.gate_every
+        return self.of(score) if other is None else other
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically (temporary file + rename)."""
@@ -284,10 +297,13 @@ def score_experts(
     base: BaseIdentity | None = None,
     progress: bool = True,
     weighting: Weighting = "paper",
+    every_token: bool = False,
 ) -> ExpertScores:
     """Run the model over the task sample (forward only) and return both ESFT scores per layer.
 
-    `weighting`: "paper" (1/L_j per sequence) or "reference" (pooled, as deepseek-ai/ESFT)."""
+    `weighting`: "paper" (1/L_j per sequence) or "reference" (pooled, as deepseek-ai/ESFT).
+    `every_token` (with answer-only counting): in the same forward passes, also the scores with every
+    position of the same samples counted (`ExpertScores.every`)."""
     from tqdm.auto import tqdm
 
     from expertlib.devices import input_device
@@ -297,9 +313,11 @@ def score_experts(
     was_training = model.training
     model.eval()
     device = input_device(model)
+    every = every_token and not count_prompt_tokens
     try:
         with (
             RoutingRecorder(model, weighting) as rec,
+            RoutingRecorder(model, weighting) if every else contextlib.nullcontext() as rec_every,
             tqdm(
                 total=token_budget, desc="scoring", unit="tok", unit_scale=True, disable=not progress
             ) as bar,
@@ -310,6 +328,8 @@ def score_experts(
                 batch = collate(cut, pad_id)
                 count = count[:, : batch["input_ids"].shape[1]]
                 rec.set_batch(count)
+                if rec_every is not None:
+                    rec_every.set_batch(batch["attention_mask"].bool())
                 model(
                     input_ids=batch["input_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device),
@@ -323,6 +343,7 @@ def score_experts(
             "no token to score", hint="the data has no counted tokens; try counting prompt tokens"
         )
     token, gate = rec.result()
+    token_every, gate_every = rec_every.result() if rec_every is not None else (None, None)
     return ExpertScores(
         base=base or base_identity(model),
         num_experts=rec.num_experts,
@@ -337,6 +358,8 @@ def score_experts(
         data_path=data_path,
         seed=seed,
         weighting=weighting,
+        token_every=token_every,
+        gate_every=gate_every,
     )
 
 

@@ -25,9 +25,10 @@ Retention-aware selection (`keep`): given the routing shares of data whose skill
 - `keep_mode="capped-wide"` (the default; chosen on the tuning tasks, bench/RESULTS.md): capped's
   ranking and bound with the paper's count. It goes on past capped's stop, still in contrast order
   and within `keep_share`, until the layer has as many experts as the paper's top-p set (or
-  contrast's, if more) or the taken experts carry top-p of the task's own routing too. It always
-  holds capped's experts: contrast shares sum to 1 over fewer experts, so capped's count is often
-  one a layer where the paper's is two.
+  contrast's, if more), counted on `count_scores` where given: `expertlib train` passes the scores
+  with every token counted, as the paper scores, while it ranks by answer-only scores (which give one
+  dominant expert a layer on many tasks). It always holds capped's experts: contrast shares sum to 1
+  over fewer experts, so capped's count is often one a layer where the paper's is two or three.
 
     cfg = select_experts(scores.token, 0.2, keep=[general_shares], keep_share=0.1)
 """
@@ -165,9 +166,11 @@ def keep_layer(
     keep_share: float = DEFAULT_KEEP_SHARE,
     max_experts: int | None = None,
     eps: float = DEFAULT_EPS,
+    count_scores: Sequence[float] | None = None,
 ) -> list[int]:
     """Expert ids of one layer chosen with the kept datasets' routing shares `kept` in mind
-    (module docstring); may be empty. Without `kept` it is `top_p_layer`."""
+    (module docstring); may be empty. Without `kept` it is `top_p_layer`. `count_scores`: the
+    scores whose top-p count capped-wide fills to (default `scores`)."""
     if not kept:
         return top_p_layer(scores, top_p, max_experts=max_experts, eps=eps)
     if any(len(k) != len(scores) for k in kept):
@@ -203,14 +206,14 @@ def keep_layer(
     wide = mode == "capped-wide"  # capped stops at contrast's count, capped-wide at the paper's
     count = len(unbounded)
     if wide:
-        count = max(count, len(top_p_layer(scores, top_p, max_experts=max_experts, eps=eps)))
-    running = covered = 0.0  # the contrast taken, the task's routing taken
+        paper = scores if count_scores is None else count_scores
+        count = max(count, len(top_p_layer(paper, top_p, max_experts=max_experts, eps=eps)))
+    running = 0.0  # the contrast taken
     for e in sorted((i for i, c in enumerate(contrast) if c > 0), key=lambda i: (-contrast[i], i)):
         if fits(e):
             take(e)
             running += contrast[e]
-            covered += task[e]
-        if (min(running, covered) if wide else running) + eps >= top_p or len(chosen) >= count:
+        if len(chosen) >= count or (not wide and running + eps >= top_p):
             break
     return sorted(chosen)
 
@@ -226,6 +229,7 @@ def select_experts(
     keep: Sequence[Mapping[int, Sequence[float]]] = (),
     keep_mode: KeepMode = DEFAULT_KEEP_MODE,
     keep_share: float = DEFAULT_KEEP_SHARE,
+    count_scores: Mapping[int, Sequence[float]] | None = None,
 ) -> ExpertConfig:
     """Apply the top-p rule to every layer's scores (see module docstring); with `keep` (routing
     shares per layer of each dataset to keep), retention-aware (`keep_layer`)."""
@@ -243,6 +247,7 @@ def select_experts(
                 keep_share=keep_share,
                 max_experts=max_per_layer,
                 eps=eps,
+                count_scores=None if count_scores is None else count_scores[layer],
             )
             for layer, s in scores.items()
         },
