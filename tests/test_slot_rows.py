@@ -60,6 +60,46 @@ def test_packed_rows_are_what_vllm_would_hold(inter):
     assert dst.w13_weight[untouched].eq(7).all() and dst.w2_weight[untouched].eq(7).all()
 
 
+@pytest.mark.parametrize("inter", [64, 48])
+def test_a_load_while_no_request_runs_packs_on_two_threads_alike(inter):
+    """While no request runs a load packs half of each layer's experts on the helper thread: the
+    rows are exactly those of one thread's packing, and the helper did pack some."""
+    from expertlib.vllm_plugin import worker
+    from expertlib.vllm_plugin.hostcache import load_helper
+
+    hidden, n = 64, 5
+    runner = _cpu_runner(2 * n, inter, hidden)
+    dst = runner.routed_experts
+    weights = _weights(n, inter, hidden, seed=3)
+    packer = worker.kernel_layout(dst, (n, 2 * inter, hidden), (n, hidden, inter))
+
+    def rows(first: int):
+        return (
+            [dst.w13_weight.data[p : p + 1] for p in range(first, first + n)],
+            [dst.w2_weight.data[p : p + 1] for p in range(first, first + n)],
+        )
+
+    worker._pack_into(packer, weights, *rows(0))
+    threads = []
+    original = worker._pack_into
+
+    def watched(*a):
+        threads.append(threading.current_thread().name)
+        original(*a)
+
+    try:
+        worker._pack_into = watched
+        worker._pack_spread(packer, weights, *rows(n))
+    finally:
+        worker._pack_into = original
+    assert torch.equal(dst.w13_weight[:n], dst.w13_weight[n:]) and torch.equal(
+        dst.w2_weight[:n], dst.w2_weight[n:]
+    )
+    assert sorted(threads) == sorted(
+        [threading.current_thread().name, load_helper()._thread_name_prefix + "_0"]
+    )
+
+
 @pytest.fixture
 def set_file(tmp_path):
     from expertlib.identity import BaseIdentity

@@ -234,7 +234,7 @@ def test_a_set_packed_before_loads_from_the_packed_cache(world, monkeypatch, tmp
     original, into_slots = worker.pack_set, worker.pack_into_slots
     monkeypatch.setattr(worker, "pack_set", lambda ctx, es: packed.append(es) or original(ctx, es))
     monkeypatch.setattr(
-        worker, "pack_into_slots", lambda ctx, es, f: packed.append(es) or into_slots(ctx, es, f)
+        worker, "pack_into_slots", lambda ctx, es, *a: packed.append(es) or into_slots(ctx, es, *a)
     )
     hits = PACKED_CACHE.hits
     load_afresh()

@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -401,6 +402,20 @@ def _one_intraop_thread() -> Iterator[None]:
         yield
     finally:
         torch._C.set_num_threads(before)
+
+
+@functools.cache
+def load_helper() -> ThreadPoolExecutor:
+    """The thread that takes part of a load job's packing while no request runs: on any CPU, one
+    intra-op thread (as the job itself, `_Job.run`)."""
+
+    def start() -> None:
+        import torch
+
+        _anywhere()
+        torch._C.set_num_threads(1)
+
+    return ThreadPoolExecutor(1, thread_name_prefix="expertlib-load-helper", initializer=start)
 
 
 def slots_written() -> None:

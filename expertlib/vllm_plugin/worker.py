@@ -232,15 +232,34 @@ def _pack_into(
             packer.pack_into(s2, o2)
 
 
+def _pack_spread(
+    packer, weights: list[ExpertWeights], out13: list[torch.Tensor], out2: list[torch.Tensor]
+) -> None:
+    """`_pack_into`, the second half of the experts on the load helper thread meanwhile (each thread
+    one core: two OpenMP teams of one, nothing spin-waits), for a load while no request runs."""
+    from expertlib.vllm_plugin.hostcache import load_helper
+
+    half = len(weights) // 2
+    if half == 0:
+        _pack_into(packer, weights, out13, out2)
+        return
+    other = load_helper().submit(_pack_into, packer, weights[half:], out13[half:], out2[half:])
+    try:
+        _pack_into(packer, weights[:half], out13[:half], out2[:half])
+    finally:
+        other.result()  # its error, if any, raised here; never left running past the load
+
+
 @torch.no_grad()
-def pack_into_slots(ctx, es, fills: list[list[int]]) -> dict[int, LayerRows]:
+def pack_into_slots(ctx, es, fills: list[list[int]], spread: bool = False) -> dict[int, LayerRows]:
     """Pack set `es` (read and checked) straight into the slot rows `fills` names (every expert of
     the set, once each; CPU slots, no expert biases), then, the slots written, return copies of those
     rows for the host cache (`slots_written` is called between the two: a background load is done
     for the front end once the slots hold the set). Slot memory is faulted in already; packing into
     fresh host rows first costs their page faults too (0.215 s against 0.078 s per 144 MiB here), and
     so does the copy afterwards: it is made on the memory of the host-cache entries it replaces
-    (`HostCache.make_room`, `HostCache.empty`), which the next load would otherwise wait for."""
+    (`HostCache.make_room`, `HostCache.empty`), which the next load would otherwise wait for.
+    `spread`: no request runs, both halves of each layer's experts packed at once (`_pack_spread`)."""
     from expertlib.vllm_plugin.hostcache import slots_written
 
     by_layer = fills_by_layer(ctx, fills)
@@ -253,7 +272,7 @@ def pack_into_slots(ctx, es, fills: list[list[int]]) -> dict[int, LayerRows]:
         packer = kernel_layout(dst, (n, 2 * inter, hidden), (n, hidden, inter))
         out13 = [dst.w13_weight.data[p : p + 1] for p, _ in pairs]
         out2 = [dst.w2_weight.data[p : p + 1] for p, _ in pairs]
-        _pack_into(packer, weights, out13, out2)
+        (_pack_spread if spread else _pack_into)(packer, weights, out13, out2)
     slots_written()
     from expertlib.vllm_plugin.hostcache import HOST_CACHE
 
@@ -563,11 +582,16 @@ class SlotWorkerExtension:
         )
 
     def _expertlib_fill(
-        self, path: str, fills: list[list[int]], content_digest: str | None, checked: str | None
+        self,
+        path: str,
+        fills: list[list[int]],
+        content_digest: str | None,
+        checked: str | None,
+        spread: bool = False,
     ) -> None:
         """Copy `fills` of the set at `path` into their slots: from the host cache when it holds the
         set, else from the packed-set disk cache (its bytes read straight into the slots), else read,
-        checked and packed (`_expertlib_rows`)."""
+        checked and packed (`_expertlib_rows`). `spread`: no request runs (`pack_into_slots`)."""
         from expertlib.vllm_plugin.hostcache import HOST_CACHE
         from expertlib.vllm_plugin.packcache import PACKED_CACHE
 
@@ -580,14 +604,23 @@ class SlotWorkerExtension:
             and fill_from_packed(ctx, PACKED_CACHE, content_digest, fills)
         ):
             return
-        if fills and not cached and self._expertlib_pack_into_slots(path, fills, content_digest, checked):
+        if (
+            fills
+            and not cached
+            and self._expertlib_pack_into_slots(path, fills, content_digest, checked, spread)
+        ):
             return
         rows = self._expertlib_rows(path, content_digest, checked)
         if fills:
             fill_slots(ctx, rows, fills)
 
     def _expertlib_pack_into_slots(
-        self, path: str, fills: list[list[int]], content_digest: str | None, checked: str | None
+        self,
+        path: str,
+        fills: list[list[int]],
+        content_digest: str | None,
+        checked: str | None,
+        spread: bool = False,
     ) -> bool:
         """A set neither cache holds: read and checked as `_expertlib_rows` does, packed straight into
         its slots (`pack_into_slots`); then, the load done for the front end, copies of those rows kept
@@ -613,7 +646,7 @@ class SlotWorkerExtension:
         digest = es.manifest.content_digest
         if content_digest is not None and digest != content_digest:
             raise DigestMismatchError("the set file changed after it was checked", path=path)
-        rows = pack_into_slots(ctx, es, fills)
+        rows = pack_into_slots(ctx, es, fills, spread)
         del es  # the read buffer
         try:  # the slots hold the set: from here on nothing may fail the load
             HOST_CACHE.keep(path, digest, rows, sum(r.nbytes for r in rows.values()))
@@ -650,9 +683,10 @@ class SlotWorkerExtension:
         from expertlib.vllm_plugin.hostcache import HOST_CACHE
 
         fills = [[int(v) for v in f] for f in fills or []]
+        idle = float(wait) > 0  # the front end waits only while no request runs: the job may spread
 
         def work() -> None:
-            self._expertlib_fill(path, fills, content_digest, checked)
+            self._expertlib_fill(path, fills, content_digest, checked, idle)
 
         key = (str(path), content_digest, tuple(map(tuple, fills)))
         return HOST_CACHE.stage(key, work, bool(background), max(0.0, min(float(wait), 1.0)))
