@@ -242,6 +242,14 @@ def run_task(base: Path, task: str, args, general, base_row: dict) -> list[dict]
     return rows
 
 
+def fit_message(r: dict) -> str:
+    """What `train` prints after training for this row's run, from its recorded fit figures (the
+    verdict's wording is the current code's)."""
+    from expertlib.esft.keep import FitReport
+
+    return FitReport(**r["fit"]).message() if r.get("fit") else (r.get("fit_message") or "")
+
+
 def variant(r: dict, args: dict) -> str:
     """A row's method, and how it differs from the run's size and train's keep share."""
     from expertlib.esft.selection import DEFAULT_KEEP_SHARE
@@ -307,7 +315,7 @@ def table(rows: list[dict], args) -> str:
         for r in mine:
             fit = r.get("fit")
             verdict = (
-                "-" if not fit else ("short" if r["fit_message"].startswith("the set falls short") else "ok")
+                "-" if not fit else ("short" if fit_message(r).startswith("the set falls short") else "ok")
             )
             lines.append(
                 f"| {t} | {kind} | {variant(r, args)} | {f(r['task_acc'])} | {f(r['task_acc'] / fft) if fft else '-'} | "
@@ -367,7 +375,7 @@ def targets(rows: list[dict]) -> list[str]:
     said = [
         t
         for t in cannot + extra
-        if (by[t, D].get("fit_message") or "").startswith("the set falls short") or by[t, D].get("refused")
+        if fit_message(by[t, D]).startswith("the set falls short") or by[t, D].get("refused")
     ]
     out.append(
         f"- tasks the experts cannot hold ({', '.join(cannot + extra) or 'none'}): `train` said the set falls "
@@ -388,7 +396,7 @@ def targets(rows: list[dict]) -> list[str]:
     cost = [
         t for t in d if has(t, "paper") and by[t, D]["task_acc"] < by[t, "paper"]["task_acc"] - GENERAL_SLACK
     ]
-    named = [t for t in cost if "trade-off" in (by[t, D].get("fit_message") or "")]
+    named = [t for t in cost if "trade-off" in fit_message(by[t, D])]
     out.append(
         f"- keeping general ability cost the task > {GENERAL_SLACK} (defaults vs paper): {', '.join(cost) or 'none'}; "
         f"`train` named the trade-off on {len(named)}/{len(cost)}"

@@ -204,6 +204,15 @@ def test_fit_report_says_why_a_set_falls_short():
         train_exact=1.0, eval_exact=0.97, train_token_acc=1.0, base_eval_exact=0.1, answer_tokens=2
     )
     assert not ok.short and ok.message().startswith("fit: the set answers")
+    assert "trade-off" not in ok.message()  # nothing was left out
+    # a set that fits its data while keeping left experts out: the trade-off is named all the same
+    # (held-out `tail` fit its split, decoded 0.88 of fresh prompts; the paper's selection 0.94)
+    left = ok.model_copy(update={"dropped": {"2": 0.25}})
+    msg = left.message(keep_hint="`x --keep none`", budget_hint="`x --keep-mode budget`")
+    assert (
+        msg.startswith("fit: the set answers") and "trade-off" in msg and "0.25" in msg and "layers 2" in msg
+    )
+    assert msg.index("`x --keep-mode budget` trains those") < msg.index("`x --keep none` trains them all")
     long = FitReport(train_exact=0.0, train_token_acc=0.8, answer_tokens=200)
     assert not long.short and "token accuracy" in long.message()
 

@@ -97,7 +97,7 @@ class SelectionConfig(BaseModel):
         description="contrast: rank experts by task share minus kept share (the most kept share counts) "
         "and apply top-p to that; capped: the same ranking, taking experts only while the layer stays within "
         "--keep-share of each kept dataset's routing (one past it is replaced by the next under it); capped-wide: "
-        "capped, going on within the bound up to the paper's count of experts per layer; budget: the "
+        "capped, going on within the bound up to the paper's count of experts per layer (every token scored); budget: the "
         "paper's selection, dropping experts until they carry at most --keep-share of the kept routing per layer",
     )
     keep_share: float = Field(
