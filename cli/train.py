@@ -247,9 +247,9 @@ def train_cmd(ctx, base, data, task, out, from_set, general, as_json, **kw):
     (the demo's): answer-only scores, ESFT-Token top-p 0.2, and retention-aware selection: experts
     rank by their share of the task's routing minus that of the kept data, and a layer trains them
     only while they carry at most --keep-share of the kept routing, up to the paper's top-p count of
-    experts per layer, every token scored (--keep-mode capped-wide; capped stops at the ranking's own count, contrast
-    ranks without the bound, budget bounds the paper's selection) (--keep auto: the demo's general
-    tasks on the demo base; on any other base prompts and answers sampled from the base itself,
+    experts per layer, every token scored (--keep-mode capped-wide; capped stops at the ranking's
+    own count, contrast ranks without the bound, budget bounds the paper's selection) (--keep auto:
+    the demo's general tasks on the demo base; on any other base prompts and answers sampled from the base itself,
     once, cached). The keep guard stops training, and keeps the last experts within it, when the
     kept data's answers fall more than --keep-guard below the base's. --keep-mix DATA also trains on the
     skills the set must keep doing (e.g. its domain's pretrained tasks). With --general, reports

@@ -111,6 +111,8 @@ def test_train_scores_and_selects_itself(tmp_path, tiny_model_dir, data):
     # train scores the positions that produce answers by default
     assert p.tokens_scored > 0 and p.count_prompt_tokens is False and p.final_eval_loss is not None
     assert p.trainable_params > 0 and set(p.extra["scores"]) == {"0", "1"}
+    # the paper's count per layer (every token scored), what capped-wide fills to, is recorded
+    assert set(p.extra["paper_count"]) == {"0", "1"} and all(n >= 1 for n in p.extra["paper_count"].values())
 
 
 def test_python_api_trains_what_the_cli_trains(tmp_path, tiny_model_dir, data):

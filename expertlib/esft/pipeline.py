@@ -177,7 +177,7 @@ def train_esft(
     from expertlib.esft.data import data_digest, load_samples, load_tokenizer, pad_token_id, split_holdout
     from expertlib.esft.profiling import anchor_samples, base_anchors, prompt_profile
     from expertlib.esft.scoring import score_experts
-    from expertlib.esft.selection import select_experts, top_p_rule
+    from expertlib.esft.selection import select_experts, top_p_layer, top_p_rule
     from expertlib.identity import base_identity
     from expertlib.moe import load_model
 
@@ -275,6 +275,11 @@ def train_esft(
                     "keep": keep_record,
                     "weighting": sel.weighting,
                     "scores": {str(k): [round(x, 6) for x in v] for k, v in scores.of(sel.score).items()},
+                    # the paper's top-p count per layer, every token scored (what capped-wide fills to)
+                    "paper_count": {
+                        str(k): len(top_p_layer(v, p, max_experts=sel.max_per_layer, eps=eps))
+                        for k, v in scores.every(sel.score).items()
+                    },
                 },
             )
         )
