@@ -24,6 +24,8 @@ log = logging.getLogger("expertlib.server")
 
 #: Seconds between two listings of the registry.
 RELIST_S = 10.0
+#: Outcomes a set is tried again after, on the next round
+AGAIN = ("no room", "packing elsewhere")
 
 
 class Prepacker:
@@ -66,10 +68,9 @@ class Prepacker:
         refs = await asyncio.to_thread(self.catalog.registered)
         refs.sort(key=lambda r: -r.version)  # newest versions first (stable: the registry's order)
         loaded = set(self.catalog.loaded())
-        # a set that found no room is tried again: room may have been made since
-        todo = [
-            r for r in refs if self.outcomes.get(r.digest, "no room") == "no room" and str(r) not in loaded
-        ]
+        # a set that found no room is tried again (room may have been made since), and one another
+        # process was packing (a replica sharing the cache: cached by now, or given up)
+        todo = [r for r in refs if self.outcomes.get(r.digest, "no room") in AGAIN and str(r) not in loaded]
         self.pending = [str(r) for r in todo]
         for ref in todo:
             while not self.engine.idle():

@@ -110,6 +110,34 @@ def test_the_server_packs_its_registry_ahead_newest_first_and_reports_it(tmp_pat
     asyncio.run(run())
 
 
+def test_a_set_another_replica_was_packing_is_asked_for_again(tmp_path):
+    """ "packing elsewhere" (a replica sharing the cache held the claim) is tried again on the next
+    round, like "no room"; "cached" then ends it."""
+    reg = Registry(tmp_path / "reg")
+    reg.publish(_patch_file(tmp_path / "math.safetensors", "math"))
+    engine = PackingEngine()
+    answers = iter([{"outcome": "packing elsewhere", "bytes": 0}, {"outcome": "cached", "bytes": 0}])
+
+    async def prepack(opened, name=None):
+        engine.packed.append(opened.name)
+        return next(answers)
+
+    engine.prepack = prepack
+
+    async def run():
+        state = await _started(ServerSettings(base="b", registry=str(tmp_path / "reg")), engine)
+        try:
+            state.prepacker.relist_s = 0.05
+            state.prepacker.wake()
+            await _until(lambda: len(engine.packed) == 2)
+            await asyncio.sleep(0.2)  # listed again: cached, not asked a third time
+            assert engine.packed == ["math@1", "math@1"] and state.prepacker.status()["pending"] == 0
+        finally:
+            state.shutdown()
+
+    asyncio.run(run())
+
+
 def test_no_prepack_and_no_registry_leave_it_off(tmp_path):
     reg = Registry(tmp_path / "reg")
     reg.publish(_patch_file(tmp_path / "math.safetensors", "math"))
@@ -275,3 +303,26 @@ def test_a_set_file_changed_while_packed_ahead_leaves_no_entry(tmp_path):
     else:
         raise AssertionError("a set changed after its check was packed")
     assert cache.status()["entries"] == 0 and not list((tmp_path / "packed").glob(".*.tmp"))
+
+
+def test_replicas_sharing_the_cache_pack_a_set_once(tmp_path):
+    """Two processes packing the same set ahead into one cache (replicas of a server): while one
+    holds the claim the other is told "packing elsewhere" and writes nothing; once it is done the
+    set is cached for both."""
+    path = _big_set(tmp_path / "big.safetensors")
+    root = tmp_path / "packed"
+    ours, theirs = PackedCache(root, budget=1 << 30), PackedCache(root, budget=1 << 30)
+    digest = _digest(path)
+    claim = theirs.claim(digest, "L")  # the other replica, mid-packing (its own open file: flock conflicts)
+    assert claim is not None
+    assert _pack(ours, path) == (digest, ("packing elsewhere", 0))
+    assert not list(root.glob("*.bin")) and not list(root.glob(".*.tmp"))
+    claim.close()  # the other replica is done (or gave up): the claim is free again
+    assert _pack(ours, path)[1][0] == "packed"
+    assert _pack(theirs, path)[1] == ("cached", 0)
+
+
+def _digest(path) -> str:
+    from expertlib.patch import ExpertSet
+
+    return ExpertSet.open(path).manifest.content_digest

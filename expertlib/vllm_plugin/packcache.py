@@ -24,6 +24,7 @@ record's mtime is its last use).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ import shutil
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -239,7 +240,7 @@ class PackedCache:
         self._remove(key)
 
     def _remove(self, key: str) -> None:
-        for p in self._paths(key):
+        for p in (*self._paths(key), self._lock_path(key)):
             with contextlib.suppress(OSError):
                 p.unlink()
 
@@ -311,6 +312,22 @@ class PackedCache:
         """Whether an entry for this set and layout is on disk (its record not read nor checked: what
         `record` checks when a load reads it); counts nothing."""
         return self.enabled and self._paths(self.key(content_digest, layout))[1].exists()
+
+    def claim(self, content_digest: str, layout: str) -> BinaryIO | None:
+        """This process's exclusive claim on packing this entry ahead of any request (`flock` on a lock
+        file beside it), or None while another process holds it: replicas of a server share the cache
+        and pack each set once. Closing the returned file gives the claim up."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        f = open(self._lock_path(self.key(content_digest, layout)), "a+b")  # noqa: SIM115 - returned
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            return None
+        return f
+
+    def _lock_path(self, key: str) -> Path:
+        return self.root / f".{key}.lock"
 
     def writer(self, content_digest: str, layout: str) -> PackedWriter:
         """A packed set written layer by layer (`PackedWriter`), so one layer's rows are in memory

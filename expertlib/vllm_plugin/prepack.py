@@ -21,7 +21,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 #: What a job's pieces generator returns: its outcome, "packed", "cached" (the cache holds it
-#: already), "no room" or "off" (the cache is), and the bytes it wrote
+#: already), "no room" or "off" (the cache is), "packing elsewhere" (another process packs it now),
+#: and the bytes it wrote
 Pieces = Generator[None, None, tuple[str, int]]
 
 
@@ -157,24 +158,28 @@ def pack_pieces(
     size = sum(len(experts) * row_bytes(layer) for layer, experts in by_layer.items())
     if size > cache.free():
         return "no room", 0
-    if checked:
-        es.trust(VerifiedRecord.model_validate_json(checked))
-    yield
-    state = es.map_verified()  # a memory map, not a buffer of the set's size (GiB at full depth)
-    rows = None  # one layer's rows, written again for the next layer once on disk
-    with cache.writer(content_digest, layout) as out:
-        for layer, experts in sorted(by_layer.items()):
-            yield
-            experts = sorted(experts)
-            weights = [es.expert(layer, e) for e in experts]
-            rows = pack_rows(ctx.layers[layer], experts, weights, rows)
-            out.add(layer, rows.experts, rows.parts())
+    claim = cache.claim(content_digest, layout)
+    if claim is None:  # another process (a replica) packs it now: asked again on the next round
+        return "packing elsewhere", 0
+    with claim:
+        if checked:
+            es.trust(VerifiedRecord.model_validate_json(checked))
         yield
-        if FileKey.of(path) != state:  # the map showed bytes written after the check: pack none of it
-            raise PatchCorruptError("the set file changed while it was packed ahead", path=path)
-        if cache.holds(content_digest, layout):  # a load of it wrote its own meanwhile
-            return "cached", 0
-        return ("packed", out.nbytes) if out.commit(evict=False) is not None else ("no room", 0)
+        state = es.map_verified()  # a memory map, not a buffer of the set's size (GiB at full depth)
+        rows = None  # one layer's rows, written again for the next layer once on disk
+        with cache.writer(content_digest, layout) as out:
+            for layer, experts in sorted(by_layer.items()):
+                yield
+                experts = sorted(experts)
+                weights = [es.expert(layer, e) for e in experts]
+                rows = pack_rows(ctx.layers[layer], experts, weights, rows)
+                out.add(layer, rows.experts, rows.parts())
+            yield
+            if FileKey.of(path) != state:  # the map showed bytes written after the check: pack none of it
+                raise PatchCorruptError("the set file changed while it was packed ahead", path=path)
+            if cache.holds(content_digest, layout):  # a load of it wrote its own meanwhile
+                return "cached", 0
+            return ("packed", out.nbytes) if out.commit(evict=False) is not None else ("no room", 0)
 
 
 #: This process's packing ahead (each vLLM worker process has its own).
