@@ -335,3 +335,23 @@ def test_a_load_job_runs_on_every_cpu(world, loop):
         assert cpu_list(cpus) == set(range(os.cpu_count() or 1)), cpus
 
     loop.run_until_complete(asyncio.wait_for(scenario(), timeout=300))
+
+
+def test_a_routing_prefill_counts_as_a_request(world, loop, monkeypatch):
+    """model="auto"'s routing prefill is a request like any other while it runs: packing ahead and a
+    load's polls (which wait only while no request runs) see the engine busy."""
+    engine = world["engine"]
+    idle_then: list[bool] = []
+    generate = engine.engine.generate
+
+    def watched(*args, **kwargs):
+        idle_then.append(engine.idle())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(engine.engine, "generate", watched)
+
+    async def scenario():
+        counts = await engine.routing_of(engine.get_tokenizer().encode("Hello world"))
+        assert counts and idle_then == [False] and engine.idle()
+
+    loop.run_until_complete(asyncio.wait_for(scenario(), timeout=300))

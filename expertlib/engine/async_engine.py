@@ -201,12 +201,14 @@ class AsyncExpertEngine(SetsView):
                 self._capture_rows.put_nowait(row)
         row = await self._capture_rows.get()
         tag = uuid.uuid4().hex
+        self._requests += 1  # a request like any other: packing ahead and load polls make way for it
         try:
             params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={CAPTURE_KEY: row})
             prompt = {"prompt_token_ids": list(prompt_ids), "cache_salt": f"expertlib-route-{tag}"}
             async for _ in self.engine.generate(prompt, requests.with_set_row(params, None), f"route-{tag}"):
                 pass
         finally:
+            self._requests -= 1
             try:  # read and zeroed even when the request failed: the row goes back clean
                 counts = (await self._rpc("expertlib_take_routing", (row,)))[0]
             finally:
