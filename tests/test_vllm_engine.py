@@ -234,7 +234,9 @@ def test_a_set_packed_before_loads_from_the_packed_cache(world, monkeypatch, tmp
     original, into_slots = worker.pack_set, worker.pack_into_slots
     monkeypatch.setattr(worker, "pack_set", lambda ctx, es: packed.append(es) or original(ctx, es))
     monkeypatch.setattr(
-        worker, "pack_into_slots", lambda ctx, es, *a: packed.append(es) or into_slots(ctx, es, *a)
+        worker,
+        "pack_into_slots",
+        lambda ctx, es, *a, **kw: packed.append(es) or into_slots(ctx, es, *a, **kw),
     )
     hits = PACKED_CACHE.hits
     load_afresh()
@@ -251,6 +253,42 @@ def test_a_set_packed_before_loads_from_the_packed_cache(world, monkeypatch, tmp
     assert len(packed) == 1 and PACKED_CACHE.refused == refused + 1
     assert tokens(engine.generate(PROMPTS[:3], "beta", greedy())) == want
     assert PACKED_CACHE.status()["entries"] == 1  # written again from the fresh packing
+    reset(engine)
+
+
+def test_a_set_file_written_while_it_loads_is_refused(world, tmp_path, monkeypatch):
+    """A load packs straight from a memory map of the set file, which shows later writes: a write
+    while it packs (the file's mtime and ctime move) fails the load, nothing of it serves; once the
+    file is checked again in its new state it loads."""
+    import shutil
+
+    from expertlib.vllm_plugin import worker
+    from expertlib.vllm_plugin.hostcache import HOST_CACHE
+    from expertlib.vllm_plugin.packcache import PACKED_CACHE
+
+    engine = world["engine"]
+    reset(engine)
+    path = tmp_path / "beta.safetensors"
+    shutil.copy(world["paths"]["beta"], path)
+    monkeypatch.setattr(PACKED_CACHE, "enabled", False)  # packed from the file, not read from the cache
+    budget = HOST_CACHE.budget
+    HOST_CACHE.resize(0)
+    HOST_CACHE.resize(budget)
+    original = worker.pack_into_slots
+    packed = []
+
+    def written_meanwhile(ctx, es, *args, **kwargs):
+        os.utime(path)  # a write: mtime and ctime move (the bytes are the map's business)
+        packed.append(es)
+        return original(ctx, es, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "pack_into_slots", written_meanwhile)
+    with pytest.raises(Exception, match="changed while it was loaded"):
+        engine.load(path)
+    assert packed and engine.loaded_sets() == []
+    monkeypatch.setattr(worker, "pack_into_slots", original)
+    engine.load(path)  # checked again in its new state
+    assert engine.loaded_sets() == ["beta"]
     reset(engine)
 
 
