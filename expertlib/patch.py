@@ -373,8 +373,8 @@ class ExpertSet:
         """Check the set (a standing check, else one hashing pass over a memory map of the file) and
         take its tensors as views on a private memory map: no host buffer of the set's size, for a
         reader in the background of sets of many GiB. The map shows later writes to the file, so what
-        is derived from these tensors stands only while the file keeps the returned state (compare
-        `FileKey.of(path)` before using it); raises PatchCorruptError when the file changed during
+        is derived from these tensors stands only while the file keeps the returned state
+        (`still_as_mapped` before using it); raises PatchCorruptError when the file changed during
         the check."""
         assert self.path is not None
         before = FileKey.of(self.path)
@@ -386,6 +386,14 @@ class ExpertSet:
             )
         self._tensors = tensors
         return before
+
+    def still_as_mapped(self, state: FileKey, doing: str) -> None:
+        """Raise PatchCorruptError unless the file is still in `state` (what `map_verified` returned):
+        what was made from the map while `doing` is then what was checked."""
+        if FileKey.of(self.path) != state:
+            raise PatchCorruptError(
+                f"the set file changed while it was {doing}", path=str(self.path), hint=_REPUBLISH
+            )
 
     def _standing_record(self) -> VerifiedRecord | None:
         """A full check of this file in its present state: handed in with `trust`, or made here."""

@@ -139,9 +139,9 @@ def pack_pieces(
     VerifiedRecord `checked` of the unchanged file, else every byte hashed: a damaged file fails
     here, nothing written) and memory-mapped, then one MoE layer per piece appended to the entry,
     committed only while the file is still as it was checked, and only into the bound's free space."""
-    from expertlib.errors import DigestMismatchError, PatchCorruptError
+    from expertlib.errors import DigestMismatchError
     from expertlib.patch import ExpertSet
-    from expertlib.verify import FileKey, VerifiedRecord
+    from expertlib.verify import VerifiedRecord
 
     if not cache.enabled or cache.budget <= 0:
         return "off", 0
@@ -175,8 +175,7 @@ def pack_pieces(
                 rows = pack_rows(ctx.layers[layer], experts, weights, rows)
                 out.add(layer, rows.experts, rows.parts())
             yield
-            if FileKey.of(path) != state:  # the map showed bytes written after the check: pack none of it
-                raise PatchCorruptError("the set file changed while it was packed ahead", path=path)
+            es.still_as_mapped(state, "packed ahead")  # bytes written after the check: pack none of it
             if cache.holds(content_digest, layout):  # a load of it wrote its own meanwhile
                 return "cached", 0
             return ("packed", out.nbytes) if out.commit(evict=False) is not None else ("no room", 0)

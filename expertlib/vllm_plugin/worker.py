@@ -255,7 +255,7 @@ def _pack_spread(
 def pack_into_slots(
     ctx, es, fills: list[list[int]], spread: bool = False, before_done: Callable[[], None] | None = None
 ) -> dict[int, LayerRows]:
-    """Pack set `es` (read and checked) straight into the slot rows `fills` names (every expert of
+    """Pack set `es` (checked; read or memory-mapped) straight into the slot rows `fills` names (every expert of
     the set, once each; CPU slots, no expert biases), then, the slots written, return copies of those
     rows for the host cache (`slots_written` is called between the two: a background load is done
     for the front end once the slots hold the set). Slot memory is faulted in already; packing into
@@ -628,15 +628,15 @@ class SlotWorkerExtension:
         checked: str | None,
         spread: bool = False,
     ) -> bool:
-        """A set neither cache holds: read and checked as `_expertlib_rows` does, packed straight into
-        its slots (`pack_into_slots`); then, the load done for the front end, copies of those rows kept
-        in the host cache and written to the packed-set cache. False when the load does not qualify
-        (`packs_into_slots`)."""
+        """A set neither cache holds: checked as `_expertlib_rows` checks it, memory-mapped (no read
+        into a buffer) and packed from the map straight into its slots (`pack_into_slots`); then, the
+        load done for the front end, copies of those rows kept in the host cache and written to the
+        packed-set cache. False when the load does not qualify (`packs_into_slots`)."""
         import logging
 
-        from expertlib.errors import DigestMismatchError, PatchCorruptError
+        from expertlib.errors import DigestMismatchError
         from expertlib.patch import ExpertSet
-        from expertlib.verify import FileKey, VerifiedRecord
+        from expertlib.verify import VerifiedRecord
         from expertlib.vllm_plugin.hostcache import HOST_CACHE
         from expertlib.vllm_plugin.packcache import PACKED_CACHE
 
@@ -652,15 +652,10 @@ class SlotWorkerExtension:
         digest = es.manifest.content_digest
         if content_digest is not None and digest != content_digest:
             raise DigestMismatchError("the set file changed after it was checked", path=path)
-
-        def unchanged() -> None:  # the map shows later writes: what was packed is what was checked
-            if FileKey.of(path) != state:
-                raise PatchCorruptError(
-                    "the set file changed while it was loaded", path=path, hint="publish it again"
-                )
-
+        # the map shows later writes: what was packed must be what was checked
+        unchanged = functools.partial(es.still_as_mapped, state, "loaded")
         rows = pack_into_slots(ctx, es, fills, spread, before_done=unchanged)
-        del es  # the read buffer
+        del es, unchanged  # the map
         try:  # the slots hold the set: from here on nothing may fail the load
             HOST_CACHE.keep(path, digest, rows, sum(r.nbytes for r in rows.values()))
             PACKED_CACHE.save_later(digest, layout_of(ctx), packed_layers(rows))
