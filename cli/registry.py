@@ -125,7 +125,7 @@ def list_cmd(base: str | None, name: str | None, reg, as_json: bool) -> None:
 @registry_option
 @json_option
 def show_cmd(ref: str, base: str | None, reg, as_json: bool) -> None:
-    """Show one expert set: NAME, NAME@VERSION, NAME@TAG or NAME@sha256:DIGEST.
+    """Show one expert set: NAME, NAME@VERSION, NAME@TAG or NAME@blake3:DIGEST (older: @sha256:).
 
     Example: expertlib show math@2 --json
     """
@@ -337,7 +337,7 @@ def tag_cmd(ref: str, tag: str, delete: bool, base: str | None, reg) -> None:
 @registry_option
 @json_option
 def rm_cmd(ref: str, all_versions: bool, base: str | None, reg, as_json: bool) -> None:
-    """Remove a version (NAME@VERSION, @TAG or @sha256:...) or, with --all, every version of NAME.
+    """Remove a version (NAME@VERSION, @TAG or @blake3:...) or, with --all, every version of NAME.
 
     Blobs stay until `expertlib gc`. Example: expertlib rm math@1
     """
@@ -374,7 +374,7 @@ def gc_cmd(dry_run: bool, grace: float, reg, as_json: bool) -> None:
 @registry_option
 @json_option
 def verify_cmd(refs: tuple[str, ...], base: str | None, reg, as_json: bool) -> None:
-    """Recompute the sha256 of every stored patch (or of REFS); exit 1 if any is damaged.
+    """Recompute the digests of every stored patch (or of REFS); exit 1 if any is damaged.
 
     Example: expertlib verify
     """

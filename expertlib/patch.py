@@ -27,7 +27,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from expertlib import jsonsafe
-from expertlib.constants import EXPERT_KEY, EXTRA_PARAM_PREFIX, MANIFEST_METADATA_KEY, PATCH_FORMAT_VERSION
+from expertlib.constants import (
+    EXPERT_KEY,
+    EXTRA_PARAM_PREFIX,
+    MANIFEST_METADATA_KEY,
+    PATCH_FORMAT_VERSION,
+    UNVERSIONED_FORMAT,
+)
 from expertlib.errors import (
     PatchCorruptError,
     PatchFormatError,
@@ -108,7 +114,7 @@ class ExpertSetManifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format_version: StrictInt = Field(
-        default=PATCH_FORMAT_VERSION, ge=1, description="patch format version (an integer, never a string)"
+        default=UNVERSIONED_FORMAT, ge=1, description="patch format version (an integer, never a string)"
     )
     task: str = Field(description="task name the experts were trained for")
     description: str = ""
@@ -124,7 +130,9 @@ class ExpertSetManifest(BaseModel):
     base_param_digests: dict[str, str] = Field(
         default_factory=dict, description="name -> digest of replaced params"
     )
-    content_digest: str = Field(description="sha256 over every tensor's name, dtype, shape and bytes")
+    content_digest: str = Field(
+        description="digest over every tensor's name, dtype, shape and bytes (blake3 from format 4, sha256 before)"
+    )
     provenance: Provenance = Field(default_factory=Provenance)
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
@@ -239,6 +247,7 @@ class ExpertSet:
             tensors[EXTRA_PARAM_PREFIX + name] = t.detach().to("cpu", dtype).contiguous()
         digests = digests_of(tensors, expert_map, PATCH_FORMAT_VERSION)
         manifest = ExpertSetManifest(
+            format_version=PATCH_FORMAT_VERSION,
             task=task,
             description=description,
             base=base,

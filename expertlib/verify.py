@@ -2,7 +2,7 @@
 
 One pass computes everything a load needs: the content digest, every expert's digest, and each
 tensor's largest magnitude (max |w|, which is NaN or inf when the tensor holds such values; the
-weight-bound check reads it too). Tensors are hashed on a thread pool (hashlib and torch release
+weight-bound check reads it too). Tensors are hashed on a thread pool (the hashes and torch release
 the GIL), straight from a memory map of the file, so reading overlaps hashing.
 
     scan = scan_tensors(tensors, manifest)         # a Scan: content_digest, expert_digests, absmax
@@ -19,6 +19,10 @@ Digest schemes, by patch format version:
   2  a tree: every tensor's bytes get their own sha256 (a leaf, computed in parallel); the content
      digest is the sha256 of the lines "name|dtype|shape|leaf" in name order, an expert's digest the
      sha256 of the lines "part|dtype|shape|leaf" of its parts in canonical order.
+  3  the same; a registry addresses the file by a tree over the same leaves (`blob_digest`).
+  4  the same trees with BLAKE3 in place of sha256 everywhere (leaves, trees, the address; digests
+     read "blake3:<64 hex>"): 2.5x less CPU per byte than sha256 with the SHA extensions, which is
+     what publish, pull and a first load spend their time on. Older files keep their sha256 digests.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+import blake3
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
@@ -66,8 +71,19 @@ class _Layout(NamedTuple):
         return [(layer, e) for layer, ids in sorted(self.experts.items()) for e in ids]
 
 
-#: Patch format whose digests are trees of per-tensor sha256 leaves (see the module docstring).
+#: Patch format whose digests are trees of per-tensor leaves (see the module docstring).
 TREE_FORMAT = 2
+#: Patch format from which every digest is BLAKE3 instead of sha256.
+BLAKE3_FORMAT = 4
+
+
+def hash_of(format_version: int | None) -> tuple[str, Callable]:
+    """(name, constructor) of the hash a patch of `format_version` is digested with; None (bytes that
+    are no patch) and formats before `BLAKE3_FORMAT`: sha256. A digest reads "<name>:<hex>"."""
+    if format_version is not None and format_version >= BLAKE3_FORMAT:
+        return "blake3", blake3.blake3
+    return "sha256", hashlib.sha256
+
 
 _DTYPES = {
     "F64": torch.float64,
@@ -156,8 +172,8 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def _leaf(name: str, t: torch.Tensor) -> tuple[str, str, float]:
-    return name, hashlib.sha256(_bytes_of(t)).hexdigest(), _absmax(t)
+def _leaf(name: str, t: torch.Tensor, new: Callable) -> tuple[str, str, float]:
+    return name, new(_bytes_of(t)).hexdigest(), _absmax(t)
 
 
 def _expert_names(layer: int, expert: int, tensors: Mapping[str, object]) -> list[tuple[str, str]]:
@@ -185,7 +201,8 @@ def scan_tensors(
 
 def _scan_tree(tensors: Mapping[str, torch.Tensor], m: ExpertSetManifest, pool: ThreadPoolExecutor) -> Scan:
     leaves, absmax = {}, {}
-    for name, leaf, amax in pool.map(lambda kv: _leaf(*kv), tensors.items()):
+    new = hash_of(m.format_version)[1]
+    for name, leaf, amax in pool.map(lambda kv: _leaf(*kv, new), tensors.items()):
         leaves[name], absmax[name] = leaf, amax
     meta = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
     return tree_scan(leaves, meta, absmax, m)
@@ -197,19 +214,20 @@ def tree_scan(
     absmax: Mapping[str, float],
     m: ExpertSetManifest,
 ) -> Scan:
-    """The format-2 digests from each tensor's leaf (sha256 of its bytes) and (dtype, shape)."""
+    """The tree digests (format 2 on) from each tensor's leaf (the hash of its bytes) and (dtype, shape)."""
+    label, new = hash_of(m.format_version)
 
     def line(name: str, label: str) -> bytes:
         dtype, shape = meta[name]
         return f"{label}|{str(dtype).removeprefix('torch.')}|{tuple(shape)}|{leaves[name]}\n".encode()
 
-    content = hashlib.sha256(b"".join(line(n, n) for n in sorted(leaves)))
+    content = new(b"".join(line(n, n) for n in sorted(leaves)))
     experts = {}
     for layer, e in m.pairs():
         parts = _expert_names(layer, e, leaves)
-        h = hashlib.sha256(b"".join(line(n, p) for p, n in parts))
-        experts[f"{layer}.{e}"] = "sha256:" + h.hexdigest()
-    return Scan(content_digest="sha256:" + content.hexdigest(), expert_digests=experts, absmax=dict(absmax))
+        h = new(b"".join(line(n, p) for p, n in parts))
+        experts[f"{layer}.{e}"] = f"{label}:{h.hexdigest()}"
+    return Scan(content_digest=f"{label}:{content.hexdigest()}", expert_digests=experts, absmax=dict(absmax))
 
 
 def _scan_flat(tensors: Mapping[str, torch.Tensor], m: ExpertSetManifest, pool: ThreadPoolExecutor) -> Scan:
@@ -341,11 +359,11 @@ def read_scanned(
         read_to(min(size, 8 + n) if n <= size else size)
         tensors = tensor_views(buf, expected, str(path))  # checks the header against the manifest
         by_end = sorted(tensors, key=lambda k: tensors[k].data_ptr() + tensors[k].nbytes)
-        base, futures = buf.ctypes.data, []
+        base, futures, new = buf.ctypes.data, [], hash_of(manifest.format_version)[1]
         for name in by_end:
             t = tensors[name]
             read_to(t.data_ptr() - base + t.nbytes if t.numel() else done)
-            futures.append(pool.submit(_leaf, name, t))
+            futures.append(pool.submit(_leaf, name, t, new))
         read_to(size)
         leaves, absmax = {}, {}
         for fut in futures:
@@ -489,17 +507,17 @@ def _bits_value(bits: int, dtype: torch.dtype) -> float:
 
 class StreamScan:
     """What a check needs, computed while a safetensors file's bytes stream past once: the file's
-    address in a registry (`digest`) and, per tensor, its leaf (sha256 of its bytes) and max |w|,
-    i.e. a format-2 `Scan`. The work runs on two threads (hashlib and numpy release the GIL), so it
-    overlaps the copy that feeds it. For a patch of format `BLOB_TREE_FORMAT` or later the address is
+    address in a registry (`digest`) and, per tensor, its leaf (the hash of its bytes that its format
+    names, `hash_of`) and max |w|, i.e. a tree `Scan`. The work runs on two threads (the hashes and
+    numpy release the GIL), so it overlaps the copy that feeds it. For a patch of format `BLOB_TREE_FORMAT` or later the address is
     a tree over the same leaves (`blob_digest`), so every byte is hashed once, the tensors split
     between the two threads; for older files it is the sha256 of the whole file, on its own thread.
 
         stream = StreamScan()
         for chunk in chunks:
             stream.update(chunk)                # then write the chunk
-        digest = stream.digest()                # the file's address, "sha256:..."
-        scan = stream.scan(manifest)            # None when the bytes were no format-2 patch
+        digest = stream.digest()                # the file's address, "blake3:..." (older: "sha256:...")
+        scan = stream.scan(manifest)            # None when the bytes were no tree-format patch
     """
 
     def __init__(self) -> None:
@@ -510,6 +528,7 @@ class StreamScan:
         self._whole: hashlib._Hash | None = None  # the sha256 of every byte, when the address is that
         self._header_end = 0
         self._header_leaf = ""
+        self._label, self._new = hash_of(None)  # the tree's hash, once the header named the format
         # (start, end, key, owner thread) in the file, by start; key: a tensor name, or the int start
         # of bytes between or after the tensors (None for the end: whatever follows the last tensor)
         self._segments: list[tuple[int, int | None, str | int, int]] = []
@@ -576,7 +595,7 @@ class StreamScan:
                 continue  # nothing after the last tensor
             kind = "tensor" if isinstance(key, str) else "bytes"
             lines.append(f"{kind}|{a}|{end}|{self._leaves[key].hexdigest()}\n".encode())
-        return "sha256:" + hashlib.sha256(b"".join(lines)).hexdigest()
+        return f"{self._label}:{self._new(b''.join(lines)).hexdigest()}"
 
     def scan(self, manifest: ExpertSetManifest) -> Scan | None:
         """The format-2 scan of the bytes seen, or None (another format, or bytes that are no
@@ -598,6 +617,7 @@ class StreamScan:
 
     def _plain(self) -> None:
         self._tree, self._bad, self._whole = False, True, hashlib.sha256()
+        self._label, self._new = hash_of(None)
 
     def _read_header(self) -> bool:
         """Once the header has arrived: decide the address scheme and lay out the segments. False
@@ -651,8 +671,9 @@ class StreamScan:
         self._tree = fmt is not None and fmt >= BLOB_TREE_FORMAT
         if not self._tree:
             self._whole = hashlib.sha256()
+        self._label, self._new = hash_of(fmt)
         self._header_end = 8 + n
-        self._header_leaf = hashlib.sha256(self._head).hexdigest()
+        self._header_leaf = self._new(self._head).hexdigest()
         load, at = [0, 0], 8 + n  # bytes given to each thread; the position reached
         for a, b, name in spans:
             if a > at:  # bytes no tensor claims: hashed too, so the address covers every byte
@@ -663,7 +684,7 @@ class StreamScan:
             at = b
         self._segments.append((at, None, at, 0))
         for _, _, key, _ in self._segments:
-            self._leaves[key] = hashlib.sha256()
+            self._leaves[key] = self._new()
 
     # --- on the hashing threads ---
 
@@ -718,12 +739,13 @@ def declared_format(metadata) -> int | None:
 
 def blob_digest(chunks) -> str:
     """The registry address of a file's bytes (`chunks`: the file, piece by piece). For a patch of
-    format `BLOB_TREE_FORMAT` or later: the sha256 of the lines
+    format `BLOB_TREE_FORMAT` or later: the hash its format names (`hash_of`: BLAKE3 from format 4,
+    sha256 before) of the lines
 
         expertlib blob tree 1
-        header|0|<end>|<sha256 of the 8-byte length and the header>
-        tensor|<start>|<end>|<sha256 of the tensor's bytes>      one per tensor, by position
-        bytes|<start>|<end>|<sha256>                             bytes no tensor claims, if any
+        header|0|<end>|<hash of the 8-byte length and the header>
+        tensor|<start>|<end>|<hash of the tensor's bytes>      one per tensor, by position
+        bytes|<start>|<end>|<hash>                             bytes no tensor claims, if any
 
     whose tensor leaves are those of the content digest (one hash pass gives both); for anything
     else the sha256 of the whole file."""

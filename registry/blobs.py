@@ -1,4 +1,5 @@
-"""Content-addressed blob storage: `blobs/sha256/<2 hex>/<64 hex>.safetensors`.
+"""Content-addressed blob storage: `blobs/<algorithm>/<2 hex>/<64 hex>.safetensors`, the algorithm
+being blake3 (patch format 4 on) or sha256 (older sets; `expertlib.verify.hash_of`).
 
 A blob enters in two steps so that no reader ever sees a partial file:
 
@@ -19,7 +20,7 @@ hard link, which an edit of the source would change. Each piece is handed to the
 landed (`start_writeback`), so the disk writes while the bytes are hashed and the fsync finds little left.
 
 A blob checked in full (at publish, pull or import, or by `expertlib verify`) gets a verified record
-in `verified/<64 hex>.json`: the blob's file state then (`expertlib.verify.FileKey`) and what the
+in `verified/<64 hex>.json` (sha256) or `verified/blake3/<64 hex>.json`: the blob's file state then (`expertlib.verify.FileKey`) and what the
 check found. Loads trust the record while the blob's file still matches it and check in full otherwise.
 """
 
@@ -43,7 +44,7 @@ from typing import BinaryIO
 from expertlib.constants import PATCH_SUFFIX
 from expertlib.errors import DigestMismatchError
 from expertlib.fsutil import atomic_path
-from expertlib.registry.names import DIGEST_PREFIX, validate_digest
+from expertlib.registry.names import DIGEST_ALGORITHMS, split_digest, validate_digest
 from expertlib.verify import FileKey, StreamScan, VerifiedRecord
 
 CHUNK = 1 << 20
@@ -131,16 +132,17 @@ class TempBlob:
 class BlobStore:
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.blob_dir = self.root / BLOBS_DIR / "sha256"
         self.tmp_dir = self.root / TMP_DIR
 
+    def blob_dir(self, algorithm: str) -> Path:
+        return self.root / BLOBS_DIR / algorithm
+
     def ensure(self) -> None:
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: str) -> Path:
-        hexd = validate_digest(digest)[len(DIGEST_PREFIX) :]
-        return self.blob_dir / hexd[:2] / f"{hexd}{PATCH_SUFFIX}"
+        algorithm, hexd = split_digest(validate_digest(digest))
+        return self.blob_dir(algorithm) / hexd[:2] / f"{hexd}{PATCH_SUFFIX}"
 
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
@@ -148,7 +150,9 @@ class BlobStore:
     # --- verified records ----------------------------------------------------------------------
 
     def record_path(self, digest: str) -> Path:
-        return self.root / RECORDS_DIR / (validate_digest(digest)[len(DIGEST_PREFIX) :] + ".json")
+        algorithm, hexd = split_digest(validate_digest(digest))
+        folder = self.root / RECORDS_DIR
+        return (folder if algorithm == "sha256" else folder / algorithm) / f"{hexd}.json"
 
     def record(self, digest: str, content_digest: str) -> VerifiedRecord | None:
         """The blob's verified record, if the blob file is unchanged since that check."""
@@ -258,12 +262,14 @@ class BlobStore:
     # --- reading and cleaning ------------------------------------------------------------------
 
     def iter_digests(self) -> Iterator[str]:
-        if not self.blob_dir.is_dir():
-            return
-        for sub in sorted(self.blob_dir.iterdir()):
-            if sub.is_dir():
-                for f in sorted(sub.glob(f"*{PATCH_SUFFIX}")):
-                    yield DIGEST_PREFIX + f.name.removesuffix(PATCH_SUFFIX)
+        for algorithm in DIGEST_ALGORITHMS:
+            folder = self.blob_dir(algorithm)
+            if not folder.is_dir():
+                continue
+            for sub in sorted(folder.iterdir()):
+                if sub.is_dir():
+                    for f in sorted(sub.glob(f"*{PATCH_SUFFIX}")):
+                        yield f"{algorithm}:{f.name.removesuffix(PATCH_SUFFIX)}"
 
     def stale_temps(self, grace_s: float) -> list[Path]:
         """Temp files whose writer is gone (same host, dead pid) or older than `grace_s`."""

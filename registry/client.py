@@ -3,7 +3,7 @@
 Wire format (JSON bodies are the pydantic models of `expertlib.registry.protocol`):
 
     GET  {url}/entries?name=&base=        -> EntryList (each entry with its evaluation results)
-    GET  {url}/entries/{ref}?base=        -> Entry (with manifest)     ref: math, math@3, math@sha256:...
+    GET  {url}/entries/{ref}?base=        -> Entry (with manifest)     ref: math, math@3, math@blake3:...
     GET  {url}/blobs/{digest}             -> the patch bytes (application/octet-stream; Range: resumes)
     POST {url}/entries?name=&digest=&version=&tag=&source=   body: patch bytes  -> Entry (201)
     POST {url}/tags                       TagRequest -> Entry

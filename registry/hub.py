@@ -6,8 +6,9 @@ A pushed repo holds
     README.md                a model card with the Hub's metadata (base_model, library_name, tags,
                              model-index of the recorded evaluation results, the experts replaced)
 and each push is one commit (the revision history mirrors the versions pushed). Pulling
-downloads `expertlib.json` and the patch at a revision, and checks the patch's sha256 against
-the announced digest before the set enters the registry.
+downloads `expertlib.json` and the patch at a revision, and checks the patch's address (its blake3
+tree, or sha256 for older sets: `expertlib.verify.blob_digest`) against the announced digest before
+the set enters the registry.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class HubManifest(BaseModel):
     wire_version: StrictInt = WIRE_VERSION
     name: SetName
     version: int = Field(ge=1, le=MAX_VERSION)
-    digest: BlobDigest = Field(description="sha256 of expert_set.safetensors")
+    digest: BlobDigest = Field(description="address of expert_set.safetensors (expertlib.verify.blob_digest)")
     size: int = Field(ge=0)
     tags: Tags = Field(default_factory=list)
     base: BaseIdentity
@@ -279,12 +280,12 @@ def model_card(hm: HubManifest, repo_id: str, evals: Sequence[EvalRecord] = ()) 
             f"| dtype | {m.dtype} |",
             f"| method | {m.provenance.method} |",
             f"| file | `{PATCH_FILE}`, {hm.size} bytes |",
-            f"| sha256 | `{hm.digest}` |",
+            f"| digest | `{hm.digest}` |",
             "",
             "## Use",
             "",
             "```bash",
-            f"expertlib pull hf://{repo_id}   # checks the sha256 above before importing",
+            f"expertlib pull hf://{repo_id}   # checks the digest above before importing",
             f"expertlib show {hm.name}",
             "```",
             "",

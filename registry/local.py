@@ -8,13 +8,13 @@ errors (storage.py); this one puts them together.
 
     reg = Registry()                                  # $EXPERTLIB_REGISTRY or ~/.cache/expertlib/registry
     entry = reg.publish("math.safetensors", tags=["stable"])
-    reg.resolve("math@stable").ref                    # Ref(name='math', version=1, digest='sha256:...')
+    reg.resolve("math@stable").ref                    # Ref(name='math', version=1, digest='blake3:...')
     reg.open("math@1")                                # ExpertSet, opened lazily from the blob
 
 Layout of the folder:
 
     index.db                       SQLite (WAL): bases, names, versions, tags
-    blobs/sha256/ab/ab12....safetensors   patch files, named by the sha256 of their bytes
+    blobs/blake3/ab/ab12....safetensors   patch files, named by their digest (older sets: blobs/sha256/)
     tmp/                           files being written (removed by gc once their writer is gone)
 
 Names are per base model (model_type + structural config digest): `math` for base A and

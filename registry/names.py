@@ -3,7 +3,8 @@
     math            the latest version of task `math`
     math@3          version 3 (versions count from 1 to MAX_VERSION and are never reused)
     math@stable     whatever the movable tag `stable` points at (`latest` is automatic)
-    math@sha256:ab  the immutable blob digest (a unique prefix of >= 8 hex digits is enough)
+    math@blake3:ab  the immutable blob digest (a unique prefix of >= 8 hex digits is enough; sets of
+                    patch format 3 and older are addressed by sha256: math@sha256:ab)
 
 `parse_ref` turns such a string into a `RefSpec` (a query); the registry resolves it into a
 `Ref`, the frozen value object (name, version, digest) that names one stored expert set.
@@ -21,7 +22,11 @@ from expertlib.errors import InvalidNameError
 MAX_NAME_LEN = 100
 #: The automatic tag: always the highest version of a name.
 LATEST = "latest"
-DIGEST_PREFIX = "sha256:"
+#: The hashes a blob address may name, "<algorithm>:<64 hex>": blake3 (patch format 4 on) and
+#: sha256 (formats 1-3; `expertlib.verify.hash_of`). Both prefixes are 7 characters long.
+DIGEST_ALGORITHMS = ("blake3", "sha256")
+DIGEST_PREFIXES = tuple(a + ":" for a in DIGEST_ALGORITHMS)
+DIGEST_PREFIX_LEN = 7
 #: Shortest digest prefix accepted in a reference.
 MIN_DIGEST_PREFIX = 8
 #: Highest version number a registry writes (publish, push, pull, import, the HTTP routes). A name
@@ -89,19 +94,26 @@ def validate_version(version: object) -> int:
 
 
 def validate_digest(digest: str, *, prefix_ok: bool = False) -> str:
-    if not digest.startswith(DIGEST_PREFIX):
+    if not isinstance(digest, str) or not digest.startswith(DIGEST_PREFIXES):
         raise InvalidNameError(
-            f"digest {digest!r} does not start with {DIGEST_PREFIX!r}", hint="use sha256:<hex>"
+            f"digest {str(digest)[:80]!r} does not start with {' or '.join(DIGEST_PREFIXES)}",
+            hint="copy it from `expertlib list` (blake3:<hex>, or sha256:<hex> for older sets)",
         )
-    hexpart = digest[len(DIGEST_PREFIX) :]
+    algorithm, hexpart = split_digest(digest)
     n_ok = MIN_DIGEST_PREFIX <= len(hexpart) <= 64 if prefix_ok else len(hexpart) == 64
     if not n_ok or not _HEX_RE.match(hexpart):
         need = f"{MIN_DIGEST_PREFIX} to 64" if prefix_ok else "64"
         raise InvalidNameError(
-            f"digest {digest[:80]!r} is not sha256: plus {need} lowercase hex digits",
+            f"digest {digest[:80]!r} is not {algorithm}: plus {need} lowercase hex digits",
             hint="copy it from `expertlib list`",
         )
     return digest
+
+
+def split_digest(digest: str) -> tuple[str, str]:
+    """("blake3" or "sha256", the hex digits) of a digest (checked by `validate_digest`)."""
+    algorithm, _, hexpart = digest.partition(":")
+    return algorithm, hexpart
 
 
 @dataclass(frozen=True)
@@ -117,12 +129,12 @@ class Ref:
 
     @property
     def pinned(self) -> str:
-        """The immutable form, `name@sha256:...`."""
+        """The immutable form, `name@blake3:...` (older sets: `name@sha256:...`)."""
         return f"{self.name}@{self.digest}"
 
     @property
     def short_digest(self) -> str:
-        return self.digest[: len(DIGEST_PREFIX) + 12]
+        return self.digest[: DIGEST_PREFIX_LEN + 12]
 
 
 @dataclass(frozen=True)
@@ -144,10 +156,11 @@ class RefSpec:
 
 
 def parse_ref(text: str) -> RefSpec:
-    """Parse `task`, `task@3`, `task@tag` or `task@sha256:...`; raise InvalidNameError on anything else."""
+    """Parse `task`, `task@3`, `task@tag` or `task@blake3:...` (`@sha256:...`); raise InvalidNameError
+    on anything else."""
     if not isinstance(text, str) or not text.strip():
         raise InvalidNameError(
-            "empty expert-set reference", hint="e.g. math, math@3, math@stable, math@sha256:..."
+            "empty expert-set reference", hint="e.g. math, math@3, math@stable, math@blake3:..."
         )
     name, sep, sel = text.partition("@")
     validate_name(name)
@@ -155,7 +168,7 @@ def parse_ref(text: str) -> RefSpec:
         return RefSpec(name)
     if not sel:
         raise InvalidNameError(f"reference {text!r} has nothing after '@'", hint="e.g. math@3 or math@latest")
-    if sel.startswith(DIGEST_PREFIX):
+    if sel.startswith(DIGEST_PREFIXES):
         return RefSpec(name, digest=validate_digest(sel, prefix_ok=True))
     if sel.isdigit() and sel.isascii():
         if len(sel) > len(str(MAX_STORED_VERSION)) or int(sel) > MAX_STORED_VERSION:

@@ -5,7 +5,7 @@ environment, config files) and options through `storage_options`.
 
 Layout under the URL (plain objects, no database; readable with any client):
 
-    blobs/<sha256 hex>                          the patch file, addressed by its digest
+    blobs/<hex>, blobs/blake3/<hex>             the patch file, addressed by its sha256 or blake3 digest
     entries/<base key>/<name>/<version>.json    one Entry (name, version, tags, base, digest, evals, ...)
 
 A blob is written under a temporary key and moved into place before its entry is written, so a
@@ -22,7 +22,7 @@ from typing import Any
 from expertlib.errors import AlreadyExistsError, NotFoundError, RemoteError
 from expertlib.registry.blobs import BlobStore
 from expertlib.registry.client import at_most
-from expertlib.registry.names import LATEST, RefSpec, validate_digest, validate_name
+from expertlib.registry.names import LATEST, RefSpec, split_digest, validate_digest, validate_name
 from expertlib.registry.protocol import Entry
 from expertlib.verify import StreamScan
 
@@ -52,7 +52,8 @@ class ObjectStoreRemote:
     # --- layout ----------------------------------------------------------------------------------
 
     def _blob(self, digest: str) -> str:
-        return f"{self.root}/blobs/{validate_digest(digest).split(':', 1)[1]}"
+        algorithm, hexd = split_digest(validate_digest(digest))
+        return f"{self.root}/blobs/{hexd if algorithm == 'sha256' else f'{algorithm}/{hexd}'}"
 
     def _entry_key(self, e: Entry) -> str:
         return f"{self.root}/entries/{e.base_key}/{validate_name(e.name)}/{int(e.version)}.json"

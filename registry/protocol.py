@@ -91,7 +91,7 @@ class Entry(BaseModel):
     version: int = Field(
         ge=1, le=MAX_STORED_VERSION, description=f"version number, 1 to {MAX_VERSION} (never reused)"
     )
-    digest: BlobDigest = Field(description="sha256 of the patch file bytes; immutable address")
+    digest: BlobDigest = Field(description="the patch file's address (blake3, older sets sha256); immutable")
     base: BaseIdentity = Field(description="base model the set belongs to")
     tags: Tags = Field(default_factory=list, description="tags pointing at this version (incl. latest)")
     size: int = Field(ge=0, description="patch file size in bytes")
@@ -204,7 +204,7 @@ class PushRequestInfo(BaseModel):
     """Query parameters of an HTTP push (the body is the patch bytes)."""
 
     name: str
-    digest: str = Field(description="sha256 of the body; the server refuses other bytes")
+    digest: str = Field(description="the body's address (blob_digest); the server refuses other bytes")
     tags: list[str] = Field(default_factory=list)
     source: str | None = None
 
@@ -218,6 +218,6 @@ class TagRequest(BaseModel):
 class EvalsRequest(BaseModel):
     """Evaluation results to keep with a version (a push carries its source's)."""
 
-    ref: str = Field(description="the version they measure, e.g. math@3 or math@sha256:...")
+    ref: str = Field(description="the version they measure, e.g. math@3 or math@blake3:...")
     base: str | None = Field(default=None, description="base filter when the name exists for several bases")
     records: list[EvalRecord] = Field(max_length=EVALS_PER_REQUEST)

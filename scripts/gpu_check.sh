@@ -5,7 +5,7 @@
 #   bash scripts/gpu_check.sh --dry-run    # the same steps on the CPU at tiny shapes (make test runs it)
 #
 # Needs python3 with torch (CUDA), transformers, accelerate, safetensors, click, rich, httpx and
-# huggingface_hub. What it lacks (pydantic and its dependencies) comes as wheels from .whl/, which
+# huggingface_hub. What it lacks (pydantic and its dependencies, blake3) comes as wheels from .whl/, which
 # `bash scripts/gpu_wheels.sh` downloads beforehand on a machine with network; they are unpacked
 # into a scratch folder, nothing is installed into the machine's Python. expertlib itself runs from
 # this checkout through a generated package folder (registry/, server/, cli/ mapped under
@@ -77,11 +77,11 @@ sys.meta_path.insert(0, _Blocker())
 PY
 
 if [ "$DRY" = 0 ]; then
-    if ! "$PYTHON" -c "import pydantic" 2>/dev/null; then
+    if ! "$PYTHON" -c "import pydantic, blake3" 2>/dev/null; then
         shopt -s nullglob
         wheels=("$ROOT"/.whl/*.whl)
         if [ ${#wheels[@]} = 0 ]; then
-            say "pydantic is missing and .whl/ holds no wheels: run 'bash scripts/gpu_wheels.sh' where there is network"
+            say "pydantic or blake3 is missing and .whl/ holds no wheels: run 'bash scripts/gpu_wheels.sh' where there is network"
             exit 2
         fi
         # wheels are zip files: unpacked onto the path they import as installed (no pip, no network)

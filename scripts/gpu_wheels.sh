@@ -5,9 +5,9 @@
 #   bash scripts/gpu_wheels.sh            # PY_VERSION (default 3.12) and PLATFORM select the wheels
 #
 # That machine has torch, transformers, accelerate, safetensors, peft, triton, click, rich, httpx and
-# huggingface_hub, but not pydantic (the patch manifest, configs) or its dependencies. The versions
-# are the ones this project's environment runs (.venv), so both test the same code; typing-extensions
-# comes too: pydantic needs a newer one than some torch installs bring.
+# huggingface_hub, but not pydantic (the patch manifest, configs) or its dependencies, nor blake3 (patch
+# digests). The versions are the ones this project's environment runs (.venv), so both test the same
+# code; typing-extensions comes too: pydantic needs a newer one than some torch installs bring.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY_VERSION=${PY_VERSION:-3.12}
@@ -20,7 +20,7 @@ except m.PackageNotFoundError: pass" "$1"
 }
 rm -rf .whl
 mkdir -p .whl
-for dist in pydantic pydantic-core annotated-types typing-inspection typing-extensions; do
+for dist in pydantic pydantic-core annotated-types typing-inspection typing-extensions blake3; do
     v=$(version "$dist")
     spec=$dist${v:+==$v}
     "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" \

@@ -58,7 +58,7 @@ def list_entries(
 
 @router.get("/entries/{ref}", response_model=Entry)
 def show_entry(ref: str, base: str | None = None, reg: RegistryStore = Depends(get_registry)) -> Entry:
-    """One entry with its manifest and evaluation results: `math`, `math@3`, `math@stable` or `math@sha256:...`."""
+    """One entry with its manifest and evaluation results: `math`, `math@3`, `math@stable` or `math@blake3:...`."""
     from expertlib.registry.evals import with_evals
 
     return with_evals(reg, [reg.show(ref, base=base)])[0]

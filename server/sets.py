@@ -4,7 +4,7 @@ Names (all parsed here, in `SetCatalog.resolve`): the base model answers to its 
 its folder's basename). An expert set is served under `task@version` when it comes from the
 registry (or `task` for a bare patch file), and also answers to `task` alone (the most recently
 loaded version of that task, else the registry's latest). `task@version`, `task@tag` and
-`task@sha256:...` resolve through the registry, and any of them may be prefixed by the base's name,
+`task@blake3:...` resolve through the registry, and any of them may be prefixed by the base's name,
 `BASE:task` (a prefix naming another base is a 404). A registered set that is not resident is
 loaded on its first request (evicting the least recently used unpinned sets) unless
 `load_on_demand` is off; concurrent requests for a set being loaded wait for that one load.
@@ -95,7 +95,7 @@ class SetCatalog:
 
     def split_base(self, model: str) -> str:
         """`BASE:task` -> `task` when BASE is this server's base; NotFoundError for another base.
-        Digest references (`task@sha256:...`) keep their colon."""
+        Digest references (`task@blake3:...`, `task@sha256:...`) keep their colon."""
         prefix, sep, rest = model.partition(":")
         if not sep or "@" in prefix or not rest:
             return model

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from expertlib.constants import MANIFEST_METADATA_KEY, PATCH_FORMAT_VERSION
+from expertlib.constants import MANIFEST_METADATA_KEY, PATCH_FORMAT_VERSION, UNVERSIONED_FORMAT
 from expertlib.errors import (
     InvalidNameError,
     NotFoundError,
@@ -35,6 +35,7 @@ from expertlib.registry.names import MAX_VERSION, parse_ref
 from expertlib.registry.remotes import FolderRemote, transfer
 from expertlib.registry.testing import tiny_base_identity, write_expert_set
 from expertlib.server.registry_app import registry_app
+from expertlib.verify import digests_of
 
 BASE = tiny_base_identity()
 PAST = MAX_VERSION + 1  # 2^31: what the old code stored after a push of 2^31 - 1 and a publish
@@ -352,10 +353,15 @@ def test_format_version_as_a_string_is_refused(tmp_path):
             ExpertSet.open(bad)
     # patches as every expertlib wrote them still open: an integer version, or none (the default)
     assert ExpertSet.open(good).manifest.format_version == PATCH_FORMAT_VERSION
-    old = with_manifest(
-        good, tmp_path / "old.safetensors", lambda m: json.dumps({k: v for k, v in m.items() if k != "format_version"})
-    )  # fmt: skip
-    assert ExpertSet.open(old).manifest.format_version == PATCH_FORMAT_VERSION
+    es = ExpertSet.open(good)
+    sha = digests_of(es.tensors, es.manifest.experts, UNVERSIONED_FORMAT)  # what an older writer recorded
+
+    def unversioned(m: dict) -> str:
+        m = {k: v for k, v in m.items() if k != "format_version"}
+        return json.dumps(m | {"content_digest": sha.content_digest, "expert_digests": sha.expert_digests})
+
+    old = with_manifest(good, tmp_path / "old.safetensors", unversioned)
+    assert ExpertSet.open(old).manifest.format_version == UNVERSIONED_FORMAT  # an older writer's
     ExpertSet.open(old).verify()
 
 

@@ -1,5 +1,6 @@
-"""A registry blob's address: a tree over the tensors' own leaves for format 3 patches (one hash pass
-gives the address and the check), the sha256 of the whole file for older files, which keep it."""
+"""A registry blob's address: a tree over the tensors' own leaves for format 3 patches and later (one
+hash pass gives the address and the check; BLAKE3 from format 4, sha256 for format 3), the sha256 of
+the whole file for older files, which keep it."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from expertlib.errors import DigestMismatchError
 from expertlib.patch import ExpertSet, tensors_digest
 from expertlib.registry import Registry
 from expertlib.registry.blobs import file_digest
-from expertlib.verify import BLOB_TREE_FORMAT, blob_digest
+from expertlib.verify import BLAKE3_FORMAT, BLOB_TREE_FORMAT, blob_digest, digests_of
 
 
 def plain(path: Path) -> str:
@@ -35,7 +36,7 @@ def with_header(path: Path, out: Path, edit) -> Path:
 
 
 def older(es: ExpertSet, version: int | None, path: Path) -> Path:
-    """The set written as an older expertlib wrote it: format 1 or 2, or no version field at all."""
+    """The set written as an older expertlib wrote it: format 1, 2 or 3, or no version field at all."""
     m = es.manifest
     if version == 1:
         m = m.model_copy(
@@ -46,7 +47,14 @@ def older(es: ExpertSet, version: int | None, path: Path) -> Path:
             }
         )
     else:
-        m = m.model_copy(update={"format_version": version or 2})
+        scan = digests_of(es.tensors, m.experts, version or 2)
+        m = m.model_copy(
+            update={
+                "format_version": version or 2,
+                "content_digest": scan.content_digest,
+                "expert_digests": scan.expert_digests,
+            }
+        )
     path = ExpertSet(m, dict(es.tensors)).save(path)
     if version is None:
 
@@ -62,11 +70,32 @@ def older(es: ExpertSet, version: int | None, path: Path) -> Path:
 
 
 def test_a_new_set_is_stored_under_the_tree_of_its_own_leaves(tmp_path):
-    assert PATCH_FORMAT_VERSION >= BLOB_TREE_FORMAT
+    assert PATCH_FORMAT_VERSION >= BLAKE3_FORMAT > BLOB_TREE_FORMAT
     src = make_set().save(tmp_path / "math.safetensors")
     entry = Registry(tmp_path / "reg").publish(src)
     assert entry.digest == tree_address(src.read_bytes()) == file_digest(src)
-    assert entry.digest != plain(src)
+    assert entry.digest.startswith("blake3:") and entry.digest != plain(src)
+    m = ExpertSet.open(src).manifest
+    assert m.content_digest.startswith("blake3:")
+    assert all(d.startswith("blake3:") for d in m.expert_digests.values())
+
+
+def test_format_3_files_keep_their_sha256_tree(tmp_path):
+    """A set an expertlib of format 3 wrote: stored, pulled and checked under its sha256 tree, next
+    to a format 4 set under its BLAKE3 tree in the same registry."""
+    path = older(make_set(dtype=torch.float32), 3, tmp_path / "old.safetensors")
+    assert file_digest(path) == tree_address(path.read_bytes()) != plain(path)
+    reg = Registry(tmp_path / "reg")
+    old = reg.publish(path)
+    new = reg.publish(make_set(task="code").save(tmp_path / "code.safetensors"))
+    assert old.digest.startswith("sha256:") and new.digest.startswith("blake3:")
+    assert reg.verify().ok and sorted(reg.blobs.iter_digests()) == sorted([new.digest, old.digest])
+    reg.open("math").verify(always=True)
+    assert str(reg.resolve(f"math@{old.digest[:15]}").ref) == "math@1"
+    assert str(reg.resolve(f"code@{new.digest[:15]}").ref) == "code@1"
+    back = Registry(tmp_path / "back")
+    back.pull(str(reg.root))
+    assert {e.digest for e in back.list()} == {old.digest, new.digest} and back.verify().ok
 
 
 @pytest.mark.parametrize("version", [1, 2, None])

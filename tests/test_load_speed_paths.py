@@ -266,27 +266,31 @@ def test_stream_scan_equals_a_full_scan(dtype, chunk):
 
 
 def tree_address(data: bytes) -> str:
-    """A format-3 blob's address, computed from the file format's description alone (the lines of
-    `expertlib.verify.blob_digest`): the header's hash and each tensor's, by position."""
+    """A format-3 or later blob's address, computed from the file format's description alone (the
+    lines of `expertlib.verify.blob_digest`): the header's hash and each tensor's, by position, with
+    BLAKE3 from format 4 and sha256 before."""
     import hashlib
     import json
     import struct
 
+    import blake3
+
     n = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + n])
-    header.pop("__metadata__")
+    fmt = json.loads(header.pop("__metadata__")["expertlib.manifest"])["format_version"]
+    label, new = ("blake3", blake3.blake3) if fmt >= 4 else ("sha256", hashlib.sha256)
     lines = [
         b"expertlib blob tree 1\n",
-        f"header|0|{8 + n}|{hashlib.sha256(data[: 8 + n]).hexdigest()}\n".encode(),
+        f"header|0|{8 + n}|{new(data[: 8 + n]).hexdigest()}\n".encode(),
     ]
     at = 8 + n
     for a, b in sorted(tuple(info["data_offsets"]) for info in header.values()):
         a, b = a + 8 + n, b + 8 + n
         assert a == at  # safetensors writes tensors back to back
-        lines.append(f"tensor|{a}|{b}|{hashlib.sha256(data[a:b]).hexdigest()}\n".encode())
+        lines.append(f"tensor|{a}|{b}|{new(data[a:b]).hexdigest()}\n".encode())
         at = b
     assert at == len(data)
-    return "sha256:" + hashlib.sha256(b"".join(lines)).hexdigest()
+    return f"{label}:{new(b''.join(lines)).hexdigest()}"
 
 
 def _file_bytes(es: ExpertSet) -> bytes:

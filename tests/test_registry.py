@@ -91,6 +91,7 @@ def test_parse_ref():
     d = "sha256:" + "ab" * 32
     assert parse_ref(f"math@{d}") == RefSpec("math", digest=d)
     assert parse_ref("math@sha256:abcdef12").digest == "sha256:abcdef12"
+    assert parse_ref("math@blake3:abcdef12").digest == "blake3:abcdef12"
     for bad in [
         "",
         "math@",
@@ -99,6 +100,8 @@ def test_parse_ref():
         "math@sha256:xyz",
         "math@sha256:abc",
         "math@sha256:" + "a" * 65,
+        "math@blake3:abc",
+        "math@md5:abcdef12",
         "a/b@1",
     ]:
         with pytest.raises(InvalidNameError):
@@ -116,7 +119,7 @@ def test_publish_versions_tags_digests(reg, tmp_path):
     e1 = reg.publish(patch(tmp_path, seed=1), tags=["stable"])
     e2 = reg.publish(patch(tmp_path, seed=2))
     assert (e1.version, e2.version) == (1, 2)
-    assert e1.digest != e2.digest and e1.digest.startswith("sha256:") and len(e1.digest) == 71
+    assert e1.digest != e2.digest and e1.digest.startswith("blake3:") and len(e1.digest) == 71
     assert reg.resolve("math").ref == e2.ref
     assert reg.resolve("math@latest").ref == e2.ref
     assert reg.resolve("math@stable").ref == e1.ref

@@ -269,7 +269,7 @@ def test_completion_per_set_and_usage(fake_server):
     )
     sp = fake_server.engine.last_params  # converted by vLLM's request model
     assert (sp.logit_bias, sp.top_k, sp.min_p, sp.repetition_penalty) == ({5: -100}, 4, 0.1, 1.2)
-    assert fake_server.engine.salts[-1].startswith("expertlib:sha256:")  # sets are salted, the base is not
+    assert fake_server.engine.salts[-1].startswith("expertlib:blake3:")  # sets are salted, the base is not
     c.completions.create(model="tiny-base", prompt="2+2=", max_tokens=1)
     assert fake_server.engine.salts[-1] is None
     base = c.completions.create(model="tiny-base", prompt="2+2=", max_tokens=5).choices[0].text
