@@ -171,7 +171,18 @@ async def engine_rows(args, root: Path, lines: list[str]) -> dict:
         st = (await engine._rpc("expertlib_packed_cache", ()))[0]
         # a burst: never-seen sets one after the other, no wait for the previous one's cache write
         burst_names = names[1 + fresh + args.repeats : 1 + fresh + 2 * args.repeats]
-        row("burst", [await timed_load(n) for n in burst_names])
+        front.clear()
+        jobs.clear()
+        waits.clear()
+        tails.clear()
+        burst = [await timed_load(n) for n in burst_names]
+        row("burst", burst)
+        print(
+            f"burst loads {[round(s, 3) for s, _ in burst]}, front end {[round(s, 3) for s in front]}, "
+            f"jobs {[round(s, 3) for s in jobs]}, waits for the previous tail {[round(s, 3) for s in waits]}, "
+            f"tails {[round(s, 3) for s in tails]}",
+            flush=True,
+        )
         await engine._rpc("expertlib_packed_cache", (None, None, True))
         lines.append(
             f"- engine (CPU vLLM, bf16, engine core in its own process), per MoE layer, page cache warm, each "
