@@ -509,9 +509,10 @@ class StreamScan:
     """What a check needs, computed while a safetensors file's bytes stream past once: the file's
     address in a registry (`digest`) and, per tensor, its leaf (the hash of its bytes that its format
     names, `hash_of`) and max |w|, i.e. a tree `Scan`. The work runs on two threads (the hashes and
-    numpy release the GIL), so it overlaps the copy that feeds it. For a patch of format `BLOB_TREE_FORMAT` or later the address is
-    a tree over the same leaves (`blob_digest`), so every byte is hashed once, the tensors split
-    between the two threads; for older files it is the sha256 of the whole file, on its own thread.
+    numpy release the GIL), so it overlaps the copy that feeds it. For a patch of format
+    `BLOB_TREE_FORMAT` or later the address is a tree over the same leaves (`blob_digest`), so every
+    byte is hashed once, the tensors split between the two threads; for older files it is the sha256
+    of the whole file, on its own thread.
 
         stream = StreamScan()
         for chunk in chunks:

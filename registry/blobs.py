@@ -20,8 +20,9 @@ hard link, which an edit of the source would change. Each piece is handed to the
 landed (`start_writeback`), so the disk writes while the bytes are hashed and the fsync finds little left.
 
 A blob checked in full (at publish, pull or import, or by `expertlib verify`) gets a verified record
-in `verified/<64 hex>.json` (sha256) or `verified/blake3/<64 hex>.json`: the blob's file state then (`expertlib.verify.FileKey`) and what the
-check found. Loads trust the record while the blob's file still matches it and check in full otherwise.
+in `verified/blake3/<64 hex>.json` (`verified/<64 hex>.json` for a sha256 address): the blob's file
+state then (`expertlib.verify.FileKey`) and what the check found. Loads trust the record while the
+blob's file still matches it and check in full otherwise.
 """
 
 from __future__ import annotations

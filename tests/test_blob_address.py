@@ -136,6 +136,21 @@ def test_a_plain_sha256_is_no_address_of_a_tree_format_file(tmp_path):
     assert reg.list() == [] and list(reg.blobs.tmp_dir.iterdir()) == []
 
 
+def test_no_address_of_one_hash_passes_for_the_other(tmp_path):
+    """The file's tree hashed with sha256 (what format 3 would call it), or the other algorithm's name
+    on the right hex digits, is no address of a format 4 file: publish refuses both, stores nothing."""
+    src = make_set().save(tmp_path / "math.safetensors")
+    right = file_digest(src)
+    data = src.read_bytes()
+    assert right.startswith("blake3:") and right == tree_address(data)
+    reg = Registry(tmp_path / "reg")
+    for wrong in (tree_address(data, "sha256"), right.replace("blake3:", "sha256:")):
+        with pytest.raises(DigestMismatchError):
+            reg.publish(src, expected_digest=wrong)
+    assert reg.list() == [] and list(reg.blobs.tmp_dir.iterdir()) == []
+    assert reg.publish(src, expected_digest=right).digest == right
+
+
 def test_a_forged_tree_is_refused_on_pull(tmp_path):
     """A remote whose blob was altered (a tensor byte) under its tree address: the pull recomputes
     the tree while copying and refuses it."""

@@ -265,10 +265,10 @@ def test_stream_scan_equals_a_full_scan(dtype, chunk):
             assert got.absmax[name] == v or (math.isnan(v) and math.isnan(got.absmax[name]))
 
 
-def tree_address(data: bytes) -> str:
+def tree_address(data: bytes, algorithm: str | None = None) -> str:
     """A format-3 or later blob's address, computed from the file format's description alone (the
     lines of `expertlib.verify.blob_digest`): the header's hash and each tensor's, by position, with
-    BLAKE3 from format 4 and sha256 before."""
+    BLAKE3 from format 4 and sha256 before (`algorithm`: that one instead)."""
     import hashlib
     import json
     import struct
@@ -278,7 +278,8 @@ def tree_address(data: bytes) -> str:
     n = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + n])
     fmt = json.loads(header.pop("__metadata__")["expertlib.manifest"])["format_version"]
-    label, new = ("blake3", blake3.blake3) if fmt >= 4 else ("sha256", hashlib.sha256)
+    label = algorithm or ("blake3" if fmt >= 4 else "sha256")
+    new = blake3.blake3 if label == "blake3" else hashlib.sha256
     lines = [
         b"expertlib blob tree 1\n",
         f"header|0|{8 + n}|{new(data[: 8 + n]).hexdigest()}\n".encode(),
