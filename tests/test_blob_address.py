@@ -181,3 +181,25 @@ def test_the_copy_falls_back_where_the_kernel_cannot_copy(tmp_path, monkeypatch)
     assert entry.digest == first.digest
     assert reg.blobs.path(entry.digest).read_bytes() == src.read_bytes()
     assert reg.verify().ok
+
+
+def test_an_object_store_holds_both_addresses_where_each_expertlib_looks(tmp_path):
+    """On object storage a sha256 blob stays at `blobs/<hex>` (where format 3 registries put it) and a
+    BLAKE3 blob goes to `blobs/blake3/<hex>`; both come back intact."""
+    import uuid
+
+    from expertlib.registry.remotes import open_remote
+
+    reg = Registry(tmp_path / "reg")
+    old = reg.publish(older(make_set(dtype=torch.float32), 3, tmp_path / "old.safetensors"))
+    new = reg.publish(make_set(task="code").save(tmp_path / "code.safetensors"))
+    store = f"memory://both-{uuid.uuid4().hex}"
+    reg.push("math", store)
+    reg.push("code", store)
+    remote = open_remote(store, source=True)
+    root = store.removeprefix("memory://")
+    assert remote.fs.exists(f"{root}/blobs/{old.digest.removeprefix('sha256:')}")
+    assert remote.fs.exists(f"{root}/blobs/blake3/{new.digest.removeprefix('blake3:')}")
+    back = Registry(tmp_path / "back")
+    back.pull(store)
+    assert {e.digest for e in back.list()} == {old.digest, new.digest} and back.verify().ok
