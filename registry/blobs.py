@@ -45,7 +45,7 @@ from typing import BinaryIO
 from expertlib.constants import PATCH_SUFFIX
 from expertlib.errors import DigestMismatchError
 from expertlib.fsutil import atomic_path
-from expertlib.registry.names import DIGEST_ALGORITHMS, split_digest, validate_digest
+from expertlib.registry.names import DIGEST_ALGORITHMS, digest_path, split_digest, validate_digest
 from expertlib.verify import FileKey, StreamScan, VerifiedRecord
 
 CHUNK = 1 << 20
@@ -151,9 +151,7 @@ class BlobStore:
     # --- verified records ----------------------------------------------------------------------
 
     def record_path(self, digest: str) -> Path:
-        algorithm, hexd = split_digest(validate_digest(digest))
-        folder = self.root / RECORDS_DIR
-        return (folder if algorithm == "sha256" else folder / algorithm) / f"{hexd}.json"
+        return self.root / RECORDS_DIR / f"{digest_path(digest)}.json"
 
     def record(self, digest: str, content_digest: str) -> VerifiedRecord | None:
         """The blob's verified record, if the blob file is unchanged since that check."""

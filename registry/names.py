@@ -116,6 +116,13 @@ def split_digest(digest: str) -> tuple[str, str]:
     return algorithm, hexpart
 
 
+def digest_path(digest: str) -> str:
+    """Where a store keyed by digest keeps `digest`, relative: `<hex>` for sha256 (such stores held
+    only sha256 digests, flat, before patch format 4), `<algorithm>/<hex>` for the others."""
+    algorithm, hexpart = split_digest(validate_digest(digest))
+    return hexpart if algorithm == "sha256" else f"{algorithm}/{hexpart}"
+
+
 @dataclass(frozen=True)
 class Ref:
     """One stored expert set: its name, version and immutable blob digest."""

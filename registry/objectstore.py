@@ -22,7 +22,7 @@ from typing import Any
 from expertlib.errors import AlreadyExistsError, NotFoundError, RemoteError
 from expertlib.registry.blobs import BlobStore
 from expertlib.registry.client import at_most
-from expertlib.registry.names import LATEST, RefSpec, split_digest, validate_digest, validate_name
+from expertlib.registry.names import LATEST, RefSpec, digest_path, validate_digest, validate_name
 from expertlib.registry.protocol import Entry
 from expertlib.verify import StreamScan
 
@@ -52,8 +52,7 @@ class ObjectStoreRemote:
     # --- layout ----------------------------------------------------------------------------------
 
     def _blob(self, digest: str) -> str:
-        algorithm, hexd = split_digest(validate_digest(digest))
-        return f"{self.root}/blobs/{hexd if algorithm == 'sha256' else f'{algorithm}/{hexd}'}"
+        return f"{self.root}/blobs/{digest_path(digest)}"
 
     def _entry_key(self, e: Entry) -> str:
         return f"{self.root}/entries/{e.base_key}/{validate_name(e.name)}/{int(e.version)}.json"
